@@ -1,0 +1,79 @@
+{
+  "variables": {
+    "kvslim_cuda%": "0",
+    "cuda_lib%": "",
+    "cuda_lib_dir%": ""
+  },
+  "target_defaults": {
+    "cflags_cc": ["-std=c++17", "-O3", "-fPIC", "-Wall", "-Wextra", "-Wno-unused-parameter"],
+    "cflags_cc!": ["-std=gnu++14", "-std=gnu++17"],
+    "xcode_settings": {
+      "CLANG_CXX_LANGUAGE_STANDARD": "c++17",
+      "OTHER_CPLUSPLUSFLAGS": ["-O3"]
+    }
+  },
+  "targets": [
+    {
+      "target_name": "kvslim_avx2",
+      "type": "static_library",
+      "sources": ["native/cpu/kernels_avx2.cc"],
+      "conditions": [
+        ["target_arch=='x64'", {
+          "cflags_cc": ["-mavx2", "-mfma", "-mf16c"],
+          "xcode_settings": { "OTHER_CPLUSPLUSFLAGS": ["-mavx2", "-mfma", "-mf16c"] }
+        }]
+      ]
+    },
+    {
+      "target_name": "kvslim_avx512",
+      "type": "static_library",
+      "sources": ["native/cpu/kernels_avx512.cc"],
+      "conditions": [
+        ["target_arch=='x64'", {
+          "cflags_cc": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c",
+                        "-Wno-uninitialized", "-Wno-maybe-uninitialized"],
+          "xcode_settings": {
+            "OTHER_CPLUSPLUSFLAGS": ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]
+          }
+        }]
+      ]
+    },
+    {
+      "target_name": "kvslim",
+      "dependencies": [
+        "<!(node -p \"require('node-addon-api').targets\"):node_addon_api_except",
+        "kvslim_avx2",
+        "kvslim_avx512"
+      ],
+      "sources": [
+        "native/core/status.cc",
+        "native/core/tensor_convert.cc",
+        "native/core/paged_store.cc",
+        "native/core/attention_op.cc",
+        "native/core/kv_cache.cc",
+        "native/core/cache_serialize.cc",
+        "native/cpu/kernels_scalar.cc",
+        "native/cpu/simd_level.cc",
+        "native/cpu/thread_pool.cc",
+        "native/cpu/attention_decode.cc",
+        "native/cpu/attention_prefill.cc",
+        "native/cpu/cpu_backend.cc",
+        "native/cpu/probes.cc",
+        "native/napi/addon.cc",
+        "native/napi/cache_wrap.cc",
+        "native/napi/convert.cc",
+        "native/napi/errors.cc",
+        "native/napi/async_ops.cc"
+      ],
+      "defines": ["NAPI_VERSION=8"],
+      "conditions": [
+        ["kvslim_cuda=='1'", {
+          "defines": ["KVSLIM_WITH_CUDA=1"],
+          "libraries": ["<(cuda_lib)", "-L<(cuda_lib_dir)", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
+        }, {
+          "sources": ["native/cuda/cuda_stub.cc"]
+        }]
+      ]
+    }
+  ]
+}

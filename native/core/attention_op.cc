@@ -1,0 +1,81 @@
+#include "attention_op.h"
+
+#include <cmath>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "shape_checks.h"
+
+namespace kvslim {
+
+Status runAttention(Backend& backend, const AttentionOp& op, float* out, size_t outCount) {
+  KVSLIM_RETURN_IF_ERROR(checkHeads(op.qHeads, op.kvHeads, op.headDim));
+  const size_t qRow = size_t(op.qHeads) * size_t(op.headDim);
+  const size_t kvRow = size_t(op.kvHeads) * size_t(op.headDim);
+  if (op.q.count == 0 || op.q.count % qRow != 0) {
+    return Status(ErrorCode::Shape, "q must hold n x qHeads x headDim = n x " + std::to_string(qRow) +
+                                        " elements with n >= 1, but holds " + std::to_string(op.q.count));
+  }
+  if (op.k.count == 0 || op.k.count % kvRow != 0) {
+    return Status(ErrorCode::Shape, "k must hold T x kvHeads x headDim = T x " + std::to_string(kvRow) +
+                                        " elements with T >= 1, but holds " + std::to_string(op.k.count));
+  }
+  KVSLIM_RETURN_IF_ERROR(expectCount("v", op.v.count, op.k.count, "(the same as k)"));
+  if (op.k.dtype != op.v.dtype) return Status(ErrorCode::Dtype, "k and v must have the same dtype");
+  const int64_t n = int64_t(op.q.count / qRow);
+  const int64_t tokens = int64_t(op.k.count / kvRow);
+  KVSLIM_RETURN_IF_ERROR(expectCount("out", outCount, op.q.count, "(n x qHeads x headDim)"));
+  if (op.causal && n > tokens) {
+    return Status(ErrorCode::Shape, "causal attention needs at least as many keys as queries, but received n=" +
+                                        std::to_string(n) + " queries and T=" + std::to_string(tokens) + " keys");
+  }
+  try {
+    std::vector<float> q(op.q.count);
+    KVSLIM_RETURN_IF_ERROR(toFloat32(op.q, q.data(), "q"));
+    // Keys and values are checked too: one NaN key turns every output row into NaN.
+    KVSLIM_RETURN_IF_ERROR(checkFinite(op.k, "k"));
+    KVSLIM_RETURN_IF_ERROR(checkFinite(op.v, "v"));
+    // Keys must sit in backend memory; on the CPU the user's arrays are used in place.
+    const size_t kvBytes = op.k.count * dtypeBytes(op.k.dtype);
+    BackendBuffer keyBuffer(backend), valueBuffer(backend);
+    const void* keyBase = op.k.data;
+    const void* valueBase = op.v.data;
+    if (backend.kind() != DeviceKind::Cpu) {
+      KVSLIM_RETURN_IF_ERROR(keyBuffer.upload(op.k.data, kvBytes));
+      KVSLIM_RETURN_IF_ERROR(valueBuffer.upload(op.v.data, kvBytes));
+      keyBase = keyBuffer.data();
+      valueBase = valueBuffer.data();
+    }
+    // View the contiguous [T, kvHeads, headDim] tensors as one page per head (no copy).
+    std::vector<const void*> keyPages(size_t(op.kvHeads)), valuePages(size_t(op.kvHeads));
+    std::vector<KVHeadView> heads(size_t(op.kvHeads));
+    const size_t elementBytes = dtypeBytes(op.k.dtype);
+    for (int32_t h = 0; h < op.kvHeads; ++h) {
+      keyPages[size_t(h)] = static_cast<const uint8_t*>(keyBase) + size_t(h) * size_t(op.headDim) * elementBytes;
+      valuePages[size_t(h)] = static_cast<const uint8_t*>(valueBase) + size_t(h) * size_t(op.headDim) * elementBytes;
+      heads[size_t(h)].keyPages = &keyPages[size_t(h)];
+      heads[size_t(h)].valuePages = &valuePages[size_t(h)];
+      heads[size_t(h)].tokens = tokens;
+    }
+    AttentionArgs args;
+    args.q = q.data();
+    args.out = out;
+    args.n = int32_t(n);
+    args.qHeads = op.qHeads;
+    args.kvHeads = op.kvHeads;
+    args.headDim = op.headDim;
+    args.kvType = op.k.dtype;
+    args.pageTokens = tokens;
+    args.rowStride = int64_t(kvRow);
+    args.heads = heads.data();
+    args.causal = op.causal;
+    args.scale = op.scale > 0.0f ? op.scale : 1.0f / std::sqrt(float(op.headDim));
+    args.threads = op.threads;
+    return backend.attention(args);
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory for attention over " + std::to_string(tokens) + " keys");
+  }
+}
+
+}  // namespace kvslim

@@ -1,0 +1,62 @@
+// What core needs from a compute backend: memory for KV pages and the attention kernels.
+// native/cpu and native/cuda implement it; core never includes their headers.
+#pragma once
+#include <cstddef>
+#include <memory>
+#include <string>
+
+#include "attention_args.h"
+#include "status.h"
+
+namespace kvslim {
+
+enum class DeviceKind { Cpu = 0, Cuda = 1 };
+
+class Backend {
+ public:
+  virtual ~Backend() = default;
+  virtual DeviceKind kind() const = 0;
+  virtual const char* name() const = 0;
+
+  // Page memory lives where this backend computes (host RAM or GPU memory).
+  virtual void* allocate(size_t bytes) = 0;  // nullptr when out of memory
+  virtual void release(void* ptr) = 0;
+  // Copy from host memory into backend memory.
+  virtual Status upload(void* dst, const void* hostSrc, size_t bytes) = 0;
+  // Copy from backend memory into host memory.
+  virtual Status download(void* hostDst, const void* src, size_t bytes) = 0;
+  // Copy inside backend memory (copy-on-write of a shared page).
+  virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+
+  // args.heads[*] page pointers are backend memory; q and out are host memory.
+  virtual Status attention(const AttentionArgs& args) = 0;
+};
+
+// Owns one allocation in a backend's memory (RAII).
+class BackendBuffer {
+ public:
+  explicit BackendBuffer(Backend& backend) : backend_(backend) {}
+  ~BackendBuffer() {
+    if (data_ != nullptr) backend_.release(data_);
+  }
+  BackendBuffer(const BackendBuffer&) = delete;
+  BackendBuffer& operator=(const BackendBuffer&) = delete;
+  void* data() const { return data_; }
+  Status upload(const void* hostSrc, size_t bytes) {
+    data_ = backend_.allocate(bytes);
+    if (data_ == nullptr) {
+      return Status(ErrorCode::OutOfMemory, "could not allocate " + std::to_string(bytes) + " bytes on " + backend_.name());
+    }
+    return backend_.upload(data_, hostSrc, bytes);
+  }
+
+ private:
+  Backend& backend_;
+  void* data_ = nullptr;
+};
+
+// Implemented by native/cpu (always) and native/cuda (or its stub when built without CUDA).
+std::shared_ptr<Backend> cpuBackend();
+std::shared_ptr<Backend> cudaBackend(Status* whyUnavailable);
+
+}  // namespace kvslim

@@ -1,0 +1,20 @@
+// Shape and storage choices of a KVCache, fixed at construction.
+#pragma once
+#include <cstdint>
+
+#include "dtype.h"
+
+namespace kvslim {
+
+struct CacheConfig {
+  int32_t layers = 0;
+  int32_t qHeads = 0;
+  int32_t kvHeads = 0;
+  int32_t headDim = 0;
+  DType storeType = DType::F16;
+  int64_t pageTokens = 64;
+  float scale = 0.0f;   // 0 = 1 / sqrt(headDim)
+  int32_t threads = 0;  // 0 = the whole pool
+};
+
+}  // namespace kvslim

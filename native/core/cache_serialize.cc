@@ -1,0 +1,165 @@
+// save()/load() of a KVCache. Layout (little-endian):
+//   magic "KVSLIM01" | u32 version | i32 layers, qHeads, kvHeads, headDim, storeType | i64 pageTokens
+//   | f32 scale | i64 tokens[layers] | per layer, per kv head: keys then values, tokens x headDim
+//   elements in store dtype | u64 FNV-1a hash of everything before it.
+// load() checks every field and the exact size before it allocates, then the hash.
+#include <cstring>
+#include <new>
+#include <string>
+
+#include "kv_cache.h"
+#include "shape_checks.h"
+
+namespace kvslim {
+
+namespace {
+constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
+constexpr uint32_t kVersion = 1;
+
+uint64_t fnv1a(const uint8_t* data, size_t size) {
+  uint64_t hash = 1469598103934665603ull;
+  for (size_t i = 0; i < size; ++i) hash = (hash ^ data[i]) * 1099511628211ull;
+  return hash;
+}
+
+class Writer {
+ public:
+  explicit Writer(std::vector<uint8_t>* out) : out_(out) {}
+  template <typename T>
+  void put(const T& value) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
+    out_->insert(out_->end(), bytes, bytes + sizeof(T));
+  }
+
+ private:
+  std::vector<uint8_t>* out_;
+};
+
+class Reader {
+ public:
+  Reader(const uint8_t* data, size_t size) : data_(data), size_(size) {}
+  template <typename T>
+  bool get(T* value) {
+    if (size_ - offset_ < sizeof(T)) return false;
+    std::memcpy(value, data_ + offset_, sizeof(T));
+    offset_ += sizeof(T);
+    return true;
+  }
+  size_t offset() const { return offset_; }
+
+ private:
+  const uint8_t* data_;
+  size_t size_;
+  size_t offset_ = 0;
+};
+
+Status corrupt(const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); }
+}  // namespace
+
+Status KVCache::save(std::vector<uint8_t>* out) const {
+  try {
+    out->clear();
+    Writer writer(out);
+    out->resize(sizeof(kMagic));
+    std::memcpy(out->data(), kMagic, sizeof(kMagic));
+    writer.put(kVersion);
+    writer.put(config_.layers);
+    writer.put(config_.qHeads);
+    writer.put(config_.kvHeads);
+    writer.put(config_.headDim);
+    writer.put(int32_t(config_.storeType));
+    writer.put(config_.pageTokens);
+    writer.put(config_.scale);
+    for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(store_.tokens(layer));
+    const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
+    for (int32_t layer = 0; layer < config_.layers; ++layer) {
+      const int64_t tokens = store_.tokens(layer);
+      for (int32_t h = 0; h < config_.kvHeads; ++h) {
+        const size_t offset = out->size();
+        out->resize(offset + 2 * size_t(tokens) * rowBytes);
+        KVSLIM_RETURN_IF_ERROR(
+            store_.readRows(layer, h, 0, tokens, out->data() + offset, out->data() + offset + size_t(tokens) * rowBytes));
+      }
+    }
+    writer.put(fnv1a(out->data(), out->size()));
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory in save()");
+  }
+  return Status::ok();
+}
+
+Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> backend, int32_t threads,
+                     std::unique_ptr<KVCache>* out) {
+  Reader reader(data, size);
+  if (size < 8 || std::memcmp(data, kMagic, 8) != 0) return corrupt("the buffer does not start with KVSLIM01");
+  uint64_t skipMagic;
+  reader.get(&skipMagic);
+  uint32_t version = 0;
+  CacheConfig config;
+  int32_t storeType = 0;
+  if (!reader.get(&version) || !reader.get(&config.layers) || !reader.get(&config.qHeads) ||
+      !reader.get(&config.kvHeads) || !reader.get(&config.headDim) || !reader.get(&storeType) ||
+      !reader.get(&config.pageTokens) || !reader.get(&config.scale)) {
+    return corrupt("the header is truncated");
+  }
+  if (version != kVersion) return corrupt("unsupported version " + std::to_string(version));
+  if (storeType < 0 || storeType > 2) return corrupt("unknown store dtype " + std::to_string(storeType));
+  config.storeType = DType(storeType);
+  config.threads = threads;
+  if (config.layers <= 0 || config.layers > (1 << 16)) return corrupt("layers out of range");
+  Status valid = checkHeads(config.qHeads, config.kvHeads, config.headDim);
+  if (!valid.isOk()) return corrupt(valid.message());
+  if (!(config.scale > 0.0f)) return corrupt("scale must be positive");
+  std::vector<int64_t> tokens(size_t(config.layers));
+  const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
+  // Sum the payload in a way that cannot overflow: every layer's count is bounded by the buffer.
+  size_t payload = 0;
+  for (int64_t& count : tokens) {
+    if (!reader.get(&count)) return corrupt("the token counts are truncated");
+    if (count < 0 || uint64_t(count) > size / rowBytes) return corrupt("a token count exceeds the buffer");
+    const size_t layerBytes = 2 * size_t(count) * rowBytes * size_t(config.kvHeads);
+    if (layerBytes > size || payload > size - layerBytes) return corrupt("the token counts exceed the buffer");
+    payload += layerBytes;
+  }
+  if (size < reader.offset() + 8 || size - reader.offset() - 8 != payload) {
+    return corrupt("the buffer holds " + std::to_string(size) + " bytes, but its header describes " +
+                   std::to_string(reader.offset() + payload + 8));
+  }
+  uint64_t storedHash = 0;
+  std::memcpy(&storedHash, data + size - 8, 8);
+  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+
+  std::unique_ptr<KVCache> cache;
+  KVSLIM_RETURN_IF_ERROR(create(config, std::move(backend), &cache));
+  try {
+    size_t offset = reader.offset();
+    std::vector<uint8_t> keys, values;
+    for (int32_t layer = 0; layer < config.layers; ++layer) {
+      const int64_t count = tokens[size_t(layer)];
+      if (count == 0) continue;
+      // Re-interleave head-major blocks into the [n, kvHeads, headDim] layout that append takes.
+      keys.resize(size_t(count) * size_t(config.kvHeads) * rowBytes);
+      values.resize(keys.size());
+      for (int32_t h = 0; h < config.kvHeads; ++h) {
+        for (int64_t t = 0; t < count; ++t) {
+          const size_t dst = (size_t(t) * size_t(config.kvHeads) + size_t(h)) * rowBytes;
+          std::memcpy(keys.data() + dst, data + offset + size_t(t) * rowBytes, rowBytes);
+          std::memcpy(values.data() + dst, data + offset + (size_t(count) + size_t(t)) * rowBytes, rowBytes);
+        }
+        offset += 2 * size_t(count) * rowBytes;
+      }
+      const size_t elements = keys.size() / dtypeBytes(config.storeType);
+      HostTensor k{keys.data(), config.storeType, elements};
+      HostTensor v{values.data(), config.storeType, elements};
+      Status appended = cache->append(layer, k, v);
+      if (appended.code() == ErrorCode::Value) return corrupt(appended.message());
+      KVSLIM_RETURN_IF_ERROR(appended);
+    }
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
+  }
+  *out = std::move(cache);
+  return Status::ok();
+}
+
+}  // namespace kvslim

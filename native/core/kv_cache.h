@@ -1,0 +1,69 @@
+// A KV cache for one sequence: paged storage per layer and kv head, attention through a backend,
+// copy-on-write forks, and the counters behind stats().
+#pragma once
+#include <atomic>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend.h"
+#include "cache_config.h"
+#include "cache_stats.h"
+#include "paged_store.h"
+#include "status.h"
+#include "tensor_convert.h"
+
+namespace kvslim {
+
+class KVCache {
+ public:
+  // Validates the config (C++ repeats what lib/ checked).
+  static Status create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
+
+  const CacheConfig& config() const { return config_; }
+  Backend& backend() const { return *backend_; }
+  int64_t tokens(int32_t layer) const { return store_.tokens(layer); }
+
+  // k, v: [n, kvHeads, headDim]. All-or-nothing.
+  Status append(int32_t layer, const HostTensor& k, const HostTensor& v);
+  // q: [n, qHeads, headDim]; out: n * qHeads * headDim floats. Causal over the layer's tokens.
+  Status attend(int32_t layer, const HostTensor& q, float* out, size_t outCount);
+  // append + attend; q is checked before anything is appended.
+  Status step(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
+              size_t outCount);
+  // Like step, timed as prefill (the generation stage).
+  Status prefill(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
+                 size_t outCount);
+
+  // Shares every page copy-on-write; counters start from this cache's values.
+  std::unique_ptr<KVCache> fork() const;
+  CacheStatsData stats() const;
+
+  // Serialization (cache_serialize.cc).
+  Status save(std::vector<uint8_t>* out) const;
+  static Status load(const uint8_t* data, size_t size, std::shared_ptr<Backend> backend, int32_t threads,
+                     std::unique_ptr<KVCache>* out);
+
+  // Guards against overlapping calls (an async call in flight and a sync call from JS).
+  bool tryEnter() { return !busy_.exchange(true); }
+  void leave() { busy_.store(false); }
+
+ private:
+  KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend);
+  Status checkLayer(int32_t layer) const;
+  Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
+  Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
+  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out);
+  enum class Stage { Prefill, Decode };
+  Status appendAndAttend(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
+                         size_t outCount, Stage stage);
+
+  CacheConfig config_;
+  std::shared_ptr<Backend> backend_;
+  PagedStore store_;
+  StageTimes times_;
+  double lastLoadedTokens_ = 0;
+  std::atomic<bool> busy_{false};
+};
+
+}  // namespace kvslim

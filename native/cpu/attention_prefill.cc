@@ -1,0 +1,123 @@
+// Prefill driver: keys arrive in chunks converted once to f32 (transposed per block for the
+// register-tiled score kernel); every (kv head, row tile) task then continues its online softmax
+// over the chunk. The full [n, T] score matrix never exists.
+#include <algorithm>
+#include <vector>
+
+#include "../core/tensor_convert.h"
+#include "attention_plan.h"
+#include "simd_level.h"
+#include "thread_pool.h"
+
+namespace kvslim::cpu {
+
+namespace {
+constexpr int64_t kChunkKeys = 2048;  // f32 K+V of a chunk: kvHeads x 2 MiB at headDim 128
+
+// Copies keys [first, first + count) of one head from its pages into f32 buffers:
+// keysTransposed as blocks of [paddedDim, blockKeys], values as [count, paddedDim].
+void convertChunk(const AttentionArgs& args, const KVHeadView& head, int64_t first, int64_t count,
+                  int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values) {
+  const int32_t dim = args.headDim;
+  const size_t rowBytes = size_t(args.rowStride) * dtypeBytes(args.kvType);
+  const int64_t blocks = (count + blockKeys - 1) / blockKeys;
+  std::fill(keysTransposed, keysTransposed + size_t(blocks) * size_t(paddedDim) * size_t(blockKeys), 0.0f);
+  std::fill(values, values + size_t(blocks) * size_t(blockKeys) * size_t(paddedDim), 0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t token = first + j;
+    const size_t offset = size_t(token % args.pageTokens) * rowBytes;
+    const void* key = static_cast<const uint8_t*>(head.keyPages[token / args.pageTokens]) + offset;
+    const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + offset;
+    float* keyBlock = keysTransposed + size_t(j / blockKeys) * size_t(paddedDim) * size_t(blockKeys);
+    const int64_t lane = j % blockKeys;
+    for (int32_t d = 0; d < dim; ++d) {
+      keyBlock[size_t(d) * size_t(blockKeys) + size_t(lane)] = loadElement(key, args.kvType, size_t(d));
+      values[size_t(j) * size_t(paddedDim) + size_t(d)] = loadElement(value, args.kvType, size_t(d));
+    }
+  }
+}
+}  // namespace
+
+void attentionPrefill(const AttentionArgs& args) {
+  const KernelTable& kernels = activeKernels();
+  ThreadPool& pool = globalPool();
+  const int32_t threads = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
+  const RowLayout layout(args);
+  const int32_t dim = args.headDim;
+  const int32_t width = kernels.vectorWidth;
+  const int32_t paddedDim = (dim + width - 1) / width * width;
+  const int32_t tileRows = kernels.prefillRows;
+  const int32_t blockKeys = kernels.prefillBlockKeys;
+  const int64_t tilesPerHead = (layout.rowsPerHead + tileRows - 1) / tileRows;
+  // Rows padded to whole tiles so a tile may read all of its kPrefillRows query rows.
+  const int64_t paddedRows = tilesPerHead * tileRows;
+
+  std::vector<float> queries(size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim), 0.0f);
+  std::vector<float> maxes(size_t(args.kvHeads) * size_t(paddedRows), -1e30f);
+  std::vector<float> sums(maxes.size(), 0.0f);
+  std::vector<float> accs(queries.size(), 0.0f);
+  std::vector<int64_t> last(maxes.size(), -1);
+  int64_t maxTokens = 0;
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    maxTokens = std::max(maxTokens, args.heads[h].tokens);
+    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
+      const float* src = args.q + layout.queryIndex(args, h, row) * dim;
+      float* dst = queries.data() + (size_t(h) * size_t(paddedRows) + size_t(row)) * size_t(paddedDim);
+      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * args.scale * kLog2e;
+      last[size_t(h) * size_t(paddedRows) + size_t(row)] = lastToken(args, args.heads[h].tokens, layout.position(row));
+    }
+  }
+
+  const int64_t chunkKeys = std::min<int64_t>(kChunkKeys, (maxTokens + blockKeys - 1) / blockKeys * blockKeys);
+  const size_t chunkFloats = size_t(chunkKeys) * size_t(paddedDim);
+  std::vector<float> keyChunk(size_t(args.kvHeads) * chunkFloats), valueChunk(keyChunk.size());
+  std::vector<float> scratch(size_t(threads) * size_t(tileRows) * size_t(blockKeys));
+
+  for (int64_t chunkBegin = 0; chunkBegin < maxTokens; chunkBegin += chunkKeys) {
+    pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
+      const KVHeadView& head = args.heads[h];
+      const int64_t count = std::max<int64_t>(0, std::min(chunkKeys, head.tokens - chunkBegin));
+      convertChunk(args, head, chunkBegin, count, paddedDim, blockKeys, keyChunk.data() + size_t(h) * chunkFloats,
+                   valueChunk.data() + size_t(h) * chunkFloats);
+    });
+    pool.parallelFor(int64_t(args.kvHeads) * tilesPerHead, threads, [&](int64_t task, int32_t worker) {
+      const int32_t h = int32_t(task / tilesPerHead);
+      const int64_t firstRow = (task % tilesPerHead) * tileRows;
+      const size_t rowIndex = size_t(h) * size_t(paddedRows) + size_t(firstRow);
+      const int32_t rows = int32_t(std::min<int64_t>(tileRows, layout.rowsPerHead - firstRow));
+      int64_t lastInChunk[16];
+      int64_t lastOfTile = -1;
+      for (int32_t r = 0; r < rows; ++r) {
+        lastInChunk[r] = last[rowIndex + size_t(r)] - chunkBegin;
+        lastOfTile = std::max(lastOfTile, lastInChunk[r]);
+      }
+      const int64_t chunkTokens = std::min(chunkKeys, args.heads[h].tokens - chunkBegin);
+      const int64_t keyEnd = std::min(chunkTokens, lastOfTile + 1);
+      if (keyEnd <= 0) return;
+      PrefillTile tile;
+      tile.q = queries.data() + rowIndex * size_t(paddedDim);
+      tile.rows = rows;
+      tile.lastToken = lastInChunk;
+      tile.paddedDim = paddedDim;
+      tile.keysTransposed = keyChunk.data() + size_t(h) * chunkFloats;
+      tile.values = valueChunk.data() + size_t(h) * chunkFloats;
+      tile.keyBegin = 0;
+      tile.keyEnd = keyEnd;
+      tile.state = {maxes.data() + rowIndex, sums.data() + rowIndex, accs.data() + rowIndex * size_t(paddedDim)};
+      tile.scratch = scratch.data() + size_t(worker) * size_t(tileRows) * size_t(blockKeys);
+      kernels.prefillTile(tile);
+    });
+  }
+
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
+      const size_t index = size_t(h) * size_t(paddedRows) + size_t(row);
+      const float inverse = sums[index] > 0.0f ? 1.0f / sums[index] : 0.0f;
+      const float* acc = accs.data() + index * size_t(paddedDim);
+      float* out = args.out + layout.queryIndex(args, h, row) * dim;
+      for (int32_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
+    }
+  }
+}
+
+}  // namespace kvslim::cpu

@@ -1,0 +1,56 @@
+// The CPU backend: pages in host memory, attention through the SIMD drivers.
+#include <cstdlib>
+#include <cstring>
+
+#include "../core/backend.h"
+#include "attention_plan.h"
+
+namespace kvslim {
+
+namespace {
+
+class CpuBackend final : public Backend {
+ public:
+  DeviceKind kind() const override { return DeviceKind::Cpu; }
+  const char* name() const override { return "cpu"; }
+
+  void* allocate(size_t bytes) override {
+    // 64-byte alignment: one cache line, one zmm load.
+    const size_t rounded = (bytes + 63) / 64 * 64;
+    return std::aligned_alloc(64, rounded == 0 ? 64 : rounded);
+  }
+  void release(void* ptr) override { std::free(ptr); }
+  Status upload(void* dst, const void* hostSrc, size_t bytes) override {
+    std::memcpy(dst, hostSrc, bytes);
+    return Status::ok();
+  }
+  Status download(void* hostDst, const void* src, size_t bytes) override {
+    std::memcpy(hostDst, src, bytes);
+    return Status::ok();
+  }
+  Status copy(void* dst, const void* src, size_t bytes) override {
+    std::memcpy(dst, src, bytes);
+    return Status::ok();
+  }
+
+  Status attention(const AttentionArgs& args) override {
+    // Few rows per kv head: memory-bound, read pages directly. Many: tile and convert chunks.
+    constexpr int64_t kDecodeRowsLimit = 16;
+    const int64_t rowsPerHead = int64_t(args.n) * (args.qHeads / args.kvHeads);
+    if (rowsPerHead <= kDecodeRowsLimit) {
+      cpu::attentionDecode(args);
+    } else {
+      cpu::attentionPrefill(args);
+    }
+    return Status::ok();
+  }
+};
+
+}  // namespace
+
+std::shared_ptr<Backend> cpuBackend() {
+  static std::shared_ptr<Backend> backend = std::make_shared<CpuBackend>();
+  return backend;
+}
+
+}  // namespace kvslim

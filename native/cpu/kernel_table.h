@@ -1,0 +1,68 @@
+// One dispatch table of CPU kernels per instruction set (ggml style): chosen once at start-up
+// from CPUID, overridable with KVSLIM_SIMD. The drivers (attention_decode.cc, ...) split work
+// across threads and call only through this table.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+#include "../core/dtype.h"
+
+namespace kvslim::cpu {
+
+// Online-softmax state of `rows` query rows over a range of keys, in base-2 log domain:
+// scores are q.k with q pre-multiplied by scale * log2(e), so exp becomes exp2.
+struct SoftmaxState {
+  float* max;    // [rows]
+  float* sum;    // [rows]
+  float* acc;    // [rows, headDim]: sum of 2^(s - max) * v
+};
+
+// Up to kMaxDecodeRows query rows (of one kv head) over keys [tokenBegin, tokenEnd) read
+// straight from pages in their stored dtype.
+constexpr int kMaxDecodeRows = 8;
+struct DecodeRange {
+  const float* q;            // [rows, headDim], scaled
+  int32_t rows;
+  const int64_t* lastToken;  // [rows]: row r attends keys <= lastToken[r]
+  int32_t headDim;
+  DType kvType;
+  const void* const* keyPages;
+  const void* const* valuePages;
+  int64_t pageTokens;
+  int64_t rowStride;         // elements between consecutive tokens of a page
+  int64_t tokenBegin, tokenEnd;
+  SoftmaxState state;        // initialised by the kernel
+};
+
+// Up to kPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
+// block ([paddedDim, blockKeys]) and values row-major ([keys, paddedDim]), both zero-padded.
+struct PrefillTile {
+  const float* q;            // [rows, paddedDim], scaled, zero-padded
+  int32_t rows;
+  const int64_t* lastToken;  // [rows], in the chunk's key numbering
+  int32_t paddedDim;
+  const float* keysTransposed;  // block b at keysTransposed + b * paddedDim * blockKeys
+  const float* values;          // [chunkKeys, paddedDim]
+  int64_t keyBegin, keyEnd;     // a whole number of blocks, keyBegin % blockKeys == 0
+  SoftmaxState state;           // continued (the driver initialises it once)
+  float* scratch;               // [kPrefillRows, blockKeys]
+};
+
+struct KernelTable {
+  const char* name;
+  int32_t vectorWidth;        // floats per register
+  int32_t prefillRows;        // rows per prefill tile
+  int32_t prefillBlockKeys;   // keys per prefill block (2 registers)
+  void (*decodeRange)(const DecodeRange& range);
+  void (*prefillTile)(const PrefillTile& tile);
+  // Sum of `count` floats (bandwidth probe: a pure streaming read).
+  float (*streamSum)(const float* data, size_t count);
+  // Runs `iterations` rounds of independent FMA chains; returns FLOPs done (FMA peak probe).
+  double (*fmaBurn)(int64_t iterations, float seed);
+};
+
+const KernelTable* scalarKernels();
+const KernelTable* avx2Kernels();    // nullptr when not built for this architecture
+const KernelTable* avx512Kernels();  // nullptr when not built for this architecture
+
+}  // namespace kvslim::cpu

@@ -1,0 +1,17 @@
+// Portable kernels: the trusted twin of every SIMD kernel, the fallback, and KVSLIM_SIMD=scalar.
+#include <cmath>
+#include <cstdint>
+
+#include "../core/dtype.h"
+#include "kernel_table.h"
+
+namespace kvslim::cpu {
+namespace {
+#include "vec_scalar.h"
+#include "attention_kernels.inl"
+const KernelTable kTable = makeTable<VecScalar>();
+}  // namespace
+
+const KernelTable* scalarKernels() { return &kTable; }
+
+}  // namespace kvslim::cpu

@@ -1,0 +1,52 @@
+// A persistent pool of worker threads. parallelFor hands out task indices through one atomic
+// counter; the calling thread works too. One job runs at a time: callers from several threads
+// (async work on different caches) queue on a mutex instead of oversubscribing the cores.
+#pragma once
+#include <atomic>
+#include <condition_variable>
+#include <cstdint>
+#include <functional>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+namespace kvslim::cpu {
+
+class ThreadPool {
+ public:
+  explicit ThreadPool(int32_t threads);
+  ~ThreadPool();
+  ThreadPool(const ThreadPool&) = delete;
+  ThreadPool& operator=(const ThreadPool&) = delete;
+
+  int32_t size() const { return int32_t(workers_.size()) + 1; }
+
+  // Runs task(index, worker) for index in [0, tasks) on at most maxThreads threads (0 = all);
+  // worker is in [0, threads used) so callers can give each thread its own scratch.
+  void parallelFor(int64_t tasks, int32_t maxThreads, const std::function<void(int64_t, int32_t)>& task);
+
+ private:
+  void workerLoop(int32_t worker);
+  void runTasks(int32_t worker);
+
+  std::vector<std::thread> workers_;
+  std::mutex jobMutex_;  // one job at a time
+  std::mutex stateMutex_;
+  std::condition_variable wake_;
+  std::condition_variable done_;
+  const std::function<void(int64_t, int32_t)>* task_ = nullptr;
+  int64_t tasks_ = 0;
+  int32_t participants_ = 0;
+  uint64_t generation_ = 0;
+  int32_t pending_ = 0;
+  bool stopping_ = false;
+  std::atomic<int64_t> next_{0};
+};
+
+// The process-wide pool. Its size is set once from JS (os.availableParallelism() unless
+// overridden); resizing replaces it.
+ThreadPool& globalPool();
+void setGlobalPoolSize(int32_t threads);
+int32_t globalPoolSize();
+
+}  // namespace kvslim::cpu

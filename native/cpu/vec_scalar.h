@@ -1,0 +1,22 @@
+// One-lane "vector" for the portable kernels: the same templates as the SIMD builds, W = 1.
+// Included inside an anonymous namespace by kernels_scalar.cc.
+struct VecScalar {
+  using R = float;
+  static constexpr int W = 1;
+  static constexpr int kPrefillRows = 4;
+  static constexpr const char* kName = "scalar";
+  static R zero() { return 0.0f; }
+  static R set1(float x) { return x; }
+  static R load(const float* p) { return *p; }
+  static void store(float* p, R x) { *p = x; }
+  static R loadF16(const uint16_t* p) { return kvslim::f16ToFloat(*p); }
+  static R loadBF16(const uint16_t* p) { return kvslim::bf16ToFloat(*p); }
+  static R fmadd(R a, R b, R c) { return a * b + c; }
+  static R mul(R a, R b) { return a * b; }
+  static R add(R a, R b) { return a + b; }
+  static R max(R a, R b) { return a > b ? a : b; }
+  static float reduceAdd(R x) { return x; }
+  static float reduceMax(R x) { return x; }
+  // 2^x, exactly 0 below -126 (masked scores are -inf).
+  static R exp2(R x) { return x < -126.0f ? 0.0f : std::exp2(x); }
+};

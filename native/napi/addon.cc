@@ -1,0 +1,168 @@
+// Module entry: the functions lib/native.ts calls. Glue only: arguments in, core calls, values out.
+#include <napi.h>
+
+#include "../core/attention_op.h"
+#include "../core/backend.h"
+#include "../core/cuda_info.h"
+#include "../core/kv_cache.h"
+#include "../cpu/probes.h"
+#include "../cpu/simd_level.h"
+#include "../cpu/thread_pool.h"
+#include "addon_data.h"
+#include "cache_wrap.h"
+#include "convert.h"
+#include "errors.h"
+
+namespace kvslim::napi {
+
+namespace {
+
+// 'cpu' | 'cuda' | 'auto' (CUDA when a GPU answers, else CPU).
+std::shared_ptr<Backend> backendFor(Napi::Env env, const std::string& device) {
+  if (device == "cpu") return cpuBackend();
+  if (device == "cuda" || device == "auto") {
+    Status why;
+    std::shared_ptr<Backend> cuda = cudaBackend(&why);
+    if (cuda) return cuda;
+    if (device == "auto") return cpuBackend();
+    throwStatus(env, Status(ErrorCode::BackendUnavailable, "device 'cuda' was requested but CUDA is unavailable: " + why.message()));
+  }
+  throwStatus(env, Status(ErrorCode::Option, "device must be 'auto', 'cpu' or 'cuda', but received '" + device + "'"));
+}
+
+Napi::Value setErrorFactoryFn(const Napi::CallbackInfo& info) {
+  if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "setErrorFactory expects a function");
+  setErrorFactory(info[0].As<Napi::Function>());
+  return info.Env().Undefined();
+}
+
+Napi::Value simdErrorFn(const Napi::CallbackInfo& info) {
+  const Status status = cpu::simdStatus();
+  if (status.isOk()) return info.Env().Null();
+  return Napi::String::New(info.Env(), status.message());
+}
+
+Napi::Value backendsFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const cpu::SimdInfo& simd = cpu::simdInfo();
+  Napi::Object cpuInfo = Napi::Object::New(env);
+  cpuInfo.Set("simd", simd.active);
+  cpuInfo.Set("avx2", simd.avx2);
+  cpuInfo.Set("avx512", simd.avx512);
+  cpuInfo.Set("forced", simd.forcedBy.empty() ? env.Null() : Napi::String::New(env, simd.forcedBy));
+  cpuInfo.Set("threads", cpu::globalPoolSize());
+  const CudaInfo cuda = cudaInfo();
+  Napi::Object cudaObject = Napi::Object::New(env);
+  cudaObject.Set("built", cuda.built);
+  cudaObject.Set("available", cuda.available);
+  cudaObject.Set("reason", cuda.reason);
+  cudaObject.Set("devices", cuda.devices);
+  cudaObject.Set("name", cuda.name);
+  cudaObject.Set("computeCapability", std::to_string(cuda.computeMajor) + "." + std::to_string(cuda.computeMinor));
+  cudaObject.Set("memoryBytes", double(cuda.memoryBytes));
+  cudaObject.Set("runtimeVersion", cuda.runtimeVersion);
+  cudaObject.Set("driverVersion", cuda.driverVersion);
+  cudaObject.Set("architectures", cuda.architectures);
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("cpu", cpuInfo);
+  result.Set("cuda", cudaObject);
+  return result;
+}
+
+Napi::Value setThreadsFn(const Napi::CallbackInfo& info) {
+  const int32_t threads = intArg(info.Env(), info[0], "threads");
+  if (threads < 1 || threads > 1024) {
+    throwStatus(info.Env(), Status(ErrorCode::Option, "threads must be in [1, 1024], but received " + std::to_string(threads)));
+  }
+  cpu::setGlobalPoolSize(threads);
+  return info.Env().Undefined();
+}
+
+Napi::Value attentionFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "attention expects an options object"));
+  Napi::Object options = info[0].As<Napi::Object>();
+  const DType dtype = parseDtype(env, options.Get("dtype"), "dtype");
+  AttentionOp op;
+  op.q = tensorArg(env, options.Get("q"), dtype, "q");
+  op.k = tensorArg(env, options.Get("k"), dtype, "k");
+  op.v = tensorArg(env, options.Get("v"), dtype, "v");
+  op.qHeads = intField(env, options, "qHeads");
+  op.kvHeads = intField(env, options, "kvHeads");
+  op.headDim = intField(env, options, "headDim");
+  op.causal = boolField(env, options, "causal");
+  op.scale = float(numberField(env, options, "scale"));
+  op.threads = intField(env, options, "threads");
+  std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
+  Napi::Float32Array out = Napi::Float32Array::New(env, op.q.count);
+  throwIfError(env, runAttention(*backend, op, out.Data(), out.ElementLength()));
+  return out;
+}
+
+Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "createCache expects an options object"));
+  Napi::Object options = info[0].As<Napi::Object>();
+  CacheConfig config;
+  config.layers = intField(env, options, "layers");
+  config.qHeads = intField(env, options, "qHeads");
+  config.kvHeads = intField(env, options, "kvHeads");
+  config.headDim = intField(env, options, "headDim");
+  config.storeType = parseDtype(env, options.Get("store"), "store");
+  config.pageTokens = intField(env, options, "pageTokens");
+  config.scale = float(numberField(env, options, "scale"));
+  config.threads = intField(env, options, "threads");
+  std::unique_ptr<KVCache> cache;
+  throwIfError(env, KVCache::create(config, backendFor(env, stringField(env, options, "device")), &cache));
+  return CacheWrap::wrap(env, std::move(cache));
+}
+
+Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throwStatus(env, Status(ErrorCode::Option, "load expects a Buffer or Uint8Array"));
+  }
+  Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+  std::shared_ptr<Backend> backend = backendFor(env, info[1].As<Napi::String>());
+  const int32_t threads = intArg(env, info[2], "threads");
+  std::unique_ptr<KVCache> cache;
+  throwIfError(env, KVCache::load(bytes.Data(), bytes.ElementLength(), backend, threads, &cache));
+  return CacheWrap::wrap(env, std::move(cache));
+}
+
+Napi::Value probeBandwidthFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const int32_t megabytes = intArg(env, info[0], "megabytes");
+  if (megabytes < 1 || megabytes > 65536) throwStatus(env, Status(ErrorCode::Option, "megabytes must be in [1, 65536]"));
+  const double rate = cpu::measureReadBandwidth(size_t(megabytes) << 20, intArg(env, info[1], "threads"),
+                                                intArg(env, info[2], "repeats"));
+  return Napi::Number::New(env, rate);
+}
+
+Napi::Value probeFmaPeakFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  return Napi::Number::New(env, cpu::measureFmaPeak(intArg(env, info[0], "threads"), intArg(env, info[1], "repeats")));
+}
+
+}  // namespace
+
+Napi::Object init(Napi::Env env, Napi::Object exports) {
+  auto* data = new AddonData();
+  data->cacheConstructor = Napi::Persistent(CacheWrap::define(env));
+  env.SetInstanceData<AddonData>(data);
+  exports.Set("setErrorFactory", Napi::Function::New(env, setErrorFactoryFn));
+  exports.Set("simdError", Napi::Function::New(env, simdErrorFn));
+  exports.Set("backends", Napi::Function::New(env, backendsFn));
+  exports.Set("setThreads", Napi::Function::New(env, setThreadsFn));
+  exports.Set("attention", Napi::Function::New(env, attentionFn));
+  exports.Set("createCache", Napi::Function::New(env, createCacheFn));
+  exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
+  exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
+  exports.Set("probeFmaPeak", Napi::Function::New(env, probeFmaPeakFn));
+  return exports;
+}
+
+}  // namespace kvslim::napi
+
+static Napi::Object InitKvslim(Napi::Env env, Napi::Object exports) { return kvslim::napi::init(env, exports); }
+NODE_API_MODULE(kvslim, InitKvslim)

@@ -1,0 +1,197 @@
+#include "cache_wrap.h"
+
+#include "addon_data.h"
+#include "async_ops.h"
+#include "convert.h"
+#include "errors.h"
+
+namespace kvslim::napi {
+
+namespace {
+// Holds the busy flag for the length of one synchronous call.
+class BusyGuard {
+ public:
+  BusyGuard(Napi::Env env, KVCache& cache) : cache_(cache) {
+    if (!cache.tryEnter()) {
+      throwStatus(env, Status(ErrorCode::Busy, "the cache is running an async call; await it before calling again"));
+    }
+  }
+  ~BusyGuard() { cache_.leave(); }
+
+ private:
+  KVCache& cache_;
+};
+
+Napi::Float32Array outputFor(Napi::Env env, const HostTensor& q) { return Napi::Float32Array::New(env, q.count); }
+}  // namespace
+
+Napi::Function CacheWrap::define(Napi::Env env) {
+  return DefineClass(env, "NativeCache",
+                     {InstanceMethod<&CacheWrap::append>("append"), InstanceMethod<&CacheWrap::attend>("attend"),
+                      InstanceMethod<&CacheWrap::step>("step"), InstanceMethod<&CacheWrap::prefill>("prefill"),
+                      InstanceMethod<&CacheWrap::attendAsync>("attendAsync"),
+                      InstanceMethod<&CacheWrap::stepAsync>("stepAsync"),
+                      InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
+                      InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
+                      InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::tokens>("tokens"),
+                      InstanceMethod<&CacheWrap::dispose>("dispose")});
+}
+
+Napi::Object CacheWrap::wrap(Napi::Env env, std::unique_ptr<KVCache> cache) {
+  Napi::External<KVCache> external = Napi::External<KVCache>::New(env, cache.get());
+  Napi::Object object = addonData(env).cacheConstructor.New({external});
+  cache.release();  // now owned by the wrapper
+  return object;
+}
+
+CacheWrap::CacheWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<CacheWrap>(info) {
+  if (info.Length() != 1 || !info[0].IsExternal()) {
+    throwStatus(info.Env(), Status(ErrorCode::Option, "NativeCache is created by createCache(), not with new"));
+  }
+  cache_.reset(info[0].As<Napi::External<KVCache>>().Data());
+}
+
+KVCache& CacheWrap::live(Napi::Env env) {
+  if (!cache_) throwStatus(env, Status(ErrorCode::Disposed, "the cache was disposed"));
+  return *cache_;
+}
+
+Napi::Value CacheWrap::append(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const DType dtype = parseDtype(env, info[3], "dtype");
+  const HostTensor k = tensorArg(env, info[1], dtype, "k");
+  const HostTensor v = tensorArg(env, info[2], dtype, "v");
+  BusyGuard guard(env, cache);
+  throwIfError(env, cache.append(layer, k, v));
+  return env.Undefined();
+}
+
+Napi::Value CacheWrap::attend(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const HostTensor q = tensorArg(env, info[1], parseDtype(env, info[2], "dtype"), "q");
+  Napi::Float32Array out = outputFor(env, q);
+  BusyGuard guard(env, cache);
+  throwIfError(env, cache.attend(layer, q, out.Data(), out.ElementLength()));
+  return out;
+}
+
+Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const DType dtype = parseDtype(env, info[4], "dtype");
+  const HostTensor q = tensorArg(env, info[1], dtype, "q");
+  const HostTensor k = tensorArg(env, info[2], dtype, "k");
+  const HostTensor v = tensorArg(env, info[3], dtype, "v");
+  Napi::Float32Array out = outputFor(env, q);
+  BusyGuard guard(env, cache);
+  throwIfError(env, cache.step(layer, q, k, v, out.Data(), out.ElementLength()));
+  return out;
+}
+
+Napi::Value CacheWrap::prefill(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const DType dtype = parseDtype(env, info[4], "dtype");
+  const HostTensor q = tensorArg(env, info[1], dtype, "q");
+  const HostTensor k = tensorArg(env, info[2], dtype, "k");
+  const HostTensor v = tensorArg(env, info[3], dtype, "v");
+  Napi::Float32Array out = outputFor(env, q);
+  BusyGuard guard(env, cache);
+  throwIfError(env, cache.prefill(layer, q, k, v, out.Data(), out.ElementLength()));
+  return out;
+}
+
+Napi::Value CacheWrap::attendAsync(const Napi::CallbackInfo& info) {
+  return queueCacheOp(info, live(info.Env()), CacheOp::Attend);
+}
+Napi::Value CacheWrap::stepAsync(const Napi::CallbackInfo& info) {
+  return queueCacheOp(info, live(info.Env()), CacheOp::Step);
+}
+Napi::Value CacheWrap::prefillAsync(const Napi::CallbackInfo& info) {
+  return queueCacheOp(info, live(info.Env()), CacheOp::Prefill);
+}
+
+Napi::Value CacheWrap::fork(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  BusyGuard guard(env, cache);
+  return wrap(env, cache.fork());
+}
+
+Napi::Value CacheWrap::tokens(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  if (layer < 0 || layer >= cache.config().layers) {
+    throwStatus(env, Status(ErrorCode::Shape, "layer must be in [0, " + std::to_string(cache.config().layers - 1) + "]"));
+  }
+  return Napi::Number::New(env, double(cache.tokens(layer)));
+}
+
+Napi::Value CacheWrap::stats(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  BusyGuard guard(env, cache);
+  const CacheStatsData data = cache.stats();
+  Napi::Object tokens = Napi::Object::New(env);
+  tokens.Set("seen", data.tokensSeen);
+  tokens.Set("kept", data.tokensKept);
+  tokens.Set("loaded", data.tokensLoaded);
+  Napi::Object bytes = Napi::Object::New(env);
+  bytes.Set("kv", data.kvBytes);
+  bytes.Set("residual", data.residualBytes);
+  bytes.Set("index", data.indexBytes);
+  bytes.Set("summary", data.summaryBytes);
+  bytes.Set("meta", data.metaBytes);
+  bytes.Set("fullF16", data.fullF16Bytes);
+  bytes.Set("allocated", data.allocatedBytes);
+  bytes.Set("shared", data.sharedBytes);
+  Napi::Object times = Napi::Object::New(env);
+  times.Set("prefill", data.times.prefillMs);
+  times.Set("compress", data.times.compressMs);
+  times.Set("indexBuild", data.times.indexBuildMs);
+  times.Set("retrieve", data.times.retrieveMs);
+  times.Set("decode", data.times.decodeMs);
+  Napi::Array layers = Napi::Array::New(env, data.layers.size());
+  for (size_t i = 0; i < data.layers.size(); ++i) {
+    Napi::Object layer = Napi::Object::New(env);
+    Napi::Array kept = Napi::Array::New(env, data.layers[i].tokensKept.size());
+    for (size_t h = 0; h < data.layers[i].tokensKept.size(); ++h) kept.Set(uint32_t(h), double(data.layers[i].tokensKept[h]));
+    layer.Set("tokensKept", kept);
+    layer.Set("bytes", data.layers[i].bytes);
+    layers.Set(uint32_t(i), layer);
+  }
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("tokens", tokens);
+  result.Set("bytes", bytes);
+  result.Set("timeMs", times);
+  result.Set("layers", layers);
+  return result;
+}
+
+Napi::Value CacheWrap::save(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  BusyGuard guard(env, cache);
+  std::vector<uint8_t> bytes;
+  throwIfError(env, cache.save(&bytes));
+  return Napi::Buffer<uint8_t>::Copy(env, bytes.data(), bytes.size());
+}
+
+Napi::Value CacheWrap::dispose(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!cache_) return env.Undefined();  // disposing twice is harmless
+  if (!cache_->tryEnter()) {
+    throwStatus(env, Status(ErrorCode::Busy, "the cache is running an async call; await it before dispose()"));
+  }
+  cache_.reset();  // entered, so no call can be using it
+  return env.Undefined();
+}
+
+}  // namespace kvslim::napi

@@ -1,0 +1,39 @@
+// The JS-side handle of a core KVCache (class NativeCache, used only by lib/native.ts).
+#pragma once
+#include <napi.h>
+
+#include <memory>
+
+#include "../core/kv_cache.h"
+
+namespace kvslim::napi {
+
+class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
+ public:
+  static Napi::Function define(Napi::Env env);
+  // A new NativeCache owning `cache`.
+  static Napi::Object wrap(Napi::Env env, std::unique_ptr<KVCache> cache);
+
+  explicit CacheWrap(const Napi::CallbackInfo& info);
+
+  // The cache, or ERR_DISPOSED.
+  KVCache& live(Napi::Env env);
+
+ private:
+  Napi::Value append(const Napi::CallbackInfo& info);
+  Napi::Value attend(const Napi::CallbackInfo& info);
+  Napi::Value step(const Napi::CallbackInfo& info);
+  Napi::Value prefill(const Napi::CallbackInfo& info);
+  Napi::Value attendAsync(const Napi::CallbackInfo& info);
+  Napi::Value stepAsync(const Napi::CallbackInfo& info);
+  Napi::Value prefillAsync(const Napi::CallbackInfo& info);
+  Napi::Value fork(const Napi::CallbackInfo& info);
+  Napi::Value stats(const Napi::CallbackInfo& info);
+  Napi::Value save(const Napi::CallbackInfo& info);
+  Napi::Value tokens(const Napi::CallbackInfo& info);
+  Napi::Value dispose(const Napi::CallbackInfo& info);
+
+  std::unique_ptr<KVCache> cache_;
+};
+
+}  // namespace kvslim::napi

@@ -1,0 +1,26 @@
+// Reading JS arguments into core views. Every typed array is checked for its element type against
+// the dtype it claims, and only its real byte length is ever used.
+#pragma once
+#include <napi.h>
+
+#include <string>
+
+#include "../core/dtype.h"
+#include "../core/tensor_convert.h"
+
+namespace kvslim::napi {
+
+// 'f32' | 'f16' | 'bf16'; anything else is ERR_DTYPE naming `argument`.
+DType parseDtype(Napi::Env env, const Napi::Value& value, const char* argument);
+
+// A Float32Array (f32) or Uint16Array (f16 / bf16) matching `dtype`.
+HostTensor tensorArg(Napi::Env env, const Napi::Value& value, DType dtype, const char* argument);
+
+// Required fields of an options object, with type checks.
+int32_t intField(Napi::Env env, const Napi::Object& object, const char* name);
+double numberField(Napi::Env env, const Napi::Object& object, const char* name);
+bool boolField(Napi::Env env, const Napi::Object& object, const char* name);
+std::string stringField(Napi::Env env, const Napi::Object& object, const char* name);
+int32_t intArg(Napi::Env env, const Napi::Value& value, const char* argument);
+
+}  // namespace kvslim::napi
