@@ -1,0 +1,300 @@
+import { type Device } from './backends.js';
+import { KVSlimError } from './errors.js';
+import { addon, type NativeCache, type NativeDtype } from './native.js';
+import { type PolicySpec, type ResolvedPolicy, resolvePolicy } from './policy.js';
+import type { CacheStats } from './stats.js';
+import {
+  type Dtype, knownKeys, oneOf, optionError, plainObject, positiveInteger, positiveNumber, rowsOf, sharedDtype,
+  type Tensor,
+} from './validate.js';
+
+/** Options of {@link KVCache}. */
+export interface KVCacheOptions {
+  /** Transformer layers; each has its own keys and values. */
+  layers: number;
+  /** Query heads. */
+  qHeads: number;
+  /** Key/value heads (GQA: `qHeads` must be a multiple). */
+  kvHeads: number;
+  /** Elements per head (at most 1024). */
+  headDim: number;
+  /** Default `auto`: CUDA when a GPU answers, else the CPU. */
+  device?: Device;
+  /** Threads each call may use, at most the pool size (default: the whole pool; see setThreads). */
+  threads?: number;
+  /** What to keep and how to store it; default `{ select: { kind: 'full' }, store: { kind: 'f16' } }`. */
+  policy?: PolicySpec;
+  /** Tokens per storage page (per layer and kv head); default 64. */
+  pageTokens?: number;
+  /** Softmax scale; default `1 / sqrt(headDim)`. */
+  scale?: number;
+}
+
+/** Per-call options: the dtype of the call's tensors (required for Uint16Array inputs). */
+export interface CallOptions {
+  dtype?: Dtype;
+}
+
+const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale'] as const;
+
+/**
+ * The KV cache of one sequence. Keys and values are appended per layer (`[n, kvHeads, headDim]`),
+ * queries attend causally over everything appended (`[n, qHeads, headDim]`, query i of n sees
+ * positions `<= T - n + i`), outputs are `Float32Array`s `[n, qHeads, headDim]`.
+ *
+ * Synchronous calls run on the caller's thread (using the native pool); the `*Async` variants run
+ * off the event loop, in call order per cache. A synchronous call while an async one is pending
+ * throws `ERR_BUSY`.
+ */
+export class KVCache {
+  readonly layers: number;
+  readonly qHeads: number;
+  readonly kvHeads: number;
+  readonly headDim: number;
+  /** The device the cache lives on. */
+  readonly device: 'cpu' | 'cuda';
+  readonly policy: ResolvedPolicy;
+  readonly #threads: number;
+  #native: NativeCache | null;
+  #tail: Promise<unknown> = Promise.resolve();
+  #pending = 0;
+  #disposeWhenIdle = false;
+
+  constructor(options: KVCacheOptions);
+  /** @internal used by fork() and load() */
+  constructor(options: KVCacheOptions, native: NativeCache, device: 'cpu' | 'cuda');
+  constructor(options: KVCacheOptions, native?: NativeCache, device?: 'cpu' | 'cuda') {
+    const o = plainObject('KVCache options', options);
+    knownKeys('KVCache', o, cacheKeys);
+    this.layers = positiveInteger('layers', o.layers, 65536);
+    this.qHeads = positiveInteger('qHeads', o.qHeads);
+    this.kvHeads = positiveInteger('kvHeads', o.kvHeads);
+    this.headDim = positiveInteger('headDim', o.headDim, 1024);
+    if (this.qHeads % this.kvHeads !== 0) {
+      throw optionError(`Expected qHeads to be a multiple of kvHeads but received qHeads=${this.qHeads}, kvHeads=${this.kvHeads}`);
+    }
+    this.policy = resolvePolicy(o.policy);
+    this.#threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
+    const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
+    if (native !== undefined && device !== undefined) {
+      this.#native = native;
+      this.device = device;
+      return;
+    }
+    this.device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
+    this.#native = addon.createCache({
+      layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
+      store: this.policy.store.kind,
+      pageTokens: o.pageTokens === undefined ? 64 : positiveInteger('pageTokens', o.pageTokens, 1 << 20),
+      scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
+      threads: this.#threads,
+      device: this.device,
+    });
+  }
+
+  /** Appends n tokens to one layer. `k`, `v`: `[n, kvHeads, headDim]`. */
+  append(layer: number, k: Tensor, v: Tensor, options?: CallOptions): void {
+    const dtype = this.#checkKV(layer, k, v, options);
+    this.#idle('append').append(layer, k, v, dtype);
+  }
+
+  /** n queries `[n, qHeads, headDim]` attend causally over the layer's tokens. */
+  attend(layer: number, q: Tensor, options?: CallOptions): Float32Array {
+    const dtype = this.#checkQuery(layer, q, options);
+    return this.#idle('attend').attend(layer, q, dtype);
+  }
+
+  /** Appends n tokens and lets their n queries attend (the decode hot path: one native call). */
+  step(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
+    const dtype = this.#checkStep(layer, q, k, v, options);
+    return this.#idle('step').step(layer, q, k, v, dtype);
+  }
+
+  /** Like step, for the prompt: timed as prefill, and query-aware policies observe q. */
+  prefill(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
+    const dtype = this.#checkStep(layer, q, k, v, options);
+    return this.#idle('prefill').prefill(layer, q, k, v, dtype);
+  }
+
+  /** {@link attend} off the event loop. Keep q unchanged until the promise settles. */
+  attendAsync(layer: number, q: Tensor, options?: CallOptions): Promise<Float32Array> {
+    const dtype = this.#checkQuery(layer, q, options);
+    return this.#enqueue((native) => native.attendAsync(layer, q, dtype));
+  }
+
+  /** {@link step} off the event loop. Keep the arrays unchanged until the promise settles. */
+  stepAsync(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
+    const dtype = this.#checkStep(layer, q, k, v, options);
+    return this.#enqueue((native) => native.stepAsync(layer, q, k, v, dtype));
+  }
+
+  /** {@link prefill} off the event loop. Keep the arrays unchanged until the promise settles. */
+  prefillAsync(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
+    const dtype = this.#checkStep(layer, q, k, v, options);
+    return this.#enqueue((native) => native.prefillAsync(layer, q, k, v, dtype));
+  }
+
+  /**
+   * A new cache sharing this one's tokens copy-on-write (shared context, multi-request serving):
+   * appending to either never changes the other. Costs one page table, not a copy of the cache.
+   */
+  fork(): KVCache {
+    const native = this.#idle('fork').fork();
+    return new KVCache(this.#options(), native, this.device);
+  }
+
+  /** Tokens held by one layer. */
+  tokens(layer: number): number {
+    this.#checkLayer(layer);
+    return this.#live('tokens').tokens(layer);
+  }
+
+  /** Token counts, bytes by part and time per lifecycle stage. */
+  stats(): CacheStats {
+    const s = this.#idle('stats').stats();
+    const total = s.bytes.kv + s.bytes.residual + s.bytes.index + s.bytes.summary + s.bytes.meta;
+    return {
+      tokens: s.tokens,
+      bytes: { ...s.bytes, total },
+      compressionRatio: s.bytes.fullF16 > 0 ? total / s.bytes.fullF16 : 0,
+      timeMs: s.timeMs,
+      layers: s.layers,
+    };
+  }
+
+  /** The cache as bytes (config, tokens in stored form, checksum); see {@link KVCache.load}. */
+  save(): Buffer {
+    return this.#idle('save').save();
+  }
+
+  /** A cache from {@link save} output. Malformed or damaged bytes throw `ERR_CORRUPT`. */
+  static load(bytes: Uint8Array, options: { device?: Device; threads?: number } = {}): KVCache {
+    if (!(bytes instanceof Uint8Array)) {
+      throw optionError('Expected a Buffer or Uint8Array for KVCache.load');
+    }
+    const o = plainObject('KVCache.load options', options);
+    knownKeys('KVCache.load', o, ['device', 'threads']);
+    const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
+    const device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
+    const threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
+    const native = addon.loadCache(bytes, device, threads);
+    const header = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+    // Header fields after the 8-byte magic and u32 version: layers, qHeads, kvHeads, headDim, store.
+    const field = (index: number) => header.getInt32(12 + 4 * index, true);
+    const store = (['f32', 'f16', 'bf16'] as const)[field(4)];
+    return new KVCache(
+      {
+        layers: field(0), qHeads: field(1), kvHeads: field(2), headDim: field(3),
+        threads: threads === 0 ? undefined : threads, policy: { store: { kind: store } },
+      },
+      native,
+      device,
+    );
+  }
+
+  /**
+   * Frees the cache's memory now (otherwise the garbage collector does). Later calls throw
+   * `ERR_DISPOSED`. Pending async calls finish first.
+   */
+  dispose(): void {
+    const native = this.#native;
+    if (native === null || this.#disposeWhenIdle) return;
+    if (this.#pending > 0) {
+      this.#disposeWhenIdle = true;
+      void this.#tail.then(() => this.#release());
+      return;
+    }
+    this.#release();
+  }
+
+  /** True once dispose() was called. */
+  get disposed(): boolean {
+    return this.#native === null || this.#disposeWhenIdle;
+  }
+
+  #release(): void {
+    this.#native?.dispose();
+    this.#native = null;
+  }
+
+  #options(): KVCacheOptions {
+    return {
+      layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
+      threads: this.#threads === 0 ? undefined : this.#threads, policy: this.policy,
+    };
+  }
+
+  #live(method: string): NativeCache {
+    if (this.#native === null || this.#disposeWhenIdle) {
+      throw new KVSlimError('ERR_DISPOSED', `Cannot call ${method}() on a disposed KVCache`);
+    }
+    return this.#native;
+  }
+
+  #idle(method: string): NativeCache {
+    const native = this.#live(method);
+    if (this.#pending > 0) {
+      throw new KVSlimError('ERR_BUSY', `Cannot call ${method}() while ${this.#pending} async call(s) are pending on this KVCache; await them first`);
+    }
+    return native;
+  }
+
+  #enqueue(run: (native: NativeCache) => Promise<Float32Array>): Promise<Float32Array> {
+    this.#live('async call');
+    // Errors get the stack of the call site, not of the native completion callback.
+    const callSite = new Error();
+    this.#pending++;
+    const result = this.#tail.then(() => run(this.#live('async call'))).then(
+      (out) => {
+        this.#pending--;
+        return out;
+      },
+      (error: unknown) => {
+        this.#pending--;
+        if (error instanceof Error && callSite.stack) {
+          error.stack = `${error.name}: ${error.message}\n${callSite.stack.split('\n').slice(1).join('\n')}`;
+        }
+        throw error;
+      },
+    );
+    this.#tail = result.catch(() => undefined);
+    return result;
+  }
+
+  #checkLayer(layer: unknown): void {
+    if (typeof layer !== 'number' || !Number.isInteger(layer) || layer < 0 || layer >= this.layers) {
+      throw new KVSlimError('ERR_SHAPE', `Expected layer to be an integer in [0, ${this.layers - 1}] but received ${String(layer)}`);
+    }
+  }
+
+  #checkQuery(layer: number, q: Tensor, options?: CallOptions): NativeDtype {
+    this.#checkLayer(layer);
+    const dtype = sharedDtype({ q }, options?.dtype);
+    rowsOf('q', q, this.qHeads, this.headDim, 'qHeads');
+    return dtype;
+  }
+
+  #checkKV(layer: number, k: Tensor, v: Tensor, options?: CallOptions): NativeDtype {
+    this.#checkLayer(layer);
+    const dtype = sharedDtype({ k, v }, options?.dtype);
+    rowsOf('k', k, this.kvHeads, this.headDim, 'kvHeads');
+    if (v.length !== k.length) {
+      throw new KVSlimError('ERR_SHAPE', `Expected v to hold as many elements as k (${k.length}) but received ${v.length}`);
+    }
+    return dtype;
+  }
+
+  #checkStep(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): NativeDtype {
+    this.#checkLayer(layer);
+    const dtype = sharedDtype({ q, k, v }, options?.dtype);
+    const n = rowsOf('q', q, this.qHeads, this.headDim, 'qHeads');
+    const kvN = rowsOf('k', k, this.kvHeads, this.headDim, 'kvHeads');
+    if (v.length !== k.length) {
+      throw new KVSlimError('ERR_SHAPE', `Expected v to hold as many elements as k (${k.length}) but received ${v.length}`);
+    }
+    if (n !== kvN) {
+      throw new KVSlimError('ERR_SHAPE', `Expected q and k to hold the same number of tokens but q holds ${n} and k holds ${kvN}`);
+    }
+    return dtype;
+  }
+}

@@ -1,0 +1,13 @@
+/**
+ * kvslim: a KV-cache engine for Node.js. Stores attention keys and values (paged, shareable
+ * copy-on-write) and computes exact attention over them on the CPU (AVX-512 / AVX2 / scalar,
+ * multi-threaded) or a CUDA GPU.
+ */
+export { attention, type AttentionOptions } from './attention.js';
+export { backends, setThreads, type Backends, type Device } from './backends.js';
+export { KVCache, type CallOptions, type KVCacheOptions } from './cache.js';
+export { KVSlimError, type KVSlimErrorCode } from './errors.js';
+export type { PolicySpec, ResolvedPolicy, SelectSpec, StoreSpec } from './policy.js';
+export { probeMachine, type MachineLimits } from './probes.js';
+export type { CacheStats } from './stats.js';
+export type { Dtype, Tensor } from './validate.js';

@@ -1,0 +1,123 @@
+// The only file that touches the compiled addon. It loads it (prebuild or local build), hands it
+// the KVSlimError factory, and sizes the thread pool.
+import { existsSync } from 'node:fs';
+import { createRequire } from 'node:module';
+import { availableParallelism } from 'node:os';
+import { dirname, join } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+import { KVSlimError, type KVSlimErrorCode } from './errors.js';
+
+export type NativeDtype = 'f32' | 'f16' | 'bf16';
+export type NativeTensor = Float32Array | Uint16Array;
+
+export interface NativeStats {
+  tokens: { seen: number; kept: number; loaded: number };
+  bytes: {
+    kv: number; residual: number; index: number; summary: number; meta: number;
+    fullF16: number; allocated: number; shared: number;
+  };
+  timeMs: { prefill: number; compress: number; indexBuild: number; retrieve: number; decode: number };
+  layers: Array<{ tokensKept: number[]; bytes: number }>;
+}
+
+export interface NativeCache {
+  append(layer: number, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): void;
+  attend(layer: number, q: NativeTensor, dtype: NativeDtype): Float32Array;
+  step(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Float32Array;
+  prefill(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Float32Array;
+  attendAsync(layer: number, q: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
+  stepAsync(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
+  prefillAsync(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
+  fork(): NativeCache;
+  stats(): NativeStats;
+  save(): Buffer;
+  tokens(layer: number): number;
+  dispose(): void;
+}
+
+export interface NativeBackends {
+  cpu: { simd: 'scalar' | 'avx2' | 'avx512'; avx2: boolean; avx512: boolean; forced: string | null; threads: number };
+  cuda: {
+    built: boolean; available: boolean; reason: string; devices: number; name: string;
+    computeCapability: string; memoryBytes: number; runtimeVersion: number; driverVersion: number;
+    architectures: string;
+  };
+}
+
+interface Addon {
+  setErrorFactory(factory: (code: string, message: string) => Error): void;
+  simdError(): string | null;
+  backends(): NativeBackends;
+  setThreads(threads: number): void;
+  attention(options: {
+    q: NativeTensor; k: NativeTensor; v: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number;
+    headDim: number; causal: boolean; scale: number; device: string; threads: number;
+  }): Float32Array;
+  createCache(options: {
+    layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
+    scale: number; threads: number; device: string;
+  }): NativeCache;
+  loadCache(buffer: Uint8Array, device: string, threads: number): NativeCache;
+  probeBandwidth(megabytes: number, threads: number, repeats: number): number;
+  probeFmaPeak(threads: number, repeats: number): number;
+}
+
+/** The package root: lib/ when run from source, dist/lib/ when compiled. */
+function findPackageRoot(): string {
+  let dir = dirname(fileURLToPath(import.meta.url));
+  while (!existsSync(join(dir, 'binding.gyp'))) {
+    const parent = dirname(dir);
+    if (parent === dir) return dirname(fileURLToPath(import.meta.url));
+    dir = parent;
+  }
+  return dir;
+}
+
+const packageRoot = findPackageRoot();
+
+function loadAddon(): Addon {
+  const require = createRequire(import.meta.url);
+  const attempts: string[] = [];
+  const explicit = process.env.KVSLIM_ADDON;
+  if (explicit) {
+    try {
+      return require(explicit) as Addon;
+    } catch (error) {
+      attempts.push(`KVSLIM_ADDON=${explicit}: ${(error as Error).message}`);
+    }
+  }
+  try {
+    // Prebuilds first, then build/Release: the order node-gyp-build defines.
+    const nodeGypBuild = require('node-gyp-build') as (dir: string) => Addon;
+    return nodeGypBuild(packageRoot);
+  } catch (error) {
+    attempts.push(`${packageRoot} (prebuilds/, build/Release/): ${(error as Error).message.split('\n')[0]}`);
+  }
+  throw new KVSlimError(
+    'ERR_ADDON_LOAD',
+    `kvslim could not load its native addon.\n  Tried:\n    ${attempts.join('\n    ')}\n` +
+      `  Rebuild it with:  npm rebuild kvslim   (or, in a clone: npm run build:native)\n` +
+      `  Building needs python3, make and a C++17 compiler; set KVSLIM_CUDA=off to skip the CUDA backend.`,
+  );
+}
+
+export const addon: Addon = loadAddon();
+
+addon.setErrorFactory((code, message) => new KVSlimError(code as KVSlimErrorCode, message));
+
+const simdProblem = addon.simdError();
+if (simdProblem !== null) throw new KVSlimError('ERR_OPTION', simdProblem);
+
+/** Threads of the native pool: KVSLIM_THREADS, else os.availableParallelism(). */
+function initialThreads(): number {
+  const fromEnv = process.env.KVSLIM_THREADS;
+  if (fromEnv === undefined || fromEnv === '') return availableParallelism();
+  const threads = Number(fromEnv);
+  if (!Number.isInteger(threads) || threads < 1 || threads > 1024) {
+    throw new KVSlimError('ERR_OPTION', `KVSLIM_THREADS must be an integer in [1, 1024], but is '${fromEnv}'`);
+  }
+  return threads;
+}
+
+addon.setThreads(initialThreads());
