@@ -59,6 +59,7 @@
         "native/cpu/attention_prefill.cc",
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",
+        "native/cpu/scratch.cc",
         "native/napi/addon.cc",
         "native/napi/cache_wrap.cc",
         "native/napi/convert.cc",

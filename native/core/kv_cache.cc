@@ -118,9 +118,10 @@ Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t ou
   KVSLIM_RETURN_IF_ERROR(checkQuery(q, outCount, &n));
   const auto start = std::chrono::steady_clock::now();
   try {
-    std::vector<float> query(q.count);
-    KVSLIM_RETURN_IF_ERROR(toFloat32(q, query.data(), "q"));
-    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query.data(), n, out));
+    std::vector<float> converted;
+    const float* query = nullptr;
+    KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
+    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in attend");
   }
@@ -141,10 +142,11 @@ Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTe
   const auto start = std::chrono::steady_clock::now();
   try {
     // Check q before appending, so a bad query leaves the cache unchanged.
-    std::vector<float> query(q.count);
-    KVSLIM_RETURN_IF_ERROR(toFloat32(q, query.data(), "q"));
+    std::vector<float> converted;
+    const float* query = nullptr;
+    KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
     KVSLIM_RETURN_IF_ERROR(store_.append(layer, k, v, n));
-    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query.data(), n, out));
+    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in step/prefill");
   }

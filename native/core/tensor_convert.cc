@@ -11,20 +11,44 @@ static Status nonFinite(const char* what, size_t index, float value) {
                                       (std::isnan(value) ? "NaN" : "infinite"));
 }
 
+namespace {
+// One loop per (source, stored) type pair: no per-element switch on the append path.
+template <DType Src, DType Dst>
+int64_t convertRange(const void* src, size_t first, size_t count, void* dst) {
+  for (size_t i = 0; i < count; ++i) {
+    const float value = loadElement(src, Src, first + i);
+    // Non-finite input, or an f32 value that would become Inf in an f16 store (|x| >= 65520).
+    if (!std::isfinite(value) || (Dst == DType::F16 && std::fabs(value) >= 65520.0f)) return int64_t(i);
+    storeElement(dst, Dst, i, value);
+  }
+  return -1;
+}
+
+template <DType Src>
+int64_t convertFrom(const void* src, size_t first, size_t count, void* dst, DType dstType) {
+  switch (dstType) {
+    case DType::F32: return convertRange<Src, DType::F32>(src, first, count, dst);
+    case DType::F16: return convertRange<Src, DType::F16>(src, first, count, dst);
+    case DType::BF16: return convertRange<Src, DType::BF16>(src, first, count, dst);
+  }
+  return -1;
+}
+}  // namespace
+
 Status convertChecked(const HostTensor& src, size_t first, size_t count, void* dst, DType dstType,
                       const char* what) {
-  for (size_t i = 0; i < count; ++i) {
-    float value = loadElement(src.data, src.dtype, first + i);
-    if (!std::isfinite(value)) return nonFinite(what, first + i, value);
-    // Storing 70000 as f16 would silently become Inf and poison every later softmax.
-    if (dstType == DType::F16 && std::fabs(value) >= 65520.0f) {
-      return Status(ErrorCode::Value, std::string(what) + " element " + std::to_string(first + i) +
-                                          " is " + std::to_string(value) +
-                                          ", outside the f16 store's range (|x| <= 65504)");
-    }
-    storeElement(dst, dstType, i, value);
+  int64_t bad = -1;
+  switch (src.dtype) {
+    case DType::F32: bad = convertFrom<DType::F32>(src.data, first, count, dst, dstType); break;
+    case DType::F16: bad = convertFrom<DType::F16>(src.data, first, count, dst, dstType); break;
+    case DType::BF16: bad = convertFrom<DType::BF16>(src.data, first, count, dst, dstType); break;
   }
-  return Status::ok();
+  if (bad < 0) return Status::ok();
+  const size_t index = first + size_t(bad);
+  const float value = loadElement(src.data, src.dtype, index);
+  if (!std::isfinite(value)) return nonFinite(what, index, value);
+  return Status(ErrorCode::Value, std::string(what) + " element " + std::to_string(index) + " is " +
+                                      std::to_string(value) + ", outside the f16 store's range (|x| <= 65504)");
 }
 
 template <typename Bits>
@@ -62,6 +86,22 @@ Status checkFinite(const HostTensor& tensor, const char* what) {
 
 Status toFloat32(const HostTensor& src, float* dst, const char* what) {
   return convertChecked(src, 0, src.count, dst, DType::F32, what);
+}
+
+}  // namespace kvslim
+
+namespace kvslim {
+
+Status queryAsFloat32(const HostTensor& q, std::vector<float>* storage, const float** out) {
+  if (q.dtype == DType::F32) {
+    KVSLIM_RETURN_IF_ERROR(checkFinite(q, "q"));
+    *out = static_cast<const float*>(q.data);
+    return Status::ok();
+  }
+  storage->resize(q.count);
+  KVSLIM_RETURN_IF_ERROR(toFloat32(q, storage->data(), "q"));
+  *out = storage->data();
+  return Status::ok();
 }
 
 }  // namespace kvslim

@@ -2,6 +2,7 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <vector>
 
 #include "dtype.h"
 #include "status.h"
@@ -42,6 +43,10 @@ int64_t findNonFinite(const HostTensor& tensor);
 
 // ERR_VALUE naming `what` when the tensor holds a NaN or infinity.
 Status checkFinite(const HostTensor& tensor, const char* what);
+
+// Checked f32 view of a query tensor: f32 input is used in place (no copy of a large prefill's
+// queries), f16 / bf16 input is decoded into `storage`.
+Status queryAsFloat32(const HostTensor& q, std::vector<float>* storage, const float** out);
 
 // Decodes a whole tensor to f32, with the same value check.
 Status toFloat32(const HostTensor& src, float* dst, const char* what);

@@ -6,21 +6,26 @@ constexpr float kNoScoreYet = -1e30f;  // finite start of a running max: 2^(kNoS
 
 inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
-template <class V>
-inline typename V::R loadRow(const void* row, DType type, int offset) {
-  switch (type) {
-    case DType::F16: return V::loadF16(static_cast<const uint16_t*>(row) + offset);
-    case DType::BF16: return V::loadBF16(static_cast<const uint16_t*>(row) + offset);
-    default: return V::load(static_cast<const float*>(row) + offset);
-  }
+// Stored dtype is a template parameter so the hot loops carry no per-load switch.
+template <class V, DType T>
+inline typename V::R loadRow(const void* row, int offset) {
+  if constexpr (T == DType::F16) return V::loadF16(static_cast<const uint16_t*>(row) + offset);
+  else if constexpr (T == DType::BF16) return V::loadBF16(static_cast<const uint16_t*>(row) + offset);
+  else return V::load(static_cast<const float*>(row) + offset);
 }
 
-inline float loadScalar(const void* row, DType type, int offset) {
-  switch (type) {
-    case DType::F16: return f16ToFloat(static_cast<const uint16_t*>(row)[offset]);
-    case DType::BF16: return bf16ToFloat(static_cast<const uint16_t*>(row)[offset]);
-    default: return static_cast<const float*>(row)[offset];
-  }
+template <DType T>
+inline float loadScalar(const void* row, int offset) {
+  if constexpr (T == DType::F16) return f16ToFloat(static_cast<const uint16_t*>(row)[offset]);
+  else if constexpr (T == DType::BF16) return bf16ToFloat(static_cast<const uint16_t*>(row)[offset]);
+  else return static_cast<const float*>(row)[offset];
+}
+
+// Asks for rows of the next block while this one computes: decode is a pure stream, and one
+// thread's demand misses alone reach only a fraction of the memory bandwidth.
+inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes) {
+  for (int32_t j = 0; j < count; ++j)
+    for (size_t offset = 0; offset < rowBytes; offset += 64) __builtin_prefetch(rows[j] + offset, 0, 0);
 }
 
 // Online softmax over a block of `count` scores per row: updates max/sum, rescales the row's
@@ -31,7 +36,14 @@ inline void softmaxBlock(float* scores, int32_t stride, int32_t rows, int32_t co
   for (int32_t r = 0; r < rows; ++r) {
     float* s = scores + r * stride;
     float blockMax = kNoScoreYet;
-    for (int32_t j = 0; j < count; ++j) blockMax = s[j] > blockMax ? s[j] : blockMax;
+    int32_t first = 0;
+    if (count >= V::W) {
+      typename V::R vmax = V::load(s);
+      for (first = V::W; first + V::W <= count; first += V::W) vmax = V::max(vmax, V::load(s + first));
+      blockMax = V::reduceMax(vmax);
+      blockMax = blockMax > kNoScoreYet ? blockMax : kNoScoreYet;
+    }
+    for (int32_t j = first; j < count; ++j) blockMax = s[j] > blockMax ? s[j] : blockMax;
     const float oldMax = state.max[r];
     const float newMax = blockMax > oldMax ? blockMax : oldMax;
     const typename V::R negMax = V::set1(-newMax);
@@ -61,82 +73,146 @@ inline void softmaxBlock(float* scores, int32_t stride, int32_t rows, int32_t co
 // ---------------------------------------------------------------------------------------------
 // Decode: few rows, keys read once from their pages in stored dtype (memory-bound).
 
-constexpr int32_t kDecodeBlock = 32;
+constexpr int32_t kDecodeBlock = 64;
 
-template <class V, int ROWS>
+template <class V, DType T, int ROWS>
 void decodeRangeRows(const DecodeRange& range) {
   using R = typename V::R;
+  // Register budget: ROWS x TOKENS score accumulators, CHUNKS x ROWS value accumulators.
+  constexpr int32_t TOKENS = V::kDotAccumulators / ROWS > 0 ? V::kDotAccumulators / ROWS : 1;
+  constexpr int32_t CHUNKS = V::kDotAccumulators / ROWS > 0 ? V::kDotAccumulators / ROWS : 1;
+  static_assert(V::kDotAccumulators >= ROWS, "one score accumulator per row at least");
   const int32_t dim = range.headDim;
   const int32_t chunks = dim / V::W;
   const int32_t tailBegin = chunks * V::W;
-  const size_t rowBytes = size_t(range.rowStride) * (range.kvType == DType::F32 ? 4 : 2);
+  const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
+  const size_t rowBytes = size_t(dim) * (T == DType::F32 ? 4 : 2);
   SoftmaxState state = range.state;
   for (int32_t r = 0; r < ROWS; ++r) {
     state.max[r] = kNoScoreYet;
     state.sum[r] = 0.0f;
     for (int32_t d = 0; d < dim; ++d) state.acc[r * dim + d] = 0.0f;
   }
-  int64_t lastOfAll = range.lastToken[0];
-  for (int32_t r = 1; r < ROWS; ++r) lastOfAll = range.lastToken[r] > lastOfAll ? range.lastToken[r] : lastOfAll;
+  int64_t lastOfAll = range.lastToken[0], firstLast = range.lastToken[0];
+  for (int32_t r = 1; r < ROWS; ++r) {
+    lastOfAll = range.lastToken[r] > lastOfAll ? range.lastToken[r] : lastOfAll;
+    firstLast = range.lastToken[r] < firstLast ? range.lastToken[r] : firstLast;
+  }
   const int64_t end = range.tokenEnd < lastOfAll + 1 ? range.tokenEnd : lastOfAll + 1;
 
   float scores[ROWS][kDecodeBlock];
-  const uint8_t* keyRows[kDecodeBlock];
-  const uint8_t* valueRows[kDecodeBlock];
+  // Row pointers of this block and the next (double-buffered so the next can be prefetched).
+  const uint8_t* rowPointers[2][2][kDecodeBlock];
   int64_t page = range.tokenBegin / range.pageTokens;
   int64_t slot = range.tokenBegin % range.pageTokens;
-  for (int64_t blockBegin = range.tokenBegin; blockBegin < end; blockBegin += kDecodeBlock) {
+  // Page walk without a division per token.
+  auto walk = [&](int64_t blockBegin, const uint8_t** keyRows, const uint8_t** valueRows) {
     const int32_t count = int32_t(end - blockBegin < kDecodeBlock ? end - blockBegin : kDecodeBlock);
-    // Page walk without a division per token.
     for (int32_t j = 0; j < count; ++j) {
-      keyRows[j] = static_cast<const uint8_t*>(range.keyPages[page]) + size_t(slot) * rowBytes;
-      valueRows[j] = static_cast<const uint8_t*>(range.valuePages[page]) + size_t(slot) * rowBytes;
+      keyRows[j] = static_cast<const uint8_t*>(range.keyPages[page]) + size_t(slot) * strideBytes;
+      valueRows[j] = static_cast<const uint8_t*>(range.valuePages[page]) + size_t(slot) * strideBytes;
       if (++slot == range.pageTokens) { slot = 0; ++page; }
     }
-    for (int32_t j = 0; j < count; ++j) {
-      R partial[ROWS];
-      for (int32_t r = 0; r < ROWS; ++r) partial[r] = V::zero();
-      for (int32_t c = 0; c < chunks; ++c) {
-        const R k = loadRow<V>(keyRows[j], range.kvType, c * V::W);
-        for (int32_t r = 0; r < ROWS; ++r) partial[r] = V::fmadd(V::load(range.q + r * dim + c * V::W), k, partial[r]);
+    return count;
+  };
+  int32_t nextCount = range.tokenBegin < end ? walk(range.tokenBegin, rowPointers[0][0], rowPointers[0][1]) : 0;
+  int32_t buffer = 0;
+  for (int64_t blockBegin = range.tokenBegin; blockBegin < end; blockBegin += kDecodeBlock) {
+    const int32_t count = nextCount;
+    const uint8_t* const* keyRows = rowPointers[buffer][0];
+    const uint8_t* const* valueRows = rowPointers[buffer][1];
+    buffer ^= 1;
+    const uint8_t* const* nextKeyRows = rowPointers[buffer][0];
+    const uint8_t* const* nextValueRows = rowPointers[buffer][1];
+    nextCount = blockBegin + kDecodeBlock < end ? walk(blockBegin + kDecodeBlock, rowPointers[buffer][0], rowPointers[buffer][1]) : 0;
+    // Scores of TOKENS tokens x ROWS rows at a time: independent FMA chains, each key chunk
+    // loaded once for all rows, and the horizontal sums done together by reduceMany.
+    for (int32_t j0 = 0; j0 < count; j0 += TOKENS) {
+      R partial[V::kDotAccumulators];
+      for (int32_t a = 0; a < V::kDotAccumulators; ++a) partial[a] = V::zero();
+      const int32_t tokens = count - j0 < TOKENS ? count - j0 : TOKENS;
+      // Prefetch the same tokens of the next block, spread over the loop so the misses in
+      // flight stay within what the core can track.
+      if (j0 < nextCount) {
+        const int32_t ahead = nextCount - j0 < TOKENS ? nextCount - j0 : TOKENS;
+        prefetchRows(nextKeyRows + j0, ahead, rowBytes);
+        prefetchRows(nextValueRows + j0, ahead, rowBytes);
       }
+      for (int32_t c = 0; c < chunks; ++c) {
+        R q[ROWS];
+        for (int32_t r = 0; r < ROWS; ++r) q[r] = V::load(range.q + r * dim + c * V::W);
+        for (int32_t t = 0; t < TOKENS; ++t) {
+          if (t >= tokens) break;
+          const R k = loadRow<V, T>(keyRows[j0 + t], c * V::W);
+          for (int32_t r = 0; r < ROWS; ++r) partial[r * TOKENS + t] = V::fmadd(q[r], k, partial[r * TOKENS + t]);
+        }
+      }
+      float sums[V::kDotAccumulators];
+      V::reduceMany(partial, sums);
       for (int32_t r = 0; r < ROWS; ++r) {
-        float score = V::reduceAdd(partial[r]);
-        for (int32_t d = tailBegin; d < dim; ++d) score += range.q[r * dim + d] * loadScalar(keyRows[j], range.kvType, d);
-        scores[r][j] = blockBegin + j <= range.lastToken[r] ? score : -__builtin_inff();
+        for (int32_t t = 0; t < tokens; ++t) {
+          float score = sums[r * TOKENS + t];
+          for (int32_t d = tailBegin; d < dim; ++d) score += range.q[r * dim + d] * loadScalar<T>(keyRows[j0 + t], d);
+          scores[r][j0 + t] = score;
+        }
       }
     }
+    // Only a block that reaches past some row's causal end needs masking.
+    if (blockBegin + count - 1 > firstLast) {
+      for (int32_t r = 0; r < ROWS; ++r)
+        for (int32_t j = 0; j < count; ++j)
+          if (blockBegin + j > range.lastToken[r]) scores[r][j] = -__builtin_inff();
+    }
     softmaxBlock<V>(&scores[0][0], kDecodeBlock, ROWS, count, state, dim, dim);
-    for (int32_t c = 0; c < chunks; ++c) {
-      R out[ROWS];
-      for (int32_t r = 0; r < ROWS; ++r) out[r] = V::load(state.acc + r * dim + c * V::W);
+    // Values: CHUNKS chunks x ROWS rows of accumulators per pass, so the FMA chains run in parallel.
+    for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
+      const int32_t passChunks = chunks - c0 < CHUNKS ? chunks - c0 : CHUNKS;
+      R out[CHUNKS][ROWS];
+      for (int32_t c = 0; c < CHUNKS; ++c)
+        for (int32_t r = 0; r < ROWS; ++r)
+          out[c][r] = c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
       for (int32_t j = 0; j < count; ++j) {
-        const R v = loadRow<V>(valueRows[j], range.kvType, c * V::W);
-        for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r][j]), v, out[r]);
+        R p[ROWS];
+        for (int32_t r = 0; r < ROWS; ++r) p[r] = V::set1(scores[r][j]);
+        for (int32_t c = 0; c < CHUNKS; ++c) {
+          if (c >= passChunks) break;
+          const R v = loadRow<V, T>(valueRows[j], (c0 + c) * V::W);
+          for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], v, out[c][r]);
+        }
       }
-      for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + c * V::W, out[r]);
+      for (int32_t c = 0; c < passChunks; ++c)
+        for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + (c0 + c) * V::W, out[c][r]);
     }
     for (int32_t d = tailBegin; d < dim; ++d) {
       for (int32_t j = 0; j < count; ++j) {
-        const float v = loadScalar(valueRows[j], range.kvType, d);
+        const float v = loadScalar<T>(valueRows[j], d);
         for (int32_t r = 0; r < ROWS; ++r) state.acc[r * dim + d] += scores[r][j] * v;
       }
     }
   }
 }
 
-template <class V>
-void decodeRange(const DecodeRange& range) {
+template <class V, DType T>
+void decodeRangeOfType(const DecodeRange& range) {
   // Row counts are compile-time so the per-row accumulators stay in registers.
   switch (range.rows) {
-    case 1: decodeRangeRows<V, 1>(range); break;
-    case 2: decodeRangeRows<V, 2>(range); break;
-    case 3: decodeRangeRows<V, 3>(range); break;
-    case 4: decodeRangeRows<V, 4>(range); break;
-    case 5: decodeRangeRows<V, 5>(range); break;
-    case 6: decodeRangeRows<V, 6>(range); break;
-    case 7: decodeRangeRows<V, 7>(range); break;
-    default: decodeRangeRows<V, 8>(range); break;
+    case 1: decodeRangeRows<V, T, 1>(range); break;
+    case 2: decodeRangeRows<V, T, 2>(range); break;
+    case 3: decodeRangeRows<V, T, 3>(range); break;
+    case 4: decodeRangeRows<V, T, 4>(range); break;
+    case 5: decodeRangeRows<V, T, 5>(range); break;
+    case 6: decodeRangeRows<V, T, 6>(range); break;
+    case 7: decodeRangeRows<V, T, 7>(range); break;
+    default: decodeRangeRows<V, T, 8>(range); break;
+  }
+}
+
+template <class V>
+void decodeRange(const DecodeRange& range) {
+  switch (range.kvType) {
+    case DType::F16: decodeRangeOfType<V, DType::F16>(range); break;
+    case DType::BF16: decodeRangeOfType<V, DType::BF16>(range); break;
+    default: decodeRangeOfType<V, DType::F32>(range); break;
   }
 }
 
@@ -149,41 +225,51 @@ void prefillTile(const PrefillTile& tile) {
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
-  const int32_t rows = tile.rows;
-  SoftmaxState state = tile.state;
   float* scores = tile.scratch;
+  // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
+  // a few KiB) is read from L1 by every sub-tile instead of streaming the chunk once per 8 rows.
   for (int64_t blockBegin = tile.keyBegin; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
     const float* keys = tile.keysTransposed + size_t(blockBegin / BLOCK) * size_t(dim) * BLOCK;
-    R s0[ROWS], s1[ROWS];
-    for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
-    for (int32_t d = 0; d < dim; ++d) {
-      const R k0 = V::load(keys + d * BLOCK);
-      const R k1 = V::load(keys + d * BLOCK + V::W);
-      for (int32_t r = 0; r < ROWS; ++r) {
-        const R q = V::set1(tile.q[r * dim + d]);
-        s0[r] = V::fmadd(q, k0, s0[r]);
-        s1[r] = V::fmadd(q, k1, s1[r]);
-      }
-    }
+    const float* values = tile.values + size_t(blockBegin) * size_t(dim);
     int32_t count = BLOCK;
     if (blockBegin + count > tile.keyEnd) count = int32_t(tile.keyEnd - blockBegin);
-    for (int32_t r = 0; r < rows; ++r) {
-      float* s = scores + r * BLOCK;
-      V::store(s, s0[r]);
-      V::store(s + V::W, s1[r]);
-      for (int32_t j = 0; j < count; ++j)
-        if (blockBegin + j > tile.lastToken[r]) s[j] = -__builtin_inff();
-    }
-    softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
-    for (int32_t c = 0; c < dim; c += V::W) {
-      R out[ROWS];
-      for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
-      const float* values = tile.values + size_t(blockBegin) * size_t(dim) + c;
-      for (int32_t j = 0; j < count; ++j) {
-        const R v = V::load(values + size_t(j) * size_t(dim));
-        for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * BLOCK + j]), v, out[r]);
+    for (int32_t first = 0; first < tile.rows; first += ROWS) {
+      const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
+      const int64_t* lastToken = tile.lastToken + first;
+      int64_t lastOfSubTile = lastToken[0];
+      for (int32_t r = 1; r < rows; ++r) lastOfSubTile = lastToken[r] > lastOfSubTile ? lastToken[r] : lastOfSubTile;
+      if (lastOfSubTile < blockBegin) continue;  // causal: these rows end before this block
+      const float* q = tile.q + size_t(first) * size_t(dim);
+      SoftmaxState state = {tile.state.max + first, tile.state.sum + first, tile.state.acc + size_t(first) * size_t(dim)};
+      R s0[ROWS], s1[ROWS];
+      for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
+      for (int32_t d = 0; d < dim; ++d) {
+        const R k0 = V::load(keys + d * BLOCK);
+        const R k1 = V::load(keys + d * BLOCK + V::W);
+        for (int32_t r = 0; r < ROWS; ++r) {
+          const R qd = V::set1(q[r * dim + d]);
+          s0[r] = V::fmadd(qd, k0, s0[r]);
+          s1[r] = V::fmadd(qd, k1, s1[r]);
+        }
       }
-      for (int32_t r = 0; r < rows; ++r) V::store(state.acc + r * dim + c, out[r]);
+      for (int32_t r = 0; r < rows; ++r) {
+        float* s = scores + r * BLOCK;
+        V::store(s, s0[r]);
+        V::store(s + V::W, s1[r]);
+        if (blockBegin + count - 1 > lastToken[r])
+          for (int32_t j = 0; j < count; ++j)
+            if (blockBegin + j > lastToken[r]) s[j] = -__builtin_inff();
+      }
+      softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
+      for (int32_t c = 0; c < dim; c += V::W) {
+        R out[ROWS];
+        for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
+        for (int32_t j = 0; j < count; ++j) {
+          const R v = V::load(values + size_t(j) * size_t(dim) + c);
+          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * BLOCK + j]), v, out[r]);
+        }
+        for (int32_t r = 0; r < rows; ++r) V::store(state.acc + r * dim + c, out[r]);
+      }
     }
   }
 }

@@ -6,6 +6,7 @@
 
 #include "../core/tensor_convert.h"
 #include "attention_plan.h"
+#include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
 
@@ -46,46 +47,55 @@ void attentionPrefill(const AttentionArgs& args) {
   const int32_t dim = args.headDim;
   const int32_t width = kernels.vectorWidth;
   const int32_t paddedDim = (dim + width - 1) / width * width;
-  const int32_t tileRows = kernels.prefillRows;
+  const int32_t registerRows = kernels.prefillRows;
+  const int32_t tileRows = kMaxPrefillRows;
   const int32_t blockKeys = kernels.prefillBlockKeys;
   const int64_t tilesPerHead = (layout.rowsPerHead + tileRows - 1) / tileRows;
-  // Rows padded to whole tiles so a tile may read all of its kPrefillRows query rows.
+  // Rows padded to whole tiles so a register tile may read all of its query rows.
   const int64_t paddedRows = tilesPerHead * tileRows;
 
-  std::vector<float> queries(size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim), 0.0f);
+  const size_t stateFloats = size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim);
+  float* queries = scratchFloats(ScratchSlot::Queries, stateFloats);
+  float* accs = scratchFloats(ScratchSlot::Accumulators, stateFloats);
   std::vector<float> maxes(size_t(args.kvHeads) * size_t(paddedRows), -1e30f);
   std::vector<float> sums(maxes.size(), 0.0f);
-  std::vector<float> accs(queries.size(), 0.0f);
   std::vector<int64_t> last(maxes.size(), -1);
   int64_t maxTokens = 0;
-  for (int32_t h = 0; h < args.kvHeads; ++h) {
-    maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
+    const size_t headFloats = size_t(paddedRows) * size_t(paddedDim);
+    float* headQueries = queries + size_t(h) * headFloats;
+    std::fill(headQueries, headQueries + headFloats, 0.0f);
+    std::fill(accs + size_t(h) * headFloats, accs + (size_t(h) + 1) * headFloats, 0.0f);
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
-      const float* src = args.q + layout.queryIndex(args, h, row) * dim;
-      float* dst = queries.data() + (size_t(h) * size_t(paddedRows) + size_t(row)) * size_t(paddedDim);
+      const float* src = args.q + layout.queryIndex(args, int32_t(h), row) * dim;
+      float* dst = headQueries + size_t(row) * size_t(paddedDim);
       for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * args.scale * kLog2e;
       last[size_t(h) * size_t(paddedRows) + size_t(row)] = lastToken(args, args.heads[h].tokens, layout.position(row));
     }
-  }
+  });
 
   const int64_t chunkKeys = std::min<int64_t>(kChunkKeys, (maxTokens + blockKeys - 1) / blockKeys * blockKeys);
   const size_t chunkFloats = size_t(chunkKeys) * size_t(paddedDim);
-  std::vector<float> keyChunk(size_t(args.kvHeads) * chunkFloats), valueChunk(keyChunk.size());
-  std::vector<float> scratch(size_t(threads) * size_t(tileRows) * size_t(blockKeys));
+  float* keyChunk = scratchFloats(ScratchSlot::Keys, size_t(args.kvHeads) * chunkFloats);
+  float* valueChunk = scratchFloats(ScratchSlot::Values, size_t(args.kvHeads) * chunkFloats);
+  std::vector<float> scratch(size_t(threads) * size_t(registerRows) * size_t(blockKeys));
 
   for (int64_t chunkBegin = 0; chunkBegin < maxTokens; chunkBegin += chunkKeys) {
     pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
       const KVHeadView& head = args.heads[h];
       const int64_t count = std::max<int64_t>(0, std::min(chunkKeys, head.tokens - chunkBegin));
-      convertChunk(args, head, chunkBegin, count, paddedDim, blockKeys, keyChunk.data() + size_t(h) * chunkFloats,
-                   valueChunk.data() + size_t(h) * chunkFloats);
+      convertChunk(args, head, chunkBegin, count, paddedDim, blockKeys, keyChunk + size_t(h) * chunkFloats,
+                   valueChunk + size_t(h) * chunkFloats);
     });
     pool.parallelFor(int64_t(args.kvHeads) * tilesPerHead, threads, [&](int64_t task, int32_t worker) {
-      const int32_t h = int32_t(task / tilesPerHead);
-      const int64_t firstRow = (task % tilesPerHead) * tileRows;
+      // Causal work grows with the row index: hand out the longest tiles first so no thread is
+      // left alone with a long one at the end.
+      const int32_t h = int32_t(task % args.kvHeads);
+      const int64_t firstRow = (tilesPerHead - 1 - task / args.kvHeads) * tileRows;
       const size_t rowIndex = size_t(h) * size_t(paddedRows) + size_t(firstRow);
       const int32_t rows = int32_t(std::min<int64_t>(tileRows, layout.rowsPerHead - firstRow));
-      int64_t lastInChunk[16];
+      int64_t lastInChunk[kMaxPrefillRows];
       int64_t lastOfTile = -1;
       for (int32_t r = 0; r < rows; ++r) {
         lastInChunk[r] = last[rowIndex + size_t(r)] - chunkBegin;
@@ -95,29 +105,29 @@ void attentionPrefill(const AttentionArgs& args) {
       const int64_t keyEnd = std::min(chunkTokens, lastOfTile + 1);
       if (keyEnd <= 0) return;
       PrefillTile tile;
-      tile.q = queries.data() + rowIndex * size_t(paddedDim);
+      tile.q = queries + rowIndex * size_t(paddedDim);
       tile.rows = rows;
       tile.lastToken = lastInChunk;
       tile.paddedDim = paddedDim;
-      tile.keysTransposed = keyChunk.data() + size_t(h) * chunkFloats;
-      tile.values = valueChunk.data() + size_t(h) * chunkFloats;
+      tile.keysTransposed = keyChunk + size_t(h) * chunkFloats;
+      tile.values = valueChunk + size_t(h) * chunkFloats;
       tile.keyBegin = 0;
       tile.keyEnd = keyEnd;
-      tile.state = {maxes.data() + rowIndex, sums.data() + rowIndex, accs.data() + rowIndex * size_t(paddedDim)};
-      tile.scratch = scratch.data() + size_t(worker) * size_t(tileRows) * size_t(blockKeys);
+      tile.state = {maxes.data() + rowIndex, sums.data() + rowIndex, accs + rowIndex * size_t(paddedDim)};
+      tile.scratch = scratch.data() + size_t(worker) * size_t(registerRows) * size_t(blockKeys);
       kernels.prefillTile(tile);
     });
   }
 
-  for (int32_t h = 0; h < args.kvHeads; ++h) {
+  pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       const size_t index = size_t(h) * size_t(paddedRows) + size_t(row);
       const float inverse = sums[index] > 0.0f ? 1.0f / sums[index] : 0.0f;
-      const float* acc = accs.data() + index * size_t(paddedDim);
-      float* out = args.out + layout.queryIndex(args, h, row) * dim;
+      const float* acc = accs + index * size_t(paddedDim);
+      float* out = args.out + layout.queryIndex(args, int32_t(h), row) * dim;
       for (int32_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
     }
-  }
+  });
 }
 
 }  // namespace kvslim::cpu

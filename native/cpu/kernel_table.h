@@ -34,10 +34,11 @@ struct DecodeRange {
   SoftmaxState state;        // initialised by the kernel
 };
 
-// Up to kPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
+// Up to kMaxPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
 // block ([paddedDim, blockKeys]) and values row-major ([keys, paddedDim]), both zero-padded.
+constexpr int32_t kMaxPrefillRows = 64;
 struct PrefillTile {
-  const float* q;            // [rows, paddedDim], scaled, zero-padded
+  const float* q;            // [rows rounded up to prefillRows, paddedDim], scaled, zero-padded
   int32_t rows;
   const int64_t* lastToken;  // [rows], in the chunk's key numbering
   int32_t paddedDim;
@@ -45,13 +46,13 @@ struct PrefillTile {
   const float* values;          // [chunkKeys, paddedDim]
   int64_t keyBegin, keyEnd;     // a whole number of blocks, keyBegin % blockKeys == 0
   SoftmaxState state;           // continued (the driver initialises it once)
-  float* scratch;               // [kPrefillRows, blockKeys]
+  float* scratch;               // [prefillRows, blockKeys]
 };
 
 struct KernelTable {
   const char* name;
   int32_t vectorWidth;        // floats per register
-  int32_t prefillRows;        // rows per prefill tile
+  int32_t prefillRows;        // rows per register tile of the prefill kernel
   int32_t prefillBlockKeys;   // keys per prefill block (2 registers)
   void (*decodeRange)(const DecodeRange& range);
   void (*prefillTile)(const PrefillTile& tile);

@@ -1,6 +1,7 @@
 // AVX-512 F/BW/VL kernels. This file alone is compiled with -mavx512f -mavx512bw -mavx512vl
 // -mavx512dq -mfma -mf16c (binding.gyp target kvslim_avx512); only called after CPUID said so.
 #include <cmath>
+#include <cstdlib>
 #include <cstdint>
 
 #include "../core/dtype.h"

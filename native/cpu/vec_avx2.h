@@ -29,6 +29,20 @@ struct VecAvx2 {
     m = _mm_max_ss(m, _mm_movehdup_ps(m));
     return _mm_cvtss_f32(m);
   }
+  // Accumulators the decode dot products keep in flight (of 16 ymm registers).
+  static constexpr int kDotAccumulators = 8;
+  // out[i] = sum of the lanes of in[i], i < 8, by a shuffle tree (see VecAvx512::reduceMany).
+  static void reduceMany(const R* in, float* out) {
+    // The tree leaves the vector in slot (2 * element + half) in final lane (4 * half + element).
+    R a[8];
+    for (int s = 0; s < 8; ++s) a[s] = in[(s % 2) * 4 + s / 2];
+    R x[4];
+    for (int i = 0; i < 4; ++i)
+      x[i] = _mm256_add_ps(_mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x20), _mm256_permute2f128_ps(a[2 * i], a[2 * i + 1], 0x31));
+    const R z0 = _mm256_add_ps(_mm256_unpacklo_ps(x[0], x[1]), _mm256_unpackhi_ps(x[0], x[1]));
+    const R z1 = _mm256_add_ps(_mm256_unpacklo_ps(x[2], x[3]), _mm256_unpackhi_ps(x[2], x[3]));
+    _mm256_storeu_ps(out, _mm256_add_ps(_mm256_shuffle_ps(z0, z1, 0x44), _mm256_shuffle_ps(z0, z1, 0xEE)));
+  }
   // 2^x: x = i + f with f in [-0.5, 0.5], 2^f by a degree-6 polynomial (rel. error < 2e-7),
   // 2^i through the exponent bits; exactly 0 below -126 (masked scores are -inf).
   static R exp2(R x) {

@@ -17,6 +17,10 @@ struct VecScalar {
   static R max(R a, R b) { return a > b ? a : b; }
   static float reduceAdd(R x) { return x; }
   static float reduceMax(R x) { return x; }
+  static constexpr int kDotAccumulators = 8;  // at least kMaxDecodeRows
+  static void reduceMany(const R* in, float* out) {
+    for (int i = 0; i < kDotAccumulators; ++i) out[i] = in[i];
+  }
   // 2^x, exactly 0 below -126 (masked scores are -inf).
   static R exp2(R x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 };

@@ -1,0 +1,87 @@
+// The timing loop: warm-up runs, then timed runs until both a minimum count and a minimum total
+// time are reached (capped), summarized as median and spread. Each run times itself, so per-run
+// setup (a fresh cache, a cache flush) stays outside the measurement.
+
+/** How many runs to make. */
+export interface TimingPlan {
+  warmupRuns: number;
+  minRuns: number;
+  maxRuns: number;
+  /** Keep running (up to maxRuns) until the timed runs add up to this. */
+  minTotalMs: number;
+}
+
+export interface TimeStats {
+  medianMs: number;
+  p10Ms: number;
+  p90Ms: number;
+  minMs: number;
+  maxMs: number;
+  meanMs: number;
+  runs: number;
+  warmupRuns: number;
+  /** What the spread column shows: p10–p90 from 10 runs on, min–max below. */
+  spread: 'p10-p90' | 'min-max';
+  spreadLowMs: number;
+  spreadHighMs: number;
+  samplesMs: number[];
+}
+
+/** Milliseconds `work` takes, by the monotonic high-resolution clock. */
+export function elapsedMs(work: () => void): number {
+  const start = process.hrtime.bigint();
+  work();
+  return Number(process.hrtime.bigint() - start) / 1e6;
+}
+
+/** Runs `once` per the plan; `once` returns the milliseconds of its timed part. */
+export function measure(plan: TimingPlan, once: () => number): TimeStats {
+  for (let i = 0; i < plan.warmupRuns; i++) once();
+  const samples: number[] = [];
+  let totalMs = 0;
+  while (samples.length < plan.maxRuns && (samples.length < plan.minRuns || totalMs < plan.minTotalMs)) {
+    const ms = once();
+    samples.push(ms);
+    totalMs += ms;
+  }
+  return summarize(samples, plan.warmupRuns);
+}
+
+function summarize(samples: number[], warmupRuns: number): TimeStats {
+  const sorted = [...samples].sort((a, b) => a - b);
+  const p10Ms = quantile(sorted, 0.1), p90Ms = quantile(sorted, 0.9);
+  const minMs = sorted[0], maxMs = sorted[sorted.length - 1];
+  const spread = sorted.length >= 10 ? 'p10-p90' : 'min-max';
+  return {
+    medianMs: quantile(sorted, 0.5), p10Ms, p90Ms, minMs, maxMs,
+    meanMs: samples.reduce((a, b) => a + b, 0) / samples.length,
+    runs: samples.length, warmupRuns, spread,
+    spreadLowMs: spread === 'p10-p90' ? p10Ms : minMs,
+    spreadHighMs: spread === 'p10-p90' ? p90Ms : maxMs,
+    samplesMs: samples.map((ms) => Math.round(ms * 1e4) / 1e4),
+  };
+}
+
+/** Linear interpolation between closest ranks (numpy's default). */
+function quantile(sorted: number[], p: number): number {
+  const position = (sorted.length - 1) * p;
+  const below = Math.floor(position), above = Math.ceil(position);
+  return sorted[below] + (sorted[above] - sorted[below]) * (position - below);
+}
+
+/** Bytes read between decode runs to push the KV out of the last-level cache. */
+export const EVICT_BYTES = 256 * 1024 * 1024;
+let evictBuffer: Int32Array | null = null;
+let evictSink = 0;
+
+/**
+ * Reads one word per 64-byte line of a 256 MiB buffer, so the next decode run finds its KV in
+ * DRAM, as a real decode step does after the other layers ran. Reads, not writes: glibc's memset
+ * of large buffers uses non-temporal stores, which would leave the KV lines in place.
+ */
+export function evictCaches(): void {
+  evictBuffer ??= new Int32Array(EVICT_BYTES / 4).fill(1);
+  let sum = 0;
+  for (let i = 0; i < evictBuffer.length; i += 16) sum = (sum + evictBuffer[i]) | 0;
+  evictSink ^= sum;
+}
