@@ -2,7 +2,7 @@ import type { Device } from './backends.js';
 import { addon } from './native.js';
 import {
   type Dtype, knownKeys, oneOf, optionError, plainObject, positiveInteger, positiveNumber,
-  rowsOf, sharedDtype, type Tensor,
+  outputArray, rowsOf, sharedDtype, type Tensor,
 } from './validate.js';
 import { KVSlimError } from './errors.js';
 
@@ -28,9 +28,11 @@ export interface AttentionOptions {
   device?: Device;
   /** Threads to use, at most the pool size (default: the whole pool). */
   threads?: number;
+  /** Write the result here (`n * qHeads * headDim` floats, no overlap with q/k/v) instead of a new array. */
+  out?: Float32Array;
 }
 
-const attentionKeys = ['q', 'k', 'v', 'qHeads', 'kvHeads', 'headDim', 'causal', 'scale', 'dtype', 'device', 'threads'] as const;
+const attentionKeys = ['q', 'k', 'v', 'qHeads', 'kvHeads', 'headDim', 'causal', 'scale', 'dtype', 'device', 'threads', 'out'] as const;
 
 /**
  * Exact softmax attention `softmax(q k^T * scale) v`, computed online (no `[n, T]` score matrix).
@@ -62,5 +64,6 @@ export function attention(options: AttentionOptions): Float32Array {
     scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
     device: o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const),
     threads: o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024),
+    out: outputArray(o.out, q.length, { q, k, v }),
   });
 }

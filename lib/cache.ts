@@ -4,8 +4,8 @@ import { addon, type NativeCache, type NativeDtype } from './native.js';
 import { type PolicySpec, type ResolvedPolicy, resolvePolicy } from './policy.js';
 import type { CacheStats } from './stats.js';
 import {
-  type Dtype, knownKeys, oneOf, optionError, plainObject, positiveInteger, positiveNumber, rowsOf, sharedDtype,
-  type Tensor,
+  type Dtype, knownKeys, oneOf, optionError, outputArray, plainObject, positiveInteger, positiveNumber, rowsOf,
+  sharedDtype, type Tensor,
 } from './validate.js';
 
 /** Options of {@link KVCache}. */
@@ -30,9 +30,16 @@ export interface KVCacheOptions {
   scale?: number;
 }
 
-/** Per-call options: the dtype of the call's tensors (required for Uint16Array inputs). */
+/** Per-call options. */
 export interface CallOptions {
+  /** Element type of the call's tensors: required for Uint16Array inputs (`f16` or `bf16`). */
   dtype?: Dtype;
+  /**
+   * Write the output here instead of a new array: a Float32Array of `n * qHeads * headDim`
+   * that shares no memory with the inputs. Reusing one across steps avoids an allocation (and,
+   * for a long prefill, page faults) per call.
+   */
+  out?: Float32Array;
 }
 
 const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale'] as const;
@@ -101,37 +108,43 @@ export class KVCache {
   /** n queries `[n, qHeads, headDim]` attend causally over the layer's tokens. */
   attend(layer: number, q: Tensor, options?: CallOptions): Float32Array {
     const dtype = this.#checkQuery(layer, q, options);
-    return this.#idle('attend').attend(layer, q, dtype);
+    const out = outputArray(options?.out, q.length, { q });
+    return this.#idle('attend').attend(layer, q, dtype, out);
   }
 
   /** Appends n tokens and lets their n queries attend (the decode hot path: one native call). */
   step(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
     const dtype = this.#checkStep(layer, q, k, v, options);
-    return this.#idle('step').step(layer, q, k, v, dtype);
+    const out = outputArray(options?.out, q.length, { q, k, v });
+    return this.#idle('step').step(layer, q, k, v, dtype, out);
   }
 
   /** Like step, for the prompt: timed as prefill, and query-aware policies observe q. */
   prefill(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
     const dtype = this.#checkStep(layer, q, k, v, options);
-    return this.#idle('prefill').prefill(layer, q, k, v, dtype);
+    const out = outputArray(options?.out, q.length, { q, k, v });
+    return this.#idle('prefill').prefill(layer, q, k, v, dtype, out);
   }
 
   /** {@link attend} off the event loop. Keep q unchanged until the promise settles. */
   attendAsync(layer: number, q: Tensor, options?: CallOptions): Promise<Float32Array> {
     const dtype = this.#checkQuery(layer, q, options);
-    return this.#enqueue((native) => native.attendAsync(layer, q, dtype));
+    const out = outputArray(options?.out, q.length, { q });
+    return this.#enqueue((native) => native.attendAsync(layer, q, dtype, out));
   }
 
   /** {@link step} off the event loop. Keep the arrays unchanged until the promise settles. */
   stepAsync(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
     const dtype = this.#checkStep(layer, q, k, v, options);
-    return this.#enqueue((native) => native.stepAsync(layer, q, k, v, dtype));
+    const out = outputArray(options?.out, q.length, { q, k, v });
+    return this.#enqueue((native) => native.stepAsync(layer, q, k, v, dtype, out));
   }
 
   /** {@link prefill} off the event loop. Keep the arrays unchanged until the promise settles. */
   prefillAsync(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
     const dtype = this.#checkStep(layer, q, k, v, options);
-    return this.#enqueue((native) => native.prefillAsync(layer, q, k, v, dtype));
+    const out = outputArray(options?.out, q.length, { q, k, v });
+    return this.#enqueue((native) => native.prefillAsync(layer, q, k, v, dtype, out));
   }
 
   /**

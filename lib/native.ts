@@ -23,12 +23,16 @@ export interface NativeStats {
 
 export interface NativeCache {
   append(layer: number, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): void;
-  attend(layer: number, q: NativeTensor, dtype: NativeDtype): Float32Array;
-  step(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Float32Array;
-  prefill(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Float32Array;
-  attendAsync(layer: number, q: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
-  stepAsync(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
-  prefillAsync(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): Promise<Float32Array>;
+  attend(layer: number, q: NativeTensor, dtype: NativeDtype, out?: Float32Array): Float32Array;
+  step(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array): Float32Array;
+  prefill(layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array): Float32Array;
+  attendAsync(layer: number, q: NativeTensor, dtype: NativeDtype, out?: Float32Array): Promise<Float32Array>;
+  stepAsync(
+    layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array,
+  ): Promise<Float32Array>;
+  prefillAsync(
+    layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array,
+  ): Promise<Float32Array>;
   fork(): NativeCache;
   stats(): NativeStats;
   save(): Buffer;
@@ -52,7 +56,7 @@ interface Addon {
   setThreads(threads: number): void;
   attention(options: {
     q: NativeTensor; k: NativeTensor; v: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number;
-    headDim: number; causal: boolean; scale: number; device: string; threads: number;
+    headDim: number; causal: boolean; scale: number; device: string; threads: number; out?: Float32Array;
   }): Float32Array;
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;

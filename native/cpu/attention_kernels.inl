@@ -261,7 +261,29 @@ void prefillTile(const PrefillTile& tile) {
             if (blockBegin + j > lastToken[r]) s[j] = -__builtin_inff();
       }
       softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
-      for (int32_t c = 0; c < dim; c += V::W) {
+      // Two value chunks per pass: 2 x ROWS independent FMA chains hide the FMA latency.
+      int32_t c = 0;
+      for (; c + 2 * V::W <= dim; c += 2 * V::W) {
+        R out0[ROWS], out1[ROWS];
+        for (int32_t r = 0; r < ROWS; ++r) {
+          out0[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
+          out1[r] = r < rows ? V::load(state.acc + r * dim + c + V::W) : V::zero();
+        }
+        for (int32_t j = 0; j < count; ++j) {
+          const R v0 = V::load(values + size_t(j) * size_t(dim) + c);
+          const R v1 = V::load(values + size_t(j) * size_t(dim) + c + V::W);
+          for (int32_t r = 0; r < ROWS; ++r) {
+            const R p = V::set1(scores[r * BLOCK + j]);
+            out0[r] = V::fmadd(p, v0, out0[r]);
+            out1[r] = V::fmadd(p, v1, out1[r]);
+          }
+        }
+        for (int32_t r = 0; r < rows; ++r) {
+          V::store(state.acc + r * dim + c, out0[r]);
+          V::store(state.acc + r * dim + c + V::W, out1[r]);
+        }
+      }
+      for (; c < dim; c += V::W) {
         R out[ROWS];
         for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
         for (int32_t j = 0; j < count; ++j) {

@@ -94,7 +94,7 @@ Napi::Value attentionFn(const Napi::CallbackInfo& info) {
   op.scale = float(numberField(env, options, "scale"));
   op.threads = intField(env, options, "threads");
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
-  Napi::Float32Array out = Napi::Float32Array::New(env, op.q.count);
+  Napi::Float32Array out = outputArg(env, options.Get("out"), op.q.count);
   throwIfError(env, runAttention(*backend, op, out.Data(), out.ElementLength()));
   return out;
 }

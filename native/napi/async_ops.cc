@@ -86,11 +86,11 @@ Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp
     k = tensorArg(env, info[2], dtype, "k");
     v = tensorArg(env, info[3], dtype, "v");
   }
+  Napi::Float32Array out = outputArg(env, info[withKV ? 5 : 3], q.count);
   if (!cache.tryEnter()) {
     throwStatus(env, Status(ErrorCode::Busy, "the cache is running another async call; calls on one cache run in order "
                                              "through the KVCache wrapper"));
   }
-  Napi::Float32Array out = Napi::Float32Array::New(env, q.count);
   auto* worker = new CacheOpWorker(env, cache, op, layer, q, k, v, out);  // deleted by node-addon-api
   worker->hold(info);
   Napi::Promise promise = worker->promise();

@@ -22,7 +22,6 @@ class BusyGuard {
   KVCache& cache_;
 };
 
-Napi::Float32Array outputFor(Napi::Env env, const HostTensor& q) { return Napi::Float32Array::New(env, q.count); }
 }  // namespace
 
 Napi::Function CacheWrap::define(Napi::Env env) {
@@ -73,7 +72,7 @@ Napi::Value CacheWrap::attend(const Napi::CallbackInfo& info) {
   KVCache& cache = live(env);
   const int32_t layer = intArg(env, info[0], "layer");
   const HostTensor q = tensorArg(env, info[1], parseDtype(env, info[2], "dtype"), "q");
-  Napi::Float32Array out = outputFor(env, q);
+  Napi::Float32Array out = outputArg(env, info[3], q.count);
   BusyGuard guard(env, cache);
   throwIfError(env, cache.attend(layer, q, out.Data(), out.ElementLength()));
   return out;
@@ -87,7 +86,7 @@ Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) {
   const HostTensor q = tensorArg(env, info[1], dtype, "q");
   const HostTensor k = tensorArg(env, info[2], dtype, "k");
   const HostTensor v = tensorArg(env, info[3], dtype, "v");
-  Napi::Float32Array out = outputFor(env, q);
+  Napi::Float32Array out = outputArg(env, info[5], q.count);
   BusyGuard guard(env, cache);
   throwIfError(env, cache.step(layer, q, k, v, out.Data(), out.ElementLength()));
   return out;
@@ -101,7 +100,7 @@ Napi::Value CacheWrap::prefill(const Napi::CallbackInfo& info) {
   const HostTensor q = tensorArg(env, info[1], dtype, "q");
   const HostTensor k = tensorArg(env, info[2], dtype, "k");
   const HostTensor v = tensorArg(env, info[3], dtype, "v");
-  Napi::Float32Array out = outputFor(env, q);
+  Napi::Float32Array out = outputArg(env, info[5], q.count);
   BusyGuard guard(env, cache);
   throwIfError(env, cache.prefill(layer, q, k, v, out.Data(), out.ElementLength()));
   return out;

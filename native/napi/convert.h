@@ -16,6 +16,10 @@ DType parseDtype(Napi::Env env, const Napi::Value& value, const char* argument);
 // A Float32Array (f32) or Uint16Array (f16 / bf16) matching `dtype`.
 HostTensor tensorArg(Napi::Env env, const Napi::Value& value, DType dtype, const char* argument);
 
+// The output array: `value` when it is a Float32Array of exactly `count` elements (reused by the
+// caller across calls), a new one when it is undefined; anything else is an error naming `out`.
+Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t count);
+
 // Required fields of an options object, with type checks.
 int32_t intField(Napi::Env env, const Napi::Object& object, const char* name);
 double numberField(Napi::Env env, const Napi::Object& object, const char* name);

@@ -1,0 +1,135 @@
+// Device-side pieces every attention kernel shares: which query a row reads, where its causal
+// window ends, where a token's K/V row lives in its pages, and stored dtypes turned into floats.
+#pragma once
+#include <cuda_fp16.h>
+
+#include <cstdint>
+
+#include "attention_kernels.cuh"
+
+namespace kvslim::cuda {
+
+// Finite start of a running max: exp2(kNoScoreYet - m) is 0 and exp2(kNoScoreYet - kNoScoreYet)
+// is 1, so a row that has seen only masked keys never computes inf - inf.
+constexpr float kNoScoreYet = -1e30f;
+
+// Index of a row's query vector in q / out, in units of headDim (rows ordered position, group member).
+__device__ __forceinline__ int queryIndex(const AttentionKernelArgs& args, int head, int row) {
+  return (row / args.group) * args.qHeads + head * args.group + row % args.group;
+}
+
+// Last key a row may attend in a head of `tokens` keys (DESIGN.md causal alignment); -1 and
+// below mean none.
+__device__ __forceinline__ int lastKey(const AttentionKernelArgs& args, int tokens, int row) {
+  return args.causal ? tokens - args.n + row / args.group : tokens - 1;
+}
+
+// Keys [begin, end) of `split` that a block whose rows end at `blockLastKey` needs.
+struct KeyRange {
+  int begin;
+  int end;
+};
+
+__device__ __forceinline__ KeyRange splitKeys(const AttentionKernelArgs& args, int tokens, int split, int blockLastKey) {
+  const long long first = static_cast<long long>(split) * args.splitTokens;
+  const int begin = first < tokens ? static_cast<int>(first) : tokens;
+  long long end = first + args.splitTokens;
+  if (end > tokens) end = tokens;
+  if (end > static_cast<long long>(blockLastKey) + 1) end = static_cast<long long>(blockLastKey) + 1;
+  return {begin, end > begin ? static_cast<int>(end) : begin};
+}
+
+// Token t is row t % pageTokens of page t / pageTokens; 32-bit division because the backend
+// keeps tokens and pageTokens below 2^31.
+__device__ __forceinline__ const unsigned char* kvRow(const void* const* pages, const HeadSpan& span, int token,
+                                                      const AttentionKernelArgs& args) {
+  const unsigned page = static_cast<unsigned>(token) / static_cast<unsigned>(args.pageTokens);
+  const unsigned slot = static_cast<unsigned>(token) - page * static_cast<unsigned>(args.pageTokens);
+  return static_cast<const unsigned char*>(pages[span.firstPage + page]) + static_cast<size_t>(slot) * args.rowBytes;
+}
+
+template <DType T>
+constexpr int elementBytes() {
+  return T == DType::F32 ? 4 : 2;
+}
+
+__device__ __forceinline__ float f16BitsToFloat(unsigned bits) {
+  return __half2float(__ushort_as_half(static_cast<unsigned short>(bits)));
+}
+
+// bf16 is the top half of an f32: widening is a shift.
+__device__ __forceinline__ float bf16BitsToFloat(unsigned bits) { return __uint_as_float(bits << 16); }
+
+template <DType T>
+__device__ __forceinline__ float loadElement(const unsigned char* row, int element) {
+  if constexpr (T == DType::F32) {
+    return __ldg(reinterpret_cast<const float*>(row) + element);
+  } else {
+    const unsigned bits = __ldg(reinterpret_cast<const unsigned short*>(row) + element);
+    return T == DType::BF16 ? bf16BitsToFloat(bits) : f16BitsToFloat(bits);
+  }
+}
+
+// VEC consecutive elements of a row in stored dtype, loaded now and widened later so the loads
+// of several tokens are in flight before any arithmetic waits on them.
+template <DType T, int VEC>
+struct KvPacket;
+
+// Eight elements in 16-byte loads (two for f32); the row must be 16-byte aligned.
+template <DType T>
+struct KvPacket<T, 8> {
+  static constexpr int kLoads = T == DType::F32 ? 2 : 1;
+  uint4 raw[kLoads];
+
+  __device__ __forceinline__ void load(const unsigned char* row, int element) {
+    const uint4* source = reinterpret_cast<const uint4*>(row + static_cast<size_t>(element) * elementBytes<T>());
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) raw[i] = __ldg(source + i);
+  }
+  __device__ __forceinline__ void clear() {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) raw[i] = make_uint4(0, 0, 0, 0);
+  }
+  __device__ __forceinline__ void toFloat(float* out) const {
+#pragma unroll
+    for (int i = 0; i < kLoads; ++i) {
+      const unsigned words[4] = {raw[i].x, raw[i].y, raw[i].z, raw[i].w};
+#pragma unroll
+      for (int w = 0; w < 4; ++w) {
+        if constexpr (T == DType::F32) {
+          out[i * 4 + w] = __uint_as_float(words[w]);
+        } else if constexpr (T == DType::BF16) {
+          out[i * 8 + 2 * w] = bf16BitsToFloat(words[w] & 0xffffu);  // the low half is the earlier element
+          out[i * 8 + 2 * w + 1] = __uint_as_float(words[w] & 0xffff0000u);
+        } else {
+          out[i * 8 + 2 * w] = f16BitsToFloat(words[w] & 0xffffu);
+          out[i * 8 + 2 * w + 1] = f16BitsToFloat(words[w] >> 16);
+        }
+      }
+    }
+  }
+};
+
+// One element: any headDim and any alignment.
+template <DType T>
+struct KvPacket<T, 1> {
+  float value;
+
+  __device__ __forceinline__ void load(const unsigned char* row, int element) { value = loadElement<T>(row, element); }
+  __device__ __forceinline__ void clear() { value = 0.0f; }
+  __device__ __forceinline__ void toFloat(float* out) const { out[0] = value; }
+};
+
+__device__ __forceinline__ float warpMax(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));
+  return value;
+}
+
+__device__ __forceinline__ float warpSum(float value) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset /= 2) value += __shfl_xor_sync(0xffffffffu, value, offset);
+  return value;
+}
+
+}  // namespace kvslim::cuda

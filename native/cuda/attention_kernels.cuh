@@ -1,0 +1,72 @@
+// What cuda_backend.cu hands the attention kernels, and the launchers it calls.
+// Everything a kernel reads lives in device memory; the backend uploads q and the page tables.
+#pragma once
+#include <cuda_runtime.h>
+
+#include "../core/dtype.h"
+
+namespace kvslim::cuda {
+
+// Where one kv head's page pointers start in the flattened page tables, and how many tokens it holds.
+struct HeadSpan {
+  long long firstPage;
+  int tokens;
+};
+
+struct AttentionKernelArgs {
+  const float* q = nullptr;  // [n, qHeads, headDim], unscaled
+  float* out = nullptr;      // [n, qHeads, headDim]
+  const void* const* keyPages = nullptr;    // the pages of every kv head, head after head
+  const void* const* valuePages = nullptr;
+  const HeadSpan* heads = nullptr;          // [kvHeads]
+  // Split partials, [kvHeads, rowsPerHead, splits] x (max, sum, acc[headDim]); unused when splits == 1.
+  float* partialMax = nullptr;
+  float* partialSum = nullptr;
+  float* partialAcc = nullptr;
+  int n = 0;
+  int qHeads = 0;
+  int kvHeads = 0;
+  int headDim = 0;
+  int group = 0;        // qHeads / kvHeads
+  int rowsPerHead = 0;  // n * group; row = position * group + g reads query head kvHead * group + g
+  int pageTokens = 0;
+  long long rowBytes = 0;  // rowStride x element bytes
+  DType kvType = DType::F32;
+  bool causal = true;
+  bool vectorized = false;  // headDim % 8 == 0 and every K/V row 16-byte aligned: 16-byte loads
+  float scaleLog2e = 0.0f;  // scale * log2(e), folded into q so the kernels use exp2
+  int maxTokens = 0;        // largest head
+  int splits = 1;           // key ranges per (kv head, row block), merged by launchMergeSplits
+  int splitTokens = 0;
+};
+
+struct SplitPlan {
+  int splits;
+  int splitTokens;
+};
+
+// Enough key splits that `blocksPerSplit` x splits reaches two blocks per multiprocessor, but no
+// split shorter than `minSplitTokens`; split lengths are rounded up to `granule` keys.
+inline SplitPlan planKeySplits(int maxTokens, long long blocksPerSplit, int multiprocessors, int minSplitTokens,
+                               int granule) {
+  const long long wanted = (2LL * multiprocessors + blocksPerSplit - 1) / blocksPerSplit;
+  const long long bySize = (maxTokens + minSplitTokens - 1) / minSplitTokens;
+  const long long splits = wanted < bySize ? wanted : bySize;
+  if (splits <= 1) return {1, maxTokens > 0 ? maxTokens : 1};
+  long long splitTokens = (maxTokens + splits - 1) / splits;
+  splitTokens = (splitTokens + granule - 1) / granule * granule;
+  return {int((maxTokens + splitTokens - 1) / splitTokens), int(splitTokens)};
+}
+
+// Decode: at most 16 rows per kv head, keys read straight from their pages (memory-bound).
+SplitPlan planAttentionDecode(const AttentionKernelArgs& args, int multiprocessors);
+cudaError_t launchAttentionDecode(const AttentionKernelArgs& args, cudaStream_t stream);
+
+// Prefill: many rows per kv head, K/V tiles staged in shared memory (compute-bound).
+SplitPlan planAttentionPrefill(const AttentionKernelArgs& args, int multiprocessors);
+cudaError_t launchAttentionPrefill(const AttentionKernelArgs& args, cudaStream_t stream);
+
+// Log-sum-exp merge of the split partials into out (only when args.splits > 1).
+cudaError_t launchMergeSplits(const AttentionKernelArgs& args, cudaStream_t stream);
+
+}  // namespace kvslim::cuda
