@@ -12,17 +12,20 @@ namespace kvslim::cpu {
 namespace {
 constexpr int64_t kMinSplitTokens = 1024;  // below this a split's merge costs more than it saves
 constexpr int64_t kTasksPerThread = 8;     // enough tasks to even out uneven heads
+constexpr int64_t kTokensPerThread = 4096;  // below this many token-heads per thread, waking one costs more
 }  // namespace
 
 void attentionDecode(const AttentionArgs& args) {
   const KernelTable& kernels = activeKernels();
   ThreadPool& pool = globalPool();
-  const int32_t threads = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
   const RowLayout layout(args);
   const int32_t dim = args.headDim;
   const int64_t rowGroups = (layout.rowsPerHead + kMaxDecodeRows - 1) / kMaxDecodeRows;
   int64_t maxTokens = 0;
   for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  const int64_t work = maxTokens * args.kvHeads * rowGroups;
+  const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
+  const int32_t threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, work / kTokensPerThread)));
   const int64_t wanted = (kTasksPerThread * threads + args.kvHeads * rowGroups - 1) / (args.kvHeads * rowGroups);
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, (maxTokens + kMinSplitTokens - 1) / kMinSplitTokens));
   const int64_t splitTokens = (maxTokens + splits - 1) / splits;

@@ -37,7 +37,7 @@ class ThreadPool {
   const std::function<void(int64_t, int32_t)>* task_ = nullptr;
   int64_t tasks_ = 0;
   int32_t participants_ = 0;
-  uint64_t generation_ = 0;
+  std::atomic<uint64_t> generation_{0};
   int32_t pending_ = 0;
   bool stopping_ = false;
   std::atomic<int64_t> next_{0};

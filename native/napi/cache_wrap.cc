@@ -78,7 +78,9 @@ Napi::Value CacheWrap::attend(const Napi::CallbackInfo& info) {
   return out;
 }
 
-Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) {
+// step and prefill take the same arguments (layer, q, k, v, dtype, out?) and differ in the stage
+// they are timed as.
+Napi::Value CacheWrap::appendAndAttend(const Napi::CallbackInfo& info, CacheOp op) {
   Napi::Env env = info.Env();
   KVCache& cache = live(env);
   const int32_t layer = intArg(env, info[0], "layer");
@@ -88,23 +90,14 @@ Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) {
   const HostTensor v = tensorArg(env, info[3], dtype, "v");
   Napi::Float32Array out = outputArg(env, info[5], q.count);
   BusyGuard guard(env, cache);
-  throwIfError(env, cache.step(layer, q, k, v, out.Data(), out.ElementLength()));
+  const Status status = op == CacheOp::Prefill ? cache.prefill(layer, q, k, v, out.Data(), out.ElementLength())
+                                               : cache.step(layer, q, k, v, out.Data(), out.ElementLength());
+  throwIfError(env, status);
   return out;
 }
 
-Napi::Value CacheWrap::prefill(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  KVCache& cache = live(env);
-  const int32_t layer = intArg(env, info[0], "layer");
-  const DType dtype = parseDtype(env, info[4], "dtype");
-  const HostTensor q = tensorArg(env, info[1], dtype, "q");
-  const HostTensor k = tensorArg(env, info[2], dtype, "k");
-  const HostTensor v = tensorArg(env, info[3], dtype, "v");
-  Napi::Float32Array out = outputArg(env, info[5], q.count);
-  BusyGuard guard(env, cache);
-  throwIfError(env, cache.prefill(layer, q, k, v, out.Data(), out.ElementLength()));
-  return out;
-}
+Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) { return appendAndAttend(info, CacheOp::Step); }
+Napi::Value CacheWrap::prefill(const Napi::CallbackInfo& info) { return appendAndAttend(info, CacheOp::Prefill); }
 
 Napi::Value CacheWrap::attendAsync(const Napi::CallbackInfo& info) {
   return queueCacheOp(info, live(info.Env()), CacheOp::Attend);

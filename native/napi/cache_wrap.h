@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "../core/kv_cache.h"
+#include "async_ops.h"
 
 namespace kvslim::napi {
 
@@ -22,6 +23,7 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
  private:
   Napi::Value append(const Napi::CallbackInfo& info);
   Napi::Value attend(const Napi::CallbackInfo& info);
+  Napi::Value appendAndAttend(const Napi::CallbackInfo& info, CacheOp op);
   Napi::Value step(const Napi::CallbackInfo& info);
   Napi::Value prefill(const Napi::CallbackInfo& info);
   Napi::Value attendAsync(const Napi::CallbackInfo& info);
