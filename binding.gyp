@@ -68,7 +68,7 @@
       ],
       "defines": ["NAPI_VERSION=8"],
       "conditions": [
-        ["kvslim_cuda=='1'", {
+        ["kvslim_cuda==1", {
           "defines": ["KVSLIM_WITH_CUDA=1"],
           "libraries": ["<(cuda_lib)", "-L<(cuda_lib_dir)", "-lcudart_static", "-ldl", "-lrt", "-lpthread"]
         }, {

@@ -244,6 +244,11 @@ export class KVCache {
     return this.#native;
   }
 
+  #queued(): NativeCache {
+    if (this.#native === null) throw new KVSlimError('ERR_DISPOSED', 'The KVCache was disposed before this async call ran');
+    return this.#native;
+  }
+
   #idle(method: string): NativeCache {
     const native = this.#live(method);
     if (this.#pending > 0) {
@@ -257,7 +262,8 @@ export class KVCache {
     // Errors get the stack of the call site, not of the native completion callback.
     const callSite = new Error();
     this.#pending++;
-    const result = this.#tail.then(() => run(this.#live('async call'))).then(
+    // A call queued before dispose() still runs: dispose() releases the cache once the queue drains.
+    const result = this.#tail.then(() => run(this.#queued())).then(
       (out) => {
         this.#pending--;
         return out;

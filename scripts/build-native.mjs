@@ -83,7 +83,8 @@ function run(command, args, options = {}) {
 }
 
 async function buildCuda(nvcc, home) {
-  const outDir = join(root, 'build', 'cuda');
+  // Outside build/: node-gyp rebuild deletes build/ before it links.
+  const outDir = join(root, 'build-cuda');
   rmSync(outDir, { recursive: true, force: true });
   mkdirSync(outDir, { recursive: true });
   const sources = readdirSync(join(root, 'native', 'cuda')).filter((f) => f.endsWith('.cu')).sort();

@@ -3,6 +3,7 @@
 //   | f32 scale | i64 tokens[layers] | per layer, per kv head: keys then values, tokens x headDim
 //   elements in store dtype | u64 FNV-1a hash of everything before it.
 // load() checks every field and the exact size before it allocates, then the hash.
+#include <cmath>
 #include <cstring>
 #include <new>
 #include <string>
@@ -17,7 +18,7 @@ constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
 constexpr uint32_t kVersion = 1;
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
-  uint64_t hash = 1469598103934665603ull;
+  uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
   for (size_t i = 0; i < size; ++i) hash = (hash ^ data[i]) * 1099511628211ull;
   return hash;
 }
@@ -109,7 +110,8 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (config.layers <= 0 || config.layers > (1 << 16)) return corrupt("layers out of range");
   Status valid = checkHeads(config.qHeads, config.kvHeads, config.headDim);
   if (!valid.isOk()) return corrupt(valid.message());
-  if (!(config.scale > 0.0f)) return corrupt("scale must be positive");
+  if (config.pageTokens <= 0 || config.pageTokens > (1 << 20)) return corrupt("pageTokens out of range");
+  if (!(config.scale > 0.0f) || !std::isfinite(config.scale)) return corrupt("scale must be positive and finite");
   std::vector<int64_t> tokens(size_t(config.layers));
   const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
   // Sum the payload in a way that cannot overflow: every layer's count is bounded by the buffer.
@@ -130,7 +132,9 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
 
   std::unique_ptr<KVCache> cache;
-  KVSLIM_RETURN_IF_ERROR(create(config, std::move(backend), &cache));
+  const Status created = create(config, std::move(backend), &cache);
+  if (created.code() == ErrorCode::Option) return corrupt(created.message());
+  KVSLIM_RETURN_IF_ERROR(created);
   try {
     size_t offset = reader.offset();
     std::vector<uint8_t> keys, values;

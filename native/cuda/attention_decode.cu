@@ -19,10 +19,10 @@ constexpr int kMaxRowDims = 64;
 
 // Row blocks: a thread holds ROWS x (VEC x CHUNKS) query and accumulator floats. The scalar path
 // keeps one row per block, its CHUNKS already fill the budget.
-constexpr int decodeMaxRows(int vec, int chunks) { return vec == 1 ? 1 : kMaxRowDims / (vec * chunks); }
+__host__ __device__ constexpr int decodeMaxRows(int vec, int chunks) { return vec == 1 ? 1 : kMaxRowDims / (vec * chunks); }
 
 // Tokens each group loads before it computes: about 64 bytes of K (and of V) per thread in flight.
-constexpr int decodeUnroll(DType type, int dimsPerThread) {
+__host__ __device__ constexpr int decodeUnroll(DType type, int dimsPerThread) {
   const int unroll = 64 / (dimsPerThread * (type == DType::F32 ? 4 : 2));
   return unroll < 1 ? 1 : unroll > 4 ? 4 : unroll;
 }

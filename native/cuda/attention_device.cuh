@@ -3,8 +3,6 @@
 #pragma once
 #include <cuda_fp16.h>
 
-#include <cstdint>
-
 #include "attention_kernels.cuh"
 
 namespace kvslim::cuda {
@@ -49,7 +47,7 @@ __device__ __forceinline__ const unsigned char* kvRow(const void* const* pages, 
 }
 
 template <DType T>
-constexpr int elementBytes() {
+__host__ __device__ constexpr int elementBytes() {
   return T == DType::F32 ? 4 : 2;
 }
 

@@ -32,7 +32,7 @@ std::shared_ptr<Backend> backendFor(Napi::Env env, const std::string& device) {
 
 Napi::Value setErrorFactoryFn(const Napi::CallbackInfo& info) {
   if (!info[0].IsFunction()) throw Napi::TypeError::New(info.Env(), "setErrorFactory expects a function");
-  setErrorFactory(info[0].As<Napi::Function>());
+  setErrorFactory(info.Env(), info[0].As<Napi::Function>());
   return info.Env().Undefined();
 }
 

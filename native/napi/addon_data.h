@@ -6,6 +6,7 @@ namespace kvslim::napi {
 
 struct AddonData {
   Napi::FunctionReference cacheConstructor;
+  Napi::FunctionReference errorFactory;  // builds KVSlimError instances (set by lib/native.ts)
 };
 
 inline AddonData& addonData(Napi::Env env) { return *env.GetInstanceData<AddonData>(); }

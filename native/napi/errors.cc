@@ -1,27 +1,20 @@
 #include "errors.h"
 
+#include "addon_data.h"
+
 namespace kvslim::napi {
 
-namespace {
-Napi::FunctionReference& factory() {
-  static Napi::FunctionReference reference;
-  return reference;
-}
-}  // namespace
-
-void setErrorFactory(const Napi::Function& fn) {
-  factory() = Napi::Persistent(fn);
-  factory().SuppressDestruct();
-}
+void setErrorFactory(Napi::Env env, const Napi::Function& fn) { addonData(env).errorFactory = Napi::Persistent(fn); }
 
 Napi::Value makeError(Napi::Env env, const Status& status) {
   const char* code = errorCodeName(status.code());
-  if (factory().IsEmpty()) {
+  Napi::FunctionReference& factory = addonData(env).errorFactory;
+  if (factory.IsEmpty()) {
     Napi::Error error = Napi::Error::New(env, status.message());
     error.Set("code", Napi::String::New(env, code));
     return error.Value();
   }
-  return factory().Call({Napi::String::New(env, code), Napi::String::New(env, status.message())});
+  return factory.Call({Napi::String::New(env, code), Napi::String::New(env, status.message())});
 }
 
 void throwStatus(Napi::Env env, const Status& status) {

@@ -1,0 +1,124 @@
+// The CUDA backend (native/cuda/) against the CPU path and the float64 reference, on the shapes of
+// attention.test.ts, and a KVCache living on the GPU. Runs on a GPU host with `npm run test:gpu`
+// (KVSLIM_TEST_DEVICE=cuda); elsewhere only the CPU-side checks at the bottom run.
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { KVCache, backends } from '../lib/index.js';
+import { ATTENTION_CASES, compareAttention, label } from './helpers/attention-cases.js';
+import { Random, relativeL2, rows } from './helpers/random.js';
+import { type Heads, LayerMirror, randomTokens, sliceTokens } from './helpers/tokens.js';
+
+// GPU kernels also compute in f32 (in a different order, possibly with fast exp2): the same bound
+// as the CPU against the reference, and the same between the two devices.
+const TOLERANCE = 2e-5;
+const onGpu = process.env.KVSLIM_TEST_DEVICE === 'cuda';
+
+const open: KVCache[] = [];
+afterEach(() => {
+  for (const cache of open.splice(0)) cache.dispose();
+});
+
+describe.runIf(onGpu)('CUDA: attention()', () => {
+  it('CUDA is built and a GPU answers', () => {
+    const cuda = backends().cuda;
+    expect(cuda, 'this build has no CUDA backend').not.toBeNull();
+    expect(cuda?.available, cuda?.reason).toBe(true);
+  });
+
+  let seed = 50_000;
+  for (const group of ATTENTION_CASES) {
+    describe(group.title, () => {
+      for (const { shape, dtypes } of group.cases) {
+        for (const dtype of dtypes) {
+          const caseSeed = seed++;
+          it(label(shape, dtype), () => {
+            const { outputs, relative } = compareAttention(shape, dtype, caseSeed, ['cuda', 'cpu']);
+            expect(relative[0], 'cuda vs reference').toBeLessThanOrEqual(TOLERANCE);
+            expect(relative[1], 'cpu vs reference').toBeLessThanOrEqual(TOLERANCE);
+            expect(relativeL2(outputs[0], outputs[1]), 'cuda vs cpu').toBeLessThanOrEqual(TOLERANCE);
+          });
+        }
+      }
+    });
+  }
+});
+
+describe.runIf(onGpu)('CUDA: KVCache', () => {
+  const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 128 };
+  const qRow = heads.qHeads * heads.headDim;
+  const gpuCache = (options: { layers?: number; pageTokens?: number; store?: 'f32' | 'f16' | 'bf16' } = {}) => {
+    const cache = new KVCache({
+      layers: options.layers ?? 1, ...heads, device: 'cuda', pageTokens: options.pageTokens,
+      policy: { store: { kind: options.store ?? 'f16' } },
+    });
+    open.push(cache);
+    return cache;
+  };
+
+  for (const store of ['f16', 'bf16', 'f32'] as const) {
+    it(`store ${store}: step-by-step decode equals one prefill, and the reference`, () => {
+      const random = new Random(60_000 + store.length);
+      const layers = 2, count = 120;
+      const prefilled = gpuCache({ layers, pageTokens: 16, store });
+      const stepped = gpuCache({ layers, pageTokens: 16, store });
+      expect(prefilled.device).toBe('cuda');
+      for (let layer = 0; layer < layers; layer++) {
+        const tokens = randomTokens(random, heads, count);
+        const mirror = new LayerMirror(heads, store);
+        mirror.append(tokens.k, tokens.v);
+        const prefillOut = prefilled.prefill(layer, tokens.q, tokens.k, tokens.v);
+        expect(relativeL2(prefillOut, mirror.attend(tokens.q))).toBeLessThanOrEqual(TOLERANCE);
+        for (let t = 0; t < count; t++) {
+          const token = sliceTokens(tokens, heads, t, 1);
+          const out = stepped.step(layer, token.q, token.k, token.v);
+          expect(relativeL2(out, rows(prefillOut, qRow, t, 1)), `layer ${layer} step ${t}`).toBeLessThanOrEqual(TOLERANCE);
+        }
+      }
+    });
+  }
+
+  for (const prompt of [32, 37]) {
+    it(`fork after ${prompt} tokens: each side sees only its own tokens`, () => {
+      const random = new Random(61_000 + prompt);
+      const parent = gpuCache({ pageTokens: 16 });
+      const mirror = new LayerMirror(heads, 'f16');
+      const tokens = randomTokens(random, heads, prompt);
+      parent.prefill(0, tokens.q, tokens.k, tokens.v);
+      mirror.append(tokens.k, tokens.v);
+      const child = parent.fork();
+      open.push(child);
+      expect(child.device).toBe('cuda');
+      expect(parent.stats().bytes.shared).toBeGreaterThan(0);
+      const parentMirror = mirror, childMirror = mirror.fork();
+      for (let t = 0; t < 20; t++) {
+        const a = randomTokens(random, heads, 1), b = randomTokens(random, heads, 1);
+        parentMirror.append(a.k, a.v);
+        childMirror.append(b.k, b.v);
+        expect(relativeL2(parent.step(0, a.q, a.k, a.v), parentMirror.attend(a.q))).toBeLessThanOrEqual(TOLERANCE);
+        expect(relativeL2(child.step(0, b.q, b.k, b.v), childMirror.attend(b.q))).toBeLessThanOrEqual(TOLERANCE);
+      }
+    });
+  }
+
+  it('a cache saved on the GPU loads on the CPU with the same outputs', () => {
+    const random = new Random(62_000);
+    const cache = gpuCache({ pageTokens: 16 });
+    const tokens = randomTokens(random, heads, 50);
+    cache.prefill(0, tokens.q, tokens.k, tokens.v);
+    const onCpu = KVCache.load(cache.save(), { device: 'cpu' });
+    open.push(onCpu);
+    const query = randomTokens(random, heads, 2).q;
+    expect(relativeL2(onCpu.attend(0, query), cache.attend(0, query))).toBeLessThanOrEqual(TOLERANCE);
+  });
+});
+
+describe('device selection without KVSLIM_TEST_DEVICE=cuda', () => {
+  it("device 'auto' picks CUDA only when a GPU answers", () => {
+    const cache = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 });
+    open.push(cache);
+    expect(cache.device).toBe(backends().cuda?.available ? 'cuda' : 'cpu');
+    const explicit = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 16, device: 'cpu' });
+    open.push(explicit);
+    expect(explicit.device).toBe('cpu');
+  });
+});

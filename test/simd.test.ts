@@ -1,0 +1,166 @@
+// Every SIMD level (native/cpu/kernels_{scalar,avx2,avx512}.cc) computes the same attention.
+// KVSLIM_SIMD is read once when the addon loads, so each level runs in its own child process
+// (test/fixtures/simd-child.mjs, over the compiled dist/) on the same seeded inputs; every level
+// is compared with the scalar twin and with the float64 reference.
+import { execFileSync } from 'node:child_process';
+import { mkdtempSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+import { afterAll, beforeAll, describe, expect, it } from 'vitest';
+
+import { backends } from '../lib/index.js';
+import { ensureCompiled, repositoryRoot } from './helpers/dist.js';
+import { Random, relativeL2 } from './helpers/random.js';
+import { referenceAttention } from './reference/attention.js';
+import { type Dtype, encodeHalf, roundTo } from './reference/half.js';
+
+// Between levels: only the summation order and exp2 (libm vs polynomial) differ. Observed:
+// 1.5e-7 .. 1.5e-6 (the largest for f32 decode at scale 0.5: large scores, where f32 rounding of
+// the scaled query shows).
+const LEVEL_TOLERANCE = 1e-5;
+// Against the reference, as in attention.test.ts.
+const REFERENCE_TOLERANCE = 2e-5;
+
+const child = join(repositoryRoot, 'test/fixtures/simd-child.mjs');
+
+interface Case {
+  kind: 'attention' | 'cache';
+  label: string;
+  dtype: Dtype;
+  n: number;
+  T: number;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  causal?: boolean;
+  scale?: number;
+  store?: Dtype;
+  pageTokens?: number;
+  prompt?: number;
+}
+
+const cases: Case[] = [
+  { kind: 'attention', label: 'decode, 2 key splits, d=72', dtype: 'f16', n: 1, T: 1500, qHeads: 8, kvHeads: 2, headDim: 72 },
+  { kind: 'attention', label: 'multi-row decode, 12 rows, d=100', dtype: 'bf16', n: 3, T: 200, qHeads: 8, kvHeads: 2, headDim: 100 },
+  { kind: 'attention', label: 'decode f32, scale 0.5', dtype: 'f32', n: 1, T: 64, qHeads: 4, kvHeads: 4, headDim: 128, scale: 0.5 },
+  { kind: 'attention', label: 'prefill, d=80', dtype: 'f32', n: 70, T: 300, qHeads: 4, kvHeads: 1, headDim: 80 },
+  { kind: 'attention', label: 'prefill, two key chunks, d=36', dtype: 'f16', n: 40, T: 2100, qHeads: 2, kvHeads: 2, headDim: 36 },
+  { kind: 'attention', label: 'prefill non-causal, d=64', dtype: 'bf16', n: 24, T: 50, qHeads: 8, kvHeads: 8, headDim: 64, causal: false },
+  { kind: 'cache', label: 'cache f16 store: prefill 30 + 10 steps, d=72', dtype: 'f32', n: 40, T: 40, qHeads: 8, kvHeads: 2, headDim: 72, store: 'f16', pageTokens: 7, prompt: 30 },
+];
+
+interface Prepared {
+  json: Record<string, unknown>;
+  expected: Float64Array;
+}
+
+function base64(array: Float32Array | Uint16Array): string {
+  return Buffer.from(array.buffer, array.byteOffset, array.byteLength).toString('base64');
+}
+
+function prepare(testCase: Case, seed: number): Prepared {
+  const random = new Random(seed);
+  const q = random.tensor(testCase.n * testCase.qHeads * testCase.headDim);
+  const k = random.tensor(testCase.T * testCase.kvHeads * testCase.headDim);
+  const v = random.tensor(testCase.T * testCase.kvHeads * testCase.headDim);
+  const { dtype } = testCase;
+  const sent = dtype === 'f32' ? { q, k, v } : { q: encodeHalf(q, dtype), k: encodeHalf(k, dtype), v: encodeHalf(v, dtype) };
+  // Keys and values are rounded to the input dtype, then (in a cache) to the store dtype.
+  const stored = (x: Float32Array) => roundTo(roundTo(x, dtype), testCase.store ?? 'f32');
+  const expected = referenceAttention({
+    q: roundTo(q, dtype), k: stored(k), v: stored(v),
+    qHeads: testCase.qHeads, kvHeads: testCase.kvHeads, headDim: testCase.headDim,
+    causal: testCase.causal, scale: testCase.scale,
+  });
+  return { json: { ...testCase, q: base64(sent.q), k: base64(sent.k), v: base64(sent.v) }, expected };
+}
+
+interface ChildResult {
+  backends?: ReturnType<typeof backends>;
+  outputs?: string[];
+  importError?: { name: string; code: string; message: string };
+}
+
+let workDir = '';
+let inputPath = '';
+const prepared: Prepared[] = [];
+
+function runChild(simd: string): ChildResult {
+  const env: NodeJS.ProcessEnv = { ...process.env, KVSLIM_SIMD: simd };
+  const stdout = execFileSync(process.execPath, [child, inputPath], { env, encoding: 'utf8', timeout: 60_000 });
+  return JSON.parse(stdout.trim().split('\n').at(-1) ?? '') as ChildResult;
+}
+
+function outputsOf(result: ChildResult): Float32Array[] {
+  expect(result.importError).toBeUndefined();
+  return (result.outputs ?? []).map((text) => {
+    const bytes = Buffer.from(text, 'base64');
+    const copy = new Uint8Array(bytes.length);
+    copy.set(bytes);
+    return new Float32Array(copy.buffer);
+  });
+}
+
+beforeAll(() => {
+  ensureCompiled();
+  workDir = mkdtempSync(join(tmpdir(), 'kvslim-simd-'));
+  inputPath = join(workDir, 'cases.json');
+  cases.forEach((testCase, i) => prepared.push(prepare(testCase, 3000 + i)));
+  writeFileSync(inputPath, JSON.stringify({ cases: prepared.map((p) => p.json) }));
+});
+
+afterAll(() => {
+  if (workDir) rmSync(workDir, { recursive: true, force: true });
+});
+
+const cpu = backends().cpu;
+const levels = [
+  { simd: 'scalar', supported: true },
+  { simd: 'avx2', supported: cpu.avx2 },
+  { simd: 'avx512', supported: cpu.avx512 },
+] as const;
+
+describe('SIMD levels agree', () => {
+  let scalar: Float32Array[] = [];
+
+  for (const { simd, supported } of levels) {
+    if (!supported) {
+      // A level this CPU lacks cannot be forced: the import must say so instead of crashing.
+      it(`KVSLIM_SIMD=${simd} on a CPU without it fails with ERR_OPTION`, () => {
+        expect(runChild(simd).importError?.code).toBe('ERR_OPTION');
+      });
+      continue;
+    }
+    it(`KVSLIM_SIMD=${simd}: matches the reference${simd === 'scalar' ? '' : ' and the scalar twin'}`, () => {
+      const result = runChild(simd);
+      expect(result.backends?.cpu.simd).toBe(simd);
+      expect(result.backends?.cpu.forced).toBe(simd);
+      const outputs = outputsOf(result);
+      expect(outputs).toHaveLength(cases.length);
+      if (simd === 'scalar') scalar = outputs;
+      else expect(scalar, 'the scalar level ran first').toHaveLength(cases.length);
+      outputs.forEach((output, i) => {
+        expect(output.length, cases[i].label).toBe(prepared[i].expected.length);
+        expect(relativeL2(output, prepared[i].expected), `${cases[i].label} vs reference`).toBeLessThanOrEqual(REFERENCE_TOLERANCE);
+        if (simd !== 'scalar') {
+          expect(relativeL2(output, scalar[i]), `${cases[i].label} vs scalar`).toBeLessThanOrEqual(LEVEL_TOLERANCE);
+        }
+      });
+    });
+  }
+
+  it('KVSLIM_SIMD=auto picks the best level this CPU has', () => {
+    const result = runChild('auto');
+    expect(result.backends?.cpu.simd).toBe(cpu.avx512 ? 'avx512' : cpu.avx2 ? 'avx2' : 'scalar');
+    expect(outputsOf(result)).toHaveLength(cases.length);
+  });
+
+  it('KVSLIM_SIMD=bogus makes the import fail with ERR_OPTION', () => {
+    const result = runChild('bogus');
+    expect(result.outputs).toBeUndefined();
+    expect(result.importError?.name).toBe('KVSlimError');
+    expect(result.importError?.code).toBe('ERR_OPTION');
+    expect(result.importError?.message).toMatch(/KVSLIM_SIMD/);
+    expect(result.importError?.message).toMatch(/bogus/);
+  });
+});
