@@ -11,3 +11,9 @@ export type { PolicySpec, ResolvedPolicy, SelectSpec, StoreSpec } from './policy
 export { probeMachine, type MachineLimits } from './probes.js';
 export type { CacheStats } from './stats.js';
 export type { Dtype, Tensor } from './validate.js';
+export {
+  readSafetensors, writeSafetensors, type SafetensorsData, type SafetensorsDtype, type SafetensorsFile, type SafetensorsTensor,
+} from './trace/safetensors.js';
+export {
+  encodeTrace, readTrace, TRACE_FORMAT, writeTrace, type Trace, type TraceConfig, type TraceLayer, type TraceMeta,
+} from './trace/trace.js';

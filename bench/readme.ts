@@ -1,0 +1,54 @@
+// Writes the headline table of bench/results/latest.json into README.md between the
+// <!-- bench-table --> markers, so the README shows measured numbers, never typed ones.
+// Usage: npm run bench:readme [-- <results.json>]
+import { readFileSync, writeFileSync } from 'node:fs';
+import { dirname, join, resolve } from 'node:path';
+import { fileURLToPath } from 'node:url';
+
+interface ResultCase {
+  id: string; kind: string; device: string; store?: string; tokens: number; status: string;
+  time?: { medianMs: number; spreadLowMs: number; spreadHighMs: number };
+  derived?: Record<string, number | null | undefined>;
+}
+
+const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
+const resultsPath = resolve(process.argv[2] ?? join(root, 'bench', 'results', 'latest.json'));
+const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
+  createdAt: string; machine: { cpuModel: string; cores: number; node: string };
+  kvslim: { simd?: string; threads?: number; cpu?: { simd: string; threads: number } };
+  limits: { readBytesPerSecond: number; fmaFlopsPerSecond: number; after?: { readBytesPerSecond: number; fmaFlopsPerSecond: number } };
+  cases: ResultCase[];
+};
+
+const number = (value: unknown, digits: number): string => (typeof value === 'number' ? value.toFixed(digits) : 'n/a');
+const lines: string[] = [];
+const limits = results.limits;
+lines.push(
+  `Measured ${results.createdAt} on ${results.machine.cpuModel} (${results.machine.cores} cores), Node ${results.machine.node}; ` +
+    `read bandwidth ${number(limits.readBytesPerSecond / 1e9, 1)} GB/s and f32 FMA peak ${number(limits.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s ` +
+    `probed in the same run${limits.after ? ` (after the cases: ${number(limits.after.readBytesPerSecond / 1e9, 1)} GB/s, ${number(limits.after.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s)` : ''}.`,
+  '',
+  '| case | ms (median) | spread ms | rate | of machine limit | vs plain JS |',
+  '| --- | ---: | ---: | ---: | ---: | ---: |',
+);
+for (const c of results.cases) {
+  if (c.id.startsWith('js-') || c.status !== 'ok' || !c.time) continue;
+  const d = c.derived ?? {};
+  const rate = c.kind === 'decode' ? `${number(d.gbPerSecond, 1)} GB/s` : `${number(d.gflopPerSecond, 0)} GFLOP/s`;
+  const fraction = c.kind === 'decode' ? number(d.fractionOfBandwidth, 2) : number(d.fractionOfPeak, 2);
+  lines.push(
+    `| ${c.id} | ${number(c.time.medianMs, 2)} | ${number(c.time.spreadLowMs, 2)}–${number(c.time.spreadHighMs, 2)} | ${rate} | ${fraction} | ${number(d.speedUp, 0)}× |`,
+  );
+}
+lines.push('', `Reproduce with \`npm run bench\` (JSON in \`bench/results/\`); one row with \`npm run bench -- --case <case>\`.`);
+
+const readmePath = join(root, 'README.md');
+const readme = readFileSync(readmePath, 'utf8');
+const start = '<!-- bench-table -->';
+const end = '<!-- /bench-table -->';
+const before = readme.slice(0, readme.indexOf(start));
+const afterIndex = readme.indexOf(end);
+const after = afterIndex >= 0 ? readme.slice(afterIndex + end.length) : '\n';
+if (readme.indexOf(start) < 0) throw new Error(`README.md has no ${start} marker`);
+writeFileSync(readmePath, `${before}${start}\n${lines.join('\n')}\n${end}${after}`);
+console.log(`README.md: wrote ${lines.length} lines from ${resultsPath}`);

@@ -1,0 +1,166 @@
+// Sessions of the example server: one KVCache per conversation, kept between turns, forked
+// copy-on-write for requests that share a prefix, each under a memory budget.
+import { randomUUID } from 'node:crypto';
+
+import { type KVCache, type PolicySpec, type ResolvedPolicy } from '../../lib/index.js';
+import type { Llama2 } from '../../lib/models/llama2c/model.js';
+
+/** An error the server answers with an HTTP status and a JSON body `{ error: { code, message } }`. */
+export class RequestError extends Error {
+  constructor(readonly status: number, readonly code: string, message: string) {
+    super(message);
+    this.name = 'RequestError';
+  }
+}
+
+/** How many more tokens a session may feed, and which limit that is. */
+export interface Room {
+  tokens: number;
+  limit: 'budget' | 'context';
+}
+
+/** Bytes per stored element of each store kind. */
+const elementBytes: Record<ResolvedPolicy['store']['kind'], number> = { f32: 4, f16: 2, bf16: 2 };
+
+export class Session {
+  readonly id: string;
+  /** The session this one was forked from, if any. */
+  readonly parent: string | null;
+  readonly cache: KVCache;
+  /** Most bytes of keys and values (`stats().bytes.kv`) this session may hold. */
+  readonly budgetBytes: number;
+  /** Tokens sampled but not fed to the cache yet (the last token of the previous turn). */
+  pending: number[] = [];
+  turns = 0;
+  /** True while a request generates on this session; a second one gets 409. */
+  busy = false;
+
+  constructor(id: string, parent: string | null, cache: KVCache, budgetBytes: number) {
+    this.id = id;
+    this.parent = parent;
+    this.cache = cache;
+    this.budgetBytes = budgetBytes;
+  }
+
+  /** Tokens in the cache. */
+  get tokens(): number {
+    return this.cache.tokens(0);
+  }
+
+  /** Key and value bytes one token costs across all layers in this session's store. */
+  get bytesPerToken(): number {
+    const { layers, kvHeads, headDim, policy } = this.cache;
+    return layers * kvHeads * headDim * 2 * elementBytes[policy.store.kind];
+  }
+
+  /** Tokens that may still be fed: the tighter of the memory budget and the model's context. */
+  room(seqLen: number): Room {
+    const budgetTokens = Math.floor(this.budgetBytes / this.bytesPerToken);
+    return budgetTokens < seqLen
+      ? { tokens: budgetTokens - this.tokens, limit: 'budget' }
+      : { tokens: seqLen - this.tokens, limit: 'context' };
+  }
+
+  /** What GET /stats shows: the session's state and its cache's live stats(). */
+  describe() {
+    return {
+      id: this.id, parent: this.parent, policy: this.cache.policy, budgetBytes: this.budgetBytes,
+      tokens: this.tokens, pendingTokens: this.pending.length, turns: this.turns, busy: this.busy,
+      stats: this.cache.stats(),
+    };
+  }
+}
+
+export interface SessionStoreOptions {
+  /** Sessions kept at most; beyond it the least recently used idle one is dropped. */
+  maxSessions: number;
+  /** Budget of a session that asks for none, and the most one may ask for. */
+  budgetBytes: number;
+}
+
+/** Sessions by id, least recently used first. */
+export class SessionStore {
+  readonly #model: Llama2;
+  readonly #options: SessionStoreOptions;
+  readonly #sessions = new Map<string, Session>();
+
+  constructor(model: Llama2, options: SessionStoreOptions) {
+    this.#model = model;
+    this.#options = options;
+  }
+
+  get size(): number {
+    return this.#sessions.size;
+  }
+
+  get budgetBytes(): number {
+    return this.#options.budgetBytes;
+  }
+
+  /** The session with this id (now the most recently used), or undefined. */
+  get(id: string): Session | undefined {
+    const session = this.#sessions.get(id);
+    if (session !== undefined) {
+      this.#sessions.delete(id);
+      this.#sessions.set(id, session);
+    }
+    return session;
+  }
+
+  /**
+   * A new, unregistered session with an empty cache (`add` keeps it). A bad policy throws the
+   * cache's `KVSlimError` (`ERR_OPTION`).
+   */
+  create(id: string | undefined, policy: PolicySpec | undefined, budgetBytes = this.#options.budgetBytes): Session {
+    this.#checkBudget(budgetBytes);
+    const cache = this.#model.createCache(policy === undefined ? {} : { policy });
+    return new Session(id ?? randomUUID(), null, cache, budgetBytes);
+  }
+
+  /** A new, unregistered session sharing `source`'s cache copy-on-write and its pending tokens. */
+  fork(source: Session, id: string | undefined): Session {
+    const session = new Session(id ?? randomUUID(), source.id, source.cache.fork(), source.budgetBytes);
+    session.pending = [...source.pending];
+    return session;
+  }
+
+  /** Registers a session, dropping the least recently used idle ones beyond maxSessions. */
+  add(session: Session): void {
+    if (this.#sessions.has(session.id)) throw new RequestError(409, 'ERR_CONFLICT', `Session '${session.id}' already exists`);
+    for (const [id, old] of this.#sessions) {
+      if (this.#sessions.size < this.#options.maxSessions) break;
+      if (!old.busy) this.delete(id);
+    }
+    if (this.#sessions.size >= this.#options.maxSessions) {
+      throw new RequestError(503, 'ERR_BUSY', `All ${this.#options.maxSessions} sessions are generating; retry later`);
+    }
+    this.#sessions.set(session.id, session);
+  }
+
+  /** Drops a session and frees its cache; false when there is none. */
+  delete(id: string): boolean {
+    const session = this.#sessions.get(id);
+    if (session === undefined) return false;
+    this.#sessions.delete(id);
+    session.cache.dispose();
+    return true;
+  }
+
+  /** Every session, least recently used first. */
+  list(): Session[] {
+    return [...this.#sessions.values()];
+  }
+
+  /** Frees every cache (server shutdown). */
+  clear(): void {
+    for (const id of [...this.#sessions.keys()]) this.delete(id);
+  }
+
+  #checkBudget(budgetBytes: number): void {
+    if (!Number.isSafeInteger(budgetBytes) || budgetBytes < 1 || budgetBytes > this.#options.budgetBytes) {
+      throw new RequestError(
+        400, 'ERR_BAD_REQUEST', `Expected budgetBytes to be an integer in [1, ${this.#options.budgetBytes}] but received ${String(budgetBytes)}`,
+      );
+    }
+  }
+}
