@@ -73,7 +73,7 @@ inline void softmaxBlock(float* scores, int32_t stride, int32_t rows, int32_t co
 // ---------------------------------------------------------------------------------------------
 // Decode: few rows, keys read once from their pages in stored dtype (memory-bound).
 
-constexpr int32_t kDecodeBlock = 64;
+constexpr int32_t kDecodeBlock = 32;
 
 template <class V, DType T, int ROWS>
 void decodeRangeRows(const DecodeRange& range) {

@@ -4,18 +4,6 @@
 
 namespace kvslim::cpu {
 
-namespace {
-constexpr int kSpinsBeforeSleep = 20000;  // roughly 50-200 microseconds
-
-inline void cpuRelax() {
-#if defined(__x86_64__) || defined(__i386__)
-  __builtin_ia32_pause();
-#elif defined(__aarch64__)
-  __asm__ volatile("yield");
-#endif
-}
-}  // namespace
-
 ThreadPool::ThreadPool(int32_t threads) {
   for (int32_t w = 1; w < threads; ++w) workers_.emplace_back([this, w] { workerLoop(w); });
 }
@@ -36,11 +24,6 @@ void ThreadPool::runTasks(int32_t worker) {
 void ThreadPool::workerLoop(int32_t worker) {
   uint64_t seen = 0;
   for (;;) {
-    // Spin briefly before sleeping: a decode loop issues one job per layer back to back, and a
-    // condition-variable wake-up costs tens of microseconds on a VM, as much as a short job.
-    for (int spin = 0; spin < kSpinsBeforeSleep && generation_.load(std::memory_order_acquire) == seen; ++spin) {
-      cpuRelax();
-    }
     {
       std::unique_lock<std::mutex> lock(stateMutex_);
       wake_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
