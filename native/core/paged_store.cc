@@ -58,8 +58,14 @@ Status PagedStore::append(int32_t layer, const HostTensor& k, const HostTensor& 
 
   // Convert and check everything before touching the store, so a NaN leaves it unchanged.
   // Staging is head-major ([kvHeads, n, headDim]) so each page receives one contiguous upload.
-  std::vector<uint8_t> keys(size_t(n) * size_t(kvHeads) * rowBytes);
-  std::vector<uint8_t> values(keys.size());
+  // Grow-only per-thread staging: a fresh multi-megabyte buffer per append would be mapped and
+  // page-faulted on every call.
+  thread_local std::vector<uint8_t> keys, values;
+  const size_t stagingBytes = size_t(n) * size_t(kvHeads) * rowBytes;
+  if (keys.size() < stagingBytes) {
+    keys.resize(stagingBytes);
+    values.resize(stagingBytes);
+  }
   for (int64_t t = 0; t < n; ++t) {
     for (int32_t h = 0; h < kvHeads; ++h) {
       const size_t first = (size_t(t) * size_t(kvHeads) + size_t(h)) * rowElements;
