@@ -60,6 +60,7 @@
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",
         "native/cpu/scratch.cc",
+        "native/cpu/page_pool.cc",
         "native/napi/addon.cc",
         "native/napi/cache_wrap.cc",
         "native/napi/convert.cc",

@@ -138,12 +138,15 @@ void decodeRangeRows(const DecodeRange& range) {
         prefetchRows(nextKeyRows + j0, ahead, rowBytes);
         prefetchRows(nextValueRows + j0, ahead, rowBytes);
       }
+      // A short last group repeats its first token (its partial sums are ignored): the chunk loop
+      // stays branch-free with the row pointers in registers.
+      const uint8_t* groupRows[TOKENS];
+      for (int32_t t = 0; t < TOKENS; ++t) groupRows[t] = keyRows[j0 + (t < tokens ? t : 0)];
       for (int32_t c = 0; c < chunks; ++c) {
         R q[ROWS];
         for (int32_t r = 0; r < ROWS; ++r) q[r] = V::load(range.q + r * dim + c * V::W);
         for (int32_t t = 0; t < TOKENS; ++t) {
-          if (t >= tokens) break;
-          const R k = loadRow<V, T>(keyRows[j0 + t], c * V::W);
+          const R k = loadRow<V, T>(groupRows[t], c * V::W);
           for (int32_t r = 0; r < ROWS; ++r) partial[r * TOKENS + t] = V::fmadd(q[r], k, partial[r * TOKENS + t]);
         }
       }

@@ -1,0 +1,86 @@
+#include "page_pool.h"
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <cstdint>
+
+namespace kvslim::cpu {
+
+namespace {
+constexpr size_t kHugePage = size_t(2) << 20;
+
+// An anonymous mapping of `bytes` aligned to 2 MiB (so the huge-page hint can apply).
+char* mapAligned(size_t bytes, size_t* mappedBytes) {
+  *mappedBytes = bytes + kHugePage;
+  void* raw = mmap(nullptr, *mappedBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  if (raw == MAP_FAILED) return nullptr;
+  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHugePage - 1) & ~(kHugePage - 1));
+  // Give back the unaligned head and tail so the mapping is exactly [base, base + bytes).
+  const size_t head = size_t(base - static_cast<char*>(raw));
+  if (head > 0) munmap(raw, head);
+  const size_t tail = *mappedBytes - head - bytes;
+  if (tail > 0) munmap(base + bytes, tail);
+  *mappedBytes = bytes;
+#ifdef MADV_HUGEPAGE
+  madvise(base, bytes, MADV_HUGEPAGE);
+#endif
+  return base;
+}
+}  // namespace
+
+PagePool::~PagePool() {
+  for (auto& [base, slab] : slabs_) munmap(base, slab.mappedBytes);
+}
+
+bool PagePool::addSlab(size_t blockBytes) {
+  const size_t slabBytes = std::max(kSlabBytes, (blockBytes + kHugePage - 1) / kHugePage * kHugePage);
+  size_t mapped = 0;
+  char* base = mapAligned(slabBytes, &mapped);
+  if (base == nullptr) return false;
+  Slab slab;
+  slab.blockBytes = blockBytes;
+  slab.blocks = slabBytes / blockBytes;
+  slab.mappedBytes = mapped;
+  slabs_.emplace(base, slab);
+  std::vector<void*>& list = freeBlocks_[blockBytes];
+  // Pushed in reverse so blocks are handed out in address order.
+  for (size_t i = slab.blocks; i-- > 0;) list.push_back(base + i * blockBytes);
+  freeBytes_ += slab.blocks * blockBytes;
+  return true;
+}
+
+void* PagePool::allocate(size_t bytes) {
+  const size_t blockBytes = bytes == 0 ? 64 : (bytes + 63) / 64 * 64;
+  std::lock_guard<std::mutex> lock(mutex_);
+  std::vector<void*>& list = freeBlocks_[blockBytes];
+  if (list.empty() && !addSlab(blockBytes)) return nullptr;
+  void* block = list.back();
+  list.pop_back();
+  freeBytes_ -= blockBytes;
+  auto slab = std::prev(slabs_.upper_bound(static_cast<char*>(block)));
+  slab->second.used++;
+  return block;
+}
+
+void PagePool::release(void* block) {
+  if (block == nullptr) return;
+  std::lock_guard<std::mutex> lock(mutex_);
+  auto found = std::prev(slabs_.upper_bound(static_cast<char*>(block)));
+  Slab& slab = found->second;
+  freeBlocks_[slab.blockBytes].push_back(block);
+  freeBytes_ += slab.blockBytes;
+  if (--slab.used > 0 || freeBytes_ <= kKeepFreeBytes) return;
+  // An idle slab while much memory is idle: unmap it and forget its blocks.
+  char* base = found->first;
+  char* end = base + slab.blocks * slab.blockBytes;
+  std::vector<void*>& list = freeBlocks_[slab.blockBytes];
+  list.erase(std::remove_if(list.begin(), list.end(),
+                            [&](void* b) { return static_cast<char*>(b) >= base && static_cast<char*>(b) < end; }),
+             list.end());
+  freeBytes_ -= slab.blocks * slab.blockBytes;
+  munmap(base, slab.mappedBytes);
+  slabs_.erase(found);
+}
+
+}  // namespace kvslim::cpu
