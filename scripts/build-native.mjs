@@ -4,6 +4,7 @@
 //   CUDA_HOME / CUDA_PATH      where the toolkit lives (else nvcc on PATH, else /usr/local/cuda)
 //   KVSLIM_CUDA_ARCHS          e.g. "80;86;89;90" (the default)
 // Without --force, an existing prebuild for this platform is used and nothing is compiled.
+// --prebuild packs the result into prebuilds/<platform>-<arch>/ with prebuildify (CUDA included).
 import { spawn, spawnSync } from 'node:child_process';
 import { availableParallelism } from 'node:os';
 import { existsSync, mkdirSync, readdirSync, realpathSync, rmSync } from 'node:fs';
@@ -12,7 +13,8 @@ import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..');
-const force = process.argv.includes('--force');
+const prebuild = process.argv.includes('--prebuild');
+const force = prebuild || process.argv.includes('--force');
 const mode = (process.env.KVSLIM_CUDA ?? 'auto').toLowerCase();
 const archs = (process.env.KVSLIM_CUDA_ARCHS ?? '80;86;89;90').split(/[;,\s]+/).filter(Boolean);
 
@@ -136,6 +138,16 @@ async function main() {
         }
       }
     }
+  }
+  if (prebuild) {
+    // prebuildify runs its own node-gyp; node-gyp turns npm_config_* variables into gyp variables.
+    const env = { ...process.env };
+    if (cuda) Object.assign(env, { npm_config_kvslim_cuda: '1', npm_config_cuda_lib: cuda.library, npm_config_cuda_lib_dir: cuda.libDir });
+    const require = createRequire(import.meta.url);
+    const prebuildify = join(dirname(require.resolve('prebuildify/package.json')), 'bin.js');
+    await run(process.execPath, [prebuildify, '--napi', '--strip'], { env });
+    log(`packed prebuilds/${process.platform}-${process.arch}/ (${cuda ? 'CPU + CUDA' : 'CPU only'})`);
+    return;
   }
   const nodeGyp = nodeGypScript();
   if (!nodeGyp) fail('node-gyp was not found: run this from npm (npm install / npm rebuild) or install node-gyp');
