@@ -335,6 +335,22 @@ double fmaBurn(int64_t iterations, float seed) {
   return double(iterations) * kChains * V::W * 2.0;
 }
 
+template <class V, DType T>
+void toFloat32Of(const void* src, float* dst, int32_t count) {
+  int32_t i = 0;
+  for (; i + V::W <= count; i += V::W) V::store(dst + i, loadRow<V, T>(src, i));
+  for (; i < count; ++i) dst[i] = loadScalar<T>(src, i);
+}
+
+template <class V>
+void toFloat32(const void* src, DType type, float* dst, int32_t count) {
+  switch (type) {
+    case DType::F16: toFloat32Of<V, DType::F16>(src, dst, count); break;
+    case DType::BF16: toFloat32Of<V, DType::BF16>(src, dst, count); break;
+    default: toFloat32Of<V, DType::F32>(src, dst, count); break;
+  }
+}
+
 template <class V>
 KernelTable makeTable() {
   KernelTable table;
@@ -344,6 +360,7 @@ KernelTable makeTable() {
   table.prefillBlockKeys = 2 * V::W;
   table.decodeRange = &decodeRange<V>;
   table.prefillTile = &prefillTile<V>;
+  table.toFloat32 = &toFloat32<V>;
   table.streamSum = &streamSum<V>;
   table.fmaBurn = &fmaBurn<V>;
   return table;

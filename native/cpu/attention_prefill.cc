@@ -4,7 +4,6 @@
 #include <algorithm>
 #include <vector>
 
-#include "../core/tensor_convert.h"
 #include "attention_plan.h"
 #include "scratch.h"
 #include "simd_level.h"
@@ -17,24 +16,24 @@ constexpr int64_t kChunkKeys = 2048;  // f32 K+V of a chunk: kvHeads x 2 MiB at 
 
 // Copies keys [first, first + count) of one head from its pages into f32 buffers:
 // keysTransposed as blocks of [paddedDim, blockKeys], values as [count, paddedDim].
-void convertChunk(const AttentionArgs& args, const KVHeadView& head, int64_t first, int64_t count,
-                  int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values) {
+void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const KVHeadView& head, int64_t first,
+                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values) {
   const int32_t dim = args.headDim;
   const size_t rowBytes = size_t(args.rowStride) * dtypeBytes(args.kvType);
   const int64_t blocks = (count + blockKeys - 1) / blockKeys;
   std::fill(keysTransposed, keysTransposed + size_t(blocks) * size_t(paddedDim) * size_t(blockKeys), 0.0f);
   std::fill(values, values + size_t(blocks) * size_t(blockKeys) * size_t(paddedDim), 0.0f);
+  float keyRow[1024];  // headDim <= 1024
   for (int64_t j = 0; j < count; ++j) {
     const int64_t token = first + j;
     const size_t offset = size_t(token % args.pageTokens) * rowBytes;
     const void* key = static_cast<const uint8_t*>(head.keyPages[token / args.pageTokens]) + offset;
     const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + offset;
+    kernels.toFloat32(value, args.kvType, values + size_t(j) * size_t(paddedDim), dim);
+    kernels.toFloat32(key, args.kvType, keyRow, dim);
     float* keyBlock = keysTransposed + size_t(j / blockKeys) * size_t(paddedDim) * size_t(blockKeys);
     const int64_t lane = j % blockKeys;
-    for (int32_t d = 0; d < dim; ++d) {
-      keyBlock[size_t(d) * size_t(blockKeys) + size_t(lane)] = loadElement(key, args.kvType, size_t(d));
-      values[size_t(j) * size_t(paddedDim) + size_t(d)] = loadElement(value, args.kvType, size_t(d));
-    }
+    for (int32_t d = 0; d < dim; ++d) keyBlock[size_t(d) * size_t(blockKeys) + size_t(lane)] = keyRow[d];
   }
 }
 }  // namespace
@@ -85,7 +84,7 @@ void attentionPrefill(const AttentionArgs& args) {
     pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
       const KVHeadView& head = args.heads[h];
       const int64_t count = std::max<int64_t>(0, std::min(chunkKeys, head.tokens - chunkBegin));
-      convertChunk(args, head, chunkBegin, count, paddedDim, blockKeys, keyChunk + size_t(h) * chunkFloats,
+      convertChunk(kernels, args, head, chunkBegin, count, paddedDim, blockKeys, keyChunk + size_t(h) * chunkFloats,
                    valueChunk + size_t(h) * chunkFloats);
     });
     pool.parallelFor(int64_t(args.kvHeads) * tilesPerHead, threads, [&](int64_t task, int32_t worker) {

@@ -56,6 +56,8 @@ struct KernelTable {
   int32_t prefillBlockKeys;   // keys per prefill block (2 registers)
   void (*decodeRange)(const DecodeRange& range);
   void (*prefillTile)(const PrefillTile& tile);
+  // dst[i] = src[i] as f32 for i < count (prefill converts stored key/value rows once per chunk).
+  void (*toFloat32)(const void* src, DType type, float* dst, int32_t count);
   // Sum of `count` floats (bandwidth probe: a pure streaming read).
   float (*streamSum)(const float* data, size_t count);
   // Runs `iterations` rounds of independent FMA chains; returns FLOPs done (FMA peak probe).
