@@ -1,24 +1,19 @@
 #!/usr/bin/env node
 // The `kvslim` command line. `kvslim trace` runs a llama2.c checkpoint over a prompt (the runner of
 // lib/models/llama2c, loaded only for this command) and writes what each attention layer saw as a
-// safetensors trace (lib/trace/trace.ts).
-import { realpathSync } from 'node:fs';
+// safetensors trace (lib/trace/trace.ts). `kvslim eval` replays a workload or trace through cache
+// policies (lib/eval); `kvslim inspect` lists a safetensors file.
+import { realpathSync, writeFileSync } from 'node:fs';
 import { basename } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
 import { KVSlimError } from './errors.js';
+import type { Report } from './eval/report.js';
+import type { PolicySpec } from './policy.js';
 import type { TraceLayer } from './trace/trace.js';
 
-const usage = `Usage: kvslim <command> [options]
-
-Commands:
-  trace      run a llama2.c model over a prompt; write each layer's Q/K/V as a safetensors trace
-  help       this text (also --help)
-
-Planned, not available yet: evaluate, bench, score-heads
-
-kvslim trace --model <model.bin> --tokenizer <tokenizer.bin> --prompt <text> [options]
+const traceUsage = `kvslim trace --model <model.bin> --tokenizer <tokenizer.bin> --prompt <text> [options]
   --model <path>        llama2.c checkpoint (legacy format)
   --tokenizer <path>    its tokenizer.bin
   --prompt <text>       the text to run (BOS and a dummy-prefix space are added, as llama2.c does)
@@ -32,7 +27,44 @@ The trace holds, per layer i: layers.{i}.q [n, heads, headDim], layers.{i}.k and
 __metadata__ holds format, config (shapes, RoPE, model facts) and tokens (the n token ids).
 `;
 
-const planned = new Set(['evaluate', 'eval', 'bench', 'score-heads']);
+const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <spec>]... [options]
+  --workload <name>     built-in synthetic workload: needles-4k (default), needles-32k
+  --trace <file>        a kvslim trace (kvslim trace): rows after the prompt are the queries
+  --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16
+                        (full selection with that store), or a PolicySpec as JSON, e.g.
+                        '{"select":{"kind":"full"},"store":{"kind":"bf16"}}'
+  --turns <n>           query turns to run (default: all the source holds)
+  --mode <mode>         multi-turn (default), multi-request, or both
+  --seed <n>            seed of the workload generator (default: the workload's own)
+  --device cpu|cuda     where caches live (default cpu)
+  --json <path>         write the reports (scbench-report/1, one per policy x mode) as JSON
+  --html <path>         write a self-contained HTML page of charts
+
+Prints a table per run: compression ratio (bytes / full f16), attention output error against exact
+attention (relative L2, cosine), needle hit rate (policy and exact), prefill and decode times.
+`;
+
+const inspectUsage = `kvslim inspect <file.safetensors>
+  Lists the tensors (name, dtype, shape, bytes) and the __metadata__ of a safetensors file.
+`;
+
+const usage = `Usage: kvslim <command> [options]
+
+Commands:
+  trace      run a llama2.c model over a prompt; write each layer's Q/K/V as a safetensors trace
+  eval       evaluate cache policies on a workload or trace (SCBench-style report)
+  inspect    list the tensors and metadata of a safetensors file
+  help       this text (also --help); kvslim <command> --help for one command
+
+Planned, not available yet: bench, score-heads
+
+${traceUsage}
+${evalUsage}
+${inspectUsage}`;
+
+const planned = new Set(['bench', 'score-heads']);
+/** Help text per command. */
+const commandUsage: Record<string, string> = { trace: traceUsage, eval: evalUsage, evaluate: evalUsage, inspect: inspectUsage };
 
 /** Writes the trace of one prompt (plus `steps` greedy tokens); resolves to the exit status. */
 async function trace(argv: string[]): Promise<number> {
@@ -109,8 +141,115 @@ async function trace(argv: string[]): Promise<number> {
   return 0;
 }
 
-/** A command-line mistake: printed with the usage, exit status 2. */
+/** Policy shorthands of `kvslim eval --policy`: full selection with the named store. */
+const policyShorthands: Record<string, PolicySpec> = {
+  full: {}, f16: { store: { kind: 'f16' } }, f32: { store: { kind: 'f32' } }, bf16: { store: { kind: 'bf16' } },
+  'full/f16': { store: { kind: 'f16' } }, 'full/f32': { store: { kind: 'f32' } }, 'full/bf16': { store: { kind: 'bf16' } },
+};
+
+/** A `--policy` argument: a shorthand or a PolicySpec as JSON (checked by evaluate before any work). */
+function parsePolicy(text: string): PolicySpec {
+  if (Object.hasOwn(policyShorthands, text)) return policyShorthands[text];
+  if (text.trimStart().startsWith('{')) {
+    try {
+      return JSON.parse(text) as PolicySpec;
+    } catch (error) {
+      throw new UsageError(`--policy '${text}' is not valid JSON (${(error as Error).message})`);
+    }
+  }
+  throw new UsageError(`--policy must be one of ${Object.keys(policyShorthands).join(', ')} or a PolicySpec as JSON, not '${text}'`);
+}
+
+function nonNegativeInteger(flag: string, text: string | undefined, minimum: number): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (!/^\d+$/.test(text.trim()) || !Number.isSafeInteger(value) || value < minimum) throw new UsageError(`${flag} must be an integer >= ${minimum}, not '${text}'`);
+  return value;
+}
+
+/** Evaluates policies on a workload or trace; prints a table, writes JSON / HTML; resolves to the exit status. */
+async function evalCommand(argv: string[]): Promise<number> {
+  const { values, positionals } = parseArgs({
+    args: argv,
+    options: {
+      workload: { type: 'string' }, trace: { type: 'string' }, policy: { type: 'string', multiple: true },
+      turns: { type: 'string' }, mode: { type: 'string', default: 'multi-turn' }, seed: { type: 'string' },
+      device: { type: 'string', default: 'cpu' }, json: { type: 'string' }, html: { type: 'string' },
+    },
+  });
+  if (positionals.length > 0) throw new UsageError(`eval takes no positional arguments, received '${positionals.join(' ')}'`);
+  if (values.workload !== undefined && values.trace !== undefined) throw new UsageError('eval takes --workload or --trace, not both');
+  const modes = values.mode === 'both' ? (['multi-turn', 'multi-request'] as const) : [values.mode];
+  for (const mode of modes) {
+    if (mode !== 'multi-turn' && mode !== 'multi-request') throw new UsageError(`--mode must be multi-turn, multi-request or both, not '${values.mode}'`);
+  }
+  const device = values.device;
+  if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, not '${device}'`);
+  const policies = (values.policy ?? ['full']).map(parsePolicy);
+  const turns = nonNegativeInteger('--turns', values.turns, 1);
+  const seed = nonNegativeInteger('--seed', values.seed, 0);
+
+  const { WORKLOADS } = await import('./eval/workload.js');
+  const workload = values.workload ?? (values.trace === undefined ? 'needles-4k' : undefined);
+  if (workload !== undefined && !Object.hasOwn(WORKLOADS, workload)) {
+    throw new UsageError(`--workload must be one of ${Object.keys(WORKLOADS).join(', ')}, not '${workload}'`);
+  }
+  // The evaluator (and the native addon behind it) load only once the arguments are known good.
+  const [{ evaluate }, { formatTable }, { renderHtml }, { readTrace }] = await Promise.all([
+    import('./eval/evaluate.js'), import('./eval/report.js'), import('./eval/html.js'), import('./trace/trace.js'),
+  ]);
+  const source = workload ?? readTrace(values.trace as string);
+  const started = performance.now();
+  const interactive = process.stderr.isTTY === true;
+  const reports: Report[] = [];
+  for (const mode of modes as Array<'multi-turn' | 'multi-request'>) {
+    reports.push(...evaluate({
+      source, policies, mode, turns, seed, device,
+      onProgress: ({ policy, stage, turn, turns: total }) => {
+        const seconds = ((performance.now() - started) / 1000).toFixed(1);
+        const what = { source: 'preparing the source', reference: 'exact reference', prefill: 'prefill', turn: `turn ${turn}/${total}` }[stage];
+        const who = stage === 'source' ? '' : ` ${policy}`;
+        process.stderr.write(`${interactive ? '\r\x1b[K' : ''}kvslim eval [${mode}]${who}: ${what} (${seconds} s)${interactive ? '' : '\n'}`);
+      },
+    }));
+  }
+  if (interactive) process.stderr.write('\r\x1b[K');
+  process.stdout.write(formatTable(reports));
+  process.stdout.write(`(${((performance.now() - started) / 1000).toFixed(1)} s)\n`);
+  if (values.json !== undefined) {
+    writeFileSync(values.json, JSON.stringify(reports, null, 2) + '\n');
+    process.stdout.write(`wrote ${values.json}\n`);
+  }
+  if (values.html !== undefined) {
+    writeFileSync(values.html, renderHtml(reports));
+    process.stdout.write(`wrote ${values.html}\n`);
+  }
+  return 0;
+}
+
+/** Lists a safetensors file's tensors and metadata; resolves to the exit status. */
+async function inspect(argv: string[]): Promise<number> {
+  const { positionals } = parseArgs({ args: argv, options: {}, allowPositionals: true });
+  if (positionals.length !== 1) throw new UsageError(`inspect takes one file, received ${positionals.length}`);
+  const [path] = positionals;
+  const [{ readFileSync }, { readSafetensors }] = await Promise.all([import('node:fs'), import('./trace/safetensors.js')]);
+  const { tensors, metadata } = readSafetensors(readFileSync(path));
+  const rows = Object.entries(tensors).map(([name, t]) => [name, t.dtype, `[${t.shape.join(', ')}]`, String(t.data.byteLength)]);
+  const header = ['tensor', 'dtype', 'shape', 'bytes'];
+  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
+  const line = (cells: string[]) => cells.map((cell, column) => (column === 3 ? cell.padStart(widths[column]) : cell.padEnd(widths[column]))).join('  ').trimEnd();
+  const totalBytes = Object.values(tensors).reduce((sum, t) => sum + t.data.byteLength, 0);
+  let text = `${path}: ${rows.length} tensors, ${totalBytes} bytes\n${[line(header), ...rows.map(line)].join('\n')}\n`;
+  const entries = Object.entries(metadata);
+  text += entries.length === 0 ? 'no metadata\n' : `metadata:\n${entries.map(([key, value]) => `  ${key}: ${value.length > 300 ? `${value.slice(0, 300)}... (${value.length} chars)` : value}`).join('\n')}\n`;
+  process.stdout.write(text);
+  return 0;
+}
+
+/** A command-line mistake: printed with the command's usage, exit status 2. */
 class UsageError extends Error {}
+
+const commands: Record<string, (argv: string[]) => Promise<number>> = { trace, eval: evalCommand, evaluate: evalCommand, inspect };
 
 /** Runs the CLI on `argv` (without node and the script); resolves to the exit status. */
 export async function main(argv: string[]): Promise<number> {
@@ -120,12 +259,12 @@ export async function main(argv: string[]): Promise<number> {
       (command === undefined ? process.stderr : process.stdout).write(usage);
       return command === undefined ? 2 : 0;
     }
-    if (command === 'trace') {
+    if (Object.hasOwn(commands, command)) {
       if (rest.includes('--help') || rest.includes('-h')) {
-        process.stdout.write(usage);
+        process.stdout.write(commandUsage[command]);
         return 0;
       }
-      return await trace(rest);
+      return await commands[command](rest);
     }
     if (planned.has(command)) {
       process.stderr.write(`kvslim ${command}: not available yet\n`);
@@ -134,7 +273,8 @@ export async function main(argv: string[]): Promise<number> {
     throw new UsageError(`unknown command '${command}'`);
   } catch (error) {
     if (error instanceof UsageError || (error as { code?: string }).code?.startsWith('ERR_PARSE_ARGS')) {
-      process.stderr.write(`kvslim: ${(error as Error).message}\n\n${usage}`);
+      const help = command !== undefined && Object.hasOwn(commandUsage, command) ? commandUsage[command] : usage;
+      process.stderr.write(`kvslim: ${(error as Error).message}\n\n${help}`);
       return 2;
     }
     const code = error instanceof KVSlimError ? ` [${error.code}]` : '';

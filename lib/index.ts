@@ -17,3 +17,11 @@ export {
 export {
   encodeTrace, readTrace, TRACE_FORMAT, writeTrace, type Trace, type TraceConfig, type TraceLayer, type TraceMeta,
 } from './trace/trace.js';
+export { evaluate, traceSource, type EvaluateOptions } from './eval/evaluate.js';
+export {
+  generateWorkload, WORKLOADS, type EvalSource, type WorkloadConfig, type WorkloadSpec, type WorkloadTurn,
+} from './eval/workload.js';
+export {
+  formatTable, REPORT_SCHEMA, type Report, type TurnFidelity, type TurnLatency, type TurnMemory, type TurnReport,
+} from './eval/report.js';
+export { renderHtml } from './eval/html.js';

@@ -150,9 +150,9 @@ describe.skipIf(!present)('kvslim trace', () => {
   it('answers help, usage errors and planned commands with the documented statuses', async () => {
     expect(await run(['--help']).status).toBe(0);
     expect(await run([]).status).toBe(2);
-    const planned = run(['evaluate']);
+    const planned = run(['bench']);
     expect(await planned.status).toBe(2);
-    expect(planned.output()).toBe('kvslim evaluate: not available yet\n');
+    expect(planned.output()).toBe('kvslim bench: not available yet\n');
     expect(await run(['frobnicate']).status).toBe(2);
     expect(await run(['trace', '--model', modelPath]).status).toBe(2);
     expect(await run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, '--prompt', 'x', '--steps', '-1']).status).toBe(2);

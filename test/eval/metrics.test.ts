@@ -1,0 +1,41 @@
+// Fidelity measures of lib/eval/metrics.ts against values worked out by hand.
+import { describe, expect, it } from 'vitest';
+
+import {
+  argmax, attentionProbabilities, cosine, massRecall, needleHit, outputFidelity, summarize, topkRecall,
+} from '../../lib/eval/metrics.js';
+
+describe('eval metrics', () => {
+  it('measures relative L2 and cosine per head vector, averaged', () => {
+    // Two head vectors of headDim 2: the first exact, the second off by (0, 1) from (3, 4).
+    const exact = new Float32Array([1, 0, 3, 4]);
+    const out = new Float32Array([1, 0, 3, 5]);
+    const { relL2Mean, cosineMean } = outputFidelity(out, exact, 2);
+    expect(relL2Mean).toBeCloseTo((0 + 1 / 5) / 2, 12);
+    expect(cosineMean).toBeCloseTo((1 + (9 + 20) / (5 * Math.sqrt(34))) / 2, 12);
+    expect(cosine([1, 0], [0, 1])).toBe(0);
+  });
+
+  it('computes exact softmax probabilities, mass recall and top-k recall', () => {
+    // q = (ln 2 * sqrt 2, 0), scale 1/sqrt 2: scores ln 2, 0, 0 -> probabilities 1/2, 1/4, 1/4.
+    const q = new Float32Array([Math.LN2 * Math.SQRT2, 0]);
+    const k = new Float32Array([1, 0, 0, 1, 0, 0]);
+    const probs = attentionProbabilities(q, 0, k, 1, 0, 2, 3, Math.SQRT1_2);
+    expect(Array.from(probs).map((p) => Number(p.toFixed(6)))).toEqual([0.5, 0.25, 0.25]);
+    expect(argmax(probs)).toBe(0);
+    expect(massRecall(probs, null)).toBe(1);
+    expect(massRecall(probs, new Set([0, 2]))).toBeCloseTo(0.75, 6);
+    expect(topkRecall(probs, new Set([1]), 2)).toBe(0.5);
+    expect(topkRecall(probs, null)).toBe(1);
+  });
+
+  it('calls a needle hit when its value dominates the output', () => {
+    expect(needleHit([1.25, 2], [1, 2])).toBe(true);
+    expect(needleHit([2, -1], [1, 2])).toBe(false);
+  });
+
+  it('summarizes step times by mean, median and p99', () => {
+    expect(summarize([4, 1, 3, 2])).toEqual({ mean: 2.5, p50: 2, p99: 4 });
+    expect(summarize([])).toEqual({ mean: 0, p50: 0, p99: 0 });
+  });
+});
