@@ -64,12 +64,15 @@ void attentionPrefill(const AttentionArgs& args) {
   pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
     const size_t headFloats = size_t(paddedRows) * size_t(paddedDim);
     float* headQueries = queries + size_t(h) * headFloats;
-    std::fill(headQueries, headQueries + headFloats, 0.0f);
     std::fill(accs + size_t(h) * headFloats, accs + (size_t(h) + 1) * headFloats, 0.0f);
+    // Only the padding needs zeros: the rows are overwritten here.
+    std::fill(headQueries + size_t(layout.rowsPerHead) * size_t(paddedDim), headQueries + headFloats, 0.0f);
+    const float factor = args.scale * kLog2e;
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       const float* src = args.q + layout.queryIndex(args, int32_t(h), row) * dim;
       float* dst = headQueries + size_t(row) * size_t(paddedDim);
-      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * args.scale * kLog2e;
+      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
+      std::fill(dst + dim, dst + paddedDim, 0.0f);
       last[size_t(h) * size_t(paddedRows) + size_t(row)] = lastToken(args, args.heads[h].tokens, layout.position(row));
     }
   });
