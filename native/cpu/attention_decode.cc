@@ -30,13 +30,15 @@ void attentionDecode(const AttentionArgs& args) {
   const int64_t splits = std::max<int64_t>(1, std::min(wanted, (maxTokens + kMinSplitTokens - 1) / kMinSplitTokens));
   const int64_t splitTokens = (maxTokens + splits - 1) / splits;
 
-  // Queries scaled once by scale * log2(e) so the kernels use exp2.
+  // Queries scaled once by scale * log2(e) so the kernels use exp2 (the same rounding as prefill:
+  // decoding token by token must give what one prefill gives).
+  const float factor = args.scale * kLog2e;
   std::vector<float> scaled(size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
   for (int32_t h = 0; h < args.kvHeads; ++h) {
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       const float* src = args.q + layout.queryIndex(args, h, row) * dim;
       float* dst = scaled.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(dim);
-      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * args.scale * kLog2e;
+      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
     }
   }
 
