@@ -8,14 +8,15 @@ import { fileURLToPath } from 'node:url';
 interface ResultCase {
   id: string; kind: string; device: string; store?: string; tokens: number; status: string;
   time?: { medianMs: number; spreadLowMs: number; spreadHighMs: number };
-  derived?: Record<string, number | null | undefined>;
+  gbPerSecond?: number; bandwidthFraction?: number | null; gflopsPerSecond?: number; peakFraction?: number | null;
+  speedup?: number;
 }
 
 const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const resultsPath = resolve(process.argv[2] ?? join(root, 'bench', 'results', 'latest.json'));
 const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   createdAt: string; machine: { cpuModel: string; cores: number; node: string };
-  kvslim: { simd?: string; threads?: number; cpu?: { simd: string; threads: number } };
+  kvslim: { backends: { cpu: { simd: string; threads: number } } };
   limits: { readBytesPerSecond: number; fmaFlopsPerSecond: number; after?: { readBytesPerSecond: number; fmaFlopsPerSecond: number } };
   cases: ResultCase[];
 };
@@ -24,20 +25,20 @@ const number = (value: unknown, digits: number): string => (typeof value === 'nu
 const lines: string[] = [];
 const limits = results.limits;
 lines.push(
-  `Measured ${results.createdAt} on ${results.machine.cpuModel} (${results.machine.cores} cores), Node ${results.machine.node}; ` +
+  `Measured ${results.createdAt} on ${results.machine.cpuModel} (${results.machine.cores} cores, ` +
+    `${results.kvslim.backends.cpu.simd}, ${results.kvslim.backends.cpu.threads} threads), Node ${results.machine.node}; ` +
     `read bandwidth ${number(limits.readBytesPerSecond / 1e9, 1)} GB/s and f32 FMA peak ${number(limits.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s ` +
     `probed in the same run${limits.after ? ` (after the cases: ${number(limits.after.readBytesPerSecond / 1e9, 1)} GB/s, ${number(limits.after.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s)` : ''}.`,
   '',
-  '| case | ms (median) | spread ms | rate | of machine limit | vs plain JS |',
+  '| case | ms (median) | spread ms (p10–p90) | rate | of the probed limit | vs plain JS |',
   '| --- | ---: | ---: | ---: | ---: | ---: |',
 );
 for (const c of results.cases) {
   if (c.id.startsWith('js-') || c.status !== 'ok' || !c.time) continue;
-  const d = c.derived ?? {};
-  const rate = c.kind === 'decode' ? `${number(d.gbPerSecond, 1)} GB/s` : `${number(d.gflopPerSecond, 0)} GFLOP/s`;
-  const fraction = c.kind === 'decode' ? number(d.fractionOfBandwidth, 2) : number(d.fractionOfPeak, 2);
+  const rate = c.kind === 'decode' ? `${number(c.gbPerSecond, 1)} GB/s` : `${number(c.gflopsPerSecond, 0)} GFLOP/s`;
+  const fraction = c.kind === 'decode' ? number(c.bandwidthFraction, 2) : number(c.peakFraction, 2);
   lines.push(
-    `| ${c.id} | ${number(c.time.medianMs, 2)} | ${number(c.time.spreadLowMs, 2)}–${number(c.time.spreadHighMs, 2)} | ${rate} | ${fraction} | ${number(d.speedUp, 0)}× |`,
+    `| ${c.id} | ${number(c.time.medianMs, 2)} | ${number(c.time.spreadLowMs, 2)}–${number(c.time.spreadHighMs, 2)} | ${rate} | ${fraction} | ${number(c.speedup, 0)}× |`,
   );
 }
 lines.push('', `Reproduce with \`npm run bench\` (JSON in \`bench/results/\`); one row with \`npm run bench -- --case <case>\`.`);
