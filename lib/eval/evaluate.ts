@@ -1,4 +1,4 @@
-// The evaluation runner (SCBench-style, ../shared/methods/scbench.md): one shared context, several
+// The evaluation runner (SCBench-style, the scbench method spec (methods/scbench.md)): one shared context, several
 // query turns, every policy. For each policy the context is built once (appended, its last
 // `observedTokens` prefilled so query-aware policies see queries), then each turn's query tokens are
 // decoded one step at a time. Multi-turn: the turns extend one cache. Multi-request: each turn runs on

@@ -1,4 +1,4 @@
-// Fidelity measures of `evaluate` (SCBench-style, see ../shared/methods/scbench.md): a policy's
+// Fidelity measures of `evaluate` (SCBench-style, see the scbench method spec (methods/scbench.md)): a policy's
 // attention output against exact attention, per query token and query head, in float64.
 
 /** Cosine at or above which a needle's value is said to dominate an attention output. */

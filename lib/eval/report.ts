@@ -1,5 +1,5 @@
 // The report `evaluate` emits: one object per policy x source x mode, in the SCBench-style schema of
-// ../shared/methods/scbench.md (last section), plus a few fields that schema asks to report beside
+// the scbench method spec (methods/scbench.md) (last section), plus a few fields that schema asks to report beside
 // the ratio (retainedRatio, metaBytes) and the needle measures of kvslim's synthetic workloads.
 import type { PolicySpec, ResolvedPolicy } from '../policy.js';
 

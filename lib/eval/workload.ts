@@ -1,5 +1,5 @@
 // Built-in synthetic workloads for `evaluate`: deterministic from a seed, shaped like the caches real
-// models build (SCBench's Retr.KV task in miniature, see ../shared/methods/scbench.md):
+// models build (SCBench's Retr.KV task in miniature, see the scbench method spec (methods/scbench.md)):
 //  - an attention sink: token 0's key lies along a direction every query shares, so it takes a
 //    large share of the mass of ordinary queries;
 //  - a few large-magnitude key channels (a constant offset per head, as in KIVI's per-channel
