@@ -58,10 +58,16 @@ Status PagedStore::append(int32_t layer, const HostTensor& k, const HostTensor& 
 
   // Convert and check everything before touching the store, so a NaN leaves it unchanged.
   // Staging is head-major ([kvHeads, n, headDim]) so each page receives one contiguous upload.
-  // Grow-only per-thread staging: a fresh multi-megabyte buffer per append would be mapped and
-  // page-faulted on every call.
-  thread_local std::vector<uint8_t> keys, values;
+  // Grow-only per-thread staging up to kKeepStagingBytes: a fresh multi-megabyte buffer per
+  // append would be mapped and page-faulted on every call. Larger appends (long prompts) use a
+  // buffer of their own, freed when they return.
+  constexpr size_t kKeepStagingBytes = size_t(64) << 20;
+  thread_local std::vector<uint8_t> keptKeys, keptValues;
+  std::vector<uint8_t> ownKeys, ownValues;
   const size_t stagingBytes = size_t(n) * size_t(kvHeads) * rowBytes;
+  const bool keep = stagingBytes <= kKeepStagingBytes;
+  std::vector<uint8_t>& keys = keep ? keptKeys : ownKeys;
+  std::vector<uint8_t>& values = keep ? keptValues : ownValues;
   if (keys.size() < stagingBytes) {
     keys.resize(stagingBytes);
     values.resize(stagingBytes);
