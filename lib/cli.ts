@@ -3,8 +3,9 @@
 // lib/models/llama2c, loaded only for this command) and writes what each attention layer saw as a
 // safetensors trace (lib/trace/trace.ts). `kvslim eval` replays a workload or trace through cache
 // policies (lib/eval); `kvslim inspect` lists a safetensors file.
-import { realpathSync, writeFileSync } from 'node:fs';
-import { basename } from 'node:path';
+import { spawnSync } from 'node:child_process';
+import { existsSync, realpathSync, writeFileSync } from 'node:fs';
+import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
 
@@ -48,23 +49,33 @@ const inspectUsage = `kvslim inspect <file.safetensors>
   Lists the tensors (name, dtype, shape, bytes) and the __metadata__ of a safetensors file.
 `;
 
+const benchUsage = `kvslim bench [bench options]
+  Runs the benchmark (the same as npm run bench): decode and prefill attention of a Llama-3-8B
+  layer against this machine's measured memory bandwidth and FMA peak, and a plain-JS baseline.
+  Its own options (--quick, --only decode|prefill, --case <id>, --json <path>) follow: kvslim bench --quick.
+`;
+
 const usage = `Usage: kvslim <command> [options]
 
 Commands:
   trace      run a llama2.c model over a prompt; write each layer's Q/K/V as a safetensors trace
   eval       evaluate cache policies on a workload or trace (SCBench-style report)
   inspect    list the tensors and metadata of a safetensors file
+  bench      run the benchmark (npm run bench)
   help       this text (also --help); kvslim <command> --help for one command
 
-Planned, not available yet: bench, score-heads
+Planned, not available yet: score-heads
 
 ${traceUsage}
 ${evalUsage}
-${inspectUsage}`;
+${inspectUsage}
+${benchUsage}`;
 
-const planned = new Set(['bench', 'score-heads']);
+const planned = new Set(['score-heads']);
 /** Help text per command. */
-const commandUsage: Record<string, string> = { trace: traceUsage, eval: evalUsage, evaluate: evalUsage, inspect: inspectUsage };
+const commandUsage: Record<string, string> = {
+  trace: traceUsage, eval: evalUsage, evaluate: evalUsage, inspect: inspectUsage, bench: benchUsage,
+};
 
 /** Writes the trace of one prompt (plus `steps` greedy tokens); resolves to the exit status. */
 async function trace(argv: string[]): Promise<number> {
@@ -249,7 +260,22 @@ async function inspect(argv: string[]): Promise<number> {
 /** A command-line mistake: printed with the command's usage, exit status 2. */
 class UsageError extends Error {}
 
-const commands: Record<string, (argv: string[]) => Promise<number>> = { trace, eval: evalCommand, evaluate: evalCommand, inspect };
+/** Runs the compiled benchmark (dist/bench/main.js) in a child process with the given options. */
+async function bench(argv: string[]): Promise<number> {
+  const here = dirname(fileURLToPath(import.meta.url));
+  // dist/lib/cli.js next to dist/bench/, or lib/cli.ts in a clone with dist/ built.
+  const candidates = [join(here, '..', 'bench', 'main.js'), join(here, '..', 'dist', 'bench', 'main.js')];
+  const script = candidates.find((path) => existsSync(path));
+  if (script === undefined) {
+    throw new KVSlimError('ERR_OPTION', `the benchmark is not built (looked for ${candidates.join(', ')}); run npm run build:ts`);
+  }
+  const child = spawnSync(process.execPath, [script, ...argv], { stdio: 'inherit' });
+  return child.status ?? 1;
+}
+
+const commands: Record<string, (argv: string[]) => Promise<number>> = {
+  trace, eval: evalCommand, evaluate: evalCommand, inspect, bench,
+};
 
 /** Runs the CLI on `argv` (without node and the script); resolves to the exit status. */
 export async function main(argv: string[]): Promise<number> {

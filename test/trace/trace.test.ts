@@ -150,9 +150,12 @@ describe.skipIf(!present)('kvslim trace', () => {
   it('answers help, usage errors and planned commands with the documented statuses', async () => {
     expect(await run(['--help']).status).toBe(0);
     expect(await run([]).status).toBe(2);
-    const planned = run(['bench']);
+    const planned = run(['score-heads']);
     expect(await planned.status).toBe(2);
-    expect(planned.output()).toBe('kvslim bench: not available yet\n');
+    expect(planned.output()).toBe('kvslim score-heads: not available yet\n');
+    const benchHelp = run(['bench', '--help']);
+    expect(await benchHelp.status).toBe(0);
+    expect(benchHelp.output()).toMatch(/^kvslim bench/);
     expect(await run(['frobnicate']).status).toBe(2);
     expect(await run(['trace', '--model', modelPath]).status).toBe(2);
     expect(await run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, '--prompt', 'x', '--steps', '-1']).status).toBe(2);
