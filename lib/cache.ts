@@ -191,14 +191,11 @@ export class KVCache {
     const device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
     const threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
     const native = addon.loadCache(bytes, device, threads);
-    const header = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
-    // Header fields after the 8-byte magic and u32 version: layers, qHeads, kvHeads, headDim, store.
-    const field = (index: number) => header.getInt32(12 + 4 * index, true);
-    const store = (['f32', 'f16', 'bf16'] as const)[field(4)];
+    const config = native.config();  // the native side owns the save format
     return new KVCache(
       {
-        layers: field(0), qHeads: field(1), kvHeads: field(2), headDim: field(3),
-        threads: threads === 0 ? undefined : threads, policy: { store: { kind: store } },
+        layers: config.layers, qHeads: config.qHeads, kvHeads: config.kvHeads, headDim: config.headDim,
+        threads: threads === 0 ? undefined : threads, policy: { store: { kind: config.store } },
       },
       native,
       device,
@@ -296,21 +293,24 @@ export class KVCache {
   #checkKV(layer: number, k: Tensor, v: Tensor, options?: CallOptions): NativeDtype {
     this.#checkLayer(layer);
     const dtype = sharedDtype({ k, v }, options?.dtype);
-    rowsOf('k', k, this.kvHeads, this.headDim, 'kvHeads');
+    this.#kvRows(k, v);
+    return dtype;
+  }
+
+  /** Tokens in k (`[n, kvHeads, headDim]`), with v of the same length. */
+  #kvRows(k: Tensor, v: Tensor): number {
+    const n = rowsOf('k', k, this.kvHeads, this.headDim, 'kvHeads');
     if (v.length !== k.length) {
       throw new KVSlimError('ERR_SHAPE', `Expected v to hold as many elements as k (${k.length}) but received ${v.length}`);
     }
-    return dtype;
+    return n;
   }
 
   #checkStep(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): NativeDtype {
     this.#checkLayer(layer);
     const dtype = sharedDtype({ q, k, v }, options?.dtype);
     const n = rowsOf('q', q, this.qHeads, this.headDim, 'qHeads');
-    const kvN = rowsOf('k', k, this.kvHeads, this.headDim, 'kvHeads');
-    if (v.length !== k.length) {
-      throw new KVSlimError('ERR_SHAPE', `Expected v to hold as many elements as k (${k.length}) but received ${v.length}`);
-    }
+    const kvN = this.#kvRows(k, v);
     if (n !== kvN) {
       throw new KVSlimError('ERR_SHAPE', `Expected q and k to hold the same number of tokens but q holds ${n} and k holds ${kvN}`);
     }

@@ -37,6 +37,10 @@ export interface NativeCache {
   stats(): NativeStats;
   save(): Buffer;
   tokens(layer: number): number;
+  config(): {
+    layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
+    scale: number;
+  };
   dispose(): void;
 }
 

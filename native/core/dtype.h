@@ -13,10 +13,6 @@ enum class DType : int32_t { F32 = 0, F16 = 1, BF16 = 2 };
 
 static inline size_t dtypeBytes(DType t) { return t == DType::F32 ? 4 : 2; }
 
-static inline const char* dtypeName(DType t) {
-  return t == DType::F32 ? "f32" : t == DType::F16 ? "f16" : "bf16";
-}
-
 static inline float bitsToFloat(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

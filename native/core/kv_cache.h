@@ -21,7 +21,6 @@ class KVCache {
   static Status create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
 
   const CacheConfig& config() const { return config_; }
-  Backend& backend() const { return *backend_; }
   int64_t tokens(int32_t layer) const { return store_.tokens(layer); }
 
   // k, v: [n, kvHeads, headDim]. All-or-nothing.

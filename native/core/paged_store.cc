@@ -12,10 +12,6 @@ PagedStore::PagedStore(std::shared_ptr<Backend> backend, const PagedStoreShape& 
       heads_(size_t(shape.layers) * size_t(shape.kvHeads)),
       layerTokens_(size_t(shape.layers), 0) {}
 
-size_t PagedStore::bytesPerToken() const {
-  return 2 * size_t(shape_.kvHeads) * size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
-}
-
 size_t PagedStore::pageCount(int32_t layer) const {
   size_t count = 0;
   for (int32_t h = 0; h < shape_.kvHeads; ++h) count += head(layer, h).pages.size();

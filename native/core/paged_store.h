@@ -50,7 +50,6 @@ class PagedStore {
   int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }
   const PagedStoreShape& shape() const { return shape_; }
   size_t bytesPerPage() const { return pageBytes_; }
-  size_t bytesPerToken() const;  // K + V of one token of one layer over all kv heads
   size_t pageCount(int32_t layer) const;
   // Pages of this store that other stores also hold.
   size_t sharedPageCount() const;

@@ -33,6 +33,7 @@ Napi::Function CacheWrap::define(Napi::Env env) {
                       InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
                       InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
                       InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::tokens>("tokens"),
+                      InstanceMethod<&CacheWrap::config>("config"),
                       InstanceMethod<&CacheWrap::dispose>("dispose")});
 }
 
@@ -124,6 +125,21 @@ Napi::Value CacheWrap::tokens(const Napi::CallbackInfo& info) {
     throwStatus(env, Status(ErrorCode::Shape, "layer must be in [0, " + std::to_string(cache.config().layers - 1) + "]"));
   }
   return Napi::Number::New(env, double(cache.tokens(layer)));
+}
+
+// The shape and store of the cache: what KVCache.load() needs to describe a loaded cache in JS.
+Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  const CacheConfig& config = live(env).config();
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("layers", config.layers);
+  result.Set("qHeads", config.qHeads);
+  result.Set("kvHeads", config.kvHeads);
+  result.Set("headDim", config.headDim);
+  result.Set("store", config.storeType == DType::F32 ? "f32" : config.storeType == DType::F16 ? "f16" : "bf16");
+  result.Set("pageTokens", double(config.pageTokens));
+  result.Set("scale", config.scale);
+  return result;
 }
 
 Napi::Value CacheWrap::stats(const Napi::CallbackInfo& info) {
