@@ -49,6 +49,9 @@
         "native/core/status.cc",
         "native/core/tensor_convert.cc",
         "native/core/paged_store.cc",
+        "native/core/kivi_quant.cc",
+        "native/core/kivi_store.cc",
+        "native/core/kivi_ops.cc",
         "native/core/attention_op.cc",
         "native/core/kv_cache.cc",
         "native/core/cache_serialize.cc",
@@ -56,6 +59,7 @@
         "native/cpu/simd_level.cc",
         "native/cpu/thread_pool.cc",
         "native/cpu/attention_decode.cc",
+        "native/cpu/attention_kivi.cc",
         "native/cpu/attention_prefill.cc",
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",
@@ -65,7 +69,8 @@
         "native/napi/cache_wrap.cc",
         "native/napi/convert.cc",
         "native/napi/errors.cc",
-        "native/napi/async_ops.cc"
+        "native/napi/async_ops.cc",
+        "native/napi/kivi_ops.cc"
       ],
       "defines": ["NAPI_VERSION=8"],
       "conditions": [

@@ -42,6 +42,14 @@ export interface CallOptions {
   out?: Float32Array;
 }
 
+// The store part of createCache's options.
+function nativeStore(store: ResolvedPolicy['store']) {
+  if (store.kind === 'kivi') {
+    return { store: 'f16' as const, storeKind: 'kivi' as const, kiviBits: store.bits, kiviGroup: store.group, kiviResidual: store.residual };
+  }
+  return { store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0 };
+}
+
 const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale'] as const;
 
 /**
@@ -91,7 +99,7 @@ export class KVCache {
     this.device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
     this.#native = addon.createCache({
       layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
-      store: this.policy.store.kind,
+      ...nativeStore(this.policy.store),
       pageTokens: o.pageTokens === undefined ? 64 : positiveInteger('pageTokens', o.pageTokens, 1 << 20),
       scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
       threads: this.#threads,
@@ -195,7 +203,12 @@ export class KVCache {
     return new KVCache(
       {
         layers: config.layers, qHeads: config.qHeads, kvHeads: config.kvHeads, headDim: config.headDim,
-        threads: threads === 0 ? undefined : threads, policy: { store: { kind: config.store } },
+        threads: threads === 0 ? undefined : threads,
+        policy: {
+          store: config.storeKind === 'kivi'
+            ? { kind: 'kivi', bits: config.kiviBits as 2 | 4 | 8, group: config.kiviGroup, residual: config.kiviResidual }
+            : { kind: config.store },
+        },
       },
       native,
       device,

@@ -39,7 +39,7 @@ export interface NativeCache {
   tokens(layer: number): number;
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
-    scale: number;
+    scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
   };
   dispose(): void;
 }
@@ -64,8 +64,16 @@ interface Addon {
   }): Float32Array;
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
-    scale: number; threads: number; device: string;
+    scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
+    kiviGroup: number; kiviResidual: number;
   }): NativeCache;
+  quantize(options: {
+    x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;
+  }): { tokens: number; codes: Uint32Array; scales: Float32Array; zeros: Float32Array };
+  dequantize(options: {
+    axis: string; bits: number; group: number; channels: number; tokens: number; codes: Uint32Array;
+    scales: Float32Array; zeros: Float32Array;
+  }): Float32Array;
   loadCache(buffer: Uint8Array, device: string, threads: number): NativeCache;
   probeBandwidth(megabytes: number, threads: number, repeats: number): number;
   probeFmaPeak(threads: number, repeats: number): number;

@@ -1,11 +1,24 @@
 // PolicySpec (DESIGN.md): `select` decides which tokens are kept or loaded, `store` how kept tokens
-// are encoded. This version implements select 'full' and stores f32 / f16 / bf16; the other kinds
-// named by the design are recognised and rejected with a clear message until they land.
+// are encoded. This version implements select 'full' and stores f32 / f16 / bf16 / KIVI; the other
+// kinds named by the design are recognised and rejected with a clear message until they land.
 import { describe } from './errors.js';
-import { knownKeys, optionError, plainObject } from './validate.js';
+import { knownKeys, optionalPositiveInteger, optionError, plainObject } from './validate.js';
 
+/**
+ * KIVI quantization (methods/kivi.md): keys per channel in groups of `group` tokens, values per
+ * token in groups of `group` channels, asymmetric 2/4/8-bit codes with f16 scale and min. The keys
+ * since the last multiple of `residual` tokens and the last `residual` values stay in f16.
+ */
+export interface KiviStoreSpec {
+  kind: 'kivi';
+  bits: 2 | 4 | 8;
+  /** Tokens per key group and channels per value group: a multiple of 16 dividing headDim; default 32. */
+  group?: number;
+  /** Full-precision residual length R: a multiple of group; default 128. */
+  residual?: number;
+}
 /** How kept tokens are stored. */
-export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' };
+export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
 /** Which tokens are kept and loaded. */
 export type SelectSpec = { kind: 'full' };
 /** A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. */
@@ -16,7 +29,7 @@ export interface PolicySpec {
 
 export interface ResolvedPolicy {
   select: SelectSpec;
-  store: StoreSpec;
+  store: { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | Required<KiviStoreSpec>;
 }
 
 const plannedSelect = ['streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo', 'quest', 'retrieval', 'actqkv'];
@@ -39,17 +52,28 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
     knownKeys('policy.select', s, ['kind']);
     select = { kind: 'full' };
   }
-  let store: StoreSpec = { kind: 'f16' };
+  let store: ResolvedPolicy['store'] = { kind: 'f16' };
   if (spec.store !== undefined) {
     const s = plainObject('policy.store', spec.store);
-    if (s.kind !== 'f32' && s.kind !== 'f16' && s.kind !== 'bf16') {
-      throw optionError(
-        `Expected 'f32', 'f16' or 'bf16' for policy.store.kind but received ${describe(s.kind)}` +
-          (s.kind === 'kivi' ? ` (KIVI quantization is not available in this version)` : ''),
-      );
+    if (s.kind === 'kivi') {
+      knownKeys('policy.store', s, ['kind', 'bits', 'group', 'residual']);
+      if (s.bits !== 2 && s.bits !== 4 && s.bits !== 8) {
+        throw optionError(`Expected 2, 4 or 8 for policy.store.bits but received ${describe(s.bits)}`);
+      }
+      const group = optionalPositiveInteger('policy.store.group', s.group, 32, 1 << 20);
+      const residual = optionalPositiveInteger('policy.store.residual', s.residual, 128, 1 << 20);
+      if (group % 16 !== 0) throw optionError(`Expected a multiple of 16 for policy.store.group but received ${group}`);
+      if (residual % group !== 0) {
+        throw optionError(`Expected a multiple of group (${group}) for policy.store.residual but received ${residual}`);
+      }
+      store = { kind: 'kivi', bits: s.bits, group, residual };
+    } else {
+      if (s.kind !== 'f32' && s.kind !== 'f16' && s.kind !== 'bf16') {
+        throw optionError(`Expected 'f32', 'f16', 'bf16' or 'kivi' for policy.store.kind but received ${describe(s.kind)}`);
+      }
+      knownKeys('policy.store', s, ['kind']);
+      store = { kind: s.kind };
     }
-    knownKeys('policy.store', s, ['kind']);
-    store = { kind: s.kind };
   }
   return { select, store };
 }

@@ -6,6 +6,7 @@
 #include <string>
 
 #include "attention_args.h"
+#include "kivi_format.h"
 #include "status.h"
 
 namespace kvslim {
@@ -30,6 +31,8 @@ class Backend {
 
   // args.heads[*] page pointers are backend memory; q and out are host memory.
   virtual Status attention(const AttentionArgs& args) = 0;
+  // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
+  virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
 };
 
 // Owns one allocation in a backend's memory (RAII).

@@ -6,12 +6,18 @@
 
 namespace kvslim {
 
+enum class StoreKind : int32_t { Dense = 0, Kivi = 1 };
+
 struct CacheConfig {
   int32_t layers = 0;
   int32_t qHeads = 0;
   int32_t kvHeads = 0;
   int32_t headDim = 0;
-  DType storeType = DType::F16;
+  DType storeType = DType::F16;      // dense stores
+  StoreKind storeKind = StoreKind::Dense;
+  int32_t kiviBits = 2;              // KIVI stores (methods/kivi.md)
+  int32_t kiviGroup = 32;
+  int64_t kiviResidual = 128;
   int64_t pageTokens = 64;
   float scale = 0.0f;   // 0 = 1 / sqrt(headDim)
   int32_t threads = 0;  // 0 = the whole pool

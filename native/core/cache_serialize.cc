@@ -1,7 +1,10 @@
 // save()/load() of a KVCache. Layout (little-endian):
 //   magic "KVSLIM01" | u32 version | i32 layers, qHeads, kvHeads, headDim, storeType | i64 pageTokens
-//   | f32 scale | i64 tokens[layers] | per layer, per kv head: keys then values, tokens x headDim
-//   elements in store dtype | u64 FNV-1a hash of everything before it.
+//   | f32 scale | (version 2) i32 storeKind, kiviBits, kiviGroup | i64 kiviResidual
+//   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
+// Dense payload: keys then values, tokens x headDim elements in store dtype.
+// KIVI payload: i64 quantizedKeys, quantizedValues | key group records | value token records
+//   | f16 residual keys (tokens - quantizedKeys rows) | f16 residual values (tokens - quantizedValues rows).
 // load() checks every field and the exact size before it allocates, then the hash.
 #include <cmath>
 #include <cstring>
@@ -15,7 +18,7 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 1;
+constexpr uint32_t kVersion = 2;  // 1: dense stores only, no store kind fields
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -71,7 +74,29 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     writer.put(int32_t(config_.storeType));
     writer.put(config_.pageTokens);
     writer.put(config_.scale);
-    for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(store_.tokens(layer));
+    writer.put(int32_t(config_.storeKind));
+    writer.put(config_.kiviBits);
+    writer.put(config_.kiviGroup);
+    writer.put(config_.kiviResidual);
+    for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(tokens(layer));
+    if (kivi()) {
+      KiviStore::HeadImage image;
+      for (int32_t layer = 0; layer < config_.layers; ++layer) {
+        for (int32_t h = 0; h < config_.kvHeads; ++h) {
+          KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
+          writer.put(image.quantizedKeys);
+          writer.put(image.quantizedValues);
+          out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
+          out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
+          const auto* keyRows = reinterpret_cast<const uint8_t*>(image.keyRows.data());
+          out->insert(out->end(), keyRows, keyRows + image.keyRows.size() * 2);
+          const auto* valueRows = reinterpret_cast<const uint8_t*>(image.valueRows.data());
+          out->insert(out->end(), valueRows, valueRows + image.valueRows.size() * 2);
+        }
+      }
+      writer.put(fnv1a(out->data(), out->size()));
+      return Status::ok();
+    }
     const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
     for (int32_t layer = 0; layer < config_.layers; ++layer) {
       const int64_t tokens = store_.tokens(layer);
@@ -103,7 +128,14 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
       !reader.get(&config.pageTokens) || !reader.get(&config.scale)) {
     return corrupt("the header is truncated");
   }
-  if (version != kVersion) return corrupt("unsupported version " + std::to_string(version));
+  if (version != 1 && version != kVersion) return corrupt("unsupported version " + std::to_string(version));
+  int32_t storeKind = 0;
+  if (version >= 2 && (!reader.get(&storeKind) || !reader.get(&config.kiviBits) || !reader.get(&config.kiviGroup) ||
+                       !reader.get(&config.kiviResidual))) {
+    return corrupt("the header is truncated");
+  }
+  if (storeKind != 0 && storeKind != 1) return corrupt("unknown store kind " + std::to_string(storeKind));
+  config.storeKind = StoreKind(storeKind);
   if (storeType < 0 || storeType > 2) return corrupt("unknown store dtype " + std::to_string(storeType));
   config.storeType = DType(storeType);
   config.threads = threads;
@@ -112,6 +144,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (!valid.isOk()) return corrupt(valid.message());
   if (config.pageTokens <= 0 || config.pageTokens > (1 << 20)) return corrupt("pageTokens out of range");
   if (!(config.scale > 0.0f) || !std::isfinite(config.scale)) return corrupt("scale must be positive and finite");
+  if (config.storeKind == StoreKind::Kivi) return loadKivi(data, size, reader.offset(), config, std::move(backend), out);
   std::vector<int64_t> tokens(size_t(config.layers));
   const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
   // Sum the payload in a way that cannot overflow: every layer's count is bounded by the buffer.
@@ -158,6 +191,88 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
       Status appended = cache->append(layer, k, v);
       if (appended.code() == ErrorCode::Value) return corrupt(appended.message());
       KVSLIM_RETURN_IF_ERROR(appended);
+    }
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
+  }
+  *out = std::move(cache);
+  return Status::ok();
+}
+
+Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
+                         std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
+  std::unique_ptr<KVCache> cache;
+  const Status created = create(config, std::move(backend), &cache);
+  if (created.code() == ErrorCode::Option) return corrupt(created.message());
+  KVSLIM_RETURN_IF_ERROR(created);
+  const KiviFormat& format = cache->kivi_.shape().format;
+  const size_t rowBytes = size_t(config.headDim) * 2;
+  Reader reader(data + offset, size - offset);
+  std::vector<int64_t> tokens(size_t(config.layers));
+  for (int64_t& count : tokens) {
+    if (!reader.get(&count)) return corrupt("the token counts are truncated");
+    if (count < 0 || uint64_t(count) > size) return corrupt("a token count exceeds the buffer");
+  }
+  // First pass: check every head's counts and sizes (no allocation), then the exact size and hash.
+  const size_t payloadStart = offset + reader.offset();
+  size_t position = payloadStart;
+  auto headBytes = [&](int64_t count, int64_t keys, int64_t values) {
+    return size_t(keys / format.group) * format.keyGroupBytes() + size_t(values) * format.valueTokenBytes() +
+           size_t(2 * count - keys - values) * rowBytes;
+  };
+  for (int32_t layer = 0; layer < config.layers; ++layer) {
+    const int64_t count = tokens[size_t(layer)];
+    int64_t layerKeys = -1, layerValues = -1;
+    for (int32_t h = 0; h < config.kvHeads; ++h) {
+      int64_t keys = 0, values = 0;
+      if (size - position < 16 + 8) return corrupt("the KIVI payload is truncated");
+      std::memcpy(&keys, data + position, 8);
+      std::memcpy(&values, data + position + 8, 8);
+      if (keys < 0 || keys > count || keys % format.group != 0 || values < 0 || values > count) {
+        return corrupt("a KIVI head's quantized token counts are out of range");
+      }
+      // Every head of a layer holds the same rows (the kernels rely on one ring size per layer).
+      if (h > 0 && (keys != layerKeys || values != layerValues)) return corrupt("the kv heads of a layer disagree");
+      layerKeys = keys;
+      layerValues = values;
+      const size_t bytes = headBytes(count, keys, values);
+      if (bytes > size - position - 16 - 8) return corrupt("the KIVI payload is truncated");
+      position += 16 + bytes;
+    }
+  }
+  if (position + 8 != size) {
+    return corrupt("the buffer holds " + std::to_string(size) + " bytes, but its header describes " +
+                   std::to_string(position + 8));
+  }
+  uint64_t storedHash = 0;
+  std::memcpy(&storedHash, data + size - 8, 8);
+  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+  try {
+    position = payloadStart;
+    KiviStore::HeadImage image;
+    for (int32_t layer = 0; layer < config.layers; ++layer) {
+      const int64_t count = tokens[size_t(layer)];
+      for (int32_t h = 0; h < config.kvHeads; ++h) {
+        std::memcpy(&image.quantizedKeys, data + position, 8);
+        std::memcpy(&image.quantizedValues, data + position + 8, 8);
+        position += 16;
+        auto take = [&](size_t bytes) {
+          const uint8_t* begin = data + position;
+          position += bytes;
+          return begin;
+        };
+        const size_t keyBytes = size_t(image.quantizedKeys / format.group) * format.keyGroupBytes();
+        const uint8_t* keyRecords = take(keyBytes);
+        image.keyRecords.assign(keyRecords, keyRecords + keyBytes);
+        const size_t valueBytes = size_t(image.quantizedValues) * format.valueTokenBytes();
+        const uint8_t* valueRecords = take(valueBytes);
+        image.valueRecords.assign(valueRecords, valueRecords + valueBytes);
+        image.keyRows.resize(size_t(count - image.quantizedKeys) * size_t(config.headDim));
+        std::memcpy(image.keyRows.data(), take(image.keyRows.size() * 2), image.keyRows.size() * 2);
+        image.valueRows.resize(size_t(count - image.quantizedValues) * size_t(config.headDim));
+        std::memcpy(image.valueRows.data(), take(image.valueRows.size() * 2), image.valueRows.size() * 2);
+        KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, count, image));
+      }
     }
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in load()");

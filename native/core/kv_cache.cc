@@ -1,5 +1,6 @@
 #include "kv_cache.h"
 
+#include <algorithm>
 #include <chrono>
 #include <cmath>
 #include <new>
@@ -23,10 +24,44 @@ PagedStoreShape storeShape(const CacheConfig& config) {
   shape.pageTokens = config.pageTokens;
   return shape;
 }
+
+// KIVI pages hold at least 256 tokens (small records would otherwise mean many tiny pages).
+KiviStoreShape kiviShape(const CacheConfig& config) {
+  KiviStoreShape shape;
+  shape.layers = config.layers;
+  shape.kvHeads = config.kvHeads;
+  shape.format.bits = config.kiviBits;
+  shape.format.group = config.kiviGroup;
+  shape.format.headDim = config.headDim;
+  shape.residual = config.kiviResidual;
+  const int64_t tokens = std::max<int64_t>(config.pageTokens, 256);
+  shape.pageTokens = (tokens + config.kiviGroup - 1) / config.kiviGroup * config.kiviGroup;
+  return shape;
+}
+
+Status checkKivi(const CacheConfig& config) {
+  if (config.kiviBits != 2 && config.kiviBits != 4 && config.kiviBits != 8) {
+    return Status(ErrorCode::Option, "policy.store.bits must be 2, 4 or 8, but received " + std::to_string(config.kiviBits));
+  }
+  if (config.kiviGroup <= 0 || config.kiviGroup % 16 != 0 || config.headDim % config.kiviGroup != 0) {
+    return Status(ErrorCode::Option, "policy.store.group must be a positive multiple of 16 that divides headDim (" +
+                                         std::to_string(config.headDim) + "), but received " +
+                                         std::to_string(config.kiviGroup));
+  }
+  if (config.kiviResidual <= 0 || config.kiviResidual % config.kiviGroup != 0 || config.kiviResidual > (1 << 20)) {
+    return Status(ErrorCode::Option, "policy.store.residual must be a positive multiple of group (" +
+                                         std::to_string(config.kiviGroup) + ") up to 1048576, but received " +
+                                         std::to_string(config.kiviResidual));
+  }
+  return Status::ok();
+}
 }  // namespace
 
 KVCache::KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend)
-    : config_(config), backend_(backend), store_(std::move(backend), storeShape(config)) {}
+    : config_(config),
+      backend_(backend),
+      store_(backend, storeShape(config)),
+      kivi_(backend, config.storeKind == StoreKind::Kivi ? kiviShape(config) : KiviStoreShape{}) {}
 
 Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
   KVSLIM_RETURN_IF_ERROR(expectPositive("layers", config.layers));
@@ -40,6 +75,11 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
   }
   if (config.threads < 0) return Status(ErrorCode::Option, "threads must be >= 0");
   if (int(config.storeType) < 0 || int(config.storeType) > 2) return Status(ErrorCode::Option, "unknown store dtype");
+  if (config.storeKind == StoreKind::Kivi) {
+    KVSLIM_RETURN_IF_ERROR(checkKivi(config));
+  } else if (config.storeKind != StoreKind::Dense) {
+    return Status(ErrorCode::Option, "unknown store kind");
+  }
   CacheConfig resolved = config;
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
@@ -79,19 +119,34 @@ Status KVCache::append(int32_t layer, const HostTensor& k, const HostTensor& v) 
   int64_t n = 0;
   KVSLIM_RETURN_IF_ERROR(checkKV(k, v, &n));
   try {
-    return store_.append(layer, k, v, n);
+    KVSLIM_RETURN_IF_ERROR(stageTokens(layer, k, v, n));
+    return flushLayer(layer);
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory appending " + std::to_string(n) + " tokens");
   }
 }
 
+Status KVCache::stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
+  return kivi() ? kivi_.stage(layer, k, v, n) : store_.append(layer, k, v, n);
+}
+
+Status KVCache::flushLayer(int32_t layer) {
+  if (!kivi()) return Status::ok();
+  const auto start = std::chrono::steady_clock::now();
+  const Status flushed = kivi_.flush(layer);
+  times_.compressMs += millisecondsSince(start);
+  return flushed;
+}
+
 Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out) {
-  const int64_t tokens = store_.tokens(layer);
+  const int64_t tokens = this->tokens(layer);
   if (n > tokens) {
     return Status(ErrorCode::Shape, "attend needs at least as many tokens in layer " + std::to_string(layer) +
                                         " as queries (causal), but the layer holds " + std::to_string(tokens) +
                                         " tokens and q holds " + std::to_string(n) + " queries");
   }
+  lastLoadedTokens_ = double(tokens);
+  if (kivi()) return attendKivi(layer, q, n, out);
   std::vector<KVHeadView> heads(size_t(config_.kvHeads));
   for (int32_t h = 0; h < config_.kvHeads; ++h) heads[size_t(h)] = store_.view(layer, h);
   AttentionArgs args;
@@ -108,8 +163,27 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   args.causal = true;
   args.scale = config_.scale;
   args.threads = config_.threads;
-  lastLoadedTokens_ = double(tokens);
   return backend_->attention(args);
+}
+
+Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
+  std::vector<KiviHeadView> heads(size_t(config_.kvHeads));
+  for (int32_t h = 0; h < config_.kvHeads; ++h) heads[size_t(h)] = kivi_.view(layer, h);
+  KiviAttentionArgs args;
+  args.q = q;
+  args.out = out;
+  args.n = int32_t(n);
+  args.qHeads = config_.qHeads;
+  args.kvHeads = config_.kvHeads;
+  args.format = kivi_.shape().format;
+  args.residual = kivi_.valueRingRows(layer);
+  args.keyGroupsPerPage = kivi_.keyGroupsPerPage();
+  args.valueTokensPerPage = kivi_.shape().pageTokens;
+  args.heads = heads.data();
+  args.causal = true;
+  args.scale = config_.scale;
+  args.threads = config_.threads;
+  return backend_->kiviAttention(args);
 }
 
 Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t outCount) {
@@ -145,8 +219,12 @@ Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTe
     std::vector<float> converted;
     const float* query = nullptr;
     KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
-    KVSLIM_RETURN_IF_ERROR(store_.append(layer, k, v, n));
-    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out));
+    KVSLIM_RETURN_IF_ERROR(stageTokens(layer, k, v, n));
+    // KIVI: the call attends its own tokens at full precision, then they are flushed.
+    const Status attended = attendChecked(layer, query, n, out);
+    const Status flushed = flushLayer(layer);
+    KVSLIM_RETURN_IF_ERROR(attended);
+    KVSLIM_RETURN_IF_ERROR(flushed);
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in step/prefill");
   }
@@ -167,6 +245,7 @@ Status KVCache::prefill(int32_t layer, const HostTensor& q, const HostTensor& k,
 std::unique_ptr<KVCache> KVCache::fork() const {
   std::unique_ptr<KVCache> child(new KVCache(config_, backend_));
   child->store_ = store_.fork();
+  child->kivi_ = kivi_.fork();
   child->times_ = times_;
   child->lastLoadedTokens_ = lastLoadedTokens_;
   return child;
@@ -174,28 +253,42 @@ std::unique_ptr<KVCache> KVCache::fork() const {
 
 CacheStatsData KVCache::stats() const {
   CacheStatsData stats;
-  const double elementBytes = double(dtypeBytes(config_.storeType));
   const double rowElements = double(config_.headDim);
+  const double elementBytes = double(dtypeBytes(config_.storeType));
   double tokensTotal = 0;
   double pages = 0;
   for (int32_t layer = 0; layer < config_.layers; ++layer) {
-    const int64_t tokens = store_.tokens(layer);
+    const int64_t tokens = this->tokens(layer);
     LayerStats layerStats;
     layerStats.tokensKept.assign(size_t(config_.kvHeads), tokens);
-    layerStats.bytes = double(tokens) * double(config_.kvHeads) * 2.0 * rowElements * elementBytes;
-    stats.kvBytes += layerStats.bytes;
+    if (kivi()) {
+      const KiviLayerBytes bytes = kivi_.layerBytes(layer);
+      layerStats.bytes = bytes.quantized + bytes.residual;
+      stats.kvBytes += bytes.quantized;
+      stats.residualBytes += bytes.residual;
+    } else {
+      layerStats.bytes = double(tokens) * double(config_.kvHeads) * 2.0 * rowElements * elementBytes;
+      stats.kvBytes += layerStats.bytes;
+      pages += double(store_.pageCount(layer));
+    }
     stats.fullF16Bytes += double(tokens) * double(config_.kvHeads) * 2.0 * rowElements * 2.0;
     tokensTotal += double(tokens);
-    pages += double(store_.pageCount(layer));
     stats.layers.push_back(std::move(layerStats));
   }
   stats.tokensSeen = tokensTotal / config_.layers;
   stats.tokensKept = stats.tokensSeen;
   stats.tokensLoaded = lastLoadedTokens_;
-  // Page tables: a key and a value pointer per page.
-  stats.metaBytes = pages * 2.0 * sizeof(void*);
-  stats.allocatedBytes = pages * double(store_.bytesPerPage());
-  stats.sharedBytes = double(store_.sharedPageCount()) * double(store_.bytesPerPage());
+  if (kivi()) {
+    // Page tables: a pointer per key page and per value page.
+    stats.metaBytes = double(kivi_.pageCount()) * sizeof(void*);
+    stats.allocatedBytes = kivi_.allocatedBytes();
+    stats.sharedBytes = kivi_.sharedBytes();
+  } else {
+    // Page tables: a key and a value pointer per page.
+    stats.metaBytes = pages * 2.0 * sizeof(void*);
+    stats.allocatedBytes = pages * double(store_.bytesPerPage());
+    stats.sharedBytes = double(store_.sharedPageCount()) * double(store_.bytesPerPage());
+  }
   stats.times = times_;
   return stats;
 }

@@ -9,6 +9,7 @@
 #include "backend.h"
 #include "cache_config.h"
 #include "cache_stats.h"
+#include "kivi_store.h"
 #include "paged_store.h"
 #include "status.h"
 #include "tensor_convert.h"
@@ -21,7 +22,7 @@ class KVCache {
   static Status create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
 
   const CacheConfig& config() const { return config_; }
-  int64_t tokens(int32_t layer) const { return store_.tokens(layer); }
+  int64_t tokens(int32_t layer) const { return kivi() ? kivi_.tokens(layer) : store_.tokens(layer); }
 
   // k, v: [n, kvHeads, headDim]. All-or-nothing.
   Status append(int32_t layer, const HostTensor& k, const HostTensor& v);
@@ -49,17 +50,25 @@ class KVCache {
 
  private:
   KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend);
+  static Status loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
+                         std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
+  bool kivi() const { return config_.storeKind == StoreKind::Kivi; }
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
   Status attendChecked(int32_t layer, const float* q, int64_t n, float* out);
+  Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
+  // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
+  Status stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
+  Status flushLayer(int32_t layer);
   enum class Stage { Prefill, Decode };
   Status appendAndAttend(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                          size_t outCount, Stage stage);
 
   CacheConfig config_;
   std::shared_ptr<Backend> backend_;
-  PagedStore store_;
+  PagedStore store_;  // dense stores
+  KiviStore kivi_;    // KIVI stores
   StageTimes times_;
   double lastLoadedTokens_ = 0;
   std::atomic<bool> busy_{false};

@@ -350,18 +350,3 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
     default: toFloat32Of<V, DType::F32>(src, dst, count); break;
   }
 }
-
-template <class V>
-KernelTable makeTable() {
-  KernelTable table;
-  table.name = V::kName;
-  table.vectorWidth = V::W;
-  table.prefillRows = V::kPrefillRows;
-  table.prefillBlockKeys = 2 * V::W;
-  table.decodeRange = &decodeRange<V>;
-  table.prefillTile = &prefillTile<V>;
-  table.toFloat32 = &toFloat32<V>;
-  table.streamSum = &streamSum<V>;
-  table.fmaBurn = &fmaBurn<V>;
-  return table;
-}

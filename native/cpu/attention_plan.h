@@ -5,6 +5,7 @@
 #include <vector>
 
 #include "../core/attention_args.h"
+#include "../core/kivi_format.h"
 
 namespace kvslim::cpu {
 
@@ -13,16 +14,23 @@ constexpr float kLog2e = 1.4426950408889634f;
 // Rows of kv head h are ordered (position i, group member g): row = i * group + g reads query
 // head h * group + g at position i.
 struct RowLayout {
+  int32_t n;
+  int32_t qHeads;
+  int32_t kvHeads;
   int32_t group;        // qHeads / kvHeads
   int64_t rowsPerHead;  // n * group
 
-  explicit RowLayout(const AttentionArgs& args)
-      : group(args.qHeads / args.kvHeads), rowsPerHead(int64_t(args.n) * (args.qHeads / args.kvHeads)) {}
+  RowLayout(int32_t n, int32_t qHeads, int32_t kvHeads)
+      : n(n), qHeads(qHeads), kvHeads(kvHeads), group(qHeads / kvHeads), rowsPerHead(int64_t(n) * (qHeads / kvHeads)) {}
+  explicit RowLayout(const AttentionArgs& args) : RowLayout(args.n, args.qHeads, args.kvHeads) {}
   int32_t position(int64_t row) const { return int32_t(row / group); }
   int32_t queryHead(int32_t kvHead, int64_t row) const { return kvHead * group + int32_t(row % group); }
   // Index of the row's query vector in q / out ([n, qHeads, headDim]), in units of headDim.
-  int64_t queryIndex(const AttentionArgs& args, int32_t kvHead, int64_t row) const {
-    return int64_t(position(row)) * args.qHeads + queryHead(kvHead, row);
+  int64_t queryIndex(int32_t kvHead, int64_t row) const { return int64_t(position(row)) * qHeads + queryHead(kvHead, row); }
+  int64_t queryIndex(const AttentionArgs&, int32_t kvHead, int64_t row) const { return queryIndex(kvHead, row); }
+  // Last key a row may attend in a head holding `tokens` keys.
+  int64_t lastToken(bool causal, int64_t tokens, int64_t row) const {
+    return causal ? tokens - n + position(row) : tokens - 1;
   }
 };
 
@@ -31,7 +39,36 @@ inline int64_t lastToken(const AttentionArgs& args, int64_t tokens, int32_t posi
   return args.causal ? tokens - args.n + position : tokens - 1;
 }
 
-void attentionDecode(const AttentionArgs& args);   // few rows per kv head: reads pages directly
+// Flash-decoding partial states of every (kv head, row, split), in the base-2 log domain.
+struct SplitPartials {
+  int64_t splits;
+  int32_t dim;
+  std::vector<float> maxes, sums, accs;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim)
+  SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim)
+      : splits(splits),
+        dim(dim),
+        maxes(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits)),
+        sums(maxes.size()),
+        accs(maxes.size() * size_t(dim)) {}
+  size_t index(const RowLayout& layout, int32_t h, int64_t row, int64_t split) const {
+    return (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(splits) + size_t(split);
+  }
+};
+
+// q scaled by scale * log2(e) (the kernels use exp2), rows ordered [kvHeads, rowsPerHead, dim].
+std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale);
+// Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]).
+void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out);
+// Flash-decoding task shape: threads to wake and key splits per (kv head, row group).
+struct DecodePlan {
+  int32_t threads;
+  int64_t splits;
+  int64_t splitTokens;
+};
+DecodePlan planDecode(int64_t maxTokens, int32_t kvHeads, int64_t rowGroups, int32_t threadsAllowed, int64_t granule);
+
+void attentionDecode(const AttentionArgs& args);
+void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n   // few rows per kv head: reads pages directly
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
 
 }  // namespace kvslim::cpu

@@ -6,6 +6,7 @@
 #include <cstdint>
 
 #include "../core/dtype.h"
+#include "../core/kivi_format.h"
 
 namespace kvslim::cpu {
 
@@ -49,6 +50,22 @@ struct PrefillTile {
   float* scratch;               // [prefillRows, blockKeys]
 };
 
+// Up to kMaxDecodeRows rows of one kv head over KIVI tokens [tokenBegin, tokenEnd), read straight
+// from codes (methods/kivi.md): q is scaled per key group by the channel scales, values are
+// accumulated from codes with the token's scale, and the token mins are summed per channel group.
+struct KiviRange {
+  const float* q;            // [rows, headDim], scaled by scale * log2(e)
+  int32_t rows;
+  const int64_t* lastToken;  // [rows]
+  KiviFormat format;
+  const KiviHeadView* head;
+  int64_t keyGroupsPerPage, valueTokensPerPage, ringRows;
+  int64_t tokenBegin, tokenEnd;  // tokenBegin % 16 == 0
+  SoftmaxState state;            // acc: [rows, headDim]; initialised by the kernel
+  float* scratch;                // kiviScratchFloats(headDim) floats
+};
+inline size_t kiviScratchFloats(int32_t headDim) { return size_t(kMaxDecodeRows) * size_t(headDim) * 4 + 64; }
+
 struct KernelTable {
   const char* name;
   int32_t vectorWidth;        // floats per register
@@ -62,6 +79,7 @@ struct KernelTable {
   float (*streamSum)(const float* data, size_t count);
   // Runs `iterations` rounds of independent FMA chains; returns FLOPs done (FMA peak probe).
   double (*fmaBurn)(int64_t iterations, float seed);
+  void (*kiviDecodeRange)(const KiviRange& range);
 };
 
 const KernelTable* scalarKernels();

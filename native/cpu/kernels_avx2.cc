@@ -13,6 +13,8 @@ namespace kvslim::cpu {
 namespace {
 #include "vec_avx2.h"
 #include "attention_kernels.inl"
+#include "kivi_kernels.inl"
+#include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecAvx2>();
 }  // namespace
 

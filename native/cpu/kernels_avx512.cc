@@ -14,6 +14,8 @@ namespace kvslim::cpu {
 namespace {
 #include "vec_avx512.h"
 #include "attention_kernels.inl"
+#include "kivi_kernels.inl"
+#include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecAvx512>();
 }  // namespace
 

@@ -9,6 +9,8 @@ namespace kvslim::cpu {
 namespace {
 #include "vec_scalar.h"
 #include "attention_kernels.inl"
+#include "kivi_kernels.inl"
+#include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecScalar>();
 }  // namespace
 

@@ -13,6 +13,22 @@ struct VecAvx2 {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+  // Codes first .. first + 7 (first % 8 == 0) of a KIVI run packed `32 / BITS` per word, as floats.
+  template <int BITS>
+  static R codes(const uint32_t* words, int32_t first) {
+    if constexpr (BITS == 8) {
+      const auto* bytes = reinterpret_cast<const uint8_t*>(words) + first;
+      return _mm256_cvtepi32_ps(_mm256_cvtepu8_epi32(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes))));
+    } else if constexpr (BITS == 4) {
+      const __m256i word = _mm256_set1_epi32(int(words[first / 8]));
+      const __m256i shifts = _mm256_set_epi32(28, 24, 20, 16, 12, 8, 4, 0);
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(15)));
+    } else {
+      const __m256i word = _mm256_set1_epi32(int(words[first / 16]));
+      const __m256i shifts = _mm256_add_epi32(_mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0), _mm256_set1_epi32((first % 16) * 2));
+      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(3)));
+    }
+  }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }

@@ -11,6 +11,12 @@ struct VecScalar {
   static void store(float* p, R x) { *p = x; }
   static R loadF16(const uint16_t* p) { return kvslim::f16ToFloat(*p); }
   static R loadBF16(const uint16_t* p) { return kvslim::bf16ToFloat(*p); }
+  // Code `first` of a KIVI run packed `32 / BITS` per word, as a float.
+  template <int BITS>
+  static R codes(const uint32_t* words, int32_t first) {
+    constexpr int32_t perWord = 32 / BITS;
+    return float((words[first / perWord] >> ((first % perWord) * BITS)) & ((1u << BITS) - 1u));
+  }
   static R fmadd(R a, R b, R c) { return a * b + c; }
   static R mul(R a, R b) { return a * b; }
   static R add(R a, R b) { return a + b; }

@@ -12,6 +12,7 @@
 #include "cache_wrap.h"
 #include "convert.h"
 #include "errors.h"
+#include "kivi_ops.h"
 
 namespace kvslim::napi {
 
@@ -109,6 +110,15 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   config.kvHeads = intField(env, options, "kvHeads");
   config.headDim = intField(env, options, "headDim");
   config.storeType = parseDtype(env, options.Get("store"), "store");
+  const std::string storeKind = stringField(env, options, "storeKind");
+  if (storeKind == "kivi") {
+    config.storeKind = StoreKind::Kivi;
+    config.kiviBits = intField(env, options, "kiviBits");
+    config.kiviGroup = intField(env, options, "kiviGroup");
+    config.kiviResidual = intField(env, options, "kiviResidual");
+  } else if (storeKind != "dense") {
+    throwStatus(env, Status(ErrorCode::Option, "storeKind must be 'dense' or 'kivi'"));
+  }
   config.pageTokens = intField(env, options, "pageTokens");
   config.scale = float(numberField(env, options, "scale"));
   config.threads = intField(env, options, "threads");
@@ -159,6 +169,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
   exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
   exports.Set("probeFmaPeak", Napi::Function::New(env, probeFmaPeakFn));
+  registerKiviOps(env, exports);
   return exports;
 }
 

@@ -138,6 +138,10 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   result.Set("headDim", config.headDim);
   result.Set("store", config.storeType == DType::F32 ? "f32" : config.storeType == DType::F16 ? "f16" : "bf16");
   result.Set("pageTokens", double(config.pageTokens));
+  result.Set("storeKind", config.storeKind == StoreKind::Kivi ? "kivi" : "dense");
+  result.Set("kiviBits", config.kiviBits);
+  result.Set("kiviGroup", config.kiviGroup);
+  result.Set("kiviResidual", double(config.kiviResidual));
   result.Set("scale", config.scale);
   return result;
 }

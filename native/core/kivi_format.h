@@ -1,0 +1,67 @@
+// KIVI packed layouts (methods/kivi.md) and the contract between the KIVI store (core) and the
+// backends' attention over it. Keys are quantized per channel in groups of `group` tokens; values
+// per token in groups of `group` channels; scale and min are f16; codes pack least significant
+// first, 32 / bits codes per 32-bit word.
+#pragma once
+#include <cstddef>
+#include <cstdint>
+
+namespace kvslim {
+
+struct KiviFormat {
+  int32_t bits = 2;     // 2, 4 or 8
+  int32_t group = 32;   // tokens per key group, channels per value group; a multiple of 16
+  int32_t headDim = 0;  // a multiple of group
+
+  int32_t codesPerWord() const { return 32 / bits; }
+  int32_t channelGroups() const { return headDim / group; }
+
+  // One key group record: G tokens of one kv head.
+  //   uint32 codes[headDim][group * bits / 32]  (channel c, token t: word t / codesPerWord,
+  //                                               bits (t % codesPerWord) * bits)
+  //   f16 scale[headDim] | f16 min[headDim]
+  size_t keyGroupWordsPerChannel() const { return size_t(group) * size_t(bits) / 32; }
+  size_t keyGroupCodeBytes() const { return size_t(headDim) * keyGroupWordsPerChannel() * 4; }
+  size_t keyGroupBytes() const { return keyGroupCodeBytes() + 4 * size_t(headDim); }
+
+  // One value token record:
+  //   uint32 codes[headDim * bits / 32]  (channel c: word c / codesPerWord, bits (c % codesPerWord) * bits)
+  //   f16 scale[headDim / group] | f16 min[headDim / group]
+  size_t valueCodeWords() const { return size_t(headDim) * size_t(bits) / 32; }
+  size_t valueCodeBytes() const { return valueCodeWords() * 4; }
+  size_t valueTokenBytes() const { return valueCodeBytes() + 4 * size_t(channelGroups()); }
+};
+
+// What one kv head holds, in backend memory. Token order: keys [0, quantizedKeys) are in key
+// group records, the rest in keyResidual; values [0, quantizedValues) are value records, the
+// rest in the valueResidual ring. quantizedKeys and quantizedValues differ (methods/kivi.md).
+struct KiviHeadView {
+  const void* const* keyPages = nullptr;    // each page: keyGroupsPerPage key group records
+  int64_t quantizedKeys = 0;                // a multiple of group
+  const uint16_t* keyResidual = nullptr;    // f16 [residual, headDim]: token quantizedKeys + i at row i
+  const void* const* valuePages = nullptr;  // each page: valueTokensPerPage value token records
+  int64_t quantizedValues = 0;
+  const uint16_t* valueResidual = nullptr;  // f16 ring [residual, headDim]: token quantizedValues + i
+  int64_t valueRingStart = 0;               //   at row (valueRingStart + i) % residual
+  int64_t tokens = 0;
+};
+
+// Attention of n query rows per query head over KIVI heads; same causal rule and query layout
+// as AttentionArgs (attention_args.h).
+struct KiviAttentionArgs {
+  const float* q = nullptr;  // [n, qHeads, headDim], host memory, unscaled
+  float* out = nullptr;      // [n, qHeads, headDim], host memory
+  int32_t n = 0;
+  int32_t qHeads = 0;
+  int32_t kvHeads = 0;
+  KiviFormat format;
+  int64_t residual = 0;      // rows of keyResidual and of the value ring
+  int64_t keyGroupsPerPage = 0;
+  int64_t valueTokensPerPage = 0;
+  const KiviHeadView* heads = nullptr;  // [kvHeads]
+  bool causal = true;
+  float scale = 1.0f;
+  int32_t threads = 0;
+};
+
+}  // namespace kvslim

@@ -1,0 +1,351 @@
+#include "kivi_store.h"
+
+#include <algorithm>
+#include <cstring>
+#include <string>
+
+#include "dtype.h"
+#include "kivi_quant.h"
+
+namespace kvslim {
+
+KiviStore::KiviStore(std::shared_ptr<Backend> backend, const KiviStoreShape& shape)
+    : backend_(std::move(backend)),
+      shape_(shape),
+      heads_(size_t(shape.layers) * size_t(shape.kvHeads)),
+      layerTokens_(size_t(shape.layers), 0) {
+  for (HeadState& state : heads_) state.values.ring = true;
+}
+
+Status KiviStore::newPage(size_t bytes, std::shared_ptr<Page>* out) {
+  void* memory = backend_->allocate(bytes);
+  if (memory == nullptr) {
+    return Status(ErrorCode::OutOfMemory, "could not allocate a KIVI page of " + std::to_string(bytes) + " bytes on " +
+                                              backend_->name());
+  }
+  *out = std::make_shared<Page>(backend_, memory);
+  return Status::ok();
+}
+
+const uint16_t* KiviStore::hostRow(const Residual& residual, int64_t i) const {
+  const int64_t row = (residual.start + i) % residual.capacity;
+  return residual.host->data() + size_t(row) * size_t(shape_.format.headDim);
+}
+
+// A fresh buffer of max(needed, base) rows holding the current rows in order from row 0.
+Status KiviStore::reserve(Residual* residual, int64_t extra) {
+  const int64_t needed = residual->count + extra;
+  const bool shared = residual->device != nullptr && (residual->device.use_count() > 1 || residual->host.use_count() > 1);
+  if (residual->device != nullptr && needed <= residual->capacity && !shared) return Status::ok();
+  // The value ring holds R + 1 rows during a decode step (the step's own value before the flush).
+  const int64_t base = residual->ring ? shape_.residual + 1 : shape_.residual;
+  const int64_t capacity = std::max(needed, base);
+  const size_t dim = size_t(shape_.format.headDim);
+  std::shared_ptr<Page> device;
+  KVSLIM_RETURN_IF_ERROR(newPage(size_t(capacity) * dim * 2, &device));
+  auto host = std::make_shared<std::vector<uint16_t>>(size_t(capacity) * dim);
+  for (int64_t i = 0; i < residual->count; ++i) {
+    std::memcpy(host->data() + size_t(i) * dim, hostRow(*residual, i), dim * 2);
+  }
+  if (residual->count > 0) {
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(device->memory(), host->data(), size_t(residual->count) * dim * 2));
+  }
+  residual->device = std::move(device);
+  residual->host = std::move(host);
+  residual->capacity = capacity;
+  residual->start = 0;
+  return Status::ok();
+}
+
+// Writes rows after the live ones (room reserved); uploads at most two contiguous runs.
+Status KiviStore::pushRows(Residual* residual, const uint16_t* rows, int64_t count) {
+  const size_t dim = size_t(shape_.format.headDim);
+  int64_t written = 0;
+  while (written < count) {
+    const int64_t position = (residual->start + residual->count + written) % residual->capacity;
+    const int64_t run = std::min(count - written, residual->capacity - position);
+    uint16_t* host = residual->host->data() + size_t(position) * dim;
+    std::memcpy(host, rows + size_t(written) * dim, size_t(run) * dim * 2);
+    uint8_t* device = static_cast<uint8_t*>(residual->device->memory()) + size_t(position) * dim * 2;
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(device, host, size_t(run) * dim * 2));
+    written += run;
+  }
+  residual->count += count;
+  return Status::ok();
+}
+
+// The ring advances; the key buffer moves its remaining rows to the front (once per R tokens).
+Status KiviStore::dropOldest(Residual* residual, int64_t count) {
+  if (count == 0) return Status::ok();
+  if (residual->ring) {
+    residual->start = (residual->start + count) % residual->capacity;
+    residual->count -= count;
+    return Status::ok();
+  }
+  const size_t dim = size_t(shape_.format.headDim);
+  const int64_t remaining = residual->count - count;
+  uint16_t* host = residual->host->data();
+  std::memmove(host, host + size_t(count) * dim, size_t(remaining) * dim * 2);
+  residual->count = remaining;
+  if (remaining == 0) return Status::ok();
+  return backend_->upload(residual->device->memory(), host, size_t(remaining) * dim * 2);
+}
+
+Status KiviStore::appendRecords(std::vector<std::shared_ptr<Page>>* pages, int64_t first, int64_t perPage,
+                                size_t recordBytes, const uint8_t* records, int64_t count) {
+  const size_t pageBytes = size_t(perPage) * recordBytes;
+  const bool lastPageShared = !pages->empty() && pages->back().use_count() > 1;
+  int64_t written = 0;
+  while (written < count) {
+    const int64_t slot = (first + written) % perPage;
+    if (slot == 0) {
+      std::shared_ptr<Page> page;
+      KVSLIM_RETURN_IF_ERROR(newPage(pageBytes, &page));
+      pages->push_back(std::move(page));
+    } else if (written == 0 && lastPageShared) {
+      // Copy-on-write: a fork still reads this page's records and will write its own tail.
+      std::shared_ptr<Page> copy;
+      KVSLIM_RETURN_IF_ERROR(newPage(pageBytes, &copy));
+      KVSLIM_RETURN_IF_ERROR(backend_->copy(copy->memory(), pages->back()->memory(), pageBytes));
+      pages->back() = std::move(copy);
+    }
+    const int64_t run = std::min(perPage - slot, count - written);
+    uint8_t* dst = static_cast<uint8_t*>(pages->back()->memory()) + size_t(slot) * recordBytes;
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(dst, records + size_t(written) * recordBytes, size_t(run) * recordBytes));
+    written += run;
+  }
+  return Status::ok();
+}
+
+// Moves the rows into a buffer of the base capacity; on failure the big buffer stays.
+void KiviStore::shrink(Residual* residual) {
+  const size_t dim = size_t(shape_.format.headDim);
+  Residual rebuilt;
+  rebuilt.ring = residual->ring;
+  std::vector<uint16_t> ordered(size_t(residual->count) * dim);
+  for (int64_t i = 0; i < residual->count; ++i) std::memcpy(ordered.data() + size_t(i) * dim, hostRow(*residual, i), dim * 2);
+  if (reserve(&rebuilt, residual->count).isOk() && pushRows(&rebuilt, ordered.data(), residual->count).isOk()) {
+    *residual = std::move(rebuilt);
+  }
+}
+
+void KiviStore::refreshPointers(HeadState* state) {
+  state->keyPointers.clear();
+  state->valuePointers.clear();
+  for (const auto& page : state->keyPages) state->keyPointers.push_back(page->memory());
+  for (const auto& page : state->valuePages) state->valuePointers.push_back(page->memory());
+}
+
+Status KiviStore::stage(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
+  const int32_t kvHeads = shape_.kvHeads;
+  const size_t dim = size_t(shape_.format.headDim);
+  // Round to f16 (the residual's precision) and check values before touching the store.
+  std::vector<uint16_t> keys(size_t(n) * size_t(kvHeads) * dim), values(keys.size());
+  for (int64_t t = 0; t < n; ++t) {
+    for (int32_t h = 0; h < kvHeads; ++h) {
+      const size_t first = (size_t(t) * size_t(kvHeads) + size_t(h)) * dim;
+      const size_t staged = (size_t(h) * size_t(n) + size_t(t)) * dim;
+      KVSLIM_RETURN_IF_ERROR(convertChecked(k, first, dim, keys.data() + staged, DType::F16, "k"));
+      KVSLIM_RETURN_IF_ERROR(convertChecked(v, first, dim, values.data() + staged, DType::F16, "v"));
+    }
+  }
+  // Rows land after the live ones (or in fresh buffers), so the committed state stays valid
+  // until every head succeeded.
+  std::vector<Residual> newKeys, newValues;
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    Residual keyResidual = head(layer, h).keys, valueResidual = head(layer, h).values;
+    KVSLIM_RETURN_IF_ERROR(reserve(&keyResidual, n));
+    KVSLIM_RETURN_IF_ERROR(reserve(&valueResidual, n));
+    KVSLIM_RETURN_IF_ERROR(pushRows(&keyResidual, keys.data() + size_t(h) * size_t(n) * dim, n));
+    KVSLIM_RETURN_IF_ERROR(pushRows(&valueResidual, values.data() + size_t(h) * size_t(n) * dim, n));
+    newKeys.push_back(std::move(keyResidual));
+    newValues.push_back(std::move(valueResidual));
+  }
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    head(layer, h).keys = std::move(newKeys[size_t(h)]);
+    head(layer, h).values = std::move(newValues[size_t(h)]);
+  }
+  layerTokens_[size_t(layer)] += n;
+  return Status::ok();
+}
+
+Status KiviStore::flush(int32_t layer) {
+  const KiviFormat& format = shape_.format;
+  const int32_t dim = format.headDim;
+  const int64_t R = shape_.residual;
+  const int64_t tokens = layerTokens_[size_t(layer)];
+  const int64_t keysQuantized = tokens / R * R;
+  const int64_t valuesQuantized = std::max<int64_t>(0, tokens - R);
+  if (head(layer, 0).quantizedKeys == keysQuantized && head(layer, 0).quantizedValues == valuesQuantized) {
+    return Status::ok();
+  }
+  // Phase 1 allocates (new records, unshared residuals) aside; phase 2 only moves rows.
+  std::vector<HeadState> updated;
+  std::vector<float> rows(size_t(format.group) * size_t(dim));
+  std::vector<uint8_t> records;
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) {
+    HeadState state = head(layer, h);
+    const int64_t keyGroups = (keysQuantized - state.quantizedKeys) / format.group;
+    records.resize(size_t(keyGroups) * format.keyGroupBytes());
+    for (int64_t g = 0; g < keyGroups; ++g) {
+      for (int32_t t = 0; t < format.group; ++t) {
+        const uint16_t* row = hostRow(state.keys, g * format.group + t);
+        for (int32_t d = 0; d < dim; ++d) rows[size_t(t) * size_t(dim) + size_t(d)] = f16ToFloat(row[d]);
+      }
+      uint8_t* record = records.data() + size_t(g) * format.keyGroupBytes();
+      auto* scales = reinterpret_cast<uint16_t*>(record + format.keyGroupCodeBytes());
+      if (!quantizeChannelGroups(rows.data(), size_t(dim), format.group, dim, format.bits,
+                                 reinterpret_cast<uint32_t*>(record), scales, scales + dim)) {
+        return Status(ErrorCode::Internal, "KIVI key group scale overflowed f16");
+      }
+    }
+    KVSLIM_RETURN_IF_ERROR(appendRecords(&state.keyPages, state.quantizedKeys / format.group, keyGroupsPerPage(),
+                                         format.keyGroupBytes(), records.data(), keyGroups));
+    const int64_t valueTokens = valuesQuantized - state.quantizedValues;
+    records.resize(size_t(valueTokens) * format.valueTokenBytes());
+    for (int64_t t = 0; t < valueTokens; ++t) {
+      const uint16_t* row = hostRow(state.values, t);
+      for (int32_t d = 0; d < dim; ++d) rows[size_t(d)] = f16ToFloat(row[d]);
+      uint8_t* record = records.data() + size_t(t) * format.valueTokenBytes();
+      auto* scales = reinterpret_cast<uint16_t*>(record + format.valueCodeBytes());
+      if (!quantizeTokenGroups(rows.data(), dim, format.group, format.bits, reinterpret_cast<uint32_t*>(record),
+                               scales, scales + format.channelGroups())) {
+        return Status(ErrorCode::Internal, "KIVI value group scale overflowed f16");
+      }
+    }
+    KVSLIM_RETURN_IF_ERROR(appendRecords(&state.valuePages, state.quantizedValues, shape_.pageTokens,
+                                         format.valueTokenBytes(), records.data(), valueTokens));
+    KVSLIM_RETURN_IF_ERROR(reserve(&state.keys, 0));
+    KVSLIM_RETURN_IF_ERROR(reserve(&state.values, 0));
+    state.quantizedKeys = keysQuantized;
+    state.quantizedValues = valuesQuantized;
+    updated.push_back(std::move(state));
+  }
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) {
+    HeadState& state = updated[size_t(h)];
+    KVSLIM_RETURN_IF_ERROR(dropOldest(&state.keys, state.keys.count - (tokens - keysQuantized)));
+    KVSLIM_RETURN_IF_ERROR(dropOldest(&state.values, state.values.count - (tokens - valuesQuantized)));
+    // A long prefill grew the buffers; give the memory back.
+    for (Residual* residual : {&state.keys, &state.values}) {
+      if (residual->capacity > 2 * (R + 1)) shrink(residual);
+    }
+    refreshPointers(&state);
+  }
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = std::move(updated[size_t(h)]);
+  return Status::ok();
+}
+
+KiviHeadView KiviStore::view(int32_t layer, int32_t h) const {
+  const HeadState& state = head(layer, h);
+  KiviHeadView view;
+  view.keyPages = state.keyPointers.data();
+  view.quantizedKeys = state.quantizedKeys;
+  view.keyResidual = state.keys.device ? static_cast<const uint16_t*>(state.keys.device->memory()) : nullptr;
+  view.valuePages = state.valuePointers.data();
+  view.quantizedValues = state.quantizedValues;
+  view.valueResidual = state.values.device ? static_cast<const uint16_t*>(state.values.device->memory()) : nullptr;
+  view.valueRingStart = state.values.start;
+  view.tokens = layerTokens_[size_t(layer)];
+  return view;
+}
+
+KiviLayerBytes KiviStore::layerBytes(int32_t layer) const {
+  const KiviFormat& format = shape_.format;
+  KiviLayerBytes bytes;
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) {
+    const HeadState& state = head(layer, h);
+    bytes.quantized += double(state.quantizedKeys / format.group) * double(format.keyGroupBytes()) +
+                       double(state.quantizedValues) * double(format.valueTokenBytes());
+    bytes.residual += double(state.keys.count + state.values.count) * double(format.headDim) * 2.0;
+  }
+  return bytes;
+}
+
+double KiviStore::allocatedBytes() const {
+  const KiviFormat& format = shape_.format;
+  const double keyPage = double(keyGroupsPerPage()) * double(format.keyGroupBytes());
+  const double valuePage = double(shape_.pageTokens) * double(format.valueTokenBytes());
+  double total = 0;
+  for (const HeadState& state : heads_) {
+    total += double(state.keyPages.size()) * keyPage + double(state.valuePages.size()) * valuePage;
+    total += double(state.keys.capacity + state.values.capacity) * double(format.headDim) * 2.0;
+  }
+  return total;
+}
+
+double KiviStore::sharedBytes() const {
+  const KiviFormat& format = shape_.format;
+  const double keyPage = double(keyGroupsPerPage()) * double(format.keyGroupBytes());
+  const double valuePage = double(shape_.pageTokens) * double(format.valueTokenBytes());
+  double total = 0;
+  for (const HeadState& state : heads_) {
+    for (const auto& page : state.keyPages) total += page.use_count() > 1 ? keyPage : 0.0;
+    for (const auto& page : state.valuePages) total += page.use_count() > 1 ? valuePage : 0.0;
+    for (const Residual* residual : {&state.keys, &state.values}) {
+      if (residual->device != nullptr && residual->device.use_count() > 1) {
+        total += double(residual->capacity) * double(format.headDim) * 2.0;
+      }
+    }
+  }
+  return total;
+}
+
+size_t KiviStore::pageCount() const {
+  size_t count = 0;
+  for (const HeadState& state : heads_) count += state.keyPages.size() + state.valuePages.size();
+  return count;
+}
+
+Status KiviStore::readHead(int32_t layer, int32_t h, HeadImage* out) const {
+  const KiviFormat& format = shape_.format;
+  const HeadState& state = head(layer, h);
+  out->quantizedKeys = state.quantizedKeys;
+  out->quantizedValues = state.quantizedValues;
+  const int64_t keyGroups = state.quantizedKeys / format.group;
+  out->keyRecords.resize(size_t(keyGroups) * format.keyGroupBytes());
+  for (int64_t g = 0; g < keyGroups; ++g) {
+    const uint8_t* page = static_cast<const uint8_t*>(state.keyPages[size_t(g / keyGroupsPerPage())]->memory());
+    KVSLIM_RETURN_IF_ERROR(backend_->download(out->keyRecords.data() + size_t(g) * format.keyGroupBytes(),
+                                              page + size_t(g % keyGroupsPerPage()) * format.keyGroupBytes(),
+                                              format.keyGroupBytes()));
+  }
+  out->valueRecords.resize(size_t(state.quantizedValues) * format.valueTokenBytes());
+  for (int64_t t = 0; t < state.quantizedValues; t += shape_.pageTokens) {
+    const int64_t run = std::min(shape_.pageTokens, state.quantizedValues - t);
+    KVSLIM_RETURN_IF_ERROR(backend_->download(out->valueRecords.data() + size_t(t) * format.valueTokenBytes(),
+                                              state.valuePages[size_t(t / shape_.pageTokens)]->memory(),
+                                              size_t(run) * format.valueTokenBytes()));
+  }
+  const size_t dim = size_t(format.headDim);
+  out->keyRows.resize(size_t(state.keys.count) * dim);
+  for (int64_t i = 0; i < state.keys.count; ++i) std::memcpy(&out->keyRows[size_t(i) * dim], hostRow(state.keys, i), dim * 2);
+  out->valueRows.resize(size_t(state.values.count) * dim);
+  for (int64_t i = 0; i < state.values.count; ++i) {
+    std::memcpy(&out->valueRows[size_t(i) * dim], hostRow(state.values, i), dim * 2);
+  }
+  return Status::ok();
+}
+
+Status KiviStore::writeHead(int32_t layer, int32_t h, int64_t tokens, const HeadImage& image) {
+  const KiviFormat& format = shape_.format;
+  const size_t dim = size_t(format.headDim);
+  HeadState state;
+  state.values.ring = true;
+  KVSLIM_RETURN_IF_ERROR(appendRecords(&state.keyPages, 0, keyGroupsPerPage(), format.keyGroupBytes(),
+                                       image.keyRecords.data(), image.quantizedKeys / format.group));
+  KVSLIM_RETURN_IF_ERROR(appendRecords(&state.valuePages, 0, shape_.pageTokens, format.valueTokenBytes(),
+                                       image.valueRecords.data(), image.quantizedValues));
+  const int64_t keyRows = int64_t(image.keyRows.size() / dim), valueRows = int64_t(image.valueRows.size() / dim);
+  KVSLIM_RETURN_IF_ERROR(reserve(&state.keys, keyRows));
+  KVSLIM_RETURN_IF_ERROR(reserve(&state.values, valueRows));
+  KVSLIM_RETURN_IF_ERROR(pushRows(&state.keys, image.keyRows.data(), keyRows));
+  KVSLIM_RETURN_IF_ERROR(pushRows(&state.values, image.valueRows.data(), valueRows));
+  state.quantizedKeys = image.quantizedKeys;
+  state.quantizedValues = image.quantizedValues;
+  refreshPointers(&state);
+  head(layer, h) = std::move(state);
+  layerTokens_[size_t(layer)] = tokens;
+  return Status::ok();
+}
+
+}  // namespace kvslim

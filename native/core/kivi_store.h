@@ -1,0 +1,112 @@
+// KIVI storage (methods/kivi.md): per layer and kv head, key groups quantized per channel, value
+// tokens quantized per token, and the full-precision (f16) residual: the keys since the last
+// flush (a buffer that empties at `residual` tokens) and the last `residual` values (a ring).
+//
+// An append first stages its tokens in the residual, so the attention of that call sees them at
+// full precision (prefill attention is exact, a decode step attends its own token unquantized);
+// flush() then quantizes what the canonical state no longer holds in f16: keys at multiples of
+// `residual` absolute tokens, values older than the last `residual`. Between calls the state is
+// therefore the same for any chunking of the same tokens.
+//
+// Quantized records sit in pages shared copy-on-write by forks, like PagedStore's.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "backend.h"
+#include "kivi_format.h"
+#include "paged_store.h"
+#include "status.h"
+#include "tensor_convert.h"
+
+namespace kvslim {
+
+struct KiviStoreShape {
+  int32_t layers = 0;
+  int32_t kvHeads = 0;
+  KiviFormat format;
+  int64_t residual = 128;  // R: a multiple of format.group
+  int64_t pageTokens = 256;  // tokens per key page and per value page; a multiple of format.group
+};
+
+// Byte counts of one layer, summed over kv heads.
+struct KiviLayerBytes {
+  double quantized = 0;  // codes + scales + mins of flushed tokens
+  double residual = 0;   // f16 rows held (not capacity)
+};
+
+class KiviStore {
+ public:
+  KiviStore(std::shared_ptr<Backend> backend, const KiviStoreShape& shape);
+
+  // Stages n tokens (k, v: [n, kvHeads, headDim]) in the f16 residual. All-or-nothing.
+  Status stage(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
+  // Quantizes what the canonical state keeps no longer in f16. On failure (out of memory) the
+  // layer keeps more rows in f16; it stays consistent and the next flush retries.
+  Status flush(int32_t layer);
+
+  KiviStore fork() const { return *this; }
+  KiviHeadView view(int32_t layer, int32_t head) const;
+  int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }
+  const KiviStoreShape& shape() const { return shape_; }
+  int64_t keyGroupsPerPage() const { return shape_.pageTokens / shape_.format.group; }
+  int64_t valueRingRows(int32_t layer) const { return head(layer, 0).values.capacity; }
+
+  KiviLayerBytes layerBytes(int32_t layer) const;
+  double allocatedBytes() const;
+  double sharedBytes() const;
+  size_t pageCount() const;
+
+  // Serialization: one head's state as flat bytes (save), and its inverse (load, sizes checked
+  // by the caller from the token count).
+  struct HeadImage {
+    int64_t quantizedKeys = 0, quantizedValues = 0;
+    std::vector<uint8_t> keyRecords, valueRecords;  // quantizedKeys / group and quantizedValues records
+    std::vector<uint16_t> keyRows, valueRows;       // f16 residual, oldest first
+  };
+  Status readHead(int32_t layer, int32_t head, HeadImage* out) const;
+  Status writeHead(int32_t layer, int32_t head, int64_t tokens, const HeadImage& image);
+
+ private:
+  // f16 rows in backend memory plus their host mirror (flushes and save read the mirror, so a
+  // GPU cache never downloads). Row i of the buffer's tokens is at (start + i) % capacity; the key
+  // buffer keeps start == 0 (dropping rows moves the rest to the front), the value ring advances it.
+  // Every head of a layer has the same counts and capacities.
+  struct Residual {
+    bool ring = false;
+    std::shared_ptr<Page> device;
+    std::shared_ptr<std::vector<uint16_t>> host;
+    int64_t capacity = 0;
+    int64_t start = 0;
+    int64_t count = 0;
+  };
+  struct HeadState {
+    std::vector<std::shared_ptr<Page>> keyPages, valuePages;
+    std::vector<const void*> keyPointers, valuePointers;
+    int64_t quantizedKeys = 0, quantizedValues = 0;
+    Residual keys, values;
+  };
+  HeadState& head(int32_t layer, int32_t h) { return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)]; }
+  const HeadState& head(int32_t layer, int32_t h) const {
+    return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)];
+  }
+  Status newPage(size_t bytes, std::shared_ptr<Page>* out);
+  // Makes room for `extra` more rows (growing or un-sharing the buffer); rows keep their order.
+  Status reserve(Residual* residual, int64_t extra);
+  Status pushRows(Residual* residual, const uint16_t* rows, int64_t count);
+  Status dropOldest(Residual* residual, int64_t count);
+  void shrink(Residual* residual);
+  // Appends `count` records to a page list, copying a shared partially filled last page first.
+  Status appendRecords(std::vector<std::shared_ptr<Page>>* pages, int64_t first, int64_t perPage,
+                       size_t recordBytes, const uint8_t* records, int64_t count);
+  static void refreshPointers(HeadState* state);
+  const uint16_t* hostRow(const Residual& residual, int64_t i) const;
+
+  std::shared_ptr<Backend> backend_;
+  KiviStoreShape shape_;
+  std::vector<HeadState> heads_;
+  std::vector<int64_t> layerTokens_;
+};
+
+}  // namespace kvslim

@@ -1,0 +1,17 @@
+// The dispatch table of one instruction set, from the kernels of attention_kernels.inl and
+// kivi_kernels.inl (included before this file, inside the same anonymous namespace).
+template <class V>
+KernelTable makeTable() {
+  KernelTable table;
+  table.name = V::kName;
+  table.vectorWidth = V::W;
+  table.prefillRows = V::kPrefillRows;
+  table.prefillBlockKeys = 2 * V::W;
+  table.decodeRange = &decodeRange<V>;
+  table.prefillTile = &prefillTile<V>;
+  table.toFloat32 = &toFloat32<V>;
+  table.streamSum = &streamSum<V>;
+  table.fmaBurn = &fmaBurn<V>;
+  table.kiviDecodeRange = &kiviDecodeRange<V>;
+  return table;
+}
