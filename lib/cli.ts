@@ -31,7 +31,8 @@ __metadata__ holds format, config (shapes, RoPE, model facts) and tokens (the n 
 const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <spec>]... [options]
   --workload <name>     built-in synthetic workload: needles-4k (default), needles-32k
   --trace <file>        a kvslim trace (kvslim trace): rows after the prompt are the queries
-  --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16
+  --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16,
+                        kivi2, kivi4, kivi8
                         (full selection with that store), or a PolicySpec as JSON, e.g.
                         '{"select":{"kind":"full"},"store":{"kind":"bf16"}}'
   --turns <n>           query turns to run (default: all the source holds)
@@ -156,6 +157,7 @@ async function trace(argv: string[]): Promise<number> {
 const policyShorthands: Record<string, PolicySpec> = {
   full: {}, f16: { store: { kind: 'f16' } }, f32: { store: { kind: 'f32' } }, bf16: { store: { kind: 'bf16' } },
   'full/f16': { store: { kind: 'f16' } }, 'full/f32': { store: { kind: 'f32' } }, 'full/bf16': { store: { kind: 'bf16' } },
+  kivi2: { store: { kind: 'kivi', bits: 2 } }, kivi4: { store: { kind: 'kivi', bits: 4 } }, kivi8: { store: { kind: 'kivi', bits: 8 } },
 };
 
 /** A `--policy` argument: a shorthand or a PolicySpec as JSON (checked by evaluate before any work). */

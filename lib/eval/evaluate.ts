@@ -303,7 +303,7 @@ export function evaluate(options: EvaluateOptions): Report[] {
       engine: ENGINE,
       device: deviceText,
       model: { name: source.name, layers, qHeads, kvHeads, headDim, kvDtype: resolved.store.kind },
-      method: { name, stage: 'none', params: spec, kvClass: 'O(n)' },
+      method: { name, stage: resolved.store.kind === 'kivi' ? 'compression' : 'none', params: spec, kvClass: 'O(n)' },
       mode,
       task: source.name,
       sessionId: source.seed === null ? source.name : `${source.name}#seed${source.seed}`,

@@ -96,9 +96,10 @@ export interface Report {
   };
 }
 
-/** A short name of a policy: `full`, `full/bf16`, ... (the store is named when it is not f16). */
+/** A short name of a policy: `full`, `full/bf16`, `full/kivi2`, ... (the store is named when it is not f16). */
 export function policyName(policy: ResolvedPolicy): string {
-  return policy.store.kind === 'f16' ? policy.select.kind : `${policy.select.kind}/${policy.store.kind}`;
+  const store = policy.store.kind === 'kivi' ? `kivi${policy.store.bits}` : policy.store.kind;
+  return store === 'f16' ? policy.select.kind : `${policy.select.kind}/${store}`;
 }
 
 const mean = (values: number[]) => (values.length === 0 ? 0 : values.reduce((a, b) => a + b, 0) / values.length);

@@ -15,8 +15,8 @@ void attentionKivi(const KiviAttentionArgs& args) {
   const int64_t rowGroups = (layout.rowsPerHead + kMaxDecodeRows - 1) / kMaxDecodeRows;
   int64_t maxTokens = 0;
   for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
-  // Splits start at multiples of 16 tokens: a kernel sub-block never straddles a key group.
-  const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 16);
+  // Splits start at multiples of 32 tokens: a kernel sub-block never straddles a key group.
+  const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 32);
   const std::vector<float> scaled = scaledRows(layout, args.q, dim, args.scale);
   SplitPartials partials(layout, plan.splits, dim);
   const size_t scratchFloats = kiviScratchFloats(dim);

@@ -60,11 +60,12 @@ struct KiviRange {
   KiviFormat format;
   const KiviHeadView* head;
   int64_t keyGroupsPerPage, valueTokensPerPage, ringRows;
-  int64_t tokenBegin, tokenEnd;  // tokenBegin % 16 == 0
+  int64_t tokenBegin, tokenEnd;  // tokenBegin % 32 == 0
   SoftmaxState state;            // acc: [rows, headDim]; initialised by the kernel
   float* scratch;                // kiviScratchFloats(headDim) floats
 };
-inline size_t kiviScratchFloats(int32_t headDim) { return size_t(kMaxDecodeRows) * size_t(headDim) * 4 + 64; }
+// q~ of a key group per row, and a block's value scales and mins.
+inline size_t kiviScratchFloats(int32_t headDim) { return size_t(kMaxDecodeRows) * size_t(headDim) + 64 * size_t(headDim) / 16; }
 
 struct KernelTable {
   const char* name;

@@ -4,16 +4,48 @@
 // Scores of a quantized key group: q.k^ = sum_c (q_c s_c) x_c + sum_c q_c m_c, so q is scaled by
 // the group's channel scales once (q~) and every token costs headDim multiply-adds on unpacked
 // codes, each unpacked vector serving all rows (GQA). Tokens run along the vector lanes.
-// Outputs: o_c = sum_t (p_t s_t,j) x_t,c + sum_t p_t m_t,j; the second sum is kept per row and
-// channel group (minAcc) and folded in at the end.
+// Outputs: each value code chunk is dequantized once (x^ = code * s + m, one FMA) and serves all rows.
 
-constexpr int32_t kKiviSub = 16;    // tokens per sub-block: one code vector of 16 lanes (AVX-512)
-constexpr int32_t kKiviBlock = 32;  // tokens per softmax block
+constexpr int32_t kKiviBlock = 32;  // tokens per softmax block; splits start at multiples of it
 
-template <class V, int BITS, int ROWS>
+// Scores of SUB tokens of one quantized key group (SUB = 16 or 32 lanes' worth of codes):
+// acc[r][u] += q~_r,c * x_c for every channel c, each code vector unpacked once for all rows.
+// Rows x lanes x SPLIT independent FMA chains hide the FMA latency even for one row.
+template <class V, int BITS, int ROWS, int SUB>
+inline void kiviGroupScores(const uint32_t* codes, size_t wordsPerChannel, int32_t offset, const float* qs,
+                            int32_t dim, const float* beta, float* scores, int32_t scoreStride) {
+  using R = typename V::R;
+  constexpr int32_t LANES = SUB / V::W > 0 ? SUB / V::W : 1;
+  constexpr int32_t CHAINS = ROWS * LANES;
+  constexpr int32_t SPLIT = CHAINS >= 4 ? 1 : 4 / CHAINS;
+  R acc[SPLIT][ROWS][LANES];
+  for (int32_t s = 0; s < SPLIT; ++s)
+    for (int32_t r = 0; r < ROWS; ++r)
+      for (int32_t u = 0; u < LANES; ++u) acc[s][r][u] = V::zero();
+  for (int32_t c0 = 0; c0 < dim; c0 += SPLIT) {
+    for (int32_t s = 0; s < SPLIT; ++s) {
+      const int32_t c = c0 + s;
+      const uint32_t* words = codes + size_t(c) * wordsPerChannel;
+      R x[LANES];
+      for (int32_t u = 0; u < LANES; ++u) x[u] = V::template codes<BITS>(words, offset + u * V::W);
+      for (int32_t r = 0; r < ROWS; ++r) {
+        const R qc = V::set1(qs[r * dim + c]);
+        for (int32_t u = 0; u < LANES; ++u) acc[s][r][u] = V::fmadd(qc, x[u], acc[s][r][u]);
+      }
+    }
+  }
+  for (int32_t r = 0; r < ROWS; ++r) {
+    for (int32_t u = 0; u < LANES; ++u) {
+      R total = acc[0][r][u];
+      for (int32_t s = 1; s < SPLIT; ++s) total = V::add(total, acc[s][r][u]);
+      V::store(scores + r * scoreStride + u * V::W, V::add(total, V::set1(beta[r])));
+    }
+  }
+}
+
+template <class V, int BITS, int ROWS, int SUB>
 void kiviDecodeRows(const KiviRange& range) {
   using R = typename V::R;
-  constexpr int32_t LANES = kKiviSub / V::W;  // code vectors per sub-block
   constexpr int32_t CHUNKS = V::kDotAccumulators / ROWS > 0 ? V::kDotAccumulators / ROWS : 1;
   const KiviFormat& format = range.format;
   const KiviHeadView& head = *range.head;
@@ -24,17 +56,16 @@ void kiviDecodeRows(const KiviRange& range) {
   const size_t keyWords = format.keyGroupWordsPerChannel();
   const size_t keyGroupBytes = format.keyGroupBytes();
   const size_t valueBytes = format.valueTokenBytes();
+  const size_t valueCodeBytes = format.valueCodeBytes();
 
-  float* qs = range.scratch;                                   // [ROWS, dim]: q~ of the current key group
-  float* minAcc = qs + size_t(ROWS) * size_t(dim);             // [ROWS, channelGroups]
-  float* ps = minAcc + size_t(ROWS) * size_t(channelGroups);   // [kKiviBlock, ROWS, channelGroups]: p_t s_t,j
+  float* qs = range.scratch;                                    // [ROWS, dim]: q~ of the current key group
+  float* valueScales = qs + size_t(ROWS) * size_t(dim);         // [kKiviBlock, 2 * channelGroups]: s then m
   float beta[ROWS] = {};
   SoftmaxState state = range.state;
   for (int32_t r = 0; r < ROWS; ++r) {
     state.max[r] = kNoScoreYet;
     state.sum[r] = 0.0f;
     for (int32_t d = 0; d < dim; ++d) state.acc[r * dim + d] = 0.0f;
-    for (int32_t j = 0; j < channelGroups; ++j) minAcc[r * channelGroups + j] = 0.0f;
   }
   int64_t lastOfAll = range.lastToken[0], firstLast = range.lastToken[0];
   for (int32_t r = 1; r < ROWS; ++r) {
@@ -44,20 +75,31 @@ void kiviDecodeRows(const KiviRange& range) {
   const int64_t end = range.tokenEnd < lastOfAll + 1 ? range.tokenEnd : lastOfAll + 1;
   int64_t currentGroup = -1;
   float scores[ROWS][kKiviBlock];
+  // Value rows of the block: codes (quantized tokens) or f16 residual rows. Page walk without a
+  // division per token.
+  const uint8_t* valueRecords[kKiviBlock];
+  const uint16_t* valueResidualRows[kKiviBlock];
+  int64_t valuePage = range.tokenBegin / range.valueTokensPerPage;
+  int64_t valueSlot = range.tokenBegin % range.valueTokensPerPage;
 
   for (int64_t blockBegin = range.tokenBegin; blockBegin < end; blockBegin += kKiviBlock) {
     const int32_t count = int32_t(end - blockBegin < kKiviBlock ? end - blockBegin : kKiviBlock);
-    for (int32_t sub = 0; sub < count; sub += kKiviSub) {
+    for (int32_t sub = 0; sub < count; sub += SUB) {
       const int64_t first = blockBegin + sub;
-      const int32_t subCount = count - sub < kKiviSub ? count - sub : kKiviSub;
+      const int32_t subCount = count - sub < SUB ? count - sub : SUB;
       if (first < head.quantizedKeys) {
-        // quantizedKeys is a multiple of the group (>= 16): the whole sub-block is quantized.
+        // quantizedKeys is a multiple of the group (a multiple of SUB): the sub-block is quantized.
         const int64_t g = first / group;
         const uint8_t* record = static_cast<const uint8_t*>(head.keyPages[g / range.keyGroupsPerPage]) +
                                 size_t(g % range.keyGroupsPerPage) * keyGroupBytes;
-        const auto* codes = reinterpret_cast<const uint32_t*>(record);
         if (g != currentGroup) {
           currentGroup = g;
+          // The next group's record streams in while this one computes.
+          if (g + 1 < head.quantizedKeys / group) {
+            const uint8_t* next = static_cast<const uint8_t*>(head.keyPages[(g + 1) / range.keyGroupsPerPage]) +
+                                  size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
+            for (size_t offset = 0; offset < keyGroupBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
+          }
           const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
           const uint16_t* mins = scales + dim;
           for (int32_t r = 0; r < ROWS; ++r) {
@@ -70,24 +112,8 @@ void kiviDecodeRows(const KiviRange& range) {
             beta[r] = V::reduceAdd(bias);
           }
         }
-        const int32_t offset = int32_t(first % group);
-        R acc[ROWS][LANES];
-        for (int32_t r = 0; r < ROWS; ++r)
-          for (int32_t u = 0; u < LANES; ++u) acc[r][u] = V::zero();
-        for (int32_t c = 0; c < dim; ++c) {
-          const uint32_t* words = codes + size_t(c) * keyWords;
-          R x[LANES];
-          for (int32_t u = 0; u < LANES; ++u) x[u] = V::template codes<BITS>(words, offset + u * V::W);
-          for (int32_t r = 0; r < ROWS; ++r) {
-            const R qc = V::set1(qs[r * dim + c]);
-            for (int32_t u = 0; u < LANES; ++u) acc[r][u] = V::fmadd(qc, x[u], acc[r][u]);
-          }
-        }
-        for (int32_t r = 0; r < ROWS; ++r) {
-          float lane[kKiviSub];
-          for (int32_t u = 0; u < LANES; ++u) V::store(lane + u * V::W, acc[r][u]);
-          for (int32_t j = 0; j < subCount; ++j) scores[r][sub + j] = lane[j] + beta[r];
-        }
+        kiviGroupScores<V, BITS, ROWS, SUB>(reinterpret_cast<const uint32_t*>(record), keyWords, int32_t(first % group),
+                                            qs, dim, beta, &scores[0][sub], kKiviBlock);
       } else {
         // Residual keys: f16 rows.
         for (int32_t j = 0; j < subCount; ++j) {
@@ -105,31 +131,30 @@ void kiviDecodeRows(const KiviRange& range) {
         for (int32_t j = 0; j < count; ++j)
           if (blockBegin + j > range.lastToken[r]) scores[r][j] = -__builtin_inff();
     }
-    float oldMax[ROWS];
-    for (int32_t r = 0; r < ROWS; ++r) oldMax[r] = state.max[r];
     softmaxBlock<V>(&scores[0][0], kKiviBlock, ROWS, count, state, dim, dim);
-    for (int32_t r = 0; r < ROWS; ++r) {
-      if (state.max[r] != oldMax[r]) {
-        const float alpha = scalarExp2(oldMax[r] - state.max[r]);
-        for (int32_t j = 0; j < channelGroups; ++j) minAcc[r * channelGroups + j] *= alpha;
-      }
-    }
-    // Per quantized value token: p s per row and channel group, and the min sums.
+
+    // Values of the block: record pointers, and each quantized token's scales and mins as floats.
     for (int32_t j = 0; j < count; ++j) {
       const int64_t t = blockBegin + j;
-      if (t >= head.quantizedValues) break;
-      const uint8_t* record = static_cast<const uint8_t*>(head.valuePages[t / range.valueTokensPerPage]) +
-                              size_t(t % range.valueTokensPerPage) * valueBytes;
-      const auto* scales = reinterpret_cast<const uint16_t*>(record + format.valueCodeBytes());
-      const uint16_t* mins = scales + channelGroups;
-      for (int32_t g = 0; g < channelGroups; ++g) {
-        const float s = f16ToFloat(scales[g]), m = f16ToFloat(mins[g]);
-        for (int32_t r = 0; r < ROWS; ++r) {
-          ps[(j * ROWS + r) * channelGroups + g] = scores[r][j] * s;
-          minAcc[r * channelGroups + g] += scores[r][j] * m;
-        }
+      if (t < head.quantizedValues) {
+        const uint8_t* record = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
+        valueRecords[j] = record;
+        const auto* halves = reinterpret_cast<const uint16_t*>(record + valueCodeBytes);
+        float* floats = valueScales + size_t(j) * 2 * size_t(channelGroups);
+        for (int32_t g = 0; g < 2 * channelGroups; ++g) floats[g] = V::halfToFloat(halves[g]);
+        if (++valueSlot == range.valueTokensPerPage) { valueSlot = 0; ++valuePage; }
+      } else {
+        valueRecords[j] = nullptr;
+        const int64_t row = (head.valueRingStart + (t - head.quantizedValues)) % range.ringRows;
+        valueResidualRows[j] = head.valueResidual + size_t(row) * size_t(dim);
       }
     }
+    // Prefetch the next block's value records (contiguous within a page).
+    if (blockBegin + kKiviBlock < head.quantizedValues && valueSlot + kKiviBlock <= range.valueTokensPerPage) {
+      const uint8_t* next = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
+      for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
+    }
+    // o += p x^ with x^ = code * s + m unpacked once per chunk for all rows.
     for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
       const int32_t passChunks = chunks - c0 < CHUNKS ? chunks - c0 : CHUNKS;
       R out[CHUNKS][ROWS];
@@ -137,25 +162,24 @@ void kiviDecodeRows(const KiviRange& range) {
         for (int32_t r = 0; r < ROWS; ++r)
           out[c][r] = c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
       for (int32_t j = 0; j < count; ++j) {
-        const int64_t t = blockBegin + j;
-        if (t < head.quantizedValues) {
-          const auto* words = static_cast<const uint32_t*>(
-              static_cast<const void*>(static_cast<const uint8_t*>(head.valuePages[t / range.valueTokensPerPage]) +
-                                       size_t(t % range.valueTokensPerPage) * valueBytes));
+        R p[ROWS];
+        for (int32_t r = 0; r < ROWS; ++r) p[r] = V::set1(scores[r][j]);
+        if (valueRecords[j] != nullptr) {
+          const auto* words = reinterpret_cast<const uint32_t*>(valueRecords[j]);
+          const float* floats = valueScales + size_t(j) * 2 * size_t(channelGroups);
           for (int32_t c = 0; c < CHUNKS; ++c) {
             if (c >= passChunks) break;
             const int32_t channel = (c0 + c) * V::W;
-            const R x = V::template codes<BITS>(words, channel);
-            const float* scale = ps + size_t(j * ROWS) * size_t(channelGroups) + channel / group;
-            for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(V::set1(scale[r * channelGroups]), x, out[c][r]);
+            const int32_t g = channel / group;
+            const R x = V::fmadd(V::template codes<BITS>(words, channel), V::set1(floats[g]), V::set1(floats[channelGroups + g]));
+            for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], x, out[c][r]);
           }
         } else {
-          const int64_t row = (head.valueRingStart + (t - head.quantizedValues)) % range.ringRows;
-          const uint16_t* values = head.valueResidual + size_t(row) * size_t(dim);
+          const uint16_t* values = valueResidualRows[j];
           for (int32_t c = 0; c < CHUNKS; ++c) {
             if (c >= passChunks) break;
             const R v = V::loadF16(values + (c0 + c) * V::W);
-            for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(V::set1(scores[r][j]), v, out[c][r]);
+            for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], v, out[c][r]);
           }
         }
       }
@@ -163,21 +187,26 @@ void kiviDecodeRows(const KiviRange& range) {
         for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + (c0 + c) * V::W, out[c][r]);
     }
   }
-  for (int32_t r = 0; r < ROWS; ++r)
-    for (int32_t d = 0; d < dim; ++d) state.acc[r * dim + d] += minAcc[r * channelGroups + d / group];
+}
+
+template <class V, int BITS, int ROWS>
+void kiviDecodeOfRows(const KiviRange& range) {
+  // Sub-blocks of 32 tokens give more independent FMA chains; a group of 16 needs 16.
+  if (range.format.group % 32 == 0) kiviDecodeRows<V, BITS, ROWS, 32>(range);
+  else kiviDecodeRows<V, BITS, ROWS, 16>(range);
 }
 
 template <class V, int BITS>
 void kiviDecodeOfBits(const KiviRange& range) {
   switch (range.rows) {
-    case 1: kiviDecodeRows<V, BITS, 1>(range); break;
-    case 2: kiviDecodeRows<V, BITS, 2>(range); break;
-    case 3: kiviDecodeRows<V, BITS, 3>(range); break;
-    case 4: kiviDecodeRows<V, BITS, 4>(range); break;
-    case 5: kiviDecodeRows<V, BITS, 5>(range); break;
-    case 6: kiviDecodeRows<V, BITS, 6>(range); break;
-    case 7: kiviDecodeRows<V, BITS, 7>(range); break;
-    default: kiviDecodeRows<V, BITS, 8>(range); break;
+    case 1: kiviDecodeOfRows<V, BITS, 1>(range); break;
+    case 2: kiviDecodeOfRows<V, BITS, 2>(range); break;
+    case 3: kiviDecodeOfRows<V, BITS, 3>(range); break;
+    case 4: kiviDecodeOfRows<V, BITS, 4>(range); break;
+    case 5: kiviDecodeOfRows<V, BITS, 5>(range); break;
+    case 6: kiviDecodeOfRows<V, BITS, 6>(range); break;
+    case 7: kiviDecodeOfRows<V, BITS, 7>(range); break;
+    default: kiviDecodeOfRows<V, BITS, 8>(range); break;
   }
 }
 

@@ -13,6 +13,7 @@ struct VecAvx2 {
     __m256i wide = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
     return _mm256_castsi256_ps(_mm256_slli_epi32(wide, 16));
   }
+  static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
   // Codes first .. first + 7 (first % 8 == 0) of a KIVI run packed `32 / BITS` per word, as floats.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {

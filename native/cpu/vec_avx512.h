@@ -13,6 +13,7 @@ struct VecAvx512 {
     __m512i wide = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
+  static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
   // Codes first .. first + 15 (first % 16 == 0) of a KIVI run packed `32 / BITS` per word, as floats.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {

@@ -11,6 +11,7 @@ struct VecScalar {
   static void store(float* p, R x) { *p = x; }
   static R loadF16(const uint16_t* p) { return kvslim::f16ToFloat(*p); }
   static R loadBF16(const uint16_t* p) { return kvslim::bf16ToFloat(*p); }
+  static float halfToFloat(uint16_t h) { return kvslim::f16ToFloat(h); }
   // Code `first` of a KIVI run packed `32 / BITS` per word, as a float.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {

@@ -1,7 +1,8 @@
-// The CUDA backend: KV pages in GPU memory, attention by the kernels of attention_*.cu.
-// attention() receives host queries and host arrays of device page pointers; it uploads both in
-// one copy into a reusable device workspace, launches decode or prefill (the CPU backend's
-// split), merges key splits, and copies the output back before it returns.
+// The CUDA backend: KV pages in GPU memory, attention by the kernels of attention_*.cu and
+// kivi_attention.cu. attention() and kiviAttention() receive host queries and host arrays of
+// device page pointers; they upload both in one copy into a reusable device workspace, launch
+// decode or prefill (the CPU backend's split) or the KIVI kernel, merge key splits, and copy the
+// output back before they return.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -15,6 +16,7 @@
 #include "../core/backend.h"
 #include "../core/cuda_info.h"
 #include "attention_kernels.cuh"
+#include "kivi_kernels.cuh"
 
 namespace kvslim {
 
@@ -22,6 +24,8 @@ namespace {
 
 using cuda::AttentionKernelArgs;
 using cuda::HeadSpan;
+using cuda::KiviHeadSpan;
+using cuda::KiviKernelArgs;
 using cuda::SplitPlan;
 
 constexpr int64_t kDecodeRowsLimit = 16;  // rows per kv head up to which decode wins (as on the CPU)
@@ -41,25 +45,52 @@ Status cudaStatus(cudaError_t error, const std::string& call) {
 
 size_t alignUp(size_t bytes) { return (bytes + kAlignment - 1) / kAlignment * kAlignment; }
 
+// The query-side fields both attention entry points give their kernels.
+AttentionKernelArgs kernelShape(int32_t n, int32_t qHeads, int32_t kvHeads, int32_t headDim, bool causal, float scale) {
+  AttentionKernelArgs kernel;
+  kernel.n = n;
+  kernel.qHeads = qHeads;
+  kernel.kvHeads = kvHeads;
+  kernel.headDim = headDim;
+  kernel.group = qHeads / kvHeads;
+  kernel.rowsPerHead = n * kernel.group;
+  kernel.causal = causal;
+  kernel.scaleLog2e = scale * 1.4426950408889634f;  // folded into q so the kernels use exp2
+  return kernel;
+}
+
 // Sizes core validated already, checked again before any memory is touched (a caller can lie)
-// together with the limits of the kernels' integer indexing.
-Status checkArgs(const AttentionArgs& args) {
-  if (args.n < 1 || args.qHeads < 1 || args.kvHeads < 1 || args.qHeads % args.kvHeads != 0) {
-    return Status(ErrorCode::Shape, "attention needs n, qHeads, kvHeads >= 1 with qHeads a multiple of kvHeads, but received n=" +
-                                        std::to_string(args.n) + ", qHeads=" + std::to_string(args.qHeads) +
-                                        ", kvHeads=" + std::to_string(args.kvHeads));
+// together with the limits of the kernels' integer indexing. Shared by attention and kiviAttention.
+Status checkQueryShape(const char* what, int32_t n, int32_t qHeads, int32_t kvHeads, int32_t headDim) {
+  if (n < 1 || qHeads < 1 || kvHeads < 1 || qHeads % kvHeads != 0) {
+    return Status(ErrorCode::Shape, std::string(what) + " needs n, qHeads, kvHeads >= 1 with qHeads a multiple of kvHeads, but received n=" +
+                                        std::to_string(n) + ", qHeads=" + std::to_string(qHeads) +
+                                        ", kvHeads=" + std::to_string(kvHeads));
   }
-  if (args.headDim < 1 || args.headDim > 1024) {
-    return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+  if (headDim < 1 || headDim > 1024) {
+    return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(headDim));
   }
-  if (args.kvHeads > kMaxKvHeads) {
+  if (kvHeads > kMaxKvHeads) {
     return Status(ErrorCode::Shape, "the CUDA backend supports at most " + std::to_string(kMaxKvHeads) +
-                                        " kv heads, but received " + std::to_string(args.kvHeads));
+                                        " kv heads, but received " + std::to_string(kvHeads));
   }
-  if (int64_t(args.n) * args.qHeads > INT32_MAX) {
+  if (int64_t(n) * qHeads > INT32_MAX) {
     return Status(ErrorCode::Shape, "n x qHeads must be below 2^31 on the CUDA backend, but is " +
-                                        std::to_string(int64_t(args.n) * args.qHeads));
+                                        std::to_string(int64_t(n) * qHeads));
   }
+  return Status::ok();
+}
+
+Status checkHeadTokens(int32_t head, int64_t tokens) {
+  if (tokens < 0 || tokens > kMaxTokens) {
+    return Status(ErrorCode::Shape, "the CUDA backend supports 0 to 2^30 tokens per kv head, but kv head " +
+                                        std::to_string(head) + " holds " + std::to_string(tokens));
+  }
+  return Status::ok();
+}
+
+Status checkArgs(const AttentionArgs& args) {
+  KVSLIM_RETURN_IF_ERROR(checkQueryShape("attention", args.n, args.qHeads, args.kvHeads, args.headDim));
   if (args.pageTokens < 1 || args.rowStride < args.headDim) {
     return Status(ErrorCode::Shape, "pages need pageTokens >= 1 and rowStride >= headDim, but received pageTokens=" +
                                         std::to_string(args.pageTokens) + ", rowStride=" + std::to_string(args.rowStride));
@@ -67,10 +98,80 @@ Status checkArgs(const AttentionArgs& args) {
   if (args.kvType != DType::F32 && args.kvType != DType::F16 && args.kvType != DType::BF16) {
     return Status(ErrorCode::Dtype, "unknown kv dtype " + std::to_string(int(args.kvType)));
   }
+  for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadTokens(h, args.heads[h].tokens));
+  return Status::ok();
+}
+
+// Pages of each KIVI head: key group records for its quantized keys, value token records for its
+// quantized values (page counts of a checked head; the per-page counts are >= 1 where used).
+int64_t kiviKeyPages(const KiviAttentionArgs& args, const KiviHeadView& head) {
+  const int64_t groups = head.quantizedKeys / args.format.group;
+  return groups == 0 ? 0 : (groups + args.keyGroupsPerPage - 1) / args.keyGroupsPerPage;
+}
+int64_t kiviValuePages(const KiviAttentionArgs& args, const KiviHeadView& head) {
+  return head.quantizedValues == 0 ? 0 : (head.quantizedValues + args.valueTokensPerPage - 1) / args.valueTokensPerPage;
+}
+
+bool misaligned(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 4 != 0; }
+
+// The KIVI contract (core/kivi_format.h), per head: the quantized parts end inside the head, the
+// keys at a whole group, and the fp16 parts fit the residual buffers. Pages and residuals are
+// read in 4-byte words, so they must be 4-byte aligned (record sizes are multiples of 4).
+Status checkKiviArgs(const KiviAttentionArgs& args) {
+  const KiviFormat& format = args.format;
+  KVSLIM_RETURN_IF_ERROR(checkQueryShape("KIVI attention", args.n, args.qHeads, args.kvHeads, format.headDim));
+  if (format.bits != 2 && format.bits != 4 && format.bits != 8) {
+    return Status(ErrorCode::Option, "KIVI bits must be 2, 4 or 8, but received " + std::to_string(format.bits));
+  }
+  if (format.group < 16 || format.group % 16 != 0 || format.headDim % format.group != 0) {
+    return Status(ErrorCode::Shape, "KIVI group must be a multiple of 16 that divides headDim, but received group=" +
+                                        std::to_string(format.group) + ", headDim=" + std::to_string(format.headDim));
+  }
+  if (args.residual < 0 || args.residual > kMaxTokens) {
+    return Status(ErrorCode::Shape, "KIVI residual must be in [0, 2^30], but received " + std::to_string(args.residual));
+  }
   for (int32_t h = 0; h < args.kvHeads; ++h) {
-    if (args.heads[h].tokens < 0 || args.heads[h].tokens > kMaxTokens) {
-      return Status(ErrorCode::Shape, "the CUDA backend supports 0 to 2^30 tokens per kv head, but kv head " +
-                                          std::to_string(h) + " holds " + std::to_string(args.heads[h].tokens));
+    const KiviHeadView& head = args.heads[h];
+    KVSLIM_RETURN_IF_ERROR(checkHeadTokens(h, head.tokens));
+    const std::string which = "KIVI kv head " + std::to_string(h);
+    if (head.quantizedKeys < 0 || head.quantizedKeys > head.tokens || head.quantizedKeys % format.group != 0 ||
+        head.tokens - head.quantizedKeys > args.residual) {
+      return Status(ErrorCode::Shape, which + " needs quantizedKeys a multiple of group in [tokens - residual, tokens], but holds tokens=" +
+                                          std::to_string(head.tokens) + ", quantizedKeys=" + std::to_string(head.quantizedKeys) +
+                                          ", residual=" + std::to_string(args.residual));
+    }
+    if (head.quantizedValues < 0 || head.quantizedValues > head.tokens || head.tokens - head.quantizedValues > args.residual) {
+      return Status(ErrorCode::Shape, which + " needs quantizedValues in [tokens - residual, tokens], but holds tokens=" +
+                                          std::to_string(head.tokens) + ", quantizedValues=" + std::to_string(head.quantizedValues) +
+                                          ", residual=" + std::to_string(args.residual));
+    }
+    const bool keyRing = head.tokens > head.quantizedKeys;
+    const bool valueRing = head.tokens > head.quantizedValues;
+    if (valueRing && (head.valueRingStart < 0 || head.valueRingStart >= args.residual)) {
+      return Status(ErrorCode::Shape, which + " needs valueRingStart in [0, residual), but holds " +
+                                          std::to_string(head.valueRingStart) + " with residual=" + std::to_string(args.residual));
+    }
+    if ((head.quantizedKeys > 0 && (args.keyGroupsPerPage < 1 || head.keyPages == nullptr)) ||
+        (head.quantizedValues > 0 && (args.valueTokensPerPage < 1 || head.valuePages == nullptr))) {
+      return Status(ErrorCode::Shape, which + " holds quantized tokens but no pages (keyGroupsPerPage=" +
+                                          std::to_string(args.keyGroupsPerPage) + ", valueTokensPerPage=" +
+                                          std::to_string(args.valueTokensPerPage) + ")");
+    }
+    if ((keyRing && (head.keyResidual == nullptr || misaligned(head.keyResidual))) ||
+        (valueRing && (head.valueResidual == nullptr || misaligned(head.valueResidual)))) {
+      return Status(ErrorCode::Internal, which + " has a null or misaligned residual buffer");
+    }
+    const int64_t keyPages = kiviKeyPages(args, head);
+    for (int64_t p = 0; p < keyPages; ++p) {
+      if (head.keyPages[p] == nullptr || misaligned(head.keyPages[p])) {
+        return Status(ErrorCode::Internal, which + " key page " + std::to_string(p) + " is null or not 4-byte aligned");
+      }
+    }
+    const int64_t valuePages = kiviValuePages(args, head);
+    for (int64_t p = 0; p < valuePages; ++p) {
+      if (head.valuePages[p] == nullptr || misaligned(head.valuePages[p])) {
+        return Status(ErrorCode::Internal, which + " value page " + std::to_string(p) + " is null or not 4-byte aligned");
+      }
     }
   }
   return Status::ok();
@@ -82,20 +183,22 @@ struct WorkspaceLayout {
   size_t heads = 0, keyPages = 0, valuePages = 0, q = 0, uploadBytes = 0;
   size_t out = 0, partialMax = 0, partialSum = 0, partialAcc = 0, totalBytes = 0;
 
-  WorkspaceLayout(const AttentionArgs& args, int64_t totalPages, int splits) {
-    const size_t queryBytes = size_t(args.n) * size_t(args.qHeads) * size_t(args.headDim) * sizeof(float);
-    const size_t tableBytes = size_t(totalPages) * sizeof(void*);
-    const size_t partials = splits > 1 ? size_t(args.n) * size_t(args.qHeads) * size_t(splits) : 0;
-    keyPages = alignUp(size_t(args.kvHeads) * sizeof(HeadSpan));
-    valuePages = keyPages + alignUp(tableBytes);
-    q = valuePages + alignUp(tableBytes);
+  // queryRows = n x qHeads; partials are [queryRows, splits] when the keys are split.
+  WorkspaceLayout(size_t headBytes, int64_t keyPageCount, int64_t valuePageCount, size_t queryRows, int32_t headDim,
+                  int splits) {
+    const size_t queryBytes = queryRows * size_t(headDim) * sizeof(float);
+    const size_t partials = splits > 1 ? queryRows * size_t(splits) : 0;
+    keyPages = alignUp(headBytes);
+    valuePages = keyPages + alignUp(size_t(keyPageCount) * sizeof(void*));
+    q = valuePages + alignUp(size_t(valuePageCount) * sizeof(void*));
     uploadBytes = q + queryBytes;
     out = alignUp(uploadBytes);
     partialMax = out + alignUp(queryBytes);
     partialSum = partialMax + alignUp(partials * sizeof(float));
     partialAcc = partialSum + alignUp(partials * sizeof(float));
-    totalBytes = partialAcc + partials * size_t(args.headDim) * sizeof(float);
+    totalBytes = partialAcc + partials * size_t(headDim) * sizeof(float);
   }
+  size_t queryBytes() const { return uploadBytes - q; }
 };
 
 class CudaBackend final : public Backend {
@@ -138,19 +241,11 @@ class CudaBackend final : public Backend {
 
   Status attention(const AttentionArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkArgs(args));
-    AttentionKernelArgs kernel;
-    kernel.n = args.n;
-    kernel.qHeads = args.qHeads;
-    kernel.kvHeads = args.kvHeads;
-    kernel.headDim = args.headDim;
-    kernel.group = args.qHeads / args.kvHeads;
-    kernel.rowsPerHead = args.n * kernel.group;
+    AttentionKernelArgs kernel = kernelShape(args.n, args.qHeads, args.kvHeads, args.headDim, args.causal, args.scale);
     // A head holds at most kMaxTokens tokens: clamping a longer page to that many rows moves none.
     kernel.pageTokens = int(std::min(args.pageTokens, kMaxTokens));
     kernel.rowBytes = args.rowStride * int64_t(dtypeBytes(args.kvType));
     kernel.kvType = args.kvType;
-    kernel.causal = args.causal;
-    kernel.scaleLog2e = args.scale * 1.4426950408889634f;
 
     // 16-byte loads need every row 16-byte aligned: page starts and the row stride.
     bool aligned = args.headDim % 8 == 0 && kernel.rowBytes % 16 == 0;
@@ -171,15 +266,11 @@ class CudaBackend final : public Backend {
                                   : cuda::planAttentionPrefill(kernel, multiprocessors_);
     kernel.splits = plan.splits;
     kernel.splitTokens = plan.splitTokens;
-    const WorkspaceLayout layout(args, totalPages, plan.splits);
+    const WorkspaceLayout layout(size_t(args.kvHeads) * sizeof(HeadSpan), totalPages, totalPages,
+                                 size_t(args.n) * size_t(args.qHeads), args.headDim, plan.splits);
 
     std::lock_guard<std::mutex> lock(mutex_);
-    try {
-      if (staging_.size() < layout.uploadBytes) staging_.resize(layout.uploadBytes);
-    } catch (const std::bad_alloc&) {
-      return Status(ErrorCode::OutOfMemory, "out of host memory staging " + std::to_string(layout.uploadBytes) +
-                                                " bytes for CUDA attention");
-    }
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
     unsigned char* staging = staging_.data();
     int64_t firstPage = 0;
     for (int32_t h = 0; h < args.kvHeads; ++h) {
@@ -187,45 +278,136 @@ class CudaBackend final : public Backend {
       const int64_t pages = (head.tokens + args.pageTokens - 1) / args.pageTokens;
       const HeadSpan span{firstPage, int(head.tokens)};
       std::memcpy(staging + layout.heads + size_t(h) * sizeof(HeadSpan), &span, sizeof(HeadSpan));
-      if (pages > 0) {
-        std::memcpy(staging + layout.keyPages + size_t(firstPage) * sizeof(void*), head.keyPages, size_t(pages) * sizeof(void*));
-        std::memcpy(staging + layout.valuePages + size_t(firstPage) * sizeof(void*), head.valuePages, size_t(pages) * sizeof(void*));
-      }
+      stagePages(layout.keyPages, firstPage, head.keyPages, pages);
+      stagePages(layout.valuePages, firstPage, head.valuePages, pages);
       firstPage += pages;
     }
-    const size_t queryBytes = layout.uploadBytes - layout.q;
-    std::memcpy(staging + layout.q, args.q, queryBytes);
+    std::memcpy(staging + layout.q, args.q, layout.queryBytes());
 
-    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
-    unsigned char* device = static_cast<unsigned char*>(workspace_);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging, layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
-                                      "cudaMemcpyAsync (attention inputs)"));
+    unsigned char* device = nullptr;
+    KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel, &device));
     kernel.heads = reinterpret_cast<const HeadSpan*>(device + layout.heads);
-    kernel.keyPages = reinterpret_cast<const void* const*>(device + layout.keyPages);
-    kernel.valuePages = reinterpret_cast<const void* const*>(device + layout.valuePages);
-    kernel.q = reinterpret_cast<const float*>(device + layout.q);
-    kernel.out = reinterpret_cast<float*>(device + layout.out);
-    kernel.partialMax = reinterpret_cast<float*>(device + layout.partialMax);
-    kernel.partialSum = reinterpret_cast<float*>(device + layout.partialSum);
-    kernel.partialAcc = reinterpret_cast<float*>(device + layout.partialAcc);
-
     if (decode) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionDecode(kernel, stream_), "attention decode launch"));
     } else {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionPrefill(kernel, stream_), "attention prefill launch"));
     }
-    if (kernel.splits > 1) {
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), "attention split merge launch"));
+    return finishAttention(kernel, layout, args.out, "attention");
+  }
+
+  Status kiviAttention(const KiviAttentionArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkKiviArgs(args));
+    const KiviFormat& format = args.format;
+    KiviKernelArgs kernel;
+    kernel.attention = kernelShape(args.n, args.qHeads, args.kvHeads, format.headDim, args.causal, args.scale);
+    kernel.bits = format.bits;
+    kernel.quantGroup = format.group;
+    // A head holds at most kMaxTokens tokens, so at most that many records of a page are read:
+    // clamping keeps the kernel's 32-bit page arithmetic exact.
+    kernel.keyGroupsPerPage = int(std::min(args.keyGroupsPerPage, kMaxTokens));
+    kernel.valueTokensPerPage = int(std::min(args.valueTokensPerPage, kMaxTokens));
+    kernel.residual = int(args.residual);
+    kernel.keyWordsPerChannel = int(format.keyGroupWordsPerChannel());
+    kernel.keyGroupBytes = static_cast<long long>(format.keyGroupBytes());
+    kernel.keyCodeBytes = static_cast<long long>(format.keyGroupCodeBytes());
+    kernel.valueTokenBytes = static_cast<long long>(format.valueTokenBytes());
+    kernel.valueCodeBytes = static_cast<long long>(format.valueCodeBytes());
+
+    int64_t totalKeyPages = 0;
+    int64_t totalValuePages = 0;
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      totalKeyPages += kiviKeyPages(args, args.heads[h]);
+      totalValuePages += kiviValuePages(args, args.heads[h]);
+      kernel.attention.maxTokens = std::max(kernel.attention.maxTokens, int(args.heads[h].tokens));
     }
-    // A fault inside a kernel surfaces at the first call that waits for it: the output copy.
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, kernel.out, queryBytes, cudaMemcpyDeviceToHost, stream_),
-                                      "attention (kernels or output copy)"));
-    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention)");
+    const SplitPlan plan = cuda::planKiviAttention(kernel, multiprocessors_);
+    kernel.attention.splits = plan.splits;
+    kernel.attention.splitTokens = plan.splitTokens;
+    const WorkspaceLayout layout(size_t(args.kvHeads) * sizeof(KiviHeadSpan), totalKeyPages, totalValuePages,
+                                 size_t(args.n) * size_t(args.qHeads), format.headDim, plan.splits);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
+    unsigned char* staging = staging_.data();
+    int64_t firstKeyPage = 0;
+    int64_t firstValuePage = 0;
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      const KiviHeadView& head = args.heads[h];
+      const int64_t keyPages = kiviKeyPages(args, head);
+      const int64_t valuePages = kiviValuePages(args, head);
+      const KiviHeadSpan span{firstKeyPage,
+                              firstValuePage,
+                              head.keyResidual,
+                              head.valueResidual,
+                              int(head.valueRingStart),
+                              int(head.quantizedKeys),
+                              int(head.quantizedValues),
+                              int(head.tokens)};
+      std::memcpy(staging + layout.heads + size_t(h) * sizeof(KiviHeadSpan), &span, sizeof(KiviHeadSpan));
+      stagePages(layout.keyPages, firstKeyPage, head.keyPages, keyPages);
+      stagePages(layout.valuePages, firstValuePage, head.valuePages, valuePages);
+      firstKeyPage += keyPages;
+      firstValuePage += valuePages;
+    }
+    std::memcpy(staging + layout.q, args.q, layout.queryBytes());
+
+    unsigned char* device = nullptr;
+    KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel.attention, &device));
+    kernel.heads = reinterpret_cast<const KiviHeadSpan*>(device + layout.heads);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchKiviAttention(kernel, stream_), "KIVI attention launch"));
+    return finishAttention(kernel.attention, layout, args.out, "KIVI attention");
   }
 
  private:
   Status copyAndWait(void* dst, const void* src, size_t bytes, cudaMemcpyKind direction, const char* what) {
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(dst, src, bytes, direction, stream_), std::string("cudaMemcpyAsync (") + what + ")"));
+    return cudaStatus(cudaStreamSynchronize(stream_), std::string("cudaStreamSynchronize (") + what + ")");
+  }
+
+  // Grows the host staging buffer (mutex_ held).
+  Status reserveStaging(size_t bytes) {
+    try {
+      if (staging_.size() < bytes) staging_.resize(bytes);
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory staging " + std::to_string(bytes) + " bytes for CUDA attention");
+    }
+    return Status::ok();
+  }
+
+  // Copies `count` page pointers of one head into the staged page table at `table` (mutex_ held).
+  void stagePages(size_t table, int64_t firstPage, const void* const* pages, int64_t count) {
+    if (count > 0) {
+      std::memcpy(staging_.data() + table + size_t(firstPage) * sizeof(void*), pages, size_t(count) * sizeof(void*));
+    }
+  }
+
+  // Moves the staged inputs into the workspace in one copy and points `kernel` at its regions;
+  // `device` is the workspace, for the caller's head spans (mutex_ held).
+  Status uploadInputs(const WorkspaceLayout& layout, AttentionKernelArgs& kernel, unsigned char** device) {
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
+    unsigned char* base = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(base, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (attention inputs)"));
+    kernel.keyPages = reinterpret_cast<const void* const*>(base + layout.keyPages);
+    kernel.valuePages = reinterpret_cast<const void* const*>(base + layout.valuePages);
+    kernel.q = reinterpret_cast<const float*>(base + layout.q);
+    kernel.out = reinterpret_cast<float*>(base + layout.out);
+    kernel.partialMax = reinterpret_cast<float*>(base + layout.partialMax);
+    kernel.partialSum = reinterpret_cast<float*>(base + layout.partialSum);
+    kernel.partialAcc = reinterpret_cast<float*>(base + layout.partialAcc);
+    *device = base;
+    return Status::ok();
+  }
+
+  // After the attention kernel: merges key splits, copies the output to the host and waits
+  // (mutex_ held).
+  Status finishAttention(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, const char* what) {
+    if (kernel.splits > 1) {
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch"));
+    }
+    // A fault inside a kernel surfaces at the first call that waits for it: the output copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, kernel.out, layout.queryBytes(), cudaMemcpyDeviceToHost, stream_),
+                                      std::string(what) + " (kernels or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), std::string("cudaStreamSynchronize (") + what + ")");
   }
 
