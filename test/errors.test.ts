@@ -210,7 +210,6 @@ describe('KVCache constructor (ERR_OPTION)', () => {
       { select: { kind: 'streaming', sink: 4, window: 256 } },
       { select: { kind: 'nonsense' } },
       { select: { kind: 'full', budget: 3 } },
-      { store: { kind: 'kivi', bits: 2 } },
       { store: { kind: 'f8' } },
       { store: { kind: 'f16', group: 32 } },
       { summary: { kind: 'sse', partitions: 4 } },
@@ -421,9 +420,10 @@ describe('KVCache.load: damaged bytes (ERR_CORRUPT, never a crash)', () => {
   });
 
   // Header (little-endian): magic 0..8 | u32 version 8 | i32 layers 12, qHeads 16, kvHeads 20,
-  // headDim 24, store 28 | i64 pageTokens 32 | f32 scale 40 | i64 tokens[layers] 44 ...
+  // headDim 24, store 28 | i64 pageTokens 32 | f32 scale 40 | i32 storeKind 44, kiviBits 48,
+  // kiviGroup 52 | i64 kiviResidual 56 | i64 tokens[layers] 64 ... (2 layers: payload from 80)
   const edits: Array<[string, (view: DataView) => void]> = [
-    ['version 2', (view) => view.setUint32(8, 2, true)],
+    ['version 3', (view) => view.setUint32(8, 3, true)],
     ['layers 0', (view) => view.setInt32(12, 0, true)],
     ['layers -1', (view) => view.setInt32(12, -1, true)],
     ['kvHeads 3 (qHeads 4)', (view) => view.setInt32(20, 3, true)],
@@ -436,15 +436,57 @@ describe('KVCache.load: damaged bytes (ERR_CORRUPT, never a crash)', () => {
     ['scale 0', (view) => view.setFloat32(40, 0, true)],
     ['scale NaN', (view) => view.setFloat32(40, Number.NaN, true)],
     ['scale Infinity', (view) => view.setFloat32(40, Number.POSITIVE_INFINITY, true)],
-    ['tokens -1', (view) => view.setBigInt64(44, -1n, true)],
-    ['tokens 2^62', (view) => view.setBigInt64(44, 2n ** 62n, true)],
-    ['tokens 4 (payload of 3)', (view) => view.setBigInt64(44, 4n, true)],
-    ['an f16 Inf key', (view) => view.setUint16(60, 0x7c00, true)],
+    ['store kind 2', (view) => view.setInt32(44, 2, true)],
+    ['tokens -1', (view) => view.setBigInt64(64, -1n, true)],
+    ['tokens 2^62', (view) => view.setBigInt64(64, 2n ** 62n, true)],
+    ['tokens 4 (payload of 3)', (view) => view.setBigInt64(64, 4n, true)],
+    ['an f16 Inf key', (view) => view.setUint16(88, 0x7c00, true)],
     ['an f16 NaN value', (view) => view.setUint16(view.byteLength - 10, 0x7e00, true)],
   ];
   for (const [name, edit] of edits) {
     it(`a header or payload with a valid checksum: ${name}`, () => {
       expectError(() => KVCache.load(resealed(savedCache(), edit)), 'ERR_CORRUPT');
+    });
+  }
+
+  // A KIVI cache (1 layer, 70 tokens, 2 bits, group 16, residual 32): 64 keys and 38 values
+  // quantized. Payload from 72: per head i64 quantizedKeys, quantizedValues, then 4 key group
+  // records of 512 bytes (256 of codes, then f16 scales and minima), 38 value records of 32 bytes
+  // (16 of codes, then f16 scales and minima), 6 f16 key rows, 32 f16 value rows.
+  function savedKiviCache(): Buffer {
+    const cache = cacheOf({ layers: 1, policy: { store: { kind: 'kivi', bits: 2, group: 16, residual: 32 } } });
+    const tokens = randomTokens(new Random(91), heads, 70);
+    cache.append(0, tokens.k, tokens.v);
+    return cache.save();
+  }
+  const kiviEdits: Array<[string, (view: DataView) => void]> = [
+    ['bits 3', (view) => view.setInt32(48, 3, true)],
+    ['group 0', (view) => view.setInt32(52, 0, true)],
+    ['group 24', (view) => view.setInt32(52, 24, true)],
+    ['residual 0', (view) => view.setBigInt64(56, 0n, true)],
+    ['residual 40 (not a multiple of group)', (view) => view.setBigInt64(56, 40n, true)],
+    ['quantizedKeys 8 (not a multiple of group)', (view) => view.setBigInt64(72, 8n, true)],
+    ['quantizedKeys 80 (more than the tokens)', (view) => view.setBigInt64(72, 80n, true)],
+    ['quantizedValues -1', (view) => view.setBigInt64(80, -1n, true)],
+    ['an f16 Inf key scale', (view) => view.setUint16(88 + 256, 0x7c00, true)],
+    ['an f16 NaN value minimum', (view) => view.setUint16(88 + 2048 + 16 + 4, 0x7e00, true)],
+    ['an f16 Inf residual key', (view) => view.setUint16(88 + 2048 + 38 * 32, 0x7c00, true)],
+  ];
+  it('a KIVI cache: the control loads, every truncation and bit flip is refused', () => {
+    const saved = savedKiviCache();
+    const loaded = KVCache.load(saved);
+    open.push(loaded);
+    expect(Buffer.compare(loaded.save(), saved)).toBe(0);
+    for (let length = 0; length < saved.length; length += 97) expectError(() => KVCache.load(saved.subarray(0, length)), 'ERR_CORRUPT');
+    for (let byte = 0; byte < saved.length; byte += 13) {
+      const flipped = Buffer.from(saved);
+      flipped[byte] ^= 1 << (byte % 8);
+      expectError(() => KVCache.load(flipped), 'ERR_CORRUPT');
+    }
+  });
+  for (const [name, edit] of kiviEdits) {
+    it(`a KIVI header or payload with a valid checksum: ${name}`, () => {
+      expectError(() => KVCache.load(resealed(savedKiviCache(), edit)), 'ERR_CORRUPT');
     });
   }
 

@@ -13,6 +13,7 @@ import { ensureCompiled, repositoryRoot } from './helpers/dist.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { referenceAttention } from './reference/attention.js';
 import { type Dtype, encodeHalf, roundTo } from './reference/half.js';
+import { type KiviConfig, KiviMirror } from './reference/kivi.js';
 
 // Between levels: only the summation order and exp2 (libm vs polynomial) differ. Observed:
 // 1.5e-7 .. 1.5e-6 (the largest for f32 decode at scale 0.5: large scores, where f32 rounding of
@@ -24,7 +25,7 @@ const REFERENCE_TOLERANCE = 2e-5;
 const child = join(repositoryRoot, 'test/fixtures/simd-child.mjs');
 
 interface Case {
-  kind: 'attention' | 'cache';
+  kind: 'attention' | 'cache' | 'kivi';
   label: string;
   dtype: Dtype;
   n: number;
@@ -37,6 +38,7 @@ interface Case {
   store?: Dtype;
   pageTokens?: number;
   prompt?: number;
+  kivi?: KiviConfig;
 }
 
 const cases: Case[] = [
@@ -47,6 +49,10 @@ const cases: Case[] = [
   { kind: 'attention', label: 'prefill, two key chunks, d=36', dtype: 'f16', n: 40, T: 2100, qHeads: 2, kvHeads: 2, headDim: 36 },
   { kind: 'attention', label: 'prefill non-causal, d=64', dtype: 'bf16', n: 24, T: 50, qHeads: 8, kvHeads: 8, headDim: 64, causal: false },
   { kind: 'cache', label: 'cache f16 store: prefill 30 + 10 steps, d=72', dtype: 'f32', n: 40, T: 40, qHeads: 8, kvHeads: 2, headDim: 72, store: 'f16', pageTokens: 7, prompt: 30 },
+  // KIVI: append T tokens, then n queries attend (decode kernel over codes and residual rows).
+  { kind: 'kivi', label: 'KIVI-2 decode, GQA 8/2, d=64, group 32', dtype: 'f32', n: 1, T: 1500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64 } },
+  { kind: 'kivi', label: 'KIVI-4, 3 rows x group 4, d=128, group 16', dtype: 'f16', n: 3, T: 333, qHeads: 16, kvHeads: 4, headDim: 128, kivi: { bits: 4, group: 16, residual: 32 } },
+  { kind: 'kivi', label: 'KIVI-8 MHA, d=32', dtype: 'bf16', n: 1, T: 700, qHeads: 2, kvHeads: 2, headDim: 32, kivi: { bits: 8, group: 32, residual: 128 } },
 ];
 
 interface Prepared {
@@ -65,6 +71,11 @@ function prepare(testCase: Case, seed: number): Prepared {
   const v = random.tensor(testCase.T * testCase.kvHeads * testCase.headDim);
   const { dtype } = testCase;
   const sent = dtype === 'f32' ? { q, k, v } : { q: encodeHalf(q, dtype), k: encodeHalf(k, dtype), v: encodeHalf(v, dtype) };
+  if (testCase.kivi !== undefined) {
+    const mirror = new KiviMirror(testCase, testCase.kivi);
+    mirror.append(roundTo(k, dtype), roundTo(v, dtype));
+    return { json: { ...testCase, q: base64(sent.q), k: base64(sent.k), v: base64(sent.v) }, expected: mirror.attend(roundTo(q, dtype)) };
+  }
   // Keys and values are rounded to the input dtype, then (in a cache) to the store dtype.
   const stored = (x: Float32Array) => roundTo(roundTo(x, dtype), testCase.store ?? 'f32');
   const expected = referenceAttention({

@@ -19,8 +19,14 @@ export interface Room {
   limit: 'budget' | 'context';
 }
 
-/** Bytes per stored element of each store kind. */
-const elementBytes: Record<ResolvedPolicy['store']['kind'], number> = { f32: 4, f16: 2, bf16: 2 };
+/** Bytes one token costs per kv head and layer (K and V) in a store; KIVI: the packed codes, scales and minima. */
+function tokenBytes(store: ResolvedPolicy['store'], headDim: number): number {
+  switch (store.kind) {
+    case 'f32': return headDim * 2 * 4;
+    case 'kivi': return 2 * ((headDim * store.bits) / 8 + (4 * headDim) / store.group);
+    default: return headDim * 2 * 2;
+  }
+}
 
 export class Session {
   readonly id: string;
@@ -50,7 +56,7 @@ export class Session {
   /** Key and value bytes one token costs across all layers in this session's store. */
   get bytesPerToken(): number {
     const { layers, kvHeads, headDim, policy } = this.cache;
-    return layers * kvHeads * headDim * 2 * elementBytes[policy.store.kind];
+    return layers * kvHeads * tokenBytes(policy.store, headDim);
   }
 
   /** Tokens that may still be fed: the tighter of the memory budget and the model's context. */

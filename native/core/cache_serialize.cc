@@ -58,6 +58,16 @@ class Reader {
 };
 
 Status corrupt(const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); }
+
+// False when any of `count` f16 values (unaligned bytes) is an infinity or NaN.
+bool finiteHalves(const uint8_t* bytes, size_t count) {
+  for (size_t i = 0; i < count; ++i) {
+    uint16_t half;
+    std::memcpy(&half, bytes + 2 * i, 2);
+    if ((half & 0x7c00u) == 0x7c00u) return false;
+  }
+  return true;
+}
 }  // namespace
 
 Status KVCache::save(std::vector<uint8_t>* out) const {
@@ -271,6 +281,18 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
         std::memcpy(image.keyRows.data(), take(image.keyRows.size() * 2), image.keyRows.size() * 2);
         image.valueRows.resize(size_t(count - image.quantizedValues) * size_t(config.headDim));
         std::memcpy(image.valueRows.data(), take(image.valueRows.size() * 2), image.valueRows.size() * 2);
+        // Scales, minima and residual rows are f16 numbers; an infinity would poison every output.
+        bool finite = finiteHalves(reinterpret_cast<const uint8_t*>(image.keyRows.data()), image.keyRows.size()) &&
+                      finiteHalves(reinterpret_cast<const uint8_t*>(image.valueRows.data()), image.valueRows.size());
+        for (size_t g = 0; finite && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
+          finite = finiteHalves(image.keyRecords.data() + g * format.keyGroupBytes() + format.keyGroupCodeBytes(),
+                                2 * size_t(format.headDim));
+        }
+        for (size_t t = 0; finite && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
+          finite = finiteHalves(image.valueRecords.data() + t * format.valueTokenBytes() + format.valueCodeBytes(),
+                                2 * size_t(format.channelGroups()));
+        }
+        if (!finite) return corrupt("a KIVI scale, minimum or residual value is not finite");
         KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, count, image));
       }
     }
