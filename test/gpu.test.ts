@@ -112,6 +112,40 @@ describe.runIf(onGpu)('CUDA: KVCache', () => {
   });
 });
 
+// The KIVI kernels (native/cuda/kivi_attention.cu vs native/cpu/kivi_kernels.inl) read the same
+// codes: the same cache contents on both devices must attend alike. (kivi-cache.test.ts checks
+// the GPU cache against the float64 reference under KVSLIM_TEST_DEVICE=cuda.)
+describe.runIf(onGpu)('CUDA: KIVI store against the CPU', () => {
+  const cases = [
+    { heads: { qHeads: 32, kvHeads: 8, headDim: 128 }, bits: 2, group: 32, residual: 128, T: 3000, n: 1 },
+    { heads: { qHeads: 8, kvHeads: 2, headDim: 64 }, bits: 4, group: 16, residual: 32, T: 777, n: 5 },
+    { heads: { qHeads: 4, kvHeads: 4, headDim: 256 }, bits: 8, group: 64, residual: 64, T: 1000, n: 40 },
+  ] as const;
+  for (const [index, c] of cases.entries()) {
+    it(`bits ${c.bits}, group ${c.group}, ${c.heads.qHeads}/${c.heads.kvHeads}/${c.heads.headDim}, T ${c.T}, n ${c.n}`, () => {
+      const random = new Random(63_000 + index);
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({ layers: 1, ...c.heads, device, policy: { store: { kind: 'kivi', bits: c.bits, group: c.group, residual: c.residual } } });
+        open.push(cache);
+        return cache;
+      };
+      const gpu = make('cuda'), cpu = make('cpu');
+      for (let done = 0; done < c.T;) {
+        const size = Math.min(c.T - done, 1 + random.integer(300));
+        const tokens = randomTokens(random, c.heads, size);
+        gpu.append(0, tokens.k, tokens.v);
+        cpu.append(0, tokens.k, tokens.v);
+        done += size;
+      }
+      expect(Buffer.compare(gpu.save(), cpu.save()), 'the same codes on both devices').toBe(0);
+      const query = randomTokens(random, c.heads, c.n);
+      expect(relativeL2(gpu.attend(0, query.q), cpu.attend(0, query.q))).toBeLessThanOrEqual(TOLERANCE);
+      const step = randomTokens(random, c.heads, 1);
+      expect(relativeL2(gpu.step(0, step.q, step.k, step.v), cpu.step(0, step.q, step.k, step.v))).toBeLessThanOrEqual(TOLERANCE);
+    });
+  }
+});
+
 describe('device selection without KVSLIM_TEST_DEVICE=cuda', () => {
   it("device 'auto' picks CUDA only when a GPU answers", () => {
     const cache = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 });

@@ -55,9 +55,12 @@ describe('kvslim eval', () => {
   });
 
   it('fails with status 1 and the error code for a policy or turn count this version cannot run', async () => {
-    const kivi = await run(['eval', '--policy', '{"store":{"kind":"kivi","bits":2}}']);
-    expect(kivi.status).toBe(1);
-    expect(kivi.stderr).toMatch(/\[ERR_OPTION\]: .*policy.store.kind.*KIVI quantization is not available/);
+    const planned = await run(['eval', '--policy', '{"select":{"kind":"quest"}}']);
+    expect(planned.status).toBe(1);
+    expect(planned.stderr).toMatch(/\[ERR_OPTION\]: .*policy.select.kind.*not available in this version/);
+    const bits = await run(['eval', '--policy', '{"store":{"kind":"kivi","bits":3}}']);
+    expect(bits.status).toBe(1);
+    expect(bits.stderr).toMatch(/\[ERR_OPTION\]: .*policy.store.bits/);
     const turns = await run(['eval', '--turns', '9']);
     expect(turns.status).toBe(1);
     expect(turns.stderr).toMatch(/\[ERR_OPTION\]: Expected turns to be an integer in \[1, 4\]/);
