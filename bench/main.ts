@@ -14,6 +14,7 @@ import {
   QUERY_STRIDE, runDecode, runPrefill, TOKEN_STRIDE, tokenLabel, TOLERANCE,
 } from './cases.js';
 import { gridValues } from './data.js';
+import { kiviAboveLimit, kiviFailures, kiviNotes, kiviPlan, type KiviRecord, kiviTargets, runKivi } from './kivi.js';
 import {
   type BaselineResult, baselineLine, type CaseResult, caseLine, decodeTable, prefillTable, type TargetResult,
   targetLines, writeJson,
@@ -25,12 +26,14 @@ const USAGE = `Usage: npm run bench [-- options]     (or: node dist/bench/main.j
 Decode attention of a Llama-3-8B layer (32 q heads, 8 kv heads, headDim 128) at 4K, 16K and 64K
 tokens over f32, f16 and bf16 KV, and causal prefill at 4K; each case checked against a plain-JS
 reference, then timed and compared with the machine's measured bandwidth / FMA peak and with the
-plain-JS baseline. Takes about a minute or two on 2 cores.
+plain-JS baseline. Then KIVI-8/4/2 decode at 4K-64K beside the f16 cache (bytes read, bandwidth,
+speed-up, compression) and KIVI quality on keys with outlier channels (output error, needle hit
+rate, keys-per-token ablation). Takes about two minutes on 2 cores (the KIVI section about one).
 
 Options:
-  --quick            decode at 4K and a 1K prefill only (smoke test, ~15 s)
-  --only <kind>      decode | prefill: run one half of the matrix
-  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K
+  --quick            decode at 4K, a 1K prefill, KIVI at 4K only (smoke test, ~20 s)
+  --only <kind>      decode | prefill | kivi: run one part
+  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
   -h, --help         print this help
@@ -44,7 +47,7 @@ class UsageError extends Error {}
 
 interface Args {
   quick: boolean;
-  only: CaseKind | null;
+  only: CaseKind | 'kivi' | null;
   cases: string[];
   json: string | null;
   list: boolean;
@@ -64,7 +67,9 @@ function parseArgs(argv: string[]): Args {
       case '--quick': args.quick = true; break;
       case '--only': {
         const kind = value();
-        if (kind !== 'decode' && kind !== 'prefill') throw new UsageError(`--only takes decode or prefill, not '${kind}'`);
+        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi') {
+          throw new UsageError(`--only takes decode, prefill or kivi, not '${kind}'`);
+        }
         args.only = kind;
         break;
       }
@@ -163,6 +168,8 @@ function main(): void {
   }
   const selected = matrix.cases.filter((spec) =>
     (args.only === null || spec.kind === args.only) && (args.cases.length === 0 || args.cases.includes(spec.id)));
+  // The KIVI section has no case ids: it runs in full runs and with --only kivi, not with --case.
+  const runsKivi = args.cases.length === 0 && (args.only === null || args.only === 'kivi');
   const complete = !args.quick && args.only === null && args.cases.length === 0;
   const command = `npm run bench${argv.length > 0 ? ` -- ${argv.join(' ')}` : ''}`;
   const reproduce = (id: string) => `npm run bench -- ${args.quick ? '--quick ' : ''}--case ${id}`;
@@ -182,7 +189,10 @@ function main(): void {
     `  (probeMachine now: ${limits.threads} threads, ${probe.bufferMiB} MiB buffer, best of ${probe.repeats})`);
 
   // One data set for every case: the first T tokens of the same K and V.
-  const maxTokens = Math.max(0, ...selected.map((spec) => spec.tokens), selected.some((s) => s.kind === 'prefill') ? matrix.jsPrefillTokens : 0);
+  const maxTokens = Math.max(
+    0, ...selected.map((spec) => spec.tokens), selected.some((s) => s.kind === 'prefill') ? matrix.jsPrefillTokens : 0,
+    ...(runsKivi ? kiviPlan(args.quick).timingTokens : []),
+  );
   status(`generating K and V for ${maxTokens} tokens...`);
   const k = gridValues(maxTokens * TOKEN_STRIDE, 1);
   const v = gridValues(maxTokens * TOKEN_STRIDE, 2);
@@ -308,6 +318,14 @@ function main(): void {
     }
   }
 
+  let kivi: KiviRecord | null = null;
+  if (runsKivi) {
+    kivi = runKivi({
+      quick: args.quick, k, v, limits, plan: decodePlan, say, status,
+      reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only kivi`,
+    });
+  }
+
   // The limits again, after the cases: a shared or throttled machine shows here as drift, and the
   // fractions above (against the first probe) are then only as good as that drift allows.
   status('probing the machine limits again...');
@@ -330,10 +348,13 @@ function main(): void {
         : t.metric !== 'speedup' && value > 1 ? 'suspect' : value >= t.target ? 'met' : 'not met';
     return { name: t.name, caseId: t.caseId, value, target: t.target, unit: t.metric === 'speedup' ? 'x' : 'fraction', verdict };
   });
+  targets.push(...kiviTargets(kivi));
   say();
   say(`Targets (reported, not asserted)${complete ? '' : ' - partial run: cases not in it show "not measured"'}`);
   for (const line of targetLines(targets)) say(line);
-  const aboveLimit = results.filter((r) => (r.bandwidthFraction ?? 0) > 1 || (r.peakFraction ?? 0) > 1).map((r) => r.id);
+  const aboveLimit = [
+    ...results.filter((r) => (r.bandwidthFraction ?? 0) > 1 || (r.peakFraction ?? 0) > 1).map((r) => r.id), ...kiviAboveLimit(kivi),
+  ];
   if (aboveLimit.length > 0) {
     say(`  suspect: ${aboveLimit.join(', ')} ran faster than the probed limit allows, so the probe under-measured this machine`);
     say(`  and those fractions overstate the kernels; rerun, or compare with an outside figure (e.g. STREAM).`);
@@ -349,12 +370,13 @@ function main(): void {
     `It runs once per T (${baselinePlan.minRuns} runs, median) and is shared by that T's stores. Prefill speed-up = GFLOP/s / plain-JS GFLOP/s at ${matrix.jsPrefillTokens} tokens (a time ratio only for the ${matrix.jsPrefillTokens}-token row).`,
     ...(cuda ? [`CUDA rows: no GPU probe, so x BW and x peak are n/a; their KV stays warm in the GPU's L2 between runs.`] : []),
     `Rerun one row: npm run bench -- --case <id>${args.quick ? ' (with --quick for the quick matrix)' : ''}.`,
+    ...(kivi === null ? [] : kiviNotes(kivi)),
   ];
   say();
   say('Notes');
   for (const note of notes) say(`  ${note}`);
 
-  const failed = results.filter((r) => r.status !== 'ok');
+  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi)];
   const durationMs = Date.now() - startedAt;
   const root = packageRoot();
   const stamp = new Date(startedAt).toISOString().replace(/\.\d+Z$/, 'Z').replace(/:/g, '-');
@@ -394,14 +416,16 @@ function main(): void {
     },
     baselines,
     cases: results,
+    kivi,
     targets,
   };
   for (const path of paths) writeJson(path, json);
   say();
-  say(`${results.length} case(s), ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
+  const kiviRows = kivi === null ? '' : ` + ${kivi.decode.length + kivi.quality.rows.length} KIVI row(s) (${(kivi.durationMs / 1000).toFixed(1)} s)`;
+  say(`${results.length} case(s)${kiviRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
   say(`Reproduce: ${command}`);
   if (failed.length > 0) {
-    say(`Failed: ${failed.map((r) => `${r.id} (${r.status})`).join(', ')}`);
+    say(`Failed: ${failed.join(', ')}`);
     process.exitCode = 1;
   }
 }

@@ -57,7 +57,7 @@ export interface TargetResult {
   caseId: string;
   value: number | null;
   target: number;
-  unit: 'fraction' | 'x';
+  unit: 'fraction' | 'x' | 'percent';
   /** suspect: a fraction above 1, i.e. faster than the probed limit; the probe read low. */
   verdict: 'met' | 'not met' | 'suspect' | 'not measured' | 'FAILED' | 'ERROR';
 }
@@ -169,8 +169,9 @@ export function baselineLine(result: BaselineResult): string {
 export function targetLines(targets: TargetResult[]): string[] {
   const width = Math.max(...targets.map((t) => t.name.length));
   return targets.map((t) => {
-    const value = t.value === null ? DASH : t.unit === 'x' ? speedup(t.value) : t.value.toFixed(2);
-    const goal = t.unit === 'x' ? `>= ${t.target}x` : `>= ${t.target.toFixed(2)}`;
+    const value = t.value === null ? DASH : t.unit === 'x' ? speedup(t.value)
+      : t.unit === 'percent' ? `${(t.value * 100).toFixed(1)}%` : t.value.toFixed(2);
+    const goal = t.unit === 'x' ? `>= ${t.target}x` : t.unit === 'percent' ? `>= ${t.target * 100}%` : `>= ${t.target.toFixed(2)}`;
     return `  ${t.name.padEnd(width)}  ${value.padStart(7)}   target ${goal.padEnd(7)}  ${t.verdict}`;
   });
 }

@@ -52,8 +52,9 @@ const inspectUsage = `kvslim inspect <file.safetensors>
 
 const benchUsage = `kvslim bench [bench options]
   Runs the benchmark (the same as npm run bench): decode and prefill attention of a Llama-3-8B
-  layer against this machine's measured memory bandwidth and FMA peak, and a plain-JS baseline.
-  Its own options (--quick, --only decode|prefill, --case <id>, --json <path>) follow: kvslim bench --quick.
+  layer against this machine's measured memory bandwidth and FMA peak, and a plain-JS baseline,
+  then KIVI-8/4/2 decode and quality beside the f16 cache.
+  Its own options (--quick, --only decode|prefill|kivi, --case <id>, --json <path>) follow: kvslim bench --quick.
 `;
 
 const usage = `Usage: kvslim <command> [options]
