@@ -1,7 +1,8 @@
 import { type Device } from './backends.js';
 import { KVSlimError } from './errors.js';
-import { addon, type NativeCache, type NativeDtype } from './native.js';
+import { addon, type NativeCache, type NativeDtype, type NativeSelect } from './native.js';
 import { type PolicySpec, type ResolvedPolicy, resolvePolicy } from './policy.js';
+import { duoMask, type ResolvedSelect } from './select.js';
 import type { CacheStats } from './stats.js';
 import {
   type Dtype, knownKeys, oneOf, optionError, outputArray, plainObject, positiveInteger, positiveNumber, rowsOf,
@@ -50,6 +51,19 @@ function nativeStore(store: ResolvedPolicy['store']) {
   return { store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0 };
 }
 
+// The select part of createCache's options: every field present, duo heads as a retrieval mask.
+function nativeSelect(select: ResolvedSelect, layers: number, kvHeads: number, gqa: boolean): NativeSelect {
+  const none: NativeSelect = { kind: select.kind, sink: 0, window: 0, budget: 0, kernel: 1, pooling: 'max', beta: 1, recent: 0, retrieval: new Uint8Array(0) };
+  switch (select.kind) {
+    case 'full': return none;
+    case 'streaming': return { ...none, sink: select.sink, window: select.window };
+    case 'snapkv': case 'pyramidkv':
+      return { ...none, budget: select.budget, window: select.window, kernel: select.kernel, pooling: select.pooling, beta: select.beta };
+    case 'h2o': return { ...none, budget: select.budget, recent: select.recent };
+    case 'duo': return { ...none, sink: select.sink, window: select.window, retrieval: duoMask(select, layers, kvHeads, gqa) };
+  }
+}
+
 const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale'] as const;
 
 /**
@@ -69,6 +83,7 @@ export class KVCache {
   /** The device the cache lives on. */
   readonly device: 'cpu' | 'cuda';
   readonly policy: ResolvedPolicy;
+  readonly #policySpec: PolicySpec | undefined;
   readonly #threads: number;
   #native: NativeCache | null;
   #tail: Promise<unknown> = Promise.resolve();
@@ -89,6 +104,7 @@ export class KVCache {
       throw optionError(`Expected qHeads to be a multiple of kvHeads but received qHeads=${this.qHeads}, kvHeads=${this.kvHeads}`);
     }
     this.policy = resolvePolicy(o.policy);
+    this.#policySpec = o.policy as PolicySpec | undefined;
     this.#threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
     const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
     if (native !== undefined && device !== undefined) {
@@ -100,6 +116,7 @@ export class KVCache {
     this.#native = addon.createCache({
       layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
       ...nativeStore(this.policy.store),
+      select: nativeSelect(this.policy.select, this.layers, this.kvHeads, this.qHeads > this.kvHeads),
       pageTokens: o.pageTokens === undefined ? 64 : positiveInteger('pageTokens', o.pageTokens, 1 << 20),
       scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
       threads: this.#threads,
@@ -168,6 +185,18 @@ export class KVCache {
   tokens(layer: number): number {
     this.#checkLayer(layer);
     return this.#live('tokens').tokens(layer);
+  }
+
+  /**
+   * Absolute positions of the tokens one kv head of a layer keeps, ascending (a selection policy
+   * keeps a subset of `0 .. tokens(layer) - 1`; positions are never renumbered).
+   */
+  positions(layer: number, kvHead: number): Float64Array {
+    this.#checkLayer(layer);
+    if (!Number.isInteger(kvHead) || kvHead < 0 || kvHead >= this.kvHeads) {
+      throw new KVSlimError('ERR_SHAPE', `Expected kvHead to be an integer in [0, ${this.kvHeads - 1}] but received ${String(kvHead)}`);
+    }
+    return this.#live('positions').positions(layer, kvHead);
   }
 
   /** Token counts, bytes by part and time per lifecycle stage. */
@@ -243,7 +272,7 @@ export class KVCache {
   #options(): KVCacheOptions {
     return {
       layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
-      threads: this.#threads === 0 ? undefined : this.#threads, policy: this.policy,
+      threads: this.#threads === 0 ? undefined : this.#threads, policy: this.#policySpec,
     };
   }
 

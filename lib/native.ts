@@ -21,6 +21,12 @@ export interface NativeStats {
   layers: Array<{ tokensKept: number[]; bytes: number }>;
 }
 
+/** createCache's select options: every field present (lib/cache.ts fills the unused ones). */
+export interface NativeSelect {
+  kind: string; sink: number; window: number; budget: number; kernel: number; pooling: 'max' | 'avg'; beta: number;
+  recent: number; retrieval: Uint8Array;
+}
+
 export interface NativeCache {
   append(layer: number, k: NativeTensor, v: NativeTensor, dtype: NativeDtype): void;
   attend(layer: number, q: NativeTensor, dtype: NativeDtype, out?: Float32Array): Float32Array;
@@ -37,6 +43,7 @@ export interface NativeCache {
   stats(): NativeStats;
   save(): Buffer;
   tokens(layer: number): number;
+  positions(layer: number, kvHead: number): Float64Array;
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
@@ -65,7 +72,7 @@ interface Addon {
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
-    kiviGroup: number; kiviResidual: number;
+    kiviGroup: number; kiviResidual: number; select: NativeSelect;
   }): NativeCache;
   quantize(options: {
     x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;

@@ -1,8 +1,11 @@
 // PolicySpec (DESIGN.md): `select` decides which tokens are kept or loaded, `store` how kept tokens
-// are encoded. This version implements select 'full' and stores f32 / f16 / bf16 / KIVI; the other
-// kinds named by the design are recognised and rejected with a clear message until they land.
+// are encoded. This version implements the selections of lib/select.ts and stores f32 / f16 /
+// bf16 / KIVI; the other kinds named by the design are rejected with a clear message until they land.
 import { describe } from './errors.js';
+import { type ResolvedSelect, resolveSelect, type SelectSpec } from './select.js';
 import { knownKeys, optionalPositiveInteger, optionError, plainObject } from './validate.js';
+
+export type { SelectSpec } from './select.js';
 
 /**
  * KIVI quantization (methods/kivi.md): keys per channel in groups of `group` tokens, values per
@@ -19,8 +22,6 @@ export interface KiviStoreSpec {
 }
 /** How kept tokens are stored. */
 export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
-/** Which tokens are kept and loaded. */
-export type SelectSpec = { kind: 'full' };
 /** A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. */
 export interface PolicySpec {
   select?: SelectSpec;
@@ -28,30 +29,16 @@ export interface PolicySpec {
 }
 
 export interface ResolvedPolicy {
-  select: SelectSpec;
+  select: ResolvedSelect;
   store: { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | Required<KiviStoreSpec>;
 }
-
-const plannedSelect = ['streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo', 'quest', 'retrieval', 'actqkv'];
 
 export function resolvePolicy(policy: unknown): ResolvedPolicy {
   if (policy === undefined) return { select: { kind: 'full' }, store: { kind: 'f16' } };
   const spec = plainObject('policy', policy);
   knownKeys('policy', spec, ['select', 'store', 'summary']);
   if (spec.summary !== undefined) throw optionError(`policy.summary is not available in this version of kvslim`);
-  let select: SelectSpec = { kind: 'full' };
-  if (spec.select !== undefined) {
-    const s = plainObject('policy.select', spec.select);
-    if (s.kind !== 'full') {
-      const planned = typeof s.kind === 'string' && plannedSelect.includes(s.kind);
-      throw optionError(
-        `Expected 'full' for policy.select.kind but received ${describe(s.kind)}` +
-          (planned ? ` (a planned policy not available in this version)` : ''),
-      );
-    }
-    knownKeys('policy.select', s, ['kind']);
-    select = { kind: 'full' };
-  }
+  const select = resolveSelect(spec.select);
   let store: ResolvedPolicy['store'] = { kind: 'f16' };
   if (spec.store !== undefined) {
     const s = plainObject('policy.store', spec.store);
@@ -74,6 +61,9 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
       knownKeys('policy.store', s, ['kind']);
       store = { kind: s.kind };
     }
+  }
+  if (select.kind !== 'full' && store.kind === 'kivi') {
+    throw optionError(`policy.select '${select.kind}' cannot be combined with store 'kivi' in this version`);
   }
   return { select, store };
 }

@@ -204,10 +204,24 @@ describe('KVCache constructor (ERR_OPTION)', () => {
     expectError(() => new KVCache({ ...valid, headDim: 1025 }), 'ERR_OPTION', /headDim/);
   });
 
-  it('policy kinds that are not available give ERR_OPTION', () => {
+  it('policy kinds that are not available, and bad select options, give ERR_OPTION', () => {
     const policies = [
-      { select: { kind: 'snapkv', budget: 2048 } },
-      { select: { kind: 'streaming', sink: 4, window: 256 } },
+      { select: { kind: 'quest', pages: 8 } },
+      { select: { kind: 'retrieval', index: 'flat' } },
+      { select: { kind: 'streaming', sink: 4 } },
+      { select: { kind: 'streaming', sink: -1, window: 8 } },
+      { select: { kind: 'streaming', window: 8, budget: 3 } },
+      { select: { kind: 'snapkv', budget: 32, window: 32 } },
+      { select: { kind: 'snapkv', budget: 64, kernel: 4 } },
+      { select: { kind: 'snapkv', budget: 64, pooling: 'min' } },
+      { select: { kind: 'pyramidkv', budget: 64, beta: 0.5 } },
+      { select: { kind: 'h2o', budget: 8, recent: 8 } },
+      { select: { kind: 'h2o', budget: 1 } },
+      { select: { kind: 'duo', heads: [true, false, true] } },
+      { select: { kind: 'duo', heads: [true, 0.5, false, true] } },
+      { select: { kind: 'duo', heads: [true, false, true, false], retrievalRatio: 0.5 } },
+      { select: { kind: 'duo', heads: [0.1, 0.2, 0.3, 0.4], retrievalRatio: 2 } },
+      { select: { kind: 'streaming', window: 8 }, store: { kind: 'kivi', bits: 2 } },
       { select: { kind: 'nonsense' } },
       { select: { kind: 'full', budget: 3 } },
       { store: { kind: 'f8' } },

@@ -214,7 +214,7 @@ export function evaluate(options: EvaluateOptions): Report[] {
   return policies.map(({ spec, resolved }) => {
     const name = policyName(resolved);
     progress({ policy: name, stage: 'prefill', turn: 0, turns });
-    const cache = new KVCache({ layers, qHeads, kvHeads, headDim, device, policy: resolved });
+    const cache = new KVCache({ layers, qHeads, kvHeads, headDim, device, policy: spec });
     const turnReports: TurnReport[] = [];
     try {
       const started = performance.now();

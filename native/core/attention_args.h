@@ -11,10 +11,13 @@ namespace kvslim {
 // consecutive rows are `rowStride` elements apart. A paged cache uses rowStride = headDim; the
 // stateless op views a contiguous [T, kvHeads, headDim] tensor as one page per head with
 // rowStride = kvHeads * headDim, so both run the same kernels without a copy.
+// A head's tokens may start `firstRow` rows into its first page (a window whose oldest tokens were
+// evicted): token t is row firstRow + t of the page list.
 struct KVHeadView {
-  const void* const* keyPages = nullptr;    // [ceil(tokens / pageTokens)] backend pointers
+  const void* const* keyPages = nullptr;    // [ceil((firstRow + tokens) / pageTokens)] backend pointers
   const void* const* valuePages = nullptr;
   int64_t tokens = 0;
+  int64_t firstRow = 0;
 };
 
 // Attention of n query rows per query head over the tokens of each kv head.
@@ -34,6 +37,25 @@ struct AttentionArgs {
   bool causal = true;
   float scale = 1.0f;
   int32_t threads = 0;  // 0 = every worker of the pool
+  // Optional [n, qHeads]: log2 of each row's softmax denominator with scores in log2 units
+  // (q.k * scale * log2(e)); -inf for a row that sees no key. Lets core merge the outputs of
+  // several calls over disjoint token sets (log-sum-exp).
+  float* lse = nullptr;
+};
+
+// Raw scores q.k * scale of the query rows of one kv head against all its tokens (selection
+// policies turn them into attention probabilities).
+struct ScoresArgs {
+  const float* q = nullptr;  // [rows, headDim], host memory, unscaled
+  int32_t rows = 0;
+  int32_t headDim = 0;
+  DType kvType = DType::F32;
+  int64_t pageTokens = 0;
+  int64_t rowStride = 0;
+  KVHeadView head;
+  float scale = 1.0f;
+  float* out = nullptr;      // [rows, head.tokens], host memory
+  int32_t threads = 0;
 };
 
 }  // namespace kvslim

@@ -31,6 +31,8 @@ class Backend {
 
   // args.heads[*] page pointers are backend memory; q and out are host memory.
   virtual Status attention(const AttentionArgs& args) = 0;
+  // Scores for selection policies (SnapKV votes, H2O heavy hitters).
+  virtual Status attentionScores(const ScoresArgs& args) = 0;
   // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
   virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
 };

@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "select/select_policy.h"
 
 namespace kvslim {
 
@@ -18,6 +19,7 @@ struct CacheConfig {
   int32_t kiviBits = 2;              // KIVI stores (methods/kivi.md)
   int32_t kiviGroup = 32;
   int64_t kiviResidual = 128;
+  SelectConfig select;               // which tokens stay (select/select_policy.h)
   int64_t pageTokens = 64;
   float scale = 0.0f;   // 0 = 1 / sqrt(headDim)
   int32_t threads = 0;  // 0 = the whole pool

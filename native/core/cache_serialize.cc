@@ -71,6 +71,9 @@ bool finiteHalves(const uint8_t* bytes, size_t count) {
 }  // namespace
 
 Status KVCache::save(std::vector<uint8_t>* out) const {
+  if (policy_) {
+    return Status(ErrorCode::Option, "save() of a cache with a selection policy (policy.select) is not supported in this version");
+  }
   try {
     out->clear();
     Writer writer(out);

@@ -80,9 +80,15 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
   } else if (config.storeKind != StoreKind::Dense) {
     return Status(ErrorCode::Option, "unknown store kind");
   }
+  std::unique_ptr<SelectPolicy> policy;
+  KVSLIM_RETURN_IF_ERROR(makeSelectPolicy(config.select, config.layers, config.kvHeads, &policy));
+  if (policy && config.storeKind == StoreKind::Kivi) {
+    return Status(ErrorCode::Option, "policy.select other than 'full' cannot be combined with store 'kivi' in this version");
+  }
   CacheConfig resolved = config;
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
+  (*out)->policy_ = std::move(policy);
   return Status::ok();
 }
 
@@ -120,14 +126,45 @@ Status KVCache::append(int32_t layer, const HostTensor& k, const HostTensor& v) 
   KVSLIM_RETURN_IF_ERROR(checkKV(k, v, &n));
   try {
     KVSLIM_RETURN_IF_ERROR(stageTokens(layer, k, v, n));
-    return flushLayer(layer);
+    KVSLIM_RETURN_IF_ERROR(flushLayer(layer));
+    return afterAttend(layer, nullptr, n, false);
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory appending " + std::to_string(n) + " tokens");
   }
 }
 
 Status KVCache::stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
-  return kivi() ? kivi_.stage(layer, k, v, n) : store_.append(layer, k, v, n);
+  if (kivi()) return kivi_.stage(layer, k, v, n);
+  KVSLIM_RETURN_IF_ERROR(store_.append(layer, k, v, n));
+  if (!policy_) return Status::ok();
+  SelectContext context = selectContext();
+  return policy_->beforeAttend(context, layer, n);
+}
+
+SelectContext KVCache::selectContext() {
+  return SelectContext{store_, *backend_, config_.layers, config_.qHeads, config_.kvHeads, config_.headDim, config_.scale,
+                       config_.threads};
+}
+
+Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefill) {
+  if (!policy_) return Status::ok();
+  const auto start = std::chrono::steady_clock::now();
+  SelectContext context = selectContext();
+  const Status status = policy_->afterAppend(context, layer, q, n, prefill);
+  times_.compressMs += millisecondsSince(start);
+  return status;
+}
+
+std::vector<int64_t> KVCache::keptPositions(int32_t layer, int32_t head) const {
+  std::vector<int64_t> positions;
+  if (kivi()) {
+    for (int64_t t = 0; t < kivi_.tokens(layer); ++t) positions.push_back(t);
+    return positions;
+  }
+  positions = store_.keptPositions(layer, head);
+  for (int64_t t = 0; t < store_.tailTokens(layer, head); ++t) positions.push_back(store_.tailFirstPosition(layer, head) + t);
+  std::sort(positions.begin(), positions.end());
+  return positions;
 }
 
 Status KVCache::flushLayer(int32_t layer) {
@@ -145,10 +182,27 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
                                         " as queries (causal), but the layer holds " + std::to_string(tokens) +
                                         " tokens and q holds " + std::to_string(n) + " queries");
   }
-  lastLoadedTokens_ = double(tokens);
-  if (kivi()) return attendKivi(layer, q, n, out);
-  std::vector<KVHeadView> heads(size_t(config_.kvHeads));
-  for (int32_t h = 0; h < config_.kvHeads; ++h) heads[size_t(h)] = store_.view(layer, h);
+  if (kivi()) {
+    lastLoadedTokens_ = double(tokens);
+    return attendKivi(layer, q, n, out);
+  }
+  // Tail tokens attend causally; kept tokens (older than every tail token) are seen by every
+  // query, so the queries must all lie in the tail.
+  std::vector<KVHeadView> tails(size_t(config_.kvHeads)), kept(size_t(config_.kvHeads));
+  bool anyKept = false;
+  double loaded = 0;
+  for (int32_t h = 0; h < config_.kvHeads; ++h) {
+    tails[size_t(h)] = store_.tailView(layer, h);
+    kept[size_t(h)] = store_.keptView(layer, h);
+    anyKept = anyKept || kept[size_t(h)].tokens > 0;
+    loaded += double(tails[size_t(h)].tokens + kept[size_t(h)].tokens);
+    if (tails[size_t(h)].tokens < n) {
+      return Status(ErrorCode::Shape, "q holds " + std::to_string(n) + " queries, but the selection policy keeps only the last " +
+                                          std::to_string(tails[size_t(h)].tokens) + " tokens of layer " + std::to_string(layer) +
+                                          " in order (the queries must be among them)");
+    }
+  }
+  lastLoadedTokens_ = loaded / config_.kvHeads;
   AttentionArgs args;
   args.q = q;
   args.out = out;
@@ -159,11 +213,33 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   args.kvType = config_.storeType;
   args.pageTokens = config_.pageTokens;
   args.rowStride = config_.headDim;
-  args.heads = heads.data();
+  args.heads = tails.data();
   args.causal = true;
   args.scale = config_.scale;
   args.threads = config_.threads;
-  return backend_->attention(args);
+  if (!anyKept) return backend_->attention(args);
+  // Two disjoint token sets, merged by log-sum-exp.
+  const size_t rows = size_t(n) * size_t(config_.qHeads);
+  const size_t dim = size_t(config_.headDim);
+  std::vector<float> keptOut(rows * dim), keptLse(rows), tailLse(rows);
+  args.lse = tailLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
+  AttentionArgs keptArgs = args;
+  keptArgs.heads = kept.data();
+  keptArgs.causal = false;
+  keptArgs.out = keptOut.data();
+  keptArgs.lse = keptLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(keptArgs));
+  for (size_t r = 0; r < rows; ++r) {
+    const float high = std::max(tailLse[r], keptLse[r]);
+    if (!std::isfinite(high)) continue;  // the row saw nothing in either part (not reachable: tails hold the queries)
+    const float a = std::exp2(tailLse[r] - high), b = std::exp2(keptLse[r] - high);
+    const float inverse = 1.0f / (a + b);
+    float* o = out + r * dim;
+    const float* k = keptOut.data() + r * dim;
+    for (size_t d = 0; d < dim; ++d) o[d] = (o[d] * a + k[d] * b) * inverse;
+  }
+  return Status::ok();
 }
 
 Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
@@ -225,6 +301,7 @@ Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTe
     const Status flushed = flushLayer(layer);
     KVSLIM_RETURN_IF_ERROR(attended);
     KVSLIM_RETURN_IF_ERROR(flushed);
+    KVSLIM_RETURN_IF_ERROR(afterAttend(layer, query, n, stage == Stage::Prefill));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in step/prefill");
   }
@@ -246,6 +323,7 @@ std::unique_ptr<KVCache> KVCache::fork() const {
   std::unique_ptr<KVCache> child(new KVCache(config_, backend_));
   child->store_ = store_.fork();
   child->kivi_ = kivi_.fork();
+  if (policy_) child->policy_ = policy_->clone();
   child->times_ = times_;
   child->lastLoadedTokens_ = lastLoadedTokens_;
   return child;
@@ -256,6 +334,7 @@ CacheStatsData KVCache::stats() const {
   const double rowElements = double(config_.headDim);
   const double elementBytes = double(dtypeBytes(config_.storeType));
   double tokensTotal = 0;
+  double keptTotal = 0;  // mean over kv heads, summed over layers
   double pages = 0;
   for (int32_t layer = 0; layer < config_.layers; ++layer) {
     const int64_t tokens = this->tokens(layer);
@@ -266,9 +345,16 @@ CacheStatsData KVCache::stats() const {
       layerStats.bytes = bytes.quantized + bytes.residual;
       stats.kvBytes += bytes.quantized;
       stats.residualBytes += bytes.residual;
+      keptTotal += double(tokens);
     } else {
-      layerStats.bytes = double(tokens) * double(config_.kvHeads) * 2.0 * rowElements * elementBytes;
+      double kept = 0;
+      for (int32_t h = 0; h < config_.kvHeads; ++h) {
+        layerStats.tokensKept[size_t(h)] = store_.keptTokens(layer, h) + store_.tailTokens(layer, h);
+        kept += double(layerStats.tokensKept[size_t(h)]);
+      }
+      layerStats.bytes = kept * 2.0 * rowElements * elementBytes;
       stats.kvBytes += layerStats.bytes;
+      keptTotal += kept / config_.kvHeads;
       pages += double(store_.pageCount(layer));
     }
     stats.fullF16Bytes += double(tokens) * double(config_.kvHeads) * 2.0 * rowElements * 2.0;
@@ -276,7 +362,7 @@ CacheStatsData KVCache::stats() const {
     stats.layers.push_back(std::move(layerStats));
   }
   stats.tokensSeen = tokensTotal / config_.layers;
-  stats.tokensKept = stats.tokensSeen;
+  stats.tokensKept = keptTotal / config_.layers;
   stats.tokensLoaded = lastLoadedTokens_;
   if (kivi()) {
     // Page tables: a pointer per key page and per value page.

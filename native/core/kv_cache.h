@@ -22,7 +22,10 @@ class KVCache {
   static Status create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
 
   const CacheConfig& config() const { return config_; }
+  // Tokens appended to a layer so far (a selection policy may keep fewer).
   int64_t tokens(int32_t layer) const { return kivi() ? kivi_.tokens(layer) : store_.tokens(layer); }
+  // The kept tokens of one kv head, as absolute positions in ascending order.
+  std::vector<int64_t> keptPositions(int32_t layer, int32_t head) const;
 
   // k, v: [n, kvHeads, headDim]. All-or-nothing.
   Status append(int32_t layer, const HostTensor& k, const HostTensor& v);
@@ -61,6 +64,9 @@ class KVCache {
   // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
   Status stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
   Status flushLayer(int32_t layer);
+  SelectContext selectContext();
+  // The selection policy after n tokens attended (q may be null for a plain append).
+  Status afterAttend(int32_t layer, const float* q, int64_t n, bool prefill);
   enum class Stage { Prefill, Decode };
   Status appendAndAttend(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                          size_t outCount, Stage stage);
@@ -69,6 +75,7 @@ class KVCache {
   std::shared_ptr<Backend> backend_;
   PagedStore store_;  // dense stores
   KiviStore kivi_;    // KIVI stores
+  std::unique_ptr<SelectPolicy> policy_;  // null for select 'full'
   StageTimes times_;
   double lastLoadedTokens_ = 0;
   std::atomic<bool> busy_{false};

@@ -1,6 +1,7 @@
 #include "paged_store.h"
 
 #include <algorithm>
+#include <cstddef>
 #include <string>
 
 namespace kvslim {
@@ -14,24 +15,134 @@ PagedStore::PagedStore(std::shared_ptr<Backend> backend, const PagedStoreShape& 
 
 size_t PagedStore::pageCount(int32_t layer) const {
   size_t count = 0;
-  for (int32_t h = 0; h < shape_.kvHeads; ++h) count += head(layer, h).pages.size();
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) count += head(layer, h).tail.pages.size() + head(layer, h).kept.pages.size();
   return count;
 }
 
 size_t PagedStore::sharedPageCount() const {
   size_t count = 0;
-  for (const HeadPages& pages : heads_)
-    for (const auto& page : pages.pages) count += page.use_count() > 1 ? 1 : 0;
+  for (const HeadPages& pages : heads_) {
+    for (const Segment* segment : {&pages.tail, &pages.kept})
+      for (const auto& page : segment->pages) count += page.use_count() > 1 ? 1 : 0;
+  }
   return count;
 }
 
-KVHeadView PagedStore::view(int32_t layer, int32_t h) const {
-  const HeadPages& pages = head(layer, h);
+KVHeadView PagedStore::viewOf(const Segment& segment) const {
   KVHeadView headView;
-  headView.keyPages = pages.keyPointers.data();
-  headView.valuePages = pages.valuePointers.data();
-  headView.tokens = layerTokens_[size_t(layer)];
+  headView.keyPages = segment.keyPointers.data();
+  headView.valuePages = segment.valuePointers.data();
+  headView.tokens = segment.count;
+  headView.firstRow = segment.firstRow;
   return headView;
+}
+
+KVHeadView PagedStore::tailView(int32_t layer, int32_t h) const { return viewOf(head(layer, h).tail); }
+KVHeadView PagedStore::keptView(int32_t layer, int32_t h) const { return viewOf(head(layer, h).kept); }
+
+void PagedStore::refreshPointers(Segment* segment, size_t partBytes) {
+  segment->keyPointers.clear();
+  segment->valuePointers.clear();
+  for (const auto& page : segment->pages) {
+    segment->keyPointers.push_back(page->memory());
+    segment->valuePointers.push_back(static_cast<const uint8_t*>(page->memory()) + partBytes);
+  }
+}
+
+void PagedStore::dropTailFront(int32_t layer, int32_t h, int64_t count) {
+  Segment& tail = head(layer, h).tail;
+  count = std::min(count, tail.count);
+  if (count <= 0) return;
+  tail.firstRow += count;
+  tail.count -= count;
+  const int64_t pageTokens = shape_.pageTokens;
+  size_t dropPages = size_t(tail.firstRow / pageTokens);
+  if (tail.count == 0) dropPages = tail.pages.size();
+  tail.pages.erase(tail.pages.begin(), tail.pages.begin() + std::ptrdiff_t(std::min(dropPages, tail.pages.size())));
+  tail.firstRow = tail.count == 0 ? 0 : tail.firstRow % pageTokens;
+  refreshPointers(&tail, pageBytes_ / 2);
+}
+
+Status PagedStore::ownPage(Segment* segment, size_t index) {
+  if (segment->pages[index].use_count() <= 1) return Status::ok();
+  std::shared_ptr<Page> copy;
+  KVSLIM_RETURN_IF_ERROR(newPage(&copy));
+  KVSLIM_RETURN_IF_ERROR(backend_->copy(copy->memory(), segment->pages[index]->memory(), pageBytes_));
+  segment->pages[index] = std::move(copy);
+  return Status::ok();
+}
+
+Status PagedStore::copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count) {
+  const int64_t pageTokens = shape_.pageTokens;
+  const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
+  const size_t partBytes = pageBytes_ / 2;
+  int64_t done = 0;
+  while (done < count) {
+    const int64_t dstRow = dst->firstRow + dst->count;
+    if (dstRow % pageTokens == 0 && size_t(dstRow / pageTokens) == dst->pages.size()) {
+      std::shared_ptr<Page> page;
+      KVSLIM_RETURN_IF_ERROR(newPage(&page));
+      dst->pages.push_back(std::move(page));
+    } else {
+      KVSLIM_RETURN_IF_ERROR(ownPage(dst, size_t(dstRow / pageTokens)));
+    }
+    const int64_t from = srcRow + done;
+    // One run: rows that stay inside one source page and one destination page.
+    const int64_t run = std::min({count - done, pageTokens - from % pageTokens, pageTokens - dstRow % pageTokens});
+    const uint8_t* in = static_cast<const uint8_t*>(src.pages[size_t(from / pageTokens)]->memory()) +
+                        size_t(from % pageTokens) * rowBytes;
+    uint8_t* out = static_cast<uint8_t*>(dst->pages[size_t(dstRow / pageTokens)]->memory()) +
+                   size_t(dstRow % pageTokens) * rowBytes;
+    KVSLIM_RETURN_IF_ERROR(backend_->copy(out, in, size_t(run) * rowBytes));
+    KVSLIM_RETURN_IF_ERROR(backend_->copy(out + partBytes, in + partBytes, size_t(run) * rowBytes));
+    dst->count += run;
+    done += run;
+  }
+  return Status::ok();
+}
+
+Status PagedStore::keepTailRows(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndices) {
+  HeadPages& pages = head(layer, h);
+  // Built aside: on failure the head is unchanged.
+  Segment kept = pages.kept;
+  std::vector<int64_t> positions = pages.positions;
+  const int64_t first = tailFirstPosition(layer, h);
+  for (size_t i = 0; i < tailIndices.size();) {
+    // Consecutive indices copy as one run.
+    size_t j = i + 1;
+    while (j < tailIndices.size() && tailIndices[j] == tailIndices[j - 1] + 1) ++j;
+    const int64_t begin = tailIndices[i];
+    const int64_t count = int64_t(j - i);
+    if (begin < 0 || begin + count > pages.tail.count) return Status(ErrorCode::Internal, "keepTailRows: index out of range");
+    KVSLIM_RETURN_IF_ERROR(copyRows(pages.tail, pages.tail.firstRow + begin, &kept, count));
+    for (int64_t t = 0; t < count; ++t) positions.push_back(first + begin + t);
+    i = j;
+  }
+  refreshPointers(&kept, pageBytes_ / 2);
+  pages.kept = std::move(kept);
+  pages.positions = std::move(positions);
+  return Status::ok();
+}
+
+Status PagedStore::overwriteKept(int32_t layer, int32_t h, int64_t slot, int64_t tailIndex) {
+  HeadPages& pages = head(layer, h);
+  if (slot < 0 || slot >= pages.kept.count || tailIndex < 0 || tailIndex >= pages.tail.count) {
+    return Status(ErrorCode::Internal, "overwriteKept: index out of range");
+  }
+  const int64_t pageTokens = shape_.pageTokens;
+  const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
+  const size_t partBytes = pageBytes_ / 2;
+  const int64_t row = pages.kept.firstRow + slot;
+  KVSLIM_RETURN_IF_ERROR(ownPage(&pages.kept, size_t(row / pageTokens)));
+  refreshPointers(&pages.kept, partBytes);
+  const int64_t from = pages.tail.firstRow + tailIndex;
+  const uint8_t* in = static_cast<const uint8_t*>(pages.tail.pages[size_t(from / pageTokens)]->memory()) +
+                      size_t(from % pageTokens) * rowBytes;
+  uint8_t* out = static_cast<uint8_t*>(pages.kept.pages[size_t(row / pageTokens)]->memory()) + size_t(row % pageTokens) * rowBytes;
+  KVSLIM_RETURN_IF_ERROR(backend_->copy(out, in, rowBytes));
+  KVSLIM_RETURN_IF_ERROR(backend_->copy(out + partBytes, in + partBytes, rowBytes));
+  pages.positions[size_t(slot)] = tailFirstPosition(layer, h) + tailIndex;
+  return Status::ok();
 }
 
 Status PagedStore::newPage(std::shared_ptr<Page>* out) {
@@ -78,14 +189,14 @@ Status PagedStore::append(int32_t layer, const HostTensor& k, const HostTensor& 
   }
 
   // Build the new page tables aside; swap them in only when every allocation and copy succeeded.
-  std::vector<HeadPages> updated;
+  std::vector<Segment> updated;
   updated.reserve(size_t(kvHeads));
   for (int32_t h = 0; h < kvHeads; ++h) {
-    const HeadPages& current = head(layer, h);
+    const Segment& current = head(layer, h).tail;
     // Decide before copying the table: the copy itself holds one more reference to every page.
     const bool lastPageShared = !current.pages.empty() && current.pages.back().use_count() > 1;
-    HeadPages pages = current;
-    int64_t token = before;
+    Segment pages = current;
+    int64_t token = current.firstRow + current.count;  // the next page row
     int64_t written = 0;
     while (written < n) {
       const int64_t row = token % pageTokens;
@@ -109,22 +220,19 @@ Status PagedStore::append(int32_t layer, const HostTensor& k, const HostTensor& 
       written += rows;
       token += rows;
     }
-    pages.keyPointers.clear();
-    pages.valuePointers.clear();
-    for (const auto& page : pages.pages) {
-      pages.keyPointers.push_back(page->memory());
-      pages.valuePointers.push_back(static_cast<const uint8_t*>(page->memory()) + partBytes);
-    }
+    pages.count += n;
+    refreshPointers(&pages, partBytes);
     updated.push_back(std::move(pages));
   }
-  for (int32_t h = 0; h < kvHeads; ++h) head(layer, h) = std::move(updated[size_t(h)]);
+  for (int32_t h = 0; h < kvHeads; ++h) head(layer, h).tail = std::move(updated[size_t(h)]);
   layerTokens_[size_t(layer)] = before + n;
   return Status::ok();
 }
 
 Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t count, void* keysOut,
                             void* valuesOut) const {
-  const HeadPages& pages = head(layer, h);
+  const Segment& pages = head(layer, h).tail;
+  first += pages.firstRow;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
   const size_t partBytes = pageBytes_ / 2;
   for (int64_t t = first; t < first + count; ++t) {

@@ -1,6 +1,13 @@
-// Paged KV storage: per layer and kv head, a list of fixed-size token pages.
-// Pages are shared between forks (copy-on-write), so a fork costs one page table, and later
-// policies can drop, load or index whole pages without copying the cache.
+// Paged KV storage: per layer and kv head, fixed-size token pages in backend memory.
+// Pages are shared between forks (copy-on-write), so a fork costs one page table, and policies
+// drop, keep or overwrite tokens without copying the cache.
+//
+// Each head holds two segments:
+// - the tail: the newest tokens, contiguous in position (the last `tailTokens` of the layer), in
+//   pages whose first `firstRow` rows are evicted (a window advances without copying);
+// - the kept segment: older tokens a selection policy kept (sinks, SnapKV picks, heavy hitters),
+//   each with its absolute position. Positions are never renumbered.
+// Without a policy everything is tail.
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -39,37 +46,65 @@ class PagedStore {
  public:
   PagedStore(std::shared_ptr<Backend> backend, const PagedStoreShape& shape);
 
-  // Appends n tokens to one layer. k and v are [n, kvHeads, headDim] user tensors.
-  // All-or-nothing: on error the store is unchanged.
+  // Appends n tokens to the tail of every head of one layer. k and v are [n, kvHeads, headDim]
+  // user tensors. All-or-nothing: on error the store is unchanged.
   Status append(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
 
   // A new store sharing every page with this one; either side copies a shared page before writing.
   PagedStore fork() const { return *this; }
 
-  KVHeadView view(int32_t layer, int32_t head) const;
-  int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }
+  KVHeadView tailView(int32_t layer, int32_t head) const;
+  KVHeadView keptView(int32_t layer, int32_t head) const;
+  int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }  // appended so far
+  int64_t tailTokens(int32_t layer, int32_t h) const { return head(layer, h).tail.count; }
+  int64_t keptTokens(int32_t layer, int32_t h) const { return head(layer, h).kept.count; }
+  // Absolute positions: kept slot i holds keptPositions()[i]; tail token t is tailFirstPosition() + t.
+  const std::vector<int64_t>& keptPositions(int32_t layer, int32_t h) const { return head(layer, h).positions; }
+  int64_t tailFirstPosition(int32_t layer, int32_t h) const { return tokens(layer) - tailTokens(layer, h); }
+
+  // Eviction primitives for selection policies (core/select/).
+  // Evicts the `count` oldest tail tokens.
+  void dropTailFront(int32_t layer, int32_t h, int64_t count);
+  // Copies the tail tokens at these indices (ascending) to the end of the kept segment.
+  Status keepTailRows(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndices);
+  // Overwrites kept slot `slot` with tail token `tailIndex` (its key, value and position).
+  Status overwriteKept(int32_t layer, int32_t h, int64_t slot, int64_t tailIndex);
+
   const PagedStoreShape& shape() const { return shape_; }
   size_t bytesPerPage() const { return pageBytes_; }
   size_t pageCount(int32_t layer) const;
   // Pages of this store that other stores also hold.
   size_t sharedPageCount() const;
 
-  // Reads one kv head's rows [first, first + count) back to host memory in store dtype
+  // Reads one kv head's tail rows [first, first + count) back to host memory in store dtype
   // (keys then values, each count x headDim). Used by save().
   Status readRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                   void* valuesOut) const;
 
  private:
-  struct HeadPages {
+  struct Segment {
     std::vector<std::shared_ptr<Page>> pages;
     std::vector<const void*> keyPointers;
     std::vector<const void*> valuePointers;
+    int64_t firstRow = 0;  // evicted rows at the start of the first page
+    int64_t count = 0;
+  };
+  struct HeadPages {
+    Segment tail;
+    Segment kept;
+    std::vector<int64_t> positions;  // of the kept slots
   };
   HeadPages& head(int32_t layer, int32_t h) { return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)]; }
   const HeadPages& head(int32_t layer, int32_t h) const {
     return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)];
   }
   Status newPage(std::shared_ptr<Page>* out);
+  // Makes page `index` of a segment private (copy-on-write) before a write into it.
+  Status ownPage(Segment* segment, size_t index);
+  // Copies `count` rows from src (rows srcRow..) to the end of dst, in runs within pages.
+  Status copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count);
+  static void refreshPointers(Segment* segment, size_t partBytes);
+  KVHeadView viewOf(const Segment& segment) const;
 
   std::shared_ptr<Backend> backend_;
   PagedStoreShape shape_;

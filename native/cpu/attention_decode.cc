@@ -43,7 +43,7 @@ std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t d
   return scaled;
 }
 
-void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out) {
+void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse) {
   const int32_t dim = partials.dim;
   for (int32_t h = 0; h < layout.kvHeads; ++h) {
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
@@ -61,6 +61,7 @@ void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* 
       }
       const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
       for (int32_t d = 0; d < dim; ++d) o[d] *= inverse;
+      if (lse != nullptr) lse[layout.queryIndex(h, row)] = total > 0.0f ? globalMax + std::log2(total) : -INFINITY;
     }
   }
 }
@@ -86,7 +87,8 @@ void attentionDecode(const AttentionArgs& args) {
     const int64_t firstRow = group * kMaxDecodeRows;
     const int32_t rows = int32_t(std::min<int64_t>(kMaxDecodeRows, layout.rowsPerHead - firstRow));
     int64_t last[kMaxDecodeRows];
-    for (int32_t r = 0; r < rows; ++r) last[r] = layout.lastToken(args.causal, head.tokens, firstRow + r);
+    // Pages are walked in rows: a head's token t is row firstRow + t.
+    for (int32_t r = 0; r < rows; ++r) last[r] = head.firstRow + layout.lastToken(args.causal, head.tokens, firstRow + r);
     float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
     float* rowAcc = workerAcc.data() + size_t(worker) * kMaxDecodeRows * size_t(dim);
     DecodeRange range;
@@ -99,8 +101,8 @@ void attentionDecode(const AttentionArgs& args) {
     range.valuePages = head.valuePages;
     range.pageTokens = args.pageTokens;
     range.rowStride = args.rowStride;
-    range.tokenBegin = std::min(split * plan.splitTokens, head.tokens);
-    range.tokenEnd = std::min((split + 1) * plan.splitTokens, head.tokens);
+    range.tokenBegin = head.firstRow + std::min(split * plan.splitTokens, head.tokens);
+    range.tokenEnd = head.firstRow + std::min((split + 1) * plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
     kernels.decodeRange(range);
     for (int32_t r = 0; r < rows; ++r) {
@@ -110,7 +112,7 @@ void attentionDecode(const AttentionArgs& args) {
       std::copy(rowAcc + r * dim, rowAcc + (r + 1) * dim, partials.accs.begin() + index * size_t(dim));
     }
   });
-  mergeSplits(layout, partials, args.out);
+  mergeSplits(layout, partials, args.out, args.lse);
 }
 
 }  // namespace kvslim::cpu

@@ -350,3 +350,38 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
     default: toFloat32Of<V, DType::F32>(src, dst, count); break;
   }
 }
+
+// ---------------------------------------------------------------------------------------------
+// Scores for selection policies: plain dot products, each key row loaded once for all rows.
+
+template <class V, DType T>
+void scoreRangeOf(const ScoreRange& range) {
+  using R = typename V::R;
+  const int32_t dim = range.headDim;
+  const int32_t chunks = dim / V::W;
+  const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
+  for (int64_t row = range.rowBegin; row < range.rowEnd; ++row) {
+    const uint8_t* key = static_cast<const uint8_t*>(range.keyPages[row / range.pageTokens]) +
+                         size_t(row % range.pageTokens) * strideBytes;
+    R acc[kMaxDecodeRows];
+    for (int32_t r = 0; r < range.rows; ++r) acc[r] = V::zero();
+    for (int32_t c = 0; c < chunks; ++c) {
+      const R k = loadRow<V, T>(key, c * V::W);
+      for (int32_t r = 0; r < range.rows; ++r) acc[r] = V::fmadd(V::load(range.q + r * dim + c * V::W), k, acc[r]);
+    }
+    for (int32_t r = 0; r < range.rows; ++r) {
+      float dot = V::reduceAdd(acc[r]);
+      for (int32_t d = chunks * V::W; d < dim; ++d) dot += range.q[r * dim + d] * loadScalar<T>(key, d);
+      range.out[r * range.outStride + (row - range.rowBegin)] = dot;
+    }
+  }
+}
+
+template <class V>
+void scoreRange(const ScoreRange& range) {
+  switch (range.kvType) {
+    case DType::F16: scoreRangeOf<V, DType::F16>(range); break;
+    case DType::BF16: scoreRangeOf<V, DType::BF16>(range); break;
+    default: scoreRangeOf<V, DType::F32>(range); break;
+  }
+}

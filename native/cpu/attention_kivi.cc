@@ -55,7 +55,7 @@ void attentionKivi(const KiviAttentionArgs& args) {
       std::copy(rowAcc + r * dim, rowAcc + (r + 1) * dim, partials.accs.begin() + index * size_t(dim));
     }
   });
-  mergeSplits(layout, partials, args.out);
+  mergeSplits(layout, partials, args.out, nullptr);
 }
 
 }  // namespace kvslim::cpu

@@ -57,8 +57,9 @@ struct SplitPartials {
 
 // q scaled by scale * log2(e) (the kernels use exp2), rows ordered [kvHeads, rowsPerHead, dim].
 std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale);
-// Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]).
-void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out);
+// Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]); lse (optional, [n, qHeads])
+// receives log2 of each row's softmax denominator (-inf when the row saw no key).
+void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse);
 // Flash-decoding task shape: threads to wake and key splits per (kv head, row group).
 struct DecodePlan {
   int32_t threads;
@@ -68,7 +69,8 @@ struct DecodePlan {
 DecodePlan planDecode(int64_t maxTokens, int32_t kvHeads, int64_t rowGroups, int32_t threadsAllowed, int64_t granule);
 
 void attentionDecode(const AttentionArgs& args);
-void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n   // few rows per kv head: reads pages directly
+void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
+void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
 
 }  // namespace kvslim::cpu

@@ -2,6 +2,7 @@
 // register-tiled score kernel); every (kv head, row tile) task then continues its online softmax
 // over the chunk. The full [n, T] score matrix never exists.
 #include <algorithm>
+#include <cmath>
 #include <vector>
 
 #include "attention_plan.h"
@@ -25,7 +26,7 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   std::fill(values, values + size_t(blocks) * size_t(blockKeys) * size_t(paddedDim), 0.0f);
   float keyRow[1024];  // headDim <= 1024
   for (int64_t j = 0; j < count; ++j) {
-    const int64_t token = first + j;
+    const int64_t token = head.firstRow + first + j;
     const size_t offset = size_t(token % args.pageTokens) * rowBytes;
     const void* key = static_cast<const uint8_t*>(head.keyPages[token / args.pageTokens]) + offset;
     const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + offset;
@@ -128,6 +129,9 @@ void attentionPrefill(const AttentionArgs& args) {
       const float* acc = accs + index * size_t(paddedDim);
       float* out = args.out + layout.queryIndex(args, int32_t(h), row) * dim;
       for (int32_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
+      if (args.lse != nullptr) {
+        args.lse[layout.queryIndex(args, int32_t(h), row)] = sums[index] > 0.0f ? maxes[index] + std::log2(sums[index]) : -INFINITY;
+      }
     }
   });
 }

@@ -41,6 +41,11 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
+  Status attentionScores(const ScoresArgs& args) override {
+    cpu::attentionScores(args);
+    return Status::ok();
+  }
+
   Status kiviAttention(const KiviAttentionArgs& args) override {
     cpu::attentionKivi(args);
     return Status::ok();

@@ -67,6 +67,20 @@ struct KiviRange {
 // q~ of a key group per row, and a block's value scales and mins.
 inline size_t kiviScratchFloats(int32_t headDim) { return size_t(kMaxDecodeRows) * size_t(headDim) + 64 * size_t(headDim) / 16; }
 
+// Scores q.k of up to kMaxDecodeRows rows against key rows [rowBegin, rowEnd) of a page list.
+struct ScoreRange {
+  const float* q;        // [rows, headDim], scaled
+  int32_t rows;
+  int32_t headDim;
+  DType kvType;
+  const void* const* keyPages;
+  int64_t pageTokens;
+  int64_t rowStride;
+  int64_t rowBegin, rowEnd;  // page rows (a head's token t is row firstRow + t)
+  float* out;                // out[r * outStride + (row - rowBegin)]
+  int64_t outStride;
+};
+
 struct KernelTable {
   const char* name;
   int32_t vectorWidth;        // floats per register
@@ -81,6 +95,7 @@ struct KernelTable {
   // Runs `iterations` rounds of independent FMA chains; returns FLOPs done (FMA peak probe).
   double (*fmaBurn)(int64_t iterations, float seed);
   void (*kiviDecodeRange)(const KiviRange& range);
+  void (*scoreRange)(const ScoreRange& range);
 };
 
 const KernelTable* scalarKernels();

@@ -13,5 +13,6 @@ KernelTable makeTable() {
   table.streamSum = &streamSum<V>;
   table.fmaBurn = &fmaBurn<V>;
   table.kiviDecodeRange = &kiviDecodeRange<V>;
+  table.scoreRange = &scoreRange<V>;
   return table;
 }

@@ -198,7 +198,9 @@ __global__ void __launch_bounds__(kDecodeThreads) attentionDecodeKernel(const At
     for (int g = 0; g < kGroups; ++g) value += groupAcc[g][r][d];
     if (args.splits == 1) {
       const float inverse = rowSum[r] > 0.0f ? 1.0f / rowSum[r] : 0.0f;
-      args.out[static_cast<size_t>(queryIndex(args, head, row)) * dim + d] = value * inverse;
+      const int query = queryIndex(args, head, row);
+      args.out[static_cast<size_t>(query) * dim + d] = value * inverse;
+      if (d == 0 && args.lse != nullptr) args.lse[query] = rowLse(rowMax[r], rowSum[r]);
     } else {
       const size_t partial = (static_cast<size_t>(head) * args.rowsPerHead + row) * args.splits + split;
       args.partialAcc[partial * dim + d] = value;

@@ -37,14 +37,20 @@ __device__ __forceinline__ KeyRange splitKeys(const AttentionKernelArgs& args, i
   return {begin, end > begin ? static_cast<int>(end) : begin};
 }
 
-// Token t is row t % pageTokens of page t / pageTokens; 32-bit division because the backend
-// keeps tokens and pageTokens below 2^31.
+// Token t is row r = span.firstRow + t of the head's pages: row r % pageTokens of page
+// r / pageTokens; 32-bit division because the backend keeps firstRow + tokens and pageTokens
+// below 2^31. Args is AttentionKernelArgs or ScoresKernelArgs (pageTokens, rowBytes).
+template <class Args>
 __device__ __forceinline__ const unsigned char* kvRow(const void* const* pages, const HeadSpan& span, int token,
-                                                      const AttentionKernelArgs& args) {
-  const unsigned page = static_cast<unsigned>(token) / static_cast<unsigned>(args.pageTokens);
-  const unsigned slot = static_cast<unsigned>(token) - page * static_cast<unsigned>(args.pageTokens);
+                                                      const Args& args) {
+  const unsigned row = static_cast<unsigned>(span.firstRow) + static_cast<unsigned>(token);
+  const unsigned page = row / static_cast<unsigned>(args.pageTokens);
+  const unsigned slot = row - page * static_cast<unsigned>(args.pageTokens);
   return static_cast<const unsigned char*>(pages[span.firstPage + page]) + static_cast<size_t>(slot) * args.rowBytes;
 }
+
+// What a row's softmax state (max and sum in log2 units) leaves in AttentionKernelArgs::lse.
+__device__ __forceinline__ float rowLse(float max, float sum) { return sum > 0.0f ? max + log2f(sum) : -INFINITY; }
 
 template <DType T>
 __host__ __device__ constexpr int elementBytes() {

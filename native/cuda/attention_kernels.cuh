@@ -7,10 +7,14 @@
 
 namespace kvslim::cuda {
 
-// Where one kv head's page pointers start in the flattened page tables, and how many tokens it holds.
+// Where one kv head's page pointers start in the flattened page tables, how many tokens it holds,
+// and the row of its first staged page that holds token 0 (token t is row firstRow + t of the
+// head's pages). The backend stages only the pages a head's tokens touch, so firstRow is below
+// pageTokens and firstRow + tokens stays below 2^31.
 struct HeadSpan {
   long long firstPage;
   int tokens;
+  int firstRow;
 };
 
 struct AttentionKernelArgs {
@@ -23,6 +27,9 @@ struct AttentionKernelArgs {
   float* partialMax = nullptr;
   float* partialSum = nullptr;
   float* partialAcc = nullptr;
+  // Optional [n, qHeads] (rows as in out): max + log2(sum) of each row's softmax in log2 units,
+  // -inf for a row that sees no key. nullptr: not written.
+  float* lse = nullptr;
   int n = 0;
   int qHeads = 0;
   int kvHeads = 0;
@@ -66,7 +73,27 @@ cudaError_t launchAttentionDecode(const AttentionKernelArgs& args, cudaStream_t 
 SplitPlan planAttentionPrefill(const AttentionKernelArgs& args, int multiprocessors);
 cudaError_t launchAttentionPrefill(const AttentionKernelArgs& args, cudaStream_t stream);
 
-// Log-sum-exp merge of the split partials into out (only when args.splits > 1).
+// Log-sum-exp merge of the split partials into out (and lse when set; only when args.splits > 1).
 cudaError_t launchMergeSplits(const AttentionKernelArgs& args, cudaStream_t stream);
+
+// Raw scores of one kv head (attention_scores.cu): out[r * tokens + t] = scale * dot(q[r], key t).
+struct ScoresKernelArgs {
+  const float* q = nullptr;               // [rows, headDim], unscaled
+  float* out = nullptr;                   // [rows, head.tokens]
+  const void* const* keyPages = nullptr;  // the pages head.firstPage... of the head
+  HeadSpan head{0, 0, 0};
+  int rows = 0;
+  int headDim = 0;
+  int pageTokens = 0;
+  long long rowBytes = 0;  // rowStride x element bytes
+  DType kvType = DType::F32;
+  bool vectorized = false;  // as AttentionKernelArgs::vectorized
+  float scale = 1.0f;
+};
+
+// Query rows one scores block covers for a head size: the row tiles (grid y) are
+// ceil(rows / scoresRowsPerBlock(headDim)).
+int scoresRowsPerBlock(int headDim);
+cudaError_t launchAttentionScores(const ScoresKernelArgs& args, cudaStream_t stream);
 
 }  // namespace kvslim::cuda

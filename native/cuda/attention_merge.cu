@@ -1,5 +1,6 @@
 // Log-sum-exp merge of key-split partials (DESIGN.md): out = sum_s acc_s 2^(m_s - M) / sum_s l_s 2^(m_s - M)
-// with M the largest split max; a row that saw no key at all (every l_s == 0) gets zeros.
+// with M the largest split max; a row that saw no key at all (every l_s == 0) gets zeros. With
+// args.lse set, also lse = M + log2(sum_s l_s 2^(m_s - M)) (-inf for a row that saw no key).
 #include "attention_device.cuh"
 
 namespace kvslim::cuda {
@@ -25,7 +26,9 @@ __global__ void __launch_bounds__(kMergeThreads) mergeSplitsKernel(const Attenti
   for (int s = 0; s < args.splits; ++s) total += sums[s] * exp2f(maxes[s] - globalMax);
   const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
 
-  float* out = args.out + static_cast<size_t>(queryIndex(args, head, row)) * args.headDim;
+  const int query = queryIndex(args, head, row);
+  if (threadIdx.x == 0 && args.lse != nullptr) args.lse[query] = rowLse(globalMax, total);
+  float* out = args.out + static_cast<size_t>(query) * args.headDim;
   for (int d = threadIdx.x; d < args.headDim; d += kMergeThreads) {
     float value = 0.0f;
     for (int s = 0; s < args.splits; ++s)

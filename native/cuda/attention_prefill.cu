@@ -210,10 +210,12 @@ __global__ void __launch_bounds__(kPrefillThreads, 2) attentionPrefillKernel(con
     if (row >= args.rowsPerHead) continue;
     if (args.splits == 1) {
       const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-      float* out = args.out + static_cast<size_t>(queryIndex(args, head, row)) * dim;
+      const int query = queryIndex(args, head, row);
+      float* out = args.out + static_cast<size_t>(query) * dim;
 #pragma unroll
       for (int i = 0; i < OUTPUTS; ++i)
         if (i * 32 + lane < dim) out[i * 32 + lane] = acc[r][i] * inverse;
+      if (lane == 0 && args.lse != nullptr) args.lse[query] = rowLse(runMax[r], total);
     } else {
       const size_t partial = (static_cast<size_t>(head) * args.rowsPerHead + row) * args.splits + split;
 #pragma unroll

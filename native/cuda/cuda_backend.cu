@@ -1,8 +1,9 @@
 // The CUDA backend: KV pages in GPU memory, attention by the kernels of attention_*.cu and
-// kivi_attention.cu. attention() and kiviAttention() receive host queries and host arrays of
-// device page pointers; they upload both in one copy into a reusable device workspace, launch
-// decode or prefill (the CPU backend's split) or the KIVI kernel, merge key splits, and copy the
-// output back before they return.
+// kivi_attention.cu. attention(), attentionScores() and kiviAttention() receive host queries and
+// host arrays of device page pointers; they upload both in one copy into a reusable device
+// workspace, launch decode or prefill (the CPU backend's split), the scores kernel or the KIVI
+// kernel, merge key splits, and copy the output (and the log-sum-exp rows when asked) back before
+// they return.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -26,6 +27,7 @@ using cuda::AttentionKernelArgs;
 using cuda::HeadSpan;
 using cuda::KiviHeadSpan;
 using cuda::KiviKernelArgs;
+using cuda::ScoresKernelArgs;
 using cuda::SplitPlan;
 
 constexpr int64_t kDecodeRowsLimit = 16;  // rows per kv head up to which decode wins (as on the CPU)
@@ -89,16 +91,96 @@ Status checkHeadTokens(int32_t head, int64_t tokens) {
   return Status::ok();
 }
 
+// Host arrays every entry point reads or writes.
+Status checkHostPointers(const char* what, const void* q, const void* out, const void* heads) {
+  if (q == nullptr || out == nullptr || heads == nullptr) {
+    return Status(ErrorCode::Internal, std::string(what) + " received a null query, output or head array");
+  }
+  return Status::ok();
+}
+
+// Page geometry and dtype shared by attention and attentionScores.
+Status checkPages(int32_t headDim, int64_t pageTokens, int64_t rowStride, DType kvType) {
+  if (pageTokens < 1 || rowStride < headDim) {
+    return Status(ErrorCode::Shape, "pages need pageTokens >= 1 and rowStride >= headDim, but received pageTokens=" +
+                                        std::to_string(pageTokens) + ", rowStride=" + std::to_string(rowStride));
+  }
+  if (kvType != DType::F32 && kvType != DType::F16 && kvType != DType::BF16) {
+    return Status(ErrorCode::Dtype, "unknown kv dtype " + std::to_string(int(kvType)));
+  }
+  return Status::ok();
+}
+
+// The pages of a head's page table that its tokens touch: token t is row firstRow + t of the
+// table, so they are pages [first, first + count), and token 0 is row `firstRow` of page `first`.
+// Only these are staged for the kernels (a head without tokens stages none).
+struct HeadPages {
+  int64_t first = 0;
+  int64_t count = 0;
+  int64_t firstRow = 0;
+};
+
+// For a checked head (tokens in [0, 2^30], 0 <= firstRow <= INT64_MAX - tokens).
+HeadPages headPages(const KVHeadView& head, int64_t pageTokens) {
+  HeadPages pages;
+  if (head.tokens == 0) return pages;
+  pages.first = head.firstRow / pageTokens;
+  pages.count = (head.firstRow + head.tokens - 1) / pageTokens + 1 - pages.first;
+  pages.firstRow = head.firstRow - pages.first * pageTokens;
+  return pages;
+}
+
+// A head's token count and first row, and a non-null pointer for every page the kernels read
+// (values only for attention). The kernels index rows with 32-bit integers and a page clamped to
+// 2^30 rows: a head that starts inside a page longer than that is refused.
+Status checkHeadView(int32_t h, const KVHeadView& head, int64_t pageTokens, bool values) {
+  KVSLIM_RETURN_IF_ERROR(checkHeadTokens(h, head.tokens));
+  if (head.firstRow < 0 || head.firstRow > INT64_MAX - head.tokens) {
+    return Status(ErrorCode::Shape, "kv head " + std::to_string(h) + " needs firstRow >= 0, but holds firstRow=" +
+                                        std::to_string(head.firstRow) + " with tokens=" + std::to_string(head.tokens));
+  }
+  const HeadPages pages = headPages(head, pageTokens);
+  if (pageTokens > kMaxTokens && pages.firstRow != 0) {
+    return Status(ErrorCode::Shape, "the CUDA backend needs firstRow a multiple of pageTokens when pageTokens exceeds 2^30, but kv head " +
+                                        std::to_string(h) + " holds firstRow=" + std::to_string(head.firstRow) +
+                                        " with pageTokens=" + std::to_string(pageTokens));
+  }
+  if (pages.count == 0) return Status::ok();
+  if (head.keyPages == nullptr || (values && head.valuePages == nullptr)) {
+    return Status(ErrorCode::Internal, "kv head " + std::to_string(h) + " holds tokens but has a null page table");
+  }
+  for (int64_t p = pages.first; p < pages.first + pages.count; ++p) {
+    if (head.keyPages[p] == nullptr || (values && head.valuePages[p] == nullptr)) {
+      return Status(ErrorCode::Internal, "kv head " + std::to_string(h) + " page " + std::to_string(p) + " is null");
+    }
+  }
+  return Status::ok();
+}
+
 Status checkArgs(const AttentionArgs& args) {
   KVSLIM_RETURN_IF_ERROR(checkQueryShape("attention", args.n, args.qHeads, args.kvHeads, args.headDim));
-  if (args.pageTokens < 1 || args.rowStride < args.headDim) {
-    return Status(ErrorCode::Shape, "pages need pageTokens >= 1 and rowStride >= headDim, but received pageTokens=" +
-                                        std::to_string(args.pageTokens) + ", rowStride=" + std::to_string(args.rowStride));
+  KVSLIM_RETURN_IF_ERROR(checkHostPointers("attention", args.q, args.out, args.heads));
+  KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
+  for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadView(h, args.heads[h], args.pageTokens, true));
+  return Status::ok();
+}
+
+// Rows and tokens of a scores call; q and out are only read or written when both are nonzero.
+Status checkScoresArgs(const ScoresArgs& args) {
+  if (args.headDim < 1 || args.headDim > 1024) {
+    return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
   }
-  if (args.kvType != DType::F32 && args.kvType != DType::F16 && args.kvType != DType::BF16) {
-    return Status(ErrorCode::Dtype, "unknown kv dtype " + std::to_string(int(args.kvType)));
+  const int64_t rowsPerBlock = cuda::scoresRowsPerBlock(args.headDim);
+  if (args.rows < 0 || (int64_t(args.rows) + rowsPerBlock - 1) / rowsPerBlock > kMaxKvHeads) {
+    return Status(ErrorCode::Shape, "attention scores need 0 to " + std::to_string(kMaxKvHeads * rowsPerBlock) +
+                                        " query rows for headDim " + std::to_string(args.headDim) + " on the CUDA backend, but received " +
+                                        std::to_string(args.rows));
   }
-  for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadTokens(h, args.heads[h].tokens));
+  KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
+  KVSLIM_RETURN_IF_ERROR(checkHeadView(0, args.head, args.pageTokens, false));
+  if (args.rows > 0 && args.head.tokens > 0 && (args.q == nullptr || args.out == nullptr)) {
+    return Status(ErrorCode::Internal, "attention scores received a null query or output array");
+  }
   return Status::ok();
 }
 
@@ -120,6 +202,7 @@ bool misaligned(const void* pointer) { return reinterpret_cast<uintptr_t>(pointe
 Status checkKiviArgs(const KiviAttentionArgs& args) {
   const KiviFormat& format = args.format;
   KVSLIM_RETURN_IF_ERROR(checkQueryShape("KIVI attention", args.n, args.qHeads, args.kvHeads, format.headDim));
+  KVSLIM_RETURN_IF_ERROR(checkHostPointers("KIVI attention", args.q, args.out, args.heads));
   if (format.bits != 2 && format.bits != 4 && format.bits != 8) {
     return Status(ErrorCode::Option, "KIVI bits must be 2, 4 or 8, but received " + std::to_string(format.bits));
   }
@@ -181,7 +264,7 @@ Status checkKiviArgs(const KiviAttentionArgs& args) {
 // buffer, so a single copy moves head spans, page tables and queries.
 struct WorkspaceLayout {
   size_t heads = 0, keyPages = 0, valuePages = 0, q = 0, uploadBytes = 0;
-  size_t out = 0, partialMax = 0, partialSum = 0, partialAcc = 0, totalBytes = 0;
+  size_t out = 0, lse = 0, lseBytes = 0, partialMax = 0, partialSum = 0, partialAcc = 0, totalBytes = 0;
 
   // queryRows = n x qHeads; partials are [queryRows, splits] when the keys are split.
   WorkspaceLayout(size_t headBytes, int64_t keyPageCount, int64_t valuePageCount, size_t queryRows, int32_t headDim,
@@ -193,12 +276,28 @@ struct WorkspaceLayout {
     q = valuePages + alignUp(size_t(valuePageCount) * sizeof(void*));
     uploadBytes = q + queryBytes;
     out = alignUp(uploadBytes);
-    partialMax = out + alignUp(queryBytes);
+    lse = out + alignUp(queryBytes);
+    lseBytes = queryRows * sizeof(float);
+    partialMax = lse + alignUp(lseBytes);
     partialSum = partialMax + alignUp(partials * sizeof(float));
     partialAcc = partialSum + alignUp(partials * sizeof(float));
     totalBytes = partialAcc + partials * size_t(headDim) * sizeof(float);
   }
   size_t queryBytes() const { return uploadBytes - q; }
+};
+
+// Byte offsets of a scores call inside the device workspace: the staged key page table and
+// queries (uploaded in one copy), then the scores.
+struct ScoresLayout {
+  size_t keyPages = 0, q = 0, uploadBytes = 0, out = 0, totalBytes = 0;
+
+  ScoresLayout(int64_t pageCount, size_t rows, int32_t headDim, size_t tokens) {
+    q = alignUp(size_t(pageCount) * sizeof(void*));
+    uploadBytes = q + rows * size_t(headDim) * sizeof(float);
+    out = alignUp(uploadBytes);
+    totalBytes = out + outBytes(rows, tokens);
+  }
+  static size_t outBytes(size_t rows, size_t tokens) { return rows * tokens * sizeof(float); }
 };
 
 class CudaBackend final : public Backend {
@@ -252,11 +351,11 @@ class CudaBackend final : public Backend {
     int64_t totalPages = 0;
     for (int32_t h = 0; h < args.kvHeads; ++h) {
       const KVHeadView& head = args.heads[h];
-      const int64_t pages = (head.tokens + args.pageTokens - 1) / args.pageTokens;
-      for (int64_t p = 0; p < pages; ++p) {
+      const HeadPages pages = headPages(head, args.pageTokens);
+      for (int64_t p = pages.first; p < pages.first + pages.count; ++p) {
         aligned = aligned && (reinterpret_cast<uintptr_t>(head.keyPages[p]) | reinterpret_cast<uintptr_t>(head.valuePages[p])) % 16 == 0;
       }
-      totalPages += pages;
+      totalPages += pages.count;
       kernel.maxTokens = std::max(kernel.maxTokens, int(head.tokens));
     }
     kernel.vectorized = aligned;
@@ -275,24 +374,67 @@ class CudaBackend final : public Backend {
     int64_t firstPage = 0;
     for (int32_t h = 0; h < args.kvHeads; ++h) {
       const KVHeadView& head = args.heads[h];
-      const int64_t pages = (head.tokens + args.pageTokens - 1) / args.pageTokens;
-      const HeadSpan span{firstPage, int(head.tokens)};
+      const HeadPages pages = headPages(head, args.pageTokens);
+      // firstRow < pageTokens, and 0 whenever the kernels' page size is clamped (checkHeadView).
+      const HeadSpan span{firstPage, int(head.tokens), int(pages.firstRow)};
       std::memcpy(staging + layout.heads + size_t(h) * sizeof(HeadSpan), &span, sizeof(HeadSpan));
-      stagePages(layout.keyPages, firstPage, head.keyPages, pages);
-      stagePages(layout.valuePages, firstPage, head.valuePages, pages);
-      firstPage += pages;
+      stagePages(layout.keyPages, firstPage, head.keyPages + pages.first, pages.count);
+      stagePages(layout.valuePages, firstPage, head.valuePages + pages.first, pages.count);
+      firstPage += pages.count;
     }
     std::memcpy(staging + layout.q, args.q, layout.queryBytes());
 
     unsigned char* device = nullptr;
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel, &device));
     kernel.heads = reinterpret_cast<const HeadSpan*>(device + layout.heads);
+    if (args.lse != nullptr) kernel.lse = reinterpret_cast<float*>(device + layout.lse);
     if (decode) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionDecode(kernel, stream_), "attention decode launch"));
     } else {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionPrefill(kernel, stream_), "attention prefill launch"));
     }
-    return finishAttention(kernel, layout, args.out, "attention");
+    return finishAttention(kernel, layout, args.out, args.lse, "attention");
+  }
+
+  Status attentionScores(const ScoresArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkScoresArgs(args));
+    if (args.rows == 0 || args.head.tokens == 0) return Status::ok();  // no score to write
+    ScoresKernelArgs kernel;
+    kernel.rows = args.rows;
+    kernel.headDim = args.headDim;
+    // As in attention: a head holds at most kMaxTokens tokens, and starts at row 0 of a clamped page.
+    kernel.pageTokens = int(std::min(args.pageTokens, kMaxTokens));
+    kernel.rowBytes = args.rowStride * int64_t(dtypeBytes(args.kvType));
+    kernel.kvType = args.kvType;
+    kernel.scale = args.scale;
+    const HeadPages pages = headPages(args.head, args.pageTokens);
+    kernel.head = HeadSpan{0, int(args.head.tokens), int(pages.firstRow)};
+    bool aligned = args.headDim % 8 == 0 && kernel.rowBytes % 16 == 0;
+    for (int64_t p = pages.first; p < pages.first + pages.count; ++p) {
+      aligned = aligned && reinterpret_cast<uintptr_t>(args.head.keyPages[p]) % 16 == 0;
+    }
+    kernel.vectorized = aligned;
+    const size_t rows = size_t(args.rows);
+    const size_t tokens = size_t(args.head.tokens);
+    const ScoresLayout layout(pages.count, rows, args.headDim, tokens);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
+    stagePages(layout.keyPages, 0, args.head.keyPages + pages.first, pages.count);
+    std::memcpy(staging_.data() + layout.q, args.q, layout.uploadBytes - layout.q);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (attention scores inputs)"));
+    kernel.keyPages = reinterpret_cast<const void* const*>(device + layout.keyPages);
+    kernel.q = reinterpret_cast<const float*>(device + layout.q);
+    kernel.out = reinterpret_cast<float*>(device + layout.out);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionScores(kernel, stream_), "attention scores launch"));
+    // A fault inside the kernel surfaces at the first call that waits for it: the output copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, kernel.out, ScoresLayout::outBytes(rows, tokens),
+                                                      cudaMemcpyDeviceToHost, stream_),
+                                      "attention scores (kernel or output copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention scores)");
   }
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
@@ -355,7 +497,7 @@ class CudaBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel.attention, &device));
     kernel.heads = reinterpret_cast<const KiviHeadSpan*>(device + layout.heads);
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchKiviAttention(kernel, stream_), "KIVI attention launch"));
-    return finishAttention(kernel.attention, layout, args.out, "KIVI attention");
+    return finishAttention(kernel.attention, layout, args.out, nullptr, "KIVI attention");
   }
 
  private:
@@ -399,15 +541,20 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  // After the attention kernel: merges key splits, copies the output to the host and waits
-  // (mutex_ held).
-  Status finishAttention(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, const char* what) {
+  // After the attention kernel: merges key splits, copies the output (and kernel.lse into hostLse
+  // when both are set) to the host and waits (mutex_ held).
+  Status finishAttention(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, float* hostLse,
+                         const char* what) {
     if (kernel.splits > 1) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch"));
     }
     // A fault inside a kernel surfaces at the first call that waits for it: the output copy.
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, kernel.out, layout.queryBytes(), cudaMemcpyDeviceToHost, stream_),
                                       std::string(what) + " (kernels or output copy)"));
+    if (hostLse != nullptr && kernel.lse != nullptr) {
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostLse, kernel.lse, layout.lseBytes, cudaMemcpyDeviceToHost, stream_),
+                                        std::string(what) + " (log-sum-exp copy)"));
+    }
     return cudaStatus(cudaStreamSynchronize(stream_), std::string("cudaStreamSynchronize (") + what + ")");
   }
 

@@ -100,6 +100,50 @@ Napi::Value attentionFn(const Napi::CallbackInfo& info) {
   return out;
 }
 
+// The select options lib/cache.ts passes (every field present; lib checked the values, core checks again).
+SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
+  SelectConfig select;
+  if (value.IsUndefined()) return select;
+  if (!value.IsObject()) throwStatus(env, Status(ErrorCode::Option, "select must be an object"));
+  Napi::Object object = value.As<Napi::Object>();
+  const std::string kind = stringField(env, object, "kind");
+  static const std::pair<const char*, SelectKind> kinds[] = {
+      {"full", SelectKind::Full}, {"streaming", SelectKind::Streaming}, {"snapkv", SelectKind::SnapKV},
+      {"pyramidkv", SelectKind::PyramidKV}, {"h2o", SelectKind::H2O}, {"duo", SelectKind::Duo}};
+  bool known = false;
+  for (const auto& [name, selectKind] : kinds) {
+    if (kind == name) {
+      select.kind = selectKind;
+      known = true;
+    }
+  }
+  if (!known) throwStatus(env, Status(ErrorCode::Option, "policy.select.kind '" + kind + "' is unknown"));
+  if (select.kind == SelectKind::Full) return select;
+  auto integer = [&](const char* name) {
+    const double number = numberField(env, object, name);
+    if (number < 0 || number > 1099511627776.0 || double(int64_t(number)) != number) {
+      throwStatus(env, Status(ErrorCode::Option, std::string("policy.select.") + name + " must be a non-negative integer"));
+    }
+    return int64_t(number);
+  };
+  select.sink = integer("sink");
+  select.window = integer("window");
+  select.budget = integer("budget");
+  select.kernel = int32_t(std::min<int64_t>(integer("kernel"), 1 << 20));
+  select.recent = integer("recent");
+  select.beta = numberField(env, object, "beta");
+  const std::string pooling = stringField(env, object, "pooling");
+  if (pooling != "max" && pooling != "avg") throwStatus(env, Status(ErrorCode::Option, "policy.select.pooling must be 'max' or 'avg'"));
+  select.pooling = pooling == "max" ? Pooling::Max : Pooling::Avg;
+  Napi::Value retrieval = object.Get("retrieval");
+  if (!retrieval.IsTypedArray() || retrieval.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+    throwStatus(env, Status(ErrorCode::Option, "policy.select retrieval mask must be a Uint8Array"));
+  }
+  Napi::Uint8Array mask = retrieval.As<Napi::Uint8Array>();
+  select.retrieval.assign(mask.Data(), mask.Data() + mask.ElementLength());
+  return select;
+}
+
 Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "createCache expects an options object"));
@@ -119,6 +163,7 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   } else if (storeKind != "dense") {
     throwStatus(env, Status(ErrorCode::Option, "storeKind must be 'dense' or 'kivi'"));
   }
+  config.select = parseSelect(env, options.Get("select"));
   config.pageTokens = intField(env, options, "pageTokens");
   config.scale = float(numberField(env, options, "scale"));
   config.threads = intField(env, options, "threads");

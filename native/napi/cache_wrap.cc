@@ -33,6 +33,7 @@ Napi::Function CacheWrap::define(Napi::Env env) {
                       InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
                       InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
                       InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::tokens>("tokens"),
+                      InstanceMethod<&CacheWrap::positions>("positions"),
                       InstanceMethod<&CacheWrap::config>("config"),
                       InstanceMethod<&CacheWrap::dispose>("dispose")});
 }
@@ -125,6 +126,21 @@ Napi::Value CacheWrap::tokens(const Napi::CallbackInfo& info) {
     throwStatus(env, Status(ErrorCode::Shape, "layer must be in [0, " + std::to_string(cache.config().layers - 1) + "]"));
   }
   return Napi::Number::New(env, double(cache.tokens(layer)));
+}
+
+Napi::Value CacheWrap::positions(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  BusyGuard guard(env, cache);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const int32_t head = intArg(env, info[1], "kvHead");
+  if (layer < 0 || layer >= cache.config().layers || head < 0 || head >= cache.config().kvHeads) {
+    throwStatus(env, Status(ErrorCode::Shape, "layer or kvHead out of range"));
+  }
+  const std::vector<int64_t> positions = cache.keptPositions(layer, head);
+  Napi::Float64Array out = Napi::Float64Array::New(env, positions.size());
+  for (size_t i = 0; i < positions.size(); ++i) out[i] = double(positions[i]);
+  return out;
 }
 
 // The shape and store of the cache: what KVCache.load() needs to describe a loaded cache in JS.

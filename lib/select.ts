@@ -1,0 +1,165 @@
+// policy.select (DESIGN.md): which tokens of each layer and kv head stay in the cache. Checked and
+// defaulted here; the policies run natively (native/core/select/, one file each).
+import { describe } from './errors.js';
+import { knownKeys, optionalPositiveInteger, optionError, plainObject } from './validate.js';
+
+/** StreamingLLM: the first `sink` tokens plus the last `window` (a query counts itself). */
+export interface StreamingSpec { kind: 'streaming'; sink?: number; window: number }
+/**
+ * SnapKV: at the end of the first prefill, the last `window` prompt queries vote; votes pooled
+ * (`kernel`, `pooling`), averaged per kv head; each kv head keeps its top `budget - window` prompt
+ * tokens plus the window. Decode tokens are appended after it.
+ */
+export interface SnapKVSpec { kind: 'snapkv'; budget: number; window?: number; kernel?: number; pooling?: 'max' | 'avg' }
+/** PyramidKV: SnapKV with per-layer budgets (an arithmetic sequence, `beta`), the same total. */
+export interface PyramidKVSpec {
+  kind: 'pyramidkv'; budget: number; beta?: number; window?: number; kernel?: number; pooling?: 'max' | 'avg';
+}
+/** H2O: `recent` newest tokens plus `budget - recent` heavy hitters (accumulated attention). */
+export interface H2OSpec { kind: 'h2o'; budget: number; recent?: number }
+/**
+ * DuoAttention heads: retrieval heads keep everything, streaming heads `sink` + `window`.
+ * `heads`: a mask (booleans or a Uint8Array, `[layers][kvHeads]` or flat) of retrieval heads, or
+ * scores (numbers or a Float32Array, e.g. from scoreHeads()) of which the top `retrievalRatio`
+ * (default 0.5 with GQA, 0.25 without) become retrieval heads.
+ */
+export interface DuoSpec {
+  kind: 'duo';
+  heads: ArrayLike<number> | ArrayLike<boolean> | Array<ArrayLike<number> | ArrayLike<boolean>>;
+  sink?: number;
+  window?: number;
+  retrievalRatio?: number;
+}
+/** Which tokens are kept and loaded. */
+export type SelectSpec = { kind: 'full' } | StreamingSpec | SnapKVSpec | PyramidKVSpec | H2OSpec | DuoSpec;
+
+/** A select spec with every default applied; duo heads flattened (mask or scores). */
+export type ResolvedSelect =
+  | { kind: 'full' }
+  | { kind: 'streaming'; sink: number; window: number }
+  | { kind: 'snapkv' | 'pyramidkv'; budget: number; window: number; kernel: number; pooling: 'max' | 'avg'; beta: number }
+  | { kind: 'h2o'; budget: number; recent: number }
+  | { kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null; retrievalRatio: number | null };
+
+const planned = ['quest', 'retrieval', 'actqkv'];
+const MAX_TOKENS = 2 ** 40;
+
+function nonNegativeInteger(name: string, value: unknown, fallback: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > MAX_TOKENS) {
+    throw optionError(`Expected a non-negative integer for ${name} but received ${describe(value)}`);
+  }
+  return value;
+}
+
+function flatten(name: string, heads: unknown): { values: Array<number | boolean>; typed: 'mask' | 'scores' | null } {
+  if (heads instanceof Uint8Array) return { values: Array.from(heads), typed: 'mask' };
+  if (heads instanceof Float32Array || heads instanceof Float64Array) return { values: Array.from(heads), typed: 'scores' };
+  if (!Array.isArray(heads)) throw optionError(`Expected an array, Uint8Array or Float32Array for ${name} but received ${describe(heads)}`);
+  const values: Array<number | boolean> = [];
+  for (const entry of heads) {
+    if (Array.isArray(entry) || ArrayBuffer.isView(entry)) values.push(...Array.from(entry as ArrayLike<number | boolean>));
+    else values.push(entry as number | boolean);
+  }
+  return { values, typed: null };
+}
+
+function resolveDuo(s: Record<string, unknown>): ResolvedSelect {
+  knownKeys('policy.select', s, ['kind', 'heads', 'sink', 'window', 'retrievalRatio']);
+  const sink = nonNegativeInteger('policy.select.sink', s.sink, 64);
+  const window = optionalPositiveInteger('policy.select.window', s.window, 256, MAX_TOKENS);
+  const { values, typed } = flatten('policy.select.heads', s.heads);
+  if (values.length === 0) throw optionError('Expected policy.select.heads to hold one entry per (layer, kv head)');
+  const booleans = values.every((v) => typeof v === 'boolean');
+  const numbers = values.every((v) => typeof v === 'number' && Number.isFinite(v));
+  if (!booleans && !numbers) throw optionError('Expected policy.select.heads to hold only booleans (a mask) or only finite numbers (scores)');
+  const isMask = typed === 'mask' || booleans;
+  if (isMask) {
+    if (s.retrievalRatio !== undefined) throw optionError('policy.select.retrievalRatio applies to scores, not to a mask of heads');
+    if (typed === 'mask' && values.some((v) => v !== 0 && v !== 1)) throw optionError('Expected a Uint8Array mask of 0s and 1s for policy.select.heads');
+    return { kind: 'duo', sink, window, mask: Uint8Array.from(values, (v) => (v ? 1 : 0)), scores: null, retrievalRatio: null };
+  }
+  let ratio: number | null = null;
+  if (s.retrievalRatio !== undefined) {
+    if (typeof s.retrievalRatio !== 'number' || !(s.retrievalRatio >= 0 && s.retrievalRatio <= 1)) {
+      throw optionError(`Expected a number in [0, 1] for policy.select.retrievalRatio but received ${describe(s.retrievalRatio)}`);
+    }
+    ratio = s.retrievalRatio;
+  }
+  return { kind: 'duo', sink, window, mask: null, scores: Float64Array.from(values as number[]), retrievalRatio: ratio };
+}
+
+export function resolveSelect(select: unknown): ResolvedSelect {
+  if (select === undefined) return { kind: 'full' };
+  const s = plainObject('policy.select', select);
+  switch (s.kind) {
+    case 'full':
+      knownKeys('policy.select', s, ['kind']);
+      return { kind: 'full' };
+    case 'streaming':
+      knownKeys('policy.select', s, ['kind', 'sink', 'window']);
+      if (s.window === undefined) throw optionError('policy.select.window is required for streaming');
+      return {
+        kind: 'streaming', sink: nonNegativeInteger('policy.select.sink', s.sink, 4),
+        window: optionalPositiveInteger('policy.select.window', s.window, 0, MAX_TOKENS),
+      };
+    case 'snapkv':
+    case 'pyramidkv': {
+      knownKeys('policy.select', s, ['kind', 'budget', 'window', 'kernel', 'pooling', ...(s.kind === 'pyramidkv' ? ['beta'] : [])]);
+      if (s.budget === undefined) throw optionError(`policy.select.budget is required for ${s.kind}`);
+      const budget = optionalPositiveInteger('policy.select.budget', s.budget, 0, MAX_TOKENS);
+      const window = optionalPositiveInteger('policy.select.window', s.window, 32, MAX_TOKENS);
+      if (window >= budget) throw optionError(`Expected policy.select.window (${window}) to be smaller than policy.select.budget (${budget})`);
+      const kernel = optionalPositiveInteger('policy.select.kernel', s.kernel, 7, 1023);
+      if (kernel % 2 === 0) throw optionError(`Expected an odd policy.select.kernel but received ${kernel}`);
+      const pooling = s.pooling === undefined ? 'max' : s.pooling;
+      if (pooling !== 'max' && pooling !== 'avg') throw optionError(`Expected 'max' or 'avg' for policy.select.pooling but received ${describe(pooling)}`);
+      let beta = 20;
+      if (s.beta !== undefined) {
+        if (typeof s.beta !== 'number' || !Number.isFinite(s.beta) || s.beta < 1) {
+          throw optionError(`Expected a finite number >= 1 for policy.select.beta but received ${describe(s.beta)}`);
+        }
+        beta = s.beta;
+      }
+      return { kind: s.kind, budget, window, kernel, pooling, beta };
+    }
+    case 'h2o': {
+      knownKeys('policy.select', s, ['kind', 'budget', 'recent']);
+      if (s.budget === undefined) throw optionError('policy.select.budget is required for h2o');
+      const budget = optionalPositiveInteger('policy.select.budget', s.budget, 0, MAX_TOKENS);
+      if (budget < 2) throw optionError(`Expected policy.select.budget >= 2 for h2o (recent + heavy) but received ${budget}`);
+      const recent = optionalPositiveInteger('policy.select.recent', s.recent, Math.floor(budget / 2), MAX_TOKENS);
+      if (recent >= budget) throw optionError(`Expected policy.select.recent (${recent}) to be smaller than policy.select.budget (${budget})`);
+      return { kind: 'h2o', budget, recent };
+    }
+    case 'duo':
+      return resolveDuo(s);
+    default: {
+      const isPlanned = typeof s.kind === 'string' && planned.includes(s.kind);
+      throw optionError(
+        `Expected 'full', 'streaming', 'snapkv', 'pyramidkv', 'h2o' or 'duo' for policy.select.kind but received ${describe(s.kind)}` +
+          (isPlanned ? ' (a planned policy not available in this version)' : ''),
+      );
+    }
+  }
+}
+
+/**
+ * The duo retrieval mask `[layers * kvHeads]` for a cache shape: the given mask, or the top
+ * `retrievalRatio` of the scores ranked across all layers (ties: the lower index).
+ */
+export function duoMask(select: Extract<ResolvedSelect, { kind: 'duo' }>, layers: number, kvHeads: number, gqa: boolean): Uint8Array {
+  const count = layers * kvHeads;
+  const given = select.mask ?? select.scores;
+  if (given === null || given.length !== count) {
+    throw optionError(`Expected policy.select.heads to hold layers x kvHeads = ${count} entries but it holds ${given?.length ?? 0}`);
+  }
+  if (select.mask !== null) return select.mask;
+  const scores = select.scores as Float64Array;
+  const ratio = select.retrievalRatio ?? (gqa ? 0.5 : 0.25);
+  const retrieval = Math.round(ratio * count);
+  const order = Array.from({ length: count }, (_, i) => i).sort((a, b) => scores[b] - scores[a] || a - b);
+  const mask = new Uint8Array(count);
+  for (const index of order.slice(0, retrieval)) mask[index] = 1;
+  return mask;
+}

@@ -1,0 +1,101 @@
+// H2O heavy hitters (methods/snapkv.md, H2O): per kv head, every token accumulates the attention
+// probability it receives from every query that sees it (prefill rows, then each decode row;
+// summed over the query heads of the kv head). The cache keeps the `recent` newest tokens plus
+// `budget - recent` heavy hitters: a token leaving the recent window replaces the kept token with
+// the smallest accumulated score when its own is larger (ties keep the older token), or is evicted.
+#include <algorithm>
+#include <deque>
+
+#include "select_policy.h"
+
+namespace kvslim {
+
+namespace {
+
+class H2OPolicy final : public SelectPolicy {
+ public:
+  H2OPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads)
+      : heavy_(config.budget - config.recent), recent_(config.recent), kvHeads_(kvHeads),
+        scores_(size_t(layers) * size_t(kvHeads)) {}
+
+  Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool) override {
+    const int32_t group = context.qHeads / context.kvHeads;
+    // Query rows in blocks, so a long prefill never holds an n x T probability matrix.
+    constexpr int64_t kRowsPerBlock = 64;
+    std::vector<float> probs;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      HeadScores& scores = scores_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      scores.tail.resize(size_t(context.store.tailTokens(layer, h)), 0.0);
+      if (q != nullptr) {
+        const int64_t kept = context.store.keptTokens(layer, h);
+        for (int64_t first = 0; first < n; first += kRowsPerBlock) {
+          const int64_t rows = std::min(kRowsPerBlock, n - first);
+          KVSLIM_RETURN_IF_ERROR(probabilitiesOf(context, layer, h, q, n, first, rows, &probs));
+          const int64_t tokens = kept + int64_t(scores.tail.size());
+          for (int64_t r = 0; r < rows * group; ++r) {
+            const float* row = probs.data() + size_t(r) * size_t(tokens);
+            for (int64_t j = 0; j < kept; ++j) scores.kept[size_t(j)] += row[j];
+            for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += row[size_t(kept) + j];
+          }
+        }
+      }
+      KVSLIM_RETURN_IF_ERROR(evict(context.store, layer, h, &scores));
+    }
+    return Status::ok();
+  }
+
+  std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<H2OPolicy>(*this); }
+
+ private:
+  struct HeadScores {
+    std::vector<double> kept;  // per kept slot
+    std::deque<double> tail;   // per tail token, oldest first
+  };
+
+  // Probabilities of query rows [first, first + rows) of the call's n queries.
+  static Status probabilitiesOf(SelectContext& context, int32_t layer, int32_t h, const float* q, int64_t n,
+                                int64_t first, int64_t rows, std::vector<float>* probs) {
+    const float* block = q + size_t(first) * size_t(context.qHeads) * size_t(context.headDim);
+    return headProbabilities(context, layer, h, block, rows, n - (first + rows), probs);
+  }
+
+  Status evict(PagedStore& store, int32_t layer, int32_t h, HeadScores* scores) {
+    while (store.tailTokens(layer, h) > recent_) {
+      const double candidate = scores->tail.front();
+      if (int64_t(scores->kept.size()) < heavy_) {
+        KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, {0}));
+        scores->kept.push_back(candidate);
+      } else {
+        // The lowest kept score; ties pick the older token (kept slots are not position-ordered).
+        const std::vector<int64_t>& positions = store.keptPositions(layer, h);
+        size_t lowest = 0;
+        for (size_t s = 1; s < scores->kept.size(); ++s) {
+          if (scores->kept[s] < scores->kept[lowest] ||
+              (scores->kept[s] == scores->kept[lowest] && positions[s] < positions[lowest])) {
+            lowest = s;
+          }
+        }
+        if (candidate > scores->kept[lowest]) {
+          KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(lowest), 0));
+          scores->kept[lowest] = candidate;
+        }
+      }
+      store.dropTailFront(layer, h, 1);
+      scores->tail.pop_front();
+    }
+    return Status::ok();
+  }
+
+  int64_t heavy_;
+  int64_t recent_;
+  int32_t kvHeads_;
+  std::vector<HeadScores> scores_;  // [layers * kvHeads]
+};
+
+}  // namespace
+
+std::unique_ptr<SelectPolicy> makeH2OPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads) {
+  return std::make_unique<H2OPolicy>(config, layers, kvHeads);
+}
+
+}  // namespace kvslim

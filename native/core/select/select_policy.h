@@ -1,0 +1,75 @@
+// Selection policies (DESIGN.md policy.select): which tokens of each layer and kv head stay in the
+// cache. A policy acts through PagedStore's eviction primitives (drop the oldest tail tokens, keep
+// chosen tail tokens, overwrite a kept slot), so eviction never copies the cache.
+#pragma once
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "../backend.h"
+#include "../paged_store.h"
+#include "../status.h"
+
+namespace kvslim {
+
+enum class SelectKind : int32_t { Full = 0, Streaming = 1, SnapKV = 2, PyramidKV = 3, H2O = 4, Duo = 5 };
+enum class Pooling : int32_t { Max = 0, Avg = 1 };
+
+struct SelectConfig {
+  SelectKind kind = SelectKind::Full;
+  int64_t sink = 4;       // streaming, duo: attention sinks (the first tokens)
+  int64_t window = 0;     // streaming, duo: recent tokens; snapkv, pyramidkv: observation window
+  int64_t budget = 0;     // snapkv, pyramidkv: tokens kept per kv head (mean over layers); h2o: heavy + recent
+  int32_t kernel = 7;     // snapkv, pyramidkv: pooling kernel (odd)
+  Pooling pooling = Pooling::Max;
+  double beta = 20;       // pyramidkv
+  int64_t recent = 0;     // h2o
+  std::vector<uint8_t> retrieval;  // duo: [layers * kvHeads], 1 = retrieval head (full cache)
+};
+
+// What a policy may touch: the store, the backend (for scores) and the cache's shape.
+struct SelectContext {
+  PagedStore& store;
+  Backend& backend;
+  int32_t layers;
+  int32_t qHeads;
+  int32_t kvHeads;
+  int32_t headDim;
+  float scale;
+  int32_t threads;
+};
+
+class SelectPolicy {
+ public:
+  virtual ~SelectPolicy() = default;
+  // After n tokens were appended to a layer, before they attend (a window keeps what this call's
+  // queries may see; runs only once the append succeeded, so a rejected call changes nothing).
+  virtual Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) { return Status::ok(); }
+  // After n tokens were appended and, when q is set, attended by their n queries ([n, qHeads,
+  // headDim], unscaled f32). `prefill`: the call was prefill() (SnapKV decides there).
+  virtual Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) = 0;
+  // A copy for fork(): the same decisions from here on.
+  virtual std::unique_ptr<SelectPolicy> clone() const = 0;
+};
+
+// Checks the config against the cache shape (ERR_OPTION naming the option) and builds the policy;
+// `out` stays empty for 'full'.
+Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, std::unique_ptr<SelectPolicy>* out);
+
+// Policies, one file each.
+std::unique_ptr<SelectPolicy> makeStreamingPolicy(const SelectConfig& config);
+std::unique_ptr<SelectPolicy> makeSnapKVPolicy(const SelectConfig& config);  // snapkv and pyramidkv
+std::unique_ptr<SelectPolicy> makeH2OPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
+std::unique_ptr<SelectPolicy> makeDuoPolicy(const SelectConfig& config, int32_t kvHeads);
+
+// Shared by streaming and duo: keeps the sinks and the last `keep` tail tokens of one head
+// (tail tokens at positions below `sink` become kept sinks instead of being evicted).
+Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, int64_t keep);
+
+// Attention probabilities of query rows of one kv head over its kept then tail tokens, in fp32:
+// rows are (position i of the n queries, group member g); query i is the tail token
+// tail - after - n + i, sees every kept token and the tail causally. probs: [n * group, kept + tail].
+Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, const float* q, int64_t n, int64_t after,
+                         std::vector<float>* probs);
+
+}  // namespace kvslim
