@@ -32,7 +32,8 @@ const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <s
   --workload <name>     built-in synthetic workload: needles-4k (default), needles-32k
   --trace <file>        a kvslim trace (kvslim trace): rows after the prompt are the queries
   --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16,
-                        kivi2, kivi4, kivi8
+                        kivi2, kivi4, kivi8, streaming:<budget>, snapkv:<budget>,
+                        pyramidkv:<budget>, h2o:<budget>
                         (full selection with that store), or a PolicySpec as JSON, e.g.
                         '{"select":{"kind":"full"},"store":{"kind":"bf16"}}'
   --turns <n>           query turns to run (default: all the source holds)
@@ -164,6 +165,13 @@ const policyShorthands: Record<string, PolicySpec> = {
 /** A `--policy` argument: a shorthand or a PolicySpec as JSON (checked by evaluate before any work). */
 function parsePolicy(text: string): PolicySpec {
   if (Object.hasOwn(policyShorthands, text)) return policyShorthands[text];
+  // <selection>:<budget>: streaming keeps 4 sinks + (budget - 4) recent tokens.
+  const budgeted = /^(streaming|snapkv|pyramidkv|h2o):(\d+)$/.exec(text);
+  if (budgeted !== null) {
+    const budget = Number(budgeted[2]);
+    if (budgeted[1] === 'streaming') return { select: { kind: 'streaming', sink: 4, window: Math.max(1, budget - 4) } };
+    return { select: { kind: budgeted[1] as 'snapkv' | 'pyramidkv' | 'h2o', budget } };
+  }
   if (text.trimStart().startsWith('{')) {
     try {
       return JSON.parse(text) as PolicySpec;

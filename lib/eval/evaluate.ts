@@ -12,7 +12,7 @@ import { describe, KVSlimError } from '../errors.js';
 import { type PolicySpec, resolvePolicy } from '../policy.js';
 import type { Trace } from '../trace/trace.js';
 import {
-  argmax, attentionProbabilities, needleHit, outputFidelity, summarize,
+  argmax, attentionProbabilities, massRecall, needleHit, outputFidelity, summarize, topkRecall,
 } from './metrics.js';
 import { type Report, REPORT_SCHEMA, policyName, summarizeTurns, type TurnReport } from './report.js';
 import { type EvalSource, generateWorkload, WORKLOADS } from './workload.js';
@@ -88,6 +88,8 @@ interface TurnReference {
   tokens: number;
   needleHitRate: number | null;
   needleArgmaxRate: number | null;
+  /** Per layer, per query head: exact attention probabilities of the turn's last query. */
+  lastProbs: Float64Array[][];
 }
 
 /** Positions of the turn's tokens in the laid-out sequence: multi-turn appends, multi-request restarts after the context. */
@@ -156,12 +158,35 @@ function references(source: EvalSource, turns: number, mode: 'multi-turn' | 'mul
         }
       }
     });
+    const last = needles.length - 1;
+    const lastProbs = last < 0 ? [] : turnLayers.map((data, layer) => Array.from({ length: qHeads }, (_, head) =>
+      attentionProbabilities(data.q, (last * qHeads + head) * headDim, sequence[layer].keys, kvHeads, Math.floor(head / group), headDim, offset + last + 1, scale)));
     return {
-      outputs, tokens,
+      outputs, tokens, lastProbs,
       needleHitRate: needleRate(source, turn, outputs, sequence.map((s) => s.values)),
       needleArgmaxRate: asked === 0 ? null : top / asked,
     };
   });
+}
+
+/** Mean attention-mass and top-k recall of the kept tokens (per layer, query head; kept per kv head). */
+function keptRecall(cache: KVCache, probs: Float64Array[][], kvHeads: number): { attnMassRecallMean: number; topkRecallMean: number } {
+  let mass = 0, topk = 0, count = 0;
+  probs.forEach((heads, layer) => {
+    const group = heads.length / kvHeads;
+    for (let kvHead = 0; kvHead < kvHeads; kvHead++) {
+      const kept = cache.positions(layer, kvHead);
+      // A cache that keeps every token needs no set.
+      const set = kept.length >= heads[0].length ? null : new Set(kept);
+      for (let g = 0; g < group; g++) {
+        const p = heads[kvHead * group + g];
+        mass += massRecall(p, set);
+        topk += topkRecall(p, set);
+        count++;
+      }
+    }
+  });
+  return { attnMassRecallMean: count === 0 ? 1 : mass / count, topkRecallMean: count === 0 ? 1 : topk / count };
 }
 
 /** The report's `engine` (keep in step with package.json's version). */
@@ -284,10 +309,8 @@ export function evaluate(options: EvaluateOptions): Report[] {
               logitKLMean: null,
               attnOutCosineMean: fidelity.reduce((sum, f) => sum + f.cosineMean, 0) / layers,
               attnOutRelL2Mean: fidelity.reduce((sum, f) => sum + f.relL2Mean, 0) / layers,
-              // Every selection of this version keeps all tokens: full mass, full top-k (metrics.ts
-              // massRecall / topkRecall measure it once a policy keeps a subset).
-              attnMassRecallMean: 1,
-              topkRecallMean: 1,
+              // Of the turn's last query, over the tokens each kv head keeps after the turn.
+              ...keptRecall(target, ref.lastProbs, kvHeads),
               needleArgmaxRate: ref.needleArgmaxRate,
             },
           });
@@ -303,7 +326,11 @@ export function evaluate(options: EvaluateOptions): Report[] {
       engine: ENGINE,
       device: deviceText,
       model: { name: source.name, layers, qHeads, kvHeads, headDim, kvDtype: resolved.store.kind },
-      method: { name, stage: resolved.store.kind === 'kivi' ? 'compression' : 'none', params: spec, kvClass: 'O(n)' },
+      method: {
+        name, params: spec,
+        stage: resolved.store.kind === 'kivi' || ['streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo'].includes(resolved.select.kind) ? 'compression' : 'none',
+        kvClass: ['streaming', 'snapkv', 'pyramidkv', 'h2o'].includes(resolved.select.kind) ? 'O(k)' : 'O(n)',
+      },
       mode,
       task: source.name,
       sessionId: source.seed === null ? source.name : `${source.name}#seed${source.seed}`,

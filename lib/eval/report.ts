@@ -96,10 +96,17 @@ export interface Report {
   };
 }
 
-/** A short name of a policy: `full`, `full/bf16`, `full/kivi2`, ... (the store is named when it is not f16). */
+/**
+ * A short name of a policy: `full`, `full/bf16`, `full/kivi2`, `snapkv:1024`, `streaming:4+1020`,
+ * ... (the store is named when it is not f16; a selection's budget follows its kind).
+ */
 export function policyName(policy: ResolvedPolicy): string {
   const store = policy.store.kind === 'kivi' ? `kivi${policy.store.bits}` : policy.store.kind;
-  return store === 'f16' ? policy.select.kind : `${policy.select.kind}/${store}`;
+  const s = policy.select;
+  const select = s.kind === 'streaming' ? `streaming:${s.sink}+${s.window}`
+    : s.kind === 'snapkv' || s.kind === 'pyramidkv' || s.kind === 'h2o' ? `${s.kind}:${s.budget}`
+      : s.kind === 'duo' ? `duo:${s.sink}+${s.window}` : s.kind;
+  return store === 'f16' ? select : `${select}/${store}`;
 }
 
 const mean = (values: number[]) => (values.length === 0 ? 0 : values.reduce((a, b) => a + b, 0) / values.length);
