@@ -146,6 +146,41 @@ describe.runIf(onGpu)('CUDA: KIVI store against the CPU', () => {
   }
 });
 
+// Selection policies on a GPU cache: scores on the GPU (native/cuda/attention_scores.cu), the
+// window kept by advancing pages (firstRow), kept and window parts merged by log-sum-exp.
+describe.runIf(onGpu)('CUDA: selection policies choose what the CPU chooses', () => {
+  const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
+  const selects = [
+    { kind: 'streaming', sink: 4, window: 40 },
+    { kind: 'snapkv', budget: 48, window: 8, kernel: 5 },
+    { kind: 'h2o', budget: 40, recent: 16 },
+    { kind: 'duo', heads: [true, false, false, true], sink: 4, window: 24 },
+  ] as const;
+  for (const [index, select] of selects.entries()) {
+    it(select.kind, () => {
+      const random = new Random(64_000 + index);
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({ layers: 2, ...heads, device, pageTokens: 8, policy: { select: select as never } });
+        open.push(cache);
+        return cache;
+      };
+      const gpu = make('cuda'), cpu = make('cpu');
+      for (let layer = 0; layer < 2; layer++) {
+        const prompt = randomTokens(random, heads, 150);
+        expect(relativeL2(gpu.prefill(layer, prompt.q, prompt.k, prompt.v), cpu.prefill(layer, prompt.q, prompt.k, prompt.v))).toBeLessThanOrEqual(TOLERANCE);
+        for (let t = 0; t < 30; t++) {
+          const token = randomTokens(random, heads, 1);
+          const out = gpu.step(layer, token.q, token.k, token.v);
+          expect(relativeL2(out, cpu.step(layer, token.q, token.k, token.v)), `layer ${layer} step ${t}`).toBeLessThanOrEqual(TOLERANCE);
+        }
+        for (let kvHead = 0; kvHead < heads.kvHeads; kvHead++) {
+          expect(Array.from(gpu.positions(layer, kvHead))).toEqual(Array.from(cpu.positions(layer, kvHead)));
+        }
+      }
+    });
+  }
+});
+
 describe('device selection without KVSLIM_TEST_DEVICE=cuda', () => {
   it("device 'auto' picks CUDA only when a GPU answers", () => {
     const cache = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 });
