@@ -19,6 +19,19 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   kvslim: { backends: { cpu: { simd: string; threads: number } } };
   limits: { readBytesPerSecond: number; fmaFlopsPerSecond: number; after?: { readBytesPerSecond: number; fmaFlopsPerSecond: number } };
   cases: ResultCase[];
+  kivi?: {
+    decode: Array<{
+      id: string; bits: number; tokens: number; status: string; time?: { medianMs: number }; bytesRead?: number;
+      bandwidthFraction?: number; peakFraction?: number; speedupOverF16?: number | null; compression?: number;
+    }>;
+    quality: {
+      workload: { tokens: number };
+      rows: Array<{
+        bits: number; status: string; errorRatio?: number;
+        perChannel?: { relL2Error: number; hitRate: number }; perToken?: { relL2Error: number; hitRate: number };
+      }>;
+    };
+  } | null;
 };
 
 const number = (value: unknown, digits: number): string => (typeof value === 'number' ? value.toFixed(digits) : 'n/a');
@@ -43,13 +56,46 @@ for (const c of results.cases) {
 }
 lines.push('', `Reproduce with \`npm run bench\` (JSON in \`bench/results/\`); one row with \`npm run bench -- --case <case>\`.`);
 
+// The KIVI section's tables (bench/kivi.ts), when the run had it.
+const kiviLines: string[] = [];
+if (results.kivi) {
+  kiviLines.push(
+    'KIVI decode (group 32, residual 128), one query over T tokens, same run:', '',
+    '| store | T | ms | MB read | of bandwidth | of FMA peak | vs f16 cache | compression |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of results.kivi.decode) {
+    if (row.status !== 'ok' || !row.time) continue;
+    kiviLines.push(
+      `| ${row.bits === 16 ? 'f16' : `KIVI-${row.bits}`} | ${row.tokens / 1024}K | ${number(row.time.medianMs, 2)} | ${number((row.bytesRead ?? NaN) / 1e6, 1)} | ` +
+        `${number(row.bandwidthFraction, 2)} | ${number(row.peakFraction, 2)} | ${number(row.speedupOverF16, 2)}× | ${number(row.compression, 2)}× |`,
+    );
+  }
+  kiviLines.push(
+    '', `KIVI quality on ${results.kivi.quality.workload.tokens / 1024}K tokens whose keys have outlier channels, with planted needles:`, '',
+    '| store | rel. L2, keys per channel | needle hits | rel. L2, keys per token (ablation) | needle hits | per-token / per-channel error |',
+    '| --- | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of results.kivi.quality.rows) {
+    if (row.status !== 'ok' || !row.perChannel || !row.perToken) continue;
+    kiviLines.push(
+      `| KIVI-${row.bits} | ${number(row.perChannel.relL2Error, 4)} | ${number(row.perChannel.hitRate * 100, 1)}% | ` +
+        `${number(row.perToken.relL2Error, 4)} | ${number(row.perToken.hitRate * 100, 1)}% | ${number(row.errorRatio, 2)}× |`,
+    );
+  }
+  kiviLines.push('', 'Reproduce with `npm run bench -- --only kivi`.');
+}
+
 const readmePath = join(root, 'README.md');
-const readme = readFileSync(readmePath, 'utf8');
-const start = '<!-- bench-table -->';
-const end = '<!-- /bench-table -->';
-const before = readme.slice(0, readme.indexOf(start));
-const afterIndex = readme.indexOf(end);
-const after = afterIndex >= 0 ? readme.slice(afterIndex + end.length) : '\n';
-if (readme.indexOf(start) < 0) throw new Error(`README.md has no ${start} marker`);
-writeFileSync(readmePath, `${before}${start}\n${lines.join('\n')}\n${end}${after}`);
-console.log(`README.md: wrote ${lines.length} lines from ${resultsPath}`);
+let readme = readFileSync(readmePath, 'utf8');
+/** Replaces the text between `<!-- name -->` and `<!-- /name -->`. */
+function section(text: string, name: string, body: string[]): string {
+  const start = `<!-- ${name} -->`, end = `<!-- /${name} -->`;
+  const from = text.indexOf(start), to = text.indexOf(end);
+  if (from < 0 || to < 0) throw new Error(`README.md has no ${start} ... ${end} markers`);
+  return `${text.slice(0, from)}${start}\n${body.join('\n')}\n${text.slice(to)}`;
+}
+readme = section(readme, 'bench-table', lines);
+if (kiviLines.length > 0) readme = section(readme, 'bench-kivi', kiviLines);
+writeFileSync(readmePath, readme);
+console.log(`README.md: wrote ${lines.length + kiviLines.length} lines from ${resultsPath}`);
