@@ -29,6 +29,11 @@ export interface KVCacheOptions {
   pageTokens?: number;
   /** Softmax scale; default `1 / sqrt(headDim)`. */
   scale?: number;
+  /**
+   * The model's rotary embedding, for policies that need it (StreamingLLM `positions: 'cache'`):
+   * base `theta` and pair layout (`adjacent`: (2i, 2i+1) as in Llama/llama2.c; `half`: (i, i + headDim/2)).
+   */
+  rope?: { theta: number; style?: 'adjacent' | 'half' };
 }
 
 /** Per-call options. */
@@ -53,10 +58,13 @@ function nativeStore(store: ResolvedPolicy['store']) {
 
 // The select part of createCache's options: every field present, duo heads as a retrieval mask.
 function nativeSelect(select: ResolvedSelect, layers: number, kvHeads: number, gqa: boolean): NativeSelect {
-  const none: NativeSelect = { kind: select.kind, sink: 0, window: 0, budget: 0, kernel: 1, pooling: 'max', beta: 1, recent: 0, retrieval: new Uint8Array(0) };
+  const none: NativeSelect = {
+    kind: select.kind, sink: 0, window: 0, budget: 0, kernel: 1, pooling: 'max', beta: 1, recent: 0, retrieval: new Uint8Array(0),
+    cachePositions: false,
+  };
   switch (select.kind) {
     case 'full': return none;
-    case 'streaming': return { ...none, sink: select.sink, window: select.window };
+    case 'streaming': return { ...none, sink: select.sink, window: select.window, cachePositions: select.positions === 'cache' };
     case 'snapkv': case 'pyramidkv':
       return { ...none, budget: select.budget, window: select.window, kernel: select.kernel, pooling: select.pooling, beta: select.beta };
     case 'h2o': return { ...none, budget: select.budget, recent: select.recent };
@@ -64,7 +72,17 @@ function nativeSelect(select: ResolvedSelect, layers: number, kvHeads: number, g
   }
 }
 
-const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale'] as const;
+const cacheKeys = ['layers', 'qHeads', 'kvHeads', 'headDim', 'device', 'threads', 'policy', 'pageTokens', 'scale', 'rope'] as const;
+
+function ropeOf(value: unknown): { ropeTheta: number; ropeStyle: 'adjacent' | 'half' } {
+  if (value === undefined) return { ropeTheta: 0, ropeStyle: 'adjacent' };
+  const rope = plainObject('rope', value);
+  knownKeys('rope', rope, ['theta', 'style']);
+  return {
+    ropeTheta: positiveNumber('rope.theta', rope.theta),
+    ropeStyle: rope.style === undefined ? 'adjacent' : oneOf('rope.style', rope.style, ['adjacent', 'half'] as const),
+  };
+}
 
 /**
  * The KV cache of one sequence. Keys and values are appended per layer (`[n, kvHeads, headDim]`),
@@ -84,6 +102,7 @@ export class KVCache {
   readonly device: 'cpu' | 'cuda';
   readonly policy: ResolvedPolicy;
   readonly #policySpec: PolicySpec | undefined;
+  readonly #rope: KVCacheOptions['rope'];
   readonly #threads: number;
   #native: NativeCache | null;
   #tail: Promise<unknown> = Promise.resolve();
@@ -105,6 +124,7 @@ export class KVCache {
     }
     this.policy = resolvePolicy(o.policy);
     this.#policySpec = o.policy as PolicySpec | undefined;
+    this.#rope = o.rope as KVCacheOptions['rope'];
     this.#threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
     const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
     if (native !== undefined && device !== undefined) {
@@ -117,6 +137,7 @@ export class KVCache {
       layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
       ...nativeStore(this.policy.store),
       select: nativeSelect(this.policy.select, this.layers, this.kvHeads, this.qHeads > this.kvHeads),
+      ...ropeOf(o.rope),
       pageTokens: o.pageTokens === undefined ? 64 : positiveInteger('pageTokens', o.pageTokens, 1 << 20),
       scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
       threads: this.#threads,
@@ -272,7 +293,7 @@ export class KVCache {
   #options(): KVCacheOptions {
     return {
       layers: this.layers, qHeads: this.qHeads, kvHeads: this.kvHeads, headDim: this.headDim,
-      threads: this.#threads === 0 ? undefined : this.#threads, policy: this.#policySpec,
+      threads: this.#threads === 0 ? undefined : this.#threads, policy: this.#policySpec, rope: this.#rope,
     };
   }
 

@@ -26,3 +26,7 @@ export {
   formatTable, REPORT_SCHEMA, type Report, type TurnFidelity, type TurnLatency, type TurnMemory, type TurnReport,
 } from './eval/report.js';
 export { renderHtml } from './eval/html.js';
+export { headProbe, type HeadProbeOptions } from './heads/probe.js';
+export {
+  COPY_THRESHOLD, scoreHeads, scoreHeadsDetailed, type HeadScoreLayer, type HeadScores, type ScoreHeadsOptions,
+} from './heads/score.js';

@@ -24,7 +24,7 @@ export interface NativeStats {
 /** createCache's select options: every field present (lib/cache.ts fills the unused ones). */
 export interface NativeSelect {
   kind: string; sink: number; window: number; budget: number; kernel: number; pooling: 'max' | 'avg'; beta: number;
-  recent: number; retrieval: Uint8Array;
+  recent: number; retrieval: Uint8Array; cachePositions: boolean;
 }
 
 export interface NativeCache {
@@ -72,7 +72,7 @@ interface Addon {
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
-    kiviGroup: number; kiviResidual: number; select: NativeSelect;
+    kiviGroup: number; kiviResidual: number; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
   }): NativeCache;
   quantize(options: {
     x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;

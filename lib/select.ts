@@ -3,8 +3,12 @@
 import { describe } from './errors.js';
 import { knownKeys, optionalPositiveInteger, optionError, plainObject } from './validate.js';
 
-/** StreamingLLM: the first `sink` tokens plus the last `window` (a query counts itself). */
-export interface StreamingSpec { kind: 'streaming'; sink?: number; window: number }
+/**
+ * StreamingLLM: the first `sink` tokens plus the last `window` (a query counts itself). Keys keep
+ * their absolute positions (`positions: 'absolute'`, default); `positions: 'cache'` gives the sink
+ * logits the paper's re-numbered positions by rotating the query (needs the cache's `rope`).
+ */
+export interface StreamingSpec { kind: 'streaming'; sink?: number; window: number; positions?: 'absolute' | 'cache' }
 /**
  * SnapKV: at the end of the first prefill, the last `window` prompt queries vote; votes pooled
  * (`kernel`, `pooling`), averaged per kv head; each kv head keeps its top `budget - window` prompt
@@ -36,7 +40,7 @@ export type SelectSpec = { kind: 'full' } | StreamingSpec | SnapKVSpec | Pyramid
 /** A select spec with every default applied; duo heads flattened (mask or scores). */
 export type ResolvedSelect =
   | { kind: 'full' }
-  | { kind: 'streaming'; sink: number; window: number }
+  | { kind: 'streaming'; sink: number; window: number; positions: 'absolute' | 'cache' }
   | { kind: 'snapkv' | 'pyramidkv'; budget: number; window: number; kernel: number; pooling: 'max' | 'avg'; beta: number }
   | { kind: 'h2o'; budget: number; recent: number }
   | { kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null; retrievalRatio: number | null };
@@ -97,11 +101,15 @@ export function resolveSelect(select: unknown): ResolvedSelect {
       knownKeys('policy.select', s, ['kind']);
       return { kind: 'full' };
     case 'streaming':
-      knownKeys('policy.select', s, ['kind', 'sink', 'window']);
+      knownKeys('policy.select', s, ['kind', 'sink', 'window', 'positions']);
       if (s.window === undefined) throw optionError('policy.select.window is required for streaming');
+      if (s.positions !== undefined && s.positions !== 'absolute' && s.positions !== 'cache') {
+        throw optionError(`Expected 'absolute' or 'cache' for policy.select.positions but received ${describe(s.positions)}`);
+      }
       return {
         kind: 'streaming', sink: nonNegativeInteger('policy.select.sink', s.sink, 4),
         window: optionalPositiveInteger('policy.select.window', s.window, 0, MAX_TOKENS),
+        positions: s.positions ?? 'absolute',
       };
     case 'snapkv':
     case 'pyramidkv': {

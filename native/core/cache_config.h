@@ -3,6 +3,7 @@
 #include <cstdint>
 
 #include "dtype.h"
+#include "rope.h"
 #include "select/select_policy.h"
 
 namespace kvslim {
@@ -20,6 +21,7 @@ struct CacheConfig {
   int32_t kiviGroup = 32;
   int64_t kiviResidual = 128;
   SelectConfig select;               // which tokens stay (select/select_policy.h)
+  RopeConfig rope;                   // the model's RoPE, when a policy needs it
   int64_t pageTokens = 64;
   float scale = 0.0f;   // 0 = 1 / sqrt(headDim)
   int32_t threads = 0;  // 0 = the whole pool

@@ -82,6 +82,10 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
   }
   std::unique_ptr<SelectPolicy> policy;
   KVSLIM_RETURN_IF_ERROR(makeSelectPolicy(config.select, config.layers, config.kvHeads, &policy));
+  if (config.select.cachePositions && (config.select.kind != SelectKind::Streaming || !(config.rope.theta > 0.0f))) {
+    return Status(ErrorCode::Option, "policy.select.positions 'cache' needs a streaming policy and the cache's rope option");
+  }
+  if (config.headDim % 2 != 0 && config.rope.theta > 0.0f) return Status(ErrorCode::Option, "rope needs an even headDim");
   if (policy && config.storeKind == StoreKind::Kivi) {
     return Status(ErrorCode::Option, "policy.select other than 'full' cannot be combined with store 'kivi' in this version");
   }
@@ -225,6 +229,23 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   args.lse = tailLse.data();
   KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
   AttentionArgs keptArgs = args;
+  std::vector<float> rotated;
+  if (config_.select.cachePositions) {
+    // StreamingLLM 'cache' positions: the sinks see query i as if it sat at its cache slot
+    // C = kept + (tail - n + i) instead of its absolute position P = tokens - n + i.
+    const int32_t group = config_.qHeads / config_.kvHeads;
+    rotated.assign(q, q + rows * dim);
+    for (int64_t i = 0; i < n; ++i) {
+      for (int32_t h = 0; h < config_.qHeads; ++h) {
+        const KVHeadView& tail = tails[size_t(h / group)];
+        const double slot = double(kept[size_t(h / group)].tokens + tail.tokens - n + i);
+        const double position = double(tokens - n + i);
+        rotateRow(rotated.data() + (size_t(i) * size_t(config_.qHeads) + size_t(h)) * dim, config_.headDim, slot - position,
+                  config_.rope);
+      }
+    }
+    keptArgs.q = rotated.data();
+  }
   keptArgs.heads = kept.data();
   keptArgs.causal = false;
   keptArgs.out = keptOut.data();

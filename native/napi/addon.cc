@@ -135,6 +135,7 @@ SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
   const std::string pooling = stringField(env, object, "pooling");
   if (pooling != "max" && pooling != "avg") throwStatus(env, Status(ErrorCode::Option, "policy.select.pooling must be 'max' or 'avg'"));
   select.pooling = pooling == "max" ? Pooling::Max : Pooling::Avg;
+  select.cachePositions = boolField(env, object, "cachePositions");
   Napi::Value retrieval = object.Get("retrieval");
   if (!retrieval.IsTypedArray() || retrieval.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
     throwStatus(env, Status(ErrorCode::Option, "policy.select retrieval mask must be a Uint8Array"));
@@ -164,6 +165,8 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
     throwStatus(env, Status(ErrorCode::Option, "storeKind must be 'dense' or 'kivi'"));
   }
   config.select = parseSelect(env, options.Get("select"));
+  config.rope.theta = float(numberField(env, options, "ropeTheta"));
+  config.rope.style = stringField(env, options, "ropeStyle") == "half" ? RopeStyle::Half : RopeStyle::Adjacent;
   config.pageTokens = intField(env, options, "pageTokens");
   config.scale = float(numberField(env, options, "scale"));
   config.threads = intField(env, options, "threads");

@@ -25,6 +25,7 @@ struct SelectConfig {
   double beta = 20;       // pyramidkv
   int64_t recent = 0;     // h2o
   std::vector<uint8_t> retrieval;  // duo: [layers * kvHeads], 1 = retrieval head (full cache)
+  bool cachePositions = false;     // streaming: sink logits as if the query sat at its cache slot (needs rope)
 };
 
 // What a policy may touch: the store, the backend (for scores) and the cache's shape.
