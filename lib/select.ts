@@ -4,7 +4,12 @@ import { describe } from './errors.js';
 import { knownKeys, optionalPositiveInteger, optionError, plainObject } from './validate.js';
 
 /**
- * StreamingLLM: the first `sink` tokens plus the last `window` (a query counts itself). Keys keep
+ * StreamingLLM: the first `sink` tokens plus the last `window`. A decode step's query attends to the
+ * sinks and the last `window` tokens counting itself. A block of n tokens (prefill, or a step of
+ * n > 1) first trims the cache to sinks + the last max(window, n) tokens including the block (the
+ * reference's evict_for_space), then attends causally, then is trimmed to `window`: query i of a
+ * block of n <= window sees window - (n - 1 - i) recent tokens, a longer block attends densely
+ * within itself. Keys keep
  * their absolute positions (`positions: 'absolute'`, default); `positions: 'cache'` gives the sink
  * logits the paper's re-numbered positions by rotating the query (needs the cache's `rope`).
  */

@@ -1,7 +1,8 @@
 // StreamingLLM (methods/streaming.md): the first `sink` tokens plus the last `window` tokens.
-// A query attends to the sinks and the last `window` tokens counting itself (the reference's
-// evict_for_space), and a block longer than the window attends densely within itself before it is
-// trimmed. Positions stay absolute.
+// A decode query attends to the sinks and the last `window` tokens counting itself. A block of n
+// tokens is trimmed once, before it attends, to the last max(window, n) tokens including itself
+// (the reference's evict_for_space), so a block longer than the window attends densely within
+// itself; after the call the window is trimmed to `window`. Positions stay absolute.
 #include "select_policy.h"
 
 namespace kvslim {

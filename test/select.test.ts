@@ -1,0 +1,604 @@
+// Selection policies (lib/select.ts over native/core/select/): the positions each (layer, kv head)
+// keeps equal the float64 reference's (test/reference/select.ts) exactly after every call, and
+// every output equals reference attention over what the kv head kept when the call's queries
+// attended. Also budgets, stats bytes, fork, and the errors of policy.select.
+import { afterEach, describe, expect, it } from 'vitest';
+
+import { KVCache, KVSlimError, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
+import { referenceAttention } from './reference/attention.js';
+import { roundTo } from './reference/half.js';
+import {
+  type ReferenceSelectSpec, type SelectShape, SelectMirror, duoRetrievalMask, pool1d, pyramidPrefixBudget, topIndices,
+} from './reference/select.js';
+import { Random, relativeL2 } from './helpers/random.js';
+import { LayerMirror, type Tokens, randomTokens } from './helpers/tokens.js';
+
+// f16 store, f32 arithmetic over exactly representable stored values: errors are ~1e-6.
+const TOLERANCE = 1e-4;
+const F16_BYTES = 2;
+
+const GQA: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64 };
+const MHA: SelectShape = { layers: 2, qHeads: 4, kvHeads: 4, headDim: 32 };
+
+const open: KVCache[] = [];
+afterEach(() => {
+  for (const cache of open.splice(0)) cache.dispose();
+});
+
+function cacheOf(shape: SelectShape, select: SelectSpec | ReferenceSelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache {
+  const cache = new KVCache({ ...shape, device: 'cpu', pageTokens: 4, policy: { select: select as SelectSpec }, ...extra });
+  open.push(cache);
+  return cache;
+}
+
+type Op = ['prefill' | 'step' | 'append' | 'attend', number];
+
+/** A cache and its reference, driven by the same calls on every layer. */
+class Pair {
+  readonly cache: KVCache;
+  readonly mirror: SelectMirror;
+  readonly shape: SelectShape;
+  readonly random: Random;
+  /** Outputs of the last call per layer (cache, reference). */
+  last: Array<{ actual: Float32Array; expected: Float64Array }> = [];
+  /** Tokens of the last call per layer. */
+  lastTokens: Tokens[] = [];
+
+  constructor(shape: SelectShape, select: ReferenceSelectSpec, seed: number, pageTokens = 4, cache?: KVCache, mirror?: SelectMirror) {
+    this.shape = shape;
+    this.random = new Random(seed);
+    this.cache = cache ?? cacheOf(shape, select, { pageTokens });
+    this.mirror = mirror ?? new SelectMirror(shape, select);
+  }
+
+  fork(seed: number): Pair {
+    const child = this.cache.fork();
+    open.push(child);
+    return new Pair(this.shape, { kind: 'full' }, seed, 4, child, this.mirror.fork());
+  }
+
+  tokens(n: number): Tokens {
+    return randomTokens(this.random, this.shape, n);
+  }
+
+  /** Runs one call on every layer (fresh tokens per layer); checks outputs and positions. */
+  run(op: Op, label = ''): void {
+    const [kind, n] = op;
+    this.last = [];
+    this.lastTokens = [];
+    for (let layer = 0; layer < this.shape.layers; layer++) {
+      const t = this.tokens(n);
+      this.lastTokens.push(t);
+      let actual: Float32Array | null = null;
+      let expected: Float64Array | null = null;
+      if (kind === 'append') {
+        this.cache.append(layer, t.k, t.v);
+        this.mirror.append(layer, t.k, t.v);
+      } else if (kind === 'attend') {
+        actual = this.cache.attend(layer, t.q);
+        expected = this.mirror.attend(layer, t.q);
+      } else {
+        actual = this.cache[kind](layer, t.q, t.k, t.v);
+        expected = this.mirror[kind](layer, t.q, t.k, t.v);
+      }
+      if (actual !== null && expected !== null) {
+        const error = relativeL2(actual, expected);
+        expect(error, `${label} ${kind}(${n}) layer ${layer}: output vs reference`).toBeLessThanOrEqual(TOLERANCE);
+        this.last.push({ actual, expected });
+      }
+    }
+    this.expectPositions(`${label} after ${kind}(${n})`);
+  }
+
+  runAll(ops: Op[], label = ''): void {
+    for (const op of ops) this.run(op, label);
+  }
+
+  expectPositions(label: string): void {
+    for (let layer = 0; layer < this.shape.layers; layer++) {
+      const T = this.mirror.tokens(layer);
+      expect(this.cache.tokens(layer), `${label}: tokens(${layer})`).toBe(T);
+      for (let h = 0; h < this.shape.kvHeads; h++) {
+        const positions = this.cache.positions(layer, h);
+        expect(positions).toBeInstanceOf(Float64Array);
+        expect(Array.from(positions), `${label}: positions(${layer}, ${h})`).toEqual(this.mirror.positions(layer, h));
+      }
+      // Never more heads than kvHeads.
+      expectError(() => this.cache.positions(layer, this.shape.kvHeads), 'ERR_SHAPE', /kvHead/);
+    }
+  }
+
+  /** stats(): tokens kept per head and layer, bytes of the kept tokens to the byte. */
+  expectStats(label = ''): void {
+    const { layers, kvHeads, headDim } = this.shape;
+    const stats = this.cache.stats();
+    let keptRows = 0;
+    let seen = 0;
+    let keptMean = 0;
+    for (let layer = 0; layer < layers; layer++) {
+      const T = this.mirror.tokens(layer);
+      seen += T / layers;
+      const perHead = Array.from({ length: kvHeads }, (_, h) => this.mirror.positions(layer, h).length);
+      expect(stats.layers[layer].tokensKept, `${label}: layers[${layer}].tokensKept`).toEqual(perHead);
+      const rowsKept = perHead.reduce((a, b) => a + b, 0);
+      expect(stats.layers[layer].bytes, `${label}: layers[${layer}].bytes`).toBe(rowsKept * headDim * 2 * F16_BYTES);
+      keptRows += rowsKept;
+      keptMean += rowsKept / kvHeads / layers;
+    }
+    const fullRows = Array.from({ length: layers }, (_, l) => this.mirror.tokens(l)).reduce((a, b) => a + b, 0) * kvHeads;
+    expect(stats.bytes.kv, `${label}: bytes.kv`).toBe(keptRows * headDim * 2 * F16_BYTES);
+    expect(stats.bytes.fullF16, `${label}: bytes.fullF16`).toBe(fullRows * headDim * 2 * F16_BYTES);
+    // Dropped by exactly the evicted tokens' bytes.
+    expect(stats.bytes.fullF16 - stats.bytes.kv).toBe((fullRows - keptRows) * headDim * 2 * F16_BYTES);
+    expect(stats.tokens.seen).toBeCloseTo(seen, 9);
+    expect(stats.tokens.kept).toBeCloseTo(keptMean, 9);
+  }
+
+  keptCounts(layer: number): number[] {
+    return Array.from({ length: this.shape.kvHeads }, (_, h) => this.cache.positions(layer, h).length);
+  }
+}
+
+function expectError(call: () => unknown, code: string, message?: RegExp): KVSlimError {
+  let thrown: unknown;
+  try {
+    call();
+  } catch (error) {
+    thrown = error;
+  }
+  expect(thrown, `expected ${code}`).toBeInstanceOf(KVSlimError);
+  const error = thrown as KVSlimError;
+  expect(error.code, error.message).toBe(code);
+  if (message) expect(error.message).toMatch(message);
+  return error;
+}
+
+/** Every kept position is one the layer has seen, ascending, no duplicates. */
+function expectSubsetOfSeen(pair: Pair): void {
+  for (let layer = 0; layer < pair.shape.layers; layer++) {
+    const T = pair.cache.tokens(layer);
+    for (let h = 0; h < pair.shape.kvHeads; h++) {
+      const p = Array.from(pair.cache.positions(layer, h));
+      for (let i = 0; i < p.length; i++) {
+        expect(Number.isInteger(p[i]) && p[i] >= 0 && p[i] < T).toBe(true);
+        if (i > 0) expect(p[i]).toBeGreaterThan(p[i - 1]);
+      }
+    }
+  }
+}
+
+const range = (first: number, end: number) => Array.from({ length: Math.max(0, end - first) }, (_, i) => first + i);
+const steps = (count: number): Op[] => Array.from({ length: count }, () => ['step', 1] as Op);
+
+// ---------------------------------------------------------------------------------------------
+describe('reference helpers', () => {
+  it('pool1d, topIndices, pyramid budgets and duo masks follow the written rules', () => {
+    const votes = Float64Array.from([1, 5, 2, 0, 0, 3, 1]);
+    expect(Array.from(pool1d(votes, 3, 'max'))).toEqual([5, 5, 5, 2, 3, 3, 3]);
+    expect(Array.from(pool1d(votes, 3, 'avg'))).toEqual([6 / 3, 8 / 3, 7 / 3, 2 / 3, 3 / 3, 4 / 3, 4 / 3]);
+    expect(Array.from(pool1d(votes, 1, 'avg'))).toEqual(Array.from(votes));
+    // Ties: the lower index first; the result ascending.
+    expect(topIndices(Float64Array.from([1, 3, 3, 2, 3]), 2)).toEqual([1, 2]);
+    // m = 40 - 4 = 36, min = 4.5, max = 67.5; four layers: 67.5 - l * 21, truncated.
+    expect([0, 1, 2, 3].map((l) => pyramidPrefixBudget(40, 8, 4, l, 200, 4))).toEqual([67, 46, 25, 4]);
+    // beta 20: min = 32 / 20 = 1.6 < w = 8, so the uniform m.
+    expect([0, 3].map((l) => pyramidPrefixBudget(40, 20, 4, l, 200, 8))).toEqual([32, 32]);
+    expect(pyramidPrefixBudget(40, 8, 1, 0, 200, 4)).toBe(36);
+    // max clamped to L - w = 40: min = 24 >= w.
+    expect([0, 1].map((l) => pyramidPrefixBudget(40, 20, 2, l, 48, 8))).toEqual([40, 24]);
+    // min < w: the uniform budget.
+    expect(pyramidPrefixBudget(40, 4, 3, 0, 200, 16)).toBe(24);
+    const shape = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 8 };
+    expect(Array.from(duoRetrievalMask([[true, false], [false, true]], shape))).toEqual([1, 0, 0, 1]);
+    expect(Array.from(duoRetrievalMask(Uint8Array.from([0, 1, 1, 0]), shape))).toEqual([0, 1, 1, 0]);
+    expect(Array.from(duoRetrievalMask([0.5, 0.9, 0.5, 0.1], shape))).toEqual([1, 1, 0, 0]);
+    expect(Array.from(duoRetrievalMask([0.5, 0.9, 0.5, 0.1], { ...shape, qHeads: 2 }))).toEqual([0, 1, 0, 0]);
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('streaming: sinks + the last window', () => {
+  const plan: Op[] = [
+    ['prefill', 1], ['prefill', 7], ...steps(14), ['prefill', 3], ['step', 5],
+    ['step', 40], // n > window: dense within the block, then trimmed
+    ...steps(6), ['append', 5], ['attend', 3], ['append', 20], ['step', 2], ...steps(20), ['attend', 8],
+  ];
+  for (const [name, shape, pageTokens, select] of [
+    ['GQA 8q/2kv, d64, pages of 4, sink 4, window 12', GQA, 4, { kind: 'streaming', window: 12 }],
+    ['MHA 4q/4kv, d32, pages of 8, sink 2, window 13', MHA, 8, { kind: 'streaming', sink: 2, window: 13 }],
+    ['GQA, no sinks, window 9', GQA, 4, { kind: 'streaming', sink: 0, window: 9 }],
+  ] as Array<[string, SelectShape, number, ReferenceSelectSpec]>) {
+    it(`${name}: positions and outputs equal the reference after every call`, () => {
+      const pair = new Pair(shape, select, 11 + pageTokens, pageTokens);
+      pair.runAll(plan, name);
+      expectSubsetOfSeen(pair);
+      pair.expectStats(name);
+      const sink = select.kind === 'streaming' ? select.sink ?? 4 : 0;
+      const window = select.kind === 'streaming' ? select.window : 0;
+      const T = pair.cache.tokens(0);
+      for (let l = 0; l < shape.layers; l++) {
+        for (let h = 0; h < shape.kvHeads; h++) {
+          expect(Array.from(pair.cache.positions(l, h))).toEqual([...range(0, sink), ...range(T - window, T)]);
+        }
+      }
+    });
+  }
+
+  it('boundaries: T = 1 .. sink + window + 3 one step at a time; each query sees sinks + the last window counting itself', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32 };
+    const sink = 3, window = 5;
+    const cache = cacheOf(shape, { kind: 'streaming', sink, window });
+    const random = new Random(5);
+    const keys: Float64Array[] = [], values: Float64Array[] = [];
+    for (let T = 1; T <= sink + window + 3 + 8; T++) {
+      const t = randomTokens(random, shape, 1);
+      keys.push(roundTo(t.k, 'f16'));
+      values.push(roundTo(t.v, 'f16'));
+      const out = cache.step(0, t.q, t.k, t.v);
+      // Written independently of the mirror: positions < sink and the window [p - window + 1, p].
+      const p = T - 1;
+      const seen = range(0, T).filter((j) => j < sink || j > p - window);
+      const expected = referenceAttention({
+        q: t.q, k: concatRows(seen.map((j) => keys[j])), v: concatRows(seen.map((j) => values[j])),
+        qHeads: shape.qHeads, kvHeads: shape.kvHeads, headDim: shape.headDim,
+      });
+      expect(relativeL2(out, expected), `T=${T}`).toBeLessThanOrEqual(TOLERANCE);
+      for (let h = 0; h < shape.kvHeads; h++) expect(Array.from(cache.positions(0, h)), `T=${T}`).toEqual(seen);
+      expect(cache.stats().layers[0].tokensKept).toEqual([seen.length, seen.length]);
+    }
+  });
+
+  // A block of 1 < n <= window: the window is trimmed once before the block attends (the
+  // reference's evict_for_space: cache + block <= sink + window), so query i of the block sees the
+  // last `window` tokens of cache + block up to itself, i.e. window - (n - 1 - i) recent tokens, not
+  // `window` tokens of its own. Only the block's last query sees exactly `window`. (Reported: the
+  // lib/select.ts doc "a query counts itself" holds for single steps only.)
+  it('a block of 1 < n <= window attends to the last window of cache + block (trimmed once, before attention)', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 };
+    const window = 8;
+    const cache = cacheOf(shape, { kind: 'streaming', sink: 0, window });
+    const random = new Random(3);
+    const a = randomTokens(random, shape, 20), b = randomTokens(random, shape, 4);
+    cache.prefill(0, a.q, a.k, a.v);
+    const out = cache.step(0, b.q, b.k, b.v);
+    const keys = concatRows([roundTo(a.k, 'f16'), roundTo(b.k, 'f16')]);
+    const values = concatRows([roundTo(a.v, 'f16'), roundTo(b.v, 'f16')]);
+    const row = shape.qHeads * shape.headDim;
+    for (let i = 0; i < 4; i++) {
+      const p = 20 + i;
+      const first = 24 - window; // 16 for every query of the block
+      const expected = referenceAttention({
+        q: b.q.subarray(i * row, (i + 1) * row), k: keys.subarray(first * 16, (p + 1) * 16), v: values.subarray(first * 16, (p + 1) * 16), ...shape,
+      });
+      expect(relativeL2(out.subarray(i * row, (i + 1) * row), expected), `query at ${p}`).toBeLessThanOrEqual(TOLERANCE);
+    }
+    expect(Array.from(cache.positions(0, 0))).toEqual(range(16, 24));
+  });
+
+  it('a block longer than the window attends densely within itself (a first prefill is full attention)', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 64 };
+    const cache = cacheOf(shape, { kind: 'streaming', window: 8 });
+    const full = new LayerMirror(shape, 'f16');
+    const t = randomTokens(new Random(6), shape, 50);
+    full.append(t.k, t.v);
+    expect(relativeL2(cache.prefill(0, t.q, t.k, t.v), full.attend(t.q))).toBeLessThanOrEqual(TOLERANCE);
+    expect(Array.from(cache.positions(0, 1))).toEqual([...range(0, 4), ...range(42, 50)]);
+  });
+});
+
+function concatRows(parts: Float64Array[]): Float64Array {
+  const out = new Float64Array(parts.reduce((n, p) => n + p.length, 0));
+  let offset = 0;
+  for (const part of parts) {
+    out.set(part, offset);
+    offset += part.length;
+  }
+  return out;
+}
+
+// ---------------------------------------------------------------------------------------------
+describe('snapkv: the observation window votes once, at the end of the first prefill', () => {
+  const cases: Array<[string, SelectShape, number, ReferenceSelectSpec, Op[]]> = [
+    ['GQA d64, max pool k7, budget 40, window 8, one prompt of 150', GQA, 4,
+      { kind: 'snapkv', budget: 40, window: 8 }, [['prefill', 150], ...steps(6), ['prefill', 20], ['attend', 10], ['append', 3], ...steps(4), ['attend', 2]]],
+    ['MHA d32, avg pool k5, budget 24, window 6, pages of 8', MHA, 8,
+      { kind: 'snapkv', budget: 24, window: 6, kernel: 5, pooling: 'avg' }, [['prefill', 90], ...steps(5), ['step', 3], ['attend', 4]]],
+    ['GQA, defaults (window 32, k7 max), budget 64, prompt of 260', GQA, 8,
+      { kind: 'snapkv', budget: 64 }, [['prefill', 260], ...steps(3)]],
+    ['GQA, a first prefill shorter than the window (w = n), after appended tokens', GQA, 4,
+      { kind: 'snapkv', budget: 30, window: 16, kernel: 3 }, [['append', 60], ['prefill', 5], ...steps(3), ['prefill', 40], ['attend', 1]]],
+    ['MHA, kernel 1, budget 20 window 4, chunked: only the first chunk decides', MHA, 4,
+      { kind: 'snapkv', budget: 20, window: 4, kernel: 1 }, [['prefill', 50], ['prefill', 50], ['prefill', 50], ...steps(2)]],
+  ];
+  for (const [name, shape, pageTokens, select, plan] of cases) {
+    it(`${name}: positions per kv head and outputs equal the reference`, () => {
+      const pair = new Pair(shape, select, 21 + pageTokens + plan.length, pageTokens);
+      // The deciding prefill attends over everything (selection runs after its attention).
+      const [first, ...rest] = plan;
+      pair.run(first, name);
+      pair.expectStats(name);
+      if (first[0] === 'prefill') {
+        for (let layer = 0; layer < shape.layers; layer++) {
+          const full = new LayerMirror(shape, 'f16');
+          const t = pair.lastTokens[layer];
+          full.append(t.k, t.v);
+          expect(relativeL2(pair.last[layer].actual, full.attend(t.q)), 'full attention').toBeLessThanOrEqual(TOLERANCE);
+        }
+      }
+      pair.runAll(rest, name);
+      expectSubsetOfSeen(pair);
+      pair.expectStats(name);
+    });
+  }
+
+  it('budgets: every kv head keeps budget tokens after the decision, decisions differ per kv head, decode appends', () => {
+    const budget = 32, window = 8;
+    const pair = new Pair(GQA, { kind: 'snapkv', budget, window }, 31);
+    pair.run(['prefill', 120]);
+    let differ = false;
+    for (let l = 0; l < GQA.layers; l++) {
+      expect(pair.keptCounts(l)).toEqual([budget, budget]);
+      const heads = [0, 1].map((h) => Array.from(pair.cache.positions(l, h)));
+      for (const p of heads) expect(p.slice(-window)).toEqual(range(120 - window, 120));
+      differ ||= heads[0].join() !== heads[1].join();
+    }
+    expect(differ, 'the two kv heads chose different prefixes').toBe(true);
+    pair.runAll([...steps(5), ['prefill', 7]]);
+    for (let l = 0; l < GQA.layers; l++) {
+      expect(pair.keptCounts(l)).toEqual([budget + 12, budget + 12]);
+      for (let h = 0; h < 2; h++) expect(Array.from(pair.cache.positions(l, h)).slice(-12)).toEqual(range(120, 132));
+    }
+    pair.expectStats();
+  });
+
+  it('a prompt that fits (budget - w >= prefix) keeps everything', () => {
+    const pair = new Pair(MHA, { kind: 'snapkv', budget: 40, window: 8 }, 32);
+    pair.runAll([['prefill', 40], ['prefill', 30], ...steps(2)]);
+    for (let l = 0; l < MHA.layers; l++) for (let h = 0; h < MHA.kvHeads; h++) expect(pair.cache.positions(l, h).length).toBe(72);
+    pair.expectStats();
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('pyramidkv: per-layer budgets', () => {
+  const shape: SelectShape = { layers: 4, qHeads: 8, kvHeads: 2, headDim: 32 };
+  for (const [name, select, prompt] of [
+    ['budget 40, window 4, beta 8, prompt 200 (67/46/25/4 prefix tokens)', { kind: 'pyramidkv', budget: 40, window: 4, beta: 8 }, 200],
+    ['default beta 20 with budget 40, window 8: min < w, uniform', { kind: 'pyramidkv', budget: 40, window: 8 }, 200],
+    ['budget 40, window 8, max clamped to L - w (prompt 56)', { kind: 'pyramidkv', budget: 40, window: 8, beta: 20 }, 56],
+    ['budget 30, window 6, beta 4, avg k3 (min >= w)', { kind: 'pyramidkv', budget: 30, window: 6, beta: 4, kernel: 3, pooling: 'avg' }, 120],
+    ['fallback to uniform (beta 2: min < w)', { kind: 'pyramidkv', budget: 20, window: 8, beta: 2 }, 100],
+  ] as Array<[string, ReferenceSelectSpec & { budget: number; window: number }, number]>) {
+    it(`${name}: positions equal the reference, layer budgets sum to the uniform total`, () => {
+      const pair = new Pair(shape, select, 41 + prompt);
+      pair.runAll([['prefill', prompt], ...steps(3), ['attend', 2]], name);
+      pair.expectStats(name);
+      const w = select.window;
+      const beta = select.kind === 'pyramidkv' ? select.beta ?? 20 : 20;
+      const prefixes = range(0, shape.layers).map((l) => pyramidPrefixBudget(select.budget, beta, shape.layers, l, prompt, w));
+      let total = 0;
+      for (let l = 0; l < shape.layers; l++) {
+        const kept = Math.min(prefixes[l], prompt - w) + w + 3;
+        expect(pair.keptCounts(l), `layer ${l}`).toEqual([kept, kept]);
+        total += kept - 3;
+      }
+      // The total equals the uniform total up to one token per layer (truncation).
+      const uniform = shape.layers * select.budget;
+      expect(total).toBeLessThanOrEqual(uniform);
+      expect(total).toBeGreaterThanOrEqual(uniform - shape.layers);
+    });
+  }
+
+  it('one layer: the uniform budget (snapkv)', () => {
+    const one: SelectShape = { ...shape, layers: 1 };
+    const pair = new Pair(one, { kind: 'pyramidkv', budget: 24, window: 4 }, 45);
+    pair.runAll([['prefill', 80], ...steps(2)]);
+    expect(pair.keptCounts(0)).toEqual([26, 26]);
+    const snap = new Pair(one, { kind: 'snapkv', budget: 24, window: 4 }, 45);
+    snap.runAll([['prefill', 80], ...steps(2)]);
+    for (let h = 0; h < 2; h++) expect(Array.from(pair.cache.positions(0, h))).toEqual(Array.from(snap.cache.positions(0, h)));
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('h2o: heavy hitters + recent window', () => {
+  const cases: Array<[string, SelectShape, number, ReferenceSelectSpec, Op[]]> = [
+    ['GQA d64, budget 24 (recent 12), pages of 4', GQA, 4, { kind: 'h2o', budget: 24 },
+      [['prefill', 30], ['prefill', 20], ...steps(40), ['append', 5], ...steps(10), ['attend', 12], ['step', 4]]],
+    ['MHA d32, budget 20, recent 5, pages of 8', MHA, 8, { kind: 'h2o', budget: 20, recent: 5 },
+      [['prefill', 3], ['prefill', 60], ...steps(50), ['append', 30], ['step', 3], ...steps(5)]],
+    ['GQA d32 keys, budget 40 recent 1, a long prefill (rows in blocks)', { ...GQA, headDim: 32 }, 4, { kind: 'h2o', budget: 40, recent: 1 },
+      [['prefill', 150], ...steps(30)]],
+    ['MHA, appends first (all scores 0: ties keep the lower position)', MHA, 4, { kind: 'h2o', budget: 10, recent: 4 },
+      [['append', 20], ['append', 3], ...steps(15)]],
+  ];
+  for (const [name, shape, pageTokens, select, plan] of cases) {
+    it(`${name}: positions and outputs equal the reference after every call`, () => {
+      const pair = new Pair(shape, select, 51 + pageTokens + plan.length, pageTokens);
+      let T = 0;
+      for (const op of plan) {
+        pair.run(op, name);
+        if (op[0] !== 'attend') T += op[1];
+        const budget = (select as { budget: number }).budget;
+        for (let l = 0; l < shape.layers; l++) expect(pair.keptCounts(l)).toEqual(new Array(shape.kvHeads).fill(Math.min(T, budget)));
+      }
+      expectSubsetOfSeen(pair);
+      pair.expectStats(name);
+      // The recent window is always kept.
+      const recent = (select as { recent?: number }).recent ?? Math.floor((select as { budget: number }).budget / 2);
+      for (let h = 0; h < shape.kvHeads; h++) expect(Array.from(pair.cache.positions(0, h)).slice(-recent)).toEqual(range(T - recent, T));
+    });
+  }
+
+  it('the kv heads of a GQA cache decide separately', () => {
+    const pair = new Pair(GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
+    pair.runAll([['prefill', 60], ...steps(10)]);
+    for (let l = 0; l < GQA.layers; l++) {
+      const heads = [0, 1].map((h) => Array.from(pair.cache.positions(l, h)).join());
+      expect(heads[0], `layer ${l}`).not.toBe(heads[1]);
+    }
+  });
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('duo: retrieval heads keep everything, streaming heads sinks + window', () => {
+  const cases: Array<[string, SelectShape, ReferenceSelectSpec]> = [
+    ['GQA, nested boolean mask', GQA, { kind: 'duo', heads: [[true, false], [false, false]], sink: 4, window: 10 }],
+    ['MHA, flat Uint8Array mask, default sink 64 (> window)', MHA, { kind: 'duo', heads: Uint8Array.from([0, 1, 0, 0, 1, 1, 0, 0]), window: 16 }],
+    ['MHA, scores (default ratio 0.25: 2 of 8)', MHA, { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.7, 0.2, 0.05, 0.9, 0.0], sink: 2, window: 8 }],
+    ['GQA, Float32Array scores with ties (default ratio 0.5: 2 of 4)', GQA, { kind: 'duo', heads: Float32Array.from([0.5, 0.2, 0.5, 0.5]), sink: 3, window: 12 }],
+    ['GQA, scores with retrievalRatio 0.25', GQA, { kind: 'duo', heads: [0.4, 0.1, 0.3, 0.9], retrievalRatio: 0.25, sink: 1, window: 7 }],
+  ];
+  for (const [name, shape, select] of cases) {
+    it(`${name}: positions per head and outputs equal the reference`, () => {
+      const pair = new Pair(shape, select, 61 + name.length);
+      pair.runAll([['prefill', 40], ...steps(12), ['prefill', 30], ['append', 4], ['attend', 5], ...steps(3)], name);
+      expectSubsetOfSeen(pair);
+      pair.expectStats(name);
+      const spec = pair.mirror.spec as Extract<typeof pair.mirror.spec, { kind: 'duo' }>;
+      const T = pair.cache.tokens(0);
+      for (let l = 0; l < shape.layers; l++) {
+        for (let h = 0; h < shape.kvHeads; h++) {
+          const expected = spec.retrieval[l * shape.kvHeads + h] ? range(0, T) : [...range(0, Math.min(spec.sink, T - spec.window)), ...range(T - spec.window, T)];
+          expect(Array.from(pair.cache.positions(l, h)), `${name}: layer ${l} head ${h}`).toEqual(expected);
+        }
+      }
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('fork() after compression', () => {
+  const cases: Array<[string, ReferenceSelectSpec, Op[]]> = [
+    ['snapkv', { kind: 'snapkv', budget: 24, window: 6 }, [['prefill', 80]]],
+    ['h2o', { kind: 'h2o', budget: 20, recent: 8 }, [['prefill', 40], ...steps(5)]],
+    ['streaming', { kind: 'streaming', window: 10 }, [['prefill', 30], ...steps(5)]],
+    ['duo', { kind: 'duo', heads: [true, false, false, true], sink: 2, window: 9 }, [['prefill', 30], ...steps(3)]],
+  ];
+  for (const [name, select, plan] of cases) {
+    it(`${name}: pages shared, then parent and child diverge and both match their references`, () => {
+      const parent = new Pair(GQA, select, 71);
+      parent.runAll(plan, `${name} parent`);
+      const child = parent.fork(72);
+      expect(child.cache.stats().bytes.shared).toBeGreaterThan(0);
+      expect(parent.cache.stats().bytes.shared).toBeGreaterThan(0);
+      child.expectPositions(`${name} child at fork`);
+      child.expectStats(`${name} child at fork`);
+      const more: Op[] = [...steps(12), ['prefill', 9], ['attend', 3], ['append', 2], ...steps(2)];
+      child.runAll(more, `${name} child`);
+      parent.runAll([...steps(7), ['step', 2]], `${name} parent`);
+      child.expectPositions(`${name} child after parent moved`);
+      parent.expectStats(`${name} parent`);
+      child.expectStats(`${name} child`);
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('async calls run the same policy', () => {
+  for (const select of [
+    { kind: 'streaming', window: 10 }, { kind: 'snapkv', budget: 20, window: 5 }, { kind: 'h2o', budget: 16, recent: 6 },
+    { kind: 'duo', heads: [false, true, true, false], sink: 2, window: 7 },
+  ] as ReferenceSelectSpec[]) {
+    it(`${select.kind}: prefillAsync / stepAsync / attendAsync equal the reference`, async () => {
+      const cache = cacheOf(GQA, select);
+      const mirror = new SelectMirror(GQA, select);
+      const random = new Random(91);
+      for (const [kind, n] of [['prefill', 40], ['step', 1], ['step', 3], ['attend', 2], ['prefill', 12], ['step', 1]] as Op[]) {
+        for (let layer = 0; layer < GQA.layers; layer++) {
+          const t = randomTokens(random, GQA, n);
+          const actual = kind === 'attend' ? await cache.attendAsync(layer, t.q)
+            : kind === 'prefill' ? await cache.prefillAsync(layer, t.q, t.k, t.v) : await cache.stepAsync(layer, t.q, t.k, t.v);
+          const expected = kind === 'attend' ? mirror.attend(layer, t.q)
+            : kind === 'prefill' ? mirror.prefill(layer, t.q, t.k, t.v) : mirror.step(layer, t.q, t.k, t.v);
+          expect(relativeL2(actual, expected), `${kind}(${n}) layer ${layer}`).toBeLessThanOrEqual(TOLERANCE);
+          for (let h = 0; h < GQA.kvHeads; h++) expect(Array.from(cache.positions(layer, h))).toEqual(mirror.positions(layer, h));
+        }
+      }
+    });
+  }
+});
+
+// ---------------------------------------------------------------------------------------------
+describe('errors', () => {
+  it('attend() with more queries than the policy keeps in order: ERR_SHAPE, and the cache is unchanged', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32 };
+    const cases: Array<[ReferenceSelectSpec, Op[], number]> = [
+      [{ kind: 'streaming', window: 8 }, [['prefill', 30]], 8],
+      [{ kind: 'snapkv', budget: 16, window: 4 }, [['prefill', 40], ['step', 2]], 6],
+      [{ kind: 'h2o', budget: 12, recent: 6 }, [['prefill', 30]], 6],
+      [{ kind: 'duo', heads: [true, false], sink: 4, window: 8 }, [['prefill', 30]], 8],
+    ];
+    for (const [select, plan, inOrder] of cases) {
+      const pair = new Pair(shape, select, 81);
+      pair.runAll(plan, select.kind);
+      const q = pair.tokens(inOrder + 1).q;
+      expectError(() => pair.cache.attend(0, q), 'ERR_SHAPE', /quer/);
+      pair.expectPositions(`${select.kind} after the rejected attend`);
+      pair.runAll([['attend', inOrder], ['step', 1]], select.kind);
+    }
+  });
+
+  it('save() of a cache with a select policy: ERR_OPTION', () => {
+    for (const select of [
+      { kind: 'streaming', window: 8 }, { kind: 'snapkv', budget: 16, window: 4 }, { kind: 'h2o', budget: 8 },
+      { kind: 'pyramidkv', budget: 16, window: 4 }, { kind: 'duo', heads: [true, false, true, false] },
+    ] as ReferenceSelectSpec[]) {
+      const cache = cacheOf(GQA, select);
+      cache.prefill(0, ...tensors(new Random(1), 5));
+      expectError(() => cache.save(), 'ERR_OPTION', /select/);
+    }
+    const full = cacheOf(GQA, { kind: 'full' });
+    expect(full.save()).toBeInstanceOf(Buffer);
+  });
+
+  it('option errors name the option', () => {
+    const bad: Array<[unknown, RegExp]> = [
+      [{ kind: 'streaming' }, /policy\.select\.window/],
+      [{ kind: 'streaming', window: 0 }, /policy\.select\.window/],
+      [{ kind: 'streaming', window: 2.5 }, /policy\.select\.window/],
+      [{ kind: 'streaming', window: 8, sink: -1 }, /policy\.select\.sink/],
+      [{ kind: 'streaming', window: 8, budget: 4 }, /policy\.select\.budget/],
+      [{ kind: 'snapkv' }, /policy\.select\.budget/],
+      [{ kind: 'snapkv', budget: 0 }, /policy\.select\.budget/],
+      [{ kind: 'snapkv', budget: 16, window: 16 }, /policy\.select\.window/],
+      [{ kind: 'snapkv', budget: 16 }, /policy\.select\.window/], // default window 32 >= 16
+      [{ kind: 'snapkv', budget: 64, kernel: 4 }, /policy\.select\.kernel/],
+      [{ kind: 'snapkv', budget: 64, kernel: 0 }, /policy\.select\.kernel/],
+      [{ kind: 'snapkv', budget: 64, kernel: 1025 }, /policy\.select\.kernel/],
+      [{ kind: 'snapkv', budget: 64, pooling: 'min' }, /policy\.select\.pooling/],
+      [{ kind: 'snapkv', budget: 64, beta: 2 }, /policy\.select\.beta/],
+      [{ kind: 'pyramidkv', budget: 64, beta: 0.5 }, /policy\.select\.beta/],
+      [{ kind: 'pyramidkv', budget: 64, beta: Infinity }, /policy\.select\.beta/],
+      [{ kind: 'h2o' }, /policy\.select\.budget/],
+      [{ kind: 'h2o', budget: 1 }, /policy\.select\.budget/],
+      [{ kind: 'h2o', budget: 8, recent: 8 }, /policy\.select\.recent/],
+      [{ kind: 'h2o', budget: 8, recent: 0 }, /policy\.select\.recent/],
+      [{ kind: 'duo' }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: [] }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: [true, false, true] }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: [true, 0.5, true, false] }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: Uint8Array.from([0, 2, 1, 0]) }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: [1, 2, 3, NaN] }, /policy\.select\.heads/],
+      [{ kind: 'duo', heads: [true, false, true, false], retrievalRatio: 0.5 }, /policy\.select\.retrievalRatio/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], retrievalRatio: 1.5 }, /policy\.select\.retrievalRatio/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], window: 0 }, /policy\.select\.window/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], sink: 1.5 }, /policy\.select\.sink/],
+      [{ kind: 'quest' }, /policy\.select\.kind/],
+      [{ kind: 'nope' }, /policy\.select\.kind/],
+      ['streaming', /policy\.select/],
+    ];
+    for (const [select, message] of bad) {
+      expectError(() => cacheOf(GQA, select as SelectSpec), 'ERR_OPTION', message);
+    }
+    expectError(
+      () => new KVCache({ ...GQA, device: 'cpu', policy: { select: { kind: 'streaming', window: 8 }, store: { kind: 'kivi', bits: 4 } } }),
+      'ERR_OPTION', /policy\.select/,
+    );
+  });
+});
+
+function tensors(random: Random, n: number): [Float32Array, Float32Array, Float32Array] {
+  const t = randomTokens(random, GQA, n);
+  return [t.q, t.k, t.v];
+}
