@@ -105,8 +105,10 @@ export function scoreHeads(input: Trace | readonly HeadScoreLayer[], options?: S
  * detailed `deviation` / `copy` arrays, not the scores, whose copy offset depends on the call.
  *
  * Cost per layer: one `attention()` call for the probes' outputs, plus the probes' scores
- * `q · k` over every key computed in float64 JavaScript (the argmax and the distant mass need
- * each probability): O(m · qHeads · T · headDim), offline.
+ * `q · k` over every key in float64 JavaScript (the argmax and the distant mass need each
+ * probability; the addon exposes no score op), four probes per key read:
+ * O(m · qHeads · T · headDim), about 1e9 multiply-adds a second on one core (a 32K-token layer
+ * with 32 query heads of 128 and 64 probes takes ~9 s). Offline work; `headProbe` prompts are short.
  * Errors: `ERR_SHAPE` naming the tensor (`layers[i].k`), `ERR_OPTION` naming the option,
  * `ERR_DTYPE`, `ERR_VALUE` for non-finite elements (from `attention()`).
  */
@@ -164,7 +166,7 @@ export function scoreHeadsDetailed(input: Trace | readonly HeadScoreLayer[], opt
 }
 
 interface Shape { qHeads: number; kvHeads: number; headDim: number }
-interface CheckedLayer { q: Float32Array; k: Float32Array; v: Float32Array; n: number; T: number }
+interface CheckedLayer { q: Tensor; k: Tensor; v: Tensor; dtype: Dtype; n: number; T: number }
 
 function nonNegativeInteger(name: string, value: unknown): number {
   if (typeof value !== 'number' || !Number.isInteger(value) || value < 0 || value > 2 ** 31 - 1) {
@@ -229,7 +231,7 @@ function checkLayer(layer: unknown, i: number, shape: Shape, dtype: unknown, cop
   if (copySegment !== null && 2 * copySegment > T) {
     throw optionError(`Expected copySegment (${copySegment}) to fit twice in layer ${i}'s T = ${T} tokens`);
   }
-  return { q: toFloat32(q, resolved), k: toFloat32(k, resolved), v: toFloat32(v, resolved), n, T };
+  return { q, k, v, dtype: resolved, n, T };
 }
 
 let f16Table: Float32Array | null = null;
@@ -260,71 +262,115 @@ interface Params extends Shape {
   scale: number; sink: number; window: number; probes: number; copySegment: number | null; device: Device;
 }
 
+/** Probe rows scored together: each key row is read once for this many queries. */
+const BLOCK = 4;
+
+/**
+ * `logits[b * T + j] = queries_b · k_j` for the `count` (<= BLOCK) consecutive probes b, whose
+ * last keys are `first + b` (causal). Four dot products share each key load.
+ */
+function blockLogits(
+  k: Float32Array, kvOffset: number, kvRow: number, D: number, queries: Float64Array, count: number,
+  first: number, logits: Float64Array, T: number,
+): void {
+  let j = 0;
+  if (count === BLOCK) {
+    for (let kOffset = kvOffset; j <= first; j++, kOffset += kvRow) {
+      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+      for (let d = 0; d < D; d++) {
+        const x = k[kOffset + d];
+        s0 += queries[d] * x;
+        s1 += queries[D + d] * x;
+        s2 += queries[2 * D + d] * x;
+        s3 += queries[3 * D + d] * x;
+      }
+      logits[j] = s0;
+      logits[T + j] = s1;
+      logits[2 * T + j] = s2;
+      logits[3 * T + j] = s3;
+    }
+  }
+  // The keys the block did not cover: all of them for a short block, the causal tail otherwise.
+  for (let b = 0; b < count; b++) {
+    for (let jj = count === BLOCK ? first + 1 : 0, kOffset = kvOffset + jj * kvRow; jj <= first + b; jj++, kOffset += kvRow) {
+      let s = 0;
+      for (let d = 0; d < D; d++) s += queries[b * D + d] * k[kOffset + d];
+      logits[b * T + jj] = s;
+    }
+  }
+}
+
 function scoreLayer(layer: CheckedLayer, index: number, params: Params, result: HeadScores): void {
   const { qHeads, kvHeads, headDim: D, scale, sink, window, copySegment } = params;
-  const { q, k, v, n, T } = layer;
+  const { n, T, dtype } = layer;
   const m = Math.min(params.probes, n);
   const qRow = qHeads * D, kvRow = kvHeads * D;
-  const probeQ = q.subarray((n - m) * qRow, n * qRow);
+  // f16 / bf16 inputs are decoded one layer at a time (the scores are computed in JavaScript).
+  const probeQ = toFloat32(layer.q.subarray((n - m) * qRow, n * qRow), dtype);
+  const k = toFloat32(layer.k, dtype), v = toFloat32(layer.v, dtype);
   // Exact outputs of the probes (query r at position T - m + r); also rejects non-finite inputs.
   const full = attention({ q: probeQ, k, v, qHeads, kvHeads, headDim: D, causal: true, scale, device: params.device });
 
   const group = qHeads / kvHeads;
-  const logits = new Float64Array(T);
-  const query = new Float64Array(D);
+  const logitRows = new Float64Array(BLOCK * T);
+  const queries = new Float64Array(BLOCK * D);
   const streamed = new Float64Array(D);
   let copySteps = 0;
   for (let h = 0; h < qHeads; h++) {
     const kvOffset = Math.floor(h / group) * D;
     let deviationSum = 0, massSum = 0, hits = 0, steps = 0, previous = -1;
-    for (let r = 0; r < m; r++) {
-      const t = T - m + r;
-      const qOffset = r * qRow + h * D;
-      for (let d = 0; d < D; d++) query[d] = probeQ[qOffset + d] * scale;
-      // Scores over keys 0..t, their max and argmax (the first on ties).
-      let max = -Infinity, argmax = 0;
-      for (let j = 0, kOffset = kvOffset; j <= t; j++, kOffset += kvRow) {
-        let s = 0;
-        for (let d = 0; d < D; d++) s += query[d] * k[kOffset + d];
-        logits[j] = s;
-        if (s > max) { max = s; argmax = j; }
+    for (let block = 0; block < m; block += BLOCK) {
+      const count = Math.min(BLOCK, m - block);
+      for (let b = 0; b < count; b++) {
+        const qOffset = (block + b) * qRow + h * D;
+        for (let d = 0; d < D; d++) queries[b * D + d] = probeQ[qOffset + d] * scale;
       }
-      // N(t) = [0, sinkEnd) ∪ [recentStart, t]; the distant tokens are [sinkEnd, recentStart).
-      const sinkEnd = Math.min(sink, t + 1);
-      const recentStart = Math.max(sinkEnd, t - window + 1);
-      let near = 0, far = 0, nearMax = -Infinity;
-      for (let j = 0; j < sinkEnd; j++) { near += Math.exp(logits[j] - max); nearMax = Math.max(nearMax, logits[j]); }
-      for (let j = sinkEnd; j < recentStart; j++) far += Math.exp(logits[j] - max);
-      for (let j = recentStart; j <= t; j++) { near += Math.exp(logits[j] - max); nearMax = Math.max(nearMax, logits[j]); }
-      massSum += far / (near + far);
-      // o_s: softmax over N(t) alone, shifted by its own max (N(t) may hold no mass at all).
-      streamed.fill(0);
-      let weightSum = 0;
-      for (let j = 0; j <= t; j++) {
-        if (j === sinkEnd) j = recentStart;
-        const w = Math.exp(logits[j] - nearMax);
-        weightSum += w;
-        for (let d = 0, vOffset = j * kvRow + kvOffset; d < D; d++) streamed[d] += w * v[vOffset + d];
-      }
-      let difference = 0, norm = 0;
-      for (let d = 0, oOffset = r * qRow + h * D; d < D; d++) {
-        const exact = full[oOffset + d];
-        const delta = exact - streamed[d] / weightSum;
-        difference += delta * delta;
-        norm += exact * exact;
-      }
-      deviationSum += difference / (norm + EPSILON);
-      // Copy: exact on the repeated segment, else the sequential-copy proxy.
-      if (copySegment !== null) {
-        if (t >= T - copySegment) {
-          steps++;
-          if (argmax === t - copySegment + 1) hits++;
+      blockLogits(k, kvOffset, kvRow, D, queries, count, T - m + block, logitRows, T);
+      for (let b = 0; b < count; b++) {
+        const r = block + b, t = T - m + r;
+        const logits = logitRows.subarray(b * T, b * T + t + 1);
+        // The max and argmax of the scores over keys 0..t (the first on ties).
+        let max = -Infinity, argmax = 0;
+        for (let j = 0; j <= t; j++) {
+          if (logits[j] > max) { max = logits[j]; argmax = j; }
         }
-      } else if (r > 0) {
-        steps++;
-        if (argmax >= sinkEnd && argmax < recentStart && argmax === previous + 1) hits++;
+        // N(t) = [0, sinkEnd) ∪ [recentStart, t]; the distant tokens are [sinkEnd, recentStart).
+        const sinkEnd = Math.min(sink, t + 1);
+        const recentStart = Math.max(sinkEnd, t - window + 1);
+        let near = 0, far = 0, nearMax = -Infinity;
+        for (let j = 0; j < sinkEnd; j++) { near += Math.exp(logits[j] - max); nearMax = Math.max(nearMax, logits[j]); }
+        for (let j = sinkEnd; j < recentStart; j++) far += Math.exp(logits[j] - max);
+        for (let j = recentStart; j <= t; j++) { near += Math.exp(logits[j] - max); nearMax = Math.max(nearMax, logits[j]); }
+        massSum += far / (near + far);
+        // o_s: softmax over N(t) alone, shifted by its own max (N(t) may hold no mass at all).
+        streamed.fill(0);
+        let weightSum = 0;
+        for (let j = 0; j <= t; j++) {
+          if (j === sinkEnd) j = recentStart;
+          const w = Math.exp(logits[j] - nearMax);
+          weightSum += w;
+          for (let d = 0, vOffset = j * kvRow + kvOffset; d < D; d++) streamed[d] += w * v[vOffset + d];
+        }
+        let difference = 0, norm = 0;
+        for (let d = 0, oOffset = r * qRow + h * D; d < D; d++) {
+          const exact = full[oOffset + d];
+          const delta = exact - streamed[d] / weightSum;
+          difference += delta * delta;
+          norm += exact * exact;
+        }
+        deviationSum += difference / (norm + EPSILON);
+        // Copy: exact on the repeated segment, else the sequential-copy proxy.
+        if (copySegment !== null) {
+          if (t >= T - copySegment) {
+            steps++;
+            if (argmax === t - copySegment + 1) hits++;
+          }
+        } else if (r > 0) {
+          steps++;
+          if (argmax >= sinkEnd && argmax < recentStart && argmax === previous + 1) hits++;
+        }
+        previous = argmax;
       }
-      previous = argmax;
     }
     const at = index * qHeads + h;
     result.deviation[at] = deviationSum / m;
