@@ -67,3 +67,56 @@ export function attention(options: AttentionOptions): Float32Array {
     out: outputArray(o.out, q.length, { q, k, v }),
   });
 }
+
+/** Options of {@link attentionScores}. */
+export interface AttentionScoresOptions {
+  /** Queries `[n, qHeads, headDim]`. */
+  q: Tensor;
+  /** Keys `[T, kvHeads, headDim]`. */
+  k: Tensor;
+  qHeads: number;
+  kvHeads: number;
+  headDim: number;
+  /** Only the query heads of this kv head (its GQA group); default: every head. */
+  kvHead?: number;
+  /** Default `1 / sqrt(headDim)`. */
+  scale?: number;
+  dtype?: Dtype;
+  device?: Device;
+  threads?: number;
+}
+
+/**
+ * Raw attention scores `q k^T * scale`, no mask and no softmax, for tools that need the attention
+ * pattern (head scoring, selection analysis): `[n, heads, T]` float32 with heads = qHeads, or the
+ * `qHeads / kvHeads` query heads of `kvHead`. It materializes n x heads x T values: keep n small.
+ */
+export function attentionScores(options: AttentionScoresOptions): Float32Array {
+  const o = plainObject('attentionScores options', options);
+  knownKeys('attentionScores', o, ['q', 'k', 'qHeads', 'kvHeads', 'headDim', 'kvHead', 'scale', 'dtype', 'device', 'threads']);
+  const qHeads = positiveInteger('qHeads', o.qHeads);
+  const kvHeads = positiveInteger('kvHeads', o.kvHeads);
+  const headDim = positiveInteger('headDim', o.headDim, 1024);
+  if (qHeads % kvHeads !== 0) {
+    throw optionError(`Expected qHeads to be a multiple of kvHeads but received qHeads=${qHeads}, kvHeads=${kvHeads}`);
+  }
+  const dtype = sharedDtype({ q: o.q, k: o.k }, o.dtype);
+  const q = o.q as Tensor, k = o.k as Tensor;
+  const n = rowsOf('q', q, qHeads, headDim, 'qHeads');
+  const tokens = rowsOf('k', k, kvHeads, headDim, 'kvHeads');
+  let kvHead = -1;
+  if (o.kvHead !== undefined) {
+    if (typeof o.kvHead !== 'number' || !Number.isInteger(o.kvHead) || o.kvHead < 0 || o.kvHead >= kvHeads) {
+      throw new KVSlimError('ERR_SHAPE', `Expected kvHead to be an integer in [0, ${kvHeads - 1}] but received ${String(o.kvHead)}`);
+    }
+    kvHead = o.kvHead;
+  }
+  const heads = kvHead < 0 ? qHeads : qHeads / kvHeads;
+  return addon.attentionScores({
+    q, k, dtype, qHeads, kvHeads, headDim, kvHead,
+    scale: o.scale === undefined ? 0 : positiveNumber('scale', o.scale),
+    device: o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const),
+    threads: o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024),
+    outCount: n * heads * tokens,
+  });
+}

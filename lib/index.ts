@@ -3,7 +3,7 @@
  * copy-on-write) and computes exact attention over them on the CPU (AVX-512 / AVX2 / scalar,
  * multi-threaded) or a CUDA GPU.
  */
-export { attention, type AttentionOptions } from './attention.js';
+export { attention, attentionScores, type AttentionOptions, type AttentionScoresOptions } from './attention.js';
 export { backends, setThreads, type Backends, type Device } from './backends.js';
 export { KVCache, type CallOptions, type KVCacheOptions } from './cache.js';
 export { KVSlimError, type KVSlimErrorCode } from './errors.js';

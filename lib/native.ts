@@ -47,6 +47,7 @@ export interface NativeCache {
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
+    kiviOutliers: number;
   };
   dispose(): void;
 }
@@ -69,10 +70,14 @@ interface Addon {
     q: NativeTensor; k: NativeTensor; v: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number;
     headDim: number; causal: boolean; scale: number; device: string; threads: number; out?: Float32Array;
   }): Float32Array;
+  attentionScores(options: {
+    q: NativeTensor; k: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number; headDim: number;
+    kvHead: number; scale: number; device: string; threads: number; outCount: number;
+  }): Float32Array;
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
-    kiviGroup: number; kiviResidual: number; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
+    kiviGroup: number; kiviResidual: number; kiviOutliers: number; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
   }): NativeCache;
   quantize(options: {
     x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;

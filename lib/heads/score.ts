@@ -2,7 +2,7 @@
 // classify heads from recorded Q/K/V only"): how much each head's output changes when it is
 // restricted to sinks + a recent window, how much attention mass lies outside that window, and
 // whether the head copies from far back. The scores feed `policy.select = { kind: 'duo', heads }`.
-import { attention } from '../attention.js';
+import { attention, attentionScores } from '../attention.js';
 import type { Device } from '../backends.js';
 import { describe, KVSlimError } from '../errors.js';
 import type { Trace } from '../trace/trace.js';
@@ -262,44 +262,6 @@ interface Params extends Shape {
   scale: number; sink: number; window: number; probes: number; copySegment: number | null; device: Device;
 }
 
-/** Probe rows scored together: each key row is read once for this many queries. */
-const BLOCK = 4;
-
-/**
- * `logits[b * T + j] = queries_b · k_j` for the `count` (<= BLOCK) consecutive probes b, whose
- * last keys are `first + b` (causal). Four dot products share each key load.
- */
-function blockLogits(
-  k: Float32Array, kvOffset: number, kvRow: number, D: number, queries: Float64Array, count: number,
-  first: number, logits: Float64Array, T: number,
-): void {
-  let j = 0;
-  if (count === BLOCK) {
-    for (let kOffset = kvOffset; j <= first; j++, kOffset += kvRow) {
-      let s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-      for (let d = 0; d < D; d++) {
-        const x = k[kOffset + d];
-        s0 += queries[d] * x;
-        s1 += queries[D + d] * x;
-        s2 += queries[2 * D + d] * x;
-        s3 += queries[3 * D + d] * x;
-      }
-      logits[j] = s0;
-      logits[T + j] = s1;
-      logits[2 * T + j] = s2;
-      logits[3 * T + j] = s3;
-    }
-  }
-  // The keys the block did not cover: all of them for a short block, the causal tail otherwise.
-  for (let b = 0; b < count; b++) {
-    for (let jj = count === BLOCK ? first + 1 : 0, kOffset = kvOffset + jj * kvRow; jj <= first + b; jj++, kOffset += kvRow) {
-      let s = 0;
-      for (let d = 0; d < D; d++) s += queries[b * D + d] * k[kOffset + d];
-      logits[b * T + jj] = s;
-    }
-  }
-}
-
 function scoreLayer(layer: CheckedLayer, index: number, params: Params, result: HeadScores): void {
   const { qHeads, kvHeads, headDim: D, scale, sink, window, copySegment } = params;
   const { n, T, dtype } = layer;
@@ -312,23 +274,21 @@ function scoreLayer(layer: CheckedLayer, index: number, params: Params, result: 
   const full = attention({ q: probeQ, k, v, qHeads, kvHeads, headDim: D, causal: true, scale, device: params.device });
 
   const group = qHeads / kvHeads;
-  const logitRows = new Float64Array(BLOCK * T);
-  const queries = new Float64Array(BLOCK * D);
   const streamed = new Float64Array(D);
   let copySteps = 0;
+  let scores: Float32Array = new Float32Array(0);
   for (let h = 0; h < qHeads; h++) {
-    const kvOffset = Math.floor(h / group) * D;
+    const kvHead = Math.floor(h / group), member = h % group;
+    const kvOffset = kvHead * D;
+    // The probes' scores q.k * scale against every key, natively, once per kv head: [m, group, T].
+    if (member === 0) {
+      scores = attentionScores({ q: probeQ, k, qHeads, kvHeads, headDim: D, kvHead, scale, device: params.device });
+    }
     let deviationSum = 0, massSum = 0, hits = 0, steps = 0, previous = -1;
-    for (let block = 0; block < m; block += BLOCK) {
-      const count = Math.min(BLOCK, m - block);
-      for (let b = 0; b < count; b++) {
-        const qOffset = (block + b) * qRow + h * D;
-        for (let d = 0; d < D; d++) queries[b * D + d] = probeQ[qOffset + d] * scale;
-      }
-      blockLogits(k, kvOffset, kvRow, D, queries, count, T - m + block, logitRows, T);
-      for (let b = 0; b < count; b++) {
-        const r = block + b, t = T - m + r;
-        const logits = logitRows.subarray(b * T, b * T + t + 1);
+    {
+      for (let r = 0; r < m; r++) {
+        const t = T - m + r;
+        const logits = scores.subarray((r * group + member) * T, (r * group + member) * T + t + 1);
         // The max and argmax of the scores over keys 0..t (the first on ties).
         let max = -Infinity, argmax = 0;
         for (let j = 0; j <= t; j++) {

@@ -1,5 +1,6 @@
 #include "attention_op.h"
 
+#include <algorithm>
 #include <cmath>
 #include <new>
 #include <string>
@@ -75,6 +76,72 @@ Status runAttention(Backend& backend, const AttentionOp& op, float* out, size_t 
     return backend.attention(args);
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory for attention over " + std::to_string(tokens) + " keys");
+  }
+}
+
+Status runScores(Backend& backend, const ScoresOp& op, float* out, size_t outCount) {
+  KVSLIM_RETURN_IF_ERROR(checkHeads(op.qHeads, op.kvHeads, op.headDim));
+  const size_t qRow = size_t(op.qHeads) * size_t(op.headDim);
+  const size_t kvRow = size_t(op.kvHeads) * size_t(op.headDim);
+  if (op.q.count == 0 || op.q.count % qRow != 0) {
+    return Status(ErrorCode::Shape, "q must hold n x qHeads x headDim = n x " + std::to_string(qRow) +
+                                        " elements with n >= 1, but holds " + std::to_string(op.q.count));
+  }
+  if (op.k.count == 0 || op.k.count % kvRow != 0) {
+    return Status(ErrorCode::Shape, "k must hold T x kvHeads x headDim = T x " + std::to_string(kvRow) +
+                                        " elements with T >= 1, but holds " + std::to_string(op.k.count));
+  }
+  if (op.kvHead < -1 || op.kvHead >= op.kvHeads) {
+    return Status(ErrorCode::Shape, "kvHead must be in [0, " + std::to_string(op.kvHeads - 1) + "], but received " +
+                                        std::to_string(op.kvHead));
+  }
+  const int64_t n = int64_t(op.q.count / qRow), tokens = int64_t(op.k.count / kvRow);
+  const int32_t group = op.qHeads / op.kvHeads;
+  const int32_t firstHead = op.kvHead < 0 ? 0 : op.kvHead, lastHead = op.kvHead < 0 ? op.kvHeads : op.kvHead + 1;
+  const int32_t heads = (lastHead - firstHead) * group;
+  KVSLIM_RETURN_IF_ERROR(expectCount("out", outCount, size_t(n) * size_t(heads) * size_t(tokens), "(n x heads x T)"));
+  try {
+    std::vector<float> q(op.q.count);
+    KVSLIM_RETURN_IF_ERROR(toFloat32(op.q, q.data(), "q"));
+    KVSLIM_RETURN_IF_ERROR(checkFinite(op.k, "k"));
+    const size_t kvBytes = op.k.count * dtypeBytes(op.k.dtype);
+    BackendBuffer keyBuffer(backend);
+    const void* keyBase = op.k.data;
+    if (backend.kind() != DeviceKind::Cpu) {
+      KVSLIM_RETURN_IF_ERROR(keyBuffer.upload(op.k.data, kvBytes));
+      keyBase = keyBuffer.data();
+    }
+    std::vector<float> rows(size_t(n) * size_t(group) * size_t(op.headDim));
+    std::vector<float> scores(size_t(n) * size_t(group) * size_t(tokens));
+    for (int32_t h = firstHead; h < lastHead; ++h) {
+      // The group's query rows, (position, member) order.
+      for (int64_t i = 0; i < n; ++i)
+        for (int32_t g = 0; g < group; ++g)
+          std::copy(q.begin() + (i * op.qHeads + h * group + g) * op.headDim, q.begin() + (i * op.qHeads + h * group + g + 1) * op.headDim,
+                    rows.begin() + (i * group + g) * op.headDim);
+      const void* page = static_cast<const uint8_t*>(keyBase) + size_t(h) * size_t(op.headDim) * dtypeBytes(op.k.dtype);
+      ScoresArgs args;
+      args.q = rows.data();
+      args.rows = int32_t(n * group);
+      args.headDim = op.headDim;
+      args.kvType = op.k.dtype;
+      args.pageTokens = tokens;
+      args.rowStride = int64_t(kvRow);
+      args.head.keyPages = &page;
+      args.head.valuePages = &page;
+      args.head.tokens = tokens;
+      args.scale = op.scale > 0.0f ? op.scale : 1.0f / std::sqrt(float(op.headDim));
+      args.out = scores.data();
+      args.threads = op.threads;
+      KVSLIM_RETURN_IF_ERROR(backend.attentionScores(args));
+      for (int64_t i = 0; i < n; ++i)
+        for (int32_t g = 0; g < group; ++g)
+          std::copy(scores.begin() + (i * group + g) * tokens, scores.begin() + (i * group + g + 1) * tokens,
+                    out + ((i * heads) + (h - firstHead) * group + g) * tokens);
+    }
+    return Status::ok();
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory for scores over " + std::to_string(tokens) + " keys");
   }
 }
 

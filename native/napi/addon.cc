@@ -145,6 +145,28 @@ SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
   return select;
 }
 
+Napi::Value attentionScoresFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "attentionScores expects an options object"));
+  Napi::Object options = info[0].As<Napi::Object>();
+  const DType dtype = parseDtype(env, options.Get("dtype"), "dtype");
+  ScoresOp op;
+  op.q = tensorArg(env, options.Get("q"), dtype, "q");
+  op.k = tensorArg(env, options.Get("k"), dtype, "k");
+  op.qHeads = intField(env, options, "qHeads");
+  op.kvHeads = intField(env, options, "kvHeads");
+  op.headDim = intField(env, options, "headDim");
+  op.kvHead = intField(env, options, "kvHead");
+  op.scale = float(numberField(env, options, "scale"));
+  op.threads = intField(env, options, "threads");
+  std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
+  const double count = numberField(env, options, "outCount");
+  if (count < 1 || count > 4.0e9) throwStatus(env, Status(ErrorCode::Shape, "the scores would hold more than 4e9 values"));
+  Napi::Float32Array out = Napi::Float32Array::New(env, size_t(count));
+  throwIfError(env, runScores(*backend, op, out.Data(), out.ElementLength()));
+  return out;
+}
+
 Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "createCache expects an options object"));
@@ -161,6 +183,7 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
     config.kiviBits = intField(env, options, "kiviBits");
     config.kiviGroup = intField(env, options, "kiviGroup");
     config.kiviResidual = intField(env, options, "kiviResidual");
+    config.kiviOutliers = numberField(env, options, "kiviOutliers");
   } else if (storeKind != "dense") {
     throwStatus(env, Status(ErrorCode::Option, "storeKind must be 'dense' or 'kivi'"));
   }
@@ -213,6 +236,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("backends", Napi::Function::New(env, backendsFn));
   exports.Set("setThreads", Napi::Function::New(env, setThreadsFn));
   exports.Set("attention", Napi::Function::New(env, attentionFn));
+  exports.Set("attentionScores", Napi::Function::New(env, attentionScoresFn));
   exports.Set("createCache", Napi::Function::New(env, createCacheFn));
   exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
   exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
