@@ -15,6 +15,7 @@ import {
 } from './cases.js';
 import { gridValues } from './data.js';
 import { kiviAboveLimit, kiviFailures, kiviNotes, kiviPlan, type KiviRecord, kiviTargets, runKivi } from './kivi.js';
+import { policiesFailures, policiesNotes, type PoliciesRecord, policiesTargets, runPolicies } from './policies.js';
 import {
   type BaselineResult, baselineLine, type CaseResult, caseLine, decodeTable, prefillTable, type TargetResult,
   targetLines, writeJson,
@@ -28,12 +29,15 @@ tokens over f32, f16 and bf16 KV, and causal prefill at 4K; each case checked ag
 reference, then timed and compared with the machine's measured bandwidth / FMA peak and with the
 plain-JS baseline. Then KIVI-8/4/2 decode at 4K-64K beside the f16 cache (bytes read, bandwidth,
 speed-up, compression) and KIVI quality on keys with outlier channels (output error, needle hit
-rate, keys-per-token ablation). Takes about two minutes on 2 cores (the KIVI section about one).
+rate, keys-per-token ablation). Then the selection policies (streaming, snapkv, pyramidkv, duo) on a
+32K needle prompt at budgets T/4-T/16: bytes kept, decode time, output error, attention mass and
+needle hits for the question's turn and a second turn, plus a 2K whole-prompt prefill (with h2o)
+timing what selection adds. Takes about three minutes on 2 cores (KIVI and policies about one each).
 
 Options:
-  --quick            decode at 4K, a 1K prefill, KIVI at 4K only (smoke test, ~20 s)
-  --only <kind>      decode | prefill | kivi: run one part
-  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI section)
+  --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K (smoke test, ~35 s)
+  --only <kind>      decode | prefill | kivi | policies: run one part
+  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI or policies section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
   -h, --help         print this help
@@ -47,7 +51,7 @@ class UsageError extends Error {}
 
 interface Args {
   quick: boolean;
-  only: CaseKind | 'kivi' | null;
+  only: CaseKind | 'kivi' | 'policies' | null;
   cases: string[];
   json: string | null;
   list: boolean;
@@ -67,8 +71,8 @@ function parseArgs(argv: string[]): Args {
       case '--quick': args.quick = true; break;
       case '--only': {
         const kind = value();
-        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi') {
-          throw new UsageError(`--only takes decode, prefill or kivi, not '${kind}'`);
+        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies') {
+          throw new UsageError(`--only takes decode, prefill, kivi or policies, not '${kind}'`);
         }
         args.only = kind;
         break;
@@ -170,6 +174,7 @@ function main(): void {
     (args.only === null || spec.kind === args.only) && (args.cases.length === 0 || args.cases.includes(spec.id)));
   // The KIVI section has no case ids: it runs in full runs and with --only kivi, not with --case.
   const runsKivi = args.cases.length === 0 && (args.only === null || args.only === 'kivi');
+  const runsPolicies = args.cases.length === 0 && (args.only === null || args.only === 'policies');
   const complete = !args.quick && args.only === null && args.cases.length === 0;
   const command = `npm run bench${argv.length > 0 ? ` -- ${argv.join(' ')}` : ''}`;
   const reproduce = (id: string) => `npm run bench -- ${args.quick ? '--quick ' : ''}--case ${id}`;
@@ -326,6 +331,13 @@ function main(): void {
     });
   }
 
+  let policies: PoliciesRecord | null = null;
+  if (runsPolicies) {
+    policies = runPolicies({
+      quick: args.quick, limits, say, status, reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only policies`,
+    });
+  }
+
   // The limits again, after the cases: a shared or throttled machine shows here as drift, and the
   // fractions above (against the first probe) are then only as good as that drift allows.
   status('probing the machine limits again...');
@@ -349,6 +361,7 @@ function main(): void {
     return { name: t.name, caseId: t.caseId, value, target: t.target, unit: t.metric === 'speedup' ? 'x' : 'fraction', verdict };
   });
   targets.push(...kiviTargets(kivi));
+  targets.push(...policiesTargets(policies));
   say();
   say(`Targets (reported, not asserted)${complete ? '' : ' - partial run: cases not in it show "not measured"'}`);
   for (const line of targetLines(targets)) say(line);
@@ -371,12 +384,13 @@ function main(): void {
     ...(cuda ? [`CUDA rows: no GPU probe, so x BW and x peak are n/a; their KV stays warm in the GPU's L2 between runs.`] : []),
     `Rerun one row: npm run bench -- --case <id>${args.quick ? ' (with --quick for the quick matrix)' : ''}.`,
     ...(kivi === null ? [] : kiviNotes(kivi)),
+    ...(policies === null ? [] : policiesNotes(policies)),
   ];
   say();
   say('Notes');
   for (const note of notes) say(`  ${note}`);
 
-  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi)];
+  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies)];
   const durationMs = Date.now() - startedAt;
   const root = packageRoot();
   const stamp = new Date(startedAt).toISOString().replace(/\.\d+Z$/, 'Z').replace(/:/g, '-');
@@ -417,12 +431,15 @@ function main(): void {
     baselines,
     cases: results,
     kivi,
+    policies,
     targets,
   };
   for (const path of paths) writeJson(path, json);
   say();
   const kiviRows = kivi === null ? '' : ` + ${kivi.decode.length + kivi.quality.rows.length} KIVI row(s) (${(kivi.durationMs / 1000).toFixed(1)} s)`;
-  say(`${results.length} case(s)${kiviRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
+  const policyRows = policies === null ? ''
+    : ` + ${policies.rows.length + policies.prefillRows.length} policy row(s) (${(policies.durationMs / 1000).toFixed(1)} s)`;
+  say(`${results.length} case(s)${kiviRows}${policyRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
   say(`Reproduce: ${command}`);
   if (failed.length > 0) {
     say(`Failed: ${failed.join(', ')}`);

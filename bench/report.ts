@@ -58,6 +58,8 @@ export interface TargetResult {
   value: number | null;
   target: number;
   unit: 'fraction' | 'x' | 'percent';
+  /** The target is a ceiling (value <= target), not a floor. */
+  atMost?: boolean;
   /** suspect: a fraction above 1, i.e. faster than the probed limit; the probe read low. */
   verdict: 'met' | 'not met' | 'suspect' | 'not measured' | 'FAILED' | 'ERROR';
 }
@@ -171,7 +173,8 @@ export function targetLines(targets: TargetResult[]): string[] {
   return targets.map((t) => {
     const value = t.value === null ? DASH : t.unit === 'x' ? speedup(t.value)
       : t.unit === 'percent' ? `${(t.value * 100).toFixed(1)}%` : t.value.toFixed(2);
-    const goal = t.unit === 'x' ? `>= ${t.target}x` : t.unit === 'percent' ? `>= ${t.target * 100}%` : `>= ${t.target.toFixed(2)}`;
+    const sign = t.atMost ? '<=' : '>=';
+    const goal = t.unit === 'x' ? `${sign} ${t.target}x` : t.unit === 'percent' ? `${sign} ${t.target * 100}%` : `${sign} ${t.target.toFixed(2)}`;
     return `  ${t.name.padEnd(width)}  ${value.padStart(7)}   target ${goal.padEnd(7)}  ${t.verdict}`;
   });
 }
