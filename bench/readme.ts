@@ -32,6 +32,14 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
       }>;
     };
   } | null;
+  policies?: {
+    workload: { policies: { tokens: number } };
+    rows: Array<{
+      id: string; kind: string; fraction: number | null; status: string; bytesFraction?: number; selectMs?: number;
+      decode?: { medianMs: number }; timeFraction?: number;
+      turns?: Array<{ relL2: number; mass: number; needleHits: number; needlePairs: number }>;
+    }>;
+  } | null;
 };
 
 const number = (value: unknown, digits: number): string => (typeof value === 'number' ? value.toFixed(digits) : 'n/a');
@@ -86,6 +94,27 @@ if (results.kivi) {
   kiviLines.push('', 'Reproduce with `npm run bench -- --only kivi`.');
 }
 
+// The selection policies section's main table (bench/policies.ts), when the run had it.
+const policyLines: string[] = [];
+if (results.policies) {
+  policyLines.push(
+    `Selection policies on a ${results.policies.workload.policies.tokens / 1024}K-token prompt (one layer, 32q/8kv/128) whose last ` +
+      '32 queries ask needle 1; turn 1 asks needle 1 again, turn 2 a different needle (selection was made for turn 1):', '',
+    '| policy | budget | bytes / full | select ms | decode ms | time / full | turn 1 rel. L2 | turn 1 needle hits | turn 2 rel. L2 | turn 2 needle hits |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of results.policies.rows) {
+    if (row.status !== 'ok' || !row.decode || !row.turns || row.turns.length < 2) continue;
+    const [t1, t2] = row.turns;
+    policyLines.push(
+      `| ${row.kind} | ${row.fraction === null ? 'all' : `1/${row.fraction}`} | ${number(row.bytesFraction, 3)} | ${row.selectMs === undefined ? '–' : number(row.selectMs, 0)} | ` +
+        `${number(row.decode.medianMs, 2)} | ${number(row.timeFraction, 2)} | ${number(t1.relL2, 3)} | ${t1.needleHits}/${t1.needlePairs} | ` +
+        `${number(t2.relL2, 3)} | ${t2.needleHits}/${t2.needlePairs} |`,
+    );
+  }
+  policyLines.push('', 'Reproduce with `npm run bench -- --only policies`.');
+}
+
 const readmePath = join(root, 'README.md');
 let readme = readFileSync(readmePath, 'utf8');
 /** Replaces the text between `<!-- name -->` and `<!-- /name -->`. */
@@ -97,5 +126,6 @@ function section(text: string, name: string, body: string[]): string {
 }
 readme = section(readme, 'bench-table', lines);
 if (kiviLines.length > 0) readme = section(readme, 'bench-kivi', kiviLines);
+if (policyLines.length > 0) readme = section(readme, 'bench-policies', policyLines);
 writeFileSync(readmePath, readme);
-console.log(`README.md: wrote ${lines.length + kiviLines.length} lines from ${resultsPath}`);
+console.log(`README.md: wrote ${lines.length + kiviLines.length + policyLines.length} lines from ${resultsPath}`);
