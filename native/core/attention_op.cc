@@ -10,18 +10,28 @@
 
 namespace kvslim {
 
+namespace {
+// Heads, and q [n, qHeads, headDim] / k [T, kvHeads, headDim] with n, T >= 1.
+Status checkQK(const HostTensor& q, const HostTensor& k, int32_t qHeads, int32_t kvHeads, int32_t headDim) {
+  KVSLIM_RETURN_IF_ERROR(checkHeads(qHeads, kvHeads, headDim));
+  const size_t qRow = size_t(qHeads) * size_t(headDim);
+  const size_t kvRow = size_t(kvHeads) * size_t(headDim);
+  if (q.count == 0 || q.count % qRow != 0) {
+    return Status(ErrorCode::Shape, "q must hold n x qHeads x headDim = n x " + std::to_string(qRow) +
+                                        " elements with n >= 1, but holds " + std::to_string(q.count));
+  }
+  if (k.count == 0 || k.count % kvRow != 0) {
+    return Status(ErrorCode::Shape, "k must hold T x kvHeads x headDim = T x " + std::to_string(kvRow) +
+                                        " elements with T >= 1, but holds " + std::to_string(k.count));
+  }
+  return Status::ok();
+}
+}  // namespace
+
 Status runAttention(Backend& backend, const AttentionOp& op, float* out, size_t outCount) {
-  KVSLIM_RETURN_IF_ERROR(checkHeads(op.qHeads, op.kvHeads, op.headDim));
+  KVSLIM_RETURN_IF_ERROR(checkQK(op.q, op.k, op.qHeads, op.kvHeads, op.headDim));
   const size_t qRow = size_t(op.qHeads) * size_t(op.headDim);
   const size_t kvRow = size_t(op.kvHeads) * size_t(op.headDim);
-  if (op.q.count == 0 || op.q.count % qRow != 0) {
-    return Status(ErrorCode::Shape, "q must hold n x qHeads x headDim = n x " + std::to_string(qRow) +
-                                        " elements with n >= 1, but holds " + std::to_string(op.q.count));
-  }
-  if (op.k.count == 0 || op.k.count % kvRow != 0) {
-    return Status(ErrorCode::Shape, "k must hold T x kvHeads x headDim = T x " + std::to_string(kvRow) +
-                                        " elements with T >= 1, but holds " + std::to_string(op.k.count));
-  }
   KVSLIM_RETURN_IF_ERROR(expectCount("v", op.v.count, op.k.count, "(the same as k)"));
   if (op.k.dtype != op.v.dtype) return Status(ErrorCode::Dtype, "k and v must have the same dtype");
   const int64_t n = int64_t(op.q.count / qRow);
@@ -80,17 +90,9 @@ Status runAttention(Backend& backend, const AttentionOp& op, float* out, size_t 
 }
 
 Status runScores(Backend& backend, const ScoresOp& op, float* out, size_t outCount) {
-  KVSLIM_RETURN_IF_ERROR(checkHeads(op.qHeads, op.kvHeads, op.headDim));
+  KVSLIM_RETURN_IF_ERROR(checkQK(op.q, op.k, op.qHeads, op.kvHeads, op.headDim));
   const size_t qRow = size_t(op.qHeads) * size_t(op.headDim);
   const size_t kvRow = size_t(op.kvHeads) * size_t(op.headDim);
-  if (op.q.count == 0 || op.q.count % qRow != 0) {
-    return Status(ErrorCode::Shape, "q must hold n x qHeads x headDim = n x " + std::to_string(qRow) +
-                                        " elements with n >= 1, but holds " + std::to_string(op.q.count));
-  }
-  if (op.k.count == 0 || op.k.count % kvRow != 0) {
-    return Status(ErrorCode::Shape, "k must hold T x kvHeads x headDim = T x " + std::to_string(kvRow) +
-                                        " elements with T >= 1, but holds " + std::to_string(op.k.count));
-  }
   if (op.kvHead < -1 || op.kvHead >= op.kvHeads) {
     return Status(ErrorCode::Shape, "kvHead must be in [0, " + std::to_string(op.kvHeads - 1) + "], but received " +
                                         std::to_string(op.kvHead));
