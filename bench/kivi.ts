@@ -1,7 +1,8 @@
 // The KIVI section of `npm run bench` (methods/kivi.md): decode over KIVI-8/4/2 caches beside the
 // f16 cache of the same T (bytes read, fraction of the measured bandwidth on those bytes, speed-up,
 // compression), and quality on a workload whose keys have a few large-magnitude channels: output
-// error vs exact f32 attention, needle hit rate, and the ablation with keys quantized per token.
+// error vs exact f32 attention, needle hit rate, and the ablation with keys quantized per token;
+// plus, per bit width, the store with KVQuant's dense-and-sparse outliers (policy.store.outliers).
 import { attention, dequantize, KVCache, type MachineLimits, quantize } from '../lib/index.js';
 import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
@@ -25,6 +26,8 @@ export const KIVI_RESIDUAL = 128;
 export const KIVI_SANITY: Record<KiviBits, number> = { 8: 0.02, 4: 0.2, 2: 0.8 };
 /** Largest relative L2 between the cache's output and attention() over the K and V it holds (rebuilt with quantize()/dequantize()). */
 export const MIRROR_TOLERANCE = 1e-4;
+/** The dense-and-sparse rows of the quality table: this fraction of each vector kept exactly. */
+export const KIVI_OUTLIER_FRACTION = 0.01;
 
 /** The outlier workload: per kv head, OUTLIER_CHANNELS channels (one per 32-channel group) scaled and offset. */
 const OUTLIER_CHANNELS = 4;
@@ -95,13 +98,15 @@ export interface KiviHeadToHead {
 export interface KiviQualityRow {
   id: string;
   bits: KiviBits;
+  /** Dense-and-sparse rows: policy.store.outliers (absent on the plain KIVI rows). */
+  outliers?: number;
   status: 'ok' | 'FAILED' | 'ERROR';
   error?: string;
   /** The cache's attend() output vs attention() over the K and V rebuilt with quantize()/dequantize(). */
   mirror?: { relL2Error: number; tolerance: number; passed: boolean };
   /** The KIVI store (keys per channel): its attend() output; hits on its dequantized keys. */
   perChannel?: KiviHeadToHead;
-  /** Ablation, keys per token (groups of `group` channels), values as the store holds them. */
+  /** Ablation, keys per token (groups of `group` channels), values as the store holds them (plain rows only). */
   perToken?: KiviHeadToHead;
   /** perToken.relL2Error / perChannel.relL2Error. */
   errorRatio?: number;
@@ -152,7 +157,7 @@ export const kiviDecodeTable = new Table([
 ]);
 
 export const kiviQualityTable = new Table([
-  { title: 'store', width: 7, left: true }, { title: 'ch rel.L2', width: 9 }, { title: 'ch cos', width: 7 },
+  { title: 'store', width: 10, left: true }, { title: 'ch rel.L2', width: 9 }, { title: 'ch cos', width: 7 },
   { title: 'ch needle hits', width: 14 }, { title: 'tok rel.L2', width: 10 }, { title: 'tok cos', width: 7 },
   { title: 'tok needle hits', width: 15 }, { title: 'tok/ch', width: 6 }, { title: 'mirror', width: 7 },
 ]);
@@ -179,13 +184,14 @@ export function kiviDecodeLine(row: KiviDecodeRow): string {
 }
 
 export function kiviQualityLine(row: KiviQualityRow): string {
-  const name = storeName(row.bits);
-  if (row.status === 'ERROR' || row.perChannel === undefined || row.perToken === undefined) {
+  const name = row.outliers === undefined ? storeName(row.bits) : `${storeName(row.bits)}+${row.outliers * 100}%`;
+  if (row.status === 'ERROR' || row.perChannel === undefined || (row.perToken === undefined && row.outliers === undefined)) {
     return `${kiviQualityTable.line([name])}  ERROR: ${row.error}`;
   }
   const line = kiviQualityTable.line([
     name, row.perChannel.relL2Error.toFixed(4), row.perChannel.cosine.toFixed(4), hits(row.perChannel),
-    row.perToken.relL2Error.toFixed(4), row.perToken.cosine.toFixed(4), hits(row.perToken), times(row.errorRatio),
+    row.perToken === undefined ? DASH : row.perToken.relL2Error.toFixed(4), row.perToken === undefined ? DASH : row.perToken.cosine.toFixed(4),
+    row.perToken === undefined ? DASH : hits(row.perToken), times(row.errorRatio),
     row.mirror === undefined ? DASH : exp(row.mirror.relL2Error),
   ]);
   return row.status === 'FAILED' ? `${line}  FAILED: cache output off its mirror by more than ${MIRROR_TOLERANCE}` : line;
@@ -195,10 +201,10 @@ function errorText(error: unknown): string {
   return (error instanceof Error ? `${error.name}: ${error.message}` : String(error)).split('\n')[0];
 }
 
-function newCache(bits: 16 | KiviBits): KVCache {
+function newCache(bits: 16 | KiviBits, outliers = 0): KVCache {
   return new KVCache({
     layers: 1, qHeads: MODEL.qHeads, kvHeads: MODEL.kvHeads, headDim: MODEL.headDim, device: 'cpu',
-    policy: { store: bits === 16 ? { kind: 'f16' } : { kind: 'kivi', bits, group: KIVI_GROUP, residual: KIVI_RESIDUAL } },
+    policy: { store: bits === 16 ? { kind: 'f16' } : { kind: 'kivi', bits, group: KIVI_GROUP, residual: KIVI_RESIDUAL, outliers } },
   });
 }
 
@@ -494,6 +500,84 @@ function rebuild(k: Float32Array, v: Float32Array, tokens: number, bits: KiviBit
   return { perChannel, perToken, values };
 }
 
+/** float32 -> nearest binary16 (ties to even), as a number. */
+function f16Round(x: number): number {
+  if (x === 0 || !Number.isFinite(x)) return x;
+  const a = Math.abs(x);
+  if (a >= 65520) return Math.sign(x) * Infinity;
+  let e = Math.floor(Math.log2(a));
+  if (2 ** e > a) e--;
+  if (2 ** (e + 1) <= a) e++;
+  const ulp = 2 ** (Math.max(e, -14) - 10);
+  const q = a / ulp;
+  let r = Math.round(q);
+  if (r - q === 0.5 && r % 2 === 1) r--;
+  return Math.sign(x) * r * ulp;
+}
+
+/**
+ * quantize()/dequantize() ignore outliers, so the dense-and-sparse rebuild does the rest here, by
+ * the store's rule (native/core/kivi_format.h): per record of `recordSize` entries (a key group:
+ * KIVI_GROUP tokens x headDim; a value token: headDim) the `count` largest |x| (ties: lower index)
+ * are outliers. Each outlier is replaced by an inlier of its quantization group (which leaves the
+ * group's min and max those of its inliers) before quantize(); x^ at an outlier is then recomputed
+ * from its clamped code, and x^ + f16(x - x^) is what the store reads there.
+ */
+function sparseRoundTrip(x: Float32Array, axis: 'channel' | 'token', bits: KiviBits, fraction: number): Float32Array {
+  const D = MODEL.headDim;
+  const recordSize = axis === 'channel' ? KIVI_GROUP * D : D;
+  const count = Math.round(fraction * recordSize);
+  const modified = x.slice();
+  const outliers: number[] = [];
+  // The quantization group of flat position i (tokens x D): a (block, channel) or a (token, channel group).
+  const groupOf = (i: number) => axis === 'channel'
+    ? Math.floor(i / recordSize) * D + (i % D)
+    : Math.floor(i / D) * (D / KIVI_GROUP) + Math.floor((i % D) / KIVI_GROUP);
+  const order = Array.from({ length: recordSize }, (_, i) => i);
+  for (let first = 0; first < x.length; first += recordSize) {
+    order.sort((a, b) => Math.abs(x[first + b]) - Math.abs(x[first + a]) || a - b);
+    const picked = new Set(order.slice(0, count));
+    const inlier = new Map<number, number>();
+    for (let i = 0; i < recordSize; i++) if (!picked.has(i)) inlier.set(groupOf(first + i), x[first + i]);
+    for (const i of picked) {
+      outliers.push(first + i);
+      const stand = inlier.get(groupOf(first + i));
+      if (stand !== undefined) modified[first + i] = stand;  // a group of only outliers keeps them all
+    }
+  }
+  const q = quantize({ x: modified, channels: D, axis, bits, group: KIVI_GROUP });
+  const out = dequantize(q);
+  const top = 2 ** bits - 1;
+  for (const i of outliers) {
+    const s = q.scales[groupOf(i)], z = q.zeros[groupOf(i)];
+    const code = Math.min(top, Math.max(0, Math.round(Math.fround(Math.fround(x[i] - z) / s))));
+    const xHat = Math.fround(Math.fround(code * s) + z);
+    out[i] = xHat + f16Round(Math.fround(x[i] - xHat));
+  }
+  return out;
+}
+
+/** rebuild() for a dense-and-sparse store: keys per channel and values per token, with outliers. */
+function rebuildSparse(k: Float32Array, v: Float32Array, tokens: number, bits: KiviBits, fraction: number) {
+  const D = MODEL.headDim;
+  const keyTokens = Math.floor(tokens / KIVI_RESIDUAL) * KIVI_RESIDUAL;
+  const valueTokens = Math.max(0, tokens - KIVI_RESIDUAL);
+  const keys = k.slice(), values = v.slice();
+  const head = new Float32Array(Math.max(keyTokens, valueTokens) * D);
+  const gather = (source: Float32Array, h: number, count: number) => {
+    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) head[t * D + d] = source[t * TOKEN_STRIDE + h * D + d];
+    return head.subarray(0, count * D);
+  };
+  const scatter = (target: Float32Array, h: number, rows: Float32Array, count: number) => {
+    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) target[t * TOKEN_STRIDE + h * D + d] = rows[t * D + d];
+  };
+  for (let h = 0; h < MODEL.kvHeads; h++) {
+    if (keyTokens > 0) scatter(keys, h, sparseRoundTrip(gather(k, h, keyTokens), 'channel', bits, fraction), keyTokens);
+    if (valueTokens > 0) scatter(values, h, sparseRoundTrip(gather(v, h, valueTokens), 'token', bits, fraction), valueTokens);
+  }
+  return { keys, values };
+}
+
 function runQualityRows(context: KiviContext, tokens: number): { workload: KiviRecord['quality']['workload']; exact: KiviRecord['quality']['exact']; rows: KiviQualityRow[] } {
   const { say, status } = context;
   const w = outlierWorkload(tokens, status);
@@ -542,6 +626,35 @@ function runQualityRows(context: KiviContext, tokens: number): { workload: KiviR
       cache?.dispose();
     }
     say(kiviQualityLine(row));
+
+    // Keys per channel + dense-and-sparse: does keeping 1% of each vector exact help on this workload?
+    const sparse: KiviQualityRow = { id: `kivi-quality-${bits}-outliers`, bits, outliers: KIVI_OUTLIER_FRACTION, status: 'ok' };
+    rows.push(sparse);
+    cache = null;
+    try {
+      status(`KIVI-${bits} + ${KIVI_OUTLIER_FRACTION * 100}% outliers quality: appending, attending, rebuilding K and V, scoring needles...`);
+      cache = newCache(bits, KIVI_OUTLIER_FRACTION);
+      appendRange(cache, w.k, w.v, 0, tokens);
+      const out = new Float32Array(w.q.length);
+      for (let r = 0; r < rowsOfQ; r++) {
+        cache.attend(0, w.q.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE), { out: out.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE) });
+      }
+      const held = rebuildSparse(w.k, w.v, tokens, bits, KIVI_OUTLIER_FRACTION);
+      const mirrorError = relativeL2Error(out, attention({ q: w.q, k: held.keys, v: held.values, ...heads, causal: false }));
+      sparse.mirror = { relL2Error: mirrorError, tolerance: MIRROR_TOLERANCE, passed: mirrorError <= MIRROR_TOLERANCE };
+      if (!sparse.mirror.passed) sparse.status = 'FAILED';
+      const { needleHits } = countHits(held.keys, tokens, w.needleQueries, w.positions);
+      sparse.perChannel = {
+        relL2Error: relativeL2Error(out, exactOut), cosine: meanCosine(out, exactOut), needleHits, needlePairs, hitRate: needleHits / needlePairs,
+      };
+      // tok/ch here: the plain store's rel.L2 / this row's (above 1: the outliers help).
+      if (row.perChannel !== undefined) sparse.errorRatio = row.perChannel.relL2Error / sparse.perChannel.relL2Error;
+    } catch (error) {
+      Object.assign(sparse, { status: 'ERROR', error: errorText(error) });
+    } finally {
+      cache?.dispose();
+    }
+    say(kiviQualityLine(sparse));
   }
   const workload: KiviRecord['quality']['workload'] = {
     tokens,
@@ -620,7 +733,7 @@ export function kiviTargets(record: KiviRecord | null): TargetResult[] {
   });
   const quality = record?.quality.rows ?? [];
   for (const bits of KIVI_BITS) {
-    const row = quality.find((r) => r.bits === bits);
+    const row = quality.find((r) => r.bits === bits && r.outliers === undefined);
     const target = bits === 2 ? 0.99 : 1;
     const value = row?.perChannel?.hitRate ?? null;
     targets.push({
@@ -629,7 +742,7 @@ export function kiviTargets(record: KiviRecord | null): TargetResult[] {
     });
   }
   for (const bits of KIVI_BITS) {
-    const row = quality.find((r) => r.bits === bits);
+    const row = quality.find((r) => r.bits === bits && r.outliers === undefined);
     const value = row?.errorRatio ?? null;
     targets.push({
       name: `KIVI-${bits} outlier keys: rel.L2 per-token / per-channel`, caseId: `kivi-quality-${bits}`, value, target: 1, unit: 'x',
@@ -664,6 +777,10 @@ export function kiviNotes(record: KiviRecord): string[] {
       `dequantize() per kv head; mirror = the cache's output vs attention() over that rebuilt K and V (must be <= ${MIRROR_TOLERANCE}).`,
     `KIVI quality tok: the same rebuild with keys quantized per token (groups of ${KIVI_GROUP} channels): each group then spans an ` +
       `outlier channel, so its step is set by the outlier; tok/ch = rel.L2 per token / per channel.`,
+    `KIVI quality KIVI-b+${KIVI_OUTLIER_FRACTION * 100}%: keys per channel with KVQuant's dense-and-sparse outliers (policy.store.outliers ` +
+      `${KIVI_OUTLIER_FRACTION}): per key group the round(${KIVI_OUTLIER_FRACTION} x ${KIVI_GROUP} x headDim) and per value token the ` +
+      `round(${KIVI_OUTLIER_FRACTION} x headDim) largest |x| are left out of min/max and kept as f16 corrections (4 bytes each); its ` +
+      `tok/ch column = plain KIVI-b rel.L2 / this row's (above 1: the outliers help). KVQuant's pre-RoPE key quantization is not implemented.`,
     `Rerun the section: ${record.reproduce}.`,
   ];
 }

@@ -51,9 +51,12 @@ export interface CallOptions {
 // The store part of createCache's options.
 function nativeStore(store: ResolvedPolicy['store']) {
   if (store.kind === 'kivi') {
-    return { store: 'f16' as const, storeKind: 'kivi' as const, kiviBits: store.bits, kiviGroup: store.group, kiviResidual: store.residual };
+    return {
+      store: 'f16' as const, storeKind: 'kivi' as const, kiviBits: store.bits, kiviGroup: store.group,
+      kiviResidual: store.residual, kiviOutliers: store.outliers,
+    };
   }
-  return { store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0 };
+  return { store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0, kiviOutliers: 0 };
 }
 
 // The select part of createCache's options: every field present, duo heads as a retrieval mask.
@@ -256,7 +259,10 @@ export class KVCache {
         threads: threads === 0 ? undefined : threads,
         policy: {
           store: config.storeKind === 'kivi'
-            ? { kind: 'kivi', bits: config.kiviBits as 2 | 4 | 8, group: config.kiviGroup, residual: config.kiviResidual }
+            ? {
+              kind: 'kivi', bits: config.kiviBits as 2 | 4 | 8, group: config.kiviGroup, residual: config.kiviResidual,
+              outliers: config.kiviOutliers,
+            }
             : { kind: config.store },
         },
       },

@@ -19,6 +19,14 @@ export interface KiviStoreSpec {
   group?: number;
   /** Full-precision residual length R: a multiple of group; default 128. */
   residual?: number;
+  /**
+   * KVQuant dense-and-sparse: the fraction of each vector kept exactly, in [0, 1]; default 0 (off),
+   * e.g. 0.01. Per key group record (group tokens x headDim) the round(outliers * group * headDim)
+   * largest-|x| entries, per value token the round(outliers * headDim) largest-|x| channels are left
+   * out of min/max and stored as (uint16 index, f16 delta to their dequantized value), 4 bytes each.
+   * Needs group * headDim <= 65536. CPU only (the CUDA backend rejects it with ERR_BACKEND_UNAVAILABLE).
+   */
+  outliers?: number;
 }
 /** How kept tokens are stored. */
 export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
@@ -43,7 +51,7 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
   if (spec.store !== undefined) {
     const s = plainObject('policy.store', spec.store);
     if (s.kind === 'kivi') {
-      knownKeys('policy.store', s, ['kind', 'bits', 'group', 'residual']);
+      knownKeys('policy.store', s, ['kind', 'bits', 'group', 'residual', 'outliers']);
       if (s.bits !== 2 && s.bits !== 4 && s.bits !== 8) {
         throw optionError(`Expected 2, 4 or 8 for policy.store.bits but received ${describe(s.bits)}`);
       }
@@ -53,7 +61,11 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
       if (residual % group !== 0) {
         throw optionError(`Expected a multiple of group (${group}) for policy.store.residual but received ${residual}`);
       }
-      store = { kind: 'kivi', bits: s.bits, group, residual };
+      const outliers = s.outliers === undefined ? 0 : s.outliers;
+      if (typeof outliers !== 'number' || !Number.isFinite(outliers) || outliers < 0 || outliers > 1) {
+        throw optionError(`Expected a fraction in [0, 1] for policy.store.outliers but received ${describe(s.outliers)}`);
+      }
+      store = { kind: 'kivi', bits: s.bits, group, residual, outliers };
     } else {
       if (s.kind !== 'f32' && s.kind !== 'f16' && s.kind !== 'bf16') {
         throw optionError(`Expected 'f32', 'f16', 'bf16' or 'kivi' for policy.store.kind but received ${describe(s.kind)}`);

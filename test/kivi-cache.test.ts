@@ -551,3 +551,217 @@ describe('KIVI cache: bad values (ERR_VALUE) leave the state unchanged', () => {
     }
   });
 });
+
+// ---- Dense-and-sparse (KVQuant per-vector outliers, policy.store.outliers) --------------------
+
+describe('KIVI dense-and-sparse outliers (policy.store.outliers)', () => {
+  // The CUDA backend rejects outliers (tested below); these checks run on the CPU cache.
+  const cpuCache = (heads: Heads, config: KiviConfig, layers = 1): KVCache => {
+    const cache = new KVCache({ layers, ...heads, device: 'cpu', policy: { store: { kind: 'kivi', ...config } } });
+    open.push(cache);
+    return cache;
+  };
+  /** Random tokens whose keys carry fixed outlier channels and whose k and v carry rare spikes. */
+  const spiky = (random: Random, heads: Heads, n: number): Tokens => {
+    const tokens = randomTokens(random, heads, n);
+    const { headDim } = heads;
+    for (let i = 0; i < tokens.k.length; i++) {
+      const c = i % headDim;
+      if (c === 3 || c === headDim - 5) tokens.k[i] *= 12;  // outlier channels (keys)
+      if (random.uniform() < 0.01) tokens.k[i] += (random.uniform() < 0.5 ? -1 : 1) * 20;
+      if (random.uniform() < 0.02) tokens.v[i] *= 15;
+    }
+    return tokens;
+  };
+
+  const streams: Array<{ heads: Heads; config: KiviConfig; sizes: number[] }> = [
+    { heads: { qHeads: 8, kvHeads: 2, headDim: 64 }, config: { bits: 2, group: 32, residual: 64, outliers: 0.01 }, sizes: [150, 1, 1, 7, 33, 1, 64] },
+    { heads: { qHeads: 4, kvHeads: 4, headDim: 32 }, config: { bits: 4, group: 16, residual: 32, outliers: 0.05 }, sizes: [1, 31, 1, 100, 2, 40] },
+    { heads: { qHeads: 8, kvHeads: 1, headDim: 128 }, config: { bits: 8, group: 32, residual: 32, outliers: 0.02 }, sizes: [70, 1, 1, 1, 90] },
+    { heads: { qHeads: 4, kvHeads: 2, headDim: 64 }, config: { bits: 2, group: 64, residual: 64, outliers: 0.2 }, sizes: [200, 1, 65, 3] },
+    // Every entry an outlier: all-outlier groups keep the normal rule; x^ + delta is f16 x.
+    { heads: { qHeads: 2, kvHeads: 1, headDim: 32 }, config: { bits: 2, group: 16, residual: 16, outliers: 1 }, sizes: [40, 1, 20] },
+    // A fraction that rounds to 0 value outliers per token (0.004 * 64) but 8 per key group.
+    { heads: { qHeads: 4, kvHeads: 2, headDim: 64 }, config: { bits: 4, group: 32, residual: 32, outliers: 0.004 }, sizes: [100, 1, 30] },
+  ];
+  streams.forEach(({ heads, config, sizes }, index) => {
+    it(`attention equals the reference with corrections: ${label(heads, config)}, outliers ${config.outliers}`, () => {
+      const random = new Random(2900 + index);
+      const cache = cpuCache(heads, config);
+      const mirror = new KiviMirror(heads, config);
+      sizes.forEach((size, i) => {
+        const tokens = spiky(random, heads, size);
+        const before = mirror.tokens;
+        mirror.append(tokens.k, tokens.v);
+        const what = `chunk ${i} (T ${before} -> ${mirror.tokens})`;
+        if (size <= 8 && i % 2 === 1) {
+          expectClose(cache.step(0, tokens.q, tokens.k, tokens.v), afterAppend(mirror, tokens.q), `${what}: step`);
+        } else if (size <= 40 && before > 0) {
+          expectClose(cache.prefill(0, tokens.q, tokens.k, tokens.v), afterAppend(mirror, tokens.q), `${what}: prefill`);
+        } else {
+          cache.append(0, tokens.k, tokens.v);
+          const q = randomTokens(random, heads, 1 + random.integer(3)).q;
+          expectClose(cache.attend(0, q), mirror.attend(q), `${what}: attend`);
+        }
+        expectStats(cache, [mirror], what);
+      });
+    });
+  });
+
+  it('the corrections are real: 2-bit attention moves toward exact attention on spiky K and V', () => {
+    const random = new Random(2950);
+    const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
+    const tokens = spiky(random, heads, 400);
+    const q = randomTokens(random, heads, 4).q;
+    const errors = [0, 0.01, 0.05].map((outliers) => {
+      const config: KiviConfig = { bits: 2, group: 32, residual: 128, outliers };
+      const cache = cpuCache(heads, config);
+      cache.append(0, tokens.k, tokens.v);
+      const mirror = new KiviMirror(heads, config);
+      mirror.append(tokens.k, tokens.v);
+      const out = cache.attend(0, q);
+      expectClose(out, mirror.attend(q), `outliers ${outliers}`);
+      return relativeL2(out, mirror.attendExact(q));
+    });
+    expect(errors[0]).toBeGreaterThan(LOSSY);
+    expect(errors[1]).toBeLessThan(errors[0]);
+    expect(errors[2]).toBeLessThan(errors[1]);
+  });
+
+  it('outliers 0 is the plain KIVI cache: same save() bytes (version 2), outputs and stats', () => {
+    const random = new Random(2960);
+    const heads: Heads = { qHeads: 4, kvHeads: 2, headDim: 64 };
+    const plain = cpuCache(heads, { bits: 2, group: 32, residual: 64 });
+    const zero = cpuCache(heads, { bits: 2, group: 32, residual: 64, outliers: 0 });
+    for (const size of [100, 1, 50]) {
+      const tokens = spiky(random, heads, size);
+      expectIdentical(zero.prefill(0, tokens.q, tokens.k, tokens.v), plain.prefill(0, tokens.q, tokens.k, tokens.v), `T +${size}`);
+    }
+    const saved = plain.save();
+    expect(Buffer.compare(zero.save(), saved)).toBe(0);
+    expect(saved.readUInt32LE(8)).toBe(2);
+    expect(zero.stats().bytes).toEqual(plain.stats().bytes);
+    expect(zero.stats().layers).toEqual(plain.stats().layers);
+    expect(zero.policy.store).toEqual({ kind: 'kivi', bits: 2, group: 32, residual: 64, outliers: 0 });
+    const loaded = KVCache.load(saved, { device: 'cpu' });
+    open.push(loaded);
+    expect(loaded.policy.store).toEqual(zero.policy.store);
+  });
+
+  it('stats count 4 bytes per outlier exactly: headDim 128, group 32, 2 bits, 1%', () => {
+    const random = new Random(2970);
+    const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 128 };
+    const config: KiviConfig = { bits: 2, group: 32, residual: 128, outliers: 0.01 };
+    // round(0.01 * 32 * 128) = 41 per key group, round(0.01 * 128) = 1 per value token.
+    expect(kiviHeadBytes(512, 128, config).kv - kiviHeadBytes(384, 128, config).kv).toBe(96 * 128 + 4 * (41 * 4 + 128));
+    const cache = cpuCache(heads, config, 2);
+    const mirrors = [new KiviMirror(heads, config), new KiviMirror(heads, config)];
+    for (const [layer, size] of [[0, 300], [1, 129], [0, 84], [1, 1]]) {
+      const tokens = spiky(random, heads, size);
+      cache.append(layer, tokens.k, tokens.v);
+      mirrors[layer].append(tokens.k, tokens.v);
+      expectStats(cache, mirrors, `layer ${layer} at T ${mirrors[layer].tokens}`);
+    }
+  });
+
+  const chunkCases: Array<{ heads: Heads; config: KiviConfig; total: number; chunkings: number[][] }> = [
+    { heads: { qHeads: 8, kvHeads: 2, headDim: 64 }, config: { bits: 2, group: 32, residual: 64, outliers: 0.01 }, total: 200, chunkings: [new Array(200).fill(1), [7, 57, 1, 135], [64, 64, 72]] },
+    { heads: { qHeads: 4, kvHeads: 4, headDim: 32 }, config: { bits: 8, group: 16, residual: 32, outliers: 0.1 }, total: 100, chunkings: [new Array(100).fill(1), [31, 2, 67]] },
+  ];
+  chunkCases.forEach(({ heads, config, total, chunkings }, index) => {
+    it(`chunking invariance (save bytes): ${label(heads, config)}, outliers ${config.outliers}`, () => {
+      const random = new Random(2980 + index);
+      const tokens = spiky(random, heads, total);
+      const oneShot = cpuCache(heads, config);
+      oneShot.append(0, tokens.k, tokens.v);
+      const saved = oneShot.save();
+      expect(saved.readUInt32LE(8)).toBe(3);
+      const query = randomTokens(random, heads, 2).q;
+      const output = oneShot.attend(0, query);
+      for (const sizes of chunkings) {
+        const cache = cpuCache(heads, config);
+        let first = 0;
+        for (const size of sizes) {
+          const chunk = sliceTokens(tokens, heads, first, size);
+          if (size === 1) cache.step(0, chunk.q, chunk.k, chunk.v);
+          else cache.append(0, chunk.k, chunk.v);
+          first += size;
+        }
+        const what = `[${sizes.length > 8 ? `${sizes.length} x 1` : sizes.join(', ')}]`;
+        expect(Buffer.compare(cache.save(), saved), `${what}: save() differs`).toBe(0);
+        expectIdentical(cache.attend(0, query), output, what);
+      }
+    });
+  });
+
+  it('save() / load() carry the outliers (version 3): same outputs, stats and bytes, now and after more steps', () => {
+    const random = new Random(2990);
+    const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
+    const config: KiviConfig = { bits: 4, group: 32, residual: 64, outliers: 0.03 };
+    const cache = cpuCache(heads, config, 2);
+    const mirrors = [new KiviMirror(heads, config), new KiviMirror(heads, config)];
+    [250, 70].forEach((T, layer) => {
+      const tokens = spiky(random, heads, T);
+      cache.append(layer, tokens.k, tokens.v);
+      mirrors[layer].append(tokens.k, tokens.v);
+    });
+    const saved = cache.save();
+    const loaded = KVCache.load(saved, { device: 'cpu' });
+    open.push(loaded);
+    expect(loaded.policy.store).toEqual({ kind: 'kivi', bits: 4, group: 32, residual: 64, outliers: 0.03 });
+    expect(Buffer.compare(loaded.save(), saved)).toBe(0);
+    expectStats(loaded, mirrors, 'loaded');
+    for (let t = 0; t < 20; t++) {
+      for (const layer of [0, 1]) {
+        const token = spiky(random, heads, 1);
+        mirrors[layer].append(token.k, token.v);
+        const out = loaded.step(layer, token.q, token.k, token.v);
+        expectIdentical(out, cache.step(layer, token.q, token.k, token.v), `layer ${layer}, step ${t}`);
+        expectClose(out, afterAppend(mirrors[layer], token.q), `layer ${layer}, step ${t}`);
+      }
+    }
+    // A delta byte or an index pushed out of range, resealed, is refused.
+    // Header of 64 bytes + f64 outliers + 2 i64 token counts, then layer 0 head 0: its 2 counts and
+    // its first key record (codes, f16 scales and minima, then the outlier indices and deltas).
+    const keyOutlierAt = 64 + 8 + 16 + 16 + (64 * 32 * 4) / 8 + 4 * 64;
+    for (const [what, value] of [['index', 0xffff], ['delta', 0x7c00]] as const) {
+      const damaged = Buffer.from(saved);
+      const at = what === 'index' ? keyOutlierAt : keyOutlierAt + 2 * Math.round(0.03 * 32 * 64);
+      damaged.writeUInt16LE(value, at);
+      damaged.writeBigUInt64LE(fnv1a(damaged.subarray(0, damaged.length - 8)), damaged.length - 8);
+      expectError(() => KVCache.load(damaged), 'ERR_CORRUPT', what === 'index' ? /outlier index/ : /not finite/);
+    }
+  });
+
+  it('bad outliers (ERR_OPTION naming the option)', () => {
+    const make = (outliers: unknown, headDim = 64, group = 32) => () => {
+      const cache = new KVCache({
+        layers: 1, qHeads: 4, kvHeads: 2, headDim, device: 'cpu',
+        policy: { store: { kind: 'kivi', bits: 2, group, residual: 128, outliers } as never },
+      });
+      open.push(cache);
+    };
+    for (const bad of [-0.01, 1.5, Number.NaN, Number.POSITIVE_INFINITY, '0.01', null, true]) {
+      expectError(make(bad), 'ERR_OPTION', /policy\.store\.outliers/);
+    }
+    // Key outlier indices are uint16: group * headDim <= 65536.
+    expectError(make(0.01, 1024, 128), 'ERR_OPTION', /outliers/);
+    expect(make(0, 1024, 128)).not.toThrow();
+    expect(make(0.01, 1024, 64)).not.toThrow();
+  });
+
+  it.runIf(DEVICE === 'cuda')('the CUDA backend refuses records with outliers (ERR_BACKEND_UNAVAILABLE)', () => {
+    const heads: Heads = { qHeads: 4, kvHeads: 2, headDim: 64 };
+    const cache = kiviCache(heads, { bits: 2, group: 32, residual: 32, outliers: 0.01 });
+    const tokens = randomTokens(new Random(2999), heads, 40);
+    cache.append(0, tokens.k, tokens.v);
+    expectError(() => cache.attend(0, tokens.q.subarray(0, heads.qHeads * heads.headDim)), 'ERR_BACKEND_UNAVAILABLE', /outliers/);
+  });
+});
+
+/** FNV-1a 64 of a buffer (save()'s trailing checksum). */
+function fnv1a(bytes: Uint8Array): bigint {
+  let hash = 14695981039346656037n;
+  for (const byte of bytes) hash = BigInt.asUintN(64, (hash ^ BigInt(byte)) * 1099511628211n);
+  return hash;
+}

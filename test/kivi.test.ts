@@ -7,8 +7,9 @@ import { KVSlimError, dequantize, quantize } from '../lib/index.js';
 import { Random } from './helpers/random.js';
 import { decodeHalf, encodeHalf } from './reference/half.js';
 import {
-  type KiviAxis, type KiviBits, type ReferenceQuantized, codeLocation, f16Round, quantizeGroup, referenceDequantize,
-  referenceQuantize, unpackCode,
+  type KiviAxis, type KiviBits, type ReferenceQuantized, codeLocation, dequantizeCode, f16Round, kiviHeadBytes, kiviOutliers,
+  outlierCount, outlierDelta, quantizeGroup, referenceDequantize, referenceQuantize, referenceReconstruct, selectOutliers,
+  unpackCode,
 } from './reference/kivi.js';
 
 type QuantizedTensor = ReturnType<typeof quantize>;
@@ -465,5 +466,106 @@ describe('dequantize: bad input', () => {
     expectError(() => dequantize({ ...q, axis: 'row' as never }), 'ERR_OPTION', /axis/);
     expectError(() => dequantize({ ...q, bits: 3 as never }), 'ERR_OPTION', /bits/);
     expectError(() => dequantize({ ...q, group: 0 }), 'ERR_OPTION', /group/);
+  });
+});
+
+// The dense-and-sparse reference (KVQuant per-vector outliers; the cache's policy.store.outliers,
+// tested end to end in kivi-cache.test.ts). quantize() / dequantize() ignore outliers.
+describe('reference: dense-and-sparse outliers', () => {
+  it('selection: largest |x| first, ties to the lower index, returned in increasing order', () => {
+    expect(selectOutliers([1, -5, 3, 5, -3, 0], 2)).toEqual([1, 3]);
+    expect(selectOutliers([1, -5, 3, 5, -3, 0], 3)).toEqual([1, 2, 3]);
+    expect(selectOutliers([2, 2, 2, 2], 2)).toEqual([0, 1]);
+    expect(selectOutliers([0, -0, 0], 1)).toEqual([0]);
+    expect(selectOutliers([1, 2, 3], 0)).toEqual([]);
+    expect(selectOutliers([1, 2, 3], 3)).toEqual([0, 1, 2]);
+  });
+
+  it('counts: round(fraction x record size) per key group and per value token', () => {
+    expect(outlierCount(0.01, 32 * 128)).toBe(41);
+    expect(outlierCount(0.01, 128)).toBe(1);
+    expect(outlierCount(0.004, 64)).toBe(0);
+    expect(kiviOutliers(128, { bits: 2, group: 32, residual: 128, outliers: 0.01 })).toEqual({ key: 41, value: 1 });
+    expect(kiviOutliers(128, { bits: 2, group: 32, residual: 128 })).toEqual({ key: 0, value: 0 });
+    // 4 bytes per outlier: at T = 256, R = 128: 8 key groups of 41, 128 value tokens of 1.
+    const plain = kiviHeadBytes(256, 128, { bits: 2, group: 32, residual: 128 }).kv;
+    expect(kiviHeadBytes(256, 128, { bits: 2, group: 32, residual: 128, outliers: 0.01 }).kv - plain).toBe(4 * (8 * 41 + 128));
+  });
+
+  it('min and max leave the outliers out; a group of nothing but outliers keeps the normal rule', () => {
+    const values = [0.5, -0.25, 100, 0.75];
+    const skip = [false, false, true, false];
+    const sparse = quantizeGroup(values, 2, skip);
+    expect(sparse.zero).toBe(-0.25);
+    expect(sparse.scale).toBe(f16Round(Math.fround(1 / 3)));
+    expect(sparse.codes[2]).toBe(3);  // still encoded, clamped
+    const dense = quantizeGroup(values, 2);
+    expect(quantizeGroup(values, 2, [true, true, true, true])).toEqual(dense);
+    expect(quantizeGroup(values, 2, [false, false, false, false])).toEqual(dense);
+  });
+
+  it('delta = f16(fp32(x - x^)), and x^ + delta recovers x to f16 rounding of the delta', () => {
+    expect(outlierDelta(100, 0.5)).toBe(99.5);
+    expect(outlierDelta(1000.3, 0.1)).toBe(f16Round(Math.fround(1000.3 - 0.1)));
+    expect(outlierDelta(Math.fround(1 / 3), 0)).toBe(f16Round(Math.fround(1 / 3)));
+    expect(outlierDelta(2049, 0)).toBe(2048);  // f16 ties to even
+    const random = new Random(3100);
+    for (const axis of ['channel', 'token'] as const) {
+      for (const bits of BITS) {
+        const channels = 64, group = 32, tokens = 64;
+        const x = random.tensor(tokens * channels);
+        for (let i = 0; i < x.length; i += 37) x[i] *= 40;
+        const outliers = axis === 'channel' ? 20 : 3;
+        const q = referenceQuantize({ x, channels, axis, bits, group, outliers });
+        const recordSize = axis === 'channel' ? group * channels : channels;
+        const xHat = referenceDequantize(q);
+        const full = referenceReconstruct(q);
+        expect(q.outlierIndices).toHaveLength((tokens * channels / recordSize) * outliers);
+        for (let r = 0; r < tokens * channels / recordSize; r++) {
+          const record = x.subarray(r * recordSize, (r + 1) * recordSize);
+          const indices = Array.from(q.outlierIndices!.subarray(r * outliers, (r + 1) * outliers));
+          expect(indices, `${axis} ${bits} record ${r}`).toEqual(selectOutliers(record, outliers));
+          indices.forEach((i, k) => {
+            const at = r * recordSize + i;
+            const delta = q.outlierDeltas![r * outliers + k];
+            expect(delta).toBe(outlierDelta(x[at], xHat[at]));
+            expect(full[at]).toBe(xHat[at] + delta);
+            // f16 keeps 11 significant bits.
+            expect(Math.abs(full[at] - x[at])).toBeLessThanOrEqual(Math.abs(x[at] - xHat[at]) * 2 ** -11 + 1e-12);
+          });
+        }
+        // Non-outliers read plain x^; every group's range leaves its outliers out.
+        let changed = 0;
+        for (let i = 0; i < x.length; i++) if (full[i] !== xHat[i]) changed++;
+        expect(changed).toBeLessThanOrEqual(q.outlierIndices!.length);
+        const plain = referenceQuantize({ x, channels, axis, bits, group });
+        let narrower = 0;
+        for (let g = 0; g < q.scales.length; g++) {
+          expect(q.scales[g]).toBeLessThanOrEqual(plain.scales[g]);
+          if (q.scales[g] < plain.scales[g]) narrower++;
+        }
+        expect(narrower, `${axis} ${bits}`).toBeGreaterThan(0);
+      }
+    }
+  });
+
+  it('codes of a record with outliers use the range of its other entries (channel axis, by hand)', () => {
+    // One key group of 16 tokens x 16 channels, 2 outliers: both in channel 5.
+    const channels = 16, group = 16;
+    const x = new Float32Array(group * channels);
+    for (let i = 0; i < x.length; i++) x[i] = ((i * 7) % 11) / 10 - 0.5;
+    x[3 * channels + 5] = 50;
+    x[9 * channels + 5] = -60;
+    const q = referenceQuantize({ x, channels, axis: 'channel', bits: 4, group, outliers: 2 });
+    expect(Array.from(q.outlierIndices!)).toEqual([3 * channels + 5, 9 * channels + 5]);
+    const rest = Array.from({ length: group }, (_, t) => x[t * channels + 5]).filter((_, t) => t !== 3 && t !== 9);
+    expect(q.zeros[5]).toBe(f16Round(Math.min(...rest)));
+    expect(q.scales[5]).toBe(f16Round(Math.fround(Math.fround(Math.max(...rest) - Math.min(...rest)) / 15)));
+    expect(unpackCode(q, 3, 5)).toBe(15);
+    expect(unpackCode(q, 9, 5)).toBe(0);
+    expect(q.outlierDeltas![0]).toBe(f16Round(Math.fround(50 - dequantizeCode(15, q.scales[5], q.zeros[5]))));
+    // The other channels are quantized exactly as without outliers.
+    const plain = referenceQuantize({ x, channels, axis: 'channel', bits: 4, group });
+    for (let c = 0; c < channels; c++) if (c !== 5) expect([q.scales[c], q.zeros[c]]).toEqual([plain.scales[c], plain.zeros[c]]);
   });
 });

@@ -53,6 +53,7 @@ const cases: Case[] = [
   { kind: 'kivi', label: 'KIVI-2 decode, GQA 8/2, d=64, group 32', dtype: 'f32', n: 1, T: 1500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64 } },
   { kind: 'kivi', label: 'KIVI-4, 3 rows x group 4, d=128, group 16', dtype: 'f16', n: 3, T: 333, qHeads: 16, kvHeads: 4, headDim: 128, kivi: { bits: 4, group: 16, residual: 32 } },
   { kind: 'kivi', label: 'KIVI-8 MHA, d=32', dtype: 'bf16', n: 1, T: 700, qHeads: 2, kvHeads: 2, headDim: 32, kivi: { bits: 8, group: 32, residual: 128 } },
+  { kind: 'kivi', label: 'KIVI-2 + 2% outliers, d=64', dtype: 'f32', n: 2, T: 500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64, outliers: 0.02 } },
 ];
 
 interface Prepared {

@@ -1,9 +1,12 @@
 // save()/load() of a KVCache. Layout (little-endian):
 //   magic "KVSLIM01" | u32 version | i32 layers, qHeads, kvHeads, headDim, storeType | i64 pageTokens
-//   | f32 scale | (version 2) i32 storeKind, kiviBits, kiviGroup | i64 kiviResidual
+//   | f32 scale | (version >= 2) i32 storeKind, kiviBits, kiviGroup | i64 kiviResidual
+//   | (version 3) f64 kiviOutliers (the dense-and-sparse fraction; written only when it is > 0, so
+//   every other cache still saves as version 2, byte for byte as before)
 //   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | key group records | value token records
+//   (records as in kivi_format.h, outliers included)
 //   | f16 residual keys (tokens - quantizedKeys rows) | f16 residual values (tokens - quantizedValues rows).
 // load() checks every field and the exact size before it allocates, then the hash.
 #include <cmath>
@@ -18,7 +21,7 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 2;  // 1: dense stores only, no store kind fields
+constexpr uint32_t kVersion = 3;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -79,7 +82,8 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     Writer writer(out);
     out->resize(sizeof(kMagic));
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
-    writer.put(kVersion);
+    const bool outliers = kivi() && config_.kiviOutliers > 0.0;
+    writer.put(outliers ? kVersion : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -91,6 +95,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     writer.put(config_.kiviBits);
     writer.put(config_.kiviGroup);
     writer.put(config_.kiviResidual);
+    if (outliers) writer.put(config_.kiviOutliers);
     for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(tokens(layer));
     if (kivi()) {
       KiviStore::HeadImage image;
@@ -141,11 +146,15 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
       !reader.get(&config.pageTokens) || !reader.get(&config.scale)) {
     return corrupt("the header is truncated");
   }
-  if (version != 1 && version != kVersion) return corrupt("unsupported version " + std::to_string(version));
+  if (version < 1 || version > kVersion) return corrupt("unsupported version " + std::to_string(version));
   int32_t storeKind = 0;
   if (version >= 2 && (!reader.get(&storeKind) || !reader.get(&config.kiviBits) || !reader.get(&config.kiviGroup) ||
                        !reader.get(&config.kiviResidual))) {
     return corrupt("the header is truncated");
+  }
+  if (version >= 3 && !reader.get(&config.kiviOutliers)) return corrupt("the header is truncated");
+  if (version >= 3 && (storeKind != 1 || !(config.kiviOutliers > 0.0 && config.kiviOutliers <= 1.0))) {
+    return corrupt("the KIVI outlier fraction is out of range");
   }
   if (storeKind != 0 && storeKind != 1) return corrupt("unknown store kind " + std::to_string(storeKind));
   config.storeKind = StoreKind(storeKind);
@@ -295,7 +304,29 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
           finite = finiteHalves(image.valueRecords.data() + t * format.valueTokenBytes() + format.valueCodeBytes(),
                                 2 * size_t(format.channelGroups()));
         }
-        if (!finite) return corrupt("a KIVI scale, minimum or residual value is not finite");
+        // Outliers: finite deltas, indices inside the record (the kernels index q and out by them).
+        const size_t keyEntries = size_t(format.group) * size_t(format.headDim);
+        bool inside = true;
+        for (size_t g = 0; finite && inside && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
+          const uint8_t* outliers = image.keyRecords.data() + g * format.keyGroupBytes() + format.keyOutlierOffset();
+          finite = finiteHalves(outliers + 2 * size_t(format.keyOutliers), size_t(format.keyOutliers));
+          for (int32_t i = 0; inside && i < format.keyOutliers; ++i) {
+            uint16_t index;
+            std::memcpy(&index, outliers + 2 * size_t(i), 2);
+            inside = index < keyEntries;
+          }
+        }
+        for (size_t t = 0; finite && inside && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
+          const uint8_t* outliers = image.valueRecords.data() + t * format.valueTokenBytes() + format.valueOutlierOffset();
+          finite = finiteHalves(outliers + 2 * size_t(format.valueOutliers), size_t(format.valueOutliers));
+          for (int32_t i = 0; inside && i < format.valueOutliers; ++i) {
+            uint16_t index;
+            std::memcpy(&index, outliers + 2 * size_t(i), 2);
+            inside = index < size_t(format.headDim);
+          }
+        }
+        if (!finite) return corrupt("a KIVI scale, minimum, outlier delta or residual value is not finite");
+        if (!inside) return corrupt("a KIVI outlier index is out of range");
         KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, count, image));
       }
     }

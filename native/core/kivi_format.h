@@ -2,6 +2,19 @@
 // backends' attention over it. Keys are quantized per channel in groups of `group` tokens; values
 // per token in groups of `group` channels; scale and min are f16; codes pack least significant
 // first, 32 / bits codes per 32-bit word.
+//
+// Dense-and-sparse (KVQuant's per-vector outliers, policy.store.outliers = fraction f, default 0 =
+// off). Per key group record (group tokens x headDim channels, flat index i = t * headDim + c), the
+// keyOutliers = round(f * group * headDim) entries of largest |x| (ties: the lower flat index) are
+// outliers; per value token record, the valueOutliers = round(f * headDim) channels of largest |x|
+// (ties: the lower channel). min/max (hence scale and min) of every quantization group are computed
+// without the record's outliers; a group whose values are all outliers keeps the normal rule over
+// all of them. Every entry, outlier or not, still gets its (clamped) code; each outlier also stores
+// its index and delta = f16(x - x^) with x^ = code * s + m in fp32, so x^ + delta is its value up to
+// f16 rounding of the delta. Outliers are stored in increasing index order after the scales and
+// mins (4 bytes each); the count is fixed per record, so records keep a fixed size. Attention adds
+// the corrections: score_t += q_c * delta for each key outlier (t, c), out_c += p_t * delta for each
+// value outlier c of token t. With f = 0 the records and everything else are exactly as before.
 #pragma once
 #include <cstddef>
 #include <cstdint>
@@ -12,6 +25,8 @@ struct KiviFormat {
   int32_t bits = 2;     // 2, 4 or 8
   int32_t group = 32;   // tokens per key group, channels per value group; a multiple of 16
   int32_t headDim = 0;  // a multiple of group
+  int32_t keyOutliers = 0;    // outliers per key group record (dense-and-sparse; 0 = off)
+  int32_t valueOutliers = 0;  // outliers per value token record
 
   int32_t codesPerWord() const { return 32 / bits; }
   int32_t channelGroups() const { return headDim / group; }
@@ -20,16 +35,20 @@ struct KiviFormat {
   //   uint32 codes[headDim][group * bits / 32]  (channel c, token t: word t / codesPerWord,
   //                                               bits (t % codesPerWord) * bits)
   //   f16 scale[headDim] | f16 min[headDim]
+  //   uint16 outlierIndex[keyOutliers] (t * headDim + c, increasing) | f16 outlierDelta[keyOutliers]
   size_t keyGroupWordsPerChannel() const { return size_t(group) * size_t(bits) / 32; }
   size_t keyGroupCodeBytes() const { return size_t(headDim) * keyGroupWordsPerChannel() * 4; }
-  size_t keyGroupBytes() const { return keyGroupCodeBytes() + 4 * size_t(headDim); }
+  size_t keyOutlierOffset() const { return keyGroupCodeBytes() + 4 * size_t(headDim); }
+  size_t keyGroupBytes() const { return keyOutlierOffset() + 4 * size_t(keyOutliers); }
 
   // One value token record:
   //   uint32 codes[headDim * bits / 32]  (channel c: word c / codesPerWord, bits (c % codesPerWord) * bits)
   //   f16 scale[headDim / group] | f16 min[headDim / group]
+  //   uint16 outlierChannel[valueOutliers] (increasing) | f16 outlierDelta[valueOutliers]
   size_t valueCodeWords() const { return size_t(headDim) * size_t(bits) / 32; }
   size_t valueCodeBytes() const { return valueCodeWords() * 4; }
-  size_t valueTokenBytes() const { return valueCodeBytes() + 4 * size_t(channelGroups()); }
+  size_t valueOutlierOffset() const { return valueCodeBytes() + 4 * size_t(channelGroups()); }
+  size_t valueTokenBytes() const { return valueOutlierOffset() + 4 * size_t(valueOutliers); }
 };
 
 // What one kv head holds, in backend memory. Token order: keys [0, quantizedKeys) are in key

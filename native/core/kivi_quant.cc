@@ -1,6 +1,10 @@
 #include "kivi_quant.h"
 
+#include <algorithm>
 #include <cmath>
+#include <cstring>
+#include <numeric>
+#include <vector>
 
 #include "dtype.h"
 
@@ -33,13 +37,22 @@ inline uint32_t encode(float x, const GroupParams& p, uint32_t maxCode) {
 }  // namespace
 
 bool quantizeChannelGroups(const float* x, size_t rowStride, int32_t tokens, int32_t channels, int32_t bits,
-                           uint32_t* codes, uint16_t* scales, uint16_t* mins) {
+                           uint32_t* codes, uint16_t* scales, uint16_t* mins, const uint8_t* skip) {
   const uint32_t maxCode = (1u << bits) - 1u;
   const int32_t perWord = 32 / bits;
   const int32_t words = tokens / perWord;
   for (int32_t c = 0; c < channels; ++c) {
     float lo = x[c], hi = x[c];
-    for (int32_t t = 1; t < tokens; ++t) {
+    bool any = false;
+    for (int32_t t = 0; skip != nullptr && t < tokens; ++t) {
+      if (skip[size_t(t) * size_t(channels) + size_t(c)]) continue;
+      const float value = x[size_t(t) * rowStride + size_t(c)];
+      if (!any) lo = hi = value;
+      any = true;
+      lo = value < lo ? value : lo;
+      hi = value > hi ? value : hi;
+    }
+    for (int32_t t = 1; !any && t < tokens; ++t) {  // no skip, or every entry skipped
       const float value = x[size_t(t) * rowStride + size_t(c)];
       lo = value < lo ? value : lo;
       hi = value > hi ? value : hi;
@@ -62,13 +75,22 @@ bool quantizeChannelGroups(const float* x, size_t rowStride, int32_t tokens, int
 }
 
 bool quantizeTokenGroups(const float* row, int32_t channels, int32_t group, int32_t bits, uint32_t* codes,
-                         uint16_t* scales, uint16_t* mins) {
+                         uint16_t* scales, uint16_t* mins, const uint8_t* skip) {
   const uint32_t maxCode = (1u << bits) - 1u;
   const int32_t perWord = 32 / bits;
   for (int32_t g = 0; g < channels / group; ++g) {
     const float* x = row + size_t(g) * size_t(group);
+    const uint8_t* skipped = skip == nullptr ? nullptr : skip + size_t(g) * size_t(group);
     float lo = x[0], hi = x[0];
-    for (int32_t c = 1; c < group; ++c) {
+    bool any = false;
+    for (int32_t c = 0; skipped != nullptr && c < group; ++c) {
+      if (skipped[c]) continue;
+      if (!any) lo = hi = x[c];
+      any = true;
+      lo = x[c] < lo ? x[c] : lo;
+      hi = x[c] > hi ? x[c] : hi;
+    }
+    for (int32_t c = 1; !any && c < group; ++c) {  // no skip, or every channel skipped
       lo = x[c] < lo ? x[c] : lo;
       hi = x[c] > hi ? x[c] : hi;
     }
@@ -109,6 +131,72 @@ void dequantizeTokenGroups(const uint32_t* codes, const uint16_t* scales, const 
     const uint32_t code = (codes[c / perWord] >> ((c % perWord) * bits)) & mask;
     row[c] = float(code) * f16ToFloat(scales[c / group]) + f16ToFloat(mins[c / group]);
   }
+}
+
+void selectOutliers(const float* x, int32_t n, int32_t count, uint16_t* indices) {
+  std::vector<int32_t> order(static_cast<size_t>(n));
+  std::iota(order.begin(), order.end(), 0);
+  const auto larger = [x](int32_t a, int32_t b) {
+    const float ma = std::fabs(x[a]), mb = std::fabs(x[b]);
+    return ma > mb || (ma == mb && a < b);
+  };
+  std::partial_sort(order.begin(), order.begin() + count, order.end(), larger);
+  std::sort(order.begin(), order.begin() + count);
+  for (int32_t i = 0; i < count; ++i) indices[i] = uint16_t(order[size_t(i)]);
+}
+
+namespace {
+
+// delta = f16(x - x^) for every outlier; false when one overflows f16.
+bool outlierDeltas(const float* x, const float* xHat, const uint16_t* indices, int32_t count, uint16_t* deltas) {
+  for (int32_t i = 0; i < count; ++i) {
+    const float delta = x[indices[i]] - xHat[indices[i]];
+    deltas[i] = floatToF16(delta);
+    if (!std::isfinite(f16ToFloat(deltas[i]))) return false;
+  }
+  return true;
+}
+
+}  // namespace
+
+bool quantizeKeyGroupRecord(const float* keys, const KiviFormat& format, uint8_t* record) {
+  const int32_t dim = format.headDim, group = format.group, count = format.keyOutliers;
+  auto* codes = reinterpret_cast<uint32_t*>(record);
+  auto* scales = reinterpret_cast<uint16_t*>(record + format.keyGroupCodeBytes());
+  if (count == 0) return quantizeChannelGroups(keys, size_t(dim), group, dim, format.bits, codes, scales, scales + dim);
+  const int32_t n = group * dim;
+  std::vector<uint16_t> indices(static_cast<size_t>(count)), deltas(static_cast<size_t>(count));
+  selectOutliers(keys, n, count, indices.data());
+  std::vector<uint8_t> skip(static_cast<size_t>(n), 0);
+  for (uint16_t i : indices) skip[i] = 1;
+  if (!quantizeChannelGroups(keys, size_t(dim), group, dim, format.bits, codes, scales, scales + dim, skip.data())) {
+    return false;
+  }
+  std::vector<float> xHat(static_cast<size_t>(n));
+  dequantizeChannelGroups(codes, scales, scales + dim, group, dim, format.bits, xHat.data(), size_t(dim));
+  if (!outlierDeltas(keys, xHat.data(), indices.data(), count, deltas.data())) return false;
+  std::memcpy(record + format.keyOutlierOffset(), indices.data(), size_t(count) * 2);
+  std::memcpy(record + format.keyOutlierOffset() + size_t(count) * 2, deltas.data(), size_t(count) * 2);
+  return true;
+}
+
+bool quantizeValueTokenRecord(const float* row, const KiviFormat& format, uint8_t* record) {
+  const int32_t dim = format.headDim, count = format.valueOutliers;
+  auto* codes = reinterpret_cast<uint32_t*>(record);
+  auto* scales = reinterpret_cast<uint16_t*>(record + format.valueCodeBytes());
+  uint16_t* mins = scales + format.channelGroups();
+  if (count == 0) return quantizeTokenGroups(row, dim, format.group, format.bits, codes, scales, mins);
+  std::vector<uint16_t> indices(static_cast<size_t>(count)), deltas(static_cast<size_t>(count));
+  selectOutliers(row, dim, count, indices.data());
+  std::vector<uint8_t> skip(static_cast<size_t>(dim), 0);
+  for (uint16_t i : indices) skip[i] = 1;
+  if (!quantizeTokenGroups(row, dim, format.group, format.bits, codes, scales, mins, skip.data())) return false;
+  std::vector<float> xHat(static_cast<size_t>(dim));
+  dequantizeTokenGroups(codes, scales, mins, dim, format.group, format.bits, xHat.data());
+  if (!outlierDeltas(row, xHat.data(), indices.data(), count, deltas.data())) return false;
+  std::memcpy(record + format.valueOutlierOffset(), indices.data(), size_t(count) * 2);
+  std::memcpy(record + format.valueOutlierOffset() + size_t(count) * 2, deltas.data(), size_t(count) * 2);
+  return true;
 }
 
 }  // namespace kvslim

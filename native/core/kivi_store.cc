@@ -192,11 +192,8 @@ Status KiviStore::flush(int32_t layer) {
         const uint16_t* row = hostRow(state.keys, g * format.group + t);
         for (int32_t d = 0; d < dim; ++d) rows[size_t(t) * size_t(dim) + size_t(d)] = f16ToFloat(row[d]);
       }
-      uint8_t* record = records.data() + size_t(g) * format.keyGroupBytes();
-      auto* scales = reinterpret_cast<uint16_t*>(record + format.keyGroupCodeBytes());
-      if (!quantizeChannelGroups(rows.data(), size_t(dim), format.group, dim, format.bits,
-                                 reinterpret_cast<uint32_t*>(record), scales, scales + dim)) {
-        return Status(ErrorCode::Internal, "KIVI key group scale overflowed f16");
+      if (!quantizeKeyGroupRecord(rows.data(), format, records.data() + size_t(g) * format.keyGroupBytes())) {
+        return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
       }
     }
     KVSLIM_RETURN_IF_ERROR(appendRecords(&state.keyPages, state.quantizedKeys / format.group, keyGroupsPerPage(),
@@ -206,11 +203,8 @@ Status KiviStore::flush(int32_t layer) {
     for (int64_t t = 0; t < valueTokens; ++t) {
       const uint16_t* row = hostRow(state.values, t);
       for (int32_t d = 0; d < dim; ++d) rows[size_t(d)] = f16ToFloat(row[d]);
-      uint8_t* record = records.data() + size_t(t) * format.valueTokenBytes();
-      auto* scales = reinterpret_cast<uint16_t*>(record + format.valueCodeBytes());
-      if (!quantizeTokenGroups(rows.data(), dim, format.group, format.bits, reinterpret_cast<uint32_t*>(record),
-                               scales, scales + format.channelGroups())) {
-        return Status(ErrorCode::Internal, "KIVI value group scale overflowed f16");
+      if (!quantizeValueTokenRecord(rows.data(), format, records.data() + size_t(t) * format.valueTokenBytes())) {
+        return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
       }
     }
     KVSLIM_RETURN_IF_ERROR(appendRecords(&state.valuePages, state.quantizedValues, shape_.pageTokens,

@@ -32,7 +32,7 @@ struct KiviStoreShape {
 
 // Byte counts of one layer, summed over kv heads.
 struct KiviLayerBytes {
-  double quantized = 0;  // codes + scales + mins of flushed tokens
+  double quantized = 0;  // codes + scales + mins (+ outliers, 4 bytes each) of flushed tokens
   double residual = 0;   // f16 rows held (not capacity)
 };
 

@@ -33,6 +33,8 @@ KiviStoreShape kiviShape(const CacheConfig& config) {
   shape.format.bits = config.kiviBits;
   shape.format.group = config.kiviGroup;
   shape.format.headDim = config.headDim;
+  shape.format.keyOutliers = int32_t(std::round(config.kiviOutliers * double(config.kiviGroup) * double(config.headDim)));
+  shape.format.valueOutliers = int32_t(std::round(config.kiviOutliers * double(config.headDim)));
   shape.residual = config.kiviResidual;
   const int64_t tokens = std::max<int64_t>(config.pageTokens, 256);
   shape.pageTokens = (tokens + config.kiviGroup - 1) / config.kiviGroup * config.kiviGroup;
@@ -52,6 +54,15 @@ Status checkKivi(const CacheConfig& config) {
     return Status(ErrorCode::Option, "policy.store.residual must be a positive multiple of group (" +
                                          std::to_string(config.kiviGroup) + ") up to 1048576, but received " +
                                          std::to_string(config.kiviResidual));
+  }
+  if (!(config.kiviOutliers >= 0.0 && config.kiviOutliers <= 1.0)) {
+    return Status(ErrorCode::Option, "policy.store.outliers must be a fraction in [0, 1], but received " +
+                                         std::to_string(config.kiviOutliers));
+  }
+  // Key outliers store a uint16 flat index t * headDim + c within their group.
+  if (config.kiviOutliers > 0.0 && int64_t(config.kiviGroup) * int64_t(config.headDim) > 65536) {
+    return Status(ErrorCode::Option, "policy.store.outliers needs group * headDim <= 65536 (uint16 outlier indices), but "
+                                     "group * headDim = " + std::to_string(int64_t(config.kiviGroup) * config.headDim));
   }
   return Status::ok();
 }

@@ -5,6 +5,8 @@
 // the group's channel scales once (q~) and every token costs headDim multiply-adds on unpacked
 // codes, each unpacked vector serving all rows (GQA). Tokens run along the vector lanes.
 // Outputs: each value code chunk is dequantized once (x^ = code * s + m, one FMA) and serves all rows.
+// Dense-and-sparse records (kivi_format.h) add their outlier corrections in scalar passes: key
+// outliers to a sub-block's scores before the softmax, value outliers to the accumulators.
 
 constexpr int32_t kKiviBlock = 32;  // tokens per softmax block; splits start at multiples of it
 
@@ -114,6 +116,21 @@ void kiviDecodeRows(const KiviRange& range) {
         }
         kiviGroupScores<V, BITS, ROWS, SUB>(reinterpret_cast<const uint32_t*>(record), keyWords, int32_t(first % group),
                                             qs, dim, beta, &scores[0][sub], kKiviBlock);
+        if (format.keyOutliers > 0) {
+          // Dense-and-sparse: score_t += q_c * delta for the group's outliers at tokens of this
+          // sub-block (indices t * dim + c increase, so the walk stops past the sub-block).
+          const auto* indices = reinterpret_cast<const uint16_t*>(record + format.keyOutlierOffset());
+          const uint16_t* deltas = indices + format.keyOutliers;
+          const int32_t offset = int32_t(first % group);
+          for (int32_t i = 0; i < format.keyOutliers; ++i) {
+            const int32_t t = int32_t(indices[i]) / dim - offset;
+            if (t < 0) continue;
+            if (t >= subCount) break;
+            const int32_t c = int32_t(indices[i]) % dim;
+            const float delta = V::halfToFloat(deltas[i]);
+            for (int32_t r = 0; r < ROWS; ++r) scores[r][sub + t] += range.q[r * dim + c] * delta;
+          }
+        }
       } else {
         // Residual keys: f16 rows.
         for (int32_t j = 0; j < subCount; ++j) {
@@ -185,6 +202,18 @@ void kiviDecodeRows(const KiviRange& range) {
       }
       for (int32_t c = 0; c < passChunks; ++c)
         for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + (c0 + c) * V::W, out[c][r]);
+    }
+    if (format.valueOutliers > 0) {
+      // Dense-and-sparse: out_c += p_t * delta for each value outlier c of a quantized token t.
+      for (int32_t j = 0; j < count; ++j) {
+        if (valueRecords[j] == nullptr) continue;
+        const auto* indices = reinterpret_cast<const uint16_t*>(valueRecords[j] + format.valueOutlierOffset());
+        const uint16_t* deltas = indices + format.valueOutliers;
+        for (int32_t i = 0; i < format.valueOutliers; ++i) {
+          const float delta = V::halfToFloat(deltas[i]);
+          for (int32_t r = 0; r < ROWS; ++r) state.acc[r * dim + indices[i]] += scores[r][j] * delta;
+        }
+      }
     }
   }
 }

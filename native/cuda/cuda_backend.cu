@@ -439,6 +439,12 @@ class CudaBackend final : public Backend {
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkKiviArgs(args));
+    if (args.format.keyOutliers > 0 || args.format.valueOutliers > 0) {
+      // Dense-and-sparse records (kivi_format.h): the CUDA kernels do not add outlier corrections.
+      return Status(ErrorCode::BackendUnavailable,
+                    "KIVI attention over records with outliers (policy.store.outliers > 0) is not implemented on "
+                    "CUDA in this version; use device 'cpu'");
+    }
     const KiviFormat& format = args.format;
     KiviKernelArgs kernel;
     kernel.attention = kernelShape(args.n, args.qHeads, args.kvHeads, format.headDim, args.causal, args.scale);

@@ -158,6 +158,7 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   result.Set("kiviBits", config.kiviBits);
   result.Set("kiviGroup", config.kiviGroup);
   result.Set("kiviResidual", double(config.kiviResidual));
+  result.Set("kiviOutliers", config.kiviOutliers);
   result.Set("scale", config.scale);
   return result;
 }

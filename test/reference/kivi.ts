@@ -5,6 +5,13 @@
 // One group x_1..x_G: m = min, M = max, s = f16(fp32((M - m) / (2^bits - 1))), z = f16(m); a
 // constant group (s == 0) takes s = 1. code = clamp(round((x - z) / s), 0, 2^bits - 1) with
 // Math.round (ties up); x^ = code * s + z.
+//
+// Dense-and-sparse (KVQuant, policy.store.outliers = fraction f; native/core/kivi_format.h): per
+// record (a key group: G tokens x channels, flat index t * channels + c; a value token: its
+// channels) the round(f * record size) entries of largest |x| (ties: the lower index) are outliers.
+// min/max of each quantization group leave them out (a group of nothing but outliers keeps the
+// normal rule), every entry is still encoded (clamped), and each outlier stores
+// delta = f16(fp32(x - x^)); the cache reads x^ + delta there.
 import { referenceAttention } from './attention.js';
 import { f16BitsToNumber, f32ToF16Bits, roundTo } from './half.js';
 
@@ -23,6 +30,11 @@ export interface ReferenceQuantized {
   /** channel: [tokens / group, channels]; token: [tokens, channels / group]. */
   scales: Float32Array;
   zeros: Float32Array;
+  /** Dense-and-sparse: outliers per record (0 = off). */
+  outliers?: number;
+  /** [records, outliers]: index within the record (increasing), and f16 delta = x - x^. */
+  outlierIndices?: Uint16Array;
+  outlierDeltas?: Float32Array;
 }
 
 /** float32 -> nearest binary16 (ties to even), as a number. */
@@ -30,14 +42,22 @@ export function f16Round(x: number): number {
   return f16BitsToNumber(f32ToF16Bits(x));
 }
 
-/** One group, step by step in fp32. `values` are float32 values. */
-export function quantizeGroup(values: ArrayLike<number>, bits: KiviBits): { scale: number; zero: number; codes: Int32Array } {
+/**
+ * One group, step by step in fp32. `values` are float32 values. `skip` (dense-and-sparse): entries
+ * left out of min/max, unless every entry is skipped; they are still encoded.
+ */
+export function quantizeGroup(
+  values: ArrayLike<number>, bits: KiviBits, skip?: ArrayLike<boolean>,
+): { scale: number; zero: number; codes: Int32Array } {
   const top = 2 ** bits - 1;
   let min = Infinity;
   let max = -Infinity;
-  for (let i = 0; i < values.length; i++) {
-    min = Math.min(min, values[i]);
-    max = Math.max(max, values[i]);
+  for (let pass = 0; pass < 2 && min === Infinity; pass++) {
+    for (let i = 0; i < values.length; i++) {
+      if (pass === 0 && skip?.[i]) continue;
+      min = Math.min(min, values[i]);
+      max = Math.max(max, values[i]);
+    }
   }
   let scale = f16Round(Math.fround(Math.fround(max - min) / top));
   const zero = f16Round(min);
@@ -50,8 +70,25 @@ export function quantizeGroup(values: ArrayLike<number>, bits: KiviBits): { scal
   return { scale, zero, codes };
 }
 
+/** The count outliers of a record: indices of the largest |x| (ties: lower index), increasing. */
+export function selectOutliers(x: ArrayLike<number>, count: number): number[] {
+  const order = Array.from({ length: x.length }, (_, i) => i);
+  order.sort((a, b) => Math.abs(x[b]) - Math.abs(x[a]) || a - b);
+  return order.slice(0, count).sort((a, b) => a - b);
+}
+
+/** Outliers per record for a fraction of `size` entries (round half up). */
+export function outlierCount(fraction: number, size: number): number {
+  return Math.round(fraction * size);
+}
+
+/** The stored delta of an outlier: f16(fp32(x - x^)). */
+export function outlierDelta(x: number, xHat: number): number {
+  return f16Round(Math.fround(x - xHat));
+}
+
 /** x^ of one code, in fp32. */
-function dequantizeCode(code: number, scale: number, zero: number): number {
+export function dequantizeCode(code: number, scale: number, zero: number): number {
   return Math.fround(Math.fround(code * scale) + zero);
 }
 
@@ -101,11 +138,14 @@ export interface ReferenceQuantizeInput {
   axis: KiviAxis;
   bits: KiviBits;
   group: number;
+  /** Dense-and-sparse: outliers per record (channel: per G tokens x channels; token: per token). */
+  outliers?: number;
 }
 
 /** Quantizes and packs a whole tensor. Throws a plain Error on a shape the spec rejects. */
 export function referenceQuantize(input: ReferenceQuantizeInput): ReferenceQuantized {
   const { x, channels, axis, bits, group } = input;
+  const outliers = input.outliers ?? 0;
   const tokens = x.length / channels;
   if (!Number.isInteger(tokens)) throw new Error(`x.length ${x.length} is not a multiple of channels ${channels}`);
   if ((group * bits) % 32 !== 0) throw new Error(`group ${group} x bits ${bits} is not a whole number of words`);
@@ -118,7 +158,22 @@ export function referenceQuantize(input: ReferenceQuantizeInput): ReferenceQuant
     scales: new Float32Array(groups),
     zeros: new Float32Array(groups),
   };
+  // Dense-and-sparse: records and their outliers (flat positions in x).
+  const recordSize = axis === 'channel' ? group * channels : channels;
+  const records = (tokens * channels) / recordSize;
+  const skip = new Uint8Array(tokens * channels);
+  const chosen: number[][] = [];
+  if (outliers > 0) {
+    if (outliers > recordSize) throw new Error(`${outliers} outliers in records of ${recordSize}`);
+    for (let r = 0; r < records; r++) {
+      const record = Float32Array.from({ length: recordSize }, (_, i) => x[r * recordSize + i]);
+      const picked = selectOutliers(record, outliers);
+      chosen.push(picked);
+      for (const i of picked) skip[r * recordSize + i] = 1;
+    }
+  }
   const values = new Float64Array(group);
+  const skipped = new Array<boolean>(group);
   const members: Array<[number, number]> = new Array(group);
   for (let g = 0; g < groups; g++) {
     // Element i of group g as (token, channel).
@@ -131,8 +186,9 @@ export function referenceQuantize(input: ReferenceQuantizeInput): ReferenceQuant
         members[i] = [Math.floor(g / perToken), (g % perToken) * group + i];
       }
       values[i] = Math.fround(x[members[i][0] * channels + members[i][1]]);
+      skipped[i] = skip[members[i][0] * channels + members[i][1]] === 1;
     }
-    const { scale, zero, codes } = quantizeGroup(values, bits);
+    const { scale, zero, codes } = quantizeGroup(values, bits, outliers > 0 ? skipped : undefined);
     q.scales[g] = scale;
     q.zeros[g] = zero;
     for (let i = 0; i < group; i++) {
@@ -141,10 +197,23 @@ export function referenceQuantize(input: ReferenceQuantizeInput): ReferenceQuant
       q.codes[location.word] = (q.codes[location.word] | (codes[i] << location.shift)) >>> 0;
     }
   }
+  if (outliers > 0) {
+    q.outliers = outliers;
+    q.outlierIndices = new Uint16Array(records * outliers);
+    q.outlierDeltas = new Float32Array(records * outliers);
+    const xHat = referenceDequantize(q);
+    for (let r = 0; r < records; r++) {
+      chosen[r].forEach((i, k) => {
+        const at = r * recordSize + i;
+        q.outlierIndices![r * outliers + k] = i;
+        q.outlierDeltas![r * outliers + k] = outlierDelta(Math.fround(x[at]), xHat[at]);
+      });
+    }
+  }
   return q;
 }
 
-/** x^ [tokens, channels] from any tensor in the documented layout. */
+/** x^ [tokens, channels] from any tensor in the documented layout (outliers ignored, as dequantize() does). */
 export function referenceDequantize(q: ReferenceQuantized): Float32Array {
   const out = new Float32Array(q.tokens * q.channels);
   for (let t = 0; t < q.tokens; t++) {
@@ -152,6 +221,22 @@ export function referenceDequantize(q: ReferenceQuantized): Float32Array {
       const { word, shift, group } = codeLocation(q, t, c);
       const code = (q.codes[word] >>> shift) & (2 ** q.bits - 1);
       out[t * q.channels + c] = dequantizeCode(code, q.scales[group], q.zeros[group]);
+    }
+  }
+  return out;
+}
+
+/**
+ * What a dense-and-sparse cache reads, [tokens, channels] in float64: x^, plus delta at the
+ * outliers (the kernels add the deltas' contributions exactly: q_c * delta, p_t * delta).
+ */
+export function referenceReconstruct(q: ReferenceQuantized): Float64Array {
+  const out = Float64Array.from(referenceDequantize(q));
+  const outliers = q.outliers ?? 0;
+  if (outliers > 0 && q.outlierIndices && q.outlierDeltas) {
+    const recordSize = q.axis === 'channel' ? q.group * q.channels : q.channels;
+    for (let i = 0; i < q.outlierIndices.length; i++) {
+      out[Math.floor(i / outliers) * recordSize + q.outlierIndices[i]] += q.outlierDeltas[i];
     }
   }
   return out;
@@ -171,6 +256,14 @@ export interface KiviConfig {
   group: number;
   /** R: the key buffer empties at R tokens; the last R values stay in f16. */
   residual: number;
+  /** Dense-and-sparse fraction per vector (policy.store.outliers); default 0. */
+  outliers?: number;
+}
+
+/** Outliers per key group record and per value token record of a KIVI cache. */
+export function kiviOutliers(headDim: number, config: KiviConfig): { key: number; value: number } {
+  const fraction = config.outliers ?? 0;
+  return { key: outlierCount(fraction, config.group * headDim), value: outlierCount(fraction, headDim) };
 }
 
 /** Tokens of T whose keys are quantized: whole multiples of R (the key buffer empties at R). */
@@ -188,8 +281,9 @@ export function kiviHeadBytes(tokens: number, headDim: number, config: KiviConfi
   const { bits, group, residual } = config;
   const keyTokens = quantizedKeyTokens(tokens, residual);
   const valueTokens = quantizedValueTokens(tokens, residual);
-  const keyGroupBytes = (headDim * group * bits) / 8 + 4 * headDim;
-  const valueTokenBytes = (headDim * bits) / 8 + (4 * headDim) / group;
+  const outliers = kiviOutliers(headDim, config);  // 4 bytes each: uint16 index, f16 delta
+  const keyGroupBytes = (headDim * group * bits) / 8 + 4 * headDim + 4 * outliers.key;
+  const valueTokenBytes = (headDim * bits) / 8 + (4 * headDim) / group + 4 * outliers.value;
   return {
     kv: (keyTokens / group) * keyGroupBytes + valueTokens * valueTokenBytes,
     residual: (tokens - keyTokens + (tokens - valueTokens)) * headDim * 2,
@@ -329,7 +423,8 @@ export class KiviMirror {
           const row = (first + t) * width + h * headDim;
           x.set(this.#keys.data.subarray(row, row + headDim), t * headDim);
         }
-        const xHat = referenceDequantize(referenceQuantize({ x, channels: headDim, axis: 'channel', bits, group }));
+        const outliers = kiviOutliers(headDim, this.config).key;
+        const xHat = referenceReconstruct(referenceQuantize({ x, channels: headDim, axis: 'channel', bits, group, outliers }));
         for (let t = 0; t < group; t++) block.set(xHat.subarray(t * headDim, (t + 1) * headDim), t * width + h * headDim);
       }
       this.#keysHat.push(block);
@@ -346,7 +441,8 @@ export class KiviMirror {
       const out = new Float64Array(width);
       for (let h = 0; h < kvHeads; h++) {
         const x = Float32Array.from(this.#values.data.subarray(row + h * headDim, row + (h + 1) * headDim));
-        out.set(referenceDequantize(referenceQuantize({ x, channels: headDim, axis: 'token', bits, group })), h * headDim);
+        const outliers = kiviOutliers(headDim, this.config).value;
+        out.set(referenceReconstruct(referenceQuantize({ x, channels: headDim, axis: 'token', bits, group, outliers })), h * headDim);
       }
       this.#valuesHat.push(out);
     }
