@@ -2,26 +2,12 @@
 // never a changed cache (DESIGN.md, Errors).
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { KVCache, KVSlimError, attention, backends, probeMachine, setThreads } from '../lib/index.js';
+import { KVCache, attention, backends, probeMachine, setThreads } from '../lib/index.js';
 import { Random } from './helpers/random.js';
 import { type Heads, randomTokens } from './helpers/tokens.js';
 import { encodeHalf } from './reference/half.js';
+import { expectError } from './helpers/errors.js';
 
-/** Asserts that `call` throws a KVSlimError with `code` whose message matches `message`. */
-function expectError(call: () => unknown, code: string, message?: RegExp): KVSlimError {
-  let thrown: unknown;
-  try {
-    call();
-  } catch (error) {
-    thrown = error;
-  }
-  expect(thrown, `expected ${code}`).toBeInstanceOf(KVSlimError);
-  const error = thrown as KVSlimError;
-  expect(error.code, error.message).toBe(code);
-  expect(error.name).toBe('KVSlimError');
-  if (message) expect(error.message).toMatch(message);
-  return error;
-}
 
 const heads: Heads = { qHeads: 4, kvHeads: 2, headDim: 64 };
 const random = new Random(4242);

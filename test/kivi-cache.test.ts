@@ -4,12 +4,13 @@
 // rest f16. Streamed and one-shot appends give byte-identical state; stats count the bytes held.
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { KVCache, KVSlimError, attention } from '../lib/index.js';
+import { KVCache, attention } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { type Encoded, type Heads, type Tokens, encodeTokens, randomTokens, sliceTokens } from './helpers/tokens.js';
 import { referenceAttention } from './reference/attention.js';
 import { type Dtype, roundTo } from './reference/half.js';
 import { type KiviConfig, KiviMirror, kiviHeadBytes, quantizedKeyTokens, quantizedValueTokens } from './reference/kivi.js';
+import { expectError } from './helpers/errors.js';
 
 // Relative L2 against the float64 reference over the reference-dequantized K and V: the kernels
 // dequantize exactly as the reference does (code * s + z with the f16 s and z) and add only f32
@@ -49,19 +50,6 @@ function expectIdentical(actual: Float32Array, expected: Float32Array, what: str
   }
 }
 
-/** Asserts that `call` throws a KVSlimError with `code` whose message matches `message`. */
-function expectError(call: () => unknown, code: string, message?: RegExp): void {
-  let thrown: unknown;
-  try {
-    call();
-  } catch (error) {
-    thrown = error;
-  }
-  expect(thrown, `expected ${code}`).toBeInstanceOf(KVSlimError);
-  const error = thrown as KVSlimError;
-  expect(error.code, error.message).toBe(code);
-  if (message) expect(error.message).toMatch(message);
-}
 
 /**
  * The reference output of a call that appends its tokens and attends with its own queries (step,

@@ -4,7 +4,7 @@
 // attended. Also budgets, stats bytes, fork, and the errors of policy.select.
 import { afterEach, describe, expect, it } from 'vitest';
 
-import { KVCache, KVSlimError, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
+import { KVCache, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
 import { referenceAttention } from './reference/attention.js';
 import { roundTo } from './reference/half.js';
 import {
@@ -12,6 +12,7 @@ import {
 } from './reference/select.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { LayerMirror, type Tokens, randomTokens } from './helpers/tokens.js';
+import { expectError } from './helpers/errors.js';
 
 // f16 store, f32 arithmetic over exactly representable stored values: errors are ~1e-6.
 const TOLERANCE = 1e-4;
@@ -139,19 +140,6 @@ class Pair {
   }
 }
 
-function expectError(call: () => unknown, code: string, message?: RegExp): KVSlimError {
-  let thrown: unknown;
-  try {
-    call();
-  } catch (error) {
-    thrown = error;
-  }
-  expect(thrown, `expected ${code}`).toBeInstanceOf(KVSlimError);
-  const error = thrown as KVSlimError;
-  expect(error.code, error.message).toBe(code);
-  if (message) expect(error.message).toMatch(message);
-  return error;
-}
 
 /** Every kept position is one the layer has seen, ascending, no duplicates. */
 function expectSubsetOfSeen(pair: Pair): void {
