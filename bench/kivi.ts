@@ -2,7 +2,8 @@
 // f16 cache of the same T (bytes read, fraction of the measured bandwidth on those bytes, speed-up,
 // compression), and quality on a workload whose keys have a few large-magnitude channels: output
 // error vs exact f32 attention, needle hit rate, and the ablation with keys quantized per token;
-// plus, per bit width, the store with KVQuant's dense-and-sparse outliers (policy.store.outliers).
+// plus, per bit width, the store with KVQuant's dense-and-sparse outliers (policy.store.outliers),
+// and KVQuant's pre-RoPE keys (policy.store.preRope) against plain KIVI over the rotated keys.
 import { attention, dequantize, KVCache, type MachineLimits, quantize } from '../lib/index.js';
 import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
@@ -43,6 +44,8 @@ const ALPHA_MAX = 16;
 /** Largest multiple of 1/128 below 16: every such value is exact in f16. */
 const GRID_MAX = 16 - 1 / 128;
 const SEEDS = { keys: 11, values: 12, queries: 13 } as const;
+/** The pre-RoPE rows' rotary embedding (Llama 2's): the outlier workload's keys are the pre-RoPE keys. */
+export const KIVI_ROPE = { theta: 10000, style: 'adjacent' } as const;
 
 export interface KiviPlan {
   /** Decode rows: tokens in the cache. */
@@ -100,6 +103,11 @@ export interface KiviQualityRow {
   bits: KiviBits;
   /** Dense-and-sparse rows: policy.store.outliers (absent on the plain KIVI rows). */
   outliers?: number;
+  /**
+   * RoPE rows (KIVI_ROPE over the outlier workload): true, the store quantizes the pre-RoPE keys
+   * (policy.store.preRope); false, plain KIVI over the post-RoPE keys. Absent on the other rows.
+   */
+  preRope?: boolean;
   status: 'ok' | 'FAILED' | 'ERROR';
   error?: string;
   /** The cache's attend() output vs attention() over the K and V rebuilt with quantize()/dequantize(). */
@@ -128,6 +136,8 @@ export interface KiviRecord {
     /** Needle hits under the exact keys: 100% by construction. */
     exact: { needleHits: number; needlePairs: number; hitRate: number };
     rows: KiviQualityRow[];
+    /** Needle hits of exact attention over the post-RoPE keys (the RoPE rows' baseline). */
+    ropeExact?: { needleHits: number; needlePairs: number; hitRate: number };
   };
   durationMs: number;
   reproduce: string;
@@ -157,7 +167,7 @@ export const kiviDecodeTable = new Table([
 ]);
 
 export const kiviQualityTable = new Table([
-  { title: 'store', width: 10, left: true }, { title: 'ch rel.L2', width: 9 }, { title: 'ch cos', width: 7 },
+  { title: 'store', width: 16, left: true }, { title: 'ch rel.L2', width: 9 }, { title: 'ch cos', width: 7 },
   { title: 'ch needle hits', width: 14 }, { title: 'tok rel.L2', width: 10 }, { title: 'tok cos', width: 7 },
   { title: 'tok needle hits', width: 15 }, { title: 'tok/ch', width: 6 }, { title: 'mirror', width: 7 },
 ]);
@@ -184,8 +194,10 @@ export function kiviDecodeLine(row: KiviDecodeRow): string {
 }
 
 export function kiviQualityLine(row: KiviQualityRow): string {
-  const name = row.outliers === undefined ? storeName(row.bits) : `${storeName(row.bits)}+${row.outliers * 100}%`;
-  if (row.status === 'ERROR' || row.perChannel === undefined || (row.perToken === undefined && row.outliers === undefined)) {
+  const name = row.preRope !== undefined ? `${storeName(row.bits)} ${row.preRope ? 'pre-RoPE' : 'post-RoPE'}`
+    : row.outliers === undefined ? storeName(row.bits) : `${storeName(row.bits)}+${row.outliers * 100}%`;
+  if (row.status === 'ERROR' || row.perChannel === undefined ||
+    (row.perToken === undefined && row.outliers === undefined && row.preRope === undefined)) {
     return `${kiviQualityTable.line([name])}  ERROR: ${row.error}`;
   }
   const line = kiviQualityTable.line([
@@ -201,10 +213,11 @@ function errorText(error: unknown): string {
   return (error instanceof Error ? `${error.name}: ${error.message}` : String(error)).split('\n')[0];
 }
 
-function newCache(bits: 16 | KiviBits, outliers = 0): KVCache {
+function newCache(bits: 16 | KiviBits, outliers = 0, preRope = false): KVCache {
   return new KVCache({
     layers: 1, qHeads: MODEL.qHeads, kvHeads: MODEL.kvHeads, headDim: MODEL.headDim, device: 'cpu',
-    policy: { store: bits === 16 ? { kind: 'f16' } : { kind: 'kivi', bits, group: KIVI_GROUP, residual: KIVI_RESIDUAL, outliers } },
+    policy: { store: bits === 16 ? { kind: 'f16' } : { kind: 'kivi', bits, group: KIVI_GROUP, residual: KIVI_RESIDUAL, outliers, preRope } },
+    ...(preRope ? { rope: KIVI_ROPE } : {}),
   });
 }
 
@@ -389,9 +402,11 @@ function meanCosine(actual: Float32Array, expected: Float32Array): number {
  * needle token's key in kv head h moves by alpha x (mean of the needle query over h's query heads)
  * on the ordinary channels, rounded to multiples of 1/128 within +/-16 (exact in f16), alpha the
  * smallest multiple of ALPHA_STEP with which exact attention gives the needle a logit at least
- * NEEDLE_MARGIN above every other token for each of h's query heads.
+ * NEEDLE_MARGIN above every other token for each of h's query heads. With `rope`, the keys are
+ * pre-RoPE and the margin holds after RoPE (KIVI_ROPE): keys turned by their positions, each needle
+ * query by its needle's position (the needle's own logit is then the pre-RoPE one).
  */
-function outlierWorkload(tokens: number, status: (text: string) => void) {
+function outlierWorkload(tokens: number, status: (text: string) => void, rope = false) {
   const D = MODEL.headDim;
   const k = gridValues(tokens * TOKEN_STRIDE, SEEDS.keys);
   const v = gridValues(tokens * TOKEN_STRIDE, SEEDS.values);
@@ -428,11 +443,14 @@ function outlierWorkload(tokens: number, status: (text: string) => void) {
     return key;
   };
   const plant = (n: number, h: number, alpha: number) => k.set(needleKey(n, h, alpha), positions[n] * TOKEN_STRIDE + h * D);
+  // Keys and needle queries as the scores see them (post-RoPE with `rope`).
+  const seen = (keys: Float32Array) => (rope ? ropeRows(keys, tokens, MODEL.kvHeads, TOKEN_STRIDE, (t) => t) : keys);
+  const seenQueries = rope ? ropeRows(needleQueries, NEEDLES, MODEL.qHeads, QUERY_STRIDE, (r) => positions[r]) : needleQueries;
 
   // The best other score of each (needle, query head) over the unplanted keys (conservative: the
   // needle's own base key counts as a competitor), then the smallest alpha that clears the margin.
   status(`KIVI quality: planting ${NEEDLES} needles in ${tokenLabel(tokens)} tokens...`);
-  const competitors = topKeys(base, tokens, needleQueries, NEEDLES).score;
+  const competitors = topKeys(seen(base), tokens, seenQueries, NEEDLES).score;
   const alpha = positions.map(() => new Array<number>(MODEL.kvHeads).fill(0));
   for (let n = 0; n < NEEDLES; n++) {
     for (let h = 0; h < MODEL.kvHeads; h++) {
@@ -454,7 +472,7 @@ function outlierWorkload(tokens: number, status: (text: string) => void) {
     }
   }
   // The other needles are competitors too: raise alpha where one of them (or rounding) wins.
-  let exact = countHits(k, tokens, needleQueries, positions);
+  let exact = countHits(seen(k), tokens, seenQueries, positions);
   let verifyRounds = 1;
   while (exact.misses.length > 0 && verifyRounds < 8) {
     const raise = new Set(exact.misses.map(([n, head]) => `${n}:${Math.floor(head / HEAD_GROUP)}`));
@@ -463,7 +481,7 @@ function outlierWorkload(tokens: number, status: (text: string) => void) {
       alpha[n][h] = Math.min(ALPHA_MAX, alpha[n][h] + ALPHA_STEP);
       plant(n, h, alpha[n][h]);
     }
-    exact = countHits(k, tokens, needleQueries, positions);
+    exact = countHits(seen(k), tokens, seenQueries, positions);
     verifyRounds++;
   }
   return { k, v, q, needleQueries, positions, alpha, outliers, exactHits: exact.needleHits, verifyRounds };
@@ -578,7 +596,96 @@ function rebuildSparse(k: Float32Array, v: Float32Array, tokens: number, bits: K
   return { keys, values };
 }
 
-function runQualityRows(context: KiviContext, tokens: number): { workload: KiviRecord['quality']['workload']; exact: KiviRecord['quality']['exact']; rows: KiviQualityRow[] } {
+/**
+ * RoPE (KIVI_ROPE, adjacent pairs) of rows [rows, heads, headDim] with stride `stride` floats per
+ * row: row r turns pair i by position(r) * theta^(-2i/headDim), in float64 (a copy).
+ */
+function ropeRows(x: Float32Array, rows: number, heads: number, stride: number, position: (row: number) => number): Float32Array {
+  const D = MODEL.headDim;
+  const out = x.slice();
+  const frequencies = Array.from({ length: D / 2 }, (_, i) => Math.pow(KIVI_ROPE.theta, (-2 * i) / D));
+  for (let r = 0; r < rows; r++) {
+    const p = position(r);
+    for (let i = 0; i < D / 2; i++) {
+      const c = Math.cos(p * frequencies[i]), s = Math.sin(p * frequencies[i]);
+      for (let h = 0; h < heads; h++) {
+        const a = r * stride + h * D + 2 * i;
+        const xa = out[a], xb = out[a + 1];
+        out[a] = xa * c - xb * s;
+        out[a + 1] = xa * s + xb * c;
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * The RoPE rows: the outlier workload (needles planted for the post-RoPE scores) taken as PRE-RoPE keys (outliers in fixed
+ * channels) and rotated by their positions (KIVI_ROPE) into the post-RoPE keys a model attends
+ * with; rotation mixes each outlier channel with its pair partner, so the outliers move between
+ * two channels from token to token. Queries are post-RoPE: a needle query turned by its needle's
+ * position (the needle keeps its exact logit), a plain query by T. Both rows are compared with
+ * exact attention over the post-RoPE keys: plain KIVI-b quantizes the post-RoPE keys,
+ * KIVI-b pre-RoPE (policy.store.preRope) the pre-RoPE ones and rotates in attention.
+ */
+function runPreRopeRows(context: KiviContext, tokens: number) {
+  const { say, status } = context;
+  const w = outlierWorkload(tokens, status, true);
+  const heads = { qHeads: MODEL.qHeads, kvHeads: MODEL.kvHeads, headDim: MODEL.headDim };
+  const rowsOfQ = NEEDLES + PLAIN_QUERIES;
+  const needlePairs = NEEDLES * MODEL.qHeads;
+  status('KIVI RoPE quality: rotating keys and queries...');
+  // Post-RoPE keys in f16 (what a cache holds of them), so the rebuilt mirror matches the store.
+  const kPost = ropeRows(w.k, tokens, MODEL.kvHeads, TOKEN_STRIDE, (t) => t).map(f16Round);
+  const q = ropeRows(w.q, rowsOfQ, MODEL.qHeads, QUERY_STRIDE, (r) => (r < NEEDLES ? w.positions[r] : tokens));
+  const needleQueries = q.subarray(0, NEEDLES * QUERY_STRIDE);
+  const exactOut = attention({ q, k: kPost, v: w.v, ...heads, causal: false });
+  const exactHits = countHits(kPost, tokens, needleQueries, w.positions).needleHits;
+  const ropeExact = { needleHits: exactHits, needlePairs, hitRate: exactHits / needlePairs };
+  say(`KIVI RoPE rows: the workload's keys (needles re-planted for post-RoPE scores) taken as pre-RoPE and rotated (theta ${KIVI_ROPE.theta}, ${KIVI_ROPE.style}); post-RoPE = plain KIVI ` +
+    `over the rotated keys, pre-RoPE = policy.store.preRope; both vs exact attention over the rotated keys, whose needle hits are ` +
+    `${exactHits}/${needlePairs}; tok/ch on a pre-RoPE row = post-RoPE rel.L2 / pre-RoPE rel.L2 (above 1: pre-RoPE helps).`);
+  const rows: KiviQualityRow[] = [];
+  for (const bits of [...KIVI_BITS]) {
+    const byMode: Partial<Record<'post' | 'pre', KiviQualityRow>> = {};
+    for (const preRope of [false, true]) {
+      const row: KiviQualityRow = { id: `kivi-quality-${bits}-${preRope ? 'prerope' : 'postrope'}`, bits, preRope, status: 'ok' };
+      rows.push(row);
+      byMode[preRope ? 'pre' : 'post'] = row;
+      let cache: KVCache | null = null;
+      try {
+        status(`KIVI-${bits} ${preRope ? 'pre' : 'post'}-RoPE quality: appending, attending, rebuilding K and V, scoring needles...`);
+        cache = newCache(bits, 0, preRope);
+        appendRange(cache, preRope ? w.k : kPost, w.v, 0, tokens);
+        const out = new Float32Array(q.length);
+        for (let r = 0; r < rowsOfQ; r++) {
+          cache.attend(0, q.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE), { out: out.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE) });
+        }
+        // The keys as the cache holds them, post-RoPE (pre-RoPE rows: dequantized, then rotated).
+        const held = rebuild(preRope ? w.k : kPost, w.v, tokens, bits);
+        const keys = preRope ? ropeRows(held.perChannel, tokens, MODEL.kvHeads, TOKEN_STRIDE, (t) => t) : held.perChannel;
+        const mirrorError = relativeL2Error(out, attention({ q, k: keys, v: held.values, ...heads, causal: false }));
+        row.mirror = { relL2Error: mirrorError, tolerance: MIRROR_TOLERANCE, passed: mirrorError <= MIRROR_TOLERANCE };
+        if (!row.mirror.passed) row.status = 'FAILED';
+        const { needleHits } = countHits(keys, tokens, needleQueries, w.positions);
+        row.perChannel = {
+          relL2Error: relativeL2Error(out, exactOut), cosine: meanCosine(out, exactOut), needleHits, needlePairs, hitRate: needleHits / needlePairs,
+        };
+      } catch (error) {
+        Object.assign(row, { status: 'ERROR', error: errorText(error) });
+      } finally {
+        cache?.dispose();
+      }
+      if (preRope && byMode.post?.perChannel !== undefined && row.perChannel !== undefined) {
+        row.errorRatio = byMode.post.perChannel.relL2Error / row.perChannel.relL2Error;
+      }
+      say(kiviQualityLine(row));
+    }
+  }
+  return { rows, ropeExact };
+}
+
+function runQualityRows(context: KiviContext, tokens: number): KiviRecord['quality'] {
   const { say, status } = context;
   const w = outlierWorkload(tokens, status);
   const rowsOfQ = NEEDLES + PLAIN_QUERIES;
@@ -656,6 +763,8 @@ function runQualityRows(context: KiviContext, tokens: number): { workload: KiviR
     }
     say(kiviQualityLine(sparse));
   }
+  const rope = runPreRopeRows(context, tokens);
+  rows.push(...rope.rows);
   const workload: KiviRecord['quality']['workload'] = {
     tokens,
     data: `keys seed ${SEEDS.keys}, values seed ${SEEDS.values}, queries seed ${SEEDS.queries} (rows 0-${NEEDLES - 1} needle queries, ` +
@@ -667,7 +776,7 @@ function runQualityRows(context: KiviContext, tokens: number): { workload: KiviR
     plainQueries: PLAIN_QUERIES,
     verifyRounds: w.verifyRounds,
   };
-  return { workload, exact, rows };
+  return { workload, exact, rows, ropeExact: rope.ropeExact };
 }
 
 /** Runs the section, printing its tables as rows complete. */
@@ -733,7 +842,7 @@ export function kiviTargets(record: KiviRecord | null): TargetResult[] {
   });
   const quality = record?.quality.rows ?? [];
   for (const bits of KIVI_BITS) {
-    const row = quality.find((r) => r.bits === bits && r.outliers === undefined);
+    const row = quality.find((r) => r.bits === bits && r.outliers === undefined && r.preRope === undefined);
     const target = bits === 2 ? 0.99 : 1;
     const value = row?.perChannel?.hitRate ?? null;
     targets.push({
@@ -742,7 +851,7 @@ export function kiviTargets(record: KiviRecord | null): TargetResult[] {
     });
   }
   for (const bits of KIVI_BITS) {
-    const row = quality.find((r) => r.bits === bits && r.outliers === undefined);
+    const row = quality.find((r) => r.bits === bits && r.outliers === undefined && r.preRope === undefined);
     const value = row?.errorRatio ?? null;
     targets.push({
       name: `KIVI-${bits} outlier keys: rel.L2 per-token / per-channel`, caseId: `kivi-quality-${bits}`, value, target: 1, unit: 'x',
@@ -780,7 +889,13 @@ export function kiviNotes(record: KiviRecord): string[] {
     `KIVI quality KIVI-b+${KIVI_OUTLIER_FRACTION * 100}%: keys per channel with KVQuant's dense-and-sparse outliers (policy.store.outliers ` +
       `${KIVI_OUTLIER_FRACTION}): per key group the round(${KIVI_OUTLIER_FRACTION} x ${KIVI_GROUP} x headDim) and per value token the ` +
       `round(${KIVI_OUTLIER_FRACTION} x headDim) largest |x| are left out of min/max and kept as f16 corrections (4 bytes each); its ` +
-      `tok/ch column = plain KIVI-b rel.L2 / this row's (above 1: the outliers help). KVQuant's pre-RoPE key quantization is not implemented.`,
+      `tok/ch column = plain KIVI-b rel.L2 / this row's (above 1: the outliers help).`,
+    `KIVI quality RoPE rows: the workload's keys as PRE-RoPE keys (needles planted so the margin holds after RoPE), rotated by ` +
+      `their positions (theta ${KIVI_ROPE.theta}, ${KIVI_ROPE.style} pairs) into the post-RoPE keys (rounded to f16); queries post-RoPE (needle queries turned by their needle's position, ` +
+      `plain ones by T). KIVI-b post-RoPE = plain KIVI over the rotated keys (rotation mixes each outlier channel with its pair ` +
+      `partner); KIVI-b pre-RoPE = policy.store.preRope (per-channel groups over the pre-RoPE keys, rotated in attention); both vs exact ` +
+      `attention over the rotated keys; needle hits on the held keys rotated; mirror = attention() over them. tok/ch on a pre-RoPE ` +
+      `row = post-RoPE rel.L2 / pre-RoPE rel.L2.`,
     `Rerun the section: ${record.reproduce}.`,
   ];
 }

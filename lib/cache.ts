@@ -53,10 +53,13 @@ function nativeStore(store: ResolvedPolicy['store']) {
   if (store.kind === 'kivi') {
     return {
       store: 'f16' as const, storeKind: 'kivi' as const, kiviBits: store.bits, kiviGroup: store.group,
-      kiviResidual: store.residual, kiviOutliers: store.outliers,
+      kiviResidual: store.residual, kiviOutliers: store.outliers, kiviPreRope: store.preRope,
     };
   }
-  return { store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0, kiviOutliers: 0 };
+  return {
+    store: store.kind, storeKind: 'dense' as const, kiviBits: 0, kiviGroup: 0, kiviResidual: 0, kiviOutliers: 0,
+    kiviPreRope: false,
+  };
 }
 
 // The select part of createCache's options: every field present, duo heads as a retrieval mask.
@@ -134,6 +137,9 @@ export class KVCache {
       this.#native = native;
       this.device = device;
       return;
+    }
+    if (this.policy.store.kind === 'kivi' && this.policy.store.preRope && o.rope === undefined) {
+      throw optionError('policy.store.preRope needs the cache\'s rope option ({ theta, style }): keys are rotated in attention');
     }
     this.device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
     this.#native = addon.createCache({
@@ -261,10 +267,11 @@ export class KVCache {
           store: config.storeKind === 'kivi'
             ? {
               kind: 'kivi', bits: config.kiviBits as 2 | 4 | 8, group: config.kiviGroup, residual: config.kiviResidual,
-              outliers: config.kiviOutliers,
+              outliers: config.kiviOutliers, ...(config.kiviPreRope ? { preRope: true } : {}),
             }
             : { kind: config.store },
         },
+        ...(config.kiviPreRope ? { rope: { theta: config.ropeTheta, style: config.ropeStyle } } : {}),
       },
       native,
       device,

@@ -47,7 +47,7 @@ export interface NativeCache {
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
-    kiviOutliers: number;
+    kiviOutliers: number; kiviPreRope: boolean; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
   };
   dispose(): void;
 }
@@ -77,7 +77,7 @@ interface Addon {
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
-    kiviGroup: number; kiviResidual: number; kiviOutliers: number; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
+    kiviGroup: number; kiviResidual: number; kiviOutliers: number; kiviPreRope: boolean; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
   }): NativeCache;
   quantize(options: {
     x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;

@@ -27,6 +27,14 @@ export interface KiviStoreSpec {
    * Needs group * headDim <= 65536. CPU only (the CUDA backend rejects it with ERR_BACKEND_UNAVAILABLE).
    */
   outliers?: number;
+  /**
+   * KVQuant pre-RoPE keys; default false. Needs the cache's `rope` option. `append`/`step`/`prefill`
+   * then take keys BEFORE the rotary embedding (token t of a layer is at position t, the index it is
+   * appended at); keys are quantized pre-RoPE per channel (outlier channels stay put) and attention
+   * rotates each dequantized key by its position before the dot with the (post-RoPE) query. Values
+   * are unaffected. CPU only (the CUDA backend rejects it with ERR_BACKEND_UNAVAILABLE).
+   */
+  preRope?: boolean;
 }
 /** How kept tokens are stored. */
 export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
@@ -51,7 +59,7 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
   if (spec.store !== undefined) {
     const s = plainObject('policy.store', spec.store);
     if (s.kind === 'kivi') {
-      knownKeys('policy.store', s, ['kind', 'bits', 'group', 'residual', 'outliers']);
+      knownKeys('policy.store', s, ['kind', 'bits', 'group', 'residual', 'outliers', 'preRope']);
       if (s.bits !== 2 && s.bits !== 4 && s.bits !== 8) {
         throw optionError(`Expected 2, 4 or 8 for policy.store.bits but received ${describe(s.bits)}`);
       }
@@ -65,7 +73,11 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
       if (typeof outliers !== 'number' || !Number.isFinite(outliers) || outliers < 0 || outliers > 1) {
         throw optionError(`Expected a fraction in [0, 1] for policy.store.outliers but received ${describe(s.outliers)}`);
       }
-      store = { kind: 'kivi', bits: s.bits, group, residual, outliers };
+      const preRope = s.preRope === undefined ? false : s.preRope;
+      if (typeof preRope !== 'boolean') {
+        throw optionError(`Expected a boolean for policy.store.preRope but received ${describe(s.preRope)}`);
+      }
+      store = { kind: 'kivi', bits: s.bits, group, residual, outliers, preRope };
     } else {
       if (s.kind !== 'f32' && s.kind !== 'f16' && s.kind !== 'bf16') {
         throw optionError(`Expected 'f32', 'f16', 'bf16' or 'kivi' for policy.store.kind but received ${describe(s.kind)}`);

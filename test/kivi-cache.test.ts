@@ -630,7 +630,7 @@ describe('KIVI dense-and-sparse outliers (policy.store.outliers)', () => {
     expect(saved.readUInt32LE(8)).toBe(2);
     expect(zero.stats().bytes).toEqual(plain.stats().bytes);
     expect(zero.stats().layers).toEqual(plain.stats().layers);
-    expect(zero.policy.store).toEqual({ kind: 'kivi', bits: 2, group: 32, residual: 64, outliers: 0 });
+    expect(zero.policy.store).toEqual({ kind: 'kivi', bits: 2, group: 32, residual: 64, outliers: 0, preRope: false });
     const loaded = KVCache.load(saved, { device: 'cpu' });
     open.push(loaded);
     expect(loaded.policy.store).toEqual(zero.policy.store);
@@ -696,7 +696,7 @@ describe('KIVI dense-and-sparse outliers (policy.store.outliers)', () => {
     const saved = cache.save();
     const loaded = KVCache.load(saved, { device: 'cpu' });
     open.push(loaded);
-    expect(loaded.policy.store).toEqual({ kind: 'kivi', bits: 4, group: 32, residual: 64, outliers: 0.03 });
+    expect(loaded.policy.store).toEqual({ kind: 'kivi', bits: 4, group: 32, residual: 64, outliers: 0.03, preRope: false });
     expect(Buffer.compare(loaded.save(), saved)).toBe(0);
     expectStats(loaded, mirrors, 'loaded');
     for (let t = 0; t < 20; t++) {

@@ -21,6 +21,7 @@ struct CacheConfig {
   int32_t kiviGroup = 32;
   int64_t kiviResidual = 128;
   double kiviOutliers = 0.0;         // dense-and-sparse fraction per vector (kivi_format.h); 0 = off
+  bool kiviPreRope = false;          // keys appended pre-RoPE, rotated in attention (needs rope)
   SelectConfig select;               // which tokens stay (select/select_policy.h)
   RopeConfig rope;                   // the model's RoPE, when a policy needs it
   int64_t pageTokens = 64;

@@ -3,6 +3,8 @@
 //   | f32 scale | (version >= 2) i32 storeKind, kiviBits, kiviGroup | i64 kiviResidual
 //   | (version 3) f64 kiviOutliers (the dense-and-sparse fraction; written only when it is > 0, so
 //   every other cache still saves as version 2, byte for byte as before)
+//   | (version 4, written only for policy.store.preRope) f64 kiviOutliers (>= 0) | i32 kiviPreRope (1)
+//   | f32 ropeTheta | i32 ropeStyle (0 adjacent, 1 half)
 //   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | key group records | value token records
@@ -21,7 +23,7 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 3;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers
+constexpr uint32_t kVersion = 4;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -82,8 +84,9 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     Writer writer(out);
     out->resize(sizeof(kMagic));
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
+    const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    writer.put(outliers ? kVersion : uint32_t(2));
+    writer.put(preRope ? kVersion : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -95,7 +98,12 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     writer.put(config_.kiviBits);
     writer.put(config_.kiviGroup);
     writer.put(config_.kiviResidual);
-    if (outliers) writer.put(config_.kiviOutliers);
+    if (outliers || preRope) writer.put(config_.kiviOutliers);
+    if (preRope) {
+      writer.put(int32_t(1));
+      writer.put(config_.rope.theta);
+      writer.put(int32_t(config_.rope.style));
+    }
     for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(tokens(layer));
     if (kivi()) {
       KiviStore::HeadImage image;
@@ -153,8 +161,23 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
     return corrupt("the header is truncated");
   }
   if (version >= 3 && !reader.get(&config.kiviOutliers)) return corrupt("the header is truncated");
-  if (version >= 3 && (storeKind != 1 || !(config.kiviOutliers > 0.0 && config.kiviOutliers <= 1.0))) {
+  if (version == 3 && (storeKind != 1 || !(config.kiviOutliers > 0.0 && config.kiviOutliers <= 1.0))) {
     return corrupt("the KIVI outlier fraction is out of range");
+  }
+  if (version >= 4) {
+    int32_t preRope = 0, ropeStyle = 0;
+    if (!reader.get(&preRope) || !reader.get(&config.rope.theta) || !reader.get(&ropeStyle)) {
+      return corrupt("the header is truncated");
+    }
+    if (storeKind != 1 || !(config.kiviOutliers >= 0.0 && config.kiviOutliers <= 1.0)) {
+      return corrupt("the KIVI outlier fraction is out of range");
+    }
+    if (preRope != 1 || !(config.rope.theta > 0.0f) || !std::isfinite(config.rope.theta) ||
+        (ropeStyle != 0 && ropeStyle != 1)) {
+      return corrupt("the KIVI pre-RoPE fields are out of range");
+    }
+    config.kiviPreRope = true;
+    config.rope.style = RopeStyle(ropeStyle);
   }
   if (storeKind != 0 && storeKind != 1) return corrupt("unknown store kind " + std::to_string(storeKind));
   config.storeKind = StoreKind(storeKind);

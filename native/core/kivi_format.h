@@ -15,9 +15,17 @@
 // mins (4 bytes each); the count is fixed per record, so records keep a fixed size. Attention adds
 // the corrections: score_t += q_c * delta for each key outlier (t, c), out_c += p_t * delta for each
 // value outlier c of token t. With f = 0 the records and everything else are exactly as before.
+//
+// Pre-RoPE keys (KVQuant, policy.store.preRope): the store holds keys before the model's rotary
+// embedding (token t of a layer at absolute position t), quantized per channel like any keys, so
+// outlier channels stay put; records are unchanged. Attention rotates each key by its position
+// after dequantization (x^ + delta for outliers, or the f16 residual row) and before the dot with
+// the (post-RoPE) query. The flag and the rope travel in KiviAttentionArgs.
 #pragma once
 #include <cstddef>
 #include <cstdint>
+
+#include "rope.h"
 
 namespace kvslim {
 
@@ -81,6 +89,8 @@ struct KiviAttentionArgs {
   bool causal = true;
   float scale = 1.0f;
   int32_t threads = 0;
+  bool preRope = false;  // keys are pre-RoPE: rotate key t by position t (rope) before the dot
+  RopeConfig rope;       // theta > 0 when preRope
 };
 
 }  // namespace kvslim

@@ -64,6 +64,9 @@ Status checkKivi(const CacheConfig& config) {
     return Status(ErrorCode::Option, "policy.store.outliers needs group * headDim <= 65536 (uint16 outlier indices), but "
                                      "group * headDim = " + std::to_string(int64_t(config.kiviGroup) * config.headDim));
   }
+  if (config.kiviPreRope && !(config.rope.theta > 0.0f && std::isfinite(config.rope.theta))) {
+    return Status(ErrorCode::Option, "policy.store.preRope needs the cache's rope option (rope.theta > 0)");
+  }
   return Status::ok();
 }
 }  // namespace
@@ -291,6 +294,8 @@ Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out)
   args.causal = true;
   args.scale = config_.scale;
   args.threads = config_.threads;
+  args.preRope = config_.kiviPreRope;
+  if (args.preRope) args.rope = config_.rope;
   return backend_->kiviAttention(args);
 }
 

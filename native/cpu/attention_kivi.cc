@@ -1,6 +1,8 @@
 // KIVI attention driver: the flash-decoding plan of attention_decode.cc over KIVI heads, for any
 // number of query rows (rows beyond 8 per kv head become more row groups, each re-reading codes).
 #include <algorithm>
+#include <cmath>
+#include <vector>
 
 #include "attention_plan.h"
 #include "simd_level.h"
@@ -21,6 +23,25 @@ void attentionKivi(const KiviAttentionArgs& args) {
   SplitPartials partials(layout, plan.splits, dim);
   const size_t scratchFloats = kiviScratchFloats(dim);
   std::vector<float> workerAcc(size_t(plan.threads) * (kMaxDecodeRows * size_t(dim) + scratchFloats));
+  // Pre-RoPE keys: per pair i, theta^(-2i/headDim) (as rotateRow computes it), and cos, sin of
+  // j times it for the 32 tokens of a sub-block.
+  std::vector<double> ropeFrequencies, workerRopeState;
+  std::vector<float> ropeWithin, workerRope;
+  if (args.preRope) {
+    const int32_t pairs = dim / 2;
+    ropeFrequencies.resize(size_t(pairs));
+    ropeWithin.resize(2 * size_t(pairs) * 32);
+    for (int32_t i = 0; i < pairs; ++i) {
+      const double frequency = std::pow(double(args.rope.theta), -2.0 * i / dim);
+      ropeFrequencies[size_t(i)] = frequency;
+      for (int32_t j = 0; j < 32; ++j) {
+        ropeWithin[size_t(i) * 32 + size_t(j)] = float(std::cos(j * frequency));
+        ropeWithin[(size_t(pairs) + size_t(i)) * 32 + size_t(j)] = float(std::sin(j * frequency));
+      }
+    }
+    workerRope.resize(size_t(plan.threads) * kiviRopeScratchFloats(dim));
+    workerRopeState.resize(size_t(plan.threads) * 4 * size_t(pairs));
+  }
 
   const int64_t tasks = int64_t(args.kvHeads) * rowGroups * plan.splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
@@ -47,6 +68,13 @@ void attentionKivi(const KiviAttentionArgs& args) {
     range.tokenEnd = std::min((split + 1) * plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
     range.scratch = rowAcc + kMaxDecodeRows * size_t(dim);
+    if (args.preRope) {
+      range.ropeFrequencies = ropeFrequencies.data();
+      range.ropeWithin = ropeWithin.data();
+      range.ropeStyle = args.rope.style;
+      range.ropeScratch = workerRope.data() + size_t(worker) * kiviRopeScratchFloats(dim);
+      range.ropeState = workerRopeState.data() + size_t(worker) * 4 * size_t(dim / 2);
+    }
     kernels.kiviDecodeRange(range);
     for (int32_t r = 0; r < rows; ++r) {
       const size_t index = partials.index(layout, h, firstRow + r, split);

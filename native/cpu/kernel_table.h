@@ -63,7 +63,16 @@ struct KiviRange {
   int64_t tokenBegin, tokenEnd;  // tokenBegin % 32 == 0
   SoftmaxState state;            // acc: [rows, headDim]; initialised by the kernel
   float* scratch;                // kiviScratchFloats(headDim) floats
+  // Pre-RoPE keys (kivi_format.h): nullptr when keys are post-RoPE (the fast path). Otherwise
+  // theta^(-2i/headDim) per pair i [headDim / 2]; key t turns pair i by t * theta^(-2i/headDim).
+  const double* ropeFrequencies = nullptr;
+  const float* ropeWithin = nullptr;   // [2, headDim / 2, 32]: cos, then sin, of j * frequency_i, j < 32
+  RopeStyle ropeStyle = RopeStyle::Adjacent;
+  float* ropeScratch = nullptr;        // kiviRopeScratchFloats(headDim) floats
+  double* ropeState = nullptr;         // [4, headDim / 2] doubles: angle state of the kernel
 };
+// Pre-RoPE scratch: keys of a sub-block [headDim, 32].
+inline size_t kiviRopeScratchFloats(int32_t headDim) { return size_t(headDim) * 32; }
 // q~ of a key group per row, and a block's value scales and mins.
 inline size_t kiviScratchFloats(int32_t headDim) { return size_t(kMaxDecodeRows) * size_t(headDim) + 64 * size_t(headDim) / 16; }
 

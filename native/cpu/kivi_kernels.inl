@@ -45,6 +45,112 @@ inline void kiviGroupScores(const uint32_t* codes, size_t wordsPerChannel, int32
   }
 }
 
+// Pre-RoPE keys (kivi_format.h): scores of the SUB tokens from `first` (all in one quantized key
+// group record, or all in the f16 residual when record is nullptr). The keys are dequantized
+// channel-major into keys[c][u] (x^ = code * s + m, plus the outlier deltas), each token turned by
+// its position, then dotted with the rows' post-RoPE queries. Lanes past subCount are zero keys
+// (residual) or in-group tokens (quantized) whose scores the caller ignores.
+// Angles: the state holds cos, sin of first * f_i per pair in double (std::cos/sin where the range
+// starts, then advanced by SUB * f_i per sub-block by angle addition); token first + j of the
+// sub-block uses cos(a + j f) = cos a cos jf - sin a sin jf (and the sine likewise) in float, with
+// cos jf, sin jf from the driver's table. *ropeAt: the position the state holds (-1: none yet).
+template <class V, int BITS, int ROWS, int SUB>
+inline void kiviPreRopeScores(const KiviRange& range, const uint8_t* record, int64_t first, int32_t subCount,
+                              int64_t* ropeAt, float* scores, int32_t scoreStride) {
+  using R = typename V::R;
+  constexpr int32_t LANES = SUB / V::W > 0 ? SUB / V::W : 1;
+  const KiviFormat& format = range.format;
+  const KiviHeadView& head = *range.head;
+  const int32_t dim = format.headDim;
+  const int32_t pairs = dim / 2;
+  float* keys = range.ropeScratch;  // [dim, SUB]
+  if (record != nullptr) {
+    const int32_t offset = int32_t(first % format.group);
+    const auto* codes = reinterpret_cast<const uint32_t*>(record);
+    const size_t words = format.keyGroupWordsPerChannel();
+    const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
+    const uint16_t* mins = scales + dim;
+    for (int32_t c = 0; c < dim; ++c) {
+      const R s = V::set1(V::halfToFloat(scales[c])), m = V::set1(V::halfToFloat(mins[c]));
+      for (int32_t u = 0; u < LANES; ++u) {
+        const R x = V::template codes<BITS>(codes + size_t(c) * words, offset + u * V::W);
+        V::store(keys + c * SUB + u * V::W, V::fmadd(x, s, m));
+      }
+    }
+    if (format.keyOutliers > 0) {
+      // x^ + delta for the group's outliers at tokens of this sub-block (indices increase).
+      const auto* indices = reinterpret_cast<const uint16_t*>(record + format.keyOutlierOffset());
+      const uint16_t* deltas = indices + format.keyOutliers;
+      for (int32_t i = 0; i < format.keyOutliers; ++i) {
+        const int32_t t = int32_t(indices[i]) / dim - offset;
+        if (t < 0) continue;
+        if (t >= SUB) break;
+        keys[(int32_t(indices[i]) % dim) * SUB + t] += V::halfToFloat(deltas[i]);
+      }
+    }
+  } else {
+    for (int32_t j = 0; j < SUB; ++j) {
+      if (j < subCount) {
+        const uint16_t* row = head.keyResidual + size_t(first + j - head.quantizedKeys) * size_t(dim);
+        for (int32_t c = 0; c < dim; ++c) keys[c * SUB + j] = V::halfToFloat(row[c]);
+      } else {
+        for (int32_t c = 0; c < dim; ++c) keys[c * SUB + j] = 0.0f;
+      }
+    }
+  }
+  const double* frequencies = range.ropeFrequencies;
+  double* angleCos = range.ropeState;
+  double* angleSin = angleCos + pairs;
+  double* stepCos = angleSin + pairs;
+  double* stepSin = stepCos + pairs;
+  if (*ropeAt < 0) {
+    for (int32_t i = 0; i < pairs; ++i) {
+      stepCos[i] = std::cos(double(SUB) * frequencies[i]);
+      stepSin[i] = std::sin(double(SUB) * frequencies[i]);
+    }
+  }
+  if (*ropeAt != first) {
+    for (int32_t i = 0; i < pairs; ++i) {
+      angleCos[i] = std::cos(double(first) * frequencies[i]);
+      angleSin[i] = std::sin(double(first) * frequencies[i]);
+    }
+  }
+  const float* withinCos = range.ropeWithin;
+  const float* withinSin = withinCos + size_t(pairs) * 32;
+  const bool adjacent = range.ropeStyle == RopeStyle::Adjacent;
+  const R minusOne = V::set1(-1.0f);
+  for (int32_t i = 0; i < pairs; ++i) {
+    float* xa = keys + (adjacent ? 2 * i : i) * SUB;
+    float* xb = keys + (adjacent ? 2 * i + 1 : i + pairs) * SUB;
+    const R c0 = V::set1(float(angleCos[i])), s0 = V::set1(float(angleSin[i])), minusS0 = V::set1(-float(angleSin[i]));
+    for (int32_t u = 0; u < LANES; ++u) {
+      const R cj = V::load(withinCos + i * 32 + u * V::W), sj = V::load(withinSin + i * 32 + u * V::W);
+      const R c = V::fmadd(c0, cj, V::mul(minusS0, sj));  // cos(a + jf)
+      const R s = V::fmadd(s0, cj, V::mul(c0, sj));       // sin(a + jf)
+      const R a = V::load(xa + u * V::W), b = V::load(xb + u * V::W);
+      V::store(xa + u * V::W, V::fmadd(b, V::mul(s, minusOne), V::mul(a, c)));  // a c - b s
+      V::store(xb + u * V::W, V::fmadd(a, s, V::mul(b, c)));                    // a s + b c
+    }
+    const double nextCos = angleCos[i] * stepCos[i] - angleSin[i] * stepSin[i];
+    angleSin[i] = angleSin[i] * stepCos[i] + angleCos[i] * stepSin[i];
+    angleCos[i] = nextCos;
+  }
+  *ropeAt = first + SUB;
+  R acc[ROWS][LANES];
+  for (int32_t r = 0; r < ROWS; ++r)
+    for (int32_t u = 0; u < LANES; ++u) acc[r][u] = V::zero();
+  for (int32_t c = 0; c < dim; ++c) {
+    R x[LANES];
+    for (int32_t u = 0; u < LANES; ++u) x[u] = V::load(keys + c * SUB + u * V::W);
+    for (int32_t r = 0; r < ROWS; ++r) {
+      const R qc = V::set1(range.q[r * dim + c]);
+      for (int32_t u = 0; u < LANES; ++u) acc[r][u] = V::fmadd(qc, x[u], acc[r][u]);
+    }
+  }
+  for (int32_t r = 0; r < ROWS; ++r)
+    for (int32_t u = 0; u < LANES; ++u) V::store(scores + r * scoreStride + u * V::W, acc[r][u]);
+}
+
 template <class V, int BITS, int ROWS, int SUB>
 void kiviDecodeRows(const KiviRange& range) {
   using R = typename V::R;
@@ -76,6 +182,7 @@ void kiviDecodeRows(const KiviRange& range) {
   }
   const int64_t end = range.tokenEnd < lastOfAll + 1 ? range.tokenEnd : lastOfAll + 1;
   int64_t currentGroup = -1;
+  int64_t ropeAt = -1;  // pre-RoPE keys: the position kiviPreRopeScores' angle state holds
   float scores[ROWS][kKiviBlock];
   // Value rows of the block: codes (quantized tokens) or f16 residual rows. Page walk without a
   // division per token.
@@ -89,6 +196,16 @@ void kiviDecodeRows(const KiviRange& range) {
     for (int32_t sub = 0; sub < count; sub += SUB) {
       const int64_t first = blockBegin + sub;
       const int32_t subCount = count - sub < SUB ? count - sub : SUB;
+      if (range.ropeFrequencies != nullptr) {
+        const uint8_t* record = nullptr;
+        if (first < head.quantizedKeys) {
+          const int64_t g = first / group;
+          record = static_cast<const uint8_t*>(head.keyPages[g / range.keyGroupsPerPage]) +
+                   size_t(g % range.keyGroupsPerPage) * keyGroupBytes;
+        }
+        kiviPreRopeScores<V, BITS, ROWS, SUB>(range, record, first, subCount, &ropeAt, &scores[0][sub], kKiviBlock);
+        continue;
+      }
       if (first < head.quantizedKeys) {
         // quantizedKeys is a multiple of the group (a multiple of SUB): the sub-block is quantized.
         const int64_t g = first / group;

@@ -445,6 +445,12 @@ class CudaBackend final : public Backend {
                     "KIVI attention over records with outliers (policy.store.outliers > 0) is not implemented on "
                     "CUDA in this version; use device 'cpu'");
     }
+    if (args.preRope) {
+      // Pre-RoPE keys (kivi_format.h): the CUDA kernels do not rotate keys.
+      return Status(ErrorCode::BackendUnavailable,
+                    "KIVI attention over pre-RoPE keys (policy.store.preRope) is not implemented on CUDA in this "
+                    "version; use device 'cpu'");
+    }
     const KiviFormat& format = args.format;
     KiviKernelArgs kernel;
     kernel.attention = kernelShape(args.n, args.qHeads, args.kvHeads, format.headDim, args.causal, args.scale);

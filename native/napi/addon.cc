@@ -184,6 +184,7 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
     config.kiviGroup = intField(env, options, "kiviGroup");
     config.kiviResidual = intField(env, options, "kiviResidual");
     config.kiviOutliers = numberField(env, options, "kiviOutliers");
+    config.kiviPreRope = boolField(env, options, "kiviPreRope");
   } else if (storeKind != "dense") {
     throwStatus(env, Status(ErrorCode::Option, "storeKind must be 'dense' or 'kivi'"));
   }

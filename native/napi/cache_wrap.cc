@@ -159,6 +159,9 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   result.Set("kiviGroup", config.kiviGroup);
   result.Set("kiviResidual", double(config.kiviResidual));
   result.Set("kiviOutliers", config.kiviOutliers);
+  result.Set("kiviPreRope", config.kiviPreRope);
+  result.Set("ropeTheta", config.rope.theta);
+  result.Set("ropeStyle", config.rope.style == RopeStyle::Half ? "half" : "adjacent");
   result.Set("scale", config.scale);
   return result;
 }

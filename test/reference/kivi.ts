@@ -448,3 +448,45 @@ export class KiviMirror {
     }
   }
 }
+
+// ---- Pre-RoPE keys (policy.store.preRope) -----------------------------------------------------
+
+export interface RopeSpec {
+  theta: number;
+  style: 'adjacent' | 'half';
+}
+
+/**
+ * Rotary embedding in float64 of rows [T, heads, headDim] (a copy): row t turns pair i by
+ * (firstPosition + t) * theta^(-2i/headDim); pairs (2i, 2i+1) ('adjacent') or (i, i + headDim/2) ('half').
+ */
+export function ropeRows(x: ArrayLike<number>, heads: number, headDim: number, rope: RopeSpec, firstPosition = 0): Float64Array {
+  const out = Float64Array.from(x);
+  const pairs = headDim / 2;
+  const tokens = out.length / (heads * headDim);
+  for (let t = 0; t < tokens; t++) {
+    for (let i = 0; i < pairs; i++) {
+      const angle = (firstPosition + t) * Math.pow(rope.theta, (-2 * i) / headDim);
+      const c = Math.cos(angle), s = Math.sin(angle);
+      for (let h = 0; h < heads; h++) {
+        const base = (t * heads + h) * headDim;
+        const a = base + (rope.style === 'adjacent' ? 2 * i : i);
+        const b = base + (rope.style === 'adjacent' ? 2 * i + 1 : i + pairs);
+        const xa = out[a], xb = out[b];
+        out[a] = xa * c - xb * s;
+        out[b] = xa * s + xb * c;
+      }
+    }
+  }
+  return out;
+}
+
+/**
+ * Float64 causal attention of q [n, qHeads, headDim] over a pre-RoPE KIVI layer: the mirror's
+ * stored keys (reference-dequantized pre-RoPE keys, f16 residual) rotated by their positions.
+ */
+export function attendPreRope(mirror: KiviMirror, q: ArrayLike<number>, rope: RopeSpec, flushedAt = mirror.tokens, scale?: number): Float64Array {
+  const { k, v } = mirror.stored(flushedAt);
+  const rotated = ropeRows(k, mirror.heads.kvHeads, mirror.heads.headDim, rope);
+  return referenceAttention({ q, k: rotated, v, ...mirror.heads, causal: true, scale });
+}
