@@ -27,7 +27,7 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
     quality: {
       workload: { tokens: number };
       rows: Array<{
-        bits: number; status: string; errorRatio?: number;
+        id: string; bits: number; status: string; errorRatio?: number; outliers?: number; preRope?: boolean;
         perChannel?: { relL2Error: number; hitRate: number }; perToken?: { relL2Error: number; hitRate: number };
       }>;
     };
@@ -81,14 +81,21 @@ if (results.kivi) {
   }
   kiviLines.push(
     '', `KIVI quality on ${results.kivi.quality.workload.tokens / 1024}K tokens whose keys have outlier channels, with planted needles:`, '',
-    '| store | rel. L2, keys per channel | needle hits | rel. L2, keys per token (ablation) | needle hits | per-token / per-channel error |',
+    '| store | rel. L2 | needle hits | rel. L2, keys per token (ablation) | needle hits | error ratio |',
     '| --- | ---: | ---: | ---: | ---: | ---: |',
   );
+  // Plain rows (keys per channel, with the per-token ablation), then the KVQuant variants: +1%
+  // dense-and-sparse outliers (ratio = plain / this), and post- vs pre-RoPE keys on a rotated
+  // workload (ratio on the pre-RoPE row = post-RoPE / pre-RoPE).
   for (const row of results.kivi.quality.rows) {
-    if (row.status !== 'ok' || !row.perChannel || !row.perToken) continue;
+    if (row.status !== 'ok' || !row.perChannel) continue;
+    const name = row.id.endsWith('-outliers') ? `KIVI-${row.bits} + 1% outliers`
+      : row.id.endsWith('-postrope') ? `KIVI-${row.bits}, RoPE workload, post-RoPE keys`
+        : row.id.endsWith('-prerope') ? `KIVI-${row.bits}, RoPE workload, pre-RoPE keys` : `KIVI-${row.bits}`;
+    const ablation = row.perToken ? `${number(row.perToken.relL2Error, 4)} | ${number(row.perToken.hitRate * 100, 1)}%` : '– | –';
     kiviLines.push(
-      `| KIVI-${row.bits} | ${number(row.perChannel.relL2Error, 4)} | ${number(row.perChannel.hitRate * 100, 1)}% | ` +
-        `${number(row.perToken.relL2Error, 4)} | ${number(row.perToken.hitRate * 100, 1)}% | ${number(row.errorRatio, 2)}× |`,
+      `| ${name} | ${number(row.perChannel.relL2Error, 4)} | ${number(row.perChannel.hitRate * 100, 1)}% | ${ablation} | ` +
+        `${row.errorRatio === undefined ? '–' : `${number(row.errorRatio, 2)}×`} |`,
     );
   }
   kiviLines.push('', 'Reproduce with `npm run bench -- --only kivi`.');
