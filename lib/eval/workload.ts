@@ -10,6 +10,7 @@
 //    with, so that the needle's value dominates that query's attention output.
 // Each turn asks a fresh set of needles; every token (context and queries) has q, k and v.
 import { KVSlimError } from '../errors.js';
+import { mulberry32 } from '../random.js';
 
 /** The shapes of a workload (one layer: `k`, `v` are `[n, kvHeads, headDim]`, `q` is `[n, qHeads, headDim]`). */
 export interface WorkloadConfig {
@@ -82,19 +83,11 @@ const NEEDLE_LOGIT = 24;
 
 /** mulberry32 plus Box-Muller: same seed, same numbers on every platform. */
 class Random {
-  #state: number;
+  readonly uniform: () => number;
   #spare: number | null = null;
 
   constructor(seed: number) {
-    this.#state = seed >>> 0;
-  }
-
-  uniform(): number {
-    this.#state = (this.#state + 0x6d2b79f5) >>> 0;
-    let t = this.#state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
+    this.uniform = mulberry32(seed);
   }
 
   normal(): number {

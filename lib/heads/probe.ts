@@ -4,6 +4,7 @@
 // the token it is about to repeat; scoreHeads(..., { copySegment: length }) counts exactly that.
 import { describe } from '../errors.js';
 import { knownKeys, optionError, plainObject, positiveInteger } from '../validate.js';
+import { mulberry32 } from '../random.js';
 
 /** Options of {@link headProbe}. */
 export interface HeadProbeOptions {
@@ -19,17 +20,6 @@ export interface HeadProbeOptions {
   bos?: number;
 }
 
-/** mulberry32: uniform in [0, 1) from a 32-bit state; same seed, same sequence on every platform. */
-function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
 
 const probeKeys = ['length', 'vocab', 'firstId', 'seed', 'bos'] as const;
 const MAX_ID = 2 ** 31 - 1;

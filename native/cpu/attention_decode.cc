@@ -105,12 +105,7 @@ void attentionDecode(const AttentionArgs& args) {
     range.tokenEnd = head.firstRow + std::min((split + 1) * plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
     kernels.decodeRange(range);
-    for (int32_t r = 0; r < rows; ++r) {
-      const size_t index = partials.index(layout, h, firstRow + r, split);
-      partials.maxes[index] = rowMax[r];
-      partials.sums[index] = rowSum[r];
-      std::copy(rowAcc + r * dim, rowAcc + (r + 1) * dim, partials.accs.begin() + index * size_t(dim));
-    }
+    partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
   });
   mergeSplits(layout, partials, args.out, args.lse);
 }

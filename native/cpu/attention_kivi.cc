@@ -76,12 +76,7 @@ void attentionKivi(const KiviAttentionArgs& args) {
       range.ropeState = workerRopeState.data() + size_t(worker) * 4 * size_t(dim / 2);
     }
     kernels.kiviDecodeRange(range);
-    for (int32_t r = 0; r < rows; ++r) {
-      const size_t index = partials.index(layout, h, firstRow + r, split);
-      partials.maxes[index] = rowMax[r];
-      partials.sums[index] = rowSum[r];
-      std::copy(rowAcc + r * dim, rowAcc + (r + 1) * dim, partials.accs.begin() + index * size_t(dim));
-    }
+    partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
   });
   mergeSplits(layout, partials, args.out, nullptr);
 }

@@ -1,11 +1,13 @@
 // Shared set-up of the CPU attention drivers: which query rows read which kv head, and where
 // each row's causal window ends.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <vector>
 
 #include "../core/attention_args.h"
 #include "../core/kivi_format.h"
+#include "kernel_table.h"
 
 namespace kvslim::cpu {
 
@@ -52,6 +54,15 @@ struct SplitPartials {
         accs(maxes.size() * size_t(dim)) {}
   size_t index(const RowLayout& layout, int32_t h, int64_t row, int64_t split) const {
     return (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(splits) + size_t(split);
+  }
+  // Keeps the softmax state of `rows` rows from firstRow (acc rows headDim apart) as split `split`.
+  void store(const RowLayout& layout, int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state) {
+    for (int32_t r = 0; r < rows; ++r) {
+      const size_t at = index(layout, h, firstRow + r, split);
+      maxes[at] = state.max[r];
+      sums[at] = state.sum[r];
+      std::copy(state.acc + size_t(r) * size_t(dim), state.acc + size_t(r + 1) * size_t(dim), accs.begin() + at * size_t(dim));
+    }
   }
 };
 

@@ -1,16 +1,8 @@
 // Seeded random tensors and error measures shared by the kernel tests.
 
-/** mulberry32: a small 32-bit PRNG, uniform in [0, 1). Same seed, same sequence. */
-export function mulberry32(seed: number): () => number {
-  let state = seed >>> 0;
-  return () => {
-    state = (state + 0x6d2b79f5) >>> 0;
-    let t = state;
-    t = Math.imul(t ^ (t >>> 15), t | 1);
-    t ^= t + Math.imul(t ^ (t >>> 7), t | 61);
-    return ((t ^ (t >>> 14)) >>> 0) / 4294967296;
-  };
-}
+import { mulberry32 } from '../../lib/random.js';
+
+export { mulberry32 };
 
 /** A seeded source of standard normal samples (Box-Muller); never returns exactly 0. */
 export class Random {
