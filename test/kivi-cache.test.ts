@@ -11,6 +11,7 @@ import { referenceAttention } from './reference/attention.js';
 import { type Dtype, roundTo } from './reference/half.js';
 import { type KiviConfig, KiviMirror, kiviHeadBytes, quantizedKeyTokens, quantizedValueTokens } from './reference/kivi.js';
 import { expectError } from './helpers/errors.js';
+import { expectClose as expectCloseWithin, expectIdentical } from './helpers/outputs.js';
 
 // Relative L2 against the float64 reference over the reference-dequantized K and V: the kernels
 // dequantize exactly as the reference does (code * s + z with the f16 s and z) and add only f32
@@ -36,18 +37,7 @@ afterEach(() => {
 });
 
 function expectClose(actual: Float32Array, expected: ArrayLike<number>, what: string, bound = TOLERANCE): void {
-  expect(actual, what).toBeInstanceOf(Float32Array);
-  expect(actual.length, what).toBe(expected.length);
-  expect(relativeL2(actual, expected), what).toBeLessThanOrEqual(bound);
-}
-
-/** Bit-identical outputs of two computations that must not differ (reports the first difference). */
-function expectIdentical(actual: Float32Array, expected: Float32Array, what: string): void {
-  expect(actual, what).toBeInstanceOf(Float32Array);
-  expect(actual.length, what).toBe(expected.length);
-  for (let i = 0; i < expected.length; i++) {
-    if (!Object.is(actual[i], expected[i])) expect.fail(`${what}: [${i}] ${actual[i]} != ${expected[i]}`);
-  }
+  expectCloseWithin(actual, expected, what, bound);
 }
 
 

@@ -11,6 +11,7 @@ import { type Dtype } from './reference/half.js';
 import { type KiviConfig, KiviMirror, type RopeSpec, attendPreRope, ropeRows } from './reference/kivi.js';
 import { referenceAttention } from './reference/attention.js';
 import { expectError } from './helpers/errors.js';
+import { expectClose as expectCloseWithin, expectIdentical } from './helpers/outputs.js';
 
 const TOLERANCE = 1e-4;
 const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
@@ -28,16 +29,7 @@ afterEach(() => {
 });
 
 function expectClose(actual: Float32Array, expected: ArrayLike<number>, what: string, bound = TOLERANCE): void {
-  expect(actual, what).toBeInstanceOf(Float32Array);
-  expect(actual.length, what).toBe(expected.length);
-  expect(relativeL2(actual, expected), what).toBeLessThanOrEqual(bound);
-}
-
-function expectIdentical(actual: Float32Array, expected: Float32Array, what: string): void {
-  expect(actual.length, what).toBe(expected.length);
-  for (let i = 0; i < expected.length; i++) {
-    if (!Object.is(actual[i], expected[i])) expect.fail(`${what}: [${i}] ${actual[i]} != ${expected[i]}`);
-  }
+  expectCloseWithin(actual, expected, what, bound);
 }
 
 interface Case {
