@@ -66,7 +66,9 @@ function nativeStore(store: ResolvedPolicy['store']) {
 function nativeSelect(select: ResolvedSelect, layers: number, kvHeads: number, gqa: boolean): NativeSelect {
   const none: NativeSelect = {
     kind: select.kind, sink: 0, window: 0, budget: 0, kernel: 1, pooling: 'max', beta: 1, recent: 0, retrieval: new Uint8Array(0),
-    cachePositions: false,
+    cachePositions: false, pageSize: 1, pages: 1, topK: 1, trainQueries: 1,
+    index: { kind: 'flat', dim: 1, lists: 0, probes: 0, degree: 32, beam: 0, neighbors: 100, threads: 0, seed: 1 },
+    blockSize: 1, blocks: 1, reprTopK: 1, queryWindow: 1, questionWeight: 0, temperature: 1,
   };
   switch (select.kind) {
     case 'full': return none;
@@ -75,6 +77,18 @@ function nativeSelect(select: ResolvedSelect, layers: number, kvHeads: number, g
       return { ...none, budget: select.budget, window: select.window, kernel: select.kernel, pooling: select.pooling, beta: select.beta };
     case 'h2o': return { ...none, budget: select.budget, recent: select.recent };
     case 'duo': return { ...none, sink: select.sink, window: select.window, retrieval: duoMask(select, layers, kvHeads, gqa) };
+    case 'quest': return { ...none, sink: select.sink, window: select.window, pageSize: select.pageSize, pages: select.pages };
+    case 'retrieval':
+      return {
+        ...none, sink: select.sink, window: select.window, topK: select.topK, trainQueries: select.trainQueries,
+        index: { ...select.index, dim: 1 },
+      };
+    case 'actqkv':
+      return {
+        ...none, sink: select.sink, window: select.window, blockSize: select.blockSize, blocks: select.blocks,
+        reprTopK: select.reprTopK, queryWindow: select.queryWindow, questionWeight: select.questionWeight,
+        temperature: select.temperature,
+      };
   }
 }
 
@@ -222,11 +236,25 @@ export class KVCache {
    * keeps a subset of `0 .. tokens(layer) - 1`; positions are never renumbered).
    */
   positions(layer: number, kvHead: number): Float64Array {
+    this.#checkHead(layer, kvHead);
+    return this.#live('positions').positions(layer, kvHead, false);
+  }
+
+  /**
+   * Absolute positions of the tokens the last attention call of a layer read in one kv head,
+   * ascending: the static part plus what a loading policy (quest, retrieval, actqkv) chose, or
+   * every kept token when the call attended densely.
+   */
+  loadedPositions(layer: number, kvHead: number): Float64Array {
+    this.#checkHead(layer, kvHead);
+    return this.#live('loadedPositions').positions(layer, kvHead, true);
+  }
+
+  #checkHead(layer: number, kvHead: number): void {
     this.#checkLayer(layer);
     if (!Number.isInteger(kvHead) || kvHead < 0 || kvHead >= this.kvHeads) {
       throw new KVSlimError('ERR_SHAPE', `Expected kvHead to be an integer in [0, ${this.kvHeads - 1}] but received ${String(kvHead)}`);
     }
-    return this.#live('positions').positions(layer, kvHead);
   }
 
   /** Token counts, bytes by part and time per lifecycle stage. */

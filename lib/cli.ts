@@ -33,7 +33,8 @@ const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <s
   --trace <file>        a kvslim trace (kvslim trace): rows after the prompt are the queries
   --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16,
                         kivi2, kivi4, kivi8, streaming:<budget>, snapkv:<budget>,
-                        pyramidkv:<budget>, h2o:<budget>
+                        pyramidkv:<budget>, h2o:<budget>, quest:<pages>, flat:<topK>,
+                        ivf:<topK>, graph:<topK>, actqkv:<blocks>
                         (full selection with that store), or a PolicySpec as JSON, e.g.
                         '{"select":{"kind":"full"},"store":{"kind":"bf16"}}'
   --turns <n>           query turns to run (default: all the source holds)
@@ -166,6 +167,14 @@ const policyShorthands: Record<string, PolicySpec> = {
 function parsePolicy(text: string): PolicySpec {
   if (Object.hasOwn(policyShorthands, text)) return policyShorthands[text];
   // <selection>:<budget>: streaming keeps 4 sinks + (budget - 4) recent tokens.
+  // quest:<pages>, flat|ivf|graph:<topK> (retrieval), actqkv:<blocks per layer>.
+  const loading = /^(quest|flat|ivf|graph|actqkv):(\d+)$/.exec(text);
+  if (loading !== null) {
+    const count = Number(loading[2]);
+    if (loading[1] === 'quest') return { select: { kind: 'quest', pages: count } };
+    if (loading[1] === 'actqkv') return { select: { kind: 'actqkv', blocks: count } };
+    return { select: { kind: 'retrieval', index: loading[1] as 'flat' | 'ivf' | 'graph', topK: count } };
+  }
   const budgeted = /^(streaming|snapkv|pyramidkv|h2o):(\d+)$/.exec(text);
   if (budgeted !== null) {
     const budget = Number(budgeted[2]);

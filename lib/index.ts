@@ -7,7 +7,11 @@ export { attention, attentionScores, type AttentionOptions, type AttentionScores
 export { backends, setThreads, type Backends, type Device } from './backends.js';
 export { KVCache, type CallOptions, type KVCacheOptions } from './cache.js';
 export { KVSlimError, type KVSlimErrorCode } from './errors.js';
+export {
+  createKeyIndex, KeyIndex, pageBounds, type KeyIndexOptions, type PageBoundsOptions, type SearchHits, type SearchOptions,
+} from './key-index.js';
 export type { KiviStoreSpec, PolicySpec, ResolvedPolicy, SelectSpec, StoreSpec } from './policy.js';
+export type { ActQKVSpec, IndexSpec, QuestSpec, RetrievalSpec } from './select.js';
 export { dequantize, quantize, type QuantizedTensor, type QuantizeOptions } from './quantize.js';
 export { probeMachine, type MachineLimits } from './probes.js';
 export type { CacheStats } from './stats.js';

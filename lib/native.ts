@@ -25,6 +25,21 @@ export interface NativeStats {
 export interface NativeSelect {
   kind: string; sink: number; window: number; budget: number; kernel: number; pooling: 'max' | 'avg'; beta: number;
   recent: number; retrieval: Uint8Array; cachePositions: boolean;
+  pageSize: number; pages: number; topK: number; trainQueries: number; index: NativeIndexOptions;
+  blockSize: number; blocks: number; reprTopK: number; queryWindow: number; questionWeight: number; temperature: number;
+}
+
+export interface NativeIndexOptions {
+  kind: 'flat' | 'ivf' | 'graph'; dim: number; lists: number; probes: number; degree: number; beam: number;
+  neighbors: number; threads: number; seed: number;
+}
+
+export interface NativeKeyIndex {
+  add(keys: Float32Array): void;
+  search(queries: Float32Array, k: number, probes: number, beam: number): { ids: Uint32Array; scores: Float32Array; scanned: number };
+  size(): number;
+  bytes(): number;
+  dispose(): void;
 }
 
 export interface NativeCache {
@@ -43,7 +58,7 @@ export interface NativeCache {
   stats(): NativeStats;
   save(): Buffer;
   tokens(layer: number): number;
-  positions(layer: number, kvHead: number): Float64Array;
+  positions(layer: number, kvHead: number, loaded?: boolean): Float64Array;
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
@@ -79,6 +94,8 @@ interface Addon {
     scale: number; threads: number; device: string; storeKind: 'dense' | 'kivi'; kiviBits: number;
     kiviGroup: number; kiviResidual: number; kiviOutliers: number; kiviPreRope: boolean; select: NativeSelect; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
   }): NativeCache;
+  NativeKeyIndex: new (options: NativeIndexOptions, keys: Float32Array, queries: Float32Array | undefined) => NativeKeyIndex;
+  pageBounds(dim: number, pageSize: number, keys: Float32Array, queries: Float32Array): Float32Array;
   quantize(options: {
     x: NativeTensor; dtype: NativeDtype; channels: number; axis: string; bits: number; group: number;
   }): { tokens: number; codes: Uint32Array; scales: Float32Array; zeros: Float32Array };

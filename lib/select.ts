@@ -39,8 +39,52 @@ export interface DuoSpec {
   window?: number;
   retrievalRatio?: number;
 }
+/**
+ * Loading policies keep every token and read a few per decode call: the first `sink` tokens and the
+ * last `window` always (the static part, exact), plus those the policy loads from the rest (the
+ * dynamic part); the two partial attentions are merged by log-sum-exp. Prefill attends densely.
+ */
+interface LoadingSpec { sink?: number; window?: number }
+/** Quest: pages of `pageSize` tokens with per-channel key min/max; loads the `pages` pages of highest upper bound. */
+export interface QuestSpec extends LoadingSpec { kind: 'quest'; pageSize?: number; pages: number }
+/** Options of a key index (flat, ivf, graph); see createKeyIndex(). */
+export interface IndexSpec {
+  /** ivf: k-means lists (default about 4 sqrt(keys)). */
+  lists?: number;
+  /** ivf: lists scanned per search (default lists / 16). */
+  probes?: number;
+  /** graph: out-degree cap M (default 32). */
+  degree?: number;
+  /** graph: search candidate list L (default max(2 topK, 64)). */
+  beam?: number;
+  /** graph: exact top keys linked per training query, Nq (default 100). */
+  neighbors?: number;
+  /** Build threads (default: the machine's). */
+  threads?: number;
+  /** Seed of the build's sampling (default 1). */
+  seed?: number;
+}
+/**
+ * RetrievalAttention: the dynamic part through an index per (layer, kv head); each decode call loads
+ * the `topK` keys of highest q.k (max over the kv head's query group). `flat` scans exactly (on the
+ * backend), `ivf` probes k-means lists, `graph` is the attention-aware index built from a sample of
+ * `trainQueries` prefill queries per kv head; keys leaving the window later are inserted.
+ */
+export interface RetrievalSpec extends LoadingSpec, IndexSpec {
+  kind: 'retrieval'; index?: 'flat' | 'ivf' | 'graph'; topK?: number; trainQueries?: number;
+}
+/**
+ * ActQKV: blocks of `blockSize` tokens with representative keys; an activation-aware probe-query from
+ * the last `queryWindow` queries scores the blocks (cosine, plus `questionWeight` x the current
+ * query); an entropy-driven cut-off shares `blocks` x layers blocks across layers.
+ */
+export interface ActQKVSpec extends LoadingSpec {
+  kind: 'actqkv'; blockSize?: number; blocks?: number; reprTopK?: number; queryWindow?: number;
+  questionWeight?: number; temperature?: number;
+}
 /** Which tokens are kept and loaded. */
-export type SelectSpec = { kind: 'full' } | StreamingSpec | SnapKVSpec | PyramidKVSpec | H2OSpec | DuoSpec;
+export type SelectSpec =
+  | { kind: 'full' } | StreamingSpec | SnapKVSpec | PyramidKVSpec | H2OSpec | DuoSpec | QuestSpec | RetrievalSpec | ActQKVSpec;
 
 /** A select spec with every default applied; duo heads flattened (mask or scores). */
 export type ResolvedSelect =
@@ -48,9 +92,20 @@ export type ResolvedSelect =
   | { kind: 'streaming'; sink: number; window: number; positions: 'absolute' | 'cache' }
   | { kind: 'snapkv' | 'pyramidkv'; budget: number; window: number; kernel: number; pooling: 'max' | 'avg'; beta: number }
   | { kind: 'h2o'; budget: number; recent: number }
-  | { kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null; retrievalRatio: number | null };
+  | { kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null; retrievalRatio: number | null }
+  | { kind: 'quest'; sink: number; window: number; pageSize: number; pages: number }
+  | { kind: 'retrieval'; sink: number; window: number; index: ResolvedIndex; topK: number; trainQueries: number }
+  | {
+    kind: 'actqkv'; sink: number; window: number; blockSize: number; blocks: number; reprTopK: number; queryWindow: number;
+    questionWeight: number; temperature: number;
+  };
 
-const planned = ['quest', 'retrieval', 'actqkv'];
+/** Index options with every default applied (0 = chosen at build from the key count). */
+export interface ResolvedIndex {
+  kind: 'flat' | 'ivf' | 'graph'; lists: number; probes: number; degree: number; beam: number; neighbors: number;
+  threads: number; seed: number;
+}
+const INDEX_KEYS = ['lists', 'probes', 'degree', 'beam', 'neighbors', 'threads', 'seed'];
 const MAX_TOKENS = 2 ** 40;
 
 function nonNegativeInteger(name: string, value: unknown, fallback: number): number {
@@ -96,6 +151,41 @@ function resolveDuo(s: Record<string, unknown>): ResolvedSelect {
     ratio = s.retrievalRatio;
   }
   return { kind: 'duo', sink, window, mask: null, scores: Float64Array.from(values as number[]), retrievalRatio: ratio };
+}
+
+function finiteNumber(name: string, value: unknown, fallback: number, min: number): number {
+  if (value === undefined) return fallback;
+  if (typeof value !== 'number' || !Number.isFinite(value) || value < min) {
+    throw optionError(`Expected a finite number >= ${min === Number.MIN_VALUE ? '0 (exclusive)' : min} for ${name} but received ${describe(value)}`);
+  }
+  return value;
+}
+
+// sink and window of a loading policy.
+function loadingPart(s: Record<string, unknown>, sink: number, window: number): { sink: number; window: number } {
+  return {
+    sink: nonNegativeInteger('policy.select.sink', s.sink, sink),
+    window: optionalPositiveInteger('policy.select.window', s.window, window, MAX_TOKENS),
+  };
+}
+
+/** Index options (IndexSpec) checked under `prefix`, defaults applied. */
+export function resolveIndex(prefix: string, kind: 'flat' | 'ivf' | 'graph', s: Record<string, unknown>): ResolvedIndex {
+  const count = (name: string, fallback: number, max: number) => nonNegativeIntegerUpTo(`${prefix}.${name}`, s[name], fallback, max);
+  const degree = count('degree', 32, 1024);
+  if (degree < 2) throw optionError(`Expected ${prefix}.degree to be in [2, 1024] but received ${degree}`);
+  const neighbors = count('neighbors', 100, 4096);
+  if (neighbors < 1) throw optionError(`Expected ${prefix}.neighbors to be in [1, 4096] but received ${neighbors}`);
+  return {
+    kind, lists: count('lists', 0, 1 << 24), probes: count('probes', 0, 1 << 24), degree, beam: count('beam', 0, 1 << 20),
+    neighbors, threads: count('threads', 0, 1024), seed: count('seed', 1, 2 ** 31 - 1),
+  };
+}
+
+function nonNegativeIntegerUpTo(name: string, value: unknown, fallback: number, max: number): number {
+  const result = nonNegativeInteger(name, value, fallback);
+  if (result > max) throw optionError(`Expected an integer in [0, ${max}] for ${name} but received ${result}`);
+  return result;
 }
 
 export function resolveSelect(select: unknown): ResolvedSelect {
@@ -147,13 +237,43 @@ export function resolveSelect(select: unknown): ResolvedSelect {
     }
     case 'duo':
       return resolveDuo(s);
-    default: {
-      const isPlanned = typeof s.kind === 'string' && planned.includes(s.kind);
-      throw optionError(
-        `Expected 'full', 'streaming', 'snapkv', 'pyramidkv', 'h2o' or 'duo' for policy.select.kind but received ${describe(s.kind)}` +
-          (isPlanned ? ' (a planned policy not available in this version)' : ''),
-      );
+    case 'quest': {
+      knownKeys('policy.select', s, ['kind', 'sink', 'window', 'pageSize', 'pages']);
+      if (s.pages === undefined) throw optionError('policy.select.pages is required for quest');
+      return {
+        kind: 'quest', ...loadingPart(s, 4, 64), pageSize: optionalPositiveInteger('policy.select.pageSize', s.pageSize, 16, MAX_TOKENS),
+        pages: optionalPositiveInteger('policy.select.pages', s.pages, 0, MAX_TOKENS),
+      };
     }
+    case 'retrieval': {
+      knownKeys('policy.select', s, ['kind', 'sink', 'window', 'index', 'topK', 'trainQueries', ...INDEX_KEYS]);
+      const kind = s.index ?? 'flat';
+      if (kind !== 'flat' && kind !== 'ivf' && kind !== 'graph') {
+        throw optionError(`Expected 'flat', 'ivf' or 'graph' for policy.select.index but received ${describe(s.index)}`);
+      }
+      return {
+        kind: 'retrieval', ...loadingPart(s, 128, 512), index: resolveIndex('policy.select', kind, s),
+        topK: optionalPositiveInteger('policy.select.topK', s.topK, 100, MAX_TOKENS),
+        trainQueries: optionalPositiveInteger('policy.select.trainQueries', s.trainQueries, 4096, MAX_TOKENS),
+      };
+    }
+    case 'actqkv': {
+      knownKeys('policy.select', s, ['kind', 'sink', 'window', 'blockSize', 'blocks', 'reprTopK', 'queryWindow', 'questionWeight', 'temperature']);
+      const blockSize = optionalPositiveInteger('policy.select.blockSize', s.blockSize, 32, 1 << 20);
+      const reprTopK = optionalPositiveInteger('policy.select.reprTopK', s.reprTopK, Math.min(4, blockSize), 1 << 20);
+      if (reprTopK > blockSize) throw optionError(`Expected policy.select.reprTopK (${reprTopK}) to be at most policy.select.blockSize (${blockSize})`);
+      return {
+        kind: 'actqkv', ...loadingPart(s, 64, 512), blockSize,
+        blocks: optionalPositiveInteger('policy.select.blocks', s.blocks, 46, MAX_TOKENS), reprTopK,
+        queryWindow: optionalPositiveInteger('policy.select.queryWindow', s.queryWindow, 256, 1 << 20),
+        questionWeight: finiteNumber('policy.select.questionWeight', s.questionWeight, 4, 0),
+        temperature: finiteNumber('policy.select.temperature', s.temperature, 0.05, Number.MIN_VALUE),
+      };
+    }
+    default:
+      throw optionError(
+        `Expected 'full', 'streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo', 'quest', 'retrieval' or 'actqkv' for policy.select.kind but received ${describe(s.kind)}`,
+      );
   }
 }
 

@@ -190,10 +190,10 @@ describe('KVCache constructor (ERR_OPTION)', () => {
     expectError(() => new KVCache({ ...valid, headDim: 1025 }), 'ERR_OPTION', /headDim/);
   });
 
-  it('policy kinds that are not available, and bad select options, give ERR_OPTION', () => {
+  it('parts that are not available, and bad select options, give ERR_OPTION', () => {
     const policies = [
-      { select: { kind: 'quest', pages: 8 } },
-      { select: { kind: 'retrieval', index: 'flat' } },
+      { select: { kind: 'quest' } },
+      { select: { kind: 'retrieval', index: 'hnsw' } },
       { select: { kind: 'streaming', sink: 4 } },
       { select: { kind: 'streaming', sink: -1, window: 8 } },
       { select: { kind: 'streaming', window: 8, budget: 3 } },

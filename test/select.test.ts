@@ -572,7 +572,7 @@ describe('errors', () => {
       [{ kind: 'duo', heads: [1, 2, 3, 4], retrievalRatio: 1.5 }, /policy\.select\.retrievalRatio/],
       [{ kind: 'duo', heads: [1, 2, 3, 4], window: 0 }, /policy\.select\.window/],
       [{ kind: 'duo', heads: [1, 2, 3, 4], sink: 1.5 }, /policy\.select\.sink/],
-      [{ kind: 'quest' }, /policy\.select\.kind/],
+      [{ kind: 'quest' }, /policy\.select\.pages/],
       [{ kind: 'nope' }, /policy\.select\.kind/],
       ['streaming', /policy\.select/],
     ];

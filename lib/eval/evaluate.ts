@@ -169,13 +169,16 @@ function references(source: EvalSource, turns: number, mode: 'multi-turn' | 'mul
   });
 }
 
-/** Mean attention-mass and top-k recall of the kept tokens (per layer, query head; kept per kv head). */
+/**
+ * Mean attention-mass and top-k recall of the tokens the last call read (per layer, query head; per
+ * kv head): the kept tokens, or what a loading policy loaded.
+ */
 function keptRecall(cache: KVCache, probs: Float64Array[][], kvHeads: number): { attnMassRecallMean: number; topkRecallMean: number } {
   let mass = 0, topk = 0, count = 0;
   probs.forEach((heads, layer) => {
     const group = heads.length / kvHeads;
     for (let kvHead = 0; kvHead < kvHeads; kvHead++) {
-      const kept = cache.positions(layer, kvHead);
+      const kept = cache.loadedPositions(layer, kvHead);
       // A cache that keeps every token needs no set.
       const set = kept.length >= heads[0].length ? null : new Set(kept);
       for (let g = 0; g < group; g++) {

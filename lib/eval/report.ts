@@ -105,7 +105,10 @@ export function policyName(policy: ResolvedPolicy): string {
   const s = policy.select;
   const select = s.kind === 'streaming' ? `streaming:${s.sink}+${s.window}`
     : s.kind === 'snapkv' || s.kind === 'pyramidkv' || s.kind === 'h2o' ? `${s.kind}:${s.budget}`
-      : s.kind === 'duo' ? `duo:${s.sink}+${s.window}` : s.kind;
+      : s.kind === 'duo' ? `duo:${s.sink}+${s.window}`
+        : s.kind === 'quest' ? `quest:${s.pages}x${s.pageSize}`
+          : s.kind === 'retrieval' ? `${s.index.kind}:${s.topK}`
+            : s.kind === 'actqkv' ? `actqkv:${s.blocks}x${s.blockSize}` : s.kind;
   return store === 'f16' ? select : `${select}/${store}`;
 }
 

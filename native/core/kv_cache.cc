@@ -77,6 +77,24 @@ KVCache::KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend)
       store_(backend, storeShape(config)),
       kivi_(backend, config.storeKind == StoreKind::Kivi ? kiviShape(config) : KiviStoreShape{}) {}
 
+namespace {
+
+// out = the softmax-weighted mix of two attention results over disjoint token sets, from each
+// row's log2 denominator (AttentionArgs::lse).
+void mergeByLse(float* out, const float* outLse, const float* other, const float* otherLse, size_t rows, size_t dim) {
+  for (size_t r = 0; r < rows; ++r) {
+    const float high = std::max(outLse[r], otherLse[r]);
+    if (!std::isfinite(high)) continue;  // the row saw nothing in either part
+    const float a = std::exp2(outLse[r] - high), b = std::exp2(otherLse[r] - high);
+    const float inverse = 1.0f / (a + b);
+    float* o = out + r * dim;
+    const float* k = other + r * dim;
+    for (size_t d = 0; d < dim; ++d) o[d] = (o[d] * a + k[d] * b) * inverse;
+  }
+}
+
+}  // namespace
+
 Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
   KVSLIM_RETURN_IF_ERROR(expectPositive("layers", config.layers));
   KVSLIM_RETURN_IF_ERROR(checkHeads(config.qHeads, config.kvHeads, config.headDim));
@@ -95,7 +113,7 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
     return Status(ErrorCode::Option, "unknown store kind");
   }
   std::unique_ptr<SelectPolicy> policy;
-  KVSLIM_RETURN_IF_ERROR(makeSelectPolicy(config.select, config.layers, config.kvHeads, &policy));
+  KVSLIM_RETURN_IF_ERROR(makeSelectPolicy(config.select, config.layers, config.kvHeads, config.headDim, &policy));
   if (config.select.cachePositions && (config.select.kind != SelectKind::Streaming || !(config.rope.theta > 0.0f))) {
     return Status(ErrorCode::Option, "policy.select.positions 'cache' needs a streaming policy and the cache's rope option");
   }
@@ -106,6 +124,7 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
   CacheConfig resolved = config;
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
+  if (policy && policy->loads()) (*out)->loaded_.resize(size_t(config.layers) * size_t(config.kvHeads));
   (*out)->policy_ = std::move(policy);
   return Status::ok();
 }
@@ -169,7 +188,8 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
   const auto start = std::chrono::steady_clock::now();
   SelectContext context = selectContext();
   const Status status = policy_->afterAppend(context, layer, q, n, prefill);
-  times_.compressMs += millisecondsSince(start);
+  // A loading policy's work after an append is indexing.
+  (policy_->loads() ? times_.indexBuildMs : times_.compressMs) += millisecondsSince(start);
   return status;
 }
 
@@ -185,6 +205,14 @@ std::vector<int64_t> KVCache::keptPositions(int32_t layer, int32_t head) const {
   return positions;
 }
 
+std::vector<int64_t> KVCache::loadedPositions(int32_t layer, int32_t head) const {
+  if (!loaded_.empty()) {
+    const std::vector<int64_t>& loaded = loaded_[size_t(layer) * size_t(config_.kvHeads) + size_t(head)];
+    if (!loaded.empty()) return loaded;
+  }
+  return keptPositions(layer, head);
+}
+
 Status KVCache::flushLayer(int32_t layer) {
   if (!kivi()) return Status::ok();
   const auto start = std::chrono::steady_clock::now();
@@ -193,7 +221,7 @@ Status KVCache::flushLayer(int32_t layer) {
   return flushed;
 }
 
-Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out) {
+Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill) {
   const int64_t tokens = this->tokens(layer);
   if (n > tokens) {
     return Status(ErrorCode::Shape, "attend needs at least as many tokens in layer " + std::to_string(layer) +
@@ -203,6 +231,12 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   if (kivi()) {
     lastLoadedTokens_ = double(tokens);
     return attendKivi(layer, q, n, out);
+  }
+  if (policy_ && policy_->loads()) {
+    bool done = false;
+    if (!prefill) KVSLIM_RETURN_IF_ERROR(attendLoaded(layer, q, n, out, &done));
+    if (done) return Status::ok();
+    for (int32_t h = 0; h < config_.kvHeads; ++h) loaded_[size_t(layer) * size_t(config_.kvHeads) + size_t(h)].clear();
   }
   // Tail tokens attend causally; kept tokens (older than every tail token) are seen by every
   // query, so the queries must all lie in the tail.
@@ -265,15 +299,86 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   keptArgs.out = keptOut.data();
   keptArgs.lse = keptLse.data();
   KVSLIM_RETURN_IF_ERROR(backend_->attention(keptArgs));
-  for (size_t r = 0; r < rows; ++r) {
-    const float high = std::max(tailLse[r], keptLse[r]);
-    if (!std::isfinite(high)) continue;  // the row saw nothing in either part (not reachable: tails hold the queries)
-    const float a = std::exp2(tailLse[r] - high), b = std::exp2(keptLse[r] - high);
-    const float inverse = 1.0f / (a + b);
-    float* o = out + r * dim;
-    const float* k = keptOut.data() + r * dim;
-    for (size_t d = 0; d < dim; ++d) o[d] = (o[d] * a + k[d] * b) * inverse;
+  mergeByLse(out, tailLse.data(), keptOut.data(), keptLse.data(), rows, dim);
+  return Status::ok();
+}
+
+Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done) {
+  *done = false;
+  const int64_t tokens = store_.tokens(layer);
+  const auto start = std::chrono::steady_clock::now();
+  LoadPlan plan;
+  SelectContext context = selectContext();
+  KVSLIM_RETURN_IF_ERROR(policy_->planLoad(context, layer, q, n, &plan));
+  times_.indexBuildMs += plan.indexMs;
+  times_.retrieveMs += millisecondsSince(start) - plan.indexMs;
+  // Dense when everything is static or the queries reach outside the window.
+  if (plan.tokens.empty() || tokens <= plan.sink + plan.window || n > plan.window) return Status::ok();
+  const int32_t kvHeads = config_.kvHeads;
+  const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
+  const int64_t pageTokens = config_.pageTokens;
+  // The window as a suffix of each tail; sinks and loaded tokens as one row per "page" (row pointers
+  // into the pages: a gather without a copy).
+  const size_t heads = static_cast<size_t>(kvHeads);
+  std::vector<KVHeadView> windows(heads), gathered(heads);
+  std::vector<std::vector<const void*>> keyRows(heads), valueRows(heads);
+  double loadedTotal = 0;
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    const KVHeadView tail = store_.tailView(layer, h);
+    if (tail.tokens != tokens) return Status(ErrorCode::Internal, "a loading policy found evicted tokens");
+    windows[size_t(h)] = store_.tailRange(layer, h, tokens - plan.window, plan.window);
+    std::vector<int64_t>& positions = loaded_[size_t(layer) * size_t(kvHeads) + size_t(h)];
+    positions.clear();
+    for (int64_t t = 0; t < plan.sink; ++t) positions.push_back(t);
+    int64_t previous = plan.sink - 1;
+    for (const int64_t t : plan.tokens[size_t(h)]) {
+      if (t <= previous || t >= tokens - plan.window) {
+        return Status(ErrorCode::Internal, "a loading policy chose token " + std::to_string(t) + " outside the dynamic part or twice");
+      }
+      positions.push_back(t);
+      previous = t;
+    }
+    for (const int64_t t : positions) {
+      const int64_t row = tail.firstRow + t;
+      const auto* page = static_cast<const uint8_t*>(tail.keyPages[row / pageTokens]);
+      keyRows[size_t(h)].push_back(page + size_t(row % pageTokens) * rowBytes);
+      valueRows[size_t(h)].push_back(static_cast<const uint8_t*>(tail.valuePages[row / pageTokens]) + size_t(row % pageTokens) * rowBytes);
+    }
+    gathered[size_t(h)].keyPages = keyRows[size_t(h)].data();
+    gathered[size_t(h)].valuePages = valueRows[size_t(h)].data();
+    gathered[size_t(h)].tokens = int64_t(positions.size());
+    loadedTotal += double(positions.size() + size_t(plan.window));
+    for (int64_t t = tokens - plan.window; t < tokens; ++t) positions.push_back(t);
   }
+  lastLoadedTokens_ = loadedTotal / kvHeads;
+  const size_t rows = size_t(n) * size_t(config_.qHeads);
+  const size_t dim = size_t(config_.headDim);
+  std::vector<float> windowLse(rows), gatheredOut(rows * dim), gatheredLse(rows);
+  AttentionArgs args;
+  args.q = q;
+  args.out = out;
+  args.n = int32_t(n);
+  args.qHeads = config_.qHeads;
+  args.kvHeads = kvHeads;
+  args.headDim = config_.headDim;
+  args.kvType = config_.storeType;
+  args.pageTokens = pageTokens;
+  args.rowStride = config_.headDim;
+  args.heads = windows.data();
+  args.causal = true;
+  args.scale = config_.scale;
+  args.threads = config_.threads;
+  args.lse = windowLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
+  AttentionArgs gatherArgs = args;
+  gatherArgs.heads = gathered.data();
+  gatherArgs.pageTokens = 1;
+  gatherArgs.causal = false;
+  gatherArgs.out = gatheredOut.data();
+  gatherArgs.lse = gatheredLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(gatherArgs));
+  mergeByLse(out, windowLse.data(), gatheredOut.data(), gatheredLse.data(), rows, dim);
+  *done = true;
   return Status::ok();
 }
 
@@ -308,7 +413,7 @@ Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t ou
     std::vector<float> converted;
     const float* query = nullptr;
     KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
-    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out));
+    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out, false));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in attend");
   }
@@ -334,7 +439,7 @@ Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTe
     KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
     KVSLIM_RETURN_IF_ERROR(stageTokens(layer, k, v, n));
     // KIVI: the call attends its own tokens at full precision, then they are flushed.
-    const Status attended = attendChecked(layer, query, n, out);
+    const Status attended = attendChecked(layer, query, n, out, stage == Stage::Prefill);
     const Status flushed = flushLayer(layer);
     KVSLIM_RETURN_IF_ERROR(attended);
     KVSLIM_RETURN_IF_ERROR(flushed);
@@ -363,6 +468,7 @@ std::unique_ptr<KVCache> KVCache::fork() const {
   if (policy_) child->policy_ = policy_->clone();
   child->times_ = times_;
   child->lastLoadedTokens_ = lastLoadedTokens_;
+  child->loaded_ = loaded_;
   return child;
 }
 
@@ -413,6 +519,7 @@ CacheStatsData KVCache::stats() const {
     stats.sharedBytes = double(store_.sharedPageCount()) * double(store_.bytesPerPage());
   }
   stats.times = times_;
+  if (policy_) stats.indexBytes = double(policy_->indexBytes());
   return stats;
 }
 

@@ -26,6 +26,9 @@ class KVCache {
   int64_t tokens(int32_t layer) const { return kivi() ? kivi_.tokens(layer) : store_.tokens(layer); }
   // The kept tokens of one kv head, as absolute positions in ascending order.
   std::vector<int64_t> keptPositions(int32_t layer, int32_t head) const;
+  // The tokens the last attention call of a layer read in one kv head (ascending positions): all
+  // of them, unless a loading policy (quest, retrieval, actqkv) chose.
+  std::vector<int64_t> loadedPositions(int32_t layer, int32_t head) const;
 
   // k, v: [n, kvHeads, headDim]. All-or-nothing.
   Status append(int32_t layer, const HostTensor& k, const HostTensor& v);
@@ -59,7 +62,10 @@ class KVCache {
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
-  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out);
+  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill);
+  // A loading policy's call: static part + loaded tokens, merged by log-sum-exp. *done is false
+  // when the policy attends this call densely (prefill, or queries outside the window).
+  Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
   Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
   // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
   Status stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
@@ -78,6 +84,7 @@ class KVCache {
   std::unique_ptr<SelectPolicy> policy_;  // null for select 'full'
   StageTimes times_;
   double lastLoadedTokens_ = 0;
+  std::vector<std::vector<int64_t>> loaded_;  // [layers * kvHeads]: positions a loading policy read; empty = all
   std::atomic<bool> busy_{false};
 };
 

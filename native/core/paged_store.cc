@@ -40,6 +40,17 @@ KVHeadView PagedStore::viewOf(const Segment& segment) const {
 KVHeadView PagedStore::tailView(int32_t layer, int32_t h) const { return viewOf(head(layer, h).tail); }
 KVHeadView PagedStore::keptView(int32_t layer, int32_t h) const { return viewOf(head(layer, h).kept); }
 
+KVHeadView PagedStore::tailRange(int32_t layer, int32_t h, int64_t first, int64_t count) const {
+  const KVHeadView tail = tailView(layer, h);
+  const int64_t row = tail.firstRow + first;
+  KVHeadView range;
+  range.keyPages = tail.keyPages + row / shape_.pageTokens;
+  range.valuePages = tail.valuePages + row / shape_.pageTokens;
+  range.firstRow = row % shape_.pageTokens;
+  range.tokens = count;
+  return range;
+}
+
 void PagedStore::refreshPointers(Segment* segment, size_t partBytes) {
   segment->keyPointers.clear();
   segment->valuePointers.clear();
@@ -235,13 +246,18 @@ Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t cou
   first += pages.firstRow;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
   const size_t partBytes = pageBytes_ / 2;
-  for (int64_t t = first; t < first + count; ++t) {
+  // One download per run of rows within a page.
+  for (int64_t t = first; t < first + count;) {
+    const int64_t run = std::min(first + count - t, shape_.pageTokens - t % shape_.pageTokens);
     const uint8_t* base = static_cast<const uint8_t*>(pages.pages[size_t(t / shape_.pageTokens)]->memory());
     const size_t offset = size_t(t % shape_.pageTokens) * rowBytes;
     const size_t outOffset = size_t(t - first) * rowBytes;
-    KVSLIM_RETURN_IF_ERROR(backend_->download(static_cast<uint8_t*>(keysOut) + outOffset, base + offset, rowBytes));
-    KVSLIM_RETURN_IF_ERROR(
-        backend_->download(static_cast<uint8_t*>(valuesOut) + outOffset, base + partBytes + offset, rowBytes));
+    KVSLIM_RETURN_IF_ERROR(backend_->download(static_cast<uint8_t*>(keysOut) + outOffset, base + offset, size_t(run) * rowBytes));
+    if (valuesOut != nullptr) {
+      KVSLIM_RETURN_IF_ERROR(backend_->download(static_cast<uint8_t*>(valuesOut) + outOffset, base + partBytes + offset,
+                                                size_t(run) * rowBytes));
+    }
+    t += run;
   }
   return Status::ok();
 }

@@ -55,6 +55,8 @@ class PagedStore {
 
   KVHeadView tailView(int32_t layer, int32_t head) const;
   KVHeadView keptView(int32_t layer, int32_t head) const;
+  // Tail tokens [first, first + count) of one head, as a view into the same pages (no copy).
+  KVHeadView tailRange(int32_t layer, int32_t head, int64_t first, int64_t count) const;
   int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }  // appended so far
   int64_t tailTokens(int32_t layer, int32_t h) const { return head(layer, h).tail.count; }
   int64_t keptTokens(int32_t layer, int32_t h) const { return head(layer, h).kept.count; }
@@ -77,7 +79,7 @@ class PagedStore {
   size_t sharedPageCount() const;
 
   // Reads one kv head's tail rows [first, first + count) back to host memory in store dtype
-  // (keys then values, each count x headDim). Used by save().
+  // (keys then values, each count x headDim; valuesOut may be null). Used by save() and the indexes.
   Status readRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                   void* valuesOut) const;
 

@@ -14,5 +14,8 @@ KernelTable makeTable() {
   table.fmaBurn = &fmaBurn<V>;
   table.kiviDecodeRange = &kiviDecodeRange<V>;
   table.scoreRange = &scoreRange<V>;
+  table.maxDot = &maxDot<V>;
+  table.maxDotGather = &maxDotGather<V>;
+  table.boxBound = &boxBound<V>;
   return table;
 }

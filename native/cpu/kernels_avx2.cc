@@ -14,6 +14,7 @@ namespace {
 #include "vec_avx2.h"
 #include "attention_kernels.inl"
 #include "kivi_kernels.inl"
+#include "vector_kernels.inl"
 #include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecAvx2>();
 }  // namespace

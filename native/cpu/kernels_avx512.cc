@@ -15,6 +15,7 @@ namespace {
 #include "vec_avx512.h"
 #include "attention_kernels.inl"
 #include "kivi_kernels.inl"
+#include "vector_kernels.inl"
 #include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecAvx512>();
 }  // namespace

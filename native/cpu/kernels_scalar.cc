@@ -10,6 +10,7 @@ namespace {
 #include "vec_scalar.h"
 #include "attention_kernels.inl"
 #include "kivi_kernels.inl"
+#include "vector_kernels.inl"
 #include "kernel_table.inl"
 const KernelTable kTable = makeTable<VecScalar>();
 }  // namespace

@@ -12,6 +12,7 @@
 #include "cache_wrap.h"
 #include "convert.h"
 #include "errors.h"
+#include "key_index_wrap.h"
 #include "kivi_ops.h"
 
 namespace kvslim::napi {
@@ -109,7 +110,8 @@ SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
   const std::string kind = stringField(env, object, "kind");
   static const std::pair<const char*, SelectKind> kinds[] = {
       {"full", SelectKind::Full}, {"streaming", SelectKind::Streaming}, {"snapkv", SelectKind::SnapKV},
-      {"pyramidkv", SelectKind::PyramidKV}, {"h2o", SelectKind::H2O}, {"duo", SelectKind::Duo}};
+      {"pyramidkv", SelectKind::PyramidKV}, {"h2o", SelectKind::H2O}, {"duo", SelectKind::Duo},
+      {"quest", SelectKind::Quest}, {"retrieval", SelectKind::Retrieval}, {"actqkv", SelectKind::ActQKV}};
   bool known = false;
   for (const auto& [name, selectKind] : kinds) {
     if (kind == name) {
@@ -142,6 +144,20 @@ SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
   }
   Napi::Uint8Array mask = retrieval.As<Napi::Uint8Array>();
   select.retrieval.assign(mask.Data(), mask.Data() + mask.ElementLength());
+  // Loading policies.
+  select.pageSize = integer("pageSize");
+  select.pages = integer("pages");
+  select.topK = integer("topK");
+  select.trainQueries = integer("trainQueries");
+  select.blockSize = integer("blockSize");
+  select.blocks = integer("blocks");
+  select.reprTopK = int32_t(std::min<int64_t>(integer("reprTopK"), 1 << 20));
+  select.queryWindow = int32_t(std::min<int64_t>(integer("queryWindow"), 1 << 20));
+  select.questionWeight = numberField(env, object, "questionWeight");
+  select.temperature = numberField(env, object, "temperature");
+  Napi::Value index = object.Get("index");
+  if (!index.IsObject()) throwStatus(env, Status(ErrorCode::Option, "policy.select.index must be an object"));
+  select.index = parseIndexOptions(env, index.As<Napi::Object>(), "policy.select.index.");
   return select;
 }
 
@@ -242,6 +258,8 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
   exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
   exports.Set("probeFmaPeak", Napi::Function::New(env, probeFmaPeakFn));
+  exports.Set("NativeKeyIndex", KeyIndexWrap::define(env));
+  exports.Set("pageBounds", Napi::Function::New(env, pageBoundsFn));
   registerKiviOps(env, exports);
   return exports;
 }

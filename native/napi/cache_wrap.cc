@@ -137,7 +137,9 @@ Napi::Value CacheWrap::positions(const Napi::CallbackInfo& info) {
   if (layer < 0 || layer >= cache.config().layers || head < 0 || head >= cache.config().kvHeads) {
     throwStatus(env, Status(ErrorCode::Shape, "layer or kvHead out of range"));
   }
-  const std::vector<int64_t> positions = cache.keptPositions(layer, head);
+  // positions(layer, kvHead, loaded): the kept tokens, or those the last attention call read.
+  const bool loaded = info[2].IsBoolean() && info[2].As<Napi::Boolean>().Value();
+  const std::vector<int64_t> positions = loaded ? cache.loadedPositions(layer, head) : cache.keptPositions(layer, head);
   Napi::Float64Array out = Napi::Float64Array::New(env, positions.size());
   for (size_t i = 0; i < positions.size(); ++i) out[i] = double(positions[i]);
   return out;

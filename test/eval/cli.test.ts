@@ -55,9 +55,9 @@ describe('kvslim eval', () => {
   });
 
   it('fails with status 1 and the error code for a policy or turn count this version cannot run', async () => {
-    const planned = await run(['eval', '--policy', '{"select":{"kind":"quest"}}']);
+    const planned = await run(['eval', '--policy', '{"summary":{"kind":"sse"}}']);
     expect(planned.status).toBe(1);
-    expect(planned.stderr).toMatch(/\[ERR_OPTION\]: .*policy.select.kind.*not available in this version/);
+    expect(planned.stderr).toMatch(/\[ERR_OPTION\]: .*policy.summary.*not available in this version/);
     const bits = await run(['eval', '--policy', '{"store":{"kind":"kivi","bits":3}}']);
     expect(bits.status).toBe(1);
     expect(bits.stderr).toMatch(/\[ERR_OPTION\]: .*policy.store.bits/);

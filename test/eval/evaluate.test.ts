@@ -73,7 +73,7 @@ describe('evaluate', () => {
     expect(reports[0].turns[1].memory.retainedTokens).toBe(4096 + 4);
     expect(() => evaluate({ source: 'needles-4k', turns: 5 })).toThrow(/turns to be an integer in \[1, 4\]/);
     expect(() => evaluate({ source: 'nope' })).toThrow(/workload name/);
-    expect(() => evaluate({ source: 'needles-4k', policies: [{ select: { kind: 'quest' } } as never] })).toThrow(/not available/);
+    expect(() => evaluate({ source: 'needles-4k', policies: [{ summary: { kind: 'sse' } } as never] })).toThrow(/not available/);
     expect(() => evaluate({ source: 'needles-4k', policies: [{ select: { kind: 'snapkv' } } as never] })).toThrow(/budget is required/);
     expect(() => evaluate({ source: 'needles-4k', mode: 'both' as never })).toThrow(/multi-turn/);
   });

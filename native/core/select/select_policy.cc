@@ -10,7 +10,8 @@ namespace {
 Status optionError(const std::string& message) { return Status(ErrorCode::Option, "policy.select." + message); }
 }  // namespace
 
-Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, std::unique_ptr<SelectPolicy>* out) {
+Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim,
+                        std::unique_ptr<SelectPolicy>* out) {
   out->reset();
   constexpr int64_t kMaxTokens = int64_t(1) << 40;
   auto positive = [&](const char* name, int64_t value) {
@@ -58,6 +59,40 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
       }
       *out = makeH2OPolicy(config, layers, kvHeads);
       return Status::ok();
+    case SelectKind::Quest:
+    case SelectKind::Retrieval:
+    case SelectKind::ActQKV:
+      if (config.sink < 0 || config.sink > kMaxTokens) return optionError("sink must be an integer >= 0");
+      KVSLIM_RETURN_IF_ERROR(positive("window", config.window));
+      if (config.kind == SelectKind::Quest) {
+        KVSLIM_RETURN_IF_ERROR(positive("pageSize", config.pageSize));
+        KVSLIM_RETURN_IF_ERROR(positive("pages", config.pages));
+        *out = makeQuestPolicy(config, layers, kvHeads, headDim);
+      } else if (config.kind == SelectKind::Retrieval) {
+        KVSLIM_RETURN_IF_ERROR(positive("topK", config.topK));
+        KVSLIM_RETURN_IF_ERROR(positive("trainQueries", config.trainQueries));
+        IndexOptions probe = config.index;
+        probe.dim = 1;  // the cache's headDim is checked with the cache
+        std::unique_ptr<KeyIndex> index;
+        const Status valid = makeKeyIndex(probe, &index);
+        if (!valid.isOk()) return optionError(valid.message());
+        *out = makeRetrievalPolicy(config, layers, kvHeads);
+      } else {
+        KVSLIM_RETURN_IF_ERROR(positive("blockSize", config.blockSize));
+        KVSLIM_RETURN_IF_ERROR(positive("blocks", config.blocks));
+        if (config.reprTopK < 1 || config.reprTopK > config.blockSize) {
+          return optionError("reprTopK must be in [1, blockSize], but is " + std::to_string(config.reprTopK));
+        }
+        KVSLIM_RETURN_IF_ERROR(positive("queryWindow", config.queryWindow));
+        if (!(config.questionWeight >= 0) || !std::isfinite(config.questionWeight)) {
+          return optionError("questionWeight must be a finite number >= 0");
+        }
+        if (!(config.temperature > 0) || !std::isfinite(config.temperature)) {
+          return optionError("temperature must be a finite number > 0");
+        }
+        *out = makeActQKVPolicy(config, layers, kvHeads);
+      }
+      return Status::ok();
   }
   return optionError("kind is unknown");
 }
@@ -86,13 +121,7 @@ Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, co
   const int64_t kept = store.keptTokens(layer, head), tail = store.tailTokens(layer, head);
   const int64_t tokens = kept + tail;
   const int64_t rows = n * group;
-  // The group's query rows, ordered (position, member).
-  std::vector<float> queries(size_t(rows) * size_t(dim));
-  for (int64_t i = 0; i < n; ++i)
-    for (int32_t g = 0; g < group; ++g)
-      std::copy(q + (size_t(i) * size_t(context.qHeads) + size_t(head * group + g)) * size_t(dim),
-                q + (size_t(i) * size_t(context.qHeads) + size_t(head * group + g) + 1) * size_t(dim),
-                queries.begin() + (size_t(i) * size_t(group) + size_t(g)) * size_t(dim));
+  const std::vector<float> queries = groupRows(q, n, context.qHeads, context.kvHeads, head, dim);
   probs->assign(size_t(rows) * size_t(tokens), 0.0f);
   std::vector<float> scores;
   for (const bool keptPart : {true, false}) {
@@ -129,6 +158,36 @@ Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, co
     const float inverse = sum > 0 ? float(1.0 / sum) : 0.0f;
     for (int64_t j = 0; j < visible; ++j) row[j] *= inverse;
     std::fill(row + visible, row + tokens, 0.0f);
+  }
+  return Status::ok();
+}
+
+std::vector<float> groupRows(const float* q, int64_t n, int32_t qHeads, int32_t kvHeads, int32_t head, int32_t headDim) {
+  const int32_t group = qHeads / kvHeads;
+  const size_t dim = size_t(headDim);
+  std::vector<float> rows(size_t(n) * size_t(group) * dim);
+  for (int64_t i = 0; i < n; ++i)
+    for (int32_t g = 0; g < group; ++g) {
+      const float* from = q + (size_t(i) * size_t(qHeads) + size_t(head * group + g)) * dim;
+      std::copy(from, from + dim, rows.begin() + (size_t(i) * size_t(group) + size_t(g)) * dim);
+    }
+  return rows;
+}
+
+Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t first, int64_t count, std::vector<float>* out) {
+  const int32_t dim = store.shape().headDim;
+  const DType type = store.shape().storeType;
+  std::vector<uint8_t> raw(size_t(count) * size_t(dim) * dtypeBytes(type));
+  KVSLIM_RETURN_IF_ERROR(store.readRows(layer, head, first, count, raw.data(), nullptr));
+  const size_t begin = out->size();
+  out->resize(begin + size_t(count) * size_t(dim));
+  float* dst = out->data() + begin;
+  const size_t elements = size_t(count) * size_t(dim);
+  if (type == DType::F32) {
+    std::copy_n(reinterpret_cast<const float*>(raw.data()), elements, dst);
+  } else {
+    const auto* halves = reinterpret_cast<const uint16_t*>(raw.data());
+    for (size_t i = 0; i < elements; ++i) dst[i] = type == DType::F16 ? f16ToFloat(halves[i]) : bf16ToFloat(halves[i]);
   }
   return Status::ok();
 }

@@ -7,12 +7,16 @@
 #include <vector>
 
 #include "../backend.h"
+#include "../index/key_index.h"
 #include "../paged_store.h"
 #include "../status.h"
 
 namespace kvslim {
 
-enum class SelectKind : int32_t { Full = 0, Streaming = 1, SnapKV = 2, PyramidKV = 3, H2O = 4, Duo = 5 };
+enum class SelectKind : int32_t {
+  Full = 0, Streaming = 1, SnapKV = 2, PyramidKV = 3, H2O = 4, Duo = 5,
+  Quest = 6, Retrieval = 7, ActQKV = 8,  // loading policies: every token stays, each step reads a few
+};
 enum class Pooling : int32_t { Max = 0, Avg = 1 };
 
 struct SelectConfig {
@@ -26,6 +30,18 @@ struct SelectConfig {
   int64_t recent = 0;     // h2o
   std::vector<uint8_t> retrieval;  // duo: [layers * kvHeads], 1 = retrieval head (full cache)
   bool cachePositions = false;     // streaming: sink logits as if the query sat at its cache slot (needs rope)
+  // Loading policies (quest, retrieval, actqkv) use sink and window as their static part.
+  int64_t pageSize = 16;           // quest: tokens per page
+  int64_t pages = 0;               // quest: pages loaded per step (besides the static part)
+  IndexOptions index;              // retrieval: the index over the dynamic part (kind, lists, probes, ...)
+  int64_t topK = 100;              // retrieval: keys loaded per kv head per step
+  int64_t trainQueries = 4096;     // retrieval graph: prefill queries per kv head used to build (sampled)
+  int64_t blockSize = 32;          // actqkv: tokens per block
+  int64_t blocks = 46;             // actqkv: mean blocks loaded per layer (the global budget is blocks x layers)
+  int32_t reprTopK = 4;            // actqkv: keys averaged into a block representative
+  int32_t queryWindow = 256;       // actqkv: recent queries forming the probe (c)
+  double questionWeight = 4;       // actqkv: lambda, weight of the current query beside the probe
+  double temperature = 0.05;       // actqkv: softmax temperature of the block scores for the entropy
 };
 
 // What a policy may touch: the store, the backend (for scores) and the cache's shape.
@@ -40,6 +56,8 @@ struct SelectContext {
   int32_t threads;
 };
 
+struct LoadPlan;
+
 class SelectPolicy {
  public:
   virtual ~SelectPolicy() = default;
@@ -51,17 +69,47 @@ class SelectPolicy {
   virtual Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) = 0;
   // A copy for fork(): the same decisions from here on.
   virtual std::unique_ptr<SelectPolicy> clone() const = 0;
+
+  // Loading policies (quest, retrieval, actqkv): nothing is evicted; a call whose queries all lie in
+  // the recent window attends the static part (sinks + window) exactly and the tokens the policy
+  // loads from the rest, merged by log-sum-exp. afterAppend maintains the index.
+  virtual bool loads() const { return false; }
+  // Fills plan->tokens (per kv head, ascending positions in [plan->sink, tokens - plan->window))
+  // for n queries q ([n, qHeads, headDim], unscaled) of a layer.
+  virtual Status planLoad(SelectContext& context, int32_t layer, const float* q, int64_t n, LoadPlan* plan) {
+    return Status::ok();
+  }
+  virtual size_t indexBytes() const { return 0; }
+};
+
+// What one attention call of a loading policy reads, per kv head.
+struct LoadPlan {
+  int64_t sink = 0;    // static: the first `sink` tokens
+  int64_t window = 0;  // static: the last `window` tokens
+  std::vector<std::vector<int64_t>> tokens;  // [kvHeads]: positions loaded from the dynamic part
+  double indexMs = 0;  // of the planning, time spent indexing tokens that arrived since the last call
 };
 
 // Checks the config against the cache shape (ERR_OPTION naming the option) and builds the policy;
 // `out` stays empty for 'full'.
-Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, std::unique_ptr<SelectPolicy>* out);
+Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim,
+                        std::unique_ptr<SelectPolicy>* out);
 
 // Policies, one file each.
 std::unique_ptr<SelectPolicy> makeStreamingPolicy(const SelectConfig& config);
 std::unique_ptr<SelectPolicy> makeSnapKVPolicy(const SelectConfig& config);  // snapkv and pyramidkv
 std::unique_ptr<SelectPolicy> makeH2OPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
 std::unique_ptr<SelectPolicy> makeDuoPolicy(const SelectConfig& config, int32_t kvHeads);
+std::unique_ptr<SelectPolicy> makeQuestPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim);
+std::unique_ptr<SelectPolicy> makeRetrievalPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
+std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
+
+// The query rows of one kv head's group, ordered (position i, member g): [n * group, headDim].
+std::vector<float> groupRows(const float* q, int64_t n, int32_t qHeads, int32_t kvHeads, int32_t head, int32_t headDim);
+
+// Shared by the loading policies: f32 copies of one kv head's keys [first, first + count) (keys as
+// stored, so an index sees exactly what attention reads), appended to *out.
+Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t first, int64_t count, std::vector<float>* out);
 
 // Shared by streaming and duo: keeps the sinks and the last `keep` tail tokens of one head
 // (tail tokens at positions below `sink` become kept sinks instead of being evicted).

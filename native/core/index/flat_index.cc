@@ -1,0 +1,93 @@
+// Exact maximum-inner-product search: every key is scored on every search. It is the recall
+// reference for the approximate indexes and the "Flat" baseline of methods/retrieval-attention.md.
+#include <algorithm>
+#include <cstdint>
+#include <new>
+#include <string>
+#include <vector>
+
+#include "../vector_ops.h"
+#include "key_index.h"
+
+namespace kvslim {
+
+namespace {
+
+class FlatIndex final : public KeyIndex {
+ public:
+  explicit FlatIndex(const IndexOptions& options) : options_(options) {}
+
+  // Training queries only shape the graph index; an exact scan has no structure to shape.
+  Status build(const float* keys, int64_t n, const float* /*queries*/, int64_t /*queryCount*/) override {
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0));
+    try {
+      keys_.assign(keys, keys + n * options_.dim);
+    } catch (const std::bad_alloc&) {
+      keys_.clear();
+      count_ = 0;
+      return Status(ErrorCode::OutOfMemory, "out of host memory for a flat index of " + std::to_string(n) + " keys");
+    }
+    count_ = n;
+    return Status::ok();
+  }
+
+  Status add(const float* keys, int64_t n) override {
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_));
+    try {
+      keys_.insert(keys_.end(), keys, keys + n * options_.dim);
+    } catch (const std::bad_alloc&) {
+      keys_.resize(size_t(count_) * size_t(options_.dim));  // insert may have failed half way
+      return Status(ErrorCode::OutOfMemory, "out of host memory adding " + std::to_string(n) + " keys to a flat index");
+    }
+    count_ += n;
+    return Status::ok();
+  }
+
+  Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& /*options*/,
+                SearchResult* out) const override {
+    if (queries == nullptr || rows < 1) return Status(ErrorCode::Shape, "search needs at least one query row");
+    if (k < 0) return Status(ErrorCode::Shape, "k must be >= 0, but is " + std::to_string(k));
+    out->ids.clear();
+    out->scores.clear();
+    out->scanned = 0;
+    if (count_ == 0 || k == 0) return Status::ok();
+    try {
+      std::vector<float> scores(static_cast<size_t>(count_));
+      hostVectorOps().maxDot(queries, rows, options_.dim, keys_.data(), count_, scores.data());
+      // Positions are ids here, so topK's ties-to-lower-position are ties-to-lower-id.
+      topK(scores.data(), count_, k, &out->ids);
+      out->scores.resize(out->ids.size());
+      for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
+    } catch (const std::bad_alloc&) {
+      out->ids.clear();
+      out->scores.clear();
+      return Status(ErrorCode::OutOfMemory, "out of host memory searching a flat index of " + std::to_string(count_) + " keys");
+    }
+    out->scanned = count_;
+    return Status::ok();
+  }
+
+  int64_t size() const override { return count_; }
+  size_t bytes() const override { return keys_.size() * sizeof(float); }
+  std::unique_ptr<KeyIndex> clone() const override { return std::make_unique<FlatIndex>(*this); }
+  const IndexOptions& options() const override { return options_; }
+
+ private:
+  // Ids are uint32, so the index can never hold more than 2^32 - 1 keys.
+  static Status checkKeys(const float* keys, int64_t n, int64_t existing) {
+    if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
+    if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
+    if (existing + n > int64_t(UINT32_MAX)) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 1 keys");
+    return Status::ok();
+  }
+
+  IndexOptions options_;
+  std::vector<float> keys_;  // [count_, dim], row i is id i
+  int64_t count_ = 0;
+};
+
+}  // namespace
+
+std::unique_ptr<KeyIndex> makeFlatIndex(const IndexOptions& options) { return std::make_unique<FlatIndex>(options); }
+
+}  // namespace kvslim

@@ -1,0 +1,38 @@
+#include "key_index.h"
+
+#include <algorithm>
+#include <string>
+
+namespace kvslim {
+
+namespace {
+Status optionError(const std::string& message) { return Status(ErrorCode::Option, "index." + message); }
+}  // namespace
+
+Status makeKeyIndex(const IndexOptions& options, std::unique_ptr<KeyIndex>* out) {
+  out->reset();
+  if (options.dim < 1 || options.dim > 4096) return optionError("dim must be in [1, 4096], but is " + std::to_string(options.dim));
+  if (options.lists < 0 || options.lists > (1 << 24)) return optionError("lists must be an integer in [0, 2^24]");
+  if (options.probes < 0) return optionError("probes must be an integer >= 0");
+  if (options.degree < 2 || options.degree > 1024) return optionError("degree must be in [2, 1024], but is " + std::to_string(options.degree));
+  if (options.beam < 0 || options.beam > (1 << 20)) return optionError("beam must be an integer in [0, 2^20]");
+  if (options.neighbors < 1 || options.neighbors > 4096) return optionError("neighbors must be in [1, 4096]");
+  if (options.threads < 0) return optionError("threads must be an integer >= 0");
+  switch (options.kind) {
+    case IndexKind::Flat: *out = makeFlatIndex(options); return Status::ok();
+    case IndexKind::Ivf: *out = makeIvfIndex(options); return Status::ok();
+    case IndexKind::Graph: *out = makeGraphIndex(options); return Status::ok();
+  }
+  return optionError("kind is unknown");
+}
+
+void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids) {
+  k = std::max<int64_t>(0, std::min(k, count));
+  ids->resize(size_t(count));
+  for (int64_t i = 0; i < count; ++i) (*ids)[size_t(i)] = uint32_t(i);
+  auto better = [scores](uint32_t a, uint32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
+  std::partial_sort(ids->begin(), ids->begin() + k, ids->end(), better);
+  ids->resize(size_t(k));
+}
+
+}  // namespace kvslim

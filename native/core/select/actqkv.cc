@@ -1,0 +1,402 @@
+// ActQKV (methods/actqkv.md): the dynamic part in blocks of `blockSize` tokens, one representative
+// key per block and kv head; an activation-aware probe-query built from the layer's last
+// `queryWindow` queries (queries with outlier features weigh more) scores the blocks by cosine,
+// plus `questionWeight` x the cosine with the call's own query; the entropy of the block scores
+// shares a budget of blocks x layers blocks per decode step across the layers.
+//
+// Engine choices (the spec's "(R)" items):
+// - Statistics, the query ring and the entropy history live per layer and per policy object, so
+//   they reset with each cache (the reference code keeps them as process-wide globals).
+// - Every query enters the layer's ring of the last c = queryWindow queries: prefill queries in
+//   afterAppend(prefill), decode queries in planLoad (which every decode attend call reaches, step()
+//   and attend() alike; afterAppend of a step does not add them again). A window completes every c
+//   queries (across calls) and updates mu, s2 with the spec's formulas; the first window
+//   initialises them (s2 = unbiased variance, as the code does).
+// - The ring takes the call's queries before the index catches up and before the choice, so the
+//   probe covers the current window as it does in prefill.
+// - Weighting starts after kWarmupWindows windows (the code's 1000 would keep it off for any real
+//   session); before that, and whenever the biases sum to 0, the weights are uniform.
+// - Representatives are kept per kv head: the mean of the reprTopK keys of the block that scored
+//   highest against the probe when they were indexed (sum over the group's probes of p.k), a
+//   stand-in for the accumulated local-window attention we do not compute.
+// - Policy arithmetic is double precision: the choices sit on top-k boundaries, where f32
+//   rounding would flip near ties; the per-block work is O(N_b * headDim) per kv head, small beside
+//   attention, so plain loops serve instead of hostVectorOps().
+#include <algorithm>
+#include <climits>
+#include <cmath>
+#include <numeric>
+
+#include "loading_policy.h"
+
+namespace kvslim {
+
+namespace {
+
+constexpr int64_t kWarmupWindows = 4;  // deviation from the code's 1000 (see above)
+constexpr double kCountCap = 1000;     // n, the windows the running statistics weigh, is capped
+constexpr size_t kHistory = 100;       // entropy samples kept per layer
+
+class ActQKVPolicy final : public LoadingPolicy {
+ public:
+  ActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads)
+      : LoadingPolicy(config.sink, config.window, layers, kvHeads),
+        layers_(layers),
+        blockSize_(config.blockSize),
+        blocks_(config.blocks),
+        reprTopK_(config.reprTopK),
+        queryWindow_(config.queryWindow),
+        questionWeight_(config.questionWeight),
+        temperature_(config.temperature),
+        // The Llama config's lower bound, 32 of 46 blocks, scaled to `blocks`.
+        lower_((config.blocks * 32 + 45) / 46),
+        queries_(size_t(layers)),
+        heads_(size_t(layers) * size_t(kvHeads)),
+        history_(size_t(layers)) {}
+
+  std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<ActQKVPolicy>(*this); }
+
+  size_t indexBytes() const override {
+    size_t bytes = 0;
+    for (const HeadBlocks& head : heads_) {
+      bytes += (head.reprs.size() + head.candKeys.size()) * sizeof(float) +
+               head.candScores.size() * (sizeof(double) + sizeof(int64_t));
+    }
+    for (const LayerQueries& layer : queries_) {
+      bytes += layer.ring.size() * sizeof(float) + (layer.mu.size() + layer.s2.size() + layer.probe.size()) * sizeof(double);
+    }
+    for (const auto& samples : history_) bytes += samples.size() * sizeof(double);
+    return bytes;
+  }
+
+  Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) override {
+    if (prefill && q != nullptr) push(context, layer, q, n);
+    return catchUp(context, layer, nullptr, 0);
+  }
+
+  Status planLoad(SelectContext& context, int32_t layer, const float* q, int64_t n, LoadPlan* plan) override {
+    // A layer at or below the previous call's starts a new decode step with a fresh budget.
+    if (layer <= lastLayer_) remaining_ = blocks_ * int64_t(layers_);
+    lastLayer_ = layer;
+    push(context, layer, q, n);
+    KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
+    plan->sink = sink_;
+    plan->window = window_;
+    plan->tokens.assign(size_t(kvHeads_), {});
+    if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
+    const int64_t end = dynamicEnd(context, layer);
+    const int64_t blocks = (end - sink_ + blockSize_ - 1) / blockSize_;
+    const std::vector<double>& probe = probeOf(context, layer);
+
+    // Block scores per kv head and the layer's normalised entropy (mean over kv heads).
+    std::vector<std::vector<double>> scores(static_cast<size_t>(kvHeads_));
+    double entropy = 0;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      scoreBlocks(context, layer, h, probe, q + size_t(n - 1) * size_t(context.qHeads) * size_t(context.headDim), blocks,
+                  &scores[size_t(h)]);
+      entropy += normalisedEntropy(scores[size_t(h)]);
+    }
+    std::vector<double>& samples = history_[size_t(layer)];
+    samples.push_back(entropy / kvHeads_);
+    if (samples.size() > kHistory) samples.erase(samples.begin());
+
+    const int64_t k = allocate(layer, blocks);
+    remaining_ -= k;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const std::vector<double>& s = scores[size_t(h)];
+      std::vector<int64_t> order(static_cast<size_t>(blocks));
+      std::iota(order.begin(), order.end(), 0);
+      // Best first, ties to the earlier block.
+      std::partial_sort(order.begin(), order.begin() + k, order.end(),
+                        [&](int64_t a, int64_t b) { return s[size_t(a)] > s[size_t(b)] || (s[size_t(a)] == s[size_t(b)] && a < b); });
+      order.resize(size_t(k));
+      std::sort(order.begin(), order.end());
+      std::vector<int64_t>& tokens = plan->tokens[size_t(h)];
+      for (const int64_t block : order) {
+        const int64_t begin = sink_ + block * blockSize_;
+        for (int64_t t = begin; t < std::min(begin + blockSize_, end); ++t) tokens.push_back(t);
+      }
+    }
+    return Status::ok();
+  }
+
+ protected:
+  Status index(SelectContext& context, int32_t layer, int32_t h, int64_t first, int64_t count, const std::vector<float>& keys,
+               const float*, int64_t) override {
+    HeadBlocks& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    const size_t dim = size_t(context.headDim);
+    const int32_t group = context.qHeads / context.kvHeads;
+    // A key's score: the sum over the group's probes of p.k = (sum of the probes).k.
+    const std::vector<double>& probe = probeOf(context, layer);
+    std::vector<double> sum(dim, 0.0);
+    for (int32_t g = 0; g < group; ++g) {
+      const double* p = probe.data() + (size_t(h) * size_t(group) + size_t(g)) * dim;
+      for (size_t t = 0; t < dim; ++t) sum[t] += p[t];
+    }
+    for (int64_t i = 0; i < count; ++i) {
+      const int64_t position = first + i;
+      const size_t block = size_t((position - sink_) / blockSize_);
+      if (block * dim == head.reprs.size()) {  // this key starts a block
+        head.reprs.resize(head.reprs.size() + dim, 0.0f);
+        head.candKeys.clear();
+        head.candScores.clear();
+        head.candPositions.clear();
+      }
+      const float* key = keys.data() + size_t(i) * dim;
+      double score = 0;
+      for (size_t t = 0; t < dim; ++t) score += sum[t] * double(key[t]);
+      // Keep the block's reprTopK best keys (score descending, ties to the earlier key).
+      size_t slot = head.candScores.size();
+      if (slot == size_t(reprTopK_)) {
+        slot = 0;
+        for (size_t c = 1; c < head.candScores.size(); ++c) {
+          if (head.candScores[c] < head.candScores[slot] ||
+              (head.candScores[c] == head.candScores[slot] && head.candPositions[c] > head.candPositions[slot])) {
+            slot = c;
+          }
+        }
+        if (!(score > head.candScores[slot])) continue;
+      } else {
+        head.candKeys.resize(head.candKeys.size() + dim);
+        head.candScores.push_back(0);
+        head.candPositions.push_back(0);
+      }
+      std::copy(key, key + dim, head.candKeys.begin() + slot * dim);
+      head.candScores[slot] = score;
+      head.candPositions[slot] = position;
+      // The representative: the candidates' mean (summed in position order, stored as f32).
+      std::vector<size_t> byPosition(head.candScores.size());
+      std::iota(byPosition.begin(), byPosition.end(), 0);
+      std::sort(byPosition.begin(), byPosition.end(),
+                [&](size_t a, size_t b) { return head.candPositions[a] < head.candPositions[b]; });
+      float* repr = head.reprs.data() + block * dim;
+      for (size_t t = 0; t < dim; ++t) {
+        double total = 0;
+        for (const size_t c : byPosition) total += double(head.candKeys[c * dim + t]);
+        repr[t] = float(total / double(byPosition.size()));
+      }
+    }
+    return Status::ok();
+  }
+
+  // planLoad is overridden (the cut-off needs every kv head of the layer); nothing calls this.
+  Status choose(SelectContext&, int32_t, int32_t, const std::vector<float>&, int64_t, std::vector<int64_t>*) override {
+    return Status(ErrorCode::Internal, "actqkv chooses per layer in planLoad");
+  }
+
+ private:
+  struct LayerQueries {
+    std::vector<float> ring;  // [queryWindow, qHeads * headDim], circular; allocated on first use
+    int64_t count = 0;        // queries ever added
+    int64_t pending = 0;      // queries since the last complete window
+    int64_t windows = 0;      // complete windows seen
+    std::vector<double> mu, s2;  // [qHeads * headDim]; empty before the first window
+    std::vector<double> probe;   // [qHeads, headDim]
+    bool probeValid = false;
+  };
+  struct HeadBlocks {
+    std::vector<float> reprs;  // [blocks, headDim]; the last block may be partial
+    // The last block's best keys so far: keys [<= reprTopK, headDim], their scores and positions.
+    std::vector<float> candKeys;
+    std::vector<double> candScores;
+    std::vector<int64_t> candPositions;
+  };
+
+  // The ring's queries, oldest first.
+  std::vector<const float*> ringRows(const LayerQueries& lq, size_t width) const {
+    const int64_t rows = std::min(lq.count, queryWindow_);
+    const int64_t start = lq.count >= queryWindow_ ? lq.count % queryWindow_ : 0;
+    std::vector<const float*> out(static_cast<size_t>(rows));
+    for (int64_t k = 0; k < rows; ++k) out[size_t(k)] = lq.ring.data() + size_t((start + k) % queryWindow_) * width;
+    return out;
+  }
+
+  void push(const SelectContext& context, int32_t layer, const float* q, int64_t n) {
+    LayerQueries& lq = queries_[size_t(layer)];
+    const size_t width = size_t(context.qHeads) * size_t(context.headDim);
+    if (lq.ring.empty()) lq.ring.assign(size_t(queryWindow_) * width, 0.0f);
+    // Every query passes through the ring, so each run of c consecutive queries (also inside one
+    // long prefill, or spanning calls) completes a window and updates the statistics.
+    for (int64_t i = 0; i < n; ++i) {
+      const float* row = q + size_t(i) * width;
+      std::copy(row, row + width, lq.ring.begin() + size_t(lq.count % queryWindow_) * width);
+      ++lq.count;
+      if (++lq.pending == queryWindow_) {
+        lq.pending = 0;
+        updateStatistics(&lq, width);
+      }
+    }
+    lq.probeValid = false;
+  }
+
+  // The spec's running per-feature mean and variance over windows (the ring holds exactly the
+  // window that just completed).
+  void updateStatistics(LayerQueries* lq, size_t width) const {
+    const int64_t c = queryWindow_;
+    const double cd = double(c);
+    const bool first = lq->windows == 0;
+    if (first) {
+      lq->mu.assign(width, 0.0);
+      lq->s2.assign(width, 0.0);
+    }
+    const double n = std::min(double(lq->windows), kCountCap);
+    const std::vector<const float*> rows = ringRows(*lq, width);
+    std::vector<double> mean(width, 0.0), variance(width, 0.0);
+    for (const float* x : rows)
+      for (size_t j = 0; j < width; ++j) mean[j] += double(x[j]);
+    for (size_t j = 0; j < width; ++j) mean[j] /= cd;
+    for (const float* x : rows) {
+      for (size_t j = 0; j < width; ++j) {
+        const double d = double(x[j]) - mean[j];
+        variance[j] += d * d;
+      }
+    }
+    for (size_t j = 0; j < width; ++j) {
+      const double v = variance[j] / cd;  // biased, as the code's var(unbiased=False)
+      if (first) {
+        lq->mu[j] = mean[j];
+        lq->s2[j] = c > 1 ? v / (cd - 1) * cd : 0.0;
+      } else {
+        const double shift = mean[j] - lq->mu[j];
+        lq->s2[j] = (lq->s2[j] * (n - 1 / cd) + v + shift * shift / (1 + 1 / n)) / (n + 1 - 1 / cd);
+        lq->mu[j] = (lq->mu[j] * n + mean[j]) / (n + 1);
+      }
+    }
+    ++lq->windows;
+  }
+
+  // p = sum_i w_i x_i over the ring, per q-head (the whole [qHeads, headDim] row at once).
+  const std::vector<double>& probeOf(const SelectContext& context, int32_t layer) {
+    LayerQueries& lq = queries_[size_t(layer)];
+    if (lq.probeValid) return lq.probe;
+    const size_t width = size_t(context.qHeads) * size_t(context.headDim);
+    lq.probe.assign(width, 0.0);
+    lq.probeValid = true;
+    const std::vector<const float*> ring = ringRows(lq, width);
+    const int64_t rows = int64_t(ring.size());
+    if (rows == 0) return lq.probe;  // no query yet: a zero probe (every key scores 0)
+    std::vector<double> weights(size_t(rows), 1.0 / double(rows));
+    if (lq.windows >= kWarmupWindows) {
+      double meanS2 = 0;
+      for (size_t j = 0; j < width; ++j) meanS2 += lq.s2[j];
+      const double floor = meanS2 / double(width) / 100;
+      std::vector<double> bias(static_cast<size_t>(rows));
+      double total = 0;
+      for (int64_t k = 0; k < rows; ++k) {
+        const float* x = ring[size_t(k)];
+        double b = 0;
+        for (size_t j = 0; j < width; ++j) {
+          const double denominator = lq.s2[j] + floor;
+          const double d = double(x[j]) - lq.mu[j];
+          if (denominator > 0) b += d * d / denominator;
+        }
+        bias[size_t(k)] = b / double(width);
+        total += bias[size_t(k)];
+      }
+      if (total > 0 && std::isfinite(total)) {
+        for (int64_t k = 0; k < rows; ++k) weights[size_t(k)] = bias[size_t(k)] / total;
+      }
+    }
+    for (int64_t k = 0; k < rows; ++k) {
+      const float* x = ring[size_t(k)];
+      const double w = weights[size_t(k)];
+      for (size_t j = 0; j < width; ++j) lq.probe[j] += w * double(x[j]);
+    }
+    return lq.probe;
+  }
+
+  // s_b = sum over the group's q-heads g of cos(r_b, p_g) + lambda cos(r_b, q_g)
+  //     = (r_b . u) / |r_b| with u = sum_g p_g / |p_g| + lambda q_g / |q_g| (a zero vector adds 0).
+  void scoreBlocks(const SelectContext& context, int32_t layer, int32_t h, const std::vector<double>& probe, const float* lastQuery,
+                   int64_t blocks, std::vector<double>* scores) const {
+    const HeadBlocks& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    const size_t dim = size_t(context.headDim);
+    const int32_t group = context.qHeads / context.kvHeads;
+    std::vector<double> u(dim, 0.0);
+    auto addUnit = [&](auto* v, double weight) {
+      double norm = 0;
+      for (size_t t = 0; t < dim; ++t) norm += double(v[t]) * double(v[t]);
+      if (norm <= 0) return;
+      const double factor = weight / std::sqrt(norm);
+      for (size_t t = 0; t < dim; ++t) u[t] += double(v[t]) * factor;
+    };
+    for (int32_t g = 0; g < group; ++g) {
+      const size_t qHead = size_t(h) * size_t(group) + size_t(g);
+      addUnit(probe.data() + qHead * dim, 1.0);
+      addUnit(lastQuery + qHead * dim, questionWeight_);
+    }
+    scores->assign(size_t(blocks), 0.0);
+    for (int64_t b = 0; b < blocks; ++b) {
+      const float* r = head.reprs.data() + size_t(b) * dim;
+      double dot = 0, norm = 0;
+      for (size_t t = 0; t < dim; ++t) {
+        dot += double(r[t]) * u[t];
+        norm += double(r[t]) * double(r[t]);
+      }
+      (*scores)[size_t(b)] = norm > 0 ? dot / std::sqrt(norm) : 0.0;
+    }
+  }
+
+  // Entropy of softmax(s / temperature) over ln(N_b); 1 for a single block.
+  double normalisedEntropy(const std::vector<double>& s) const {
+    if (s.size() <= 1) return 1.0;
+    const double max = *std::max_element(s.begin(), s.end());
+    std::vector<double> e(s.size(), 0.0);
+    double z = 0;
+    for (size_t b = 0; b < s.size(); ++b) {
+      e[b] = std::exp((s[b] - max) / temperature_);
+      z += e[b];
+    }
+    double entropy = 0;
+    for (size_t b = 0; b < s.size(); ++b) {
+      const double p = e[b] / z;
+      if (p > 0) entropy -= p * std::log(p);
+    }
+    return entropy / std::log(double(s.size()));
+  }
+
+  // k_l from the step's remaining budget R_l: uniform R_l / (L - l) until every layer holds
+  // kHistory entropy samples, then mean(h_l) / sum_{j >= l} mean(h_j) x R_l; rounded half away
+  // from zero and clamped to [min(N_b, lower), min(N_b, 2 blocks)].
+  int64_t allocate(int32_t layer, int64_t blocks) const {
+    const int64_t lo = std::min(blocks, lower_), hi = std::min(blocks, 2 * blocks_);
+    bool ready = true;
+    for (const auto& samples : history_) ready = ready && samples.size() >= kHistory;
+    double want = 0;
+    if (!ready) {
+      want = double(remaining_) / double(layers_ - layer);
+    } else {
+      auto mean = [](const std::vector<double>& v) {
+        double total = 0;
+        for (const double x : v) total += x;
+        return total / double(v.size());
+      };
+      double rest = 0;
+      for (int32_t j = layer; j < layers_; ++j) rest += mean(history_[size_t(j)]);
+      want = mean(history_[size_t(layer)]) / rest * double(remaining_);
+    }
+    // A zero or undefined share (every entropy 0) falls back to the minimum, as the code does.
+    const int64_t k = std::isfinite(want) ? int64_t(std::round(std::max(-1e15, std::min(1e15, want)))) : lo;
+    return std::max(lo, std::min(hi, k));
+  }
+
+  int32_t layers_;
+  int64_t blockSize_, blocks_;
+  int32_t reprTopK_;
+  int64_t queryWindow_;
+  double questionWeight_, temperature_;
+  int64_t lower_;
+  std::vector<LayerQueries> queries_;
+  std::vector<HeadBlocks> heads_;
+  std::vector<std::vector<double>> history_;  // [layers]: the last kHistory layer entropies
+  int32_t lastLayer_ = INT32_MAX;             // layer of the previous planLoad (a new step when not above it)
+  int64_t remaining_ = 0;                     // R_l: blocks left in this step
+};
+
+}  // namespace
+
+std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads) {
+  return std::make_unique<ActQKVPolicy>(config, layers, kvHeads);
+}
+
+}  // namespace kvslim

@@ -1,0 +1,110 @@
+// RetrievalAttention (methods/retrieval-attention.md): the dynamic part is reached through an
+// index per (layer, kv head) and each decode call loads the `topK` keys the index returns for the
+// group's queries (one search per kv head; a key scores by its best query row).
+// - flat: exact top-k, scanned by the backend (SIMD on the CPU, a kernel on the GPU) from the pages;
+// - ivf, graph: a KeyIndex in host memory with an f32 copy of the keys. The graph is trained on a
+//   sample of the prefill queries (the attention-aware index); keys that leave the window later are
+//   inserted incrementally.
+#include <algorithm>
+
+#include "loading_policy.h"
+
+namespace kvslim {
+
+namespace {
+
+class RetrievalPolicy final : public LoadingPolicy {
+ public:
+  RetrievalPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads)
+      : LoadingPolicy(config.sink, config.window, layers, kvHeads),
+        options_(config.index),
+        topK_(config.topK),
+        trainQueries_(config.trainQueries),
+        indexes_(size_t(layers) * size_t(kvHeads)) {}
+
+  RetrievalPolicy(const RetrievalPolicy& other)
+      : LoadingPolicy(other), options_(other.options_), topK_(other.topK_), trainQueries_(other.trainQueries_) {
+    for (const auto& index : other.indexes_) indexes_.push_back(index ? index->clone() : nullptr);
+  }
+
+  std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<RetrievalPolicy>(*this); }
+
+  size_t indexBytes() const override {
+    size_t bytes = 0;
+    for (const auto& index : indexes_) bytes += index ? index->bytes() : 0;
+    return bytes;
+  }
+
+ protected:
+  bool needsKeys() const override { return options_.kind != IndexKind::Flat; }
+
+  Status index(SelectContext& context, int32_t layer, int32_t h, int64_t, int64_t count, const std::vector<float>& keys,
+               const float* q, int64_t n) override {
+    if (options_.kind == IndexKind::Flat) return Status::ok();  // the backend scans the pages
+    std::unique_ptr<KeyIndex>& index = indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    if (index && index->size() > 0) return index->add(keys.data(), count);
+    IndexOptions options = options_;
+    options.dim = context.headDim;
+    KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &index));
+    // Training queries: an even sample of the prefill call's query rows of this kv head's group.
+    std::vector<float> training;
+    if (q != nullptr && n > 0) {
+      const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
+      const int64_t available = int64_t(rows.size() / size_t(context.headDim));
+      const int64_t take = std::min(available, trainQueries_);
+      const size_t dim = size_t(context.headDim);
+      for (int64_t i = 0; i < take; ++i) {
+        const int64_t row = i * available / take;
+        training.insert(training.end(), rows.begin() + row * dim, rows.begin() + (row + 1) * dim);
+      }
+    }
+    return index->build(keys.data(), count, training.empty() ? nullptr : training.data(),
+                        int64_t(training.size() / size_t(context.headDim)));
+  }
+
+  Status choose(SelectContext& context, int32_t layer, int32_t h, const std::vector<float>& rows, int64_t dynamicEnd,
+                std::vector<int64_t>* tokens) override {
+    const int32_t dim = context.headDim;
+    const int32_t rowCount = int32_t(rows.size() / size_t(dim));
+    const int64_t dynamic = dynamicEnd - sink_;
+    std::vector<uint32_t> ids;
+    if (options_.kind == IndexKind::Flat) {
+      std::vector<float> scores(size_t(rowCount) * size_t(dynamic));
+      ScoresArgs args;
+      args.q = rows.data();
+      args.rows = rowCount;
+      args.headDim = dim;
+      args.kvType = context.store.shape().storeType;
+      args.pageTokens = context.store.shape().pageTokens;
+      args.rowStride = dim;
+      args.head = context.store.tailRange(layer, h, sink_, dynamic);
+      args.scale = 1.0f;
+      args.threads = context.threads;
+      args.out = scores.data();
+      KVSLIM_RETURN_IF_ERROR(context.backend.attentionScores(args));
+      for (int32_t r = 1; r < rowCount; ++r)
+        for (int64_t t = 0; t < dynamic; ++t) scores[size_t(t)] = std::max(scores[size_t(t)], scores[size_t(r) * size_t(dynamic) + size_t(t)]);
+      topK(scores.data(), dynamic, topK_, &ids);
+    } else {
+      SearchResult result;
+      KVSLIM_RETURN_IF_ERROR(indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)]->search(rows.data(), rowCount, topK_, {}, &result));
+      ids = std::move(result.ids);
+    }
+    for (const uint32_t id : ids) tokens->push_back(sink_ + int64_t(id));
+    std::sort(tokens->begin(), tokens->end());
+    return Status::ok();
+  }
+
+ private:
+  IndexOptions options_;
+  int64_t topK_, trainQueries_;
+  std::vector<std::unique_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat
+};
+
+}  // namespace
+
+std::unique_ptr<SelectPolicy> makeRetrievalPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads) {
+  return std::make_unique<RetrievalPolicy>(config, layers, kvHeads);
+}
+
+}  // namespace kvslim

@@ -1,0 +1,28 @@
+// Host-memory vector math for the retrieval indexes and the loading policies. Indexes live in host
+// memory on every backend (as in RetrievalAttention, where the GPU keeps only the exact part), so
+// one implementation serves both: native/cpu provides it with the run-time SIMD level.
+#pragma once
+#include <cstdint>
+
+namespace kvslim {
+
+class VectorOps {
+ public:
+  virtual ~VectorOps() = default;
+  // out[i] = max over the `rows` query vectors of dot(query, key i), for `count` contiguous keys
+  // ([count, dim]). One kv head's group of queries scores a key by its best member (GQA).
+  virtual void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
+                      float* out) const = 0;
+  // The same for the keys base + ids[i] * dim (graph and list scans).
+  virtual void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
+                            int64_t count, float* out) const = 0;
+  // Quest's upper bound of a page with per-channel key minima lo and maxima hi ([pages, dim] each):
+  // out[p] = max over the query rows of sum_i max(q_i * lo_pi, q_i * hi_pi).
+  virtual void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
+                        float* out) const = 0;
+};
+
+// The host implementation (native/cpu/vector_ops.cc).
+const VectorOps& hostVectorOps();
+
+}  // namespace kvslim

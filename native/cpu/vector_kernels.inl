@@ -1,0 +1,64 @@
+// Host vector kernels of the retrieval indexes (core/vector_ops.h), one instantiation per
+// instruction set. Included by kernels_*.cc inside their anonymous namespace after vec_*.h.
+
+// dot(a, b) over dim floats: four independent accumulators, then the scalar tail.
+template <class V>
+inline float dotRow(const float* a, const float* b, int32_t dim) {
+  typename V::R s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
+  int32_t i = 0;
+  for (; i + 4 * V::W <= dim; i += 4 * V::W) {
+    s0 = V::fmadd(V::load(a + i), V::load(b + i), s0);
+    s1 = V::fmadd(V::load(a + i + V::W), V::load(b + i + V::W), s1);
+    s2 = V::fmadd(V::load(a + i + 2 * V::W), V::load(b + i + 2 * V::W), s2);
+    s3 = V::fmadd(V::load(a + i + 3 * V::W), V::load(b + i + 3 * V::W), s3);
+  }
+  for (; i + V::W <= dim; i += V::W) s0 = V::fmadd(V::load(a + i), V::load(b + i), s0);
+  float sum = V::reduceAdd(V::add(V::add(s0, s1), V::add(s2, s3)));
+  for (; i < dim; ++i) sum += a[i] * b[i];
+  return sum;
+}
+
+template <class V>
+inline float maxDotOne(const float* queries, int32_t rows, int32_t dim, const float* key) {
+  float best = -INFINITY;
+  for (int32_t r = 0; r < rows; ++r) best = std::max(best, dotRow<V>(queries + size_t(r) * size_t(dim), key, dim));
+  return best;
+}
+
+template <class V>
+void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out) {
+  for (int64_t i = 0; i < count; ++i) out[i] = maxDotOne<V>(queries, rows, dim, keys + size_t(i) * size_t(dim));
+}
+
+template <class V>
+void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids, int64_t count,
+                  float* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    // The next key's first line is on its way while this one is scored (graph scans jump around).
+    if (i + 1 < count) __builtin_prefetch(base + size_t(ids[i + 1]) * size_t(dim));
+    out[i] = maxDotOne<V>(queries, rows, dim, base + size_t(ids[i]) * size_t(dim));
+  }
+}
+
+template <class V>
+void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
+              float* out) {
+  for (int64_t p = 0; p < pages; ++p) {
+    const float* l = lo + size_t(p) * size_t(dim);
+    const float* h = hi + size_t(p) * size_t(dim);
+    float best = -INFINITY;
+    for (int32_t r = 0; r < rows; ++r) {
+      const float* q = queries + size_t(r) * size_t(dim);
+      typename V::R acc = V::zero();
+      int32_t i = 0;
+      for (; i + V::W <= dim; i += V::W) {
+        const typename V::R qi = V::load(q + i);
+        acc = V::add(acc, V::max(V::mul(qi, V::load(l + i)), V::mul(qi, V::load(h + i))));
+      }
+      float sum = V::reduceAdd(acc);
+      for (; i < dim; ++i) sum += std::max(q[i] * l[i], q[i] * h[i]);
+      best = std::max(best, sum);
+    }
+    out[p] = best;
+  }
+}

@@ -1,0 +1,189 @@
+// Standalone key indexes (createKeyIndex; native/core/index/) and Quest's page bounds (pageBounds),
+// against float64 references written here: flat is the exact top-k; ivf scanning every list equals
+// it; ivf and graph reach bounded recall at their defaults on in-distribution data and after
+// incremental adds; Quest's bound is never below a page's best score. Plus the errors.
+import { describe, expect, it } from 'vitest';
+
+import { createKeyIndex, KeyIndex, pageBounds } from '../lib/index.js';
+import { expectError } from './helpers/errors.js';
+import { Random } from './helpers/random.js';
+import { checkTopK } from './reference/loading.js';
+
+function maxDot(queries: Float32Array, dim: number, keys: Float32Array, id: number): number {
+  let best = -Infinity;
+  for (let r = 0; r < queries.length / dim; r++) {
+    let sum = 0;
+    for (let d = 0; d < dim; d++) sum += queries[r * dim + d] * keys[id * dim + d];
+    best = Math.max(best, sum);
+  }
+  return best;
+}
+
+function exactTop(queries: Float32Array, dim: number, keys: Float32Array, k: number): number[] {
+  const n = keys.length / dim;
+  return Array.from({ length: n }, (_, i) => i)
+    .map((i) => [i, maxDot(queries, dim, keys, i)] as const)
+    .sort((a, b) => b[1] - a[1] || a[0] - b[0])
+    .slice(0, k)
+    .map(([i]) => i);
+}
+
+/** Keys in a few clusters (structure an index can use) with noise. */
+function clusteredKeys(random: Random, n: number, dim: number, clusters = 16): Float32Array {
+  const centers = random.tensor(clusters * dim, 2);
+  const keys = random.tensor(n * dim, 0.7);
+  for (let i = 0; i < n; i++) {
+    const c = random.integer(clusters);
+    for (let d = 0; d < dim; d++) keys[i * dim + d] += centers[c * dim + d];
+  }
+  return keys;
+}
+
+function recall(index: KeyIndex, queries: Float32Array[], dim: number, keys: Float32Array, k: number): number {
+  let found = 0;
+  for (const q of queries) {
+    const exact = new Set(exactTop(q, dim, keys, k));
+    for (const id of index.search(q, k).ids) if (exact.has(id)) found++;
+  }
+  return found / (queries.length * k);
+}
+
+describe('flat index', () => {
+  for (const [dim, rows] of [[1, 1], [5, 3], [64, 4], [128, 1]] as const) {
+    it(`returns the exact top-k by max over the query rows (dim ${dim}, ${rows} rows)`, () => {
+      const random = new Random(dim * 10 + rows);
+      const keys = random.tensor(700 * dim);
+      const index = createKeyIndex({ kind: 'flat', dim, keys });
+      expect(index.size).toBe(700);
+      for (let trial = 0; trial < 5; trial++) {
+        const q = random.tensor(rows * dim);
+        const hits = index.search(q, 20);
+        expect(hits.scanned).toBe(700);
+        const ids = Array.from(hits.ids);
+        expect(checkTopK(ids, Array.from({ length: 700 }, (_, i) => i), (i) => maxDot(q, dim, keys, i), 20, 1e-4)).toBeNull();
+        for (let i = 0; i < ids.length; i++) expect(hits.scores[i]).toBeCloseTo(maxDot(q, dim, keys, ids[i]), 3);
+        for (let i = 1; i < ids.length; i++) expect(hits.scores[i]).toBeLessThanOrEqual(hits.scores[i - 1]);
+      }
+      expect(index.search(random.tensor(dim), 5000).ids.length).toBe(700); // k > size: everything
+      index.dispose();
+    });
+  }
+});
+
+describe('ivf index', () => {
+  it('scanning every list equals the exact top-k; fewer lists scan fewer keys', () => {
+    const random = new Random(3);
+    const dim = 32;
+    const keys = clusteredKeys(random, 3000, dim);
+    const index = createKeyIndex({ kind: 'ivf', dim, keys, lists: 40 });
+    for (let trial = 0; trial < 5; trial++) {
+      const q = random.tensor(4 * dim);
+      const all = index.search(q, 25, { probes: 40 });
+      expect(all.scanned).toBeGreaterThanOrEqual(3000);
+      const problem = checkTopK(Array.from(all.ids), Array.from({ length: 3000 }, (_, i) => i), (i) => maxDot(q, dim, keys, i), 25, 1e-4);
+      expect(problem).toBeNull();
+      const few = index.search(q, 25, { probes: 4 });
+      expect(few.scanned).toBeLessThan(all.scanned);
+      expect(few.ids.length).toBe(25);
+    }
+  });
+
+  it('reaches bounded recall at moderate probes, also after incremental adds', () => {
+    const random = new Random(4);
+    const dim = 48;
+    const keys = clusteredKeys(random, 4000, dim);
+    const index = createKeyIndex({ kind: 'ivf', dim, keys: keys.subarray(0, 3000 * dim) });
+    index.add(keys.subarray(3000 * dim));
+    expect(index.size).toBe(4000);
+    const queries = Array.from({ length: 20 }, () => random.tensor(dim));
+    let found = 0;
+    for (const q of queries) {
+      const exact = new Set(exactTop(q, dim, keys, 10));
+      for (const id of index.search(q, 10, { probes: 16 }).ids) if (exact.has(id)) found++;
+    }
+    expect(found / (queries.length * 10)).toBeGreaterThan(0.8);
+  });
+});
+
+describe('graph index', () => {
+  it('reaches recall >= 0.9 with training queries, and after incremental adds', () => {
+    const random = new Random(5);
+    const dim = 64;
+    const keys = clusteredKeys(random, 5000, dim);
+    const training = random.tensor(1500 * dim);
+    const index = createKeyIndex({ kind: 'graph', dim, keys: keys.subarray(0, 4000 * dim), queries: training });
+    index.add(keys.subarray(4000 * dim));
+    expect(index.size).toBe(5000);
+    const queries = Array.from({ length: 25 }, () => random.tensor(dim));
+    expect(recall(index, queries, dim, keys, 10)).toBeGreaterThanOrEqual(0.9);
+    // Every added key is reachable: each one finds itself (scaled) as its best match.
+    for (let trial = 0; trial < 10; trial++) {
+      const id = 4000 + random.integer(1000);
+      const q = keys.slice(id * dim, (id + 1) * dim).map((x) => 3 * x);
+      expect(exactTop(q, dim, keys, 1)[0]).toBe(id);
+      expect(index.search(q, 1).ids[0], `key ${id}`).toBe(id);
+    }
+    expect(index.bytes).toBeGreaterThan(5000 * dim * 4);
+  });
+
+  it('builds without training queries (keys as queries)', () => {
+    const random = new Random(6);
+    const dim = 24;
+    const keys = clusteredKeys(random, 3000, dim);
+    const index = createKeyIndex({ kind: 'graph', dim, keys });
+    const queries = Array.from({ length: 20 }, () => random.tensor(dim));
+    expect(recall(index, queries, dim, keys, 10)).toBeGreaterThanOrEqual(0.85);
+  });
+});
+
+describe('pageBounds (Quest)', () => {
+  for (const [dim, pageSize, n, rows] of [[1, 4, 10, 1], [7, 16, 101, 3], [128, 16, 256, 4], [33, 5, 52, 2]] as const) {
+    it(`is an upper bound of every page's best score and equals the float64 bound (dim ${dim}, page ${pageSize}, ${n} keys)`, () => {
+      const random = new Random(dim + n);
+      const keys = random.tensor(n * dim);
+      const queries = random.tensor(rows * dim);
+      const bounds = pageBounds({ keys, queries, dim, pageSize });
+      expect(bounds.length).toBe(Math.ceil(n / pageSize));
+      for (let p = 0; p < bounds.length; p++) {
+        let best = -Infinity, expected = -Infinity;
+        const members = Array.from({ length: Math.min(pageSize, n - p * pageSize) }, (_, i) => p * pageSize + i);
+        for (const id of members) best = Math.max(best, maxDot(queries, dim, keys, id));
+        for (let r = 0; r < rows; r++) {
+          let sum = 0;
+          for (let d = 0; d < dim; d++) {
+            const column = members.map((id) => keys[id * dim + d]);
+            const q = queries[r * dim + d];
+            sum += Math.max(q * Math.min(...column), q * Math.max(...column));
+          }
+          expected = Math.max(expected, sum);
+        }
+        expect(bounds[p] + 1e-4 * (1 + Math.abs(best))).toBeGreaterThanOrEqual(best);
+        expect(Math.abs(bounds[p] - expected)).toBeLessThanOrEqual(1e-4 * (1 + Math.abs(expected)));
+      }
+    });
+  }
+});
+
+describe('key index errors', () => {
+  it('rejects bad input with a KVSlimError naming the argument', () => {
+    const keys = new Random(7).tensor(40);
+    expectError(() => createKeyIndex({ kind: 'hnsw' as 'flat', dim: 4, keys }), 'ERR_OPTION', /kind/);
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 0, keys }), 'ERR_OPTION', /dim/);
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 3, keys }), 'ERR_SHAPE', /keys/);
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys: new Float64Array(8) as unknown as Float32Array }), 'ERR_DTYPE', /keys/);
+    expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, degree: 1 }), 'ERR_OPTION', /degree/);
+    expectError(() => createKeyIndex({ kind: 'ivf', dim: 4, keys, lists: -2 }), 'ERR_OPTION', /lists/);
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, extra: 1 } as never), 'ERR_OPTION', /extra/);
+    const nan = keys.slice();
+    nan[5] = NaN;
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys: nan }), 'ERR_VALUE', /keys/);
+    const index = createKeyIndex({ kind: 'ivf', dim: 4, keys });
+    expectError(() => index.search(new Float32Array(3), 2), 'ERR_SHAPE', /queries/);
+    expectError(() => index.search(keys.subarray(0, 4), 0), 'ERR_OPTION', /k/);
+    expectError(() => index.search(keys.subarray(0, 4), 2, { probes: 0 }), 'ERR_OPTION', /probes/);
+    expectError(() => index.add(new Float32Array(5)), 'ERR_SHAPE', /keys/);
+    expectError(() => pageBounds({ keys, queries: keys.subarray(0, 4), dim: 4, pageSize: 0 }), 'ERR_OPTION', /pageSize/);
+    index.dispose();
+    expectError(() => index.search(keys.subarray(0, 4), 2), 'ERR_DISPOSED');
+  });
+});
