@@ -331,7 +331,8 @@ export function evaluate(options: EvaluateOptions): Report[] {
       model: { name: source.name, layers, qHeads, kvHeads, headDim, kvDtype: resolved.store.kind },
       method: {
         name, params: spec,
-        stage: resolved.store.kind === 'kivi' || ['streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo'].includes(resolved.select.kind) ? 'compression' : 'none',
+        stage: ['quest', 'retrieval', 'actqkv'].includes(resolved.select.kind) ? 'loading'
+          : resolved.store.kind === 'kivi' || ['streaming', 'snapkv', 'pyramidkv', 'h2o', 'duo'].includes(resolved.select.kind) ? 'compression' : 'none',
         kvClass: ['streaming', 'snapkv', 'pyramidkv', 'h2o'].includes(resolved.select.kind) ? 'O(k)' : 'O(n)',
       },
       mode,

@@ -77,4 +77,19 @@ describe('evaluate', () => {
     expect(() => evaluate({ source: 'needles-4k', policies: [{ select: { kind: 'snapkv' } } as never] })).toThrow(/budget is required/);
     expect(() => evaluate({ source: 'needles-4k', mode: 'both' as never })).toThrow(/multi-turn/);
   });
+
+  it('measures a loading policy on what its last call loaded', () => {
+    const select = { kind: 'retrieval', index: 'flat', topK: 64, sink: 4, window: 64 } as const;
+    const [full, flat] = evaluate({ source: 'needles-4k', policies: [{}, { select }], turns: 1 });
+    expect(flat.method.name).toBe('flat:64');
+    const turn = flat.turns[0];
+    // Every token stays: the bytes are the full cache's, the exact top-64 find the needle.
+    expect(turn.memory.retainedTokens).toBe(full.turns[0].memory.retainedTokens);
+    expect(turn.fidelity.taskScore).toBe(1);
+    // 132 of ~4100 tokens loaded: some attention mass is missed, little of it.
+    expect(turn.fidelity.attnMassRecallMean).toBeLessThan(1);
+    expect(turn.fidelity.attnMassRecallMean).toBeGreaterThan(0.9);
+    expect(turn.fidelity.attnOutRelL2Mean).toBeLessThan(0.05);
+    expect(flat.method.stage).toBe('loading');
+  });
 });

@@ -49,7 +49,7 @@ constexpr uint32_t kNone = UINT32_MAX;
 constexpr int64_t kKeyBlock = 1024;        // keys per cache block in the exact kNN (512 KB at dim 128)
 constexpr int64_t kQueryBlock = 16;        // queries sharing one key block
 constexpr int64_t kRankWindow = 4;         // a query's top keys also link to the keys ranked this close
-constexpr int64_t kMinInsertBeam = 128;    // candidate list of an insertion search
+constexpr int64_t kMinInsertBeam = 64;    // candidate list of an insertion search
 // Keys searched at once on the frozen graph, in parallel, before they are linked one by one. They
 // do not see each other, which costs little recall; fixed so the graph never depends on threads.
 constexpr int64_t kInsertBatch = 128;
@@ -563,15 +563,26 @@ class GraphIndex final : public KeyIndex {
     VisitedMarks& visited = threadVisitedMarks();
     visited.begin(size_t(count_));
     std::vector<Entry> pool;
-    pool.reserve(size_t(beam) + 1);
+    pool.reserve(size_t(beam) + 1024);
     std::vector<uint32_t> batch(static_cast<size_t>(options_.degree));
     std::vector<float> scores(static_cast<size_t>(options_.degree));
 
-    float entryScore;
-    ops.maxDotGather(queries, rows, dim, keys_.data(), &entry_, 1, &entryScore);
+    // Seeds: the entry hub and an even sample of about sqrt(n) keys. A query far from the hub's
+    // region starts near its own instead of crossing the graph, and graphs whose edges are local
+    // (keys as training queries) stay searchable.
+    std::vector<uint32_t> seeds{entry_};
     visited.visit(entry_);
-    pool.push_back({{entryScore, entry_}, false});
-    int64_t scanned = 1;
+    const int64_t landmarks = std::min<int64_t>(count_, std::max<int64_t>(16, int64_t(std::sqrt(double(count_)))));
+    for (int64_t i = 0; i < landmarks; ++i) {
+      const uint32_t id = uint32_t(i * count_ / landmarks);
+      if (visited.visit(id)) seeds.push_back(id);
+    }
+    std::vector<float> seedScores(seeds.size());
+    ops.maxDotGather(queries, rows, dim, keys_.data(), seeds.data(), int64_t(seeds.size()), seedScores.data());
+    for (size_t i = 0; i < seeds.size(); ++i) pool.push_back({{seedScores[i], seeds[i]}, false});
+    std::sort(pool.begin(), pool.end(), [](const Entry& a, const Entry& b) { return better(a.scored, b.scored); });
+    if (int64_t(pool.size()) > beam) pool.resize(size_t(beam));
+    int64_t scanned = int64_t(seeds.size());
     size_t cursor = 0;  // first unexpanded entry of pool
     while (cursor < pool.size()) {
       pool[cursor].expanded = true;
