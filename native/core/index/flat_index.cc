@@ -43,28 +43,15 @@ class FlatIndex final : public KeyIndex {
     return Status::ok();
   }
 
-  Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& /*options*/,
-                SearchResult* out) const override {
-    if (queries == nullptr || rows < 1) return Status(ErrorCode::Shape, "search needs at least one query row");
-    if (k < 0) return Status(ErrorCode::Shape, "k must be >= 0, but is " + std::to_string(k));
-    out->ids.clear();
-    out->scores.clear();
-    out->scanned = 0;
-    if (count_ == 0 || k == 0) return Status::ok();
-    try {
-      std::vector<float> scores(static_cast<size_t>(count_));
-      hostVectorOps().maxDot(queries, rows, options_.dim, keys_.data(), count_, scores.data());
-      // Positions are ids here, so topK's ties-to-lower-position are ties-to-lower-id.
-      topK(scores.data(), count_, k, &out->ids);
-      out->scores.resize(out->ids.size());
-      for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
-    } catch (const std::bad_alloc&) {
-      out->ids.clear();
-      out->scores.clear();
-      return Status(ErrorCode::OutOfMemory, "out of host memory searching a flat index of " + std::to_string(count_) + " keys");
-    }
+  void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& /*options*/,
+                  SearchResult* out) const override {
+    std::vector<float> scores(static_cast<size_t>(count_));
+    hostVectorOps().maxDot(queries, rows, options_.dim, keys_.data(), count_, scores.data());
+    // Positions are ids here, so topK's ties-to-lower-position are ties-to-lower-id.
+    topK(scores.data(), count_, k, &out->ids);
+    out->scores.resize(out->ids.size());
+    for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
     out->scanned = count_;
-    return Status::ok();
   }
 
   int64_t size() const override { return count_; }
@@ -73,14 +60,6 @@ class FlatIndex final : public KeyIndex {
   const IndexOptions& options() const override { return options_; }
 
  private:
-  // Ids are uint32, so the index can never hold more than 2^32 - 1 keys.
-  static Status checkKeys(const float* keys, int64_t n, int64_t existing) {
-    if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
-    if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
-    if (existing + n > int64_t(UINT32_MAX)) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 1 keys");
-    return Status::ok();
-  }
-
   IndexOptions options_;
   std::vector<float> keys_;  // [count_, dim], row i is id i
   int64_t count_ = 0;

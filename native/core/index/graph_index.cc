@@ -228,33 +228,19 @@ class GraphIndex final : public KeyIndex {
     return Status::ok();
   }
 
-  Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
-                SearchResult* out) const override {
-    if (queries == nullptr || rows < 1) return Status(ErrorCode::Shape, "search needs at least one query row");
-    if (k < 0) return Status(ErrorCode::Shape, "k must be >= 0, but is " + std::to_string(k));
-    out->ids.clear();
-    out->scores.clear();
-    out->scanned = 0;
-    if (count_ == 0 || k == 0) return Status::ok();
-    try {
-      if (k >= count_) {
-        searchAll(queries, rows, out);
-      } else {
-        const int64_t beam = options.beam > 0 ? options.beam : options_.beam > 0 ? options_.beam : std::max<int64_t>(2 * k, 64);
-        std::vector<Scored> found;
-        out->scanned = beamSearch(queries, rows, std::max(beam, k), &found);
-        found.resize(size_t(std::min<int64_t>(k, int64_t(found.size()))));
-        out->ids.resize(found.size());
-        out->scores.resize(found.size());
-        for (size_t i = 0; i < found.size(); ++i) out->ids[i] = found[i].id, out->scores[i] = found[i].score;
-      }
-    } catch (const std::bad_alloc&) {
-      out->ids.clear();
-      out->scores.clear();
-      out->scanned = 0;
-      return Status(ErrorCode::OutOfMemory, "out of host memory searching a graph index");
+  void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
+                  SearchResult* out) const override {
+    if (k >= count_) {
+      searchAll(queries, rows, out);
+      return;
     }
-    return Status::ok();
+    const int64_t beam = options.beam > 0 ? options.beam : options_.beam > 0 ? options_.beam : std::max<int64_t>(2 * k, 64);
+    std::vector<Scored> found;
+    out->scanned = beamSearch(queries, rows, std::max(beam, k), &found);
+    found.resize(size_t(std::min<int64_t>(k, int64_t(found.size()))));
+    out->ids.resize(found.size());
+    out->scores.resize(found.size());
+    for (size_t i = 0; i < found.size(); ++i) out->ids[i] = found[i].id, out->scores[i] = found[i].score;
   }
 
   int64_t size() const override { return count_; }
@@ -268,13 +254,6 @@ class GraphIndex final : public KeyIndex {
   const IndexOptions& options() const override { return options_; }
 
  private:
-  static Status checkKeys(const float* keys, int64_t n, int64_t existing) {
-    if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
-    if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
-    if (existing + n > int64_t(UINT32_MAX) - 1) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 2 keys");
-    return Status::ok();
-  }
-
   const float* key(uint32_t id) const { return keys_.data() + size_t(id) * size_t(options_.dim); }
   uint32_t* linksOf(uint32_t id) { return links_.data() + size_t(id) * size_t(options_.degree); }
   const uint32_t* linksOf(uint32_t id) const { return links_.data() + size_t(id) * size_t(options_.degree); }

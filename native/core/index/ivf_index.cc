@@ -213,23 +213,9 @@ class IvfIndex final : public KeyIndex {
     return Status::ok();
   }
 
-  Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
-                SearchResult* out) const override {
-    if (queries == nullptr || rows < 1) return Status(ErrorCode::Shape, "search needs at least one query row");
-    if (k < 0) return Status(ErrorCode::Shape, "k must be >= 0, but is " + std::to_string(k));
-    out->ids.clear();
-    out->scores.clear();
-    out->scanned = 0;
-    if (count_ == 0 || k == 0) return Status::ok();
-    try {
-      searchLists(queries, rows, k, options, out);
-    } catch (const std::bad_alloc&) {
-      out->ids.clear();
-      out->scores.clear();
-      out->scanned = 0;
-      return Status(ErrorCode::OutOfMemory, "out of host memory searching an ivf index");
-    }
-    return Status::ok();
+  void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
+                  SearchResult* out) const override {
+    searchLists(queries, rows, k, options, out);
   }
 
   int64_t size() const override { return count_; }
@@ -244,13 +230,6 @@ class IvfIndex final : public KeyIndex {
   const IndexOptions& options() const override { return options_; }
 
  private:
-  static Status checkKeys(const float* keys, int64_t n, int64_t existing) {
-    if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
-    if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
-    if (existing + n > int64_t(UINT32_MAX)) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 1 keys");
-    return Status::ok();
-  }
-
   // lists = 0 means round(4 * sqrt(n)); never more lists than keys (an empty list is pure overhead).
   int32_t resolveLists(int64_t n) const {
     int64_t lists = requestedLists_ > 0 ? requestedLists_ : int64_t(std::llround(4.0 * std::sqrt(double(n))));

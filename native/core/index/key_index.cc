@@ -1,6 +1,7 @@
 #include "key_index.h"
 
 #include <algorithm>
+#include <new>
 #include <string>
 
 namespace kvslim {
@@ -24,6 +25,31 @@ Status makeKeyIndex(const IndexOptions& options, std::unique_ptr<KeyIndex>* out)
     case IndexKind::Graph: *out = makeGraphIndex(options); return Status::ok();
   }
   return optionError("kind is unknown");
+}
+
+Status KeyIndex::search(const float* queries, int32_t rows, int64_t k, const SearchOptions& options, SearchResult* out) const {
+  if (queries == nullptr || rows < 1) return Status(ErrorCode::Shape, "search needs at least one query row");
+  if (k < 0) return Status(ErrorCode::Shape, "k must be >= 0, but is " + std::to_string(k));
+  out->ids.clear();
+  out->scores.clear();
+  out->scanned = 0;
+  if (size() == 0 || k == 0) return Status::ok();
+  try {
+    searchKeys(queries, rows, k, options, out);
+  } catch (const std::bad_alloc&) {
+    out->ids.clear();
+    out->scores.clear();
+    out->scanned = 0;
+    return Status(ErrorCode::OutOfMemory, "out of host memory searching an index of " + std::to_string(size()) + " keys");
+  }
+  return Status::ok();
+}
+
+Status KeyIndex::checkKeys(const float* keys, int64_t n, int64_t existing) {
+  if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
+  if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
+  if (existing + n > int64_t(UINT32_MAX)) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 1 keys");
+  return Status::ok();
 }
 
 void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids) {

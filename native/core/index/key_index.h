@@ -45,13 +45,20 @@ class KeyIndex {
   // Appends keys [n, dim] (ids continue from size()); an empty index is built from them.
   virtual Status add(const float* keys, int64_t n) = 0;
   // Top-k ids by max over the query rows ([rows, dim]) of q.k, best first; fewer when the index holds fewer.
-  // Thread-safe (const): kv heads search in parallel.
-  virtual Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
-                        SearchResult* out) const = 0;
+  // Thread-safe (const): kv heads search in parallel. Checks the arguments, then searchKeys().
+  Status search(const float* queries, int32_t rows, int64_t k, const SearchOptions& options, SearchResult* out) const;
   virtual int64_t size() const = 0;
   virtual size_t bytes() const = 0;  // keys plus structure, host memory
   virtual std::unique_ptr<KeyIndex> clone() const = 0;
   virtual const IndexOptions& options() const = 0;
+
+ protected:
+  // search() once its arguments hold (queries set, rows >= 1, k >= 1, the index not empty); out
+  // arrives empty. May throw std::bad_alloc (search() reports it).
+  virtual void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
+                          SearchResult* out) const = 0;
+  // ERR_SHAPE unless keys holds n >= 0 rows and the index stays below 2^32 ids (uint32) with `existing`.
+  static Status checkKeys(const float* keys, int64_t n, int64_t existing);
 };
 
 // Checks the options (ERR_OPTION naming the field) and makes an empty index.
