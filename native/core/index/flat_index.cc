@@ -45,13 +45,7 @@ class FlatIndex final : public KeyIndex {
 
   void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& /*options*/,
                   SearchResult* out) const override {
-    std::vector<float> scores(static_cast<size_t>(count_));
-    hostVectorOps().maxDot(queries, rows, options_.dim, keys_.data(), count_, scores.data());
-    // Positions are ids here, so topK's ties-to-lower-position are ties-to-lower-id.
-    topK(scores.data(), count_, k, &out->ids);
-    out->scores.resize(out->ids.size());
-    for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
-    out->scanned = count_;
+    exactSearch(queries, rows, options_.dim, keys_.data(), count_, k, out);
   }
 
   int64_t size() const override { return count_; }

@@ -40,6 +40,7 @@
 
 #include "../vector_ops.h"
 #include "key_index.h"
+#include "split_mix.h"
 
 namespace kvslim {
 
@@ -56,21 +57,6 @@ constexpr int64_t kInsertBatch = 128;
 constexpr int64_t kSelfQueriesMin = 4096;  // K->K fallback: at least this many keys play the queries
 constexpr int64_t kSelfQueriesDivisor = 8; // ... or one key in this many
 
-// splitmix64: tiny, seedable and identical on every platform.
-class Random {
- public:
-  explicit Random(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  uint64_t below(uint64_t bound) { return next() % bound; }
-
- private:
-  uint64_t state_;
-};
 
 // Reserves at least `needed`, doubling, so that one-key-at-a-time adds stay amortised O(1).
 template <class T>
@@ -230,8 +216,8 @@ class GraphIndex final : public KeyIndex {
 
   void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
                   SearchResult* out) const override {
-    if (k >= count_) {
-      searchAll(queries, rows, out);
+    if (k >= count_) {  // every key, exactly
+      exactSearch(queries, rows, options_.dim, keys_.data(), count_, count_, out);
       return;
     }
     const int64_t beam = options.beam > 0 ? options.beam : options_.beam > 0 ? options_.beam : std::max<int64_t>(2 * k, 64);
@@ -301,7 +287,7 @@ class GraphIndex final : public KeyIndex {
     if (queryCount == 0) {
       queryCount = std::min(n, std::max(kSelfQueriesMin, n / kSelfQueriesDivisor));
       selfQueries.resize(size_t(queryCount) * size_t(dim));
-      Random random(options_.seed);
+      SplitMix64 random(options_.seed);
       for (int64_t i = 0; i < queryCount; ++i) {
         const int64_t row = queryCount == n ? i : int64_t(random.below(uint64_t(n)));
         std::memcpy(selfQueries.data() + size_t(i) * dim, keys + row * dim, size_t(dim) * sizeof(float));
@@ -590,15 +576,6 @@ class GraphIndex final : public KeyIndex {
     return scanned;
   }
 
-  // k >= size(): every key, exactly.
-  void searchAll(const float* queries, int32_t rows, SearchResult* out) const {
-    std::vector<float> scores(static_cast<size_t>(count_));
-    hostVectorOps().maxDot(queries, rows, options_.dim, keys_.data(), count_, scores.data());
-    topK(scores.data(), count_, count_, &out->ids);
-    out->scores.resize(out->ids.size());
-    for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
-    out->scanned = count_;
-  }
 
   IndexOptions options_;
   std::vector<float> keys_;           // [count_, dim], row i is id i

@@ -28,6 +28,7 @@
 
 #include "../vector_ops.h"
 #include "key_index.h"
+#include "split_mix.h"
 
 namespace kvslim {
 
@@ -38,24 +39,9 @@ constexpr int64_t kSamplePerList = 64;     // k-means sample cap per centroid (F
 constexpr int64_t kKeysPerThread = 256;    // below this much work per thread, threads cost more than they save
 constexpr double kSplitEpsilon = 1.0 / 1024.0;
 
-// splitmix64: tiny, seedable and identical on every platform (std distributions are not).
-class Random {
- public:
-  explicit Random(uint64_t seed) : state_(seed) {}
-  uint64_t next() {
-    uint64_t z = (state_ += 0x9E3779B97F4A7C15ull);
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
-    return z ^ (z >> 31);
-  }
-  uint64_t below(uint64_t bound) { return next() % bound; }  // bias ~bound/2^64, irrelevant here
-
- private:
-  uint64_t state_;
-};
 
 // `count` distinct values of [0, range), ascending (ascending keeps the sampled rows in memory order).
-std::vector<int64_t> sampleWithoutReplacement(int64_t range, int64_t count, Random& random) {
+std::vector<int64_t> sampleWithoutReplacement(int64_t range, int64_t count, SplitMix64& random) {
   std::vector<int64_t> pool(static_cast<size_t>(range));
   for (int64_t i = 0; i < range; ++i) pool[size_t(i)] = i;
   for (int64_t i = 0; i < count; ++i) std::swap(pool[size_t(i)], pool[size_t(i + int64_t(random.below(uint64_t(range - i))))]);
@@ -119,7 +105,7 @@ void computeHalfNorms(const float* centroids, int32_t lists, int32_t dim, std::v
 }
 
 // Lloyd's k-means on [count, dim] points; centroids receives [lists, dim].
-void trainCentroids(const float* points, int64_t count, int32_t dim, int32_t lists, Random& random, int threads,
+void trainCentroids(const float* points, int64_t count, int32_t dim, int32_t lists, SplitMix64& random, int threads,
                     std::vector<float>* centroids) {
   const size_t rowFloats = size_t(dim);
   centroids->assign(size_t(lists) * rowFloats, 0.0f);
@@ -247,7 +233,7 @@ class IvfIndex final : public KeyIndex {
 
     const int32_t lists = resolveLists(n);
     options_.lists = lists;
-    Random random(options_.seed);
+    SplitMix64 random(options_.seed);
     const int64_t sampleCount = std::min<int64_t>(n, kSamplePerList * int64_t(lists));
     const int threads = resolveThreads(options_.threads, sampleCount);
     if (sampleCount == n) {

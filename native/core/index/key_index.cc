@@ -4,6 +4,8 @@
 #include <new>
 #include <string>
 
+#include "../vector_ops.h"
+
 namespace kvslim {
 
 namespace {
@@ -59,6 +61,16 @@ void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* 
   auto better = [scores](uint32_t a, uint32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
   std::partial_sort(ids->begin(), ids->begin() + k, ids->end(), better);
   ids->resize(size_t(k));
+}
+
+void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,
+                 SearchResult* out) {
+  std::vector<float> scores(static_cast<size_t>(count));
+  hostVectorOps().maxDot(queries, rows, dim, keys, count, scores.data());
+  topK(scores.data(), count, k, &out->ids);
+  out->scores.resize(out->ids.size());
+  for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
+  out->scanned = count;
 }
 
 }  // namespace kvslim

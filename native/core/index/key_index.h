@@ -72,4 +72,9 @@ std::unique_ptr<KeyIndex> makeGraphIndex(const IndexOptions& options);
 // The k best of scores[0..count) (ids = positions), best first, ties to the lower id.
 void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids);
 
+// Exact top-k of `count` contiguous keys ([count, dim], ids = rows) by max over the query rows:
+// every key scored (the flat index, and any index asked for all its keys).
+void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,
+                 SearchResult* out);
+
 }  // namespace kvslim
