@@ -16,6 +16,7 @@ import {
 import { gridValues } from './data.js';
 import { kiviAboveLimit, kiviFailures, kiviNotes, kiviPlan, type KiviRecord, kiviTargets, runKivi } from './kivi.js';
 import { policiesFailures, policiesNotes, type PoliciesRecord, policiesTargets, runPolicies } from './policies.js';
+import { retrievalFailures, retrievalNotes, type RetrievalRecord, retrievalTargets, runRetrieval } from './retrieval.js';
 import {
   type BaselineResult, baselineLine, type CaseResult, caseLine, decodeTable, prefillTable, type TargetResult,
   targetLines, writeJson,
@@ -32,12 +33,16 @@ speed-up, compression) and KIVI quality on keys with outlier channels (output er
 rate, keys-per-token ablation). Then the selection policies (streaming, snapkv, pyramidkv, duo) on a
 32K needle prompt at budgets T/4-T/16: bytes kept, decode time, output error, attention mass and
 needle hits for the question's turn and a second turn, plus a 2K whole-prompt prefill (with h2o)
-timing what selection adds. Takes about three minutes on 2 cores (KIVI and policies about one each).
+timing what selection adds. Then retrieval (RetrievalAttention): recall@100, keys scanned and latency of
+the flat / ivf / graph key indexes beside Quest and hnswlib on 64K and 256K keys of one kv head, and
+decode at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
+hits). Takes about three minutes on 2 cores (KIVI and policies about one each) plus the retrieval
+section (several minutes; its index builds dominate).
 
 Options:
-  --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K (smoke test, ~35 s)
-  --only <kind>      decode | prefill | kivi | policies: run one part
-  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI or policies section)
+  --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K, retrieval at 16K (smoke test)
+  --only <kind>      decode | prefill | kivi | policies | retrieval: run one part
+  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI, policies or retrieval section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
   -h, --help         print this help
@@ -51,7 +56,7 @@ class UsageError extends Error {}
 
 interface Args {
   quick: boolean;
-  only: CaseKind | 'kivi' | 'policies' | null;
+  only: CaseKind | 'kivi' | 'policies' | 'retrieval' | null;
   cases: string[];
   json: string | null;
   list: boolean;
@@ -71,8 +76,8 @@ function parseArgs(argv: string[]): Args {
       case '--quick': args.quick = true; break;
       case '--only': {
         const kind = value();
-        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies') {
-          throw new UsageError(`--only takes decode, prefill, kivi or policies, not '${kind}'`);
+        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies' && kind !== 'retrieval') {
+          throw new UsageError(`--only takes decode, prefill, kivi, policies or retrieval, not '${kind}'`);
         }
         args.only = kind;
         break;
@@ -151,7 +156,7 @@ const TARGETS: Array<{ name: string; caseId: string; metric: 'bandwidthFraction'
   { name: 'prefill f32 4K causal: fraction of measured FMA peak', caseId: 'prefill-f32-4K', metric: 'peakFraction', target: 0.5 },
 ];
 
-function main(): void {
+async function main(): Promise<void> {
   const startedAt = Date.now();
   const argv = process.argv.slice(2);
   const args = parseArgs(argv);
@@ -175,6 +180,7 @@ function main(): void {
   // The KIVI section has no case ids: it runs in full runs and with --only kivi, not with --case.
   const runsKivi = args.cases.length === 0 && (args.only === null || args.only === 'kivi');
   const runsPolicies = args.cases.length === 0 && (args.only === null || args.only === 'policies');
+  const runsRetrieval = args.cases.length === 0 && (args.only === null || args.only === 'retrieval');
   const complete = !args.quick && args.only === null && args.cases.length === 0;
   const command = `npm run bench${argv.length > 0 ? ` -- ${argv.join(' ')}` : ''}`;
   const reproduce = (id: string) => `npm run bench -- ${args.quick ? '--quick ' : ''}--case ${id}`;
@@ -338,6 +344,13 @@ function main(): void {
     });
   }
 
+  let retrieval: RetrievalRecord | null = null;
+  if (runsRetrieval) {
+    retrieval = await runRetrieval({
+      quick: args.quick, say, status, reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only retrieval`,
+    });
+  }
+
   // The limits again, after the cases: a shared or throttled machine shows here as drift, and the
   // fractions above (against the first probe) are then only as good as that drift allows.
   status('probing the machine limits again...');
@@ -362,6 +375,7 @@ function main(): void {
   });
   targets.push(...kiviTargets(kivi));
   targets.push(...policiesTargets(policies));
+  targets.push(...retrievalTargets(retrieval));
   say();
   say(`Targets (reported, not asserted)${complete ? '' : ' - partial run: cases not in it show "not measured"'}`);
   for (const line of targetLines(targets)) say(line);
@@ -385,12 +399,14 @@ function main(): void {
     `Rerun one row: npm run bench -- --case <id>${args.quick ? ' (with --quick for the quick matrix)' : ''}.`,
     ...(kivi === null ? [] : kiviNotes(kivi)),
     ...(policies === null ? [] : policiesNotes(policies)),
+    ...(retrieval === null ? [] : retrievalNotes(retrieval)),
   ];
   say();
   say('Notes');
   for (const note of notes) say(`  ${note}`);
 
-  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies)];
+  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies),
+    ...retrievalFailures(retrieval)];
   const durationMs = Date.now() - startedAt;
   const root = packageRoot();
   const stamp = new Date(startedAt).toISOString().replace(/\.\d+Z$/, 'Z').replace(/:/g, '-');
@@ -432,6 +448,7 @@ function main(): void {
     cases: results,
     kivi,
     policies,
+    retrieval,
     targets,
   };
   for (const path of paths) writeJson(path, json);
@@ -439,7 +456,9 @@ function main(): void {
   const kiviRows = kivi === null ? '' : ` + ${kivi.decode.length + kivi.quality.rows.length} KIVI row(s) (${(kivi.durationMs / 1000).toFixed(1)} s)`;
   const policyRows = policies === null ? ''
     : ` + ${policies.rows.length + policies.prefillRows.length} policy row(s) (${(policies.durationMs / 1000).toFixed(1)} s)`;
-  say(`${results.length} case(s)${kiviRows}${policyRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
+  const retrievalRows = retrieval === null ? ''
+    : ` + ${retrieval.index.length + retrieval.decode.length} retrieval row(s) (${(retrieval.durationMs / 1000).toFixed(1)} s)`;
+  say(`${results.length} case(s)${kiviRows}${policyRows}${retrievalRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
   say(`Reproduce: ${command}`);
   if (failed.length > 0) {
     say(`Failed: ${failed.join(', ')}`);
@@ -447,13 +466,12 @@ function main(): void {
   }
 }
 
-try {
-  main();
-} catch (error) {
+main().catch((error: unknown) => {
   if (error instanceof UsageError) {
     process.stderr.write(`${error.message}\n\n${USAGE}\n`);
     process.exitCode = 2;
   } else {
-    throw error;
+    process.stderr.write(`${error instanceof Error ? error.stack ?? error.message : String(error)}\n`);
+    process.exitCode = 1;
   }
-}
+});

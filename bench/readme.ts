@@ -1,5 +1,6 @@
 // Writes the headline table of bench/results/latest.json into README.md between the
-// <!-- bench-table --> markers, so the README shows measured numbers, never typed ones.
+// <!-- bench-table --> markers (and the KIVI, policies and retrieval tables between theirs), so the
+// README shows measured numbers, never typed ones.
 // Usage: npm run bench:readme [-- <results.json>]
 import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
@@ -38,6 +39,18 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
       id: string; kind: string; fraction: number | null; status: string; bytesFraction?: number; selectMs?: number;
       decode?: { medianMs: number }; timeFraction?: number;
       turns?: Array<{ relL2: number; mass: number; needleHits: number; needlePairs: number }>;
+    }>;
+  } | null;
+  retrieval?: {
+    plan: { testQueries: number; trainQueries: number; prefillTokens: number };
+    index: Array<{
+      kind: string; keys: number; setting: string | null; status: string; recall?: number; minRecall?: number;
+      scannedFraction?: number | null; medianMs?: number; p99Ms?: number; buildMs?: number; bytes?: number | null;
+    }>;
+    decode: Array<{
+      kind: string; tokens: number; status: string; loadedTokens?: number; decode?: { medianMs: number }; pairedFull?: { medianMs: number };
+      speedup?: number; indexBuildMs?: number; prefillMs?: number; indexBytes?: number; meanRelL2?: number; maxRelL2?: number;
+      needleHits?: number; needlePairs?: number;
     }>;
   } | null;
 };
@@ -122,6 +135,45 @@ if (results.policies) {
   policyLines.push('', 'Reproduce with `npm run bench -- --only policies`.');
 }
 
+// The retrieval section's tables (bench/retrieval.ts), when the run had it.
+const retrievalLines: string[] = [];
+if (results.retrieval) {
+  const r = results.retrieval;
+  const label = (tokens: number) => (tokens % 1024 === 0 ? `${tokens / 1024}K` : String(tokens));
+  retrievalLines.push(
+    `Key indexes on one kv head (headDim 128); each of ${r.plan.testQueries} test queries is a GQA group of 4 rows (a key scores by its ` +
+      `best row), from a shifted distribution unlike the keys'; the graph is trained on ${r.plan.trainQueries} query rows of that distribution; ` +
+      'recall@100 vs the exact top-100; latency per query, warm:', '',
+    '| index | keys | setting | recall@100 | keys scanned | median ms | p99 ms | build ms | MB |',
+    '| --- | ---: | --- | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of r.index) {
+    if (row.status !== 'ok') continue;
+    const bytes = row.bytes === null || row.bytes === undefined ? '–' : `${row.kind === 'hnswlib' ? '≈' : ''}${number(row.bytes / 1e6, 1)}`;
+    retrievalLines.push(
+      `| ${row.kind} | ${label(row.keys)} | ${row.setting ?? '–'} | ${number(row.recall, 3)} | ` +
+        `${row.scannedFraction === null || row.scannedFraction === undefined ? '–' : number(row.scannedFraction, 4)} | ${number(row.medianMs, 3)} | ` +
+        `${number(row.p99Ms, 3)} | ${number(row.buildMs, 0)} | ${bytes} |`,
+    );
+  }
+  retrievalLines.push(
+    '', `Decode over one layer (32q/8kv/128, f16), 4 turns each asking a different needle; retrieval topK 100, sink 128, window 512; ` +
+      `quest 2048 tokens (128 pages of 16); step = attend() of the turn's question, cold, beside the full cache in the same state:`, '',
+    '| policy | T | tokens read | step ms | full ms | speed-up | index build ms | index MB | rel. L2 mean | rel. L2 max | needle hits |',
+    '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of r.decode) {
+    if (row.status !== 'ok' || !row.decode) continue;
+    retrievalLines.push(
+      `| ${row.kind} | ${label(row.tokens)} | ${number(row.loadedTokens, 0)} | ${number(row.decode.medianMs, 2)} | ` +
+        `${number(row.pairedFull?.medianMs, 2)} | ${number(row.speedup, 2)}× | ${row.kind === 'full' ? '–' : number(row.indexBuildMs, 0)} | ` +
+        `${row.kind === 'full' ? '–' : number((row.indexBytes ?? NaN) / 1e6, 1)} | ${number(row.meanRelL2, 3)} | ${number(row.maxRelL2, 3)} | ` +
+        `${row.needleHits}/${row.needlePairs} |`,
+    );
+  }
+  retrievalLines.push('', 'Reproduce with `npm run bench -- --only retrieval`.');
+}
+
 const readmePath = join(root, 'README.md');
 let readme = readFileSync(readmePath, 'utf8');
 /** Replaces the text between `<!-- name -->` and `<!-- /name -->`. */
@@ -131,8 +183,11 @@ function section(text: string, name: string, body: string[]): string {
   if (from < 0 || to < 0) throw new Error(`README.md has no ${start} ... ${end} markers`);
   return `${text.slice(0, from)}${start}\n${body.join('\n')}\n${text.slice(to)}`;
 }
-readme = section(readme, 'bench-table', lines);
+// A partial run (e.g. --only retrieval) has no cases: leave the headline table as it is.
+if (results.cases.length > 0) readme = section(readme, 'bench-table', lines);
 if (kiviLines.length > 0) readme = section(readme, 'bench-kivi', kiviLines);
 if (policyLines.length > 0) readme = section(readme, 'bench-policies', policyLines);
+if (retrievalLines.length > 0) readme = section(readme, 'bench-retrieval', retrievalLines);
 writeFileSync(readmePath, readme);
-console.log(`README.md: wrote ${lines.length + kiviLines.length + policyLines.length} lines from ${resultsPath}`);
+const written = (results.cases.length > 0 ? lines.length : 0) + kiviLines.length + policyLines.length + retrievalLines.length;
+console.log(`README.md: wrote ${written} lines from ${resultsPath}`);

@@ -2,6 +2,7 @@
 // native/cpu and native/cuda implement it; core never includes their headers.
 #pragma once
 #include <cstddef>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -35,6 +36,13 @@ class Backend {
   virtual Status attentionScores(const ScoresArgs& args) = 0;
   // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
   virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
+
+  // Host-side work of the policies (index searches per kv head) on the host threads this backend
+  // computes with: task(i) for i in [0, tasks), at most `threads` at once (0 = all). A task may
+  // copy memory but must not run the backend's kernels (they use the same threads). The default runs them in order.
+  virtual void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) {
+    for (int64_t i = 0; i < tasks; ++i) task(i);
+  }
 };
 
 // Owns one allocation in a backend's memory (RAII).

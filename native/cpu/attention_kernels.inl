@@ -354,26 +354,62 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
 // ---------------------------------------------------------------------------------------------
 // Scores for selection policies: plain dot products, each key row loaded once for all rows.
 
-template <class V, DType T>
-void scoreRangeOf(const ScoreRange& range) {
+// Scores of ROWS rows against TOKENS keys at a time: each key chunk loaded once for all rows, the
+// horizontal sums of all ROWS x TOKENS accumulators done together by reduceMany (as in decode).
+template <class V, DType T, int ROWS>
+void scoreRangeRows(const ScoreRange& range) {
   using R = typename V::R;
+  constexpr int32_t TOKENS = V::kDotAccumulators / ROWS > 0 ? V::kDotAccumulators / ROWS : 1;
   const int32_t dim = range.headDim;
   const int32_t chunks = dim / V::W;
+  const int32_t tailBegin = chunks * V::W;
   const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
-  for (int64_t row = range.rowBegin; row < range.rowEnd; ++row) {
-    const uint8_t* key = static_cast<const uint8_t*>(range.keyPages[row / range.pageTokens]) +
-                         size_t(row % range.pageTokens) * strideBytes;
-    R acc[kMaxDecodeRows];
-    for (int32_t r = 0; r < range.rows; ++r) acc[r] = V::zero();
+  int64_t page = range.rowBegin / range.pageTokens;
+  int64_t slot = range.rowBegin % range.pageTokens;
+  for (int64_t row0 = range.rowBegin; row0 < range.rowEnd; row0 += TOKENS) {
+    const int32_t tokens = int32_t(range.rowEnd - row0 < TOKENS ? range.rowEnd - row0 : TOKENS);
+    const uint8_t* keys[TOKENS];
+    for (int32_t t = 0; t < TOKENS; ++t) {
+      if (t < tokens) {
+        keys[t] = static_cast<const uint8_t*>(range.keyPages[page]) + size_t(slot) * strideBytes;
+        if (++slot == range.pageTokens) { slot = 0; ++page; }
+      } else {
+        keys[t] = keys[0];  // a short last group repeats its first key; its sums are ignored
+      }
+    }
+    R partial[V::kDotAccumulators];
+    for (int32_t a = 0; a < V::kDotAccumulators; ++a) partial[a] = V::zero();
     for (int32_t c = 0; c < chunks; ++c) {
-      const R k = loadRow<V, T>(key, c * V::W);
-      for (int32_t r = 0; r < range.rows; ++r) acc[r] = V::fmadd(V::load(range.q + r * dim + c * V::W), k, acc[r]);
+      R q[ROWS];
+      for (int32_t r = 0; r < ROWS; ++r) q[r] = V::load(range.q + r * dim + c * V::W);
+      for (int32_t t = 0; t < TOKENS; ++t) {
+        const R k = loadRow<V, T>(keys[t], c * V::W);
+        for (int32_t r = 0; r < ROWS; ++r) partial[r * TOKENS + t] = V::fmadd(q[r], k, partial[r * TOKENS + t]);
+      }
     }
-    for (int32_t r = 0; r < range.rows; ++r) {
-      float dot = V::reduceAdd(acc[r]);
-      for (int32_t d = chunks * V::W; d < dim; ++d) dot += range.q[r * dim + d] * loadScalar<T>(key, d);
-      range.out[r * range.outStride + (row - range.rowBegin)] = dot;
+    float sums[V::kDotAccumulators];
+    V::reduceMany(partial, sums);
+    for (int32_t r = 0; r < ROWS; ++r) {
+      for (int32_t t = 0; t < tokens; ++t) {
+        float dot = sums[r * TOKENS + t];
+        for (int32_t d = tailBegin; d < dim; ++d) dot += range.q[r * dim + d] * loadScalar<T>(keys[t], d);
+        range.out[r * range.outStride + (row0 - range.rowBegin) + t] = dot;
+      }
     }
+  }
+}
+
+template <class V, DType T>
+void scoreRangeOf(const ScoreRange& range) {
+  switch (range.rows) {
+    case 1: scoreRangeRows<V, T, 1>(range); break;
+    case 2: scoreRangeRows<V, T, 2>(range); break;
+    case 3: scoreRangeRows<V, T, 3>(range); break;
+    case 4: scoreRangeRows<V, T, 4>(range); break;
+    case 5: scoreRangeRows<V, T, 5>(range); break;
+    case 6: scoreRangeRows<V, T, 6>(range); break;
+    case 7: scoreRangeRows<V, T, 7>(range); break;
+    default: scoreRangeRows<V, T, 8>(range); break;
   }
 }
 

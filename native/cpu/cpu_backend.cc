@@ -4,6 +4,7 @@
 #include "../core/backend.h"
 #include "attention_plan.h"
 #include "page_pool.h"
+#include "thread_pool.h"
 
 namespace kvslim {
 
@@ -49,6 +50,10 @@ class CpuBackend final : public Backend {
   Status kiviAttention(const KiviAttentionArgs& args) override {
     cpu::attentionKivi(args);
     return Status::ok();
+  }
+
+  void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) override {
+    cpu::globalPool().parallelFor(tasks, threads, [&task](int64_t index, int32_t) { task(index); });
   }
 
  private:

@@ -6,7 +6,6 @@
 #include <string>
 #include <vector>
 
-#include "../vector_ops.h"
 #include "key_index.h"
 
 namespace kvslim {

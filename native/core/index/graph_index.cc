@@ -54,6 +54,7 @@ constexpr int64_t kMinInsertBeam = 64;    // candidate list of an insertion sear
 // Keys searched at once on the frozen graph, in parallel, before they are linked one by one. They
 // do not see each other, which costs little recall; fixed so the graph never depends on threads.
 constexpr int64_t kInsertBatch = 128;
+constexpr int64_t kInsertSeeds = 16;        // landmarks an insertion search starts from (queries: sqrt(n))
 constexpr int64_t kSelfQueriesMin = 4096;  // K->K fallback: at least this many keys play the queries
 constexpr int64_t kSelfQueriesDivisor = 8; // ... or one key in this many
 
@@ -222,7 +223,7 @@ class GraphIndex final : public KeyIndex {
     }
     const int64_t beam = options.beam > 0 ? options.beam : options_.beam > 0 ? options_.beam : std::max<int64_t>(2 * k, 64);
     std::vector<Scored> found;
-    out->scanned = beamSearch(queries, rows, std::max(beam, k), &found);
+    out->scanned = beamSearch(queries, rows, std::max(beam, k), seedCount(), &found);
     found.resize(size_t(std::min<int64_t>(k, int64_t(found.size()))));
     out->ids.resize(found.size());
     out->scores.resize(found.size());
@@ -427,7 +428,7 @@ class GraphIndex final : public KeyIndex {
     std::vector<std::vector<Scored>> found(nodes.size());
     parallelChunks(int64_t(nodes.size()), resolveThreads(options_.threads), 4, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        beamSearch(key(nodes[size_t(i)]), 1, beam, &found[size_t(i)]);
+        beamSearch(key(nodes[size_t(i)]), 1, beam, kInsertSeeds, &found[size_t(i)]);
         const uint32_t node = nodes[size_t(i)];
         std::vector<Scored>& list = found[size_t(i)];
         list.erase(std::remove_if(list.begin(), list.end(), [node](const Scored& s) { return s.id == node; }), list.end());
@@ -518,7 +519,10 @@ class GraphIndex final : public KeyIndex {
 
   // Best-first search from the entry; `found` receives the best `beam` keys seen, best first.
   // Returns the number of keys scored.
-  int64_t beamSearch(const float* queries, int32_t rows, int64_t beam, std::vector<Scored>* found) const {
+  // Landmarks a query search starts from: about sqrt(n).
+  int64_t seedCount() const { return std::max<int64_t>(16, int64_t(std::sqrt(double(count_)))); }
+
+  int64_t beamSearch(const float* queries, int32_t rows, int64_t beam, int64_t seedKeys, std::vector<Scored>* found) const {
     struct Entry {
       Scored scored;
       bool expanded;
@@ -532,12 +536,12 @@ class GraphIndex final : public KeyIndex {
     std::vector<uint32_t> batch(static_cast<size_t>(options_.degree));
     std::vector<float> scores(static_cast<size_t>(options_.degree));
 
-    // Seeds: the entry hub and an even sample of about sqrt(n) keys. A query far from the hub's
+    // Seeds: the entry hub and an even sample of `seedKeys` keys. A query far from the hub's
     // region starts near its own instead of crossing the graph, and graphs whose edges are local
     // (keys as training queries) stay searchable.
     std::vector<uint32_t> seeds{entry_};
     visited.visit(entry_);
-    const int64_t landmarks = std::min<int64_t>(count_, std::max<int64_t>(16, int64_t(std::sqrt(double(count_)))));
+    const int64_t landmarks = std::min<int64_t>(count_, seedKeys);
     for (int64_t i = 0; i < landmarks; ++i) {
       const uint32_t id = uint32_t(i * count_ / landmarks);
       if (visited.visit(id)) seeds.push_back(id);

@@ -56,11 +56,23 @@ Status KeyIndex::checkKeys(const float* keys, int64_t n, int64_t existing) {
 
 void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids) {
   k = std::max<int64_t>(0, std::min(k, count));
-  ids->resize(size_t(count));
-  for (int64_t i = 0; i < count; ++i) (*ids)[size_t(i)] = uint32_t(i);
+  // (score, id) ordered best first: higher score, then lower id.
   auto better = [scores](uint32_t a, uint32_t b) { return scores[a] > scores[b] || (scores[a] == scores[b] && a < b); };
-  std::partial_sort(ids->begin(), ids->begin() + k, ids->end(), better);
-  ids->resize(size_t(k));
+  ids->clear();
+  if (k == 0) return;
+  // One pass with a heap of the k best so far (its top is the worst of them): most scores are
+  // rejected by one comparison, O(count) for the small k of retrieval over long scans. Ids arrive
+  // ascending, so an equal score never displaces an earlier id.
+  ids->reserve(size_t(k));
+  for (int64_t i = 0; i < k; ++i) ids->push_back(uint32_t(i));
+  std::make_heap(ids->begin(), ids->end(), better);
+  for (int64_t i = k; i < count; ++i) {
+    if (!(scores[i] > scores[ids->front()])) continue;
+    std::pop_heap(ids->begin(), ids->end(), better);
+    ids->back() = uint32_t(i);
+    std::push_heap(ids->begin(), ids->end(), better);
+  }
+  std::sort_heap(ids->begin(), ids->end(), better);
 }
 
 void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,

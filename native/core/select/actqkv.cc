@@ -180,6 +180,8 @@ class ActQKVPolicy final : public LoadingPolicy {
   }
 
   // planLoad is overridden (the cut-off needs every kv head of the layer); nothing calls this.
+  bool hostOnly() const override { return false; }  // index() updates per-layer state shared by the heads
+
   Status choose(SelectContext&, int32_t, int32_t, const std::vector<float>&, int64_t, std::vector<int64_t>*) override {
     return Status(ErrorCode::Internal, "actqkv chooses per layer in planLoad");
   }

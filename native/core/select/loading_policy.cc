@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <chrono>
+#include <new>
 
 namespace kvslim {
 
@@ -9,17 +10,34 @@ int64_t LoadingPolicy::dynamicEnd(const SelectContext& context, int32_t layer) c
   return std::max(sink_, context.store.tokens(layer) - window_);
 }
 
+Status LoadingPolicy::forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body) {
+  if (!hostOnly()) {
+    for (int32_t h = 0; h < kvHeads_; ++h) KVSLIM_RETURN_IF_ERROR(body(h));
+    return Status::ok();
+  }
+  std::vector<Status> results(static_cast<size_t>(kvHeads_));
+  context.backend.hostParallel(kvHeads_, context.threads, [&](int64_t h) {
+    try {
+      results[size_t(h)] = body(int32_t(h));
+    } catch (const std::bad_alloc&) {
+      results[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory in a loading policy");
+    }
+  });
+  for (const Status& result : results) KVSLIM_RETURN_IF_ERROR(result);
+  return Status::ok();
+}
+
 Status LoadingPolicy::catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n) {
   const int64_t end = dynamicEnd(context, layer);
-  for (int32_t h = 0; h < kvHeads_; ++h) {
+  return forEachHead(context, [&](int32_t h) {
     int64_t& indexed = indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-    if (indexed >= end) continue;
+    if (indexed >= end) return Status::ok();
     std::vector<float> keys;
     if (needsKeys()) KVSLIM_RETURN_IF_ERROR(readKeys(context.store, layer, h, indexed, end - indexed, &keys));
     KVSLIM_RETURN_IF_ERROR(index(context, layer, h, indexed, end - indexed, keys, q, n));
     indexed = end;
-  }
-  return Status::ok();
+    return Status::ok();
+  });
 }
 
 Status LoadingPolicy::afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) {
@@ -36,11 +54,10 @@ Status LoadingPolicy::planLoad(SelectContext& context, int32_t layer, const floa
   plan->tokens.assign(size_t(kvHeads_), {});
   const int64_t end = dynamicEnd(context, layer);
   if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
-  for (int32_t h = 0; h < kvHeads_; ++h) {
+  return forEachHead(context, [&](int32_t h) {
     const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
-    KVSLIM_RETURN_IF_ERROR(choose(context, layer, h, rows, end, &plan->tokens[size_t(h)]));
-  }
-  return Status::ok();
+    return choose(context, layer, h, rows, end, &plan->tokens[size_t(h)]);
+  });
 }
 
 }  // namespace kvslim

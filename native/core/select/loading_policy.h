@@ -4,6 +4,7 @@
 // window, and each decode call loads the few the policy chooses.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <vector>
 
 #include "select_policy.h"
@@ -27,10 +28,15 @@ class LoadingPolicy : public SelectPolicy {
   virtual Status index(SelectContext& context, int32_t layer, int32_t head, int64_t first, int64_t count,
                        const std::vector<float>& keys, const float* q, int64_t n) = 0;
   virtual bool needsKeys() const { return true; }
+  // index() and choose() touch only this policy's host state (no backend calls), so kv heads may
+  // run them in parallel on the backend's host threads.
+  virtual bool hostOnly() const { return true; }
   // Ascending positions in [sink, dynamicEnd) that one kv head loads for the group's query rows
   // ([rows, headDim], ordered (position, member)).
   virtual Status choose(SelectContext& context, int32_t layer, int32_t head, const std::vector<float>& rows,
                         int64_t dynamicEnd, std::vector<int64_t>* tokens) = 0;
+  // body(h) for every kv head: in parallel when hostOnly(); the first error wins.
+  Status forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body);
   // Brings one layer's indexes up to date; q, n as in index().
   Status catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n);
   int64_t dynamicEnd(const SelectContext& context, int32_t layer) const;

@@ -37,6 +37,7 @@ class RetrievalPolicy final : public LoadingPolicy {
 
  protected:
   bool needsKeys() const override { return options_.kind != IndexKind::Flat; }
+  bool hostOnly() const override { return options_.kind != IndexKind::Flat; }  // flat scans on the backend
 
   Status index(SelectContext& context, int32_t layer, int32_t h, int64_t, int64_t count, const std::vector<float>& keys,
                const float* q, int64_t n) override {
