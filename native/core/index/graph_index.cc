@@ -50,7 +50,7 @@ constexpr uint32_t kNone = UINT32_MAX;
 constexpr int64_t kKeyBlock = 1024;        // keys per cache block in the exact kNN (512 KB at dim 128)
 constexpr int64_t kQueryBlock = 16;        // queries sharing one key block
 constexpr int64_t kRankWindow = 4;         // a query's top keys also link to the keys ranked this close
-constexpr int64_t kMinInsertBeam = 64;    // candidate list of an insertion search
+constexpr int64_t kMinInsertBeam = 32;    // candidate list of an insertion search
 // Keys searched at once on the frozen graph, in parallel, before they are linked one by one. They
 // do not see each other, which costs little recall; fixed so the graph never depends on threads.
 constexpr int64_t kInsertBatch = 128;
