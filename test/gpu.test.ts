@@ -181,6 +181,38 @@ describe.runIf(onGpu)('CUDA: selection policies choose what the CPU chooses', ()
   }
 });
 
+describe.runIf(onGpu)('CUDA: loading policies load what the CPU loads', () => {
+  // The flat scan (attentionScores) and the static + gathered attention (row-pointer views) run on
+  // the GPU; quest bounds and the graph search run on the host for both.
+  const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
+  const selects = [
+    { kind: 'retrieval', index: 'flat', topK: 12, sink: 4, window: 16 },
+    { kind: 'retrieval', index: 'graph', topK: 12, sink: 4, window: 16 },
+    { kind: 'quest', pages: 3, pageSize: 8, sink: 4, window: 16 },
+  ] as const;
+  for (const [index, select] of selects.entries()) {
+    it(`${select.kind} ${'index' in select ? select.index : ''}`, () => {
+      const random = new Random(65_000 + index);
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({ layers: 1, ...heads, device, pageTokens: 8, policy: { select: select as never, store: { kind: 'f32' } } });
+        open.push(cache);
+        return cache;
+      };
+      const gpu = make('cuda'), cpu = make('cpu');
+      const prompt = randomTokens(random, heads, 300);
+      expect(relativeL2(gpu.prefill(0, prompt.q, prompt.k, prompt.v), cpu.prefill(0, prompt.q, prompt.k, prompt.v))).toBeLessThanOrEqual(TOLERANCE);
+      for (let t = 0; t < 20; t++) {
+        const token = randomTokens(random, heads, 1);
+        const out = gpu.step(0, token.q, token.k, token.v);
+        expect(relativeL2(out, cpu.step(0, token.q, token.k, token.v)), `step ${t}`).toBeLessThanOrEqual(TOLERANCE);
+        for (let kvHead = 0; kvHead < heads.kvHeads; kvHead++) {
+          expect(Array.from(gpu.loadedPositions(0, kvHead))).toEqual(Array.from(cpu.loadedPositions(0, kvHead)));
+        }
+      }
+    });
+  }
+});
+
 describe('device selection without KVSLIM_TEST_DEVICE=cuda', () => {
   it("device 'auto' picks CUDA only when a GPU answers", () => {
     const cache = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 });

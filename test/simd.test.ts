@@ -25,7 +25,7 @@ const REFERENCE_TOLERANCE = 2e-5;
 const child = join(repositoryRoot, 'test/fixtures/simd-child.mjs');
 
 interface Case {
-  kind: 'attention' | 'cache' | 'kivi';
+  kind: 'attention' | 'cache' | 'kivi' | 'vectors';
   label: string;
   dtype: Dtype;
   n: number;
@@ -54,7 +54,39 @@ const cases: Case[] = [
   { kind: 'kivi', label: 'KIVI-4, 3 rows x group 4, d=128, group 16', dtype: 'f16', n: 3, T: 333, qHeads: 16, kvHeads: 4, headDim: 128, kivi: { bits: 4, group: 16, residual: 32 } },
   { kind: 'kivi', label: 'KIVI-8 MHA, d=32', dtype: 'bf16', n: 1, T: 700, qHeads: 2, kvHeads: 2, headDim: 32, kivi: { bits: 8, group: 32, residual: 128 } },
   { kind: 'kivi', label: 'KIVI-2 + 2% outliers, d=64', dtype: 'f32', n: 2, T: 500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64, outliers: 0.02 } },
+  // Index kernels: k as [T, headDim] keys, q as 3 query rows (qHeads = kvHeads = 1, n = 3).
+  { kind: 'vectors', label: 'page bounds + flat top-20, d=100, 3 rows', dtype: 'f32', n: 3, T: 500, qHeads: 1, kvHeads: 1, headDim: 100 },
 ];
+
+// Float64 Quest bounds of 16-key pages, then the 20 best max-over-rows scores, descending.
+function vectorReference(q: Float32Array, k: Float32Array, rows: number, dim: number): Float64Array {
+  const keys = k.length / dim;
+  const rowScore = (r: number, key: number) => {
+    let sum = 0;
+    for (let d = 0; d < dim; d++) sum += q[r * dim + d] * k[key * dim + d];
+    return sum;
+  };
+  const bounds: number[] = [];
+  for (let first = 0; first < keys; first += 16) {
+    let best = -Infinity;
+    for (let r = 0; r < rows; r++) {
+      let sum = 0;
+      for (let d = 0; d < dim; d++) {
+        let lo = Infinity, hi = -Infinity;
+        for (let key = first; key < Math.min(keys, first + 16); key++) {
+          lo = Math.min(lo, k[key * dim + d]);
+          hi = Math.max(hi, k[key * dim + d]);
+        }
+        sum += Math.max(q[r * dim + d] * lo, q[r * dim + d] * hi);
+      }
+      best = Math.max(best, sum);
+    }
+    bounds.push(best);
+  }
+  const scores = Array.from({ length: keys }, (_, key) => Math.max(...Array.from({ length: rows }, (_, r) => rowScore(r, key))));
+  scores.sort((a, b) => b - a);
+  return Float64Array.from([...bounds, ...scores.slice(0, 20)]);
+}
 
 interface Prepared {
   json: Record<string, unknown>;
@@ -72,6 +104,9 @@ function prepare(testCase: Case, seed: number): Prepared {
   const v = random.tensor(testCase.T * testCase.kvHeads * testCase.headDim);
   const { dtype } = testCase;
   const sent = dtype === 'f32' ? { q, k, v } : { q: encodeHalf(q, dtype), k: encodeHalf(k, dtype), v: encodeHalf(v, dtype) };
+  if (testCase.kind === 'vectors') {
+    return { json: { ...testCase, q: base64(q), k: base64(k), v: base64(v) }, expected: vectorReference(q, k, testCase.n, testCase.headDim) };
+  }
   if (testCase.kivi !== undefined) {
     const mirror = new KiviMirror(testCase, testCase.kivi);
     mirror.append(roundTo(k, dtype), roundTo(v, dtype));

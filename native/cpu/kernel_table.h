@@ -111,6 +111,7 @@ struct KernelTable {
                        int64_t count, float* out);
   void (*boxBound)(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                    float* out);
+  void (*softmaxRow)(float* row, int64_t visible, int64_t total);
 };
 
 const KernelTable* scalarKernels();

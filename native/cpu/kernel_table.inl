@@ -17,5 +17,6 @@ KernelTable makeTable() {
   table.maxDot = &maxDot<V>;
   table.maxDotGather = &maxDotGather<V>;
   table.boxBound = &boxBound<V>;
+  table.softmaxRow = &softmaxRow<V>;
   return table;
 }

@@ -62,3 +62,33 @@ void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, 
     out[p] = best;
   }
 }
+
+// Softmax of row[0, visible) in place, zeros after: max, then exp2((x - max) * log2(e)) summed in
+// the same pass, then one scaling pass.
+template <class V>
+void softmaxRow(float* row, int64_t visible, int64_t total) {
+  using R = typename V::R;
+  constexpr float kLog2e = 1.4426950408889634f;
+  int64_t i = 0;
+  R high = V::set1(-INFINITY);
+  for (; i + V::W <= visible; i += V::W) high = V::max(high, V::load(row + i));
+  float max = V::reduceMax(high);
+  for (; i < visible; ++i) max = std::max(max, row[i]);
+  const R offset = V::set1(-max * kLog2e), log2e = V::set1(kLog2e);
+  R sums = V::zero();
+  for (i = 0; i + V::W <= visible; i += V::W) {
+    const R e = V::exp2(V::fmadd(V::load(row + i), log2e, offset));
+    V::store(row + i, e);
+    sums = V::add(sums, e);
+  }
+  float sum = V::reduceAdd(sums);
+  for (; i < visible; ++i) {
+    row[i] = std::exp2((row[i] - max) * kLog2e);
+    sum += row[i];
+  }
+  const float inverse = sum > 0 ? 1.0f / sum : 0.0f;
+  const R scale = V::set1(inverse);
+  for (i = 0; i + V::W <= visible; i += V::W) V::store(row + i, V::mul(V::load(row + i), scale));
+  for (; i < visible; ++i) row[i] *= inverse;
+  for (i = visible; i < total; ++i) row[i] = 0.0f;
+}

@@ -4,6 +4,8 @@
 #include <cmath>
 #include <string>
 
+#include "../vector_ops.h"
+
 namespace kvslim {
 
 namespace {
@@ -147,17 +149,7 @@ Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, co
   // Causal softmax per row: query i sees every kept token and tail tokens up to tail - after - n + i.
   for (int64_t r = 0; r < rows; ++r) {
     const int64_t visible = kept + (tail - after - n + r / group) + 1;
-    float* row = probs->data() + size_t(r) * size_t(tokens);
-    float max = -INFINITY;
-    for (int64_t j = 0; j < visible; ++j) max = std::max(max, row[j]);
-    double sum = 0;
-    for (int64_t j = 0; j < visible; ++j) {
-      row[j] = std::exp(row[j] - max);
-      sum += row[j];
-    }
-    const float inverse = sum > 0 ? float(1.0 / sum) : 0.0f;
-    for (int64_t j = 0; j < visible; ++j) row[j] *= inverse;
-    std::fill(row + visible, row + tokens, 0.0f);
+    hostVectorOps().softmaxRow(probs->data() + size_t(r) * size_t(tokens), visible, tokens);
   }
   return Status::ok();
 }
