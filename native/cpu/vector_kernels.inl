@@ -30,12 +30,20 @@ void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, 
   for (int64_t i = 0; i < count; ++i) out[i] = maxDotOne<V>(queries, rows, dim, keys + size_t(i) * size_t(dim));
 }
 
+// Every cache line of one key (a graph scan jumps around memory: the hardware prefetcher cannot
+// guess the next key, and a key spans several lines).
+inline void prefetchKey(const float* key, int32_t dim) {
+  for (int32_t i = 0; i < dim; i += 16) __builtin_prefetch(key + i);
+}
+
 template <class V>
 void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids, int64_t count,
                   float* out) {
+  // Keys kAhead ahead are on their way while one is scored: several misses in flight at once.
+  constexpr int64_t kAhead = 4;
+  for (int64_t i = 0; i < std::min(count, kAhead); ++i) prefetchKey(base + size_t(ids[i]) * size_t(dim), dim);
   for (int64_t i = 0; i < count; ++i) {
-    // The next key's first line is on its way while this one is scored (graph scans jump around).
-    if (i + 1 < count) __builtin_prefetch(base + size_t(ids[i + 1]) * size_t(dim));
+    if (i + kAhead < count) prefetchKey(base + size_t(ids[i + kAhead]) * size_t(dim), dim);
     out[i] = maxDotOne<V>(queries, rows, dim, base + size_t(ids[i]) * size_t(dim));
   }
 }
