@@ -93,6 +93,39 @@ void mergeByLse(float* out, const float* outLse, const float* other, const float
   }
 }
 
+// Several head views (or single tokens of them) gathered into one view per head with one row
+// pointer per token (pageTokens = 1): one attention call over tokens of different segments, no copy.
+class GatheredHeads {
+ public:
+  GatheredHeads(size_t heads, int64_t pageTokens, size_t rowBytes)
+      : keys_(heads), values_(heads), views_(heads), pageTokens_(pageTokens), rowBytes_(rowBytes) {}
+  // Tokens [first, first + count) of `view` join head h.
+  void add(size_t h, const KVHeadView& view, int64_t first, int64_t count) {
+    for (int64_t t = first; t < first + count; ++t) {
+      const int64_t row = view.firstRow + t;
+      const size_t offset = size_t(row % pageTokens_) * rowBytes_;
+      keys_[h].push_back(static_cast<const uint8_t*>(view.keyPages[row / pageTokens_]) + offset);
+      values_[h].push_back(static_cast<const uint8_t*>(view.valuePages[row / pageTokens_]) + offset);
+    }
+  }
+  // The views (valid while this object lives and no more tokens are added).
+  const KVHeadView* views() {
+    for (size_t h = 0; h < views_.size(); ++h) {
+      views_[h].keyPages = keys_[h].data();
+      views_[h].valuePages = values_[h].data();
+      views_[h].tokens = int64_t(keys_[h].size());
+      views_[h].firstRow = 0;
+    }
+    return views_.data();
+  }
+
+ private:
+  std::vector<std::vector<const void*>> keys_, values_;
+  std::vector<KVHeadView> views_;
+  int64_t pageTokens_;
+  size_t rowBytes_;
+};
+
 }  // namespace
 
 Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
@@ -317,11 +350,10 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
   const int32_t kvHeads = config_.kvHeads;
   const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
   const int64_t pageTokens = config_.pageTokens;
-  // The window as a suffix of each tail; sinks and loaded tokens as one row per "page" (row pointers
-  // into the pages: a gather without a copy).
+  // The window as a suffix of each tail; sinks and loaded tokens gathered by row pointers.
   const size_t heads = static_cast<size_t>(kvHeads);
-  std::vector<KVHeadView> windows(heads), gathered(heads);
-  std::vector<std::vector<const void*>> keyRows(heads), valueRows(heads);
+  std::vector<KVHeadView> windows(heads);
+  GatheredHeads gathered(heads, pageTokens, rowBytes);
   double loadedTotal = 0;
   for (int32_t h = 0; h < kvHeads; ++h) {
     const KVHeadView tail = store_.tailView(layer, h);
@@ -338,15 +370,7 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
       positions.push_back(t);
       previous = t;
     }
-    for (const int64_t t : positions) {
-      const int64_t row = tail.firstRow + t;
-      const auto* page = static_cast<const uint8_t*>(tail.keyPages[row / pageTokens]);
-      keyRows[size_t(h)].push_back(page + size_t(row % pageTokens) * rowBytes);
-      valueRows[size_t(h)].push_back(static_cast<const uint8_t*>(tail.valuePages[row / pageTokens]) + size_t(row % pageTokens) * rowBytes);
-    }
-    gathered[size_t(h)].keyPages = keyRows[size_t(h)].data();
-    gathered[size_t(h)].valuePages = valueRows[size_t(h)].data();
-    gathered[size_t(h)].tokens = int64_t(positions.size());
+    for (const int64_t t : positions) gathered.add(size_t(h), tail, t, 1);
     loadedTotal += double(positions.size() + size_t(plan.window));
     for (int64_t t = tokens - plan.window; t < tokens; ++t) positions.push_back(t);
   }
@@ -371,7 +395,7 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
   args.lse = windowLse.data();
   KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
   AttentionArgs gatherArgs = args;
-  gatherArgs.heads = gathered.data();
+  gatherArgs.heads = gathered.views();
   gatherArgs.pageTokens = 1;
   gatherArgs.causal = false;
   gatherArgs.out = gatheredOut.data();
