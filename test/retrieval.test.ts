@@ -266,6 +266,31 @@ describe('loading policies: fork, stats and errors', () => {
     expect(stats.bytes.kv).toBe(101 * GQA.layers * GQA.kvHeads * GQA.headDim * 2 * 4);
   });
 
+  it('async calls choose and attend as the sync ones; a rejected call changes nothing', async () => {
+    for (const select of [
+      { kind: 'retrieval', index: 'graph', topK: 8, sink: 2, window: 8 },
+      { kind: 'quest', pages: 3, pageSize: 4, sink: 2, window: 8 },
+    ] as SelectSpec[]) {
+      const run = new Run(GQA, select, 71);
+      run.prefill(160);
+      const twin = run.cache.fork();
+      open.push(twin);
+      const random = new Random(6);
+      for (let s = 0; s < 3; s++) {
+        const q = random.tensor(GQA.qHeads * GQA.headDim), k = random.tensor(GQA.kvHeads * GQA.headDim), v = random.tensor(GQA.kvHeads * GQA.headDim);
+        // A NaN query is refused before anything is appended or indexed.
+        const bad = q.slice();
+        bad[3] = NaN;
+        expectError(() => twin.step(0, bad, k, v), 'ERR_VALUE');
+        const sync = run.cache.step(0, q, k, v);
+        const async = await twin.stepAsync(0, q, k, v);
+        expect(Array.from(async)).toEqual(Array.from(sync));
+        expect(Array.from(twin.loadedPositions(0, 1))).toEqual(Array.from(run.cache.loadedPositions(0, 1)));
+      }
+      expect(twin.tokens(0)).toBe(run.cache.tokens(0));
+    }
+  });
+
   it('rejects bad options with ERR_OPTION naming them', () => {
     const make = (select: unknown, extra: object = {}) => () =>
       new KVCache({ ...GQA, device: 'cpu', policy: { select: select as SelectSpec }, ...extra });
