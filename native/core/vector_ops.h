@@ -13,7 +13,11 @@ class VectorOps {
   // ([count, dim]). One kv head's group of queries scores a key by its best member (GQA).
   virtual void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
                       float* out) const = 0;
-  // The same for the keys base + ids[i] * dim (graph and list scans).
+  // out[r * count + i] = dot(query r, key i) for `rows` queries and `count` contiguous keys: every
+  // pair (the exact kNN that builds the graph index), register-tiled over rows and keys.
+  virtual void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
+                         float* out) const = 0;
+  // The same as maxDot for the keys base + ids[i] * dim (graph and list scans).
   virtual void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
                             int64_t count, float* out) const = 0;
   // Quest's upper bound of a page with per-channel key minima lo and maxima hi ([pages, dim] each):

@@ -107,6 +107,7 @@ struct KernelTable {
   void (*scoreRange)(const ScoreRange& range);
   // Host vector kernels of the retrieval indexes (core/vector_ops.h, vector_kernels.inl).
   void (*maxDot)(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out);
+  void (*dotMatrix)(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out);
   void (*maxDotGather)(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
                        int64_t count, float* out);
   void (*boxBound)(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,

@@ -15,6 +15,7 @@ KernelTable makeTable() {
   table.kiviDecodeRange = &kiviDecodeRange<V>;
   table.scoreRange = &scoreRange<V>;
   table.maxDot = &maxDot<V>;
+  table.dotMatrix = &dotMatrix<V>;
   table.maxDotGather = &maxDotGather<V>;
   table.boxBound = &boxBound<V>;
   table.softmaxRow = &softmaxRow<V>;

@@ -30,6 +30,54 @@ void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, 
   for (int64_t i = 0; i < count; ++i) out[i] = maxDotOne<V>(queries, rows, dim, keys + size_t(i) * size_t(dim));
 }
 
+// ROWS queries x TOKENS keys per register tile: each key chunk loaded once for all rows, each
+// query chunk once for all keys, the ROWS x TOKENS sums reduced together (as the decode kernel).
+template <class V, int ROWS>
+void dotTile(const float* queries, int32_t dim, const float* keys, int64_t count, float* out, int64_t outStride) {
+  using R = typename V::R;
+  constexpr int32_t TOKENS = V::kDotAccumulators / ROWS;
+  const int32_t chunks = dim / V::W;
+  const int32_t tailBegin = chunks * V::W;
+  for (int64_t j0 = 0; j0 < count; j0 += TOKENS) {
+    const int32_t tokens = int32_t(count - j0 < TOKENS ? count - j0 : TOKENS);
+    const float* key[TOKENS];
+    for (int32_t t = 0; t < TOKENS; ++t) key[t] = keys + size_t(j0 + (t < tokens ? t : 0)) * size_t(dim);
+    R partial[V::kDotAccumulators];
+    for (int32_t a = 0; a < V::kDotAccumulators; ++a) partial[a] = V::zero();
+    for (int32_t c = 0; c < chunks; ++c) {
+      R q[ROWS];
+      for (int32_t r = 0; r < ROWS; ++r) q[r] = V::load(queries + r * dim + c * V::W);
+      for (int32_t t = 0; t < TOKENS; ++t) {
+        const R k = V::load(key[t] + c * V::W);
+        for (int32_t r = 0; r < ROWS; ++r) partial[r * TOKENS + t] = V::fmadd(q[r], k, partial[r * TOKENS + t]);
+      }
+    }
+    float sums[V::kDotAccumulators];
+    V::reduceMany(partial, sums);
+    for (int32_t r = 0; r < ROWS; ++r) {
+      for (int32_t t = 0; t < tokens; ++t) {
+        float dot = sums[r * TOKENS + t];
+        for (int32_t d = tailBegin; d < dim; ++d) dot += queries[r * dim + d] * key[t][d];
+        out[r * outStride + j0 + t] = dot;
+      }
+    }
+  }
+}
+
+template <class V>
+void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out) {
+  for (int32_t r0 = 0; r0 < rows; r0 += 4) {
+    const float* q = queries + size_t(r0) * size_t(dim);
+    float* o = out + size_t(r0) * size_t(count);
+    switch (rows - r0 < 4 ? rows - r0 : 4) {
+      case 1: dotTile<V, 1>(q, dim, keys, count, o, count); break;
+      case 2: dotTile<V, 2>(q, dim, keys, count, o, count); break;
+      case 3: dotTile<V, 3>(q, dim, keys, count, o, count); break;
+      default: dotTile<V, 4>(q, dim, keys, count, o, count); break;
+    }
+  }
+}
+
 // Every cache line of one key (a graph scan jumps around memory: the hardware prefetcher cannot
 // guess the next key, and a key spans several lines).
 inline void prefetchKey(const float* key, int32_t dim) {

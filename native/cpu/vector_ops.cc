@@ -12,6 +12,10 @@ class HostVectorOps final : public VectorOps {
               float* out) const override {
     cpu::activeKernels().maxDot(queries, rows, dim, keys, count, out);
   }
+  void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
+                 float* out) const override {
+    cpu::activeKernels().dotMatrix(queries, rows, dim, keys, count, out);
+  }
   void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
                     int64_t count, float* out) const override {
     cpu::activeKernels().maxDotGather(queries, rows, dim, base, ids, count, out);

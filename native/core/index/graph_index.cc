@@ -146,19 +146,20 @@ void exactTopKeys(const float* keys, int64_t n, const float* queries, int64_t qu
     // Per query: kept candidates and the score a new key must beat once 2 * count are kept.
     std::vector<std::vector<Scored>> kept(static_cast<size_t>(rows));
     std::vector<float> threshold(static_cast<size_t>(rows), -INFINITY);
-    std::vector<float> scores(static_cast<size_t>(kKeyBlock));
+    std::vector<float> scores(static_cast<size_t>(rows * kKeyBlock));
     auto shrink = [count](std::vector<Scored>& candidates) {
       std::nth_element(candidates.begin(), candidates.begin() + (count - 1), candidates.end(), better);
       candidates.resize(size_t(count));
     };
     for (int64_t block = 0; block < n; block += kKeyBlock) {
       const int64_t length = std::min(kKeyBlock, n - block);
+      ops.dotMatrix(queries + begin * dim, int32_t(rows), dim, keys + block * dim, length, scores.data());
       for (int64_t r = 0; r < rows; ++r) {
-        ops.maxDot(queries + (begin + r) * dim, 1, dim, keys + block * dim, length, scores.data());
+        const float* row = scores.data() + r * length;
         std::vector<Scored>& candidates = kept[size_t(r)];
         for (int64_t j = 0; j < length; ++j) {
-          if (scores[size_t(j)] < threshold[size_t(r)]) continue;
-          candidates.push_back({scores[size_t(j)], uint32_t(block + j)});
+          if (row[j] < threshold[size_t(r)]) continue;
+          candidates.push_back({row[j], uint32_t(block + j)});
           if (int64_t(candidates.size()) >= 2 * count) {
             shrink(candidates);
             threshold[size_t(r)] = candidates[size_t(count - 1)].score;
