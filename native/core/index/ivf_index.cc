@@ -75,22 +75,29 @@ void parallelSlices(int64_t count, int threads, const Body& body) {
   for (std::thread& worker : workers) worker.join();
 }
 
+// Keys scored against the centroids together (one register-tiled dot-matrix call).
+constexpr int64_t kAssignRows = 4;
+
 // Nearest centroid by L2: argmin |x - c|^2 = argmax (x.c - |c|^2 / 2); ties to the lower centroid.
-// scratch holds `lists` floats per thread.
+// scratch holds kAssignRows * lists floats per thread.
 void assignNearest(const float* keys, int64_t count, int32_t dim, const float* centroids, const float* halfNorms,
                    int32_t lists, int threads, float* scratch, uint32_t* nearest) {
   const VectorOps& ops = hostVectorOps();
   parallelSlices(count, threads, [&](int thread, int64_t begin, int64_t end) {
-    float* dots = scratch + size_t(thread) * size_t(lists);
-    for (int64_t i = begin; i < end; ++i) {
-      ops.maxDot(keys + i * dim, 1, dim, centroids, lists, dots);
-      int32_t best = 0;
-      float bestValue = dots[0] - halfNorms[0];
-      for (int32_t c = 1; c < lists; ++c) {
-        const float value = dots[c] - halfNorms[c];
-        if (value > bestValue) bestValue = value, best = c;
+    float* dots = scratch + size_t(thread) * size_t(kAssignRows) * size_t(lists);
+    for (int64_t first = begin; first < end; first += kAssignRows) {
+      const int64_t rows = std::min(kAssignRows, end - first);
+      ops.dotMatrix(keys + first * dim, int32_t(rows), dim, centroids, lists, dots);
+      for (int64_t r = 0; r < rows; ++r) {
+        const float* row = dots + r * lists;
+        int32_t best = 0;
+        float bestValue = row[0] - halfNorms[0];
+        for (int32_t c = 1; c < lists; ++c) {
+          const float value = row[c] - halfNorms[c];
+          if (value > bestValue) bestValue = value, best = c;
+        }
+        nearest[first + r] = uint32_t(best);
       }
-      nearest[i] = uint32_t(best);
     }
   });
 }
@@ -113,7 +120,7 @@ void trainCentroids(const float* points, int64_t count, int32_t dim, int32_t lis
   for (int32_t c = 0; c < lists; ++c)
     std::memcpy(centroids->data() + size_t(c) * rowFloats, points + seeds[size_t(c)] * dim, rowFloats * sizeof(float));
 
-  std::vector<float> halfNorms, scratch(size_t(threads) * size_t(lists));
+  std::vector<float> halfNorms, scratch(size_t(threads) * size_t(kAssignRows) * size_t(lists));
   std::vector<uint32_t> assignment(size_t(count), UINT32_MAX), previous;
   std::vector<double> sums(size_t(lists) * rowFloats);
   std::vector<int64_t> members(static_cast<size_t>(lists));
@@ -255,7 +262,7 @@ class IvfIndex final : public KeyIndex {
     const int32_t dim = options_.dim;
     const int32_t lists = int32_t(lists_.size());
     const int threads = resolveThreads(options_.threads, n);
-    std::vector<float> scratch(size_t(threads) * size_t(lists));
+    std::vector<float> scratch(size_t(threads) * size_t(kAssignRows) * size_t(lists));
     std::vector<uint32_t> nearest(static_cast<size_t>(n));
     assignNearest(keys, n, dim, centroids_.data(), halfNorms_.data(), lists, threads, scratch.data(), nearest.data());
 
