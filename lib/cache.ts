@@ -292,6 +292,7 @@ export class KVCache {
         layers: config.layers, qHeads: config.qHeads, kvHeads: config.kvHeads, headDim: config.headDim,
         threads: threads === 0 ? undefined : threads,
         policy: {
+          ...(config.select === undefined ? {} : { select: config.select }),
           store: config.storeKind === 'kivi'
             ? {
               kind: 'kivi', bits: config.kiviBits as 2 | 4 | 8, group: config.kiviGroup, residual: config.kiviResidual,

@@ -7,6 +7,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { KVSlimError, type KVSlimErrorCode } from './errors.js';
+import type { ActQKVSpec, QuestSpec, RetrievalSpec } from './select.js';
 
 export type NativeDtype = 'f32' | 'f16' | 'bf16';
 export type NativeTensor = Float32Array | Uint16Array;
@@ -63,6 +64,8 @@ export interface NativeCache {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
     kiviOutliers: number; kiviPreRope: boolean; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
+    /** A loading policy's options (quest, retrieval, actqkv), as a SelectSpec. */
+    select?: QuestSpec | RetrievalSpec | ActQKVSpec;
   };
   dispose(): void;
 }

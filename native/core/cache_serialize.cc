@@ -5,6 +5,12 @@
 //   every other cache still saves as version 2, byte for byte as before)
 //   | (version 4, written only for policy.store.preRope) f64 kiviOutliers (>= 0) | i32 kiviPreRope (1)
 //   | f32 ropeTheta | i32 ropeStyle (0 adjacent, 1 half)
+//   | (version 5, written only for a loading policy, dense stores; no version 3/4 fields) the policy:
+//   i32 kind | i64 sink, window, pageSize, pages, topK, trainQueries, blockSize, blocks
+//   | i32 reprTopK, queryWindow | f64 questionWeight, temperature
+//   | i32 index kind, lists, probes, degree, beam, neighbors, threads | u64 seed.
+//   Indexes are not saved: a loaded cache indexes its tokens again at its first decode call (the
+//   graph from its keys alone, ActQKV with fresh statistics).
 //   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | key group records | value token records
@@ -23,7 +29,7 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 4;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope
+constexpr uint32_t kVersion = 5;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -73,11 +79,38 @@ bool finiteHalves(const uint8_t* bytes, size_t count) {
   }
   return true;
 }
+
+// The loading policy of a version 5 header; create() checks its values (ERR_OPTION -> corrupt).
+Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select) {
+  int32_t kind = 0, indexKind = 0;
+  IndexOptions& index = select->index;
+  bool complete = reader->get(&kind);
+  for (int64_t* value : {&select->sink, &select->window, &select->pageSize, &select->pages, &select->topK,
+                         &select->trainQueries, &select->blockSize, &select->blocks}) {
+    complete = complete && reader->get(value);
+  }
+  complete = complete && reader->get(&select->reprTopK) && reader->get(&select->queryWindow) &&
+             reader->get(&select->questionWeight) && reader->get(&select->temperature) && reader->get(&indexKind);
+  for (int32_t* value : {&index.lists, &index.probes, &index.degree, &index.beam, &index.neighbors, &index.threads}) {
+    complete = complete && reader->get(value);
+  }
+  complete = complete && reader->get(&index.seed);
+  if (!complete) return corrupt("the header is truncated");
+  if (storeKind != 0) return corrupt("a loading policy with a KIVI store");
+  if (kind != int32_t(SelectKind::Quest) && kind != int32_t(SelectKind::Retrieval) && kind != int32_t(SelectKind::ActQKV)) {
+    return corrupt("unknown loading policy kind " + std::to_string(kind));
+  }
+  if (indexKind < 0 || indexKind > 2) return corrupt("unknown index kind " + std::to_string(indexKind));
+  select->kind = SelectKind(kind);
+  index.kind = IndexKind(indexKind);
+  return Status::ok();
+}
 }  // namespace
 
 Status KVCache::save(std::vector<uint8_t>* out) const {
-  if (policy_) {
-    return Status(ErrorCode::Option, "save() of a cache with a selection policy (policy.select) is not supported in this version");
+  const bool loading = policy_ && policy_->loads();
+  if (policy_ && !loading) {
+    return Status(ErrorCode::Option, "save() of a cache with an eviction policy (policy.select) is not supported in this version");
   }
   try {
     out->clear();
@@ -86,7 +119,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
     const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    writer.put(preRope ? kVersion : outliers ? uint32_t(3) : uint32_t(2));
+    writer.put(loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -98,6 +131,20 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     writer.put(config_.kiviBits);
     writer.put(config_.kiviGroup);
     writer.put(config_.kiviResidual);
+    if (loading) {
+      const SelectConfig& s = config_.select;
+      writer.put(int32_t(s.kind));
+      for (const int64_t value : {s.sink, s.window, s.pageSize, s.pages, s.topK, s.trainQueries, s.blockSize, s.blocks}) writer.put(value);
+      writer.put(s.reprTopK);
+      writer.put(s.queryWindow);
+      writer.put(s.questionWeight);
+      writer.put(s.temperature);
+      const IndexOptions& index = s.index;
+      for (const int32_t value : {int32_t(index.kind), index.lists, index.probes, index.degree, index.beam, index.neighbors, index.threads}) {
+        writer.put(value);
+      }
+      writer.put(index.seed);
+    }
     if (outliers || preRope) writer.put(config_.kiviOutliers);
     if (preRope) {
       writer.put(int32_t(1));
@@ -160,11 +207,12 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
                        !reader.get(&config.kiviResidual))) {
     return corrupt("the header is truncated");
   }
-  if (version >= 3 && !reader.get(&config.kiviOutliers)) return corrupt("the header is truncated");
+  if ((version == 3 || version == 4) && !reader.get(&config.kiviOutliers)) return corrupt("the header is truncated");
   if (version == 3 && (storeKind != 1 || !(config.kiviOutliers > 0.0 && config.kiviOutliers <= 1.0))) {
     return corrupt("the KIVI outlier fraction is out of range");
   }
-  if (version >= 4) {
+  if (version == 5) KVSLIM_RETURN_IF_ERROR(readLoadingPolicy(&reader, storeKind, &config.select));
+  if (version == 4) {
     int32_t preRope = 0, ropeStyle = 0;
     if (!reader.get(&preRope) || !reader.get(&config.rope.theta) || !reader.get(&ropeStyle)) {
       return corrupt("the header is truncated");

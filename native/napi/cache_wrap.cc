@@ -165,6 +165,37 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   result.Set("ropeTheta", config.rope.theta);
   result.Set("ropeStyle", config.rope.style == RopeStyle::Half ? "half" : "adjacent");
   result.Set("scale", config.scale);
+  // A loading policy travels with save() / load(); its options, for the JS side of a loaded cache.
+  const SelectConfig& s = config.select;
+  if (s.kind == SelectKind::Quest || s.kind == SelectKind::Retrieval || s.kind == SelectKind::ActQKV) {
+    Napi::Object select = Napi::Object::New(env);
+    select.Set("kind", s.kind == SelectKind::Quest ? "quest" : s.kind == SelectKind::Retrieval ? "retrieval" : "actqkv");
+    select.Set("sink", double(s.sink));
+    select.Set("window", double(s.window));
+    if (s.kind == SelectKind::Quest) {
+      select.Set("pageSize", double(s.pageSize));
+      select.Set("pages", double(s.pages));
+    } else if (s.kind == SelectKind::Retrieval) {
+      select.Set("index", s.index.kind == IndexKind::Flat ? "flat" : s.index.kind == IndexKind::Ivf ? "ivf" : "graph");
+      select.Set("topK", double(s.topK));
+      select.Set("trainQueries", double(s.trainQueries));
+      select.Set("lists", s.index.lists);
+      select.Set("probes", s.index.probes);
+      select.Set("degree", s.index.degree);
+      select.Set("beam", s.index.beam);
+      select.Set("neighbors", s.index.neighbors);
+      select.Set("threads", s.index.threads);
+      select.Set("seed", double(s.index.seed));
+    } else {
+      select.Set("blockSize", double(s.blockSize));
+      select.Set("blocks", double(s.blocks));
+      select.Set("reprTopK", s.reprTopK);
+      select.Set("queryWindow", s.queryWindow);
+      select.Set("questionWeight", s.questionWeight);
+      select.Set("temperature", s.temperature);
+    }
+    result.Set("select", select);
+  }
   return result;
 }
 
