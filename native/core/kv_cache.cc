@@ -288,20 +288,7 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
     }
   }
   lastLoadedTokens_ = loaded / config_.kvHeads;
-  AttentionArgs args;
-  args.q = q;
-  args.out = out;
-  args.n = int32_t(n);
-  args.qHeads = config_.qHeads;
-  args.kvHeads = config_.kvHeads;
-  args.headDim = config_.headDim;
-  args.kvType = config_.storeType;
-  args.pageTokens = config_.pageTokens;
-  args.rowStride = config_.headDim;
-  args.heads = tails.data();
-  args.causal = true;
-  args.scale = config_.scale;
-  args.threads = config_.threads;
+  AttentionArgs args = denseArgs(q, n, out, tails.data());
   if (!anyKept) return backend_->attention(args);
   // Two disjoint token sets, merged by log-sum-exp.
   const size_t rows = size_t(n) * size_t(config_.qHeads);
@@ -336,6 +323,24 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   return Status::ok();
 }
 
+AttentionArgs KVCache::denseArgs(const float* q, int64_t n, float* out, const KVHeadView* heads) const {
+  AttentionArgs args;
+  args.q = q;
+  args.out = out;
+  args.n = int32_t(n);
+  args.qHeads = config_.qHeads;
+  args.kvHeads = config_.kvHeads;
+  args.headDim = config_.headDim;
+  args.kvType = config_.storeType;
+  args.pageTokens = config_.pageTokens;
+  args.rowStride = config_.headDim;
+  args.heads = heads;
+  args.causal = true;
+  args.scale = config_.scale;
+  args.threads = config_.threads;
+  return args;
+}
+
 Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done) {
   *done = false;
   const int64_t tokens = store_.tokens(layer);
@@ -348,12 +353,10 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
   // Dense when everything is static or the queries reach outside the window.
   if (plan.tokens.empty() || tokens <= plan.sink + plan.window || n > plan.window) return Status::ok();
   const int32_t kvHeads = config_.kvHeads;
-  const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
-  const int64_t pageTokens = config_.pageTokens;
   // The window as a suffix of each tail; sinks and loaded tokens gathered by row pointers.
   const size_t heads = static_cast<size_t>(kvHeads);
   std::vector<KVHeadView> windows(heads);
-  GatheredHeads gathered(heads, pageTokens, rowBytes);
+  GatheredHeads gathered(heads, config_.pageTokens, size_t(config_.headDim) * dtypeBytes(config_.storeType));
   double loadedTotal = 0;
   for (int32_t h = 0; h < kvHeads; ++h) {
     const KVHeadView tail = store_.tailView(layer, h);
@@ -378,20 +381,7 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
   const size_t rows = size_t(n) * size_t(config_.qHeads);
   const size_t dim = size_t(config_.headDim);
   std::vector<float> windowLse(rows), gatheredOut(rows * dim), gatheredLse(rows);
-  AttentionArgs args;
-  args.q = q;
-  args.out = out;
-  args.n = int32_t(n);
-  args.qHeads = config_.qHeads;
-  args.kvHeads = kvHeads;
-  args.headDim = config_.headDim;
-  args.kvType = config_.storeType;
-  args.pageTokens = pageTokens;
-  args.rowStride = config_.headDim;
-  args.heads = windows.data();
-  args.causal = true;
-  args.scale = config_.scale;
-  args.threads = config_.threads;
+  AttentionArgs args = denseArgs(q, n, out, windows.data());
   args.lse = windowLse.data();
   KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
   AttentionArgs gatherArgs = args;

@@ -67,6 +67,8 @@ class KVCache {
   // when the policy attends this call densely (prefill, or queries outside the window).
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
   Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
+  // Causal attention args of n queries over dense pages viewed by `heads` ([kvHeads]).
+  AttentionArgs denseArgs(const float* q, int64_t n, float* out, const KVHeadView* heads) const;
   // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
   Status stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
   Status flushLayer(int32_t layer);
