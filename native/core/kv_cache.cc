@@ -290,19 +290,15 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   lastLoadedTokens_ = loaded / config_.kvHeads;
   AttentionArgs args = denseArgs(q, n, out, tails.data());
   if (!anyKept) return backend_->attention(args);
-  // Two disjoint token sets, merged by log-sum-exp.
-  const size_t rows = size_t(n) * size_t(config_.qHeads);
-  const size_t dim = size_t(config_.headDim);
-  std::vector<float> keptOut(rows * dim), keptLse(rows), tailLse(rows);
-  args.lse = tailLse.data();
-  KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
-  AttentionArgs keptArgs = args;
+  // Tail (causal) and kept segment (older than every query), merged by log-sum-exp.
   std::vector<float> rotated;
+  const float* keptQ = q;
   if (config_.select.cachePositions) {
     // StreamingLLM 'cache' positions: the sinks see query i as if it sat at its cache slot
     // C = kept + (tail - n + i) instead of its absolute position P = tokens - n + i.
+    const size_t dim = size_t(config_.headDim);
     const int32_t group = config_.qHeads / config_.kvHeads;
-    rotated.assign(q, q + rows * dim);
+    rotated.assign(q, q + size_t(n) * size_t(config_.qHeads) * dim);
     for (int64_t i = 0; i < n; ++i) {
       for (int32_t h = 0; h < config_.qHeads; ++h) {
         const KVHeadView& tail = tails[size_t(h / group)];
@@ -312,14 +308,26 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
                   config_.rope);
       }
     }
-    keptArgs.q = rotated.data();
+    keptQ = rotated.data();
   }
-  keptArgs.heads = kept.data();
-  keptArgs.causal = false;
-  keptArgs.out = keptOut.data();
-  keptArgs.lse = keptLse.data();
-  KVSLIM_RETURN_IF_ERROR(backend_->attention(keptArgs));
-  mergeByLse(out, tailLse.data(), keptOut.data(), keptLse.data(), rows, dim);
+  return attendMerged(args, kept.data(), config_.pageTokens, keptQ);
+}
+
+Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ) {
+  const size_t rows = size_t(first.n) * size_t(first.qHeads);
+  const size_t dim = size_t(first.headDim);
+  std::vector<float> firstLse(rows), olderOut(rows * dim), olderLse(rows);
+  first.lse = firstLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(first));
+  AttentionArgs second = first;
+  second.q = olderQ;
+  second.heads = older;
+  second.pageTokens = olderPageTokens;
+  second.causal = false;
+  second.out = olderOut.data();
+  second.lse = olderLse.data();
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(second));
+  mergeByLse(first.out, firstLse.data(), olderOut.data(), olderLse.data(), rows, dim);
   return Status::ok();
 }
 
@@ -378,20 +386,7 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
     for (int64_t t = tokens - plan.window; t < tokens; ++t) positions.push_back(t);
   }
   lastLoadedTokens_ = loadedTotal / kvHeads;
-  const size_t rows = size_t(n) * size_t(config_.qHeads);
-  const size_t dim = size_t(config_.headDim);
-  std::vector<float> windowLse(rows), gatheredOut(rows * dim), gatheredLse(rows);
-  AttentionArgs args = denseArgs(q, n, out, windows.data());
-  args.lse = windowLse.data();
-  KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
-  AttentionArgs gatherArgs = args;
-  gatherArgs.heads = gathered.views();
-  gatherArgs.pageTokens = 1;
-  gatherArgs.causal = false;
-  gatherArgs.out = gatheredOut.data();
-  gatherArgs.lse = gatheredLse.data();
-  KVSLIM_RETURN_IF_ERROR(backend_->attention(gatherArgs));
-  mergeByLse(out, windowLse.data(), gatheredOut.data(), gatheredLse.data(), rows, dim);
+  KVSLIM_RETURN_IF_ERROR(attendMerged(denseArgs(q, n, out, windows.data()), gathered.views(), 1, q));
   *done = true;
   return Status::ok();
 }

@@ -67,6 +67,10 @@ class KVCache {
   // when the policy attends this call densely (prefill, or queries outside the window).
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
   Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
+  // out = attention over two disjoint token sets: `first` (its args as given, causal) and `older`
+  // heads (tokens older than every query, so non-causal; queries olderQ, pages of olderPageTokens),
+  // merged by log-sum-exp.
+  Status attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ);
   // Causal attention args of n queries over dense pages viewed by `heads` ([kvHeads]).
   AttentionArgs denseArgs(const float* q, int64_t n, float* out, const KVHeadView* heads) const;
   // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
