@@ -167,21 +167,13 @@ std::vector<float> groupRows(const float* q, int64_t n, int32_t qHeads, int32_t 
 }
 
 Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t first, int64_t count, std::vector<float>* out) {
-  const int32_t dim = store.shape().headDim;
   const DType type = store.shape().storeType;
-  std::vector<uint8_t> raw(size_t(count) * size_t(dim) * dtypeBytes(type));
+  const size_t elements = size_t(count) * size_t(store.shape().headDim);
+  std::vector<uint8_t> raw(elements * dtypeBytes(type));
   KVSLIM_RETURN_IF_ERROR(store.readRows(layer, head, first, count, raw.data(), nullptr));
   const size_t begin = out->size();
-  out->resize(begin + size_t(count) * size_t(dim));
-  float* dst = out->data() + begin;
-  const size_t elements = size_t(count) * size_t(dim);
-  if (type == DType::F32) {
-    std::copy_n(reinterpret_cast<const float*>(raw.data()), elements, dst);
-  } else {
-    const auto* halves = reinterpret_cast<const uint16_t*>(raw.data());
-    for (size_t i = 0; i < elements; ++i) dst[i] = type == DType::F16 ? f16ToFloat(halves[i]) : bf16ToFloat(halves[i]);
-  }
-  return Status::ok();
+  out->resize(begin + elements);
+  return toFloat32(HostTensor{raw.data(), type, elements}, out->data() + begin, "stored keys");
 }
 
 }  // namespace kvslim
