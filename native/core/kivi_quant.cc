@@ -29,9 +29,14 @@ bool groupParams(float lo, float hi, int32_t bits, GroupParams* out) {
   return std::isfinite(out->scaleValue) && std::isfinite(out->minValue);
 }
 
+// round((x - min) / s) (halves away from zero), clamped to [0, maxCode]. Rounds by truncation and
+// the exact fraction t - trunc(t) instead of calling roundf: same codes, inlined.
 inline uint32_t encode(float x, const GroupParams& p, uint32_t maxCode) {
-  const float t = std::round((x - p.minValue) / p.scaleValue);
-  return t <= 0.0f ? 0u : (t >= float(maxCode) ? maxCode : uint32_t(t));
+  const float t = (x - p.minValue) / p.scaleValue;
+  if (!(t > 0.0f)) return 0u;
+  if (t >= float(maxCode)) return maxCode;
+  const uint32_t whole = uint32_t(t);
+  return whole + (t - float(whole) >= 0.5f ? 1u : 0u);
 }
 
 }  // namespace

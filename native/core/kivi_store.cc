@@ -2,6 +2,7 @@
 
 #include <algorithm>
 #include <cstring>
+#include <new>
 #include <string>
 
 #include "dtype.h"
@@ -171,7 +172,6 @@ Status KiviStore::stage(int32_t layer, const HostTensor& k, const HostTensor& v,
 
 Status KiviStore::flush(int32_t layer) {
   const KiviFormat& format = shape_.format;
-  const int32_t dim = format.headDim;
   const int64_t R = shape_.residual;
   const int64_t tokens = layerTokens_[size_t(layer)];
   const int64_t keysQuantized = tokens / R * R;
@@ -179,36 +179,29 @@ Status KiviStore::flush(int32_t layer) {
   if (head(layer, 0).quantizedKeys == keysQuantized && head(layer, 0).quantizedValues == valuesQuantized) {
     return Status::ok();
   }
-  // Phase 1 allocates (new records, unshared residuals) aside; phase 2 only moves rows.
+  // Phase 1 quantizes every head on the backend's host threads (host mirrors only), then
+  // allocates (new records, unshared residuals) aside; phase 2 only moves rows.
+  const size_t heads = size_t(shape_.kvHeads);
+  std::vector<std::vector<uint8_t>> keyRecords(heads), valueRecords(heads);
+  std::vector<Status> quantized(heads);
+  backend_->hostParallel(int64_t(heads), shape_.threads, [&](int64_t h) {
+    try {
+      quantized[size_t(h)] = quantizeHead(head(layer, int32_t(h)), keysQuantized, valuesQuantized, &keyRecords[size_t(h)],
+                                          &valueRecords[size_t(h)]);
+    } catch (const std::bad_alloc&) {
+      quantized[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory quantizing KIVI records");
+    }
+  });
+  for (const Status& status : quantized) KVSLIM_RETURN_IF_ERROR(status);
   std::vector<HeadState> updated;
-  std::vector<float> rows(size_t(format.group) * size_t(dim));
-  std::vector<uint8_t> records;
   for (int32_t h = 0; h < shape_.kvHeads; ++h) {
     HeadState state = head(layer, h);
     const int64_t keyGroups = (keysQuantized - state.quantizedKeys) / format.group;
-    records.resize(size_t(keyGroups) * format.keyGroupBytes());
-    for (int64_t g = 0; g < keyGroups; ++g) {
-      for (int32_t t = 0; t < format.group; ++t) {
-        const uint16_t* row = hostRow(state.keys, g * format.group + t);
-        for (int32_t d = 0; d < dim; ++d) rows[size_t(t) * size_t(dim) + size_t(d)] = f16ToFloat(row[d]);
-      }
-      if (!quantizeKeyGroupRecord(rows.data(), format, records.data() + size_t(g) * format.keyGroupBytes())) {
-        return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
-      }
-    }
     KVSLIM_RETURN_IF_ERROR(appendRecords(&state.keyPages, state.quantizedKeys / format.group, keyGroupsPerPage(),
-                                         format.keyGroupBytes(), records.data(), keyGroups));
+                                         format.keyGroupBytes(), keyRecords[size_t(h)].data(), keyGroups));
     const int64_t valueTokens = valuesQuantized - state.quantizedValues;
-    records.resize(size_t(valueTokens) * format.valueTokenBytes());
-    for (int64_t t = 0; t < valueTokens; ++t) {
-      const uint16_t* row = hostRow(state.values, t);
-      for (int32_t d = 0; d < dim; ++d) rows[size_t(d)] = f16ToFloat(row[d]);
-      if (!quantizeValueTokenRecord(rows.data(), format, records.data() + size_t(t) * format.valueTokenBytes())) {
-        return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
-      }
-    }
     KVSLIM_RETURN_IF_ERROR(appendRecords(&state.valuePages, state.quantizedValues, shape_.pageTokens,
-                                         format.valueTokenBytes(), records.data(), valueTokens));
+                                         format.valueTokenBytes(), valueRecords[size_t(h)].data(), valueTokens));
     KVSLIM_RETURN_IF_ERROR(reserve(&state.keys, 0));
     KVSLIM_RETURN_IF_ERROR(reserve(&state.values, 0));
     state.quantizedKeys = keysQuantized;
@@ -226,6 +219,34 @@ Status KiviStore::flush(int32_t layer) {
     refreshPointers(&state);
   }
   for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = std::move(updated[size_t(h)]);
+  return Status::ok();
+}
+
+Status KiviStore::quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,
+                               std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) const {
+  const KiviFormat& format = shape_.format;
+  const int32_t dim = format.headDim;
+  std::vector<float> rows(size_t(format.group) * size_t(dim));
+  const int64_t keyGroups = (keysQuantized - state.quantizedKeys) / format.group;
+  keyRecords->resize(size_t(keyGroups) * format.keyGroupBytes());
+  for (int64_t g = 0; g < keyGroups; ++g) {
+    for (int32_t t = 0; t < format.group; ++t) {
+      const uint16_t* row = hostRow(state.keys, g * format.group + t);
+      for (int32_t d = 0; d < dim; ++d) rows[size_t(t) * size_t(dim) + size_t(d)] = f16ToFloat(row[d]);
+    }
+    if (!quantizeKeyGroupRecord(rows.data(), format, keyRecords->data() + size_t(g) * format.keyGroupBytes())) {
+      return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
+    }
+  }
+  const int64_t valueTokens = valuesQuantized - state.quantizedValues;
+  valueRecords->resize(size_t(valueTokens) * format.valueTokenBytes());
+  for (int64_t t = 0; t < valueTokens; ++t) {
+    const uint16_t* row = hostRow(state.values, t);
+    for (int32_t d = 0; d < dim; ++d) rows[size_t(d)] = f16ToFloat(row[d]);
+    if (!quantizeValueTokenRecord(rows.data(), format, valueRecords->data() + size_t(t) * format.valueTokenBytes())) {
+      return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
+    }
+  }
   return Status::ok();
 }
 

@@ -28,6 +28,7 @@ struct KiviStoreShape {
   KiviFormat format;
   int64_t residual = 128;  // R: a multiple of format.group
   int64_t pageTokens = 256;  // tokens per key page and per value page; a multiple of format.group
+  int32_t threads = 0;       // host threads quantizing heads in parallel (0: the backend's all)
 };
 
 // Byte counts of one layer, summed over kv heads.
@@ -92,6 +93,10 @@ class KiviStore {
     return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)];
   }
   Status newPage(size_t bytes, std::shared_ptr<Page>* out);
+  // The records of one head's rows that the next flush quantizes (key groups up to keysQuantized
+  // tokens, value tokens up to valuesQuantized), from the host mirrors; thread-safe.
+  Status quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,
+                      std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) const;
   // Makes room for `extra` more rows (growing or un-sharing the buffer); rows keep their order.
   Status reserve(Residual* residual, int64_t extra);
   Status pushRows(Residual* residual, const uint16_t* rows, int64_t count);
