@@ -35,7 +35,9 @@ const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <s
                         kivi2, kivi4, kivi8, streaming:<budget>, snapkv:<budget>,
                         pyramidkv:<budget>, h2o:<budget>, quest:<pages>, flat:<topK>,
                         ivf:<topK>, graph:<topK>, actqkv:<blocks>
-                        (full selection with that store), or a PolicySpec as JSON, e.g.
+                        (full selection with that store), <selection>/<store> as reports
+                        name them (snapkv:1024/kivi2: SnapKV's kept tokens in 2-bit KIVI),
+                        or a PolicySpec as JSON, e.g.
                         '{"select":{"kind":"full"},"store":{"kind":"bf16"}}'
   --turns <n>           query turns to run (default: all the source holds)
   --mode <mode>         multi-turn (default), multi-request, or both
@@ -180,6 +182,12 @@ function parsePolicy(text: string): PolicySpec {
     const budget = Number(budgeted[2]);
     if (budgeted[1] === 'streaming') return { select: { kind: 'streaming', sink: 4, window: Math.max(1, budget - 4) } };
     return { select: { kind: budgeted[1] as 'snapkv' | 'pyramidkv' | 'h2o', budget } };
+  }
+  // <selection>/<store>, the report's name of a policy (snapkv:1024/kivi2).
+  const slash = text.lastIndexOf('/');
+  const store = slash > 0 && !text.trimStart().startsWith('{') ? policyShorthands[text.slice(slash + 1)]?.store : undefined;
+  if (store !== undefined && Object.hasOwn(policyShorthands, text.slice(slash + 1))) {
+    return { ...parsePolicy(text.slice(0, slash)), store };
   }
   if (text.trimStart().startsWith('{')) {
     try {

@@ -87,7 +87,21 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
     }
   }
   if (select.kind !== 'full' && store.kind === 'kivi') {
-    throw optionError(`policy.select '${select.kind}' cannot be combined with store 'kivi' in this version`);
+    // KIVI quantizes keys in groups of tokens: it can hold what a policy keeps once the policy
+    // stops evicting, which SnapKV and PyramidKV do after their one selection at prefill.
+    if (select.kind !== 'snapkv' && select.kind !== 'pyramidkv') {
+      throw optionError(
+        `policy.select '${select.kind}' cannot be combined with store 'kivi': only snapkv and pyramidkv can, which select ` +
+          `once at prefill before the kept tokens are quantized (a policy that evicts or loads single tokens at every step ` +
+          `needs a dense store)`,
+      );
+    }
+    if (store.preRope) {
+      throw optionError(
+        `policy.store.preRope cannot be combined with policy.select '${select.kind}': pre-RoPE keys are rotated by their ` +
+          `index in the store, which eviction changes`,
+      );
+    }
   }
   return { select, store };
 }

@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstring>
 #include <new>
 #include <string>
 
@@ -38,6 +39,7 @@ KiviStoreShape kiviShape(const CacheConfig& config) {
   shape.residual = config.kiviResidual;
   const int64_t tokens = std::max<int64_t>(config.pageTokens, 256);
   shape.pageTokens = (tokens + config.kiviGroup - 1) / config.kiviGroup * config.kiviGroup;
+  shape.threads = config.threads;
   return shape;
 }
 
@@ -69,13 +71,33 @@ Status checkKivi(const CacheConfig& config) {
   }
   return Status::ok();
 }
+
+// KIVI quantizes keys in groups of tokens, so it holds what a policy keeps only once the policy
+// stops evicting: SnapKV and PyramidKV select once, at prefill, from f16 tokens.
+Status checkKiviSelect(const CacheConfig& config) {
+  const SelectKind kind = config.select.kind;
+  if (kind != SelectKind::SnapKV && kind != SelectKind::PyramidKV) {
+    return Status(ErrorCode::Option,
+                  "policy.select (" + std::string(selectKindName(kind)) +
+                      ") cannot be combined with store 'kivi': only snapkv and pyramidkv can, which select once at "
+                      "prefill before the kept tokens are quantized (KIVI quantizes keys in groups of tokens, so a "
+                      "policy that evicts or loads single tokens at every step needs a dense store)");
+  }
+  if (config.kiviPreRope) {
+    return Status(ErrorCode::Option, "policy.store.preRope cannot be combined with policy.select " +
+                                         std::string(selectKindName(kind)) +
+                                         ": pre-RoPE keys are rotated by their index in the store, which eviction changes");
+  }
+  return Status::ok();
+}
 }  // namespace
 
 KVCache::KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend)
     : config_(config),
       backend_(backend),
       store_(backend, storeShape(config)),
-      kivi_(backend, config.storeKind == StoreKind::Kivi ? kiviShape(config) : KiviStoreShape{}) {}
+      kivi_(backend, config.storeKind == StoreKind::Kivi ? kiviShape(config) : KiviStoreShape{}),
+      kiviOffset_(size_t(config.layers), 0) {}
 
 namespace {
 
@@ -151,13 +173,15 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
     return Status(ErrorCode::Option, "policy.select.positions 'cache' needs a streaming policy and the cache's rope option");
   }
   if (config.headDim % 2 != 0 && config.rope.theta > 0.0f) return Status(ErrorCode::Option, "rope needs an even headDim");
-  if (policy && config.storeKind == StoreKind::Kivi) {
-    return Status(ErrorCode::Option, "policy.select other than 'full' cannot be combined with store 'kivi' in this version");
-  }
+  if (policy && config.storeKind == StoreKind::Kivi) KVSLIM_RETURN_IF_ERROR(checkKiviSelect(config));
   CacheConfig resolved = config;
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
   if (policy && policy->loads()) (*out)->loaded_.resize(size_t(config.layers) * size_t(config.kvHeads));
+  if (policy && config.storeKind == StoreKind::Kivi) {
+    (*out)->kiviOffset_.assign(size_t(config.layers), -1);
+    (*out)->kiviPositions_.resize(size_t(config.layers) * size_t(config.kvHeads));
+  }
   (*out)->policy_ = std::move(policy);
   return Status::ok();
 }
@@ -204,7 +228,7 @@ Status KVCache::append(int32_t layer, const HostTensor& k, const HostTensor& v) 
 }
 
 Status KVCache::stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
-  if (kivi()) return kivi_.stage(layer, k, v, n);
+  if (inKivi(layer)) return kivi_.stage(layer, k, v, n);
   KVSLIM_RETURN_IF_ERROR(store_.append(layer, k, v, n));
   if (!policy_) return Status::ok();
   SelectContext context = selectContext();
@@ -217,10 +241,13 @@ SelectContext KVCache::selectContext() {
 }
 
 Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefill) {
-  if (!policy_) return Status::ok();
+  if (!policy_ || inKivi(layer)) return Status::ok();  // a layer in the KIVI store is settled
   const auto start = std::chrono::steady_clock::now();
   SelectContext context = selectContext();
-  const Status status = policy_->afterAppend(context, layer, q, n, prefill);
+  Status status = policy_->afterAppend(context, layer, q, n, prefill);
+  // KIVI: the layer moves once the policy has settled it, or when decoding starts (SnapKV selects
+  // at prefill only, so a layer decoded before any prefill keeps every token).
+  if (status.isOk() && kivi() && (policy_->settled(layer) || (q != nullptr && !prefill))) status = moveToKivi(layer);
   // A loading policy's work after an append is indexing.
   (policy_->loads() ? times_.indexBuildMs : times_.compressMs) += millisecondsSince(start);
   return status;
@@ -228,8 +255,9 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
 
 std::vector<int64_t> KVCache::keptPositions(int32_t layer, int32_t head) const {
   std::vector<int64_t> positions;
-  if (kivi()) {
-    for (int64_t t = 0; t < kivi_.tokens(layer); ++t) positions.push_back(t);
+  if (inKivi(layer)) {
+    if (!kiviPositions_.empty()) positions = kiviPositions_[size_t(layer) * size_t(config_.kvHeads) + size_t(head)];
+    for (int64_t t = int64_t(positions.size()); t < kivi_.tokens(layer); ++t) positions.push_back(t + kiviOffset_[size_t(layer)]);
     return positions;
   }
   positions = store_.keptPositions(layer, head);
@@ -247,7 +275,7 @@ std::vector<int64_t> KVCache::loadedPositions(int32_t layer, int32_t head) const
 }
 
 Status KVCache::flushLayer(int32_t layer) {
-  if (!kivi()) return Status::ok();
+  if (!inKivi(layer)) return Status::ok();
   const auto start = std::chrono::steady_clock::now();
   const Status flushed = kivi_.flush(layer);
   times_.compressMs += millisecondsSince(start);
@@ -261,8 +289,8 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
                                         " as queries (causal), but the layer holds " + std::to_string(tokens) +
                                         " tokens and q holds " + std::to_string(n) + " queries");
   }
-  if (kivi()) {
-    lastLoadedTokens_ = double(tokens);
+  if (inKivi(layer)) {
+    lastLoadedTokens_ = double(kivi_.tokens(layer));
     return attendKivi(layer, q, n, out);
   }
   if (policy_ && policy_->loads()) {
@@ -391,6 +419,44 @@ Status KVCache::attendLoaded(int32_t layer, const float* q, int64_t n, float* ou
   return Status::ok();
 }
 
+Status KVCache::moveToKivi(int32_t layer) {
+  const int32_t kvHeads = config_.kvHeads;
+  const int64_t count = store_.keptTokens(layer, 0) + store_.tailTokens(layer, 0);
+  for (int32_t h = 1; h < kvHeads; ++h) {
+    if (store_.keptTokens(layer, h) + store_.tailTokens(layer, h) != count) {
+      return Status(ErrorCode::Internal, "a KIVI store needs as many kept tokens in every kv head of a layer");
+    }
+  }
+  // [count, kvHeads, headDim] as stage() takes them: row t of head h is the head's t-th kept token.
+  const size_t elementBytes = dtypeBytes(config_.storeType);
+  const size_t rowBytes = size_t(config_.headDim) * elementBytes;
+  const size_t elements = size_t(count) * size_t(kvHeads) * size_t(config_.headDim);
+  std::vector<uint8_t> keys(elements * elementBytes), values(keys.size());
+  std::vector<uint8_t> headKeys(size_t(count) * rowBytes), headValues(headKeys.size());
+  std::vector<std::vector<int64_t>> positions(static_cast<size_t>(kvHeads));
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
+    KVSLIM_RETURN_IF_ERROR(store_.readKeptRows(layer, h, 0, kept, headKeys.data(), headValues.data()));
+    KVSLIM_RETURN_IF_ERROR(store_.readRows(layer, h, 0, tail, headKeys.data() + size_t(kept) * rowBytes,
+                                           headValues.data() + size_t(kept) * rowBytes));
+    for (int64_t t = 0; t < count; ++t) {
+      const size_t to = (size_t(t) * size_t(kvHeads) + size_t(h)) * rowBytes;
+      std::memcpy(keys.data() + to, headKeys.data() + size_t(t) * rowBytes, rowBytes);
+      std::memcpy(values.data() + to, headValues.data() + size_t(t) * rowBytes, rowBytes);
+    }
+    positions[size_t(h)] = store_.keptPositions(layer, h);
+    for (int64_t t = 0; t < tail; ++t) positions[size_t(h)].push_back(store_.tailFirstPosition(layer, h) + t);
+  }
+  if (count > 0) {
+    KVSLIM_RETURN_IF_ERROR(kivi_.stage(layer, HostTensor{keys.data(), config_.storeType, elements},
+                                       HostTensor{values.data(), config_.storeType, elements}, count));
+  }
+  kiviOffset_[size_t(layer)] = store_.tokens(layer) - count;
+  for (int32_t h = 0; h < kvHeads; ++h) kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)] = std::move(positions[size_t(h)]);
+  store_.clearLayer(layer);
+  return flushLayer(layer);
+}
+
 Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
   std::vector<KiviHeadView> heads(size_t(config_.kvHeads));
   for (int32_t h = 0; h < config_.kvHeads; ++h) heads[size_t(h)] = kivi_.view(layer, h);
@@ -478,6 +544,8 @@ std::unique_ptr<KVCache> KVCache::fork() const {
   child->times_ = times_;
   child->lastLoadedTokens_ = lastLoadedTokens_;
   child->loaded_ = loaded_;
+  child->kiviOffset_ = kiviOffset_;
+  child->kiviPositions_ = kiviPositions_;
   return child;
 }
 
@@ -492,12 +560,13 @@ CacheStatsData KVCache::stats() const {
     const int64_t tokens = this->tokens(layer);
     LayerStats layerStats;
     layerStats.tokensKept.assign(size_t(config_.kvHeads), tokens);
-    if (kivi()) {
+    if (inKivi(layer)) {
       const KiviLayerBytes bytes = kivi_.layerBytes(layer);
+      layerStats.tokensKept.assign(size_t(config_.kvHeads), kivi_.tokens(layer));
       layerStats.bytes = bytes.quantized + bytes.residual;
       stats.kvBytes += bytes.quantized;
       stats.residualBytes += bytes.residual;
-      keptTotal += double(tokens);
+      keptTotal += double(kivi_.tokens(layer));
     } else {
       double kept = 0;
       for (int32_t h = 0; h < config_.kvHeads; ++h) {
@@ -516,17 +585,11 @@ CacheStatsData KVCache::stats() const {
   stats.tokensSeen = tokensTotal / config_.layers;
   stats.tokensKept = keptTotal / config_.layers;
   stats.tokensLoaded = lastLoadedTokens_;
-  if (kivi()) {
-    // Page tables: a pointer per key page and per value page.
-    stats.metaBytes = double(kivi_.pageCount()) * sizeof(void*);
-    stats.allocatedBytes = kivi_.allocatedBytes();
-    stats.sharedBytes = kivi_.sharedBytes();
-  } else {
-    // Page tables: a key and a value pointer per page.
-    stats.metaBytes = pages * 2.0 * sizeof(void*);
-    stats.allocatedBytes = pages * double(store_.bytesPerPage());
-    stats.sharedBytes = double(store_.sharedPageCount()) * double(store_.bytesPerPage());
-  }
+  // Page tables: a key and a value pointer per dense page, a pointer per KIVI key or value page.
+  // (A KIVI cache holds dense pages only for layers a selection policy has not settled yet.)
+  stats.metaBytes = pages * 2.0 * sizeof(void*) + double(kivi_.pageCount()) * sizeof(void*);
+  stats.allocatedBytes = pages * double(store_.bytesPerPage()) + kivi_.allocatedBytes();
+  stats.sharedBytes = double(store_.sharedPageCount()) * double(store_.bytesPerPage()) + kivi_.sharedBytes();
   stats.times = times_;
   if (policy_) stats.indexBytes = double(policy_->indexBytes());
   return stats;

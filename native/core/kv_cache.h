@@ -23,7 +23,9 @@ class KVCache {
 
   const CacheConfig& config() const { return config_; }
   // Tokens appended to a layer so far (a selection policy may keep fewer).
-  int64_t tokens(int32_t layer) const { return kivi() ? kivi_.tokens(layer) : store_.tokens(layer); }
+  int64_t tokens(int32_t layer) const {
+    return inKivi(layer) ? kivi_.tokens(layer) + kiviOffset_[size_t(layer)] : store_.tokens(layer);
+  }
   // The kept tokens of one kv head, as absolute positions in ascending order.
   std::vector<int64_t> keptPositions(int32_t layer, int32_t head) const;
   // The tokens the last attention call of a layer read in one kv head (ascending positions): all
@@ -59,6 +61,11 @@ class KVCache {
   static Status loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
                          std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
   bool kivi() const { return config_.storeKind == StoreKind::Kivi; }
+  // Whether a layer's tokens live in the KIVI store (always, unless a selection policy has not
+  // settled the layer yet: until then they stay in f16 in store_, where the policy selects).
+  bool inKivi(int32_t layer) const { return kivi() && kiviOffset_[size_t(layer)] >= 0; }
+  // Moves what store_ keeps of a layer into the KIVI store (quantized by its flush rules).
+  Status moveToKivi(int32_t layer);
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
@@ -87,6 +94,11 @@ class KVCache {
   std::shared_ptr<Backend> backend_;
   PagedStore store_;  // dense stores
   KiviStore kivi_;    // KIVI stores
+  // KIVI under a selection policy (snapkv, pyramidkv), per layer: -1 until the layer moved to
+  // kivi_, then the tokens evicted before the move (absolute position = KIVI index + offset for
+  // tokens appended after it); 0 for every layer without a policy.
+  std::vector<int64_t> kiviOffset_;
+  std::vector<std::vector<int64_t>> kiviPositions_;  // [layers * kvHeads]: positions of the moved tokens
   std::unique_ptr<SelectPolicy> policy_;  // null for select 'full'
   StageTimes times_;
   double lastLoadedTokens_ = 0;

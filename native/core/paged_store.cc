@@ -242,7 +242,16 @@ Status PagedStore::append(int32_t layer, const HostTensor& k, const HostTensor& 
 
 Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t count, void* keysOut,
                             void* valuesOut) const {
-  const Segment& pages = head(layer, h).tail;
+  return readSegment(head(layer, h).tail, first, count, keysOut, valuesOut);
+}
+
+Status PagedStore::readKeptRows(int32_t layer, int32_t h, int64_t first, int64_t count, void* keysOut,
+                                void* valuesOut) const {
+  return readSegment(head(layer, h).kept, first, count, keysOut, valuesOut);
+}
+
+Status PagedStore::readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const {
+  if (first < 0 || count < 0 || first + count > pages.count) return Status(ErrorCode::Internal, "readRows: rows out of range");
   first += pages.firstRow;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
   const size_t partBytes = pageBytes_ / 2;
@@ -260,6 +269,10 @@ Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t cou
     t += run;
   }
   return Status::ok();
+}
+
+void PagedStore::clearLayer(int32_t layer) {
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = HeadPages{};
 }
 
 }  // namespace kvslim

@@ -82,6 +82,12 @@ class PagedStore {
   // (keys then values, each count x headDim; valuesOut may be null). Used by save() and the indexes.
   Status readRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                   void* valuesOut) const;
+  // The same for kept slots [first, first + count).
+  Status readKeptRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
+                      void* valuesOut) const;
+  // Releases every token of a layer (its pages go once no fork holds them); tokens() stays the
+  // count appended so far. Used when a KIVI store takes the layer over (kv_cache.cc).
+  void clearLayer(int32_t layer);
 
  private:
   struct Segment {
@@ -106,6 +112,7 @@ class PagedStore {
   // Copies `count` rows from src (rows srcRow..) to the end of dst, in runs within pages.
   Status copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count);
   static void refreshPointers(Segment* segment, size_t partBytes);
+  Status readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const;
   KVHeadView viewOf(const Segment& segment) const;
 
   std::shared_ptr<Backend> backend_;

@@ -108,17 +108,7 @@ SelectConfig parseSelect(Napi::Env env, const Napi::Value& value) {
   if (!value.IsObject()) throwStatus(env, Status(ErrorCode::Option, "select must be an object"));
   Napi::Object object = value.As<Napi::Object>();
   const std::string kind = stringField(env, object, "kind");
-  static const std::pair<const char*, SelectKind> kinds[] = {
-      {"full", SelectKind::Full}, {"streaming", SelectKind::Streaming}, {"snapkv", SelectKind::SnapKV},
-      {"pyramidkv", SelectKind::PyramidKV}, {"h2o", SelectKind::H2O}, {"duo", SelectKind::Duo},
-      {"quest", SelectKind::Quest}, {"retrieval", SelectKind::Retrieval}, {"actqkv", SelectKind::ActQKV}};
-  bool known = false;
-  for (const auto& [name, selectKind] : kinds) {
-    if (kind == name) {
-      select.kind = selectKind;
-      known = true;
-    }
-  }
+  const bool known = selectKindFromName(kind, &select.kind);
   if (!known) throwStatus(env, Status(ErrorCode::Option, "policy.select.kind '" + kind + "' is unknown"));
   if (select.kind == SelectKind::Full) return select;
   auto integer = [&](const char* name) {

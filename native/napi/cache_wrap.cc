@@ -169,7 +169,7 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   const SelectConfig& s = config.select;
   if (s.kind == SelectKind::Quest || s.kind == SelectKind::Retrieval || s.kind == SelectKind::ActQKV) {
     Napi::Object select = Napi::Object::New(env);
-    select.Set("kind", s.kind == SelectKind::Quest ? "quest" : s.kind == SelectKind::Retrieval ? "retrieval" : "actqkv");
+    select.Set("kind", selectKindName(s.kind));
     select.Set("sink", double(s.sink));
     select.Set("window", double(s.window));
     if (s.kind == SelectKind::Quest) {

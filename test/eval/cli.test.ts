@@ -71,16 +71,19 @@ describe('kvslim eval', () => {
 
   it('evaluates a workload: progress on stderr, a table on stdout, JSON and HTML files', async () => {
     const json = join(dir, 'r.json'), html = join(dir, 'r.html');
-    const result = await run(['eval', '--workload', 'needles-4k', '--policy', 'full', '--policy', 'bf16', '--turns', '2', '--mode', 'both', '--json', json, '--html', html]);
+    const result = await run(['eval', '--workload', 'needles-4k', '--policy', 'full', '--policy', 'bf16', '--policy', 'snapkv:1024/kivi2',
+      '--turns', '2', '--mode', 'both', '--json', json, '--html', html]);
     expect(result.status, result.stderr).toBe(0);
     expect(result.stderr).toMatch(/kvslim eval \[multi-request\] full\/bf16: turn 2\/2/);
     expect(result.stdout).toMatch(/^needles-4k: 4096 context tokens, 2 turns/);
     expect(result.stdout).toMatch(/full\s+multi-turn\s+1\.0\d\d .* 100\.0%\s+100\.0%/);
     expect(result.stdout).toMatch(/full\/bf16\s+multi-request/);
+    // <selection>/<store>: SnapKV's 1024 kept tokens in the 2-bit KIVI store.
+    expect(result.stdout).toMatch(/snapkv:1024\/kivi2\s+multi-turn/);
     const reports = JSON.parse(readFileSync(json, 'utf8')) as Array<{ schema: string; mode: string; turns: unknown[] }>;
     expect(reports.map((r) => [r.schema, r.mode, r.turns.length])).toEqual([
-      ['scbench-report/1', 'multi-turn', 2], ['scbench-report/1', 'multi-turn', 2],
-      ['scbench-report/1', 'multi-request', 2], ['scbench-report/1', 'multi-request', 2],
+      ['scbench-report/1', 'multi-turn', 2], ['scbench-report/1', 'multi-turn', 2], ['scbench-report/1', 'multi-turn', 2],
+      ['scbench-report/1', 'multi-request', 2], ['scbench-report/1', 'multi-request', 2], ['scbench-report/1', 'multi-request', 2],
     ]);
     const page = readFileSync(html, 'utf8');
     expect(page).toMatch(/^<!doctype html>/);

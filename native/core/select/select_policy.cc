@@ -3,14 +3,37 @@
 #include <algorithm>
 #include <cmath>
 #include <string>
+#include <utility>
 
 #include "../vector_ops.h"
 
 namespace kvslim {
 
 namespace {
+constexpr std::pair<const char*, SelectKind> kKindNames[] = {
+    {"full", SelectKind::Full},   {"streaming", SelectKind::Streaming}, {"snapkv", SelectKind::SnapKV},
+    {"pyramidkv", SelectKind::PyramidKV}, {"h2o", SelectKind::H2O},   {"duo", SelectKind::Duo},
+    {"quest", SelectKind::Quest}, {"retrieval", SelectKind::Retrieval}, {"actqkv", SelectKind::ActQKV}};
+
 Status optionError(const std::string& message) { return Status(ErrorCode::Option, "policy.select." + message); }
 }  // namespace
+
+const char* selectKindName(SelectKind kind) {
+  for (const auto& [name, value] : kKindNames) {
+    if (value == kind) return name;
+  }
+  return "unknown";
+}
+
+bool selectKindFromName(const std::string& name, SelectKind* kind) {
+  for (const auto& [candidate, value] : kKindNames) {
+    if (name == candidate) {
+      *kind = value;
+      return true;
+    }
+  }
+  return false;
+}
 
 Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim,
                         std::unique_ptr<SelectPolicy>* out) {

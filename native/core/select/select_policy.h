@@ -4,6 +4,7 @@
 #pragma once
 #include <cstdint>
 #include <memory>
+#include <string>
 #include <vector>
 
 #include "../backend.h"
@@ -18,6 +19,10 @@ enum class SelectKind : int32_t {
   Quest = 6, Retrieval = 7, ActQKV = 8,  // loading policies: every token stays, each step reads a few
 };
 enum class Pooling : int32_t { Max = 0, Avg = 1 };
+
+// The kind's name in the API ('full', 'streaming', 'snapkv', ...), and its inverse (false: unknown).
+const char* selectKindName(SelectKind kind);
+bool selectKindFromName(const std::string& name, SelectKind* kind);
 
 struct SelectConfig {
   SelectKind kind = SelectKind::Full;
@@ -69,6 +74,9 @@ class SelectPolicy {
   virtual Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) = 0;
   // A copy for fork(): the same decisions from here on.
   virtual std::unique_ptr<SelectPolicy> clone() const = 0;
+  // True once no later call evicts tokens of this layer (SnapKV and PyramidKV after their one
+  // selection): a KIVI store may then quantize what the layer keeps.
+  virtual bool settled(int32_t layer) const { return false; }
 
   // Loading policies (quest, retrieval, actqkv): nothing is evicted; a call whose queries all lie in
   // the recent window attends the static part (sinks + window) exactly and the tokens the policy

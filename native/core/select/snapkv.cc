@@ -56,6 +56,7 @@ class SnapKVPolicy final : public SelectPolicy {
   }
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<SnapKVPolicy>(*this); }
+  bool settled(int32_t layer) const override { return !decided_.empty() && decided_[size_t(layer)] != 0; }
 
  private:
   // Prefix tokens layer `layer` keeps: budget - window (SnapKV), or PyramidKV's arithmetic share.
