@@ -300,7 +300,8 @@ export class KVCache {
             }
             : { kind: config.store },
         },
-        ...(config.kiviPreRope ? { rope: { theta: config.ropeTheta, style: config.ropeStyle } } : {}),
+        // preRope keys and streaming 'cache' positions need the rope; otherwise it is unused.
+        ...(config.ropeTheta > 0 ? { rope: { theta: config.ropeTheta, style: config.ropeStyle } } : {}),
       },
       native,
       device,

@@ -7,7 +7,7 @@ import { dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
 import { KVSlimError, type KVSlimErrorCode } from './errors.js';
-import type { ActQKVSpec, QuestSpec, RetrievalSpec } from './select.js';
+import type { SelectSpec } from './select.js';
 
 export type NativeDtype = 'f32' | 'f16' | 'bf16';
 export type NativeTensor = Float32Array | Uint16Array;
@@ -64,8 +64,8 @@ export interface NativeCache {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;
     scale: number; storeKind: 'dense' | 'kivi'; kiviBits: number; kiviGroup: number; kiviResidual: number;
     kiviOutliers: number; kiviPreRope: boolean; ropeTheta: number; ropeStyle: 'adjacent' | 'half';
-    /** A loading policy's options (quest, retrieval, actqkv), as a SelectSpec. */
-    select?: QuestSpec | RetrievalSpec | ActQKVSpec;
+    /** The selection policy's options, as a SelectSpec (absent for 'full'). */
+    select?: SelectSpec;
   };
   dispose(): void;
 }

@@ -7,6 +7,7 @@ import { Random } from './helpers/random.js';
 import { type Heads, randomTokens } from './helpers/tokens.js';
 import { encodeHalf } from './reference/half.js';
 import { expectError } from './helpers/errors.js';
+import { resealed } from './helpers/saved.js';
 
 
 const heads: Heads = { qHeads: 4, kvHeads: 2, headDim: 64 };
@@ -364,23 +365,6 @@ describe('KVCache.load: damaged bytes (ERR_CORRUPT, never a crash)', () => {
     cache.append(0, tokens.k, tokens.v);
     cache.append(1, tokens.k.subarray(0, 128), tokens.v.subarray(0, 128));
     return cache.save();
-  }
-
-  /**
-   * The save format's trailing checksum: standard FNV-1a 64, as native/core/cache_serialize.cc
-   * computes it, so that the edits below get past the checksum.
-   */
-  function fnv1a(bytes: Uint8Array): bigint {
-    let hash = 14695981039346656037n;
-    for (const byte of bytes) hash = BigInt.asUintN(64, (hash ^ BigInt(byte)) * 0x100000001b3n);
-    return hash;
-  }
-  /** A copy of `saved` with `edit` applied and the checksum recomputed: damage the hash cannot see. */
-  function resealed(saved: Buffer, edit: (view: DataView) => void): Buffer {
-    const copy = Buffer.from(saved);
-    edit(new DataView(copy.buffer, copy.byteOffset, copy.byteLength));
-    copy.writeBigUInt64LE(fnv1a(copy.subarray(0, copy.length - 8)), copy.length - 8);
-    return copy;
   }
 
   it('the untouched bytes load (the control)', () => {

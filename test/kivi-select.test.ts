@@ -247,11 +247,4 @@ describe('snapkv and pyramidkv over a KIVI store: select from f16 tokens, then q
       'ERR_OPTION', /preRope/,
     );
   });
-
-  it('save() is refused with a clear error; the cache stays usable', () => {
-    const pair = new Pair(GQA, { kind: 'snapkv', budget: 40, window: 4 }, { bits: 4, group: 32, residual: 32 }, 17);
-    run(pair, [['prefill', 60], ...steps(2)]);
-    expectError(() => pair.cache.save(), 'ERR_OPTION', /eviction/);
-    run(pair, steps(2));
-  });
 });

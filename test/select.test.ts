@@ -527,19 +527,6 @@ describe('errors', () => {
     }
   });
 
-  it('save() of a cache with a select policy: ERR_OPTION', () => {
-    for (const select of [
-      { kind: 'streaming', window: 8 }, { kind: 'snapkv', budget: 16, window: 4 }, { kind: 'h2o', budget: 8 },
-      { kind: 'pyramidkv', budget: 16, window: 4 }, { kind: 'duo', heads: [true, false, true, false] },
-    ] as ReferenceSelectSpec[]) {
-      const cache = cacheOf(GQA, select);
-      cache.prefill(0, ...tensors(new Random(1), 5));
-      expectError(() => cache.save(), 'ERR_OPTION', /select/);
-    }
-    const full = cacheOf(GQA, { kind: 'full' });
-    expect(full.save()).toBeInstanceOf(Buffer);
-  });
-
   it('option errors name the option', () => {
     const bad: Array<[unknown, RegExp]> = [
       [{ kind: 'streaming' }, /policy\.select\.window/],

@@ -17,6 +17,7 @@
 //   (records as in kivi_format.h, outliers included)
 //   | f16 residual keys (tokens - quantizedKeys rows) | f16 residual values (tokens - quantizedValues rows).
 // load() checks every field and the exact size before it allocates, then the hash.
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <new>
@@ -29,7 +30,8 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 5;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy
+constexpr uint32_t kVersion = 6;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
+                                  // 5: loading policies; 6: eviction policies
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -61,6 +63,8 @@ class Reader {
     return true;
   }
   size_t offset() const { return offset_; }
+  // Moves past bytes the caller read itself (it checked they exist).
+  void skip(size_t bytes) { offset_ += bytes; }
 
  private:
   const uint8_t* data_;
@@ -76,6 +80,23 @@ bool finiteHalves(const uint8_t* bytes, size_t count) {
     uint16_t half;
     std::memcpy(&half, bytes + 2 * i, 2);
     if ((half & 0x7c00u) == 0x7c00u) return false;
+  }
+  return true;
+}
+
+// False when any of `count` stored values (unaligned bytes, store dtype) is an infinity or NaN.
+bool finiteRows(const uint8_t* bytes, size_t count, DType type) {
+  if (type == DType::F16) return finiteHalves(bytes, count);
+  for (size_t i = 0; i < count; ++i) {
+    if (type == DType::BF16) {
+      uint16_t half;
+      std::memcpy(&half, bytes + 2 * i, 2);
+      if ((half & 0x7f80u) == 0x7f80u) return false;
+    } else {
+      float value;
+      std::memcpy(&value, bytes + 4 * i, 4);
+      if (!std::isfinite(value)) return false;
+    }
   }
   return true;
 }
@@ -105,13 +126,85 @@ Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select
   index.kind = IndexKind(indexKind);
   return Status::ok();
 }
+
+// One KIVI head's image at data[*position, end): i64 quantizedKeys, quantizedValues | key group
+// records | value token records | f16 residual keys | f16 residual values, for a layer of `count`
+// tokens. Checks counts, sizes, that every f16 number is finite and that outlier indices stay
+// inside their record before the caller writes it into a store.
+Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t count, const KiviFormat& format,
+                    KiviStore::HeadImage* out) {
+  KiviStore::HeadImage& image = *out;
+  size_t& position = *cursor;
+  if (end < position || end - position < 16) return corrupt("the KIVI payload is truncated");
+  std::memcpy(&image.quantizedKeys, data + position, 8);
+  std::memcpy(&image.quantizedValues, data + position + 8, 8);
+  if (image.quantizedKeys < 0 || image.quantizedKeys > count || image.quantizedKeys % format.group != 0 ||
+      image.quantizedValues < 0 || image.quantizedValues > count) {
+    return corrupt("a KIVI head's quantized token counts are out of range");
+  }
+  position += 16;
+  const size_t rowBytes = size_t(format.headDim) * 2;
+  const size_t keyBytes = size_t(image.quantizedKeys / format.group) * format.keyGroupBytes();
+  const size_t valueBytes = size_t(image.quantizedValues) * format.valueTokenBytes();
+  const size_t residualBytes = size_t(2 * count - image.quantizedKeys - image.quantizedValues) * rowBytes;
+  if (end - position < keyBytes || end - position - keyBytes < valueBytes ||
+      end - position - keyBytes - valueBytes < residualBytes) {
+    return corrupt("the KIVI payload is truncated");
+  }
+  auto take = [&](size_t bytes) {
+    const uint8_t* begin = data + position;
+    position += bytes;
+    return begin;
+  };
+  const uint8_t* keyRecords = take(keyBytes);
+  image.keyRecords.assign(keyRecords, keyRecords + keyBytes);
+  const uint8_t* valueRecords = take(valueBytes);
+  image.valueRecords.assign(valueRecords, valueRecords + valueBytes);
+  image.keyRows.resize(size_t(count - image.quantizedKeys) * size_t(format.headDim));
+  std::memcpy(image.keyRows.data(), take(image.keyRows.size() * 2), image.keyRows.size() * 2);
+  image.valueRows.resize(size_t(count - image.quantizedValues) * size_t(format.headDim));
+  std::memcpy(image.valueRows.data(), take(image.valueRows.size() * 2), image.valueRows.size() * 2);
+  // Scales, minima and residual rows are f16 numbers; an infinity would poison every output.
+  bool finite = finiteHalves(reinterpret_cast<const uint8_t*>(image.keyRows.data()), image.keyRows.size()) &&
+                finiteHalves(reinterpret_cast<const uint8_t*>(image.valueRows.data()), image.valueRows.size());
+  for (size_t g = 0; finite && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
+    finite = finiteHalves(image.keyRecords.data() + g * format.keyGroupBytes() + format.keyGroupCodeBytes(),
+                          2 * size_t(format.headDim));
+  }
+  for (size_t t = 0; finite && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
+    finite = finiteHalves(image.valueRecords.data() + t * format.valueTokenBytes() + format.valueCodeBytes(),
+                          2 * size_t(format.channelGroups()));
+  }
+  // Outliers: finite deltas, indices inside the record (the kernels index q and out by them).
+  const size_t keyEntries = size_t(format.group) * size_t(format.headDim);
+  bool inside = true;
+  for (size_t g = 0; finite && inside && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
+    const uint8_t* outliers = image.keyRecords.data() + g * format.keyGroupBytes() + format.keyOutlierOffset();
+    finite = finiteHalves(outliers + 2 * size_t(format.keyOutliers), size_t(format.keyOutliers));
+    for (int32_t i = 0; inside && i < format.keyOutliers; ++i) {
+      uint16_t index;
+      std::memcpy(&index, outliers + 2 * size_t(i), 2);
+      inside = index < keyEntries;
+    }
+  }
+  for (size_t t = 0; finite && inside && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
+    const uint8_t* outliers = image.valueRecords.data() + t * format.valueTokenBytes() + format.valueOutlierOffset();
+    finite = finiteHalves(outliers + 2 * size_t(format.valueOutliers), size_t(format.valueOutliers));
+    for (int32_t i = 0; inside && i < format.valueOutliers; ++i) {
+      uint16_t index;
+      std::memcpy(&index, outliers + 2 * size_t(i), 2);
+      inside = index < size_t(format.headDim);
+    }
+  }
+  if (!finite) return corrupt("a KIVI scale, minimum, outlier delta or residual value is not finite");
+  if (!inside) return corrupt("a KIVI outlier index is out of range");
+  return Status::ok();
+}
 }  // namespace
 
 Status KVCache::save(std::vector<uint8_t>* out) const {
   const bool loading = policy_ && policy_->loads();
-  if (policy_ && !loading) {
-    return Status(ErrorCode::Option, "save() of a cache with an eviction policy (policy.select) is not supported in this version");
-  }
+  const bool evicting = policy_ && !loading;
   try {
     out->clear();
     Writer writer(out);
@@ -119,7 +212,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
     const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    writer.put(loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
+    writer.put(evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -131,6 +224,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     writer.put(config_.kiviBits);
     writer.put(config_.kiviGroup);
     writer.put(config_.kiviResidual);
+    if (evicting) return saveEvicting(out);
     if (loading) {
       const SelectConfig& s = config_.select;
       writer.put(int32_t(s.kind));
@@ -237,6 +331,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (!valid.isOk()) return corrupt(valid.message());
   if (config.pageTokens <= 0 || config.pageTokens > (1 << 20)) return corrupt("pageTokens out of range");
   if (!(config.scale > 0.0f) || !std::isfinite(config.scale)) return corrupt("scale must be positive and finite");
+  if (version == 6) return loadEvicting(data, size, reader.offset(), config, std::move(backend), out);
   if (config.storeKind == StoreKind::Kivi) return loadKivi(data, size, reader.offset(), config, std::move(backend), out);
   std::vector<int64_t> tokens(size_t(config.layers));
   const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
@@ -285,6 +380,183 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
       if (appended.code() == ErrorCode::Value) return corrupt(appended.message());
       KVSLIM_RETURN_IF_ERROR(appended);
     }
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
+  }
+  *out = std::move(cache);
+  return Status::ok();
+}
+
+Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
+  Writer writer(out);
+  const SelectConfig& s = config_.select;
+  writer.put(config_.kiviOutliers);
+  writer.put(config_.rope.theta);
+  writer.put(int32_t(config_.rope.style));
+  writer.put(int32_t(s.kind));
+  for (const int64_t value : {s.sink, s.window, s.budget}) writer.put(value);
+  writer.put(s.kernel);
+  writer.put(int32_t(s.pooling));
+  writer.put(s.beta);
+  writer.put(s.recent);
+  writer.put(int32_t(s.cachePositions ? 1 : 0));
+  writer.put(uint64_t(s.retrieval.size()));
+  out->insert(out->end(), s.retrieval.begin(), s.retrieval.end());
+  std::vector<uint8_t> state;
+  policy_->saveState(config_.layers, &state);
+  writer.put(uint64_t(state.size()));
+  out->insert(out->end(), state.begin(), state.end());
+  for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(tokens(layer));
+  const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
+  for (int32_t layer = 0; layer < config_.layers; ++layer) {
+    const bool quantized = inKivi(layer);
+    const size_t first = size_t(layer) * size_t(config_.kvHeads);
+    writer.put(quantized ? kivi_.tokens(layer) : int64_t(-1));
+    writer.put(quantized ? int64_t(kiviPositions_[first].size()) : int64_t(0));
+    for (int32_t h = 0; h < config_.kvHeads; ++h) {
+      if (quantized) {
+        for (const int64_t position : kiviPositions_[first + size_t(h)]) writer.put(position);
+        KiviStore::HeadImage image;
+        KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
+        writer.put(image.quantizedKeys);
+        writer.put(image.quantizedValues);
+        out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
+        out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
+        for (const std::vector<uint16_t>* rows : {&image.keyRows, &image.valueRows}) {
+          const auto* bytes = reinterpret_cast<const uint8_t*>(rows->data());
+          out->insert(out->end(), bytes, bytes + rows->size() * 2);
+        }
+        continue;
+      }
+      const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
+      writer.put(kept);
+      writer.put(tail);
+      for (const int64_t position : store_.keptPositions(layer, h)) writer.put(position);
+      size_t offset = out->size();
+      out->resize(offset + 2 * size_t(kept + tail) * rowBytes);
+      KVSLIM_RETURN_IF_ERROR(store_.readKeptRows(layer, h, 0, kept, out->data() + offset, out->data() + offset + size_t(kept) * rowBytes));
+      offset += 2 * size_t(kept) * rowBytes;
+      KVSLIM_RETURN_IF_ERROR(store_.readRows(layer, h, 0, tail, out->data() + offset, out->data() + offset + size_t(tail) * rowBytes));
+    }
+  }
+  writer.put(fnv1a(out->data(), out->size()));
+  return Status::ok();
+}
+
+Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, CacheConfig config,
+                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
+  // The checksum first: everything after it is then as saved, and only bounds need checking.
+  uint64_t storedHash = 0;
+  if (size < offset + 8) return corrupt("the header is truncated");
+  std::memcpy(&storedHash, data + size - 8, 8);
+  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+  Reader reader(data + offset, size - 8 - offset);
+  SelectConfig& s = config.select;
+  int32_t ropeStyle = 0, kind = 0, pooling = 0, cachePositions = 0;
+  uint64_t maskBytes = 0, stateBytes = 0;
+  bool complete = reader.get(&config.kiviOutliers) && reader.get(&config.rope.theta) && reader.get(&ropeStyle) &&
+                  reader.get(&kind) && reader.get(&s.sink) && reader.get(&s.window) && reader.get(&s.budget) &&
+                  reader.get(&s.kernel) && reader.get(&pooling) && reader.get(&s.beta) && reader.get(&s.recent) &&
+                  reader.get(&cachePositions) && reader.get(&maskBytes);
+  if (!complete) return corrupt("the header is truncated");
+  if (kind < int32_t(SelectKind::Streaming) || kind > int32_t(SelectKind::Duo)) {
+    return corrupt("unknown eviction policy kind " + std::to_string(kind));
+  }
+  if ((pooling != 0 && pooling != 1) || (cachePositions != 0 && cachePositions != 1) || (ropeStyle != 0 && ropeStyle != 1)) {
+    return corrupt("a policy field is out of range");
+  }
+  if (!(config.kiviOutliers >= 0.0 && config.kiviOutliers <= 1.0) || !std::isfinite(config.rope.theta) || config.rope.theta < 0.0f) {
+    return corrupt("the KIVI outlier fraction or the rope theta is out of range");
+  }
+  s.kind = SelectKind(kind);
+  s.pooling = Pooling(pooling);
+  s.cachePositions = cachePositions == 1;
+  config.rope.style = RopeStyle(ropeStyle);
+  if (maskBytes != (s.kind == SelectKind::Duo ? uint64_t(config.layers) * uint64_t(config.kvHeads) : 0)) {
+    return corrupt("the duo head mask has the wrong size");
+  }
+  s.retrieval.resize(size_t(maskBytes));
+  for (uint8_t& flag : s.retrieval) {
+    if (!reader.get(&flag) || flag > 1) return corrupt("the duo head mask is truncated or not 0/1");
+  }
+  if (!reader.get(&stateBytes) || stateBytes > size) return corrupt("the policy state is truncated");
+  const size_t stateOffset = offset + reader.offset();
+  if (size - 8 - stateOffset < stateBytes) return corrupt("the policy state is truncated");
+  Reader payload(data + stateOffset + stateBytes, size - 8 - stateOffset - size_t(stateBytes));
+
+  std::unique_ptr<KVCache> cache;
+  const Status created = create(config, std::move(backend), &cache);
+  if (created.code() == ErrorCode::Option) return corrupt(created.message());
+  KVSLIM_RETURN_IF_ERROR(created);
+  const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
+  const size_t payloadBase = stateOffset + size_t(stateBytes);
+  try {
+    std::vector<int64_t> tokens(size_t(config.layers));
+    for (int64_t& count : tokens) {
+      if (!payload.get(&count) || count < 0 || uint64_t(count) > (uint64_t(1) << 40)) return corrupt("a token count is out of range");
+    }
+    // Positions: distinct, each in [0, end) (end: the first position a later segment holds). Kept
+    // slots need not be in order (H2O overwrites slots).
+    auto readPositions = [&](int64_t count, int64_t end, std::vector<int64_t>* positions) {
+      if (count < 0 || uint64_t(count) > (size - payloadBase) / 8) return false;
+      positions->resize(size_t(count));
+      for (int64_t& p : *positions) {
+        if (!payload.get(&p) || p < 0 || p >= end) return false;
+      }
+      std::vector<int64_t> sorted = *positions;
+      std::sort(sorted.begin(), sorted.end());
+      return std::adjacent_find(sorted.begin(), sorted.end()) == sorted.end();
+    };
+    for (int32_t layer = 0; layer < config.layers; ++layer) {
+      const int64_t total = tokens[size_t(layer)];
+      int64_t kiviTokens = 0, moved = 0;
+      if (!payload.get(&kiviTokens) || !payload.get(&moved)) return corrupt("the payload is truncated");
+      const size_t first = size_t(layer) * size_t(config.kvHeads);
+      if (kiviTokens >= 0) {
+        // A layer in the KIVI store: `moved` tokens at saved positions, then the tokens since.
+        if (config.storeKind != StoreKind::Kivi || moved < 0 || moved > kiviTokens || kiviTokens > total) {
+          return corrupt("a KIVI layer's token counts are out of range");
+        }
+        const int64_t offsetTokens = total - kiviTokens;
+        const KiviFormat& format = cache->kivi_.shape().format;
+        KiviStore::HeadImage image;
+        for (int32_t h = 0; h < config.kvHeads; ++h) {
+          std::vector<int64_t>& positions = cache->kiviPositions_[first + size_t(h)];
+          if (!readPositions(moved, moved + offsetTokens, &positions)) return corrupt("the kept positions are out of range");
+          size_t position = payloadBase + payload.offset();
+          KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, kiviTokens, format, &image));
+          payload.skip(position - payloadBase - payload.offset());
+          KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, kiviTokens, image));
+        }
+        cache->kiviOffset_[size_t(layer)] = offsetTokens;
+        cache->store_.restoreTokens(layer, total);
+        continue;
+      }
+      if (kiviTokens != -1 || moved != 0) return corrupt("a layer's token counts are out of range");
+      for (int32_t h = 0; h < config.kvHeads; ++h) {
+        int64_t kept = 0, tail = 0;
+        if (!payload.get(&kept) || !payload.get(&tail) || tail < 0 || tail > total || kept < 0 || kept > total - tail) {
+          return corrupt("a head's token counts are out of range");
+        }
+        std::vector<int64_t> positions;
+        if (!readPositions(kept, total - tail, &positions)) return corrupt("the kept positions are out of range");
+        const size_t bytes = 2 * size_t(kept + tail) * rowBytes;
+        const size_t at = payloadBase + payload.offset();
+        if (size - 8 - at < bytes) return corrupt("the payload is truncated");
+        const uint8_t* rows = data + at;
+        if (!finiteRows(rows, bytes / dtypeBytes(config.storeType), config.storeType)) {
+          return corrupt("a stored key or value is not finite");
+        }
+        KVSLIM_RETURN_IF_ERROR(cache->store_.restoreHead(layer, h, rows, rows + size_t(kept) * rowBytes, std::move(positions),
+                                                         rows + 2 * size_t(kept) * rowBytes,
+                                                         rows + (2 * size_t(kept) + size_t(tail)) * rowBytes, tail));
+        payload.skip(bytes);
+      }
+      cache->store_.restoreTokens(layer, total);
+    }
+    if (payload.offset() != size - 8 - payloadBase) return corrupt("the payload has trailing bytes");
+    // The policy's state last: it is checked against the restored store.
+    KVSLIM_RETURN_IF_ERROR(cache->policy_->loadState(data + stateOffset, size_t(stateBytes), cache->store_, config.layers));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
   }
@@ -346,58 +618,7 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
     for (int32_t layer = 0; layer < config.layers; ++layer) {
       const int64_t count = tokens[size_t(layer)];
       for (int32_t h = 0; h < config.kvHeads; ++h) {
-        std::memcpy(&image.quantizedKeys, data + position, 8);
-        std::memcpy(&image.quantizedValues, data + position + 8, 8);
-        position += 16;
-        auto take = [&](size_t bytes) {
-          const uint8_t* begin = data + position;
-          position += bytes;
-          return begin;
-        };
-        const size_t keyBytes = size_t(image.quantizedKeys / format.group) * format.keyGroupBytes();
-        const uint8_t* keyRecords = take(keyBytes);
-        image.keyRecords.assign(keyRecords, keyRecords + keyBytes);
-        const size_t valueBytes = size_t(image.quantizedValues) * format.valueTokenBytes();
-        const uint8_t* valueRecords = take(valueBytes);
-        image.valueRecords.assign(valueRecords, valueRecords + valueBytes);
-        image.keyRows.resize(size_t(count - image.quantizedKeys) * size_t(config.headDim));
-        std::memcpy(image.keyRows.data(), take(image.keyRows.size() * 2), image.keyRows.size() * 2);
-        image.valueRows.resize(size_t(count - image.quantizedValues) * size_t(config.headDim));
-        std::memcpy(image.valueRows.data(), take(image.valueRows.size() * 2), image.valueRows.size() * 2);
-        // Scales, minima and residual rows are f16 numbers; an infinity would poison every output.
-        bool finite = finiteHalves(reinterpret_cast<const uint8_t*>(image.keyRows.data()), image.keyRows.size()) &&
-                      finiteHalves(reinterpret_cast<const uint8_t*>(image.valueRows.data()), image.valueRows.size());
-        for (size_t g = 0; finite && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
-          finite = finiteHalves(image.keyRecords.data() + g * format.keyGroupBytes() + format.keyGroupCodeBytes(),
-                                2 * size_t(format.headDim));
-        }
-        for (size_t t = 0; finite && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
-          finite = finiteHalves(image.valueRecords.data() + t * format.valueTokenBytes() + format.valueCodeBytes(),
-                                2 * size_t(format.channelGroups()));
-        }
-        // Outliers: finite deltas, indices inside the record (the kernels index q and out by them).
-        const size_t keyEntries = size_t(format.group) * size_t(format.headDim);
-        bool inside = true;
-        for (size_t g = 0; finite && inside && g < image.keyRecords.size() / format.keyGroupBytes(); ++g) {
-          const uint8_t* outliers = image.keyRecords.data() + g * format.keyGroupBytes() + format.keyOutlierOffset();
-          finite = finiteHalves(outliers + 2 * size_t(format.keyOutliers), size_t(format.keyOutliers));
-          for (int32_t i = 0; inside && i < format.keyOutliers; ++i) {
-            uint16_t index;
-            std::memcpy(&index, outliers + 2 * size_t(i), 2);
-            inside = index < keyEntries;
-          }
-        }
-        for (size_t t = 0; finite && inside && t < image.valueRecords.size() / format.valueTokenBytes(); ++t) {
-          const uint8_t* outliers = image.valueRecords.data() + t * format.valueTokenBytes() + format.valueOutlierOffset();
-          finite = finiteHalves(outliers + 2 * size_t(format.valueOutliers), size_t(format.valueOutliers));
-          for (int32_t i = 0; inside && i < format.valueOutliers; ++i) {
-            uint16_t index;
-            std::memcpy(&index, outliers + 2 * size_t(i), 2);
-            inside = index < size_t(format.headDim);
-          }
-        }
-        if (!finite) return corrupt("a KIVI scale, minimum, outlier delta or residual value is not finite");
-        if (!inside) return corrupt("a KIVI outlier index is out of range");
+        KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, count, format, &image));
         KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, count, image));
       }
     }

@@ -58,6 +58,10 @@ class KVCache {
 
  private:
   KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend);
+  // Version 6 (eviction policies): the policy, its state, and each layer's kept tokens.
+  Status saveEvicting(std::vector<uint8_t>* out) const;
+  static Status loadEvicting(const uint8_t* data, size_t size, size_t offset, CacheConfig config,
+                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
   static Status loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
                          std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
   bool kivi() const { return config_.storeKind == StoreKind::Kivi; }

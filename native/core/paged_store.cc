@@ -271,6 +271,39 @@ Status PagedStore::readSegment(const Segment& pages, int64_t first, int64_t coun
   return Status::ok();
 }
 
+Status PagedStore::uploadRows(Segment* segment, const uint8_t* keys, const uint8_t* values, int64_t count) {
+  const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
+  const size_t partBytes = pageBytes_ / 2;
+  for (int64_t done = 0; done < count;) {
+    const int64_t row = segment->firstRow + segment->count;
+    if (row % shape_.pageTokens == 0 && size_t(row / shape_.pageTokens) == segment->pages.size()) {
+      std::shared_ptr<Page> page;
+      KVSLIM_RETURN_IF_ERROR(newPage(&page));
+      segment->pages.push_back(std::move(page));
+    }
+    const int64_t run = std::min(count - done, shape_.pageTokens - row % shape_.pageTokens);
+    uint8_t* base = static_cast<uint8_t*>(segment->pages[size_t(row / shape_.pageTokens)]->memory()) +
+                    size_t(row % shape_.pageTokens) * rowBytes;
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(base, keys + size_t(done) * rowBytes, size_t(run) * rowBytes));
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(base + partBytes, values + size_t(done) * rowBytes, size_t(run) * rowBytes));
+    segment->count += run;
+    done += run;
+  }
+  refreshPointers(segment, partBytes);
+  return Status::ok();
+}
+
+Status PagedStore::restoreHead(int32_t layer, int32_t h, const uint8_t* keptKeys, const uint8_t* keptValues,
+                               std::vector<int64_t> positions, const uint8_t* tailKeys, const uint8_t* tailValues,
+                               int64_t tail) {
+  HeadPages pages;
+  KVSLIM_RETURN_IF_ERROR(uploadRows(&pages.kept, keptKeys, keptValues, int64_t(positions.size())));
+  KVSLIM_RETURN_IF_ERROR(uploadRows(&pages.tail, tailKeys, tailValues, tail));
+  pages.positions = std::move(positions);
+  head(layer, h) = std::move(pages);
+  return Status::ok();
+}
+
 void PagedStore::clearLayer(int32_t layer) {
   for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = HeadPages{};
 }

@@ -85,6 +85,12 @@ class PagedStore {
   // The same for kept slots [first, first + count).
   Status readKeptRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                       void* valuesOut) const;
+  // load(): rebuilds one head from saved rows in store dtype (host memory): the kept slots with
+  // their positions, then the tail (the layer's last `tail` tokens, once restoreTokens set the
+  // count). The head's old pages are released.
+  Status restoreHead(int32_t layer, int32_t h, const uint8_t* keptKeys, const uint8_t* keptValues,
+                     std::vector<int64_t> positions, const uint8_t* tailKeys, const uint8_t* tailValues, int64_t tail);
+  void restoreTokens(int32_t layer, int64_t tokens) { layerTokens_[size_t(layer)] = tokens; }
   // Releases every token of a layer (its pages go once no fork holds them); tokens() stays the
   // count appended so far. Used when a KIVI store takes the layer over (kv_cache.cc).
   void clearLayer(int32_t layer);
@@ -112,6 +118,8 @@ class PagedStore {
   // Copies `count` rows from src (rows srcRow..) to the end of dst, in runs within pages.
   Status copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count);
   static void refreshPointers(Segment* segment, size_t partBytes);
+  // Appends `count` host rows (keys, values in store dtype) to the end of a segment.
+  Status uploadRows(Segment* segment, const uint8_t* keys, const uint8_t* values, int64_t count);
   Status readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const;
   KVHeadView viewOf(const Segment& segment) const;
 

@@ -1,5 +1,7 @@
 #include "cache_wrap.h"
 
+#include <algorithm>
+
 #include "addon_data.h"
 #include "async_ops.h"
 #include "convert.h"
@@ -165,14 +167,30 @@ Napi::Value CacheWrap::config(const Napi::CallbackInfo& info) {
   result.Set("ropeTheta", config.rope.theta);
   result.Set("ropeStyle", config.rope.style == RopeStyle::Half ? "half" : "adjacent");
   result.Set("scale", config.scale);
-  // A loading policy travels with save() / load(); its options, for the JS side of a loaded cache.
+  // The policy travels with save() / load(); its options, for the JS side of a loaded cache.
   const SelectConfig& s = config.select;
-  if (s.kind == SelectKind::Quest || s.kind == SelectKind::Retrieval || s.kind == SelectKind::ActQKV) {
+  if (s.kind != SelectKind::Full) {
     Napi::Object select = Napi::Object::New(env);
     select.Set("kind", selectKindName(s.kind));
-    select.Set("sink", double(s.sink));
-    select.Set("window", double(s.window));
-    if (s.kind == SelectKind::Quest) {
+    if (s.kind == SelectKind::SnapKV || s.kind == SelectKind::PyramidKV || s.kind == SelectKind::H2O) {
+      select.Set("budget", double(s.budget));
+    } else {
+      select.Set("sink", double(s.sink));
+    }
+    if (s.kind != SelectKind::H2O) select.Set("window", double(s.window));
+    if (s.kind == SelectKind::Streaming) {
+      select.Set("positions", s.cachePositions ? "cache" : "absolute");
+    } else if (s.kind == SelectKind::SnapKV || s.kind == SelectKind::PyramidKV) {
+      select.Set("kernel", s.kernel);
+      select.Set("pooling", s.pooling == Pooling::Max ? "max" : "avg");
+      if (s.kind == SelectKind::PyramidKV) select.Set("beta", s.beta);
+    } else if (s.kind == SelectKind::H2O) {
+      select.Set("recent", double(s.recent));
+    } else if (s.kind == SelectKind::Duo) {
+      Napi::Uint8Array heads = Napi::Uint8Array::New(env, s.retrieval.size());
+      std::copy(s.retrieval.begin(), s.retrieval.end(), heads.Data());
+      select.Set("heads", heads);
+    } else if (s.kind == SelectKind::Quest) {
       select.Set("pageSize", double(s.pageSize));
       select.Set("pages", double(s.pages));
     } else if (s.kind == SelectKind::Retrieval) {

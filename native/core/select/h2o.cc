@@ -4,7 +4,10 @@
 // `budget - recent` heavy hitters: a token leaving the recent window replaces the kept token with
 // the smallest accumulated score when its own is larger (ties keep the older token), or is evicted.
 #include <algorithm>
+#include <cmath>
+#include <cstring>
 #include <deque>
+#include <string>
 
 #include "select_policy.h"
 
@@ -45,6 +48,54 @@ class H2OPolicy final : public SelectPolicy {
   }
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<H2OPolicy>(*this); }
+
+  // State: per layer and kv head, u64 kept then kept scores, u64 tail then tail scores (f64).
+  void saveState(int32_t, std::vector<uint8_t>* out) const override {
+    auto put = [out](const auto& value) {
+      const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
+      out->insert(out->end(), bytes, bytes + sizeof(value));
+    };
+    for (const HeadScores& scores : scores_) {
+      put(uint64_t(scores.kept.size()));
+      for (const double score : scores.kept) put(score);
+      put(uint64_t(scores.tail.size()));
+      for (const double score : scores.tail) put(score);
+    }
+  }
+  Status loadState(const uint8_t* data, size_t size, const PagedStore& store, int32_t layers) override {
+    const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); };
+    size_t offset = 0;
+    auto take = [&](auto* value) {
+      if (size - offset < sizeof(*value)) return false;
+      std::memcpy(value, data + offset, sizeof(*value));
+      offset += sizeof(*value);
+      return true;
+    };
+    std::vector<HeadScores> loaded(scores_.size());
+    for (size_t i = 0; i < loaded.size(); ++i) {
+      const int32_t layer = int32_t(i / size_t(kvHeads_)), h = int32_t(i % size_t(kvHeads_));
+      if (layer >= layers) return corrupt("the h2o state has more heads than the cache");
+      uint64_t count = 0;
+      for (const bool kept : {true, false}) {
+        if (!take(&count)) return corrupt("the h2o state is truncated");
+        const int64_t expected = kept ? store.keptTokens(layer, h) : store.tailTokens(layer, h);
+        if (count != uint64_t(expected)) return corrupt("the h2o scores do not match the kept tokens");
+        for (uint64_t j = 0; j < count; ++j) {
+          double score = 0;
+          if (!take(&score)) return corrupt("the h2o state is truncated");
+          if (!(score >= 0.0) || !std::isfinite(score)) return corrupt("an h2o score is negative or not finite");
+          if (kept) {
+            loaded[i].kept.push_back(score);
+          } else {
+            loaded[i].tail.push_back(score);
+          }
+        }
+      }
+    }
+    if (offset != size) return corrupt("the h2o state has trailing bytes");
+    scores_ = std::move(loaded);
+    return Status::ok();
+  }
 
  private:
   struct HeadScores {

@@ -78,6 +78,13 @@ class SelectPolicy {
   // selection): a KIVI store may then quantize what the layer keeps.
   virtual bool settled(int32_t layer) const { return false; }
 
+  // save()/load(): the policy's state beyond the store (SnapKV's decided layers, H2O's scores) as
+  // flat bytes; loadState checks them against the restored store (ERR_CORRUPT on any mismatch).
+  virtual void saveState(int32_t layers, std::vector<uint8_t>* out) const {}
+  virtual Status loadState(const uint8_t* data, size_t size, const PagedStore& store, int32_t layers) {
+    return size == 0 ? Status::ok() : Status(ErrorCode::Corrupt, "cannot load cache: unexpected policy state");
+  }
+
   // Loading policies (quest, retrieval, actqkv): nothing is evicted; a call whose queries all lie in
   // the recent window attends the static part (sinks + window) exactly and the tokens the policy
   // loads from the rest, merged by log-sum-exp. afterAppend maintains the index.

@@ -58,6 +58,19 @@ class SnapKVPolicy final : public SelectPolicy {
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<SnapKVPolicy>(*this); }
   bool settled(int32_t layer) const override { return !decided_.empty() && decided_[size_t(layer)] != 0; }
 
+  // State: one byte per layer, 1 once it selected.
+  void saveState(int32_t layers, std::vector<uint8_t>* out) const override {
+    for (int32_t layer = 0; layer < layers; ++layer) out->push_back(settled(layer) ? 1 : 0);
+  }
+  Status loadState(const uint8_t* data, size_t size, const PagedStore&, int32_t layers) override {
+    if (size != size_t(layers)) return Status(ErrorCode::Corrupt, "cannot load cache: the snapkv state has the wrong size");
+    decided_.assign(data, data + size);
+    for (const uint8_t flag : decided_) {
+      if (flag > 1) return Status(ErrorCode::Corrupt, "cannot load cache: a snapkv layer flag is not 0 or 1");
+    }
+    return Status::ok();
+  }
+
  private:
   // Prefix tokens layer `layer` keeps: budget - window (SnapKV), or PyramidKV's arithmetic share.
   int64_t prefixBudget(int32_t layers, int32_t layer, int64_t length, int64_t window) const {
