@@ -75,6 +75,7 @@
         "native/cpu/attention_decode.cc",
         "native/cpu/attention_kivi.cc",
         "native/cpu/attention_scores.cc",
+        "native/cpu/attention_mass.cc",
         "native/cpu/attention_prefill.cc",
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",

@@ -7,6 +7,7 @@ import { KVCache, backends } from '../lib/index.js';
 import { ATTENTION_CASES, compareAttention, label } from './helpers/attention-cases.js';
 import { Random, relativeL2, rows } from './helpers/random.js';
 import { type Heads, LayerMirror, randomTokens, sliceTokens } from './helpers/tokens.js';
+import { roundTo } from './reference/half.js';
 
 // GPU kernels also compute in f32 (in a different order, possibly with fast exp2): the same bound
 // as the CPU against the reference, and the same between the two devices.
@@ -146,7 +147,7 @@ describe.runIf(onGpu)('CUDA: KIVI store against the CPU', () => {
   }
 });
 
-// Selection policies on a GPU cache: scores on the GPU (native/cuda/attention_scores.cu), the
+// Selection policies on a GPU cache: attention mass on the GPU (native/cuda/attention_mass.cu), the
 // window kept by advancing pages (firstRow), kept and window parts merged by log-sum-exp.
 describe.runIf(onGpu)('CUDA: selection policies choose what the CPU chooses', () => {
   const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
@@ -175,6 +176,104 @@ describe.runIf(onGpu)('CUDA: selection policies choose what the CPU chooses', ()
         }
         for (let kvHead = 0; kvHead < heads.kvHeads; kvHead++) {
           expect(Array.from(gpu.positions(layer, kvHead))).toEqual(Array.from(cpu.positions(layer, kvHead)));
+        }
+      }
+    });
+  }
+});
+
+// Long prompts through the attention mass op on both devices (native/cuda/attention_mass.cu, with
+// row blocks, pooling and the group mean on the GPU, vs native/cpu/attention_mass.cc). Both
+// compute fp32 probabilities and double column sums, with different exp2 approximations and
+// summation orders, so they agree to ~1e-6 relative: the kept sets must be equal, except that
+// SnapKV/PyramidKV may swap prefix tokens whose float64 votes (reference/select.ts rules) lie
+// within 1e-6 relative of the selection threshold (a near tie). H2O's evictions depend on the
+// whole history, so it has no such slack: random normal data leaves no near ties at these sizes
+// (select-long.test.ts checks the CPU against the float64 reference exactly).
+describe.runIf(onGpu)('CUDA: attention mass selection on long prompts keeps what the CPU keeps', () => {
+  const NEAR_TIE = 1e-6;
+  const cases = [
+    { name: 'snapkv, f16, 32q/8kv/128, prompt 3000', heads: { qHeads: 32, kvHeads: 8, headDim: 128 }, layers: 1, store: 'f16',
+      pageTokens: 64, select: { kind: 'snapkv', budget: 256, window: 32 }, calls: [3000, 1, 1] },
+    { name: 'snapkv avg k5, f32, 8q/2kv/72 (no 16-byte loads), pages of 16, prompt 2500', heads: { qHeads: 8, kvHeads: 2, headDim: 72 },
+      layers: 1, store: 'f32', pageTokens: 16, select: { kind: 'snapkv', budget: 200, window: 16, kernel: 5, pooling: 'avg' }, calls: [2500, 1] },
+    { name: 'pyramidkv, bf16, 16q/4kv/64, three layers, prompt 2000', heads: { qHeads: 16, kvHeads: 4, headDim: 64 }, layers: 3,
+      store: 'bf16', pageTokens: 32, select: { kind: 'pyramidkv', budget: 256, window: 32, beta: 4 }, calls: [2000, 1] },
+    { name: 'h2o, f16, 32q/8kv/128, prompt 3000, then 500, then steps', heads: { qHeads: 32, kvHeads: 8, headDim: 128 }, layers: 1,
+      store: 'f16', pageTokens: 64, select: { kind: 'h2o', budget: 256, recent: 64 }, calls: [3000, 500, ...Array<number>(20).fill(1)] },
+    { name: 'h2o, f32, 8q/2kv/72, pages of 16, prompt 1500, then steps', heads: { qHeads: 8, kvHeads: 2, headDim: 72 }, layers: 1,
+      store: 'f32', pageTokens: 16, select: { kind: 'h2o', budget: 128, recent: 32 }, calls: [1500, ...Array<number>(20).fill(1)] },
+  ] as const;
+
+  /** SnapKV's float64 votes of one kv head over the prefix: window softmax sums, pooled, averaged over the group. */
+  function snapVotes(heads: Heads, store: 'f16' | 'f32' | 'bf16', q: Float32Array, k: Float32Array, h: number,
+    select: { window: number; kernel?: number; pooling?: 'max' | 'avg' }): Float64Array {
+    const { qHeads, kvHeads, headDim } = heads;
+    const L = k.length / (kvHeads * headDim), w = Math.min(select.window, L), prefix = L - w, group = qHeads / kvHeads;
+    const kernel = select.kernel ?? 7, half = (kernel - 1) / 2, pooling = select.pooling ?? 'max';
+    const keys = roundTo(k, store);
+    const score = new Float64Array(prefix);
+    for (let g = 0; g < group; g++) {
+      const votes = new Float64Array(prefix);
+      for (let i = L - w; i < L; i++) {
+        const base = (i * qHeads + h * group + g) * headDim;
+        const logits = new Float64Array(i + 1);
+        let max = -Infinity, sum = 0;
+        for (let j = 0; j <= i; j++) {
+          let dot = 0;
+          for (let d = 0; d < headDim; d++) dot += q[base + d] * keys[(j * kvHeads + h) * headDim + d];
+          logits[j] = dot / Math.sqrt(headDim);
+          max = Math.max(max, logits[j]);
+        }
+        for (let j = 0; j <= i; j++) sum += (logits[j] = Math.exp(logits[j] - max));
+        for (let j = 0; j < prefix; j++) votes[j] += logits[j] / sum;
+      }
+      for (let j = 0; j < prefix; j++) {
+        let value = pooling === 'max' ? -Infinity : 0;
+        for (let t = Math.max(0, j - half); t <= Math.min(prefix - 1, j + half); t++) value = pooling === 'max' ? Math.max(value, votes[t]) : value + votes[t];
+        score[j] += (pooling === 'max' ? value : value / kernel) / group;
+      }
+    }
+    return score;
+  }
+
+  for (const [index, c] of cases.entries()) {
+    it(c.name, () => {
+      const random = new Random(66_000 + index);
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({
+          layers: c.layers, ...c.heads, device, pageTokens: c.pageTokens,
+          policy: { select: c.select as never, store: { kind: c.store } },
+        });
+        open.push(cache);
+        return cache;
+      };
+      const gpu = make('cuda'), cpu = make('cpu');
+      for (const [call, n] of c.calls.entries()) {
+        for (let layer = 0; layer < c.layers; layer++) {
+          const tokens = randomTokens(random, c.heads, n);
+          const kind = n === 1 ? 'step' : 'prefill';
+          const gpuOut = gpu[kind](layer, tokens.q, tokens.k, tokens.v);
+          expect(relativeL2(gpuOut, cpu[kind](layer, tokens.q, tokens.k, tokens.v)), `call ${call} layer ${layer}`).toBeLessThanOrEqual(TOLERANCE);
+          for (let h = 0; h < c.heads.kvHeads; h++) {
+            const gpuKept = Array.from(gpu.positions(layer, h)), cpuKept = Array.from(cpu.positions(layer, h));
+            const where = `call ${call} (n ${n}) layer ${layer} kv head ${h}`;
+            if (c.select.kind === 'h2o' || call > 0 || gpuKept.join() === cpuKept.join()) {
+              expect(gpuKept, where).toEqual(cpuKept);
+              continue;
+            }
+            // SnapKV's one decision: positions may differ only by near ties of the float64 votes.
+            expect(gpuKept.length, where).toBe(cpuKept.length);
+            const select = c.select as { window: number; kernel?: number; pooling?: 'max' | 'avg' };
+            const votes = snapVotes(c.heads, c.store, tokens.q, tokens.k, h, select);
+            const chosen = cpuKept.filter((p) => p < votes.length);
+            const threshold = Math.min(...chosen.map((p) => votes[p]));
+            const gpuSet = new Set(gpuKept), cpuSet = new Set(cpuKept);
+            for (const p of [...gpuKept.filter((x) => !cpuSet.has(x)), ...cpuKept.filter((x) => !gpuSet.has(x))]) {
+              expect(p, `${where}: only the prefix may differ`).toBeLessThan(votes.length);
+              expect(Math.abs(votes[p] - threshold), `${where}: position ${p} is no near tie`).toBeLessThanOrEqual(NEAR_TIE * threshold);
+            }
+          }
         }
       }
     });

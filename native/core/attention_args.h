@@ -1,8 +1,11 @@
 // The contract between core (which knows where tokens live) and the backends (which do the math).
 #pragma once
+#include <cmath>
 #include <cstdint>
+#include <string>
 
 #include "dtype.h"
+#include "status.h"
 
 namespace kvslim {
 
@@ -43,8 +46,8 @@ struct AttentionArgs {
   float* lse = nullptr;
 };
 
-// Raw scores q.k * scale of the query rows of one kv head against all its tokens (selection
-// policies turn them into attention probabilities).
+// Raw scores q.k * scale of the query rows of one kv head against all its tokens (the
+// attentionScores op, the retrieval policy's flat scan).
 struct ScoresArgs {
   const float* q = nullptr;  // [rows, headDim], host memory, unscaled
   int32_t rows = 0;
@@ -57,5 +60,95 @@ struct ScoresArgs {
   float* out = nullptr;      // [rows, head.tokens], host memory
   int32_t threads = 0;
 };
+
+// How attentionMass reduces the probabilities of its rows (AttentionMassArgs::out).
+enum class MassPooling : int32_t { None = 0, Max = 1, Avg = 2 };
+
+// Attention mass that query rows of one kv head give each of its tokens, for the selection
+// policies (H2O heavy hitters, SnapKV votes). The backend computes the scores (q.k * scale), a
+// causal softmax per row in fp32 and the column sums itself, so no rows x tokens matrix reaches
+// host memory or is held whole.
+// - Tokens: kept first, then tail: token t < kept.tokens is kept token t, else tail token
+//   t - kept.tokens.
+// - Rows: row = i * group + g is query i, group member g (groupRows() order). Query i is tail
+//   token tail.tokens - after - n + i: it sees every kept token and the tail up to itself.
+// - out ([columns] doubles; tokens >= columns only normalise the rows):
+//   None:     out[t] = sum over all n * group rows of p_row(t)            (H2O's accumulation);
+//   Max, Avg: per member g, v_g(t) = sum over queries i of p_(i,g)(t); v_g is pooled over
+//             [0, columns) with stride 1, odd `kernel` and padding kernel / 2 (max ignores the
+//             padding, avg counts it as zeros and divides by kernel); out[t] = sum over g of
+//             pooled_g(t) / group                                           (SnapKV's votes).
+// Column sums are doubles added in an order that depends on the shape only (not on the thread
+// count), so a backend returns the same result on every run.
+struct AttentionMassArgs {
+  const float* q = nullptr;  // [n * group, headDim], host memory, unscaled
+  int32_t n = 0;             // queries
+  int32_t group = 1;         // query heads of the kv head
+  int32_t headDim = 0;
+  DType kvType = DType::F32;
+  int64_t pageTokens = 0;
+  int64_t rowStride = 0;
+  KVHeadView kept;           // page pointers in backend memory
+  KVHeadView tail;           // page pointers in backend memory
+  int64_t after = 0;         // tail tokens after the last query
+  float scale = 1.0f;
+  int64_t columns = 0;       // tokens [0, columns) reported, columns <= kept.tokens + tail.tokens
+  MassPooling pooling = MassPooling::None;
+  int32_t kernel = 1;        // Max, Avg: odd pooling kernel
+  double* out = nullptr;     // [columns], host memory
+  int32_t threads = 0;       // 0 = every worker of the pool
+};
+
+// The contract of AttentionMassArgs, checked by every backend before it touches memory.
+inline Status checkAttentionMassArgs(const AttentionMassArgs& args) {
+  auto shape = [](const std::string& message) { return Status(ErrorCode::Shape, "attention mass: " + message); };
+  if (args.n < 0 || args.group < 1 || int64_t(args.n) * args.group > INT32_MAX) {
+    return shape("needs n >= 0, group >= 1 and n x group below 2^31, but received n=" + std::to_string(args.n) +
+                 ", group=" + std::to_string(args.group));
+  }
+  if (args.headDim < 1 || args.pageTokens < 1 || args.rowStride < args.headDim) {
+    return shape("needs headDim >= 1, pageTokens >= 1 and rowStride >= headDim, but received headDim=" +
+                 std::to_string(args.headDim) + ", pageTokens=" + std::to_string(args.pageTokens) +
+                 ", rowStride=" + std::to_string(args.rowStride));
+  }
+  if (args.kvType != DType::F32 && args.kvType != DType::F16 && args.kvType != DType::BF16) {
+    return Status(ErrorCode::Dtype, "attention mass: unknown kv dtype " + std::to_string(int(args.kvType)));
+  }
+  for (const KVHeadView* view : {&args.kept, &args.tail}) {
+    const char* which = view == &args.kept ? "kept" : "tail";
+    if (view->tokens < 0 || view->firstRow < 0 || view->firstRow > INT64_MAX / 2 - view->tokens) {
+      return shape(std::string(which) + " view needs tokens >= 0 and firstRow >= 0, but holds tokens=" +
+                   std::to_string(view->tokens) + ", firstRow=" + std::to_string(view->firstRow));
+    }
+    if (view->tokens == 0) continue;
+    if (view->keyPages == nullptr) return Status(ErrorCode::Internal, std::string("attention mass: null ") + which + " page table");
+    const int64_t last = (view->firstRow + view->tokens - 1) / args.pageTokens;
+    for (int64_t p = view->firstRow / args.pageTokens; p <= last; ++p) {
+      if (view->keyPages[p] == nullptr) {
+        return Status(ErrorCode::Internal, std::string("attention mass: ") + which + " key page " + std::to_string(p) + " is null");
+      }
+    }
+  }
+  if (args.after < 0 || args.after > args.tail.tokens - args.n) {
+    return shape("the n queries and the after tokens must lie in the tail, but received n=" + std::to_string(args.n) +
+                 ", after=" + std::to_string(args.after) + " with tail=" + std::to_string(args.tail.tokens));
+  }
+  if (args.columns < 0 || args.columns > args.kept.tokens + args.tail.tokens) {
+    return shape("columns must be in [0, kept + tail = " + std::to_string(args.kept.tokens + args.tail.tokens) +
+                 "], but received " + std::to_string(args.columns));
+  }
+  if (args.pooling != MassPooling::None && args.pooling != MassPooling::Max && args.pooling != MassPooling::Avg) {
+    return Status(ErrorCode::Option, "attention mass: unknown pooling " + std::to_string(int(args.pooling)));
+  }
+  if (args.pooling != MassPooling::None && (args.kernel < 1 || args.kernel % 2 == 0)) {
+    return Status(ErrorCode::Option, "attention mass: the pooling kernel must be odd and >= 1, but received " +
+                                         std::to_string(args.kernel));
+  }
+  if (!std::isfinite(args.scale)) return Status(ErrorCode::Value, "attention mass: scale must be finite");
+  if ((args.n > 0 && args.q == nullptr) || (args.columns > 0 && args.out == nullptr)) {
+    return Status(ErrorCode::Internal, "attention mass received a null query or output array");
+  }
+  return Status::ok();
+}
 
 }  // namespace kvslim

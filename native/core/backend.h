@@ -32,8 +32,11 @@ class Backend {
 
   // args.heads[*] page pointers are backend memory; q and out are host memory.
   virtual Status attention(const AttentionArgs& args) = 0;
-  // Scores for selection policies (SnapKV votes, H2O heavy hitters).
+  // Raw scores q.k * scale (the attentionScores op, the retrieval policy's flat scan).
   virtual Status attentionScores(const ScoresArgs& args) = 0;
+  // Per-token attention mass of one kv head's query rows (H2O accumulation, SnapKV pooled votes),
+  // computed where the pages live; only the [columns] result reaches args.out (host memory).
+  virtual Status attentionMass(const AttentionMassArgs& args) = 0;
   // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
   virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
 

@@ -24,9 +24,6 @@ class VectorOps {
   // out[p] = max over the query rows of sum_i max(q_i * lo_pi, q_i * hi_pi).
   virtual void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                         float* out) const = 0;
-  // In place: row[0, visible) becomes softmax(row) (logits in natural units), row[visible, total)
-  // zero. The attention probabilities of the selection policies (SnapKV votes, H2O mass).
-  virtual void softmaxRow(float* row, int64_t visible, int64_t total) const = 0;
 };
 
 // The host implementation (native/cpu/vector_ops.cc).

@@ -82,6 +82,7 @@ DecodePlan planDecode(int64_t maxTokens, int32_t kvHeads, int64_t rowGroups, int
 void attentionDecode(const AttentionArgs& args);
 void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
 void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
+void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of a kv head's query rows (selection)
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
 
 }  // namespace kvslim::cpu

@@ -47,6 +47,12 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
+  Status attentionMass(const AttentionMassArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkAttentionMassArgs(args));
+    cpu::attentionMass(args);
+    return Status::ok();
+  }
+
   Status kiviAttention(const KiviAttentionArgs& args) override {
     cpu::attentionKivi(args);
     return Status::ok();

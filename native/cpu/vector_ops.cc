@@ -24,9 +24,6 @@ class HostVectorOps final : public VectorOps {
                 float* out) const override {
     cpu::activeKernels().boxBound(queries, rows, dim, lo, hi, pages, out);
   }
-  void softmaxRow(float* row, int64_t visible, int64_t total) const override {
-    cpu::activeKernels().softmaxRow(row, visible, total);
-  }
 };
 
 }  // namespace

@@ -1,9 +1,9 @@
 // The CUDA backend: KV pages in GPU memory, attention by the kernels of attention_*.cu and
-// kivi_attention.cu. attention(), attentionScores() and kiviAttention() receive host queries and
-// host arrays of device page pointers; they upload both in one copy into a reusable device
-// workspace, launch decode or prefill (the CPU backend's split), the scores kernel or the KIVI
-// kernel, merge key splits, and copy the output (and the log-sum-exp rows when asked) back before
-// they return.
+// kivi_attention.cu. attention(), attentionScores(), attentionMass() and kiviAttention() receive
+// host queries and host arrays of device page pointers; they upload both in one copy into a
+// reusable device workspace, launch decode or prefill (the CPU backend's split), the scores
+// kernel, the attention mass kernels or the KIVI kernel, merge key splits, and copy the output
+// (and the log-sum-exp rows when asked) back before they return.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -20,6 +20,14 @@
 #include "kivi_kernels.cuh"
 
 namespace kvslim {
+
+namespace cuda {
+// attention_mass.cu: device scratch of one call, and its kernels enqueued on `stream` (the result
+// is the first args.columns doubles of the scratch).
+size_t attentionMassScratchBytes(const AttentionMassArgs& args);
+cudaError_t launchAttentionMass(const AttentionMassArgs& args, const ScoresKernelArgs& keptScores,
+                                const ScoresKernelArgs& tailScores, void* scratch, cudaStream_t stream);
+}  // namespace cuda
 
 namespace {
 
@@ -184,6 +192,40 @@ Status checkScoresArgs(const ScoresArgs& args) {
   return Status::ok();
 }
 
+// The attention mass contract (core/attention_args.h) and the limits of the kernels it runs.
+Status checkMassArgs(const AttentionMassArgs& args) {
+  KVSLIM_RETURN_IF_ERROR(checkAttentionMassArgs(args));
+  if (args.headDim > 1024) {
+    return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+  }
+  if (args.group > kMaxKvHeads) {
+    return Status(ErrorCode::Shape, "the CUDA backend supports at most " + std::to_string(kMaxKvHeads) +
+                                        " query heads per kv head, but received " + std::to_string(args.group));
+  }
+  KVSLIM_RETURN_IF_ERROR(checkHeadView(0, args.kept, args.pageTokens, false));
+  return checkHeadView(0, args.tail, args.pageTokens, false);
+}
+
+// The scores kernel's arguments for one checked head's keys; q, out and rows are the caller's.
+ScoresKernelArgs scoresKernelOf(const KVHeadView& head, int32_t headDim, DType kvType, int64_t pageTokens, int64_t rowStride,
+                                float scale) {
+  ScoresKernelArgs kernel;
+  kernel.headDim = headDim;
+  // As in attention: a head holds at most kMaxTokens tokens, and starts at row 0 of a clamped page.
+  kernel.pageTokens = int(std::min(pageTokens, kMaxTokens));
+  kernel.rowBytes = rowStride * int64_t(dtypeBytes(kvType));
+  kernel.kvType = kvType;
+  kernel.scale = scale;
+  const HeadPages pages = headPages(head, pageTokens);
+  kernel.head = HeadSpan{0, int(head.tokens), int(pages.firstRow)};
+  bool aligned = headDim % 8 == 0 && kernel.rowBytes % 16 == 0;
+  for (int64_t p = pages.first; p < pages.first + pages.count; ++p) {
+    aligned = aligned && reinterpret_cast<uintptr_t>(head.keyPages[p]) % 16 == 0;
+  }
+  kernel.vectorized = aligned;
+  return kernel;
+}
+
 // Pages of each KIVI head: key group records for its quantized keys, value token records for its
 // quantized values (page counts of a checked head; the per-page counts are >= 1 where used).
 int64_t kiviKeyPages(const KiviAttentionArgs& args, const KiviHeadView& head) {
@@ -300,6 +342,20 @@ struct ScoresLayout {
   static size_t outBytes(size_t rows, size_t tokens) { return rows * tokens * sizeof(float); }
 };
 
+// Byte offsets of an attention mass call inside the device workspace: the kept and tail key page
+// tables and the query rows (uploaded in one copy), then the scratch of launchAttentionMass.
+struct MassLayout {
+  size_t keptPages = 0, tailPages = 0, q = 0, uploadBytes = 0, scratch = 0, totalBytes = 0;
+
+  MassLayout(int64_t keptPageCount, int64_t tailPageCount, size_t rows, int32_t headDim, size_t scratchBytes) {
+    tailPages = alignUp(size_t(keptPageCount) * sizeof(void*));
+    q = tailPages + alignUp(size_t(tailPageCount) * sizeof(void*));
+    uploadBytes = q + rows * size_t(headDim) * sizeof(float);
+    scratch = alignUp(uploadBytes);
+    totalBytes = scratch + scratchBytes;
+  }
+};
+
 class CudaBackend final : public Backend {
  public:
   CudaBackend(cudaStream_t stream, int multiprocessors) : stream_(stream), multiprocessors_(multiprocessors) {}
@@ -399,21 +455,9 @@ class CudaBackend final : public Backend {
   Status attentionScores(const ScoresArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkScoresArgs(args));
     if (args.rows == 0 || args.head.tokens == 0) return Status::ok();  // no score to write
-    ScoresKernelArgs kernel;
+    ScoresKernelArgs kernel = scoresKernelOf(args.head, args.headDim, args.kvType, args.pageTokens, args.rowStride, args.scale);
     kernel.rows = args.rows;
-    kernel.headDim = args.headDim;
-    // As in attention: a head holds at most kMaxTokens tokens, and starts at row 0 of a clamped page.
-    kernel.pageTokens = int(std::min(args.pageTokens, kMaxTokens));
-    kernel.rowBytes = args.rowStride * int64_t(dtypeBytes(args.kvType));
-    kernel.kvType = args.kvType;
-    kernel.scale = args.scale;
     const HeadPages pages = headPages(args.head, args.pageTokens);
-    kernel.head = HeadSpan{0, int(args.head.tokens), int(pages.firstRow)};
-    bool aligned = args.headDim % 8 == 0 && kernel.rowBytes % 16 == 0;
-    for (int64_t p = pages.first; p < pages.first + pages.count; ++p) {
-      aligned = aligned && reinterpret_cast<uintptr_t>(args.head.keyPages[p]) % 16 == 0;
-    }
-    kernel.vectorized = aligned;
     const size_t rows = size_t(args.rows);
     const size_t tokens = size_t(args.head.tokens);
     const ScoresLayout layout(pages.count, rows, args.headDim, tokens);
@@ -435,6 +479,38 @@ class CudaBackend final : public Backend {
                                                       cudaMemcpyDeviceToHost, stream_),
                                       "attention scores (kernel or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention scores)");
+  }
+
+  Status attentionMass(const AttentionMassArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkMassArgs(args));
+    std::fill(args.out, args.out + args.columns, 0.0);
+    if (args.n == 0 || args.columns == 0) return Status::ok();  // no row gives mass
+    ScoresKernelArgs kept = scoresKernelOf(args.kept, args.headDim, args.kvType, args.pageTokens, args.rowStride, args.scale);
+    ScoresKernelArgs tail = scoresKernelOf(args.tail, args.headDim, args.kvType, args.pageTokens, args.rowStride, args.scale);
+    const HeadPages keptPages = headPages(args.kept, args.pageTokens);
+    const HeadPages tailPages = headPages(args.tail, args.pageTokens);
+    const MassLayout layout(keptPages.count, tailPages.count, size_t(args.n) * size_t(args.group), args.headDim,
+                            cuda::attentionMassScratchBytes(args));
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
+    stagePages(layout.keptPages, 0, args.kept.keyPages + keptPages.first, keptPages.count);
+    stagePages(layout.tailPages, 0, args.tail.keyPages + tailPages.first, tailPages.count);
+    std::memcpy(staging_.data() + layout.q, args.q, layout.uploadBytes - layout.q);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (attention mass inputs)"));
+    kept.keyPages = reinterpret_cast<const void* const*>(device + layout.keptPages);
+    tail.keyPages = reinterpret_cast<const void* const*>(device + layout.tailPages);
+    kept.q = tail.q = reinterpret_cast<const float*>(device + layout.q);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionMass(args, kept, tail, device + layout.scratch, stream_),
+                                      "attention mass launch"));
+    // Only the [columns] result comes back; a fault inside a kernel surfaces at this copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, device + layout.scratch, size_t(args.columns) * sizeof(double),
+                                                      cudaMemcpyDeviceToHost, stream_),
+                                      "attention mass (kernels or output copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention mass)");
   }
 
   Status kiviAttention(const KiviAttentionArgs& args) override {

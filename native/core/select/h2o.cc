@@ -22,25 +22,25 @@ class H2OPolicy final : public SelectPolicy {
         scores_(size_t(layers) * size_t(kvHeads)) {}
 
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool) override {
-    const int32_t group = context.qHeads / context.kvHeads;
-    // Query rows in blocks, so a long prefill never holds an n x T probability matrix.
-    constexpr int64_t kRowsPerBlock = 64;
-    std::vector<float> probs;
+    std::vector<double> mass;
     for (int32_t h = 0; h < kvHeads_; ++h) {
       HeadScores& scores = scores_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
       scores.tail.resize(size_t(context.store.tailTokens(layer, h)), 0.0);
-      if (q != nullptr) {
-        const int64_t kept = context.store.keptTokens(layer, h);
-        for (int64_t first = 0; first < n; first += kRowsPerBlock) {
-          const int64_t rows = std::min(kRowsPerBlock, n - first);
-          KVSLIM_RETURN_IF_ERROR(probabilitiesOf(context, layer, h, q, n, first, rows, &probs));
-          const int64_t tokens = kept + int64_t(scores.tail.size());
-          for (int64_t r = 0; r < rows * group; ++r) {
-            const float* row = probs.data() + size_t(r) * size_t(tokens);
-            for (int64_t j = 0; j < kept; ++j) scores.kept[size_t(j)] += row[j];
-            for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += row[size_t(kept) + j];
-          }
-        }
+      if (int64_t(scores.kept.size()) != context.store.keptTokens(layer, h)) {
+        return Status(ErrorCode::Internal, "h2o: the scores of kv head " + std::to_string(h) + " do not match its kept tokens");
+      }
+      if (q != nullptr && n > 0) {
+        // The call's rows summed per token by the backend: no rows x tokens matrix, however long the prefill.
+        const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
+        AttentionMassArgs args;
+        KVSLIM_RETURN_IF_ERROR(headMassArgs(context, layer, h, rows.data(), n, 0, &args));
+        const size_t kept = scores.kept.size();
+        mass.resize(kept + scores.tail.size());
+        args.columns = int64_t(mass.size());
+        args.out = mass.data();
+        KVSLIM_RETURN_IF_ERROR(context.backend.attentionMass(args));
+        for (size_t j = 0; j < kept; ++j) scores.kept[j] += mass[j];
+        for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += mass[kept + j];
       }
       KVSLIM_RETURN_IF_ERROR(evict(context.store, layer, h, &scores));
     }
@@ -102,13 +102,6 @@ class H2OPolicy final : public SelectPolicy {
     std::vector<double> kept;  // per kept slot
     std::deque<double> tail;   // per tail token, oldest first
   };
-
-  // Probabilities of query rows [first, first + rows) of the call's n queries.
-  static Status probabilitiesOf(SelectContext& context, int32_t layer, int32_t h, const float* q, int64_t n,
-                                int64_t first, int64_t rows, std::vector<float>* probs) {
-    const float* block = q + size_t(first) * size_t(context.qHeads) * size_t(context.headDim);
-    return headProbabilities(context, layer, h, block, rows, n - (first + rows), probs);
-  }
 
   Status evict(PagedStore& store, int32_t layer, int32_t h, HeadScores* scores) {
     while (store.tailTokens(layer, h) > recent_) {

@@ -5,8 +5,6 @@
 #include <string>
 #include <utility>
 
-#include "../vector_ops.h"
-
 namespace kvslim {
 
 namespace {
@@ -138,42 +136,26 @@ Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, 
   return Status::ok();
 }
 
-Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, const float* q, int64_t n, int64_t after,
-                         std::vector<float>* probs) {
+Status headMassArgs(const SelectContext& context, int32_t layer, int32_t head, const float* rows, int64_t n, int64_t after,
+                    AttentionMassArgs* args) {
   const PagedStore& store = context.store;
   const int32_t group = context.qHeads / context.kvHeads;
-  const int32_t dim = context.headDim;
-  const int64_t kept = store.keptTokens(layer, head), tail = store.tailTokens(layer, head);
-  const int64_t tokens = kept + tail;
-  const int64_t rows = n * group;
-  const std::vector<float> queries = groupRows(q, n, context.qHeads, context.kvHeads, head, dim);
-  probs->assign(size_t(rows) * size_t(tokens), 0.0f);
-  std::vector<float> scores;
-  for (const bool keptPart : {true, false}) {
-    const int64_t count = keptPart ? kept : tail;
-    if (count == 0) continue;
-    ScoresArgs args;
-    args.q = queries.data();
-    args.rows = int32_t(rows);
-    args.headDim = dim;
-    args.kvType = store.shape().storeType;
-    args.pageTokens = store.shape().pageTokens;
-    args.rowStride = dim;
-    args.head = keptPart ? store.keptView(layer, head) : store.tailView(layer, head);
-    args.scale = context.scale;
-    args.threads = context.threads;
-    scores.resize(size_t(rows) * size_t(count));
-    args.out = scores.data();
-    KVSLIM_RETURN_IF_ERROR(context.backend.attentionScores(args));
-    const int64_t offset = keptPart ? 0 : kept;
-    for (int64_t r = 0; r < rows; ++r)
-      std::copy(scores.begin() + r * count, scores.begin() + (r + 1) * count, probs->begin() + r * tokens + offset);
+  if (n < 0 || n > INT32_MAX / group) {
+    return Status(ErrorCode::Shape, "a selection policy needs n x group below 2^31 query rows, but received n=" + std::to_string(n));
   }
-  // Causal softmax per row: query i sees every kept token and tail tokens up to tail - after - n + i.
-  for (int64_t r = 0; r < rows; ++r) {
-    const int64_t visible = kept + (tail - after - n + r / group) + 1;
-    hostVectorOps().softmaxRow(probs->data() + size_t(r) * size_t(tokens), visible, tokens);
-  }
+  *args = AttentionMassArgs();
+  args->q = rows;
+  args->n = int32_t(n);
+  args->group = group;
+  args->headDim = context.headDim;
+  args->kvType = store.shape().storeType;
+  args->pageTokens = store.shape().pageTokens;
+  args->rowStride = context.headDim;
+  args->kept = store.keptView(layer, head);
+  args->tail = store.tailView(layer, head);
+  args->after = after;
+  args->scale = context.scale;
+  args->threads = context.threads;
   return Status::ok();
 }
 

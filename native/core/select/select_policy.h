@@ -130,10 +130,10 @@ Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t fi
 // (tail tokens at positions below `sink` become kept sinks instead of being evicted).
 Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, int64_t keep);
 
-// Attention probabilities of query rows of one kv head over its kept then tail tokens, in fp32:
-// rows are (position i of the n queries, group member g); query i is the tail token
-// tail - after - n + i, sees every kept token and the tail causally. probs: [n * group, kept + tail].
-Status headProbabilities(SelectContext& context, int32_t layer, int32_t head, const float* q, int64_t n, int64_t after,
-                         std::vector<float>* probs);
+// The attention mass op (Backend::attentionMass) over one kv head's kept then tail tokens for
+// query rows built by groupRows() ([n * group, headDim]); query i is the tail token
+// tail - after - n + i. The caller sets columns, pooling, kernel and out.
+Status headMassArgs(const SelectContext& context, int32_t layer, int32_t head, const float* rows, int64_t n, int64_t after,
+                    AttentionMassArgs* args);
 
 }  // namespace kvslim

@@ -7,6 +7,8 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <string>
+#include <vector>
 
 #include "select_policy.h"
 
@@ -28,28 +30,35 @@ class SnapKVPolicy final : public SelectPolicy {
     const int64_t prefix = length - window;
     const int64_t keepPrefix = prefixBudget(context.layers, layer, length, window);
     if (keepPrefix >= prefix) return Status::ok();  // the prompt fits: keep everything
-    const int32_t group = context.qHeads / context.kvHeads;
     const float* windowQueries = q + size_t(n - window) * size_t(context.qHeads) * size_t(context.headDim);
-    std::vector<float> probs;
+    std::vector<double> score(static_cast<size_t>(prefix));
+    std::vector<int64_t> order(static_cast<size_t>(prefix));
     for (int32_t h = 0; h < context.kvHeads; ++h) {
-      KVSLIM_RETURN_IF_ERROR(headProbabilities(context, layer, h, windowQueries, window, 0, &probs));
-      // Votes per query head over the prefix, pooled, then averaged over the group.
-      std::vector<double> score(static_cast<size_t>(prefix), 0.0), votes(static_cast<size_t>(prefix));
-      for (int32_t g = 0; g < group; ++g) {
-        std::fill(votes.begin(), votes.end(), 0.0);
-        for (int64_t i = 0; i < window; ++i) {
-          const float* row = probs.data() + size_t(i * group + g) * size_t(length);
-          for (int64_t j = 0; j < prefix; ++j) votes[size_t(j)] += row[j];
-        }
-        const std::vector<double> pooled = pool(votes);
-        for (int64_t j = 0; j < prefix; ++j) score[size_t(j)] += pooled[size_t(j)] / group;
+      // Votes index tail tokens: every head must still hold the whole prompt.
+      if (context.store.keptTokens(layer, h) != 0 || context.store.tailTokens(layer, h) != length) {
+        return Status(ErrorCode::Internal, "snapkv: kv head " + std::to_string(h) + " lost tokens before its selection");
       }
-      std::vector<int64_t> order(static_cast<size_t>(prefix));
+    }
+    for (int32_t h = 0; h < context.kvHeads; ++h) {
+      // The backend's votes per query head over the prefix, pooled, averaged over the group.
+      const std::vector<float> rows = groupRows(windowQueries, window, context.qHeads, context.kvHeads, h, context.headDim);
+      AttentionMassArgs args;
+      KVSLIM_RETURN_IF_ERROR(headMassArgs(context, layer, h, rows.data(), window, 0, &args));
+      args.columns = prefix;
+      args.pooling = config_.pooling == Pooling::Max ? MassPooling::Max : MassPooling::Avg;
+      args.kernel = config_.kernel;
+      args.out = score.data();
+      KVSLIM_RETURN_IF_ERROR(context.backend.attentionMass(args));
+      // Top keepPrefix: higher score first, ties the lower index (a NaN score ranks last).
+      for (double& value : score) value = std::isnan(value) ? -INFINITY : value;
       std::iota(order.begin(), order.end(), 0);
-      std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return score[size_t(a)] > score[size_t(b)]; });
-      order.resize(size_t(keepPrefix));
-      std::sort(order.begin(), order.end());
-      KVSLIM_RETURN_IF_ERROR(context.store.keepTailRows(layer, h, order));
+      const auto before = [&](int64_t a, int64_t b) {
+        return score[size_t(a)] > score[size_t(b)] || (score[size_t(a)] == score[size_t(b)] && a < b);
+      };
+      std::nth_element(order.begin(), order.begin() + keepPrefix, order.end(), before);
+      std::vector<int64_t> chosen(order.begin(), order.begin() + keepPrefix);
+      std::sort(chosen.begin(), chosen.end());
+      KVSLIM_RETURN_IF_ERROR(context.store.keepTailRows(layer, h, chosen));
       context.store.dropTailFront(layer, h, prefix);
     }
     return Status::ok();
@@ -83,21 +92,6 @@ class SnapKVPolicy final : public SelectPolicy {
     }
     if (!(double(length) >= high && high >= low && low >= double(window))) return int64_t(mean);
     return int64_t(high - double(layer) * (high - low) / double(layers - 1));
-  }
-
-  // Stride-1 pooling with padding kernel / 2: max ignores the padding, avg counts it as zeros.
-  std::vector<double> pool(const std::vector<double>& votes) const {
-    const int64_t size = int64_t(votes.size()), half = config_.kernel / 2;
-    std::vector<double> out(votes.size());
-    for (int64_t j = 0; j < size; ++j) {
-      const int64_t begin = std::max<int64_t>(0, j - half), end = std::min(size, j + half + 1);
-      double value = config_.pooling == Pooling::Max ? -INFINITY : 0.0;
-      for (int64_t t = begin; t < end; ++t) {
-        value = config_.pooling == Pooling::Max ? std::max(value, votes[size_t(t)]) : value + votes[size_t(t)];
-      }
-      out[size_t(j)] = config_.pooling == Pooling::Max ? value : value / double(config_.kernel);
-    }
-    return out;
   }
 
   SelectConfig config_;

@@ -1,0 +1,132 @@
+// Attention mass driver (AttentionMassArgs, core/attention_args.h): the rows of one kv head in
+// tiles of kMaxDecodeRows. A tile's scores come from the SIMD score kernel (as attentionScores),
+// each row's causal softmax from the SIMD softmaxRow, and the probabilities go into double column
+// sums. Tiles are dealt round-robin to a number of slices fixed by the shape alone; a slice adds
+// its tiles in order into its own accumulator and the slices are added in slice order, so the
+// result is the same whatever the thread count and whichever thread ran which slice. Memory:
+// kMaxDecodeRows x tokens floats per thread and at most kAccumulatorBudget doubles of slices.
+#include <algorithm>
+#include <cmath>
+#include <vector>
+
+#include "attention_plan.h"
+#include "simd_level.h"
+#include "thread_pool.h"
+
+namespace kvslim::cpu {
+
+namespace {
+
+constexpr int64_t kMaxSlices = 64;
+// Doubles the slice accumulators hold together (32 MiB); a wider result gets fewer slices.
+constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;
+
+// Scores (q pre-scaled) of `rows` tile rows against tokens [0, count) of one view, row r at
+// out + r * outStride.
+void scoreView(const KernelTable& kernels, const AttentionMassArgs& args, const KVHeadView& view, const float* q,
+               int32_t rows, int64_t count, float* out, int64_t outStride) {
+  if (count <= 0) return;
+  ScoreRange range;
+  range.q = q;
+  range.rows = rows;
+  range.headDim = args.headDim;
+  range.kvType = args.kvType;
+  range.keyPages = view.keyPages;
+  range.pageTokens = args.pageTokens;
+  range.rowStride = args.rowStride;
+  range.rowBegin = view.firstRow;
+  range.rowEnd = view.firstRow + count;
+  range.out = out;
+  range.outStride = outStride;
+  kernels.scoreRange(range);
+}
+
+// Stride-1 pooling over [0, size) with padding kernel / 2: max ignores the padding, avg counts it
+// as zeros (SnapKV; the CUDA backend pools in the same order).
+double pooledAt(const double* votes, int64_t size, int64_t j, int32_t kernel, MassPooling pooling) {
+  const int64_t half = kernel / 2;
+  const int64_t begin = std::max<int64_t>(0, j - half), end = std::min(size, j + half + 1);
+  if (pooling == MassPooling::Max) {
+    double value = -INFINITY;
+    for (int64_t t = begin; t < end; ++t) value = std::max(value, votes[t]);
+    return value;
+  }
+  double value = 0.0;
+  for (int64_t t = begin; t < end; ++t) value += votes[t];
+  return value / double(kernel);
+}
+
+}  // namespace
+
+void attentionMass(const AttentionMassArgs& args) {
+  const int64_t columns = args.columns;
+  std::fill(args.out, args.out + columns, 0.0);
+  if (args.n == 0 || columns == 0) return;
+  const KernelTable& kernels = activeKernels();
+  ThreadPool& pool = globalPool();
+  const int32_t dim = args.headDim, group = args.group;
+  const int64_t rows = int64_t(args.n) * group;
+  const int64_t kept = args.kept.tokens, tail = args.tail.tokens, tokens = kept + tail;
+  // Tail tokens query 0 sees; query i sees i more.
+  const int64_t firstSeen = tail - args.after - args.n + 1;
+  const bool perMember = args.pooling != MassPooling::None;
+  const int64_t width = (perMember ? group : 1) * columns;
+  const int64_t tiles = (rows + kMaxDecodeRows - 1) / kMaxDecodeRows;
+  const int64_t slices = std::max<int64_t>(1, std::min({tiles, kMaxSlices, kAccumulatorBudget / width}));
+
+  std::vector<double> sums(size_t(slices) * size_t(width), 0.0);
+  const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
+  const int32_t threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, slices)));
+  // Per thread, allocated here: a worker must not throw (std::bad_alloc reaches the caller from here).
+  struct Scratch {
+    std::vector<float> q;      // [kMaxDecodeRows, headDim]: the tile's rows, scaled
+    std::vector<float> probs;  // [kMaxDecodeRows, tokens]
+  };
+  std::vector<Scratch> scratch(static_cast<size_t>(threads));
+  for (Scratch& buffers : scratch) {
+    buffers.q.resize(size_t(kMaxDecodeRows) * size_t(dim));
+    buffers.probs.resize(size_t(kMaxDecodeRows) * size_t(tokens));
+  }
+
+  pool.parallelFor(slices, threads, [&](int64_t slice, int32_t worker) {
+    std::vector<float>& q = scratch[size_t(worker)].q;
+    std::vector<float>& probs = scratch[size_t(worker)].probs;
+    double* sum = sums.data() + size_t(slice) * size_t(width);
+    for (int64_t tile = slice; tile < tiles; tile += slices) {
+      const int64_t first = tile * kMaxDecodeRows;
+      const int32_t count = int32_t(std::min<int64_t>(kMaxDecodeRows, rows - first));
+      const float* from = args.q + size_t(first) * size_t(dim);
+      for (size_t i = 0; i < size_t(count) * size_t(dim); ++i) q[i] = from[i] * args.scale;
+      // Tail scores up to what the tile's last (latest) query sees.
+      const int64_t tileSeen = firstSeen + (first + count - 1) / group;
+      scoreView(kernels, args, args.kept, q.data(), count, kept, probs.data(), tokens);
+      scoreView(kernels, args, args.tail, q.data(), count, tileSeen, probs.data() + kept, tokens);
+      for (int32_t r = 0; r < count; ++r) {
+        const int64_t row = first + r;
+        const int64_t visible = kept + firstSeen + row / group;
+        float* p = probs.data() + size_t(r) * size_t(tokens);
+        kernels.softmaxRow(p, visible, visible);
+        double* into = sum + (perMember ? size_t(row % group) * size_t(columns) : 0);
+        const int64_t end = std::min(visible, columns);
+        for (int64_t t = 0; t < end; ++t) into[t] += double(p[t]);
+      }
+    }
+  });
+
+  // Slices in slice order; then (SnapKV) each member's votes pooled and averaged over the group.
+  std::vector<double> total(size_t(width), 0.0);
+  for (int64_t s = 0; s < slices; ++s) {
+    const double* part = sums.data() + size_t(s) * size_t(width);
+    for (int64_t t = 0; t < width; ++t) total[size_t(t)] += part[t];
+  }
+  if (!perMember) {
+    std::copy(total.begin(), total.end(), args.out);
+    return;
+  }
+  for (int32_t g = 0; g < group; ++g) {
+    const double* votes = total.data() + size_t(g) * size_t(columns);
+    for (int64_t j = 0; j < columns; ++j) args.out[j] += pooledAt(votes, columns, j, args.kernel, args.pooling) / group;
+  }
+}
+
+}  // namespace kvslim::cpu
