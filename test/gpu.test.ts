@@ -8,6 +8,7 @@ import { ATTENTION_CASES, compareAttention, label } from './helpers/attention-ca
 import { Random, relativeL2, rows } from './helpers/random.js';
 import { type Heads, LayerMirror, randomTokens, sliceTokens } from './helpers/tokens.js';
 import { roundTo } from './reference/half.js';
+import { groupRows, pageBound } from './reference/loading.js';
 
 // GPU kernels also compute in f32 (in a different order, possibly with fast exp2): the same bound
 // as the CPU against the reference, and the same between the two devices.
@@ -282,12 +283,11 @@ describe.runIf(onGpu)('CUDA: attention mass selection on long prompts keeps what
 
 describe.runIf(onGpu)('CUDA: loading policies load what the CPU loads', () => {
   // The flat scan (attentionScores) and the static + gathered attention (row-pointer views) run on
-  // the GPU; quest bounds and the graph search run on the host for both.
+  // the GPU; the graph search runs on the host for both. (Quest: the next describe.)
   const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
   const selects = [
     { kind: 'retrieval', index: 'flat', topK: 12, sink: 4, window: 16 },
     { kind: 'retrieval', index: 'graph', topK: 12, sink: 4, window: 16 },
-    { kind: 'quest', pages: 3, pageSize: 8, sink: 4, window: 16 },
   ] as const;
   for (const [index, select] of selects.entries()) {
     it(`${select.kind} ${'index' in select ? select.index : ''}`, () => {
@@ -308,6 +308,98 @@ describe.runIf(onGpu)('CUDA: loading policies load what the CPU loads', () => {
           expect(Array.from(gpu.loadedPositions(0, kvHead))).toEqual(Array.from(cpu.loadedPositions(0, kvHead)));
         }
       }
+    });
+  }
+});
+
+// Quest's boxes and bounds on the GPU (native/cuda/page_bounds.cu) against the CPU's
+// (native/cpu/page_bounds.cc). The boxes are min / max of the same stored keys (the same bits);
+// the bounds sum the channels in another order, so the loaded pages may differ only where float64
+// bounds are a near tie with the last page chosen (then the outputs differ too and are not compared).
+// Long prompts box hundreds of pages in one call, appends grow the boxes' allocation, and a fork
+// copies them on the device before its first write.
+describe.runIf(onGpu)('CUDA: quest boxes and bounds on the GPU load what the CPU loads', () => {
+  const NEAR_TIE = 1e-5;
+  const cases = [
+    { name: 'f32, 8q/2kv/64, pages of 8, prompt 300', heads: { qHeads: 8, kvHeads: 2, headDim: 64 }, store: 'f32', pageTokens: 8,
+      select: { kind: 'quest', pages: 3, pageSize: 8, sink: 4, window: 16 }, prompt: 300, append: 50 },
+    { name: 'f16, 32q/8kv/128, pages of 16, prompt 5000', heads: { qHeads: 32, kvHeads: 8, headDim: 128 }, store: 'f16', pageTokens: 64,
+      select: { kind: 'quest', pages: 16, pageSize: 16, sink: 4, window: 64 }, prompt: 5000, append: 600 },
+    { name: 'bf16, 8q/2kv/72 (no 16-byte rows), pages of 5 across store pages of 16, prompt 1500', heads: { qHeads: 8, kvHeads: 2, headDim: 72 },
+      store: 'bf16', pageTokens: 16, select: { kind: 'quest', pages: 6, pageSize: 5, sink: 2, window: 16 }, prompt: 1500, append: 300 },
+    { name: 'f16, 6q/3kv/40, pages of 1, prompt 600', heads: { qHeads: 6, kvHeads: 3, headDim: 40 }, store: 'f16', pageTokens: 8,
+      select: { kind: 'quest', pages: 40, pageSize: 1, sink: 1, window: 8 }, prompt: 600, append: 100 },
+  ] as const;
+
+  for (const [index, c] of cases.entries()) {
+    it(c.name, () => {
+      const random = new Random(67_000 + index);
+      const { qHeads, kvHeads, headDim } = c.heads;
+      const { sink, window, pageSize } = c.select;
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({ layers: 1, ...c.heads, device, pageTokens: c.pageTokens, policy: { select: c.select, store: { kind: c.store } } });
+        open.push(cache);
+        return cache;
+      };
+      /** A GPU cache, its CPU twin, and the keys both store ([kvHead][token], rounded to the store dtype). */
+      const pair = (gpu: KVCache, cpu: KVCache, keys: number[][][]) => ({ gpu, cpu, keys });
+      const keep = (keys: number[][][], k: Float32Array, n: number) => {
+        const stored = roundTo(k, c.store);
+        for (let t = 0; t < n; t++) {
+          for (let h = 0; h < kvHeads; h++) keys[h].push(Array.from(stored.subarray((t * kvHeads + h) * headDim, (t * kvHeads + h + 1) * headDim)));
+        }
+      };
+      const pagesOf = (loaded: number[]) =>
+        [...new Set(loaded.slice(sink, loaded.length - window).map((t) => Math.floor((t - sink) / pageSize)))];
+      const step = (p: ReturnType<typeof pair>, where: string) => {
+        const token = randomTokens(random, c.heads, 1);
+        keep(p.keys, token.k, 1);
+        const gpuOut = p.gpu.step(0, token.q, token.k, token.v);
+        const cpuOut = p.cpu.step(0, token.q, token.k, token.v);
+        let same = true;
+        for (let h = 0; h < kvHeads; h++) {
+          const gpuPages = pagesOf(Array.from(p.gpu.loadedPositions(0, h)));
+          const cpuPages = pagesOf(Array.from(p.cpu.loadedPositions(0, h)));
+          if (gpuPages.join() === cpuPages.join()) continue;
+          same = false;
+          expect(gpuPages.length, `${where} kv head ${h}`).toBe(cpuPages.length);
+          const T = p.keys[h].length, dynamic = T - sink - window;
+          const rowsF64 = groupRows(token.q, 1, qHeads, kvHeads, h, headDim);
+          const bound = (page: number) => {
+            const members = [];
+            for (let t = sink + page * pageSize; t < sink + Math.min(dynamic, (page + 1) * pageSize); t++) members.push(p.keys[h][t]);
+            return pageBound(rowsF64, members);
+          };
+          const threshold = Math.min(...cpuPages.map(bound));
+          const gpuSet = new Set(gpuPages), cpuSet = new Set(cpuPages);
+          for (const page of [...gpuPages.filter((x) => !cpuSet.has(x)), ...cpuPages.filter((x) => !gpuSet.has(x))]) {
+            expect(Math.abs(bound(page) - threshold), `${where} kv head ${h}: page ${page} is no near tie`).toBeLessThanOrEqual(NEAR_TIE * Math.abs(threshold));
+          }
+        }
+        if (same) expect(relativeL2(gpuOut, cpuOut), where).toBeLessThanOrEqual(TOLERANCE);
+      };
+
+      const main = pair(make('cuda'), make('cpu'), Array.from({ length: kvHeads }, () => []));
+      const prompt = randomTokens(random, c.heads, c.prompt);
+      keep(main.keys, prompt.k, c.prompt);
+      expect(relativeL2(main.gpu.prefill(0, prompt.q, prompt.k, prompt.v), main.cpu.prefill(0, prompt.q, prompt.k, prompt.v))).toBeLessThanOrEqual(TOLERANCE);
+      for (let t = 0; t < 10; t++) step(main, `step ${t}`);
+      expect(main.gpu.stats().bytes.index).toBe(main.cpu.stats().bytes.index);
+      // Many tokens leave the window at the next call: the boxes' allocation grows.
+      const more = randomTokens(random, c.heads, c.append);
+      keep(main.keys, more.k, c.append);
+      main.gpu.append(0, more.k, more.v);
+      main.cpu.append(0, more.k, more.v);
+      for (let t = 0; t < 10; t++) step(main, `after append, step ${t}`);
+      // Fork both: the fork's first decode call copies the boxes on the device; the sides diverge.
+      const forkGpu = main.gpu.fork(), forkCpu = main.cpu.fork();
+      open.push(forkGpu, forkCpu);
+      const fork = pair(forkGpu, forkCpu, main.keys.map((head) => head.slice()));
+      for (let t = 0; t < window + 10; t++) {
+        step(fork, `fork step ${t}`);
+        step(main, `parent step ${t}`);
+      }
+      expect(fork.gpu.stats().bytes.index).toBe(fork.cpu.stats().bytes.index);
     });
   }
 });

@@ -572,8 +572,3 @@ describe('errors', () => {
     );
   });
 });
-
-function tensors(random: Random, n: number): [Float32Array, Float32Array, Float32Array] {
-  const t = randomTokens(random, GQA, n);
-  return [t.q, t.k, t.v];
-}

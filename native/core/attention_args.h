@@ -151,4 +151,88 @@ inline Status checkAttentionMassArgs(const AttentionMassArgs& args) {
   return Status::ok();
 }
 
+// Quest's page boxes of one kv head (methods/retrieval-attention.md, Baselines), built where the
+// keys live. The dynamic part is cut into Quest pages of `pageSize` tokens counted from its start;
+// page p holds in lo[p] / hi[p] the per-channel minimum / maximum of its keys. The call boxes the
+// dynamic tokens [first, first + keys.tokens), whose keys are the view `keys` (view token j is
+// dynamic token first + j):
+// - the page holding `first`, when `first` does not start it, already holds the boxes of its
+//   earlier tokens and is extended (min / max with them);
+// - every later page is written from the keys alone, so a call that failed can be repeated;
+// - the last page may stay partial (a later call extends it).
+// lo and hi ([ceil((first + keys.tokens) / pageSize), headDim] f32 each) are backend memory; the
+// rule per channel is lo = min(lo, key), hi = max(hi, key) as std::min / std::max (PageBoxes).
+struct PageBoxesArgs {
+  int32_t headDim = 0;
+  DType kvType = DType::F32;  // store dtype of the key pages
+  int64_t pageTokens = 0;     // rows per store page
+  int64_t rowStride = 0;      // elements between consecutive rows of a store page
+  KVHeadView keys;            // key pages in backend memory (valuePages unused)
+  int64_t first = 0;          // dynamic tokens boxed before this call
+  int64_t pageSize = 0;       // tokens per Quest page
+  float* lo = nullptr;        // backend memory
+  float* hi = nullptr;        // backend memory
+  int32_t threads = 0;        // 0 = every worker of the pool
+};
+
+// Quest's page upper bounds of one kv head: out[p] = max over the query rows of
+// sum_i max(q_i * lo_pi, q_i * hi_pi) (-inf without rows), the rule of PageBoxes::bounds. The CPU
+// backend runs PageBoxes' kernel (VectorOps::boxBound), so both give the same bits; other
+// backends sum the channels in their own order.
+struct PageBoundsArgs {
+  const float* q = nullptr;   // [rows, headDim], host memory, unscaled
+  int32_t rows = 0;
+  int32_t headDim = 0;
+  const float* lo = nullptr;  // [pages, headDim], backend memory
+  const float* hi = nullptr;  // [pages, headDim], backend memory
+  int64_t pages = 0;
+  float* out = nullptr;       // [pages], host memory
+  int32_t threads = 0;        // 0 = every worker of the pool
+};
+
+// The contract of PageBoxesArgs, checked by every backend before it touches memory.
+inline Status checkPageBoxesArgs(const PageBoxesArgs& args) {
+  auto shape = [](const std::string& message) { return Status(ErrorCode::Shape, "page boxes: " + message); };
+  if (args.headDim < 1 || args.pageTokens < 1 || args.rowStride < args.headDim || args.pageSize < 1) {
+    return shape("needs headDim >= 1, pageTokens >= 1, rowStride >= headDim and pageSize >= 1, but received headDim=" +
+                 std::to_string(args.headDim) + ", pageTokens=" + std::to_string(args.pageTokens) +
+                 ", rowStride=" + std::to_string(args.rowStride) + ", pageSize=" + std::to_string(args.pageSize));
+  }
+  if (args.kvType != DType::F32 && args.kvType != DType::F16 && args.kvType != DType::BF16) {
+    return Status(ErrorCode::Dtype, "page boxes: unknown kv dtype " + std::to_string(int(args.kvType)));
+  }
+  const KVHeadView& view = args.keys;
+  // Bounded so that token and element indices (pages x headDim floats) cannot overflow.
+  constexpr int64_t kLimit = int64_t(1) << 40;
+  if (view.tokens < 0 || view.firstRow < 0 || args.first < 0 || view.tokens > kLimit || view.firstRow > kLimit ||
+      args.first > kLimit || (args.first + view.tokens) / args.pageSize + 1 > kLimit / args.headDim) {
+    return shape("needs tokens, firstRow and first in [0, 2^40] and the boxes below 2^40 floats, but received tokens=" +
+                 std::to_string(view.tokens) + ", firstRow=" + std::to_string(view.firstRow) +
+                 ", first=" + std::to_string(args.first));
+  }
+  if (view.tokens == 0) return Status::ok();
+  if (view.keyPages == nullptr || args.lo == nullptr || args.hi == nullptr) {
+    return Status(ErrorCode::Internal, "page boxes received a null page table or box array");
+  }
+  const int64_t last = (view.firstRow + view.tokens - 1) / args.pageTokens;
+  for (int64_t p = view.firstRow / args.pageTokens; p <= last; ++p) {
+    if (view.keyPages[p] == nullptr) return Status(ErrorCode::Internal, "page boxes: key page " + std::to_string(p) + " is null");
+  }
+  return Status::ok();
+}
+
+// The contract of PageBoundsArgs, checked by every backend before it touches memory.
+inline Status checkPageBoundsArgs(const PageBoundsArgs& args) {
+  constexpr int64_t kLimit = int64_t(1) << 40;
+  if (args.rows < 0 || args.headDim < 1 || args.pages < 0 || args.pages > kLimit / args.headDim) {
+    return Status(ErrorCode::Shape, "page bounds: needs rows >= 0, headDim >= 1 and pages x headDim in [0, 2^40], but received rows=" +
+                                        std::to_string(args.rows) + ", headDim=" + std::to_string(args.headDim) +
+                                        ", pages=" + std::to_string(args.pages));
+  }
+  if (args.pages > 0 && (args.lo == nullptr || args.hi == nullptr || args.out == nullptr || (args.rows > 0 && args.q == nullptr))) {
+    return Status(ErrorCode::Internal, "page bounds received a null query, box or output array");
+  }
+  return Status::ok();
+}
+
 }  // namespace kvslim

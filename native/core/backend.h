@@ -39,6 +39,12 @@ class Backend {
   virtual Status attentionMass(const AttentionMassArgs& args) = 0;
   // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
   virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
+  // Quest's page boxes of one kv head, extended from the keys in the backend's pages into
+  // lo / hi in backend memory (the quest policy; no key reaches host memory).
+  virtual Status pageBoxes(const PageBoxesArgs& args) = 0;
+  // Quest's page upper bounds of one kv head's query rows against its boxes; only the [pages]
+  // bounds reach args.out (host memory).
+  virtual Status pageBounds(const PageBoundsArgs& args) = 0;
 
   // Host-side work of the policies (index searches per kv head) on the host threads this backend
   // computes with: task(i) for i in [0, tasks), at most `threads` at once (0 = all). A task may

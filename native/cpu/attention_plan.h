@@ -83,6 +83,9 @@ void attentionDecode(const AttentionArgs& args);
 void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
 void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
 void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of a kv head's query rows (selection)
+// Quest (page_bounds.cc), for checked args: boxes extended from key pages; bounds by the boxBound kernel.
+Status pageBoxes(const PageBoxesArgs& args);
+Status pageBounds(const PageBoundsArgs& args);
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
 
 }  // namespace kvslim::cpu

@@ -58,6 +58,16 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
+  Status pageBoxes(const PageBoxesArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(args));
+    return cpu::pageBoxes(args);
+  }
+
+  Status pageBounds(const PageBoundsArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkPageBoundsArgs(args));
+    return cpu::pageBounds(args);
+  }
+
   void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) override {
     cpu::globalPool().parallelFor(tasks, threads, [&task](int64_t index, int32_t) { task(index); });
   }

@@ -3,7 +3,9 @@
 // host queries and host arrays of device page pointers; they upload both in one copy into a
 // reusable device workspace, launch decode or prefill (the CPU backend's split), the scores
 // kernel, the attention mass kernels or the KIVI kernel, merge key splits, and copy the output
-// (and the log-sum-exp rows when asked) back before they return.
+// (and the log-sum-exp rows when asked) back before they return. pageBoxes() and pageBounds()
+// (Quest, page_bounds.cu) do the same with a page table or query rows, and keep the boxes in
+// device memory the quest policy allocated.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -27,6 +29,10 @@ namespace cuda {
 size_t attentionMassScratchBytes(const AttentionMassArgs& args);
 cudaError_t launchAttentionMass(const AttentionMassArgs& args, const ScoresKernelArgs& keptScores,
                                 const ScoresKernelArgs& tailScores, void* scratch, cudaStream_t stream);
+// page_bounds.cu: Quest's boxes (keyPages: the view's page table from its first page, on the
+// device) and bounds (q and out: device copies), enqueued on `stream`.
+cudaError_t launchPageBoxes(const PageBoxesArgs& args, const void* const* keyPages, cudaStream_t stream);
+cudaError_t launchPageBounds(const PageBoundsArgs& args, const float* q, float* out, cudaStream_t stream);
 }  // namespace cuda
 
 namespace {
@@ -511,6 +517,53 @@ class CudaBackend final : public Backend {
                                                       cudaMemcpyDeviceToHost, stream_),
                                       "attention mass (kernels or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention mass)");
+  }
+
+  Status pageBoxes(const PageBoxesArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(args));
+    if (args.keys.tokens == 0) return Status::ok();
+    // Only the store pages the new keys touch are staged (their pointers, in one upload).
+    const int64_t firstPage = args.keys.firstRow / args.pageTokens;
+    const int64_t pageCount = (args.keys.firstRow + args.keys.tokens - 1) / args.pageTokens + 1 - firstPage;
+    const size_t tableBytes = size_t(pageCount) * sizeof(void*);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(tableBytes));
+    stagePages(0, 0, args.keys.keyPages + firstPage, pageCount);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(tableBytes));
+    const void* const* table = static_cast<const void* const*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(workspace_, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (page boxes page table)"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBoxes(args, table, stream_), "page boxes launch"));
+    // The boxes stay on the device; waiting here reports a fault inside the kernel to this call.
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (page boxes)");
+  }
+
+  Status pageBounds(const PageBoundsArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkPageBoundsArgs(args));
+    if (args.headDim > 1024) {
+      return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+    }
+    if (args.pages == 0) return Status::ok();
+    // Workspace: the query rows, then the bounds.
+    const size_t queryBytes = size_t(args.rows) * size_t(args.headDim) * sizeof(float);
+    const size_t outOffset = alignUp(queryBytes);
+    const size_t outBytes = size_t(args.pages) * sizeof(float);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outOffset + outBytes));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    if (queryBytes > 0) {
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, args.q, queryBytes, cudaMemcpyHostToDevice, stream_),
+                                        "cudaMemcpyAsync (page bounds queries)"));
+    }
+    float* out = reinterpret_cast<float*>(device + outOffset);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBounds(args, reinterpret_cast<const float*>(device), out, stream_),
+                                      "page bounds launch"));
+    // Only the [pages] bounds come back; a fault inside the kernel surfaces at this copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, out, outBytes, cudaMemcpyDeviceToHost, stream_),
+                                      "page bounds (kernel or output copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (page bounds)");
   }
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
