@@ -150,6 +150,12 @@ Status KiviStore::stage(int32_t layer, const HostTensor& k, const HostTensor& v,
       KVSLIM_RETURN_IF_ERROR(convertChecked(v, first, dim, values.data() + staged, DType::F16, "v"));
     }
   }
+  return stageRows(layer, keys.data(), values.data(), n);
+}
+
+Status KiviStore::stageRows(int32_t layer, const uint16_t* keys, const uint16_t* values, int64_t n) {
+  const int32_t kvHeads = shape_.kvHeads;
+  const size_t dim = size_t(shape_.format.headDim);
   // Rows land after the live ones (or in fresh buffers), so the committed state stays valid
   // until every head succeeded.
   std::vector<Residual> newKeys, newValues;
@@ -157,8 +163,8 @@ Status KiviStore::stage(int32_t layer, const HostTensor& k, const HostTensor& v,
     Residual keyResidual = head(layer, h).keys, valueResidual = head(layer, h).values;
     KVSLIM_RETURN_IF_ERROR(reserve(&keyResidual, n));
     KVSLIM_RETURN_IF_ERROR(reserve(&valueResidual, n));
-    KVSLIM_RETURN_IF_ERROR(pushRows(&keyResidual, keys.data() + size_t(h) * size_t(n) * dim, n));
-    KVSLIM_RETURN_IF_ERROR(pushRows(&valueResidual, values.data() + size_t(h) * size_t(n) * dim, n));
+    KVSLIM_RETURN_IF_ERROR(pushRows(&keyResidual, keys + size_t(h) * size_t(n) * dim, n));
+    KVSLIM_RETURN_IF_ERROR(pushRows(&valueResidual, values + size_t(h) * size_t(n) * dim, n));
     newKeys.push_back(std::move(keyResidual));
     newValues.push_back(std::move(valueResidual));
   }

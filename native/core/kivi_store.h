@@ -43,6 +43,8 @@ class KiviStore {
 
   // Stages n tokens (k, v: [n, kvHeads, headDim]) in the f16 residual. All-or-nothing.
   Status stage(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
+  // The same from f16 rows already checked, head-major: keys and values [kvHeads, n, headDim].
+  Status stageRows(int32_t layer, const uint16_t* keys, const uint16_t* values, int64_t n);
   // Quantizes what the canonical state keeps no longer in f16. On failure (out of memory) the
   // layer keeps more rows in f16; it stays consistent and the next flush retries.
   Status flush(int32_t layer);

@@ -427,11 +427,11 @@ Status KVCache::moveToKivi(int32_t layer) {
       return Status(ErrorCode::Internal, "a KIVI store needs as many kept tokens in every kv head of a layer");
     }
   }
-  // [count, kvHeads, headDim] as stage() takes them: row t of head h is the head's t-th kept token.
-  const size_t elementBytes = dtypeBytes(config_.storeType);
-  const size_t rowBytes = size_t(config_.headDim) * elementBytes;
-  const size_t elements = size_t(count) * size_t(kvHeads) * size_t(config_.headDim);
-  std::vector<uint8_t> keys(elements * elementBytes), values(keys.size());
+  // Head-major f16 rows as KiviStore::stageRows takes them: row t of head h is its t-th kept token.
+  const size_t rowElements = size_t(config_.headDim);
+  const size_t rowBytes = rowElements * dtypeBytes(config_.storeType);
+  const size_t headElements = size_t(count) * rowElements;
+  std::vector<uint16_t> keys(headElements * size_t(kvHeads)), values(keys.size());
   std::vector<uint8_t> headKeys(size_t(count) * rowBytes), headValues(headKeys.size());
   std::vector<std::vector<int64_t>> positions(static_cast<size_t>(kvHeads));
   for (int32_t h = 0; h < kvHeads; ++h) {
@@ -439,22 +439,19 @@ Status KVCache::moveToKivi(int32_t layer) {
     KVSLIM_RETURN_IF_ERROR(store_.readKeptRows(layer, h, 0, kept, headKeys.data(), headValues.data()));
     KVSLIM_RETURN_IF_ERROR(store_.readRows(layer, h, 0, tail, headKeys.data() + size_t(kept) * rowBytes,
                                            headValues.data() + size_t(kept) * rowBytes));
-    for (int64_t t = 0; t < count; ++t) {
-      const size_t to = (size_t(t) * size_t(kvHeads) + size_t(h)) * rowBytes;
-      std::memcpy(keys.data() + to, headKeys.data() + size_t(t) * rowBytes, rowBytes);
-      std::memcpy(values.data() + to, headValues.data() + size_t(t) * rowBytes, rowBytes);
-    }
+    const size_t at = size_t(h) * headElements;
+    KVSLIM_RETURN_IF_ERROR(convertChecked(HostTensor{headKeys.data(), config_.storeType, headElements}, 0, headElements,
+                                          keys.data() + at, DType::F16, "stored keys"));
+    KVSLIM_RETURN_IF_ERROR(convertChecked(HostTensor{headValues.data(), config_.storeType, headElements}, 0, headElements,
+                                          values.data() + at, DType::F16, "stored values"));
     positions[size_t(h)] = store_.keptPositions(layer, h);
     for (int64_t t = 0; t < tail; ++t) positions[size_t(h)].push_back(store_.tailFirstPosition(layer, h) + t);
   }
-  if (count > 0) {
-    KVSLIM_RETURN_IF_ERROR(kivi_.stage(layer, HostTensor{keys.data(), config_.storeType, elements},
-                                       HostTensor{values.data(), config_.storeType, elements}, count));
-  }
+  if (count > 0) KVSLIM_RETURN_IF_ERROR(kivi_.stageRows(layer, keys.data(), values.data(), count));
   kiviOffset_[size_t(layer)] = store_.tokens(layer) - count;
   for (int32_t h = 0; h < kvHeads; ++h) kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)] = std::move(positions[size_t(h)]);
   store_.clearLayer(layer);
-  return flushLayer(layer);
+  return kivi_.flush(layer);  // timed by the caller (afterAttend), as the selection's work
 }
 
 Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
