@@ -127,6 +127,19 @@ Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select
   return Status::ok();
 }
 
+// One KIVI head's image as readKiviHead reads it back.
+void putKiviHead(const KiviStore::HeadImage& image, std::vector<uint8_t>* out) {
+  Writer writer(out);
+  writer.put(image.quantizedKeys);
+  writer.put(image.quantizedValues);
+  out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
+  out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
+  for (const std::vector<uint16_t>* rows : {&image.keyRows, &image.valueRows}) {
+    const auto* bytes = reinterpret_cast<const uint8_t*>(rows->data());
+    out->insert(out->end(), bytes, bytes + rows->size() * 2);
+  }
+}
+
 // One KIVI head's image at data[*position, end): i64 quantizedKeys, quantizedValues | key group
 // records | value token records | f16 residual keys | f16 residual values, for a layer of `count`
 // tokens. Checks counts, sizes, that every f16 number is finite and that outlier indices stay
@@ -251,14 +264,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
       for (int32_t layer = 0; layer < config_.layers; ++layer) {
         for (int32_t h = 0; h < config_.kvHeads; ++h) {
           KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
-          writer.put(image.quantizedKeys);
-          writer.put(image.quantizedValues);
-          out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
-          out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
-          const auto* keyRows = reinterpret_cast<const uint8_t*>(image.keyRows.data());
-          out->insert(out->end(), keyRows, keyRows + image.keyRows.size() * 2);
-          const auto* valueRows = reinterpret_cast<const uint8_t*>(image.valueRows.data());
-          out->insert(out->end(), valueRows, valueRows + image.valueRows.size() * 2);
+          putKiviHead(image, out);
         }
       }
       writer.put(fnv1a(out->data(), out->size()));
@@ -418,14 +424,7 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
         for (const int64_t position : kiviPositions_[first + size_t(h)]) writer.put(position);
         KiviStore::HeadImage image;
         KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
-        writer.put(image.quantizedKeys);
-        writer.put(image.quantizedValues);
-        out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
-        out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
-        for (const std::vector<uint16_t>* rows : {&image.keyRows, &image.valueRows}) {
-          const auto* bytes = reinterpret_cast<const uint8_t*>(rows->data());
-          out->insert(out->end(), bytes, bytes + rows->size() * 2);
-        }
+        putKiviHead(image, out);
         continue;
       }
       const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
