@@ -228,6 +228,33 @@ Status KiviStore::flush(int32_t layer) {
   return Status::ok();
 }
 
+Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const {
+  const KiviFormat& format = shape_.format;
+  const size_t dim = size_t(format.headDim);
+  out->quantizedKeys = n / shape_.residual * shape_.residual;
+  out->quantizedValues = std::max<int64_t>(0, n - shape_.residual);
+  std::vector<float> rows(size_t(format.group) * dim);
+  const int64_t keyGroups = out->quantizedKeys / format.group;
+  out->keyRecords.resize(size_t(keyGroups) * format.keyGroupBytes());
+  for (int64_t g = 0; g < keyGroups; ++g) {
+    const uint16_t* group = keys + size_t(g) * size_t(format.group) * dim;
+    for (size_t i = 0; i < rows.size(); ++i) rows[i] = f16ToFloat(group[i]);
+    if (!quantizeKeyGroupRecord(rows.data(), format, out->keyRecords.data() + size_t(g) * format.keyGroupBytes())) {
+      return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
+    }
+  }
+  out->valueRecords.resize(size_t(out->quantizedValues) * format.valueTokenBytes());
+  for (int64_t t = 0; t < out->quantizedValues; ++t) {
+    for (size_t d = 0; d < dim; ++d) rows[d] = f16ToFloat(values[size_t(t) * dim + d]);
+    if (!quantizeValueTokenRecord(rows.data(), format, out->valueRecords.data() + size_t(t) * format.valueTokenBytes())) {
+      return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
+    }
+  }
+  out->keyRows.assign(keys + size_t(out->quantizedKeys) * dim, keys + size_t(n) * dim);
+  out->valueRows.assign(values + size_t(out->quantizedValues) * dim, values + size_t(n) * dim);
+  return Status::ok();
+}
+
 Status KiviStore::quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,
                                std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) const {
   const KiviFormat& format = shape_.format;

@@ -43,8 +43,6 @@ class KiviStore {
 
   // Stages n tokens (k, v: [n, kvHeads, headDim]) in the f16 residual. All-or-nothing.
   Status stage(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n);
-  // The same from f16 rows already checked, head-major: keys and values [kvHeads, n, headDim].
-  Status stageRows(int32_t layer, const uint16_t* keys, const uint16_t* values, int64_t n);
   // Quantizes what the canonical state keeps no longer in f16. On failure (out of memory) the
   // layer keeps more rows in f16; it stays consistent and the next flush retries.
   Status flush(int32_t layer);
@@ -69,6 +67,10 @@ class KiviStore {
     std::vector<uint16_t> keyRows, valueRows;       // f16 residual, oldest first
   };
   Status readHead(int32_t layer, int32_t head, HeadImage* out) const;
+  // The image of a head that received these n f16 rows (keys, values [n, headDim]) into an empty
+  // layer, as its flush leaves it: key groups below floor(n / R) * R and values below n - R
+  // quantized, the rest f16. Host work only (thread-safe); writeHead() then installs it.
+  Status imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const;
   Status writeHead(int32_t layer, int32_t head, int64_t tokens, const HeadImage& image);
 
  private:
@@ -95,6 +97,8 @@ class KiviStore {
     return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)];
   }
   Status newPage(size_t bytes, std::shared_ptr<Page>* out);
+  // stage() after its checks: f16 rows, head-major ([kvHeads, n, headDim]).
+  Status stageRows(int32_t layer, const uint16_t* keys, const uint16_t* values, int64_t n);
   // The records of one head's rows that the next flush quantizes (key groups up to keysQuantized
   // tokens, value tokens up to valuesQuantized), from the host mirrors; thread-safe.
   Status quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,

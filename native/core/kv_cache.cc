@@ -427,31 +427,46 @@ Status KVCache::moveToKivi(int32_t layer) {
       return Status(ErrorCode::Internal, "a KIVI store needs as many kept tokens in every kv head of a layer");
     }
   }
-  // Head-major f16 rows as KiviStore::stageRows takes them: row t of head h is its t-th kept token.
-  const size_t rowElements = size_t(config_.headDim);
-  const size_t rowBytes = rowElements * dtypeBytes(config_.storeType);
-  const size_t headElements = size_t(count) * rowElements;
-  std::vector<uint16_t> keys(headElements * size_t(kvHeads)), values(keys.size());
-  std::vector<uint8_t> headKeys(size_t(count) * rowBytes), headValues(headKeys.size());
-  std::vector<std::vector<int64_t>> positions(static_cast<size_t>(kvHeads));
-  for (int32_t h = 0; h < kvHeads; ++h) {
-    const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
-    KVSLIM_RETURN_IF_ERROR(store_.readKeptRows(layer, h, 0, kept, headKeys.data(), headValues.data()));
-    KVSLIM_RETURN_IF_ERROR(store_.readRows(layer, h, 0, tail, headKeys.data() + size_t(kept) * rowBytes,
-                                           headValues.data() + size_t(kept) * rowBytes));
-    const size_t at = size_t(h) * headElements;
-    KVSLIM_RETURN_IF_ERROR(convertChecked(HostTensor{headKeys.data(), config_.storeType, headElements}, 0, headElements,
-                                          keys.data() + at, DType::F16, "stored keys"));
-    KVSLIM_RETURN_IF_ERROR(convertChecked(HostTensor{headValues.data(), config_.storeType, headElements}, 0, headElements,
-                                          values.data() + at, DType::F16, "stored values"));
-    positions[size_t(h)] = store_.keptPositions(layer, h);
-    for (int64_t t = 0; t < tail; ++t) positions[size_t(h)].push_back(store_.tailFirstPosition(layer, h) + t);
-  }
-  if (count > 0) KVSLIM_RETURN_IF_ERROR(kivi_.stageRows(layer, keys.data(), values.data(), count));
+  // Each head's kept rows (in position order) become the image a KIVI layer of `count` tokens holds
+  // after its flush, built straight from the rows: no f16 staging of the whole layer first.
+  std::vector<KiviStore::HeadImage> images(static_cast<size_t>(kvHeads));
+  std::vector<Status> built(static_cast<size_t>(kvHeads));
+  backend_->hostParallel(kvHeads, config_.threads, [&](int64_t task) {
+    const int32_t h = int32_t(task);
+    try {
+      const size_t elements = size_t(count) * size_t(config_.headDim);
+      const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
+      const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
+      std::vector<uint8_t> keys(size_t(count) * rowBytes), values(keys.size());
+      std::vector<uint16_t> keyHalves(elements), valueHalves(elements);
+      Status status = store_.readKeptRows(layer, h, 0, kept, keys.data(), values.data());
+      if (status.isOk()) {
+        status = store_.readRows(layer, h, 0, tail, keys.data() + size_t(kept) * rowBytes, values.data() + size_t(kept) * rowBytes);
+      }
+      if (status.isOk()) {
+        status = convertChecked(HostTensor{keys.data(), config_.storeType, elements}, 0, elements, keyHalves.data(), DType::F16,
+                                "stored keys");
+      }
+      if (status.isOk()) {
+        status = convertChecked(HostTensor{values.data(), config_.storeType, elements}, 0, elements, valueHalves.data(),
+                                DType::F16, "stored values");
+      }
+      if (status.isOk()) status = kivi_.imageOf(keyHalves.data(), valueHalves.data(), count, &images[size_t(h)]);
+      built[size_t(h)] = status;
+    } catch (const std::bad_alloc&) {
+      built[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory moving a layer into the KIVI store");
+    }
+  });
+  for (const Status& status : built) KVSLIM_RETURN_IF_ERROR(status);
+  for (int32_t h = 0; h < kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(kivi_.writeHead(layer, h, count, images[size_t(h)]));
   kiviOffset_[size_t(layer)] = store_.tokens(layer) - count;
-  for (int32_t h = 0; h < kvHeads; ++h) kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)] = std::move(positions[size_t(h)]);
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    std::vector<int64_t>& positions = kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)];
+    positions = store_.keptPositions(layer, h);
+    for (int64_t t = 0; t < store_.tailTokens(layer, h); ++t) positions.push_back(store_.tailFirstPosition(layer, h) + t);
+  }
   store_.clearLayer(layer);
-  return kivi_.flush(layer);  // timed by the caller (afterAttend), as the selection's work
+  return Status::ok();
 }
 
 Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
