@@ -228,28 +228,47 @@ Status KiviStore::flush(int32_t layer) {
   return Status::ok();
 }
 
+namespace {
+
+// Records of `keyGroups` key groups and `valueTokens` value tokens from f16 rows, oldest first:
+// keyRow(i) / valueRow(i) is the i-th row to quantize. Shared by flush (rows in the residual
+// buffers) and imageOf (rows given contiguous), so both write the same codes.
+template <class KeyRow, class ValueRow>
+Status quantizeRecords(const KiviFormat& format, int64_t keyGroups, const KeyRow& keyRow, int64_t valueTokens,
+                       const ValueRow& valueRow, std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) {
+  const size_t dim = size_t(format.headDim);
+  std::vector<float> rows(size_t(format.group) * dim);
+  keyRecords->resize(size_t(keyGroups) * format.keyGroupBytes());
+  for (int64_t g = 0; g < keyGroups; ++g) {
+    for (int32_t t = 0; t < format.group; ++t) {
+      const uint16_t* row = keyRow(g * format.group + t);
+      for (size_t d = 0; d < dim; ++d) rows[size_t(t) * dim + d] = f16ToFloat(row[d]);
+    }
+    if (!quantizeKeyGroupRecord(rows.data(), format, keyRecords->data() + size_t(g) * format.keyGroupBytes())) {
+      return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
+    }
+  }
+  valueRecords->resize(size_t(valueTokens) * format.valueTokenBytes());
+  for (int64_t t = 0; t < valueTokens; ++t) {
+    const uint16_t* row = valueRow(t);
+    for (size_t d = 0; d < dim; ++d) rows[d] = f16ToFloat(row[d]);
+    if (!quantizeValueTokenRecord(rows.data(), format, valueRecords->data() + size_t(t) * format.valueTokenBytes())) {
+      return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
+    }
+  }
+  return Status::ok();
+}
+
+}  // namespace
+
 Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const {
   const KiviFormat& format = shape_.format;
   const size_t dim = size_t(format.headDim);
   out->quantizedKeys = n / shape_.residual * shape_.residual;
   out->quantizedValues = std::max<int64_t>(0, n - shape_.residual);
-  std::vector<float> rows(size_t(format.group) * dim);
-  const int64_t keyGroups = out->quantizedKeys / format.group;
-  out->keyRecords.resize(size_t(keyGroups) * format.keyGroupBytes());
-  for (int64_t g = 0; g < keyGroups; ++g) {
-    const uint16_t* group = keys + size_t(g) * size_t(format.group) * dim;
-    for (size_t i = 0; i < rows.size(); ++i) rows[i] = f16ToFloat(group[i]);
-    if (!quantizeKeyGroupRecord(rows.data(), format, out->keyRecords.data() + size_t(g) * format.keyGroupBytes())) {
-      return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
-    }
-  }
-  out->valueRecords.resize(size_t(out->quantizedValues) * format.valueTokenBytes());
-  for (int64_t t = 0; t < out->quantizedValues; ++t) {
-    for (size_t d = 0; d < dim; ++d) rows[d] = f16ToFloat(values[size_t(t) * dim + d]);
-    if (!quantizeValueTokenRecord(rows.data(), format, out->valueRecords.data() + size_t(t) * format.valueTokenBytes())) {
-      return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
-    }
-  }
+  KVSLIM_RETURN_IF_ERROR(quantizeRecords(
+      format, out->quantizedKeys / format.group, [&](int64_t i) { return keys + size_t(i) * dim; }, out->quantizedValues,
+      [&](int64_t i) { return values + size_t(i) * dim; }, &out->keyRecords, &out->valueRecords));
   out->keyRows.assign(keys + size_t(out->quantizedKeys) * dim, keys + size_t(n) * dim);
   out->valueRows.assign(values + size_t(out->quantizedValues) * dim, values + size_t(n) * dim);
   return Status::ok();
@@ -258,29 +277,10 @@ Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t 
 Status KiviStore::quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,
                                std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) const {
   const KiviFormat& format = shape_.format;
-  const int32_t dim = format.headDim;
-  std::vector<float> rows(size_t(format.group) * size_t(dim));
-  const int64_t keyGroups = (keysQuantized - state.quantizedKeys) / format.group;
-  keyRecords->resize(size_t(keyGroups) * format.keyGroupBytes());
-  for (int64_t g = 0; g < keyGroups; ++g) {
-    for (int32_t t = 0; t < format.group; ++t) {
-      const uint16_t* row = hostRow(state.keys, g * format.group + t);
-      for (int32_t d = 0; d < dim; ++d) rows[size_t(t) * size_t(dim) + size_t(d)] = f16ToFloat(row[d]);
-    }
-    if (!quantizeKeyGroupRecord(rows.data(), format, keyRecords->data() + size_t(g) * format.keyGroupBytes())) {
-      return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
-    }
-  }
-  const int64_t valueTokens = valuesQuantized - state.quantizedValues;
-  valueRecords->resize(size_t(valueTokens) * format.valueTokenBytes());
-  for (int64_t t = 0; t < valueTokens; ++t) {
-    const uint16_t* row = hostRow(state.values, t);
-    for (int32_t d = 0; d < dim; ++d) rows[size_t(d)] = f16ToFloat(row[d]);
-    if (!quantizeValueTokenRecord(rows.data(), format, valueRecords->data() + size_t(t) * format.valueTokenBytes())) {
-      return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
-    }
-  }
-  return Status::ok();
+  return quantizeRecords(
+      format, (keysQuantized - state.quantizedKeys) / format.group, [&](int64_t i) { return hostRow(state.keys, i); },
+      valuesQuantized - state.quantizedValues, [&](int64_t i) { return hostRow(state.values, i); }, keyRecords,
+      valueRecords);
 }
 
 KiviHeadView KiviStore::view(int32_t layer, int32_t h) const {
