@@ -64,11 +64,17 @@ class BackendBuffer {
   BackendBuffer(const BackendBuffer&) = delete;
   BackendBuffer& operator=(const BackendBuffer&) = delete;
   void* data() const { return data_; }
-  Status upload(const void* hostSrc, size_t bytes) {
+  // `what` names the contents in the out-of-memory message ("" for none).
+  Status allocate(size_t bytes, const std::string& what = "") {
     data_ = backend_.allocate(bytes);
     if (data_ == nullptr) {
-      return Status(ErrorCode::OutOfMemory, "could not allocate " + std::to_string(bytes) + " bytes on " + backend_.name());
+      return Status(ErrorCode::OutOfMemory, "could not allocate " + std::to_string(bytes) + " bytes" +
+                                                (what.empty() ? "" : " of " + what) + " on " + backend_.name());
     }
+    return Status::ok();
+  }
+  Status upload(const void* hostSrc, size_t bytes) {
+    KVSLIM_RETURN_IF_ERROR(allocate(bytes));
     return backend_.upload(data_, hostSrc, bytes);
   }
 

@@ -26,31 +26,20 @@ constexpr int64_t kPageGranule = 64;
 // policy first (kv_cache.h declares backend_ before policy_).
 class BoxBuffer {
  public:
-  BoxBuffer(Backend& backend, int32_t dim) : backend_(backend), dim_(dim) {}
-  ~BoxBuffer() {
-    if (memory_ != nullptr) backend_.release(memory_);
-  }
-  BoxBuffer(const BoxBuffer&) = delete;
-  BoxBuffer& operator=(const BoxBuffer&) = delete;
+  BoxBuffer(Backend& backend, int32_t dim) : memory_(backend), dim_(dim) {}
 
   Status allocate(int64_t capacity) {
-    const size_t bytes = 2 * size_t(capacity) * size_t(dim_) * sizeof(float);
-    memory_ = backend_.allocate(bytes);
-    if (memory_ == nullptr) {
-      return Status(ErrorCode::OutOfMemory, "could not allocate " + std::to_string(bytes) + " bytes of Quest page boxes on " +
-                                                backend_.name());
-    }
+    KVSLIM_RETURN_IF_ERROR(memory_.allocate(2 * size_t(capacity) * size_t(dim_) * sizeof(float), "Quest page boxes"));
     capacity_ = capacity;
     return Status::ok();
   }
-  float* lo() const { return static_cast<float*>(memory_); }
+  float* lo() const { return static_cast<float*>(memory_.data()); }
   float* hi() const { return lo() + size_t(capacity_) * size_t(dim_); }
   int64_t capacity() const { return capacity_; }
 
  private:
-  Backend& backend_;
+  BackendBuffer memory_;
   int32_t dim_;
-  void* memory_ = nullptr;
   int64_t capacity_ = 0;
 };
 
