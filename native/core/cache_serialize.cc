@@ -74,6 +74,13 @@ class Reader {
 
 Status corrupt(const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); }
 
+// The trailing u64 FNV-1a of everything before it (size >= 8).
+Status checkHash(const uint8_t* data, size_t size) {
+  uint64_t stored = 0;
+  std::memcpy(&stored, data + size - 8, 8);
+  return stored == fnv1a(data, size - 8) ? Status::ok() : corrupt("the checksum does not match (damaged data)");
+}
+
 // False when any of `count` f16 values (unaligned bytes) is an infinity or NaN.
 bool finiteHalves(const uint8_t* bytes, size_t count) {
   for (size_t i = 0; i < count; ++i) {
@@ -354,9 +361,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
     return corrupt("the buffer holds " + std::to_string(size) + " bytes, but its header describes " +
                    std::to_string(reader.offset() + payload + 8));
   }
-  uint64_t storedHash = 0;
-  std::memcpy(&storedHash, data + size - 8, 8);
-  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+  KVSLIM_RETURN_IF_ERROR(checkHash(data, size));
 
   std::unique_ptr<KVCache> cache;
   const Status created = create(config, std::move(backend), &cache);
@@ -445,10 +450,8 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
 Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, CacheConfig config,
                              std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
   // The checksum first: everything after it is then as saved, and only bounds need checking.
-  uint64_t storedHash = 0;
   if (size < offset + 8) return corrupt("the header is truncated");
-  std::memcpy(&storedHash, data + size - 8, 8);
-  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+  KVSLIM_RETURN_IF_ERROR(checkHash(data, size));
   Reader reader(data + offset, size - 8 - offset);
   SelectConfig& s = config.select;
   int32_t ropeStyle = 0, kind = 0, pooling = 0, cachePositions = 0;
@@ -608,9 +611,7 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
     return corrupt("the buffer holds " + std::to_string(size) + " bytes, but its header describes " +
                    std::to_string(position + 8));
   }
-  uint64_t storedHash = 0;
-  std::memcpy(&storedHash, data + size - 8, 8);
-  if (storedHash != fnv1a(data, size - 8)) return corrupt("the checksum does not match (damaged data)");
+  KVSLIM_RETURN_IF_ERROR(checkHash(data, size));
   try {
     position = payloadStart;
     KiviStore::HeadImage image;
