@@ -35,7 +35,7 @@ rate, keys-per-token ablation). Then the selection policies (streaming, snapkv, 
 needle hits for the question's turn and a second turn, plus a 2K whole-prompt prefill (with h2o)
 timing what selection adds. Then retrieval (RetrievalAttention): recall@100, keys scanned and latency of
 the flat / ivf / graph key indexes beside Quest and hnswlib on 64K and 256K keys of one kv head, and
-decode at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
+decode with each of them and ActQKV at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
 hits). Takes about three minutes on 2 cores (KIVI and policies about one each) plus the retrieval
 section (several minutes; its index builds dominate).
 

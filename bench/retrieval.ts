@@ -139,7 +139,7 @@ export interface DecodeTurn {
 }
 
 export interface DecodeRow {
-  kind: 'full' | 'flat' | 'ivf' | 'graph' | 'quest';
+  kind: 'full' | 'flat' | 'ivf' | 'graph' | 'quest' | 'actqkv';
   tokens: number;
   select: SelectSpec;
   status: 'ok' | 'ERROR';
@@ -747,6 +747,8 @@ function runDecodeRows(context: RetrievalContext, plan: RetrievalPlan, rows: Dec
         ...(T <= 65536 ? [{ kind: 'ivf' as const, select: { kind: 'retrieval', index: 'ivf', ...RETRIEVAL } as SelectSpec }] : []),
         { kind: 'graph', select: { kind: 'retrieval', index: 'graph', ...RETRIEVAL, trainQueries: plan.trainQueries } },
         { kind: 'quest', select: { kind: 'quest', sink: RETRIEVAL.sink, window: RETRIEVAL.window, pageSize: QUEST_PAGE, pages: QUEST_E2E_PAGES } },
+        // The paper's block budget (46 blocks of 32 tokens), the same static part as the others.
+        { kind: 'actqkv', select: { kind: 'actqkv', sink: RETRIEVAL.sink, window: RETRIEVAL.window } },
       ];
       for (const policy of policies) {
         const row: DecodeRow = { kind: policy.kind, tokens: T, select: policy.select, status: 'ok' };
@@ -755,9 +757,10 @@ function runDecodeRows(context: RetrievalContext, plan: RetrievalPlan, rows: Dec
         try {
           cache = newDecodeCache(policy.select);
           const c = cache;
-          if (policy.kind === 'graph') {
-            // The graph trains on prefill queries: append all but the last P tokens, prefill those with their queries.
-            status(`retrieval decode ${tokenLabel(T)}: graph: appending ${tokenLabel(T - P)}, prefilling ${P} tokens (dense) and building the index...`);
+          if (policy.kind === 'graph' || policy.kind === 'actqkv') {
+            // The graph trains on prefill queries, ActQKV's statistics and probe start from them:
+            // append all but the last P tokens, prefill those with their queries.
+            status(`retrieval decode ${tokenLabel(T)}: ${policy.kind}: appending ${tokenLabel(T - P)}, prefilling ${P} tokens (dense) and building the index...`);
             const appendMs = elapsedMs(() => appendTokens(c, data, 0, T - P));
             const out = new Float32Array(P * QROW);
             row.prefillMs = elapsedMs(() => c.prefill(0, data.prefillQ, data.k.subarray((T - P) * TOKEN, T * TOKEN), data.v.subarray((T - P) * TOKEN, T * TOKEN), { out }));
@@ -771,7 +774,7 @@ function runDecodeRows(context: RetrievalContext, plan: RetrievalPlan, rows: Dec
           const turns: DecodeTurn[] = [];
           const mine: number[] = [], theirs: number[] = [];
           for (let t = 0; t < TURNS; t++) {
-            status(`retrieval decode ${tokenLabel(T)}: ${policy.kind}: turn ${t + 1} of ${TURNS}${t === 0 && policy.kind !== 'graph' && policy.kind !== 'flat' ? ' (builds the index)' : ''}...`);
+            status(`retrieval decode ${tokenLabel(T)}: ${policy.kind}: turn ${t + 1} of ${TURNS}${t === 0 && policy.kind !== 'graph' && policy.kind !== 'flat' && policy.kind !== 'actqkv' ? ' (builds the index)' : ''}...`);
             const { k, v } = turnToken(data, t);
             f.step(0, data.questions[t], k, v);
             const out = c.step(0, data.questions[t], k, v);
@@ -938,7 +941,10 @@ export function retrievalNotes(record: RetrievalRecord): string[] {
       (record.hnswlib.available ? '' : ` Skipped: ${record.hnswlib.note}.`),
     `Retrieval decode: the full cache and the flat/ivf/quest caches are filled by append() of all T tokens (their indexes build at the ` +
       `first step: build ms); the graph cache appends T - ${record.plan.prefillTokens} and prefill()s the last ${record.plan.prefillTokens} ` +
-      `with their queries (dense attention, then the index trained on ${record.plan.trainQueries} of their group rows). Each turn step()s ` +
+      `with their queries (dense attention, then the index trained on ${record.plan.trainQueries} of their group rows); so does the actqkv ` +
+      `cache (its query statistics and probe start from those queries; 46 blocks of 32 tokens, the paper's budget, with the same sink ` +
+      `and window as the others; a block's representative averages its keys that score highest against the probe, so a lone needle ` +
+      `key often leaves it unchanged). Each turn step()s ` +
       `a question token (every cache and a fork of the full cache, so all hold the same tokens), then attend()s its question cold ` +
       `(${EVICT_BYTES / 2 ** 20} MiB read before each call), policy and full alternating; speed-up = full median / policy median.`,
     `Retrieval decode rel.L2 = ||out - full|| / ||full|| of the turn's step output (all ${MODEL.qHeads} q heads); needle hits = ` +

@@ -21,7 +21,15 @@
 //   stand-in for the accumulated local-window attention we do not compute.
 // - Policy arithmetic is double precision: the choices sit on top-k boundaries, where f32
 //   rounding would flip near ties; the per-block work is O(N_b * headDim) per kv head, small beside
-//   attention, so plain loops serve instead of hostVectorOps().
+//   attention, so plain loops (with independent accumulators) serve instead of hostVectorOps().
+// - Per decode call the probe costs O(qHeads * headDim), not O(c * qHeads * headDim): each ring
+//   slot keeps its bias b_i, and the layer keeps sum_i b_i x_i and sum_i b_i, updated as a query
+//   enters and the oldest leaves; both are rebuilt from the ring whenever the statistics change
+//   (every c queries), which also bounds the rounding drift of the running sums.
+// - Block norms are kept with the representatives, and a representative is recomputed once per
+//   index() call for the blocks whose best keys changed, not once per key.
+// - Statistics, the probe and the ring are per layer and settled before the kv heads index and
+//   score their blocks in parallel (per-head state only).
 #include <algorithm>
 #include <climits>
 #include <cmath>
@@ -59,11 +67,12 @@ class ActQKVPolicy final : public LoadingPolicy {
   size_t indexBytes() const override {
     size_t bytes = 0;
     for (const HeadBlocks& head : heads_) {
-      bytes += (head.reprs.size() + head.candKeys.size()) * sizeof(float) +
+      bytes += (head.reprs.size() + head.candKeys.size()) * sizeof(float) + head.norms.size() * sizeof(double) +
                head.candScores.size() * (sizeof(double) + sizeof(int64_t));
     }
     for (const LayerQueries& layer : queries_) {
-      bytes += layer.ring.size() * sizeof(float) + (layer.mu.size() + layer.s2.size() + layer.probe.size()) * sizeof(double);
+      bytes += layer.ring.size() * sizeof(float) +
+               (layer.mu.size() + layer.s2.size() + layer.probe.size() + layer.bias.size() + layer.weighted.size()) * sizeof(double);
     }
     for (const auto& samples : history_) bytes += samples.size() * sizeof(double);
     return bytes;
@@ -71,6 +80,7 @@ class ActQKVPolicy final : public LoadingPolicy {
 
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) override {
     if (prefill && q != nullptr) push(context, layer, q, n);
+    probeOf(context, layer);  // index() reads it from the heads' parallel tasks
     return catchUp(context, layer, nullptr, 0);
   }
 
@@ -79,6 +89,7 @@ class ActQKVPolicy final : public LoadingPolicy {
     if (layer <= lastLayer_) remaining_ = blocks_ * int64_t(layers_);
     lastLayer_ = layer;
     push(context, layer, q, n);
+    const std::vector<double>& probe = probeOf(context, layer);
     KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
     plan->sink = sink_;
     plan->window = window_;
@@ -86,16 +97,19 @@ class ActQKVPolicy final : public LoadingPolicy {
     if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
     const int64_t end = dynamicEnd(context, layer);
     const int64_t blocks = (end - sink_ + blockSize_ - 1) / blockSize_;
-    const std::vector<double>& probe = probeOf(context, layer);
 
-    // Block scores per kv head and the layer's normalised entropy (mean over kv heads).
+    // Block scores per kv head (in parallel) and the layer's normalised entropy (mean over kv
+    // heads, summed in head order).
     std::vector<std::vector<double>> scores(static_cast<size_t>(kvHeads_));
+    std::vector<double> entropies(static_cast<size_t>(kvHeads_), 0.0);
+    const float* lastQuery = q + size_t(n - 1) * size_t(context.qHeads) * size_t(context.headDim);
+    KVSLIM_RETURN_IF_ERROR(forEachHead(context, [&](int32_t h) {
+      scoreBlocks(context, layer, h, probe, lastQuery, blocks, &scores[size_t(h)]);
+      entropies[size_t(h)] = normalisedEntropy(scores[size_t(h)]);
+      return Status::ok();
+    }));
     double entropy = 0;
-    for (int32_t h = 0; h < kvHeads_; ++h) {
-      scoreBlocks(context, layer, h, probe, q + size_t(n - 1) * size_t(context.qHeads) * size_t(context.headDim), blocks,
-                  &scores[size_t(h)]);
-      entropy += normalisedEntropy(scores[size_t(h)]);
-    }
+    for (const double e : entropies) entropy += e;
     std::vector<double>& samples = history_[size_t(layer)];
     samples.push_back(entropy / kvHeads_);
     if (samples.size() > kHistory) samples.erase(samples.begin());
@@ -126,25 +140,29 @@ class ActQKVPolicy final : public LoadingPolicy {
     HeadBlocks& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
     const size_t dim = size_t(context.headDim);
     const int32_t group = context.qHeads / context.kvHeads;
-    // A key's score: the sum over the group's probes of p.k = (sum of the probes).k.
-    const std::vector<double>& probe = probeOf(context, layer);
+    // A key's score: the sum over the group's probes of p.k = (sum of the probes).k. The probe
+    // was settled before the heads ran (afterAppend, planLoad).
+    const std::vector<double>& probe = queries_[size_t(layer)].probe;
     std::vector<double> sum(dim, 0.0);
     for (int32_t g = 0; g < group; ++g) {
       const double* p = probe.data() + (size_t(h) * size_t(group) + size_t(g)) * dim;
       for (size_t t = 0; t < dim; ++t) sum[t] += p[t];
     }
+    bool changed = false;  // the last block's best keys changed since its representative was made
     for (int64_t i = 0; i < count; ++i) {
       const int64_t position = first + i;
       const size_t block = size_t((position - sink_) / blockSize_);
-      if (block * dim == head.reprs.size()) {  // this key starts a block
+      if (block == head.norms.size()) {  // this key starts a block
+        if (changed) represent(&head, dim);
+        changed = false;
         head.reprs.resize(head.reprs.size() + dim, 0.0f);
+        head.norms.push_back(0.0);
         head.candKeys.clear();
         head.candScores.clear();
         head.candPositions.clear();
       }
       const float* key = keys.data() + size_t(i) * dim;
-      double score = 0;
-      for (size_t t = 0; t < dim; ++t) score += sum[t] * double(key[t]);
+      const double score = dot(key, sum.data(), dim);
       // Keep the block's reprTopK best keys (score descending, ties to the earlier key).
       size_t slot = head.candScores.size();
       if (slot == size_t(reprTopK_)) {
@@ -164,24 +182,13 @@ class ActQKVPolicy final : public LoadingPolicy {
       std::copy(key, key + dim, head.candKeys.begin() + slot * dim);
       head.candScores[slot] = score;
       head.candPositions[slot] = position;
-      // The representative: the candidates' mean (summed in position order, stored as f32).
-      std::vector<size_t> byPosition(head.candScores.size());
-      std::iota(byPosition.begin(), byPosition.end(), 0);
-      std::sort(byPosition.begin(), byPosition.end(),
-                [&](size_t a, size_t b) { return head.candPositions[a] < head.candPositions[b]; });
-      float* repr = head.reprs.data() + block * dim;
-      for (size_t t = 0; t < dim; ++t) {
-        double total = 0;
-        for (const size_t c : byPosition) total += double(head.candKeys[c * dim + t]);
-        repr[t] = float(total / double(byPosition.size()));
-      }
+      changed = true;
     }
+    if (changed) represent(&head, dim);
     return Status::ok();
   }
 
   // planLoad is overridden (the cut-off needs every kv head of the layer); nothing calls this.
-  bool hostOnly() const override { return false; }  // index() updates per-layer state shared by the heads
-
   Status choose(SelectContext&, int32_t, int32_t, const std::vector<float>&, int64_t, std::vector<int64_t>*) override {
     return Status(ErrorCode::Internal, "actqkv chooses per layer in planLoad");
   }
@@ -193,11 +200,20 @@ class ActQKVPolicy final : public LoadingPolicy {
     int64_t pending = 0;      // queries since the last complete window
     int64_t windows = 0;      // complete windows seen
     std::vector<double> mu, s2;  // [qHeads * headDim]; empty before the first window
-    std::vector<double> probe;   // [qHeads, headDim]
+    double s2Floor = 0;          // mean(s2) / 100, the bias denominator's floor
+    // The running sums of the probe: bias[slot] of each ring row (1 while unweighted),
+    // weighted = sum_i bias_i x_i and biasTotal = sum_i bias_i over the ring, valid while
+    // sumsWindows == windows (the statistics they were computed with).
+    std::vector<double> bias;      // [queryWindow]
+    std::vector<double> weighted;  // [qHeads * headDim]
+    double biasTotal = 0;
+    int64_t sumsWindows = -1;
+    std::vector<double> probe;  // [qHeads, headDim]
     bool probeValid = false;
   };
   struct HeadBlocks {
-    std::vector<float> reprs;  // [blocks, headDim]; the last block may be partial
+    std::vector<float> reprs;   // [blocks, headDim]; the last block may be partial
+    std::vector<double> norms;  // [blocks]: |repr|
     // The last block's best keys so far: keys [<= reprTopK, headDim], their scores and positions.
     std::vector<float> candKeys;
     std::vector<double> candScores;
@@ -221,7 +237,14 @@ class ActQKVPolicy final : public LoadingPolicy {
     // long prefill, or spanning calls) completes a window and updates the statistics.
     for (int64_t i = 0; i < n; ++i) {
       const float* row = q + size_t(i) * width;
-      std::copy(row, row + width, lq.ring.begin() + size_t(lq.count % queryWindow_) * width);
+      const size_t slot = size_t(lq.count % queryWindow_);
+      float* into = lq.ring.data() + slot * width;
+      if (lq.sumsWindows == lq.windows) {  // the sums are current: the oldest row leaves, this one enters
+        if (lq.count >= queryWindow_) addRow(&lq, into, -lq.bias[slot], width);
+        lq.bias[slot] = biasOf(lq, row, width);
+        addRow(&lq, row, lq.bias[slot], width);
+      }
+      std::copy(row, row + width, into);
       ++lq.count;
       if (++lq.pending == queryWindow_) {
         lq.pending = 0;
@@ -264,47 +287,92 @@ class ActQKVPolicy final : public LoadingPolicy {
         lq->mu[j] = (lq->mu[j] * n + mean[j]) / (n + 1);
       }
     }
+    double meanS2 = 0;
+    for (size_t j = 0; j < width; ++j) meanS2 += lq->s2[j];
+    lq->s2Floor = meanS2 / double(width) / 100;
     ++lq->windows;
   }
 
-  // p = sum_i w_i x_i over the ring, per q-head (the whole [qHeads, headDim] row at once).
+  // The spec's bias of one query row: mean_j (x_j - mu_j)^2 / (s2_j + mean(s2) / 100); 1 (uniform
+  // weights) until kWarmupWindows windows have been seen.
+  double biasOf(const LayerQueries& lq, const float* x, size_t width) const {
+    if (lq.windows < kWarmupWindows) return 1.0;
+    double b = 0;
+    for (size_t j = 0; j < width; ++j) {
+      const double denominator = lq.s2[j] + lq.s2Floor;
+      const double d = double(x[j]) - lq.mu[j];
+      if (denominator > 0) b += d * d / denominator;
+    }
+    return b / double(width);
+  }
+
+  static void addRow(LayerQueries* lq, const float* x, double weight, size_t width) {
+    for (size_t j = 0; j < width; ++j) lq->weighted[j] += weight * double(x[j]);
+    lq->biasTotal += weight;
+  }
+
+  // Recomputes the running sums from the ring under the current statistics.
+  void rebuildSums(LayerQueries* lq, size_t width) const {
+    lq->weighted.assign(width, 0.0);
+    lq->biasTotal = 0;
+    lq->bias.assign(size_t(queryWindow_), 0.0);
+    const int64_t rows = std::min(lq->count, queryWindow_);
+    for (int64_t k = 0; k < rows; ++k) {
+      const float* x = lq->ring.data() + size_t(k) * width;
+      lq->bias[size_t(k)] = biasOf(*lq, x, width);
+      addRow(lq, x, lq->bias[size_t(k)], width);
+    }
+    lq->sumsWindows = lq->windows;
+  }
+
+  // p = sum_i w_i x_i over the ring with w_i = b_i / sum_i b_i, per q-head (the whole
+  // [qHeads, headDim] row at once); uniform weights when the biases sum to 0 (or overflow).
   const std::vector<double>& probeOf(const SelectContext& context, int32_t layer) {
     LayerQueries& lq = queries_[size_t(layer)];
     if (lq.probeValid) return lq.probe;
     const size_t width = size_t(context.qHeads) * size_t(context.headDim);
     lq.probe.assign(width, 0.0);
     lq.probeValid = true;
-    const std::vector<const float*> ring = ringRows(lq, width);
-    const int64_t rows = int64_t(ring.size());
+    const int64_t rows = std::min(lq.count, queryWindow_);
     if (rows == 0) return lq.probe;  // no query yet: a zero probe (every key scores 0)
-    std::vector<double> weights(size_t(rows), 1.0 / double(rows));
-    if (lq.windows >= kWarmupWindows) {
-      double meanS2 = 0;
-      for (size_t j = 0; j < width; ++j) meanS2 += lq.s2[j];
-      const double floor = meanS2 / double(width) / 100;
-      std::vector<double> bias(static_cast<size_t>(rows));
-      double total = 0;
-      for (int64_t k = 0; k < rows; ++k) {
-        const float* x = ring[size_t(k)];
-        double b = 0;
-        for (size_t j = 0; j < width; ++j) {
-          const double denominator = lq.s2[j] + floor;
-          const double d = double(x[j]) - lq.mu[j];
-          if (denominator > 0) b += d * d / denominator;
-        }
-        bias[size_t(k)] = b / double(width);
-        total += bias[size_t(k)];
-      }
-      if (total > 0 && std::isfinite(total)) {
-        for (int64_t k = 0; k < rows; ++k) weights[size_t(k)] = bias[size_t(k)] / total;
-      }
+    if (lq.sumsWindows != lq.windows) rebuildSums(&lq, width);
+    if (lq.biasTotal > 0 && std::isfinite(lq.biasTotal)) {
+      for (size_t j = 0; j < width; ++j) lq.probe[j] = lq.weighted[j] / lq.biasTotal;
+      return lq.probe;
     }
     for (int64_t k = 0; k < rows; ++k) {
-      const float* x = ring[size_t(k)];
-      const double w = weights[size_t(k)];
-      for (size_t j = 0; j < width; ++j) lq.probe[j] += w * double(x[j]);
+      const float* x = lq.ring.data() + size_t(k) * width;
+      for (size_t j = 0; j < width; ++j) lq.probe[j] += double(x[j]) / double(rows);
     }
     return lq.probe;
+  }
+
+  // The representative of the last block: the mean of its best keys (summed in position order,
+  // stored as f32), and its norm.
+  static void represent(HeadBlocks* head, size_t dim) {
+    std::vector<size_t> byPosition(head->candScores.size());
+    std::iota(byPosition.begin(), byPosition.end(), 0);
+    std::sort(byPosition.begin(), byPosition.end(),
+              [&](size_t a, size_t b) { return head->candPositions[a] < head->candPositions[b]; });
+    float* repr = head->reprs.data() + (head->norms.size() - 1) * dim;
+    for (size_t t = 0; t < dim; ++t) {
+      double total = 0;
+      for (const size_t c : byPosition) total += double(head->candKeys[c * dim + t]);
+      repr[t] = float(total / double(byPosition.size()));
+    }
+    head->norms.back() = std::sqrt(dot(repr, repr, dim));
+  }
+
+  // sum_t a_t * b_t in double with independent partial sums (the latency of one chain of adds
+  // would bound the loop otherwise).
+  template <class A, class B>
+  static double dot(const A* a, const B* b, size_t dim) {
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    size_t t = 0;
+    for (; t + 8 <= dim; t += 8)
+      for (size_t k = 0; k < 8; ++k) part[k] += double(a[t + k]) * double(b[t + k]);
+    for (; t < dim; ++t) part[t % 8] += double(a[t]) * double(b[t]);
+    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
 
   // s_b = sum over the group's q-heads g of cos(r_b, p_g) + lambda cos(r_b, q_g)
@@ -329,13 +397,8 @@ class ActQKVPolicy final : public LoadingPolicy {
     }
     scores->assign(size_t(blocks), 0.0);
     for (int64_t b = 0; b < blocks; ++b) {
-      const float* r = head.reprs.data() + size_t(b) * dim;
-      double dot = 0, norm = 0;
-      for (size_t t = 0; t < dim; ++t) {
-        dot += double(r[t]) * u[t];
-        norm += double(r[t]) * double(r[t]);
-      }
-      (*scores)[size_t(b)] = norm > 0 ? dot / std::sqrt(norm) : 0.0;
+      const double norm = head.norms[size_t(b)];
+      (*scores)[size_t(b)] = norm > 0 ? dot(head.reprs.data() + size_t(b) * dim, u.data(), dim) / norm : 0.0;
     }
   }
 
