@@ -354,6 +354,8 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
 // ---------------------------------------------------------------------------------------------
 // Scores for selection policies: plain dot products, each key row loaded once for all rows.
 
+constexpr int64_t kScoreAhead = 32;  // rows of prefetch distance
+
 // Scores of ROWS rows against TOKENS keys at a time: each key chunk loaded once for all rows, the
 // horizontal sums of all ROWS x TOKENS accumulators done together by reduceMany (as in decode).
 template <class V, DType T, int ROWS>
@@ -364,10 +366,22 @@ void scoreRangeRows(const ScoreRange& range) {
   const int32_t chunks = dim / V::W;
   const int32_t tailBegin = chunks * V::W;
   const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
+  const size_t rowBytes = size_t(dim) * (T == DType::F32 ? 4 : 2);
   int64_t page = range.rowBegin / range.pageTokens;
   int64_t slot = range.rowBegin % range.pageTokens;
+  // A second walk kScoreAhead rows ahead prefetches: the keys stream from memory, and page
+  // boundaries stop the hardware prefetcher (as in decode).
+  const int64_t aheadBegin = range.rowBegin + kScoreAhead < range.rowEnd ? range.rowBegin + kScoreAhead : range.rowEnd;
+  int64_t aheadPage = aheadBegin / range.pageTokens;
+  int64_t aheadSlot = aheadBegin % range.pageTokens;
+  int64_t ahead = aheadBegin;
   for (int64_t row0 = range.rowBegin; row0 < range.rowEnd; row0 += TOKENS) {
     const int32_t tokens = int32_t(range.rowEnd - row0 < TOKENS ? range.rowEnd - row0 : TOKENS);
+    for (int32_t t = 0; t < TOKENS && ahead < range.rowEnd; ++t, ++ahead) {
+      const uint8_t* row = static_cast<const uint8_t*>(range.keyPages[aheadPage]) + size_t(aheadSlot) * strideBytes;
+      for (size_t offset = 0; offset < rowBytes; offset += 64) __builtin_prefetch(row + offset, 0, 0);
+      if (++aheadSlot == range.pageTokens) { aheadSlot = 0; ++aheadPage; }
+    }
     const uint8_t* keys[TOKENS];
     for (int32_t t = 0; t < TOKENS; ++t) {
       if (t < tokens) {

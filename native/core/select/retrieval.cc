@@ -22,6 +22,7 @@ class RetrievalPolicy final : public LoadingPolicy {
         trainQueries_(config.trainQueries),
         indexes_(size_t(layers) * size_t(kvHeads)) {}
 
+  // A fork starts with its own empty scratch.
   RetrievalPolicy(const RetrievalPolicy& other)
       : LoadingPolicy(other), options_(other.options_), topK_(other.topK_), trainQueries_(other.trainQueries_) {
     for (const auto& index : other.indexes_) indexes_.push_back(index ? index->clone() : nullptr);
@@ -70,7 +71,9 @@ class RetrievalPolicy final : public LoadingPolicy {
     const int64_t dynamic = dynamicEnd - sink_;
     std::vector<uint32_t> ids;
     if (options_.kind == IndexKind::Flat) {
-      std::vector<float> scores(size_t(rowCount) * size_t(dynamic));
+      // Reused across calls: a fresh multi-MiB buffer per head and step costs page faults.
+      std::vector<float>& scores = scoreScratch_;
+      scores.resize(std::max(scores.size(), size_t(rowCount) * size_t(dynamic)));
       ScoresArgs args;
       args.q = rows.data();
       args.rows = rowCount;
@@ -100,6 +103,7 @@ class RetrievalPolicy final : public LoadingPolicy {
   IndexOptions options_;
   int64_t topK_, trainQueries_;
   std::vector<std::unique_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat
+  std::vector<float> scoreScratch_;                  // flat: [rows, dynamic] scores (heads run one at a time)
 };
 
 }  // namespace
