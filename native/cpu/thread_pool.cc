@@ -1,8 +1,31 @@
 #include "thread_pool.h"
 
+#include <chrono>
 #include <memory>
 
 namespace kvslim::cpu {
+
+namespace {
+constexpr int64_t kSpinMicros = 200;  // how long a thread spins before it blocks
+
+inline void cpuRelax() {
+#if defined(__x86_64__) || defined(__i386__)
+  __builtin_ia32_pause();
+#elif defined(__aarch64__)
+  asm volatile("yield");
+#endif
+}
+
+// Spins until ready() or kSpinMicros have passed (the clock read every 64 turns).
+template <class Ready>
+void spinUntil(const Ready& ready) {
+  const auto deadline = std::chrono::steady_clock::now() + std::chrono::microseconds(kSpinMicros);
+  for (int i = 1; !ready(); ++i) {
+    cpuRelax();
+    if ((i & 63) == 0 && std::chrono::steady_clock::now() >= deadline) return;
+  }
+}
+}  // namespace
 
 ThreadPool::ThreadPool(int32_t threads) {
   for (int32_t w = 1; w < threads; ++w) workers_.emplace_back([this, w] { workerLoop(w); });
@@ -24,6 +47,7 @@ void ThreadPool::runTasks(int32_t worker) {
 void ThreadPool::workerLoop(int32_t worker) {
   uint64_t seen = 0;
   for (;;) {
+    spinUntil([&] { return stopping_.load(std::memory_order_acquire) || generation_.load(std::memory_order_acquire) != seen; });
     {
       std::unique_lock<std::mutex> lock(stateMutex_);
       wake_.wait(lock, [&] { return stopping_ || generation_.load() != seen; });
@@ -60,6 +84,7 @@ void ThreadPool::parallelFor(int64_t tasks, int32_t maxThreads,
   }
   wake_.notify_all();
   runTasks(0);
+  spinUntil([&] { return pending_.load(std::memory_order_acquire) == 0; });
   std::unique_lock<std::mutex> lock(stateMutex_);
   done_.wait(lock, [&] { return pending_ == 0; });
   task_ = nullptr;

@@ -1,6 +1,8 @@
 // A persistent pool of worker threads. parallelFor hands out task indices through one atomic
 // counter; the calling thread works too. One job runs at a time: callers from several threads
 // (async work on different caches) queue on a mutex instead of oversubscribing the cores.
+// Workers and the caller spin briefly before they block: back-to-back jobs (layer after layer of a
+// decode step) then start without a futex wake-up, which costs tens of microseconds in a VM.
 #pragma once
 #include <atomic>
 #include <condition_variable>
@@ -38,8 +40,8 @@ class ThreadPool {
   int64_t tasks_ = 0;
   int32_t participants_ = 0;
   std::atomic<uint64_t> generation_{0};
-  int32_t pending_ = 0;
-  bool stopping_ = false;
+  std::atomic<int32_t> pending_{0};
+  std::atomic<bool> stopping_{false};
   std::atomic<int64_t> next_{0};
 };
 
