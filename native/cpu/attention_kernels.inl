@@ -377,7 +377,7 @@ void scoreRangeRows(const ScoreRange& range) {
   int64_t ahead = aheadBegin;
   for (int64_t row0 = range.rowBegin; row0 < range.rowEnd; row0 += TOKENS) {
     const int32_t tokens = int32_t(range.rowEnd - row0 < TOKENS ? range.rowEnd - row0 : TOKENS);
-    for (int32_t t = 0; t < TOKENS && ahead < range.rowEnd; ++t, ++ahead) {
+    for (int32_t t = 0; range.prefetch && t < TOKENS && ahead < range.rowEnd; ++t, ++ahead) {
       const uint8_t* row = static_cast<const uint8_t*>(range.keyPages[aheadPage]) + size_t(aheadSlot) * strideBytes;
       for (size_t offset = 0; offset < rowBytes; offset += 64) __builtin_prefetch(row + offset, 0, 0);
       if (++aheadSlot == range.pageTokens) { aheadSlot = 0; ++aheadPage; }

@@ -38,6 +38,7 @@ void scoreView(const KernelTable& kernels, const AttentionMassArgs& args, const 
   range.rowEnd = view.firstRow + count;
   range.out = out;
   range.outStride = outStride;
+  range.prefetch = size_t(count) * size_t(args.headDim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
   kernels.scoreRange(range);
 }
 

@@ -37,6 +37,7 @@ void attentionScores(const ScoresArgs& args) {
     range.rowEnd = args.head.firstRow + std::min(tokens, (chunk + 1) * kChunkTokens);
     range.out = args.out + size_t(group) * kMaxDecodeRows * size_t(tokens) + size_t(chunk * kChunkTokens);
     range.outStride = tokens;
+    range.prefetch = size_t(tokens) * size_t(dim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
     kernels.scoreRange(range);
   });
 }

@@ -88,7 +88,11 @@ struct ScoreRange {
   int64_t rowBegin, rowEnd;  // page rows (a head's token t is row firstRow + t)
   float* out;                // out[r * outStride + (row - rowBegin)]
   int64_t outStride;
+  // Prefetch key rows ahead: set when the keys the caller scans will not sit in the caches (a
+  // scan bigger than kPrefetchScanBytes); cached keys gain nothing and pay the instructions.
+  bool prefetch = false;
 };
+constexpr size_t kPrefetchScanBytes = size_t(1) << 20;
 
 struct KernelTable {
   const char* name;
