@@ -11,11 +11,21 @@ import { Sampler } from '../lib/models/llama2c/sampler.js';
 import { Tokenizer } from '../lib/models/llama2c/tokenizer.js';
 
 const prompts = ['Once upon a time', 'The little dog', 'Tom and his sister went to the park', 'One day, a bird'];
-// Every policy this version implements (select 'full' with each store); the f32 store is exact.
+// The stores (the f32 store is exact), then the eviction and loading policies at budgets well below
+// the ~200 tokens generated, so they act during decode. The prompts are a few tokens, so
+// SnapKV/PyramidKV (which select at the end of prefill) would keep everything and are left out;
+// KIVI needs a group of 16+ channels dividing headDim (8 in stories260K).
+const small = { sink: 4, window: 32 };
 const policies: Array<{ name: string; policy: PolicySpec }> = [
   { name: 'full + f32', policy: { store: { kind: 'f32' } } },
   { name: 'full + f16', policy: { store: { kind: 'f16' } } },
   { name: 'full + bf16', policy: { store: { kind: 'bf16' } } },
+  { name: 'streaming 4+60', policy: { select: { kind: 'streaming', sink: 4, window: 60 } } },
+  { name: 'h2o 64', policy: { select: { kind: 'h2o', budget: 64 } } },
+  { name: 'quest 2x16', policy: { select: { kind: 'quest', pages: 2, pageSize: 16, ...small } } },
+  { name: 'flat 28', policy: { select: { kind: 'retrieval', index: 'flat', topK: 28, ...small } } },
+  { name: 'graph 28', policy: { select: { kind: 'retrieval', index: 'graph', topK: 28, ...small } } },
+  { name: 'actqkv 2x14', policy: { select: { kind: 'actqkv', blocks: 2, blockSize: 14, reprTopK: 4, ...small } } },
 ];
 
 const { values } = parseArgs({
