@@ -471,7 +471,8 @@ class CudaBackend final : public Backend {
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
     stagePages(layout.keyPages, 0, args.head.keyPages + pages.first, pages.count);
-    std::memcpy(staging_.data() + layout.q, args.q, layout.uploadBytes - layout.q);
+    stageScaledQueries(layout.q, args.q, (layout.uploadBytes - layout.q) / sizeof(float), args.scale);
+    kernel.scale = 1.0f;
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
     unsigned char* device = static_cast<unsigned char*>(workspace_);
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
@@ -502,7 +503,8 @@ class CudaBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
     stagePages(layout.keptPages, 0, args.kept.keyPages + keptPages.first, keptPages.count);
     stagePages(layout.tailPages, 0, args.tail.keyPages + tailPages.first, tailPages.count);
-    std::memcpy(staging_.data() + layout.q, args.q, layout.uploadBytes - layout.q);
+    stageScaledQueries(layout.q, args.q, (layout.uploadBytes - layout.q) / sizeof(float), args.scale);
+    kept.scale = tail.scale = 1.0f;
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
     unsigned char* device = static_cast<unsigned char*>(workspace_);
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
@@ -658,6 +660,12 @@ class CudaBackend final : public Backend {
   }
 
   // Copies `count` page pointers of one head into the staged page table at `table` (mutex_ held).
+  // Queries times scale, as the CPU scales them before the dot (the score kernels then use 1).
+  void stageScaledQueries(size_t offset, const float* q, size_t count, float scale) {
+    float* staged = reinterpret_cast<float*>(staging_.data() + offset);
+    for (size_t i = 0; i < count; ++i) staged[i] = q[i] * scale;
+  }
+
   void stagePages(size_t table, int64_t firstPage, const void* const* pages, int64_t count) {
     if (count > 0) {
       std::memcpy(staging_.data() + table + size_t(firstPage) * sizeof(void*), pages, size_t(count) * sizeof(void*));
