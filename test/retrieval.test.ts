@@ -255,6 +255,39 @@ describe('loading policies: fork, stats and errors', () => {
     }
   });
 
+  it('a fork shares the indexes copy-on-write: parent and child diverge, each as a cache that never forked', () => {
+    for (const select of [
+      { kind: 'retrieval', index: 'graph', topK: 8, sink: 2, window: 8 },
+      { kind: 'retrieval', index: 'ivf', topK: 8, sink: 2, window: 8, lists: 8, probes: 3 },
+    ] as SelectSpec[]) {
+      // Three caches fed the same calls up to the fork (the graph build is seeded, so they agree).
+      const [parent, parentTwin, childTwin] = [0, 1, 2].map(() => new Run(GQA, select, 83));
+      for (const run of [parent, parentTwin, childTwin]) {
+        run.prefill(140);
+        run.step();
+      }
+      const child = parent.cache.fork();
+      open.push(child);
+      const random = new Random(9);
+      const token = () => ({
+        q: random.tensor(GQA.qHeads * GQA.headDim), k: random.tensor(GQA.kvHeads * GQA.headDim), v: random.tensor(GQA.kvHeads * GQA.headDim),
+      });
+      // Each step adds a key to the indexes (a token leaves the window); parent and child add different ones.
+      for (let s = 0; s < 6; s++) {
+        const a = token(), b = token();
+        const fromParent = parent.cache.step(0, a.q, a.k, a.v), fromParentTwin = parentTwin.cache.step(0, a.q, a.k, a.v);
+        const fromChild = child.step(0, b.q, b.k, b.v), fromChildTwin = childTwin.cache.step(0, b.q, b.k, b.v);
+        expect(Array.from(fromParent), `${select.kind} step ${s}: parent`).toEqual(Array.from(fromParentTwin));
+        expect(Array.from(fromChild), `${select.kind} step ${s}: child`).toEqual(Array.from(fromChildTwin));
+        for (let h = 0; h < GQA.kvHeads; h++) {
+          expect(Array.from(parent.cache.loadedPositions(0, h))).toEqual(Array.from(parentTwin.cache.loadedPositions(0, h)));
+          expect(Array.from(child.loadedPositions(0, h))).toEqual(Array.from(childTwin.cache.loadedPositions(0, h)));
+        }
+      }
+      expect(child.stats().bytes.index).toBe(childTwin.cache.stats().bytes.index);
+    }
+  });
+
   it('keeps every token: bytes and kept counts are the full cache, loaded counts are the static part + k', () => {
     const run = new Run(GQA, { kind: 'retrieval', index: 'flat', topK: 5, sink: 4, window: 12 }, 51);
     run.prefill(100);

@@ -5,7 +5,11 @@
 // - ivf, graph: a KeyIndex in host memory with an f32 copy of the keys. The graph is trained on a
 //   sample of the prefill queries (the attention-aware index); keys that leave the window later are
 //   inserted incrementally.
+// - Forks share the indexes copy-on-write: a search only reads one, and a policy copies an index
+//   that another fork still holds before it adds keys (a fork of a long context costs nothing
+//   until it appends, instead of a deep copy of every index).
 #include <algorithm>
+#include <memory>
 
 #include "loading_policy.h"
 
@@ -22,11 +26,13 @@ class RetrievalPolicy final : public LoadingPolicy {
         trainQueries_(config.trainQueries),
         indexes_(size_t(layers) * size_t(kvHeads)) {}
 
-  // A fork starts with its own empty scratch.
+  // A fork shares the indexes (copy-on-write) and starts with its own empty scratch.
   RetrievalPolicy(const RetrievalPolicy& other)
-      : LoadingPolicy(other), options_(other.options_), topK_(other.topK_), trainQueries_(other.trainQueries_) {
-    for (const auto& index : other.indexes_) indexes_.push_back(index ? index->clone() : nullptr);
-  }
+      : LoadingPolicy(other),
+        options_(other.options_),
+        topK_(other.topK_),
+        trainQueries_(other.trainQueries_),
+        indexes_(other.indexes_) {}
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<RetrievalPolicy>(*this); }
 
@@ -43,11 +49,16 @@ class RetrievalPolicy final : public LoadingPolicy {
   Status index(SelectContext& context, int32_t layer, int32_t h, int64_t, int64_t count, const std::vector<float>& keys,
                const float* q, int64_t n) override {
     if (options_.kind == IndexKind::Flat) return Status::ok();  // the backend scans the pages
-    std::unique_ptr<KeyIndex>& index = indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-    if (index && index->size() > 0) return index->add(keys.data(), count);
+    std::shared_ptr<KeyIndex>& index = indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    if (index && index->size() > 0) {
+      if (index.use_count() > 1) index = index->clone();  // another fork still reads it
+      return index->add(keys.data(), count);
+    }
     IndexOptions options = options_;
     options.dim = context.headDim;
-    KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &index));
+    std::unique_ptr<KeyIndex> created;
+    KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &created));
+    index = std::move(created);
     // Training queries: an even sample of the prefill call's query rows of this kv head's group.
     std::vector<float> training;
     if (q != nullptr && n > 0) {
@@ -102,7 +113,7 @@ class RetrievalPolicy final : public LoadingPolicy {
  private:
   IndexOptions options_;
   int64_t topK_, trainQueries_;
-  std::vector<std::unique_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat
+  std::vector<std::shared_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat; shared by forks
   std::vector<float> scoreScratch_;                  // flat: [rows, dynamic] scores (heads run one at a time)
 };
 
