@@ -33,6 +33,7 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
+#include <memory>
 #include <numeric>
 
 #include "loading_policy.h"
@@ -66,7 +67,9 @@ class ActQKVPolicy final : public LoadingPolicy {
 
   size_t indexBytes() const override {
     size_t bytes = 0;
-    for (const HeadBlocks& head : heads_) {
+    for (const std::shared_ptr<HeadBlocks>& shared : heads_) {
+      if (!shared) continue;
+      const HeadBlocks& head = *shared;
       bytes += (head.reprs.size() + head.candKeys.size()) * sizeof(float) + head.norms.size() * sizeof(double) +
                head.candScores.size() * (sizeof(double) + sizeof(int64_t));
     }
@@ -137,7 +140,11 @@ class ActQKVPolicy final : public LoadingPolicy {
  protected:
   Status index(SelectContext& context, int32_t layer, int32_t h, int64_t first, int64_t count, const std::vector<float>& keys,
                const float*, int64_t) override {
-    HeadBlocks& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    std::shared_ptr<HeadBlocks>& slot = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    // Shared with forks until one of them indexes more keys (copy-on-write).
+    if (!slot) slot = std::make_shared<HeadBlocks>();
+    else if (slot.use_count() > 1) slot = std::make_shared<HeadBlocks>(*slot);
+    HeadBlocks& head = *slot;
     const size_t dim = size_t(context.headDim);
     const int32_t group = context.qHeads / context.kvHeads;
     // A key's score: the sum over the group's probes of p.k = (sum of the probes).k. The probe
@@ -379,7 +386,9 @@ class ActQKVPolicy final : public LoadingPolicy {
   //     = (r_b . u) / |r_b| with u = sum_g p_g / |p_g| + lambda q_g / |q_g| (a zero vector adds 0).
   void scoreBlocks(const SelectContext& context, int32_t layer, int32_t h, const std::vector<double>& probe, const float* lastQuery,
                    int64_t blocks, std::vector<double>* scores) const {
-    const HeadBlocks& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    static const HeadBlocks kEmpty;
+    const std::shared_ptr<HeadBlocks>& slot = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+    const HeadBlocks& head = slot ? *slot : kEmpty;
     const size_t dim = size_t(context.headDim);
     const int32_t group = context.qHeads / context.kvHeads;
     std::vector<double> u(dim, 0.0);
@@ -452,7 +461,7 @@ class ActQKVPolicy final : public LoadingPolicy {
   double questionWeight_, temperature_;
   int64_t lower_;
   std::vector<LayerQueries> queries_;
-  std::vector<HeadBlocks> heads_;
+  std::vector<std::shared_ptr<HeadBlocks>> heads_;  // [layers * kvHeads]; null until indexed; shared by forks
   std::vector<std::vector<double>> history_;  // [layers]: the last kHistory layer entropies
   int32_t lastLayer_ = INT32_MAX;             // layer of the previous planLoad (a new step when not above it)
   int64_t remaining_ = 0;                     // R_l: blocks left in this step
