@@ -10,6 +10,7 @@
 //   until it appends, instead of a deep copy of every index).
 #include <algorithm>
 #include <memory>
+#include <thread>
 
 #include "loading_policy.h"
 
@@ -56,6 +57,10 @@ class RetrievalPolicy final : public LoadingPolicy {
     }
     IndexOptions options = options_;
     options.dim = context.headDim;
+    // The kv heads build in parallel already (hostParallel): each build gets its share of the
+    // threads instead of all of them (nested threads oversubscribe the cores).
+    const int32_t threads = context.threads > 0 ? context.threads : int32_t(std::max(1u, std::thread::hardware_concurrency()));
+    options.threads = std::max(1, threads / kvHeads_);
     std::unique_ptr<KeyIndex> created;
     KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &created));
     index = std::move(created);
