@@ -14,6 +14,11 @@ export interface KeyIndexOptions extends IndexSpec {
   keys: Float32Array;
   /** Training queries `[m, dim]` (graph: the queries the index will serve, e.g. prefill queries). */
   queries?: Float32Array;
+  /**
+   * graph: how the index stores its copy of the keys: 'f32' (default) or 'f16' (half the bytes; keys
+   * are rounded to f16, so keys that are f16 values already score exactly as with 'f32').
+   */
+  keyType?: 'f32' | 'f16';
 }
 
 export interface SearchOptions {
@@ -42,7 +47,7 @@ export class KeyIndex {
 
   constructor(options: KeyIndexOptions) {
     const o = plainObject('options', options);
-    knownKeys('options', o, ['kind', 'dim', 'keys', 'queries', 'lists', 'probes', 'degree', 'beam', 'neighbors', 'threads', 'seed']);
+    knownKeys('options', o, ['kind', 'dim', 'keys', 'queries', 'lists', 'probes', 'degree', 'beam', 'neighbors', 'threads', 'seed', 'keyType']);
     if (o.kind !== 'flat' && o.kind !== 'ivf' && o.kind !== 'graph') {
       throw optionError(`Expected 'flat', 'ivf' or 'graph' for options.kind but received ${describe(o.kind)}`);
     }
@@ -53,7 +58,13 @@ export class KeyIndex {
     if (o.queries !== undefined && !(o.queries instanceof Float32Array)) {
       throw new KVSlimError('ERR_DTYPE', `Expected a Float32Array for options.queries but received ${describe(o.queries)}`);
     }
-    const resolved = resolveIndex('options', o.kind, o);
+    if (o.keyType !== undefined && o.keyType !== 'f32' && o.keyType !== 'f16') {
+      throw optionError(`Expected 'f32' or 'f16' for options.keyType but received ${describe(o.keyType)}`);
+    }
+    if (o.keyType === 'f16' && o.kind !== 'graph') {
+      throw optionError(`options.keyType 'f16' is supported by the graph index only, not '${o.kind}'`);
+    }
+    const resolved = { ...resolveIndex('options', o.kind, o), halfKeys: o.keyType === 'f16' };
     this.kind = o.kind;
     this.dim = o.dim;
     const start = performance.now();

@@ -7,6 +7,7 @@ import { describe, expect, it } from 'vitest';
 import { createKeyIndex, KeyIndex, pageBounds } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
 import { Random } from './helpers/random.js';
+import { roundTo } from './reference/half.js';
 import { checkTopK } from './reference/loading.js';
 
 function maxDot(queries: Float32Array, dim: number, keys: Float32Array, id: number): number {
@@ -131,6 +132,37 @@ describe('graph index', () => {
     expect(index.bytes).toBeGreaterThan(5000 * dim * 4);
   });
 
+  for (const [dim, training] of [[64, true], [20, false], [1, true]] as const) {
+    it(`keyType 'f16' keeps f16 keys in half the bytes and finds exactly what 'f32' finds (dim ${dim}, ${training ? 'queries' : 'keys as queries'})`, () => {
+      const random = new Random(40 + dim);
+      // Keys that are f16 values (as a cache's f16 store holds them): rounding them is exact.
+      const keys = Float32Array.from(roundTo(clusteredKeys(random, 2500, dim), 'f16'));
+      const queries = training ? random.tensor(600 * dim) : undefined;
+      const wide = createKeyIndex({ kind: 'graph', dim, keys: keys.subarray(0, 2000 * dim), queries });
+      const half = createKeyIndex({ kind: 'graph', dim, keys: keys.subarray(0, 2000 * dim), queries, keyType: 'f16' });
+      wide.add(keys.subarray(2000 * dim));
+      half.add(keys.subarray(2000 * dim));
+      expect(half.size).toBe(2500);
+      expect(wide.bytes - half.bytes).toBe(2500 * dim * 2);
+      for (let trial = 0; trial < 12; trial++) {
+        const q = random.tensor((1 + (trial % 4)) * dim);
+        const k = trial === 11 ? 2500 : 10 + trial;  // the last asks for every key (exact scan)
+        const a = wide.search(q, k, { beam: 64 + 8 * trial }), b = half.search(q, k, { beam: 64 + 8 * trial });
+        expect(Array.from(b.ids), `trial ${trial}`).toEqual(Array.from(a.ids));
+        expect(Array.from(b.scores)).toEqual(Array.from(a.scores));
+        expect(b.scanned).toBe(a.scanned);
+      }
+      // Keys that are not f16 values are rounded: the index is the one over the rounded keys.
+      const raw = random.tensor(300 * dim);
+      const rounded = createKeyIndex({ kind: 'graph', dim, keys: Float32Array.from(roundTo(raw, 'f16')) });
+      const coarse = createKeyIndex({ kind: 'graph', dim, keys: raw, keyType: 'f16' });
+      const q = random.tensor(2 * dim);
+      const [c, r] = [coarse.search(q, 30), rounded.search(q, 30)];
+      expect(Array.from(c.ids)).toEqual(Array.from(r.ids));
+      expect(Array.from(c.scores)).toEqual(Array.from(r.scores));
+    });
+  }
+
   it('builds without training queries (keys as queries)', () => {
     const random = new Random(6);
     const dim = 24;
@@ -179,6 +211,8 @@ describe('key index errors', () => {
     expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, degree: 1 }), 'ERR_OPTION', /degree/);
     expectError(() => createKeyIndex({ kind: 'ivf', dim: 4, keys, lists: -2 }), 'ERR_OPTION', /lists/);
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, extra: 1 } as never), 'ERR_OPTION', /extra/);
+    expectError(() => createKeyIndex({ kind: 'ivf', dim: 4, keys, keyType: 'f16' }), 'ERR_OPTION', /keyType/);
+    expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, keyType: 'bf16' as 'f16' }), 'ERR_OPTION', /keyType/);
     const nan = keys.slice();
     nan[5] = NaN;
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys: nan }), 'ERR_VALUE', /keys/);

@@ -8,6 +8,7 @@ import { afterEach, describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
+import { roundTo } from './reference/half.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { type LayerData, attentionOver, checkTopK, groupRows, groupScore, pageBound } from './reference/loading.js';
 
@@ -286,6 +287,37 @@ describe('loading policies: fork, stats and errors', () => {
       }
       expect(child.stats().bytes.index).toBe(childTwin.cache.stats().bytes.index);
     }
+  });
+
+  it('graph over an f16 store keeps f16 keys: the same choices as over an f32 store of the same values, half the key bytes', () => {
+    const select = { kind: 'retrieval', index: 'graph', topK: 8, sink: 2, window: 8 } as SelectSpec;
+    const make = (store: 'f16' | 'f32') => {
+      const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind: store } } });
+      open.push(cache);
+      return cache;
+    };
+    const [half, wide] = [make('f16'), make('f32')];
+    const random = new Random(17);
+    // f16 values, so both stores hold exactly the same numbers.
+    const f16 = (n: number) => Float32Array.from(roundTo(random.tensor(n), 'f16'));
+    const { qHeads, kvHeads, headDim } = GQA;
+    for (let layer = 0; layer < GQA.layers; layer++) {
+      const [q, k, v] = [f16(170 * qHeads * headDim), f16(170 * kvHeads * headDim), f16(170 * kvHeads * headDim)];
+      half.prefill(layer, q, k, v);
+      wide.prefill(layer, q, k, v);
+    }
+    for (let s = 0; s < 5; s++) {
+      for (let layer = 0; layer < GQA.layers; layer++) {
+        const [q, k, v] = [f16(qHeads * headDim), f16(kvHeads * headDim), f16(kvHeads * headDim)];
+        const a = half.step(layer, q, k, v), b = wide.step(layer, q, k, v);
+        for (let h = 0; h < kvHeads; h++) {
+          expect(Array.from(half.loadedPositions(layer, h)), `step ${s} layer ${layer} head ${h}`).toEqual(Array.from(wide.loadedPositions(layer, h)));
+        }
+        expect(relativeL2(a, b)).toBeLessThan(1e-6);
+      }
+    }
+    const keys = half.tokens(0) - 2 - 8;  // the indexed (dynamic) part per kv head and layer
+    expect(wide.stats().bytes.index - half.stats().bytes.index).toBe(GQA.layers * kvHeads * keys * headDim * 2);
   });
 
   it('keeps every token: bytes and kept counts are the full cache, loaded counts are the static part + k', () => {

@@ -20,6 +20,13 @@ class VectorOps {
   // The same as maxDot for the keys base + ids[i] * dim (graph and list scans).
   virtual void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
                             int64_t count, float* out) const = 0;
+  // The same three over f16 keys (an index over an f16 cache keeps its keys in half the bytes).
+  virtual void maxDotHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
+                          float* out) const = 0;
+  virtual void dotMatrixHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
+                             float* out) const = 0;
+  virtual void maxDotGatherHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* base, const uint32_t* ids,
+                                int64_t count, float* out) const = 0;
   // Quest's upper bound of a page with per-channel key minima lo and maxima hi ([pages, dim] each):
   // out[p] = max over the query rows of sum_i max(q_i * lo_pi, q_i * hi_pi).
   virtual void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,

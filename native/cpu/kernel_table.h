@@ -114,6 +114,11 @@ struct KernelTable {
   void (*dotMatrix)(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out);
   void (*maxDotGather)(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
                        int64_t count, float* out);
+  // The same three over f16 keys.
+  void (*maxDotHalf)(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count, float* out);
+  void (*dotMatrixHalf)(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count, float* out);
+  void (*maxDotGatherHalf)(const float* queries, int32_t rows, int32_t dim, const uint16_t* base, const uint32_t* ids,
+                           int64_t count, float* out);
   void (*boxBound)(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                    float* out);
   void (*softmaxRow)(float* row, int64_t visible, int64_t total);

@@ -14,9 +14,12 @@ KernelTable makeTable() {
   table.fmaBurn = &fmaBurn<V>;
   table.kiviDecodeRange = &kiviDecodeRange<V>;
   table.scoreRange = &scoreRange<V>;
-  table.maxDot = &maxDot<V>;
-  table.dotMatrix = &dotMatrix<V>;
-  table.maxDotGather = &maxDotGather<V>;
+  table.maxDot = &maxDot<V, float>;
+  table.dotMatrix = &dotMatrix<V, float>;
+  table.maxDotGather = &maxDotGather<V, float>;
+  table.maxDotHalf = &maxDot<V, uint16_t>;
+  table.dotMatrixHalf = &dotMatrix<V, uint16_t>;
+  table.maxDotGatherHalf = &maxDotGather<V, uint16_t>;
   table.boxBound = &boxBound<V>;
   table.softmaxRow = &softmaxRow<V>;
   return table;

@@ -1,46 +1,55 @@
 // Host vector kernels of the retrieval indexes (core/vector_ops.h), one instantiation per
 // instruction set. Included by kernels_*.cc inside their anonymous namespace after vec_*.h.
 
-// dot(a, b) over dim floats: four independent accumulators, then the scalar tail.
+// Keys are f32, or f16 (an index over an f16 cache keeps its keys in half the bytes; the f16 to
+// f32 conversion is exact, so either gives the same scores).
 template <class V>
-inline float dotRow(const float* a, const float* b, int32_t dim) {
+inline typename V::R loadKey(const float* p) { return V::load(p); }
+template <class V>
+inline typename V::R loadKey(const uint16_t* p) { return V::loadF16(p); }
+inline float keyAt(const float* p, int32_t i) { return p[i]; }
+inline float keyAt(const uint16_t* p, int32_t i) { return kvslim::f16ToFloat(p[i]); }
+
+// dot(a, b) over dim floats: four independent accumulators, then the scalar tail.
+template <class V, class K>
+inline float dotRow(const float* a, const K* b, int32_t dim) {
   typename V::R s0 = V::zero(), s1 = V::zero(), s2 = V::zero(), s3 = V::zero();
   int32_t i = 0;
   for (; i + 4 * V::W <= dim; i += 4 * V::W) {
-    s0 = V::fmadd(V::load(a + i), V::load(b + i), s0);
-    s1 = V::fmadd(V::load(a + i + V::W), V::load(b + i + V::W), s1);
-    s2 = V::fmadd(V::load(a + i + 2 * V::W), V::load(b + i + 2 * V::W), s2);
-    s3 = V::fmadd(V::load(a + i + 3 * V::W), V::load(b + i + 3 * V::W), s3);
+    s0 = V::fmadd(V::load(a + i), loadKey<V>(b + i), s0);
+    s1 = V::fmadd(V::load(a + i + V::W), loadKey<V>(b + i + V::W), s1);
+    s2 = V::fmadd(V::load(a + i + 2 * V::W), loadKey<V>(b + i + 2 * V::W), s2);
+    s3 = V::fmadd(V::load(a + i + 3 * V::W), loadKey<V>(b + i + 3 * V::W), s3);
   }
-  for (; i + V::W <= dim; i += V::W) s0 = V::fmadd(V::load(a + i), V::load(b + i), s0);
+  for (; i + V::W <= dim; i += V::W) s0 = V::fmadd(V::load(a + i), loadKey<V>(b + i), s0);
   float sum = V::reduceAdd(V::add(V::add(s0, s1), V::add(s2, s3)));
-  for (; i < dim; ++i) sum += a[i] * b[i];
+  for (; i < dim; ++i) sum += a[i] * keyAt(b, i);
   return sum;
 }
 
-template <class V>
-inline float maxDotOne(const float* queries, int32_t rows, int32_t dim, const float* key) {
+template <class V, class K>
+inline float maxDotOne(const float* queries, int32_t rows, int32_t dim, const K* key) {
   float best = -INFINITY;
   for (int32_t r = 0; r < rows; ++r) best = std::max(best, dotRow<V>(queries + size_t(r) * size_t(dim), key, dim));
   return best;
 }
 
-template <class V>
-void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out) {
+template <class V, class K>
+void maxDot(const float* queries, int32_t rows, int32_t dim, const K* keys, int64_t count, float* out) {
   for (int64_t i = 0; i < count; ++i) out[i] = maxDotOne<V>(queries, rows, dim, keys + size_t(i) * size_t(dim));
 }
 
 // ROWS queries x TOKENS keys per register tile: each key chunk loaded once for all rows, each
 // query chunk once for all keys, the ROWS x TOKENS sums reduced together (as the decode kernel).
-template <class V, int ROWS>
-void dotTile(const float* queries, int32_t dim, const float* keys, int64_t count, float* out, int64_t outStride) {
+template <class V, int ROWS, class K>
+void dotTile(const float* queries, int32_t dim, const K* keys, int64_t count, float* out, int64_t outStride) {
   using R = typename V::R;
   constexpr int32_t TOKENS = V::kDotAccumulators / ROWS;
   const int32_t chunks = dim / V::W;
   const int32_t tailBegin = chunks * V::W;
   for (int64_t j0 = 0; j0 < count; j0 += TOKENS) {
     const int32_t tokens = int32_t(count - j0 < TOKENS ? count - j0 : TOKENS);
-    const float* key[TOKENS];
+    const K* key[TOKENS];
     for (int32_t t = 0; t < TOKENS; ++t) key[t] = keys + size_t(j0 + (t < tokens ? t : 0)) * size_t(dim);
     R partial[V::kDotAccumulators];
     for (int32_t a = 0; a < V::kDotAccumulators; ++a) partial[a] = V::zero();
@@ -48,7 +57,7 @@ void dotTile(const float* queries, int32_t dim, const float* keys, int64_t count
       R q[ROWS];
       for (int32_t r = 0; r < ROWS; ++r) q[r] = V::load(queries + r * dim + c * V::W);
       for (int32_t t = 0; t < TOKENS; ++t) {
-        const R k = V::load(key[t] + c * V::W);
+        const R k = loadKey<V>(key[t] + c * V::W);
         for (int32_t r = 0; r < ROWS; ++r) partial[r * TOKENS + t] = V::fmadd(q[r], k, partial[r * TOKENS + t]);
       }
     }
@@ -57,15 +66,15 @@ void dotTile(const float* queries, int32_t dim, const float* keys, int64_t count
     for (int32_t r = 0; r < ROWS; ++r) {
       for (int32_t t = 0; t < tokens; ++t) {
         float dot = sums[r * TOKENS + t];
-        for (int32_t d = tailBegin; d < dim; ++d) dot += queries[r * dim + d] * key[t][d];
+        for (int32_t d = tailBegin; d < dim; ++d) dot += queries[r * dim + d] * keyAt(key[t], d);
         out[r * outStride + j0 + t] = dot;
       }
     }
   }
 }
 
-template <class V>
-void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out) {
+template <class V, class K>
+void dotMatrix(const float* queries, int32_t rows, int32_t dim, const K* keys, int64_t count, float* out) {
   for (int32_t r0 = 0; r0 < rows; r0 += 4) {
     const float* q = queries + size_t(r0) * size_t(dim);
     float* o = out + size_t(r0) * size_t(count);
@@ -80,12 +89,13 @@ void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* key
 
 // Every cache line of one key (a graph scan jumps around memory: the hardware prefetcher cannot
 // guess the next key, and a key spans several lines).
-inline void prefetchKey(const float* key, int32_t dim) {
-  for (int32_t i = 0; i < dim; i += 16) __builtin_prefetch(key + i);
+template <class K>
+inline void prefetchKey(const K* key, int32_t dim) {
+  for (int32_t i = 0; i < dim; i += int32_t(64 / sizeof(K))) __builtin_prefetch(key + i);
 }
 
-template <class V>
-void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids, int64_t count,
+template <class V, class K>
+void maxDotGather(const float* queries, int32_t rows, int32_t dim, const K* base, const uint32_t* ids, int64_t count,
                   float* out) {
   // Keys kAhead ahead are on their way while one is scored: several misses in flight at once.
   constexpr int64_t kAhead = 4;

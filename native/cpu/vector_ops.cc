@@ -20,6 +20,18 @@ class HostVectorOps final : public VectorOps {
                     int64_t count, float* out) const override {
     cpu::activeKernels().maxDotGather(queries, rows, dim, base, ids, count, out);
   }
+  void maxDotHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
+                  float* out) const override {
+    cpu::activeKernels().maxDotHalf(queries, rows, dim, keys, count, out);
+  }
+  void dotMatrixHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
+                     float* out) const override {
+    cpu::activeKernels().dotMatrixHalf(queries, rows, dim, keys, count, out);
+  }
+  void maxDotGatherHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* base, const uint32_t* ids,
+                        int64_t count, float* out) const override {
+    cpu::activeKernels().maxDotGatherHalf(queries, rows, dim, base, ids, count, out);
+  }
   void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                 float* out) const override {
     cpu::activeKernels().boxBound(queries, rows, dim, lo, hi, pages, out);

@@ -50,6 +50,8 @@ IndexOptions parseIndexOptions(Napi::Env env, const Napi::Object& object, const 
   options.neighbors = intField(env, object, "neighbors");
   options.threads = intField(env, object, "threads");
   options.seed = uint64_t(intField(env, object, "seed"));
+  const Napi::Value halfKeys = object.Get("halfKeys");
+  options.halfKeys = halfKeys.IsBoolean() && halfKeys.As<Napi::Boolean>().Value();
   return options;
 }
 

@@ -40,6 +40,7 @@
 
 #include "../vector_ops.h"
 #include "key_index.h"
+#include "key_rows.h"
 #include "split_mix.h"
 
 namespace kvslim {
@@ -137,10 +138,9 @@ VisitedMarks& threadVisitedMarks() {
 }
 
 // Exact top-`count` keys by inner product for each query, best first: lists [queryCount, count].
-void exactTopKeys(const float* keys, int64_t n, const float* queries, int64_t queryCount, int32_t dim, int64_t count,
+void exactTopKeys(const KeyRows& keys, int64_t n, const float* queries, int64_t queryCount, int32_t dim, int64_t count,
                   int threads, std::vector<uint32_t>* lists) {
   lists->assign(size_t(queryCount) * size_t(count), 0);
-  const VectorOps& ops = hostVectorOps();
   parallelChunks(queryCount, threads, kQueryBlock, [&](int64_t begin, int64_t end) {
     const int64_t rows = end - begin;
     // Per query: kept candidates and the score a new key must beat once 2 * count are kept.
@@ -153,7 +153,7 @@ void exactTopKeys(const float* keys, int64_t n, const float* queries, int64_t qu
     };
     for (int64_t block = 0; block < n; block += kKeyBlock) {
       const int64_t length = std::min(kKeyBlock, n - block);
-      ops.dotMatrix(queries + begin * dim, int32_t(rows), dim, keys + block * dim, length, scores.data());
+      keys.dots(queries + begin * dim, int32_t(rows), block, length, scores.data());
       for (int64_t r = 0; r < rows; ++r) {
         const float* row = scores.data() + r * length;
         std::vector<Scored>& candidates = kept[size_t(r)];
@@ -178,7 +178,7 @@ void exactTopKeys(const float* keys, int64_t n, const float* queries, int64_t qu
 
 class GraphIndex final : public KeyIndex {
  public:
-  explicit GraphIndex(const IndexOptions& options) : options_(options) {}
+  explicit GraphIndex(const IndexOptions& options) : options_(options), keys_(options.dim, options.halfKeys) {}
 
   Status build(const float* keys, int64_t n, const float* queries, int64_t queryCount) override {
     KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0));
@@ -219,7 +219,7 @@ class GraphIndex final : public KeyIndex {
   void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
                   SearchResult* out) const override {
     if (k >= count_) {  // every key, exactly
-      exactSearch(queries, rows, options_.dim, keys_.data(), count_, count_, out);
+      exactSearch(queries, rows, keys_, count_, out);
       return;
     }
     const int64_t beam = options.beam > 0 ? options.beam : options_.beam > 0 ? options_.beam : std::max<int64_t>(2 * k, 64);
@@ -234,7 +234,7 @@ class GraphIndex final : public KeyIndex {
   int64_t size() const override { return count_; }
 
   size_t bytes() const override {
-    return (keys_.size() + norms_.size()) * sizeof(float) +
+    return keys_.bytes() + norms_.size() * sizeof(float) +
            (links_.size() + linkCounts_.size() + parents_.size()) * sizeof(uint32_t);
   }
 
@@ -242,7 +242,12 @@ class GraphIndex final : public KeyIndex {
   const IndexOptions& options() const override { return options_; }
 
  private:
-  const float* key(uint32_t id) const { return keys_.data() + size_t(id) * size_t(options_.dim); }
+  // Key `id` as an f32 query row.
+  std::vector<float> key(uint32_t id) const {
+    std::vector<float> row(static_cast<size_t>(options_.dim));
+    keys_.row(id, row.data());
+    return row;
+  }
   uint32_t* linksOf(uint32_t id) { return links_.data() + size_t(id) * size_t(options_.degree); }
   const uint32_t* linksOf(uint32_t id) const { return links_.data() + size_t(id) * size_t(options_.degree); }
 
@@ -253,18 +258,18 @@ class GraphIndex final : public KeyIndex {
   void appendKeys(const float* keys, int64_t n) {
     const size_t total = size_t(count_ + n);
     const size_t room = count_ == 0 ? total + total / 2 : total;
-    reserveGeometric(&keys_, room * size_t(options_.dim));
+    keys_.reserve(room);
     reserveGeometric(&links_, room * size_t(options_.degree));
     reserveGeometric(&linkCounts_, room);
     reserveGeometric(&parents_, room);
     reserveGeometric(&norms_, room);
-    keys_.insert(keys_.end(), keys, keys + n * options_.dim);
+    keys_.append(keys, n);
     links_.resize(total * size_t(options_.degree), kNone);
     linkCounts_.resize(total, 0);
     parents_.resize(total, kNone);
     norms_.resize(total);
     for (int64_t i = count_; i < int64_t(total); ++i)
-      hostVectorOps().maxDot(key(uint32_t(i)), 1, options_.dim, key(uint32_t(i)), 1, &norms_[size_t(i)]);
+      keys_.maxDots(key(uint32_t(i)).data(), 1, i, 1, &norms_[size_t(i)]);
     count_ += n;
   }
 
@@ -277,7 +282,7 @@ class GraphIndex final : public KeyIndex {
       std::fill(end, links + options_.degree, kNone);
       linkCounts_[node] = uint32_t(end - links);
     }
-    keys_.resize(size_t(first) * size_t(options_.dim));
+    keys_.truncate(first);
     links_.resize(size_t(first) * size_t(options_.degree));
     linkCounts_.resize(size_t(first));
     parents_.resize(size_t(first));
@@ -296,14 +301,14 @@ class GraphIndex final : public KeyIndex {
       SplitMix64 random(options_.seed);
       for (int64_t i = 0; i < queryCount; ++i) {
         const int64_t row = queryCount == n ? i : int64_t(random.below(uint64_t(n)));
-        std::memcpy(selfQueries.data() + size_t(i) * dim, keys + row * dim, size_t(dim) * sizeof(float));
+        keys_.row(uint32_t(row), selfQueries.data() + size_t(i) * dim);  // as stored (f16-rounded keys)
       }
       queries = selfQueries.data();
     }
     const int threads = resolveThreads(options_.threads);
     const int64_t perQuery = std::min<int64_t>(options_.neighbors, n);
     std::vector<uint32_t> lists;
-    exactTopKeys(keys_.data(), n, queries, queryCount, dim, perQuery, threads, &lists);
+    exactTopKeys(keys_, n, queries, queryCount, dim, perQuery, threads, &lists);
     project(lists, queryCount, perQuery, threads);
     connect();
   }
@@ -345,8 +350,7 @@ class GraphIndex final : public KeyIndex {
         }
         std::vector<uint32_t>().swap(pool);  // release as we go: the pools are the build's peak memory
         scores.resize(ids.size());
-        hostVectorOps().maxDotGather(key(uint32_t(node)), 1, options_.dim, keys_.data(), ids.data(), int64_t(ids.size()),
-                                     scores.data());
+        keys_.gather(key(uint32_t(node)).data(), 1, ids.data(), int64_t(ids.size()), scores.data());
         std::vector<size_t> order(ids.size());
         for (size_t i = 0; i < order.size(); ++i) order[i] = i;
         std::sort(order.begin(), order.end(), [&](size_t a, size_t b) {
@@ -373,8 +377,7 @@ class GraphIndex final : public KeyIndex {
       const Scored& candidate = ranked[i];
       if (candidate.id == node) continue;
       if (i >= keep && !chosen.empty()) {
-        hostVectorOps().maxDotGather(key(candidate.id), 1, options_.dim, keys_.data(), chosen.data(), int64_t(chosen.size()),
-                                     dots.data());
+        keys_.gather(key(candidate.id).data(), 1, chosen.data(), int64_t(chosen.size()), dots.data());
         // Occluded when a kept s is nearer: |s - c|^2 < |node - c|^2, i.e. |s|^2 - 2 s.c < |node|^2 - 2 node.c.
         const float nodeDistance = norms_[node] - 2 * candidate.score;
         bool isOccluded = false;
@@ -433,7 +436,7 @@ class GraphIndex final : public KeyIndex {
     std::vector<std::vector<Scored>> found(nodes.size());
     parallelChunks(int64_t(nodes.size()), resolveThreads(options_.threads), 4, [&](int64_t begin, int64_t end) {
       for (int64_t i = begin; i < end; ++i) {
-        beamSearch(key(nodes[size_t(i)]), 1, beam, kInsertSeeds, &found[size_t(i)]);
+        beamSearch(key(nodes[size_t(i)]).data(), 1, beam, kInsertSeeds, &found[size_t(i)]);
         const uint32_t node = nodes[size_t(i)];
         std::vector<Scored>& list = found[size_t(i)];
         list.erase(std::remove_if(list.begin(), list.end(), [node](const Scored& s) { return s.id == node; }), list.end());
@@ -451,8 +454,7 @@ class GraphIndex final : public KeyIndex {
     const uint32_t* own = linksOf(node);
     std::vector<uint32_t> existing(own, own + linkCounts_[node]);
     std::vector<float> scores(existing.size());
-    hostVectorOps().maxDotGather(key(node), 1, options_.dim, keys_.data(), existing.data(), int64_t(existing.size()),
-                                 scores.data());
+    keys_.gather(key(node).data(), 1, existing.data(), int64_t(existing.size()), scores.data());
     for (size_t i = 0; i < existing.size(); ++i) {
       const bool known = std::any_of(found.begin(), found.end(), [&](const Scored& s) { return s.id == existing[i]; });
       if (!known) ranked.push_back({scores[i], existing[i]});
@@ -504,7 +506,7 @@ class GraphIndex final : public KeyIndex {
     std::vector<uint32_t> ids(links, links + count);
     ids.push_back(to);
     std::vector<float> scores(ids.size());
-    hostVectorOps().maxDotGather(key(from), 1, options_.dim, keys_.data(), ids.data(), int64_t(ids.size()), scores.data());
+    keys_.gather(key(from).data(), 1, ids.data(), int64_t(ids.size()), scores.data());
     std::vector<Scored> ranked(ids.size());
     for (size_t i = 0; i < ids.size(); ++i) ranked[i] = {scores[i], ids[i]};
     std::sort(ranked.begin(), ranked.end(), better);
@@ -532,8 +534,6 @@ class GraphIndex final : public KeyIndex {
       Scored scored;
       bool expanded;
     };
-    const VectorOps& ops = hostVectorOps();
-    const int32_t dim = options_.dim;
     VisitedMarks& visited = threadVisitedMarks();
     visited.begin(size_t(count_));
     std::vector<Entry> pool;
@@ -552,7 +552,7 @@ class GraphIndex final : public KeyIndex {
       if (visited.visit(id)) seeds.push_back(id);
     }
     std::vector<float> seedScores(seeds.size());
-    ops.maxDotGather(queries, rows, dim, keys_.data(), seeds.data(), int64_t(seeds.size()), seedScores.data());
+    keys_.gather(queries, rows, seeds.data(), int64_t(seeds.size()), seedScores.data());
     for (size_t i = 0; i < seeds.size(); ++i) pool.push_back({{seedScores[i], seeds[i]}, false});
     std::sort(pool.begin(), pool.end(), [](const Entry& a, const Entry& b) { return better(a.scored, b.scored); });
     if (int64_t(pool.size()) > beam) pool.resize(size_t(beam));
@@ -565,7 +565,7 @@ class GraphIndex final : public KeyIndex {
       size_t fresh = 0;
       for (uint32_t i = 0; i < linkCounts_[node]; ++i)
         if (visited.visit(links[i])) batch[fresh++] = links[i];
-      ops.maxDotGather(queries, rows, dim, keys_.data(), batch.data(), int64_t(fresh), scores.data());
+      keys_.gather(queries, rows, batch.data(), int64_t(fresh), scores.data());
       scanned += int64_t(fresh);
       size_t lowest = pool.size();
       for (size_t i = 0; i < fresh; ++i) {
@@ -587,7 +587,7 @@ class GraphIndex final : public KeyIndex {
 
 
   IndexOptions options_;
-  std::vector<float> keys_;           // [count_, dim], row i is id i
+  KeyRows keys_;                      // [count_, dim], row i is id i (f16 over an f16 cache)
   std::vector<uint32_t> links_;       // [count_, degree] out-edges, the first linkCounts_[i] valid
   std::vector<uint32_t> linkCounts_;  // out-degree per key
   std::vector<uint32_t> parents_;     // spanning-tree parent per key (its protected in-edge); kNone for the entry

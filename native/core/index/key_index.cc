@@ -5,6 +5,7 @@
 #include <string>
 
 #include "../vector_ops.h"
+#include "key_rows.h"
 
 namespace kvslim {
 
@@ -21,6 +22,7 @@ Status makeKeyIndex(const IndexOptions& options, std::unique_ptr<KeyIndex>* out)
   if (options.beam < 0 || options.beam > (1 << 20)) return optionError("beam must be an integer in [0, 2^20]");
   if (options.neighbors < 1 || options.neighbors > 4096) return optionError("neighbors must be in [1, 4096]");
   if (options.threads < 0) return optionError("threads must be an integer >= 0");
+  if (options.halfKeys && options.kind != IndexKind::Graph) return optionError("f16 keys are kept by the graph index only");
   switch (options.kind) {
     case IndexKind::Flat: *out = makeFlatIndex(options); return Status::ok();
     case IndexKind::Ivf: *out = makeIvfIndex(options); return Status::ok();
@@ -75,14 +77,28 @@ void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* 
   std::sort_heap(ids->begin(), ids->end(), better);
 }
 
-void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,
-                 SearchResult* out) {
-  std::vector<float> scores(static_cast<size_t>(count));
-  hostVectorOps().maxDot(queries, rows, dim, keys, count, scores.data());
+namespace {
+// The top k of every key's score, with their scores.
+void keepBest(const std::vector<float>& scores, int64_t k, SearchResult* out) {
+  const int64_t count = int64_t(scores.size());
   topK(scores.data(), count, k, &out->ids);
   out->scores.resize(out->ids.size());
   for (size_t i = 0; i < out->ids.size(); ++i) out->scores[i] = scores[out->ids[i]];
   out->scanned = count;
+}
+}  // namespace
+
+void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,
+                 SearchResult* out) {
+  std::vector<float> scores(static_cast<size_t>(count));
+  hostVectorOps().maxDot(queries, rows, dim, keys, count, scores.data());
+  keepBest(scores, k, out);
+}
+
+void exactSearch(const float* queries, int32_t rows, const KeyRows& keys, int64_t k, SearchResult* out) {
+  std::vector<float> scores(static_cast<size_t>(keys.rows()));
+  keys.maxDots(queries, rows, 0, keys.rows(), scores.data());
+  keepBest(scores, k, out);
 }
 
 }  // namespace kvslim

@@ -22,6 +22,7 @@ struct IndexOptions {
   int32_t neighbors = 100; // graph: Nq, exact top keys linked per training query
   int32_t threads = 0;     // build threads; 0 = the machine's
   uint64_t seed = 1;
+  bool halfKeys = false;   // graph: keep the keys as f16 (set when they come from an f16 cache: exact)
 };
 
 // Per-search overrides (0 = the index's option).
@@ -76,5 +77,8 @@ void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* 
 // every key scored (the flat index, and any index asked for all its keys).
 void exactSearch(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, int64_t k,
                  SearchResult* out);
+// The same over an index's key copy (key_rows.h).
+class KeyRows;
+void exactSearch(const float* queries, int32_t rows, const KeyRows& keys, int64_t k, SearchResult* out);
 
 }  // namespace kvslim
