@@ -15,8 +15,8 @@ export interface KeyIndexOptions extends IndexSpec {
   /** Training queries `[m, dim]` (graph: the queries the index will serve, e.g. prefill queries). */
   queries?: Float32Array;
   /**
-   * graph: how the index stores its copy of the keys: 'f32' (default) or 'f16' (half the bytes; keys
-   * are rounded to f16, so keys that are f16 values already score exactly as with 'f32').
+   * ivf, graph: how the index stores its copy of the keys: 'f32' (default) or 'f16' (half the bytes;
+   * keys are rounded to f16, so keys that are f16 values already score exactly as with 'f32').
    */
   keyType?: 'f32' | 'f16';
 }
@@ -61,8 +61,8 @@ export class KeyIndex {
     if (o.keyType !== undefined && o.keyType !== 'f32' && o.keyType !== 'f16') {
       throw optionError(`Expected 'f32' or 'f16' for options.keyType but received ${describe(o.keyType)}`);
     }
-    if (o.keyType === 'f16' && o.kind !== 'graph') {
-      throw optionError(`options.keyType 'f16' is supported by the graph index only, not '${o.kind}'`);
+    if (o.keyType === 'f16' && o.kind === 'flat') {
+      throw optionError(`options.keyType 'f16' is supported by the ivf and graph indexes, not 'flat'`);
     }
     const resolved = { ...resolveIndex('options', o.kind, o), halfKeys: o.keyType === 'f16' };
     this.kind = o.kind;

@@ -33,7 +33,7 @@ export interface NativeSelect {
 export interface NativeIndexOptions {
   kind: 'flat' | 'ivf' | 'graph'; dim: number; lists: number; probes: number; degree: number; beam: number;
   neighbors: number; threads: number; seed: number;
-  /** graph: keep the keys as f16 (createKeyIndex's keyType; a cache sets it itself for an f16 store). */
+  /** ivf, graph: keep the keys as f16 (createKeyIndex's keyType; a cache sets it itself for an f16 store). */
   halfKeys?: boolean;
 }
 

@@ -201,6 +201,26 @@ describe('pageBounds (Quest)', () => {
   }
 });
 
+describe('ivf index with f16 keys', () => {
+  it("keyType 'f16' keeps f16 keys in half the bytes and finds exactly what 'f32' finds", () => {
+    const random = new Random(44);
+    const dim = 48;
+    const keys = Float32Array.from(roundTo(clusteredKeys(random, 3000, dim), 'f16'));
+    const wide = createKeyIndex({ kind: 'ivf', dim, keys: keys.subarray(0, 2500 * dim) });
+    const half = createKeyIndex({ kind: 'ivf', dim, keys: keys.subarray(0, 2500 * dim), keyType: 'f16' });
+    wide.add(keys.subarray(2500 * dim));
+    half.add(keys.subarray(2500 * dim));
+    expect(wide.bytes - half.bytes).toBe(3000 * dim * 2);
+    for (let trial = 0; trial < 8; trial++) {
+      const q = random.tensor((1 + (trial % 3)) * dim);
+      const a = wide.search(q, 20, { probes: 1 + trial }), b = half.search(q, 20, { probes: 1 + trial });
+      expect(Array.from(b.ids), `trial ${trial}`).toEqual(Array.from(a.ids));
+      expect(Array.from(b.scores)).toEqual(Array.from(a.scores));
+      expect(b.scanned).toBe(a.scanned);
+    }
+  });
+});
+
 describe('key index errors', () => {
   it('rejects bad input with a KVSlimError naming the argument', () => {
     const keys = new Random(7).tensor(40);
@@ -211,7 +231,7 @@ describe('key index errors', () => {
     expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, degree: 1 }), 'ERR_OPTION', /degree/);
     expectError(() => createKeyIndex({ kind: 'ivf', dim: 4, keys, lists: -2 }), 'ERR_OPTION', /lists/);
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, extra: 1 } as never), 'ERR_OPTION', /extra/);
-    expectError(() => createKeyIndex({ kind: 'ivf', dim: 4, keys, keyType: 'f16' }), 'ERR_OPTION', /keyType/);
+    expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, keyType: 'f16' }), 'ERR_OPTION', /keyType/);
     expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, keyType: 'bf16' as 'f16' }), 'ERR_OPTION', /keyType/);
     const nan = keys.slice();
     nan[5] = NaN;

@@ -289,8 +289,8 @@ describe('loading policies: fork, stats and errors', () => {
     }
   });
 
-  it('graph over an f16 store keeps f16 keys: the same choices as over an f32 store of the same values, half the key bytes', () => {
-    const select = { kind: 'retrieval', index: 'graph', topK: 8, sink: 2, window: 8 } as SelectSpec;
+  for (const index of ['graph', 'ivf'] as const) it(`${index} over an f16 store keeps f16 keys: the same choices as over an f32 store of the same values, half the key bytes`, () => {
+    const select = { kind: 'retrieval', index, topK: 8, sink: 2, window: 8 } as SelectSpec;
     const make = (store: 'f16' | 'f32') => {
       const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind: store } } });
       open.push(cache);

@@ -28,6 +28,7 @@
 
 #include "../vector_ops.h"
 #include "key_index.h"
+#include "key_rows.h"
 #include "split_mix.h"
 
 namespace kvslim {
@@ -174,7 +175,7 @@ void reserveGeometric(std::vector<T>* values, size_t needed) {
 
 struct InvertedList {
   std::vector<uint32_t> ids;  // insertion-order ids, ascending
-  std::vector<float> keys;    // [ids.size(), dim], contiguous for one maxDot per probe
+  KeyRows keys;               // [ids.size(), dim], contiguous for one maxDot per probe (f16 over an f16 cache)
 };
 
 class IvfIndex final : public KeyIndex {
@@ -215,7 +216,7 @@ class IvfIndex final : public KeyIndex {
 
   size_t bytes() const override {
     size_t total = (centroids_.size() + halfNorms_.size()) * sizeof(float);
-    for (const InvertedList& list : lists_) total += list.keys.size() * sizeof(float) + list.ids.size() * sizeof(uint32_t);
+    for (const InvertedList& list : lists_) total += list.keys.bytes() + list.ids.size() * sizeof(uint32_t);
     return total;
   }
 
@@ -253,7 +254,7 @@ class IvfIndex final : public KeyIndex {
       trainCentroids(sample.data(), sampleCount, dim, lists, random, threads, &centroids_);
     }
     computeHalfNorms(centroids_.data(), lists, dim, &halfNorms_);
-    lists_.resize(size_t(lists));
+    lists_.assign(size_t(lists), InvertedList{{}, KeyRows(options_.dim, options_.halfKeys)});
     append(keys, n);
   }
 
@@ -271,12 +272,12 @@ class IvfIndex final : public KeyIndex {
     for (int32_t c = 0; c < lists; ++c) {
       InvertedList& list = lists_[size_t(c)];
       reserveGeometric(&list.ids, list.ids.size() + size_t(incoming[size_t(c)]));
-      reserveGeometric(&list.keys, list.keys.size() + size_t(incoming[size_t(c)]) * size_t(dim));
+      list.keys.reserve(list.ids.size() + size_t(incoming[size_t(c)]));
     }
     for (int64_t i = 0; i < n; ++i) {
       InvertedList& list = lists_[nearest[size_t(i)]];
       list.ids.push_back(uint32_t(count_ + i));
-      list.keys.insert(list.keys.end(), keys + i * dim, keys + (i + 1) * dim);
+      list.keys.append(keys + i * dim, 1);
     }
     count_ += n;
   }
@@ -308,7 +309,7 @@ class IvfIndex final : public KeyIndex {
       const InvertedList& list = lists_[c];
       const int64_t length = int64_t(list.ids.size());
       if (length == 0) continue;
-      ops.maxDot(queries, rows, dim, list.keys.data(), length, scores.data() + offset);
+      list.keys.maxDots(queries, rows, 0, length, scores.data() + offset);
       std::copy(list.ids.begin(), list.ids.end(), ids.begin() + offset);
       offset += length;
     }

@@ -22,7 +22,7 @@ Status makeKeyIndex(const IndexOptions& options, std::unique_ptr<KeyIndex>* out)
   if (options.beam < 0 || options.beam > (1 << 20)) return optionError("beam must be an integer in [0, 2^20]");
   if (options.neighbors < 1 || options.neighbors > 4096) return optionError("neighbors must be in [1, 4096]");
   if (options.threads < 0) return optionError("threads must be an integer >= 0");
-  if (options.halfKeys && options.kind != IndexKind::Graph) return optionError("f16 keys are kept by the graph index only");
+  if (options.halfKeys && options.kind == IndexKind::Flat) return optionError("f16 keys are kept by the ivf and graph indexes only");
   switch (options.kind) {
     case IndexKind::Flat: *out = makeFlatIndex(options); return Status::ok();
     case IndexKind::Ivf: *out = makeIvfIndex(options); return Status::ok();

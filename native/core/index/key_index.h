@@ -22,7 +22,7 @@ struct IndexOptions {
   int32_t neighbors = 100; // graph: Nq, exact top keys linked per training query
   int32_t threads = 0;     // build threads; 0 = the machine's
   uint64_t seed = 1;
-  bool halfKeys = false;   // graph: keep the keys as f16 (set when they come from an f16 cache: exact)
+  bool halfKeys = false;   // ivf, graph: keep the keys as f16 (set when they come from an f16 cache: exact)
 };
 
 // Per-search overrides (0 = the index's option).

@@ -13,7 +13,7 @@ namespace kvslim {
 
 class KeyRows {
  public:
-  KeyRows(int32_t dim, bool half) : dim_(dim), half_(half) {}
+  explicit KeyRows(int32_t dim = 0, bool half = false) : dim_(dim), half_(half) {}
 
   int64_t rows() const { return rows_; }
   size_t bytes() const { return half_ ? halves_.size() * sizeof(uint16_t) : floats_.size() * sizeof(float); }
@@ -72,8 +72,8 @@ class KeyRows {
     if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
   }
 
-  int32_t dim_;
-  bool half_;
+  int32_t dim_ = 0;
+  bool half_ = false;
   int64_t rows_ = 0;
   std::vector<float> floats_;
   std::vector<uint16_t> halves_;

@@ -61,8 +61,8 @@ class RetrievalPolicy final : public LoadingPolicy {
     // threads instead of all of them (nested threads oversubscribe the cores).
     const int32_t threads = context.threads > 0 ? context.threads : int32_t(std::max(1u, std::thread::hardware_concurrency()));
     options.threads = std::max(1, threads / kvHeads_);
-    // Keys read from an f16 store are f16 values: the graph keeps them so, exactly, in half the bytes.
-    options.halfKeys = options.kind == IndexKind::Graph && context.store.shape().storeType == DType::F16;
+    // Keys read from an f16 store are f16 values: the index keeps them so, exactly, in half the bytes.
+    options.halfKeys = context.store.shape().storeType == DType::F16;
     std::unique_ptr<KeyIndex> created;
     KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &created));
     index = std::move(created);
