@@ -8,29 +8,21 @@ namespace {
 
 class HostVectorOps final : public VectorOps {
  public:
-  void maxDot(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
-              float* out) const override {
-    cpu::activeKernels().maxDot(queries, rows, dim, keys, count, out);
+  void maxDot(const float* queries, int32_t rows, int32_t dim, KeyData keys, int64_t count, float* out) const override {
+    const cpu::KernelTable& table = cpu::activeKernels();
+    if (keys.half) table.maxDotHalf(queries, rows, dim, static_cast<const uint16_t*>(keys.data), count, out);
+    else table.maxDot(queries, rows, dim, static_cast<const float*>(keys.data), count, out);
   }
-  void dotMatrix(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count,
-                 float* out) const override {
-    cpu::activeKernels().dotMatrix(queries, rows, dim, keys, count, out);
+  void dotMatrix(const float* queries, int32_t rows, int32_t dim, KeyData keys, int64_t count, float* out) const override {
+    const cpu::KernelTable& table = cpu::activeKernels();
+    if (keys.half) table.dotMatrixHalf(queries, rows, dim, static_cast<const uint16_t*>(keys.data), count, out);
+    else table.dotMatrix(queries, rows, dim, static_cast<const float*>(keys.data), count, out);
   }
-  void maxDotGather(const float* queries, int32_t rows, int32_t dim, const float* base, const uint32_t* ids,
-                    int64_t count, float* out) const override {
-    cpu::activeKernels().maxDotGather(queries, rows, dim, base, ids, count, out);
-  }
-  void maxDotHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
-                  float* out) const override {
-    cpu::activeKernels().maxDotHalf(queries, rows, dim, keys, count, out);
-  }
-  void dotMatrixHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count,
-                     float* out) const override {
-    cpu::activeKernels().dotMatrixHalf(queries, rows, dim, keys, count, out);
-  }
-  void maxDotGatherHalf(const float* queries, int32_t rows, int32_t dim, const uint16_t* base, const uint32_t* ids,
-                        int64_t count, float* out) const override {
-    cpu::activeKernels().maxDotGatherHalf(queries, rows, dim, base, ids, count, out);
+  void maxDotGather(const float* queries, int32_t rows, int32_t dim, KeyData base, const uint32_t* ids, int64_t count,
+                    float* out) const override {
+    const cpu::KernelTable& table = cpu::activeKernels();
+    if (base.half) table.maxDotGatherHalf(queries, rows, dim, static_cast<const uint16_t*>(base.data), ids, count, out);
+    else table.maxDotGather(queries, rows, dim, static_cast<const float*>(base.data), ids, count, out);
   }
   void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                 float* out) const override {

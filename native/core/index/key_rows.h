@@ -50,23 +50,22 @@ class KeyRows {
   }
   // out[i] = max over the query rows of q.key(first + i), i < count.
   void maxDots(const float* queries, int32_t rows, int64_t first, int64_t count, float* out) const {
-    const size_t at = size_t(first) * size_t(dim_);
-    if (half_) hostVectorOps().maxDotHalf(queries, rows, dim_, halves_.data() + at, count, out);
-    else hostVectorOps().maxDot(queries, rows, dim_, floats_.data() + at, count, out);
+    hostVectorOps().maxDot(queries, rows, dim_, at(first), count, out);
   }
   // out[r * count + i] = q_r.key(first + i): every pair.
   void dots(const float* queries, int32_t rows, int64_t first, int64_t count, float* out) const {
-    const size_t at = size_t(first) * size_t(dim_);
-    if (half_) hostVectorOps().dotMatrixHalf(queries, rows, dim_, halves_.data() + at, count, out);
-    else hostVectorOps().dotMatrix(queries, rows, dim_, floats_.data() + at, count, out);
+    hostVectorOps().dotMatrix(queries, rows, dim_, at(first), count, out);
   }
   // out[i] = max over the query rows of q.key(ids[i]).
   void gather(const float* queries, int32_t rows, const uint32_t* ids, int64_t count, float* out) const {
-    if (half_) hostVectorOps().maxDotGatherHalf(queries, rows, dim_, halves_.data(), ids, count, out);
-    else hostVectorOps().maxDotGather(queries, rows, dim_, floats_.data(), ids, count, out);
+    hostVectorOps().maxDotGather(queries, rows, dim_, at(0), ids, count, out);
   }
 
  private:
+  KeyData at(int64_t first) const {
+    const size_t offset = size_t(first) * size_t(dim_);
+    return half_ ? KeyData(halves_.data() + offset) : KeyData(floats_.data() + offset);
+  }
   template <class T>
   static void grow(std::vector<T>* values, size_t needed) {
     if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
