@@ -130,6 +130,24 @@ describe('retrieval flat: exact top-k of the dynamic part', () => {
     });
   }
 
+  it('a dynamic part over 1 MiB (the scan prefetches ahead across pages of 8 tokens): still the exact top-k', () => {
+    const shape: Shape = { layers: 1, qHeads: 6, kvHeads: 2, headDim: 40 };
+    const sink = 3, window = 9, topK = 25;
+    const run = new Run(shape, { kind: 'retrieval', index: 'flat', topK, sink, window }, 14);
+    run.prefill(7000);  // 7000 x 40 x 4 bytes = 1.1 MB of keys per kv head
+    for (let s = 0; s < 2; s++) {
+      run.step();
+      const T = 7001 + s;
+      const { dynamic } = parts(T, sink, window);
+      for (let h = 0; h < shape.kvHeads; h++) {
+        const chosen = run.loaded(0)[h].slice(sink, -window);
+        const rows = groupRows(run.lastQ[0], 1, shape.qHeads, shape.kvHeads, h, shape.headDim);
+        expect(checkTopK(chosen, dynamic, (p) => groupScore(rows, run.data[0].keys[p][h]), topK, SCORE_SLACK), `step ${s} head ${h}`).toBeNull();
+      }
+      run.expectOutputOverLoaded();
+    }
+  });
+
   it('a call of several queries inside the window: static + loaded, causal within the window', () => {
     const run = new Run(GQA, { kind: 'retrieval', index: 'flat', topK: 12, sink: 2, window: 24 }, 12);
     run.prefill(200);

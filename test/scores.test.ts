@@ -29,6 +29,8 @@ describe('attentionScores', () => {
     { n: 1, T: 1, qHeads: 4, kvHeads: 1, D: 16 },
     { n: 3, T: 777, qHeads: 8, kvHeads: 2, D: 64 },
     { n: 9, T: 2100, qHeads: 4, kvHeads: 4, D: 100 },
+    // Over 1 MiB of f32 keys per head: the kernel prefetches rows ahead.
+    { n: 2, T: 4500, qHeads: 4, kvHeads: 2, D: 72 },
   ];
   for (const [index, s] of shapes.entries()) {
     it(`n ${s.n}, T ${s.T}, ${s.qHeads}/${s.kvHeads}/${s.D}`, () => {
