@@ -1,6 +1,7 @@
 // Approximate maximum-inner-product search over the keys of one kv head (methods/retrieval-attention.md).
-// A KeyIndex owns a host f32 copy of its keys; ids are insertion order (0, 1, ...). A search scores
-// a key by the best of a group of query rows (GQA: one search per kv head, never per query head).
+// A KeyIndex owns a host copy of its keys (key_rows.h: f32, or f16 for ivf/graph over f16 keys); ids
+// are insertion order (0, 1, ...). A search scores a key by the best of a group of query rows (GQA:
+// one search per kv head, never per query head).
 #pragma once
 #include <cstdint>
 #include <memory>

@@ -2,9 +2,9 @@
 // index per (layer, kv head) and each decode call loads the `topK` keys the index returns for the
 // group's queries (one search per kv head; a key scores by its best query row).
 // - flat: exact top-k, scanned by the backend (SIMD on the CPU, a kernel on the GPU) from the pages;
-// - ivf, graph: a KeyIndex in host memory with an f32 copy of the keys. The graph is trained on a
-//   sample of the prefill queries (the attention-aware index); keys that leave the window later are
-//   inserted incrementally.
+// - ivf, graph: a KeyIndex in host memory with a copy of the keys (f16 over an f16 store, exactly its
+//   values; else f32). The graph is trained on a sample of the prefill queries (the attention-aware
+//   index); keys that leave the window later are inserted incrementally.
 // - Forks share the indexes copy-on-write: a search only reads one, and a policy copies an index
 //   that another fork still holds before it adds keys (a fork of a long context costs nothing
 //   until it appends, instead of a deep copy of every index).
