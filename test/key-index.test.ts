@@ -233,6 +233,17 @@ describe('key index errors', () => {
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, extra: 1 } as never), 'ERR_OPTION', /extra/);
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys, keyType: 'f16' }), 'ERR_OPTION', /keyType/);
     expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys, keyType: 'bf16' as 'f16' }), 'ERR_OPTION', /keyType/);
+    // f16 keys must stay finite: a key past the f16 range is refused, by build and by add (which changes nothing).
+    const wide = keys.slice();
+    wide[9] = 70000;
+    expectError(() => createKeyIndex({ kind: 'graph', dim: 4, keys: wide, keyType: 'f16' }), 'ERR_VALUE', /f16 range/);
+    for (const kind of ['graph', 'ivf'] as const) {
+      const half = createKeyIndex({ kind, dim: 4, keys, keyType: 'f16' });
+      expectError(() => half.add(wide), 'ERR_VALUE', /f16 range/);
+      expect(half.size).toBe(10);
+      half.add(keys.map((x) => x * 1000));  // large but finite in f16
+      expect(half.size).toBe(20);
+    }
     const nan = keys.slice();
     nan[5] = NaN;
     expectError(() => createKeyIndex({ kind: 'flat', dim: 4, keys: nan }), 'ERR_VALUE', /keys/);

@@ -18,7 +18,7 @@ class FlatIndex final : public KeyIndex {
 
   // Training queries only shape the graph index; an exact scan has no structure to shape.
   Status build(const float* keys, int64_t n, const float* /*queries*/, int64_t /*queryCount*/) override {
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0, options_));
     try {
       keys_.assign(keys, keys + n * options_.dim);
     } catch (const std::bad_alloc&) {
@@ -31,7 +31,7 @@ class FlatIndex final : public KeyIndex {
   }
 
   Status add(const float* keys, int64_t n) override {
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_, options_));
     try {
       keys_.insert(keys_.end(), keys, keys + n * options_.dim);
     } catch (const std::bad_alloc&) {

@@ -181,7 +181,7 @@ class GraphIndex final : public KeyIndex {
   explicit GraphIndex(const IndexOptions& options) : options_(options), keys_(options.dim, options.halfKeys) {}
 
   Status build(const float* keys, int64_t n, const float* queries, int64_t queryCount) override {
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0, options_));
     if (queryCount < 0) return Status(ErrorCode::Shape, "query count must be >= 0, but is " + std::to_string(queryCount));
     if (queryCount > 0 && queries == nullptr)
       return Status(ErrorCode::Shape, "queries is null but the query count is " + std::to_string(queryCount));
@@ -197,7 +197,7 @@ class GraphIndex final : public KeyIndex {
 
   Status add(const float* keys, int64_t n) override {
     if (count_ == 0) return build(keys, n, nullptr, 0);
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_, options_));
     if (n == 0) return Status::ok();
     const int64_t before = count_;
     try {

@@ -183,7 +183,7 @@ class IvfIndex final : public KeyIndex {
   explicit IvfIndex(const IndexOptions& options) : options_(options), requestedLists_(options.lists) {}
 
   Status build(const float* keys, int64_t n, const float* /*queries*/, int64_t /*queryCount*/) override {
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0, options_));
     try {
       IvfIndex built(options_);  // built aside, so a failed build leaves this index as it was
       built.requestedLists_ = requestedLists_;
@@ -197,7 +197,7 @@ class IvfIndex final : public KeyIndex {
 
   Status add(const float* keys, int64_t n) override {
     if (lists_.empty()) return build(keys, n, nullptr, 0);
-    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_));
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, count_, options_));
     if (n == 0) return Status::ok();
     try {
       append(keys, n);  // allocates everything before it changes anything, so a failure leaves the index as it was

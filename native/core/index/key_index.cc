@@ -4,6 +4,7 @@
 #include <new>
 #include <string>
 
+#include "../dtype.h"
 #include "../vector_ops.h"
 #include "key_rows.h"
 
@@ -49,10 +50,20 @@ Status KeyIndex::search(const float* queries, int32_t rows, int64_t k, const Sea
   return Status::ok();
 }
 
-Status KeyIndex::checkKeys(const float* keys, int64_t n, int64_t existing) {
+Status KeyIndex::checkKeys(const float* keys, int64_t n, int64_t existing, const IndexOptions& options) {
   if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
   if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));
   if (existing + n > int64_t(UINT32_MAX)) return Status(ErrorCode::Shape, "the index would hold more than 2^32 - 1 keys");
+  if (options.halfKeys) {
+    // An f16 copy must stay finite: an infinite key would make scores NaN and break every ranking.
+    const size_t count = size_t(n) * size_t(options.dim);
+    for (size_t i = 0; i < count; ++i) {
+      if ((floatToF16(keys[i]) & 0x7c00) == 0x7c00) {
+        return Status(ErrorCode::Value, "keys hold " + std::to_string(keys[i]) + " (key " + std::to_string(i / size_t(options.dim)) +
+                                            "), outside the f16 range of an index with f16 keys");
+      }
+    }
+  }
   return Status::ok();
 }
 

@@ -60,7 +60,8 @@ class KeyIndex {
   virtual void searchKeys(const float* queries, int32_t rows, int64_t k, const SearchOptions& options,
                           SearchResult* out) const = 0;
   // ERR_SHAPE unless keys holds n >= 0 rows and the index stays below 2^32 ids (uint32) with `existing`.
-  static Status checkKeys(const float* keys, int64_t n, int64_t existing);
+  // With options.halfKeys, ERR_VALUE for a key outside the f16 range.
+  static Status checkKeys(const float* keys, int64_t n, int64_t existing, const IndexOptions& options);
 };
 
 // Checks the options (ERR_OPTION naming the field) and makes an empty index.
