@@ -150,6 +150,7 @@ class ActQKVPolicy final : public LoadingPolicy {
     // A key's score: the sum over the group's probes of p.k = (sum of the probes).k. The probe
     // was settled before the heads ran (afterAppend, planLoad).
     const std::vector<double>& probe = queries_[size_t(layer)].probe;
+    if (probe.size() != size_t(context.qHeads) * dim) return Status(ErrorCode::Internal, "actqkv indexed a layer before its probe");
     std::vector<double> sum(dim, 0.0);
     for (int32_t g = 0; g < group; ++g) {
       const double* p = probe.data() + (size_t(h) * size_t(group) + size_t(g)) * dim;
