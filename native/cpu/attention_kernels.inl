@@ -354,6 +354,39 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
 // ---------------------------------------------------------------------------------------------
 // Scores for selection policies: plain dot products, each key row loaded once for all rows.
 
+// The prefill register tile's score half: ROWS rows x two vectors of keys per step, every key
+// block read from L1 by each sub-tile of rows.
+template <class V>
+void scoreTile(const ScoreTile& tile) {
+  using R = typename V::R;
+  constexpr int32_t ROWS = V::kPrefillRows;
+  constexpr int32_t BLOCK = 2 * V::W;
+  const int32_t dim = tile.paddedDim;
+  for (int64_t blockBegin = 0; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
+    const float* keys = tile.keysTransposed + size_t(blockBegin / BLOCK) * size_t(dim) * BLOCK;
+    for (int32_t first = 0; first < tile.rows; first += ROWS) {
+      const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
+      const float* q = tile.q + size_t(first) * size_t(dim);
+      R s0[ROWS], s1[ROWS];
+      for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
+      for (int32_t d = 0; d < dim; ++d) {
+        const R k0 = V::load(keys + d * BLOCK);
+        const R k1 = V::load(keys + d * BLOCK + V::W);
+        for (int32_t r = 0; r < ROWS; ++r) {
+          const R qd = V::set1(q[r * dim + d]);
+          s0[r] = V::fmadd(qd, k0, s0[r]);
+          s1[r] = V::fmadd(qd, k1, s1[r]);
+        }
+      }
+      for (int32_t r = 0; r < rows; ++r) {
+        float* out = tile.out + size_t(first + r) * size_t(tile.outStride) + size_t(blockBegin);
+        V::store(out, s0[r]);
+        V::store(out + V::W, s1[r]);
+      }
+    }
+  }
+}
+
 constexpr int64_t kScoreAhead = 32;  // rows of prefetch distance
 
 // Scores of ROWS rows against TOKENS keys at a time: each key chunk loaded once for all rows, the

@@ -1,5 +1,7 @@
 // Attention mass driver (AttentionMassArgs, core/attention_args.h): the rows of one kv head in
-// tiles of kMaxDecodeRows. A tile's scores come from the SIMD score kernel (as attentionScores),
+// tiles of kMaxDecodeRows. The keys the rows see are converted once to the prefill's transposed
+// f32 blocks, and a tile's scores come from the register-tiled score tile (over very many keys,
+// from the SIMD score kernel on the pages, as attentionScores),
 // each row's causal softmax from the SIMD softmaxRow, and the probabilities go into double column
 // sums. Tiles are dealt round-robin to a number of slices fixed by the shape alone; a slice adds
 // its tiles in order into its own accumulator and the slices are added in slice order, so the
@@ -10,6 +12,7 @@
 #include <vector>
 
 #include "attention_plan.h"
+#include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
 
@@ -20,6 +23,8 @@ namespace {
 constexpr int64_t kMaxSlices = 64;
 // Doubles the slice accumulators hold together (32 MiB); a wider result gets fewer slices.
 constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;
+// Floats of transposed keys a call may convert (256 MiB).
+constexpr int64_t kTransposedBudget = int64_t(1) << 26;
 
 // Scores (q pre-scaled) of `rows` tile rows against tokens [0, count) of one view, row r at
 // out + r * outStride.
@@ -78,15 +83,41 @@ void attentionMass(const AttentionMassArgs& args) {
   std::vector<double> sums(size_t(slices) * size_t(width), 0.0);
   const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
   const int32_t threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, slices)));
+
+  // The keys the rows see, once, as f32 transposed blocks (the prefill layout): each tile's scores
+  // are then a register-tiled GEMM loop instead of dot products with horizontal sums. Beyond
+  // kTransposedBudget floats the scores come straight from the pages.
+  const int64_t tailUsed = tail - args.after;  // what the last row sees of the tail
+  const int64_t used = kept + tailUsed;
+  const int32_t blockKeys = kernels.prefillBlockKeys;
+  const int32_t paddedDim = (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
+  const int64_t paddedTokens = (used + blockKeys - 1) / blockKeys * blockKeys;
+  const bool transposed = paddedTokens * int64_t(paddedDim) <= kTransposedBudget;
+  float* keys = nullptr;
+  if (transposed) {
+    // The prefill's key scratch (this thread's; the prefill that preceded this call is done with it).
+    keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
+    std::fill(keys, keys + size_t(paddedTokens) * size_t(paddedDim), 0.0f);
+    const KeyBlocks layout{args.pageTokens, size_t(args.rowStride) * dtypeBytes(args.kvType), args.kvType, dim, paddedDim, blockKeys};
+    const int64_t chunk = int64_t(blockKeys) * 64;  // whole blocks: no two chunks write one block
+    pool.parallelFor((used + chunk - 1) / chunk, allowed, [&](int64_t c, int32_t) {
+      const int64_t begin = c * chunk, end = std::min(used, begin + chunk);
+      if (begin < kept) transposeKeys(kernels, layout, args.kept, begin, std::min(end, kept) - begin, begin, keys);
+      const int64_t from = std::max(begin, kept);
+      if (from < end) transposeKeys(kernels, layout, args.tail, from - kept, end - from, from, keys);
+    });
+  }
+  const int64_t stride = transposed ? paddedTokens : tokens;
   // Per thread, allocated here: a worker must not throw (std::bad_alloc reaches the caller from here).
   struct Scratch {
-    std::vector<float> q;      // [kMaxDecodeRows, headDim]: the tile's rows, scaled
-    std::vector<float> probs;  // [kMaxDecodeRows, tokens]
+    std::vector<float> q;      // [kMaxDecodeRows (rounded up to prefillRows), paddedDim]: the tile's rows, scaled
+    std::vector<float> probs;  // [kMaxDecodeRows, stride]
   };
+  const int32_t paddedRows = (kMaxDecodeRows + kernels.prefillRows - 1) / kernels.prefillRows * kernels.prefillRows;
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
   for (Scratch& buffers : scratch) {
-    buffers.q.resize(size_t(kMaxDecodeRows) * size_t(dim));
-    buffers.probs.resize(size_t(kMaxDecodeRows) * size_t(tokens));
+    buffers.q.resize(size_t(paddedRows) * size_t(paddedDim));
+    buffers.probs.resize(size_t(kMaxDecodeRows) * size_t(stride));
   }
 
   pool.parallelFor(slices, threads, [&](int64_t slice, int32_t worker) {
@@ -97,15 +128,23 @@ void attentionMass(const AttentionMassArgs& args) {
       const int64_t first = tile * kMaxDecodeRows;
       const int32_t count = int32_t(std::min<int64_t>(kMaxDecodeRows, rows - first));
       const float* from = args.q + size_t(first) * size_t(dim);
-      for (size_t i = 0; i < size_t(count) * size_t(dim); ++i) q[i] = from[i] * args.scale;
       // Tail scores up to what the tile's last (latest) query sees.
       const int64_t tileSeen = firstSeen + (first + count - 1) / group;
-      scoreView(kernels, args, args.kept, q.data(), count, kept, probs.data(), tokens);
-      scoreView(kernels, args, args.tail, q.data(), count, tileSeen, probs.data() + kept, tokens);
+      if (transposed) {
+        std::fill(q.begin(), q.end(), 0.0f);
+        for (int32_t r = 0; r < count; ++r)
+          for (int32_t d = 0; d < dim; ++d) q[size_t(r) * size_t(paddedDim) + size_t(d)] = from[size_t(r) * size_t(dim) + size_t(d)] * args.scale;
+        ScoreTile scores{q.data(), count, paddedDim, keys, kept + tileSeen, probs.data(), stride};
+        kernels.scoreTile(scores);
+      } else {
+        for (size_t i = 0; i < size_t(count) * size_t(dim); ++i) q[i] = from[i] * args.scale;
+        scoreView(kernels, args, args.kept, q.data(), count, kept, probs.data(), stride);
+        scoreView(kernels, args, args.tail, q.data(), count, tileSeen, probs.data() + kept, stride);
+      }
       for (int32_t r = 0; r < count; ++r) {
         const int64_t row = first + r;
         const int64_t visible = kept + firstSeen + row / group;
-        float* p = probs.data() + size_t(r) * size_t(tokens);
+        float* p = probs.data() + size_t(r) * size_t(stride);
         kernels.softmaxRow(p, visible, visible);
         double* into = sum + (perMember ? size_t(row % group) * size_t(columns) : 0);
         const int64_t end = std::min(visible, columns);

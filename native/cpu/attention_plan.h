@@ -71,6 +71,19 @@ std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t d
 // Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]); lse (optional, [n, qHeads])
 // receives log2 of each row's softmax denominator (-inf when the row saw no key).
 void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse);
+// Where a paged head's key rows are, and the transposed f32 block layout the prefill and score
+// tiles read (blocks of [paddedDim, blockKeys]).
+struct KeyBlocks {
+  int64_t pageTokens;
+  size_t rowBytes;  // bytes from one token's row to the next in a page
+  DType type;
+  int32_t dim, paddedDim, blockKeys;
+};
+// Keys [first, first + count) of `head` into keysTransposed as key indices at, at + 1, ...
+// (the padding is the caller's: zero it once).
+void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
+                   int64_t at, float* keysTransposed);
+
 // Flash-decoding task shape: threads to wake and key splits per (kv head, row group).
 struct DecodePlan {
   int32_t threads;

@@ -24,20 +24,30 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   const int64_t blocks = (count + blockKeys - 1) / blockKeys;
   std::fill(keysTransposed, keysTransposed + size_t(blocks) * size_t(paddedDim) * size_t(blockKeys), 0.0f);
   std::fill(values, values + size_t(blocks) * size_t(blockKeys) * size_t(paddedDim), 0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    const int64_t token = head.firstRow + first + j;
+    const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + size_t(token % args.pageTokens) * rowBytes;
+    kernels.toFloat32(value, args.kvType, values + size_t(j) * size_t(paddedDim), dim);
+  }
+  const KeyBlocks layout{args.pageTokens, rowBytes, args.kvType, dim, paddedDim, blockKeys};
+  transposeKeys(kernels, layout, head, first, count, 0, keysTransposed);
+}
+}  // namespace
+
+void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
+                   int64_t at, float* keysTransposed) {
   float keyRow[1024];  // headDim <= 1024
   for (int64_t j = 0; j < count; ++j) {
     const int64_t token = head.firstRow + first + j;
-    const size_t offset = size_t(token % args.pageTokens) * rowBytes;
-    const void* key = static_cast<const uint8_t*>(head.keyPages[token / args.pageTokens]) + offset;
-    const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + offset;
-    kernels.toFloat32(value, args.kvType, values + size_t(j) * size_t(paddedDim), dim);
-    kernels.toFloat32(key, args.kvType, keyRow, dim);
-    float* keyBlock = keysTransposed + size_t(j / blockKeys) * size_t(paddedDim) * size_t(blockKeys);
-    const int64_t lane = j % blockKeys;
-    for (int32_t d = 0; d < dim; ++d) keyBlock[size_t(d) * size_t(blockKeys) + size_t(lane)] = keyRow[d];
+    const void* key = static_cast<const uint8_t*>(head.keyPages[token / layout.pageTokens]) +
+                      size_t(token % layout.pageTokens) * layout.rowBytes;
+    kernels.toFloat32(key, layout.type, keyRow, layout.dim);
+    const int64_t index = at + j;
+    float* block = keysTransposed + size_t(index / layout.blockKeys) * size_t(layout.paddedDim) * size_t(layout.blockKeys);
+    const size_t lane = size_t(index % layout.blockKeys);
+    for (int32_t d = 0; d < layout.dim; ++d) block[size_t(d) * size_t(layout.blockKeys) + lane] = keyRow[d];
   }
 }
-}  // namespace
 
 void attentionPrefill(const AttentionArgs& args) {
   const KernelTable& kernels = activeKernels();

@@ -50,6 +50,19 @@ struct PrefillTile {
   float* scratch;               // [prefillRows, blockKeys]
 };
 
+// Scores of `rows` query rows against keys [0, keyEnd) converted to transposed blocks as for
+// prefill: out[r * outStride + j]. The register tile of the prefill kernel without its softmax:
+// a GEMM-shaped loop (no horizontal sums) for long score rows (attention mass at prefill).
+struct ScoreTile {
+  const float* q;               // [rows rounded up to prefillRows, paddedDim], scaled, zero-padded
+  int32_t rows;
+  int32_t paddedDim;
+  const float* keysTransposed;  // block b at keysTransposed + b * paddedDim * blockKeys
+  int64_t keyEnd;
+  float* out;                   // rows of outStride floats, outStride >= keyEnd rounded up to blockKeys
+  int64_t outStride;
+};
+
 // Up to kMaxDecodeRows rows of one kv head over KIVI tokens [tokenBegin, tokenEnd), read straight
 // from codes (methods/kivi.md): q is scaled per key group by the channel scales, values are
 // accumulated from codes with the token's scale, and the token mins are summed per channel group.
@@ -109,6 +122,7 @@ struct KernelTable {
   double (*fmaBurn)(int64_t iterations, float seed);
   void (*kiviDecodeRange)(const KiviRange& range);
   void (*scoreRange)(const ScoreRange& range);
+  void (*scoreTile)(const ScoreTile& tile);
   // Host vector kernels of the retrieval indexes (core/vector_ops.h, vector_kernels.inl).
   void (*maxDot)(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out);
   void (*dotMatrix)(const float* queries, int32_t rows, int32_t dim, const float* keys, int64_t count, float* out);

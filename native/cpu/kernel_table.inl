@@ -14,6 +14,7 @@ KernelTable makeTable() {
   table.fmaBurn = &fmaBurn<V>;
   table.kiviDecodeRange = &kiviDecodeRange<V>;
   table.scoreRange = &scoreRange<V>;
+  table.scoreTile = &scoreTile<V>;
   table.maxDot = &maxDot<V, float>;
   table.dotMatrix = &dotMatrix<V, float>;
   table.maxDotGather = &maxDotGather<V, float>;
