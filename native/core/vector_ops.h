@@ -27,6 +27,9 @@ class VectorOps {
   // The same as maxDot for the keys base + ids[i] * dim (graph and list scans).
   virtual void maxDotGather(const float* queries, int32_t rows, int32_t dim, KeyData base, const uint32_t* ids,
                             int64_t count, float* out) const = 0;
+  // out[i] = sum_t u[t] * rows[i * dim + t] in double, for `count` contiguous f32 rows (ActQKV's
+  // block scores: double because its choices sit on top-k boundaries).
+  virtual void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) const = 0;
   // Quest's upper bound of a page with per-channel key minima lo and maxima hi ([pages, dim] each):
   // out[p] = max over the query rows of sum_i max(q_i * lo_pi, q_i * hi_pi).
   virtual void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,

@@ -21,6 +21,7 @@ KernelTable makeTable() {
   table.maxDotHalf = &maxDot<V, uint16_t>;
   table.dotMatrixHalf = &dotMatrix<V, uint16_t>;
   table.maxDotGatherHalf = &maxDotGather<V, uint16_t>;
+  table.dotsF64 = &dotsF64;
   table.boxBound = &boxBound<V>;
   table.softmaxRow = &softmaxRow<V>;
   return table;

@@ -106,6 +106,20 @@ void maxDotGather(const float* queries, int32_t rows, int32_t dim, const K* base
   }
 }
 
+// out[i] = sum_t u[t] * rows[i * dim + t] in double (ActQKV's block scores), eight independent
+// partial sums per row so the compiler can keep them in one vector register of this instruction set.
+inline void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) {
+  for (int64_t i = 0; i < count; ++i) {
+    const float* row = rows + size_t(i) * size_t(dim);
+    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+    int32_t t = 0;
+    for (; t + 8 <= dim; t += 8)
+      for (int32_t k = 0; k < 8; ++k) part[k] += double(row[t + k]) * u[t + k];
+    for (; t < dim; ++t) part[t % 8] += double(row[t]) * u[t];
+    out[i] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+}
+
 template <class V>
 void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
               float* out) {

@@ -24,6 +24,9 @@ class HostVectorOps final : public VectorOps {
     if (base.half) table.maxDotGatherHalf(queries, rows, dim, static_cast<const uint16_t*>(base.data), ids, count, out);
     else table.maxDotGather(queries, rows, dim, static_cast<const float*>(base.data), ids, count, out);
   }
+  void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) const override {
+    cpu::activeKernels().dotsF64(u, dim, rows, count, out);
+  }
   void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                 float* out) const override {
     cpu::activeKernels().boxBound(queries, rows, dim, lo, hi, pages, out);

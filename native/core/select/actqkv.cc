@@ -20,8 +20,8 @@
 //   highest against the probe when they were indexed (sum over the group's probes of p.k), a
 //   stand-in for the accumulated local-window attention we do not compute.
 // - Policy arithmetic is double precision: the choices sit on top-k boundaries, where f32
-//   rounding would flip near ties; the per-block work is O(N_b * headDim) per kv head, small beside
-//   attention, so plain loops (with independent accumulators) serve instead of hostVectorOps().
+//   rounding would flip near ties. The block scores, O(N_b * headDim) per kv head and call, use
+//   the host SIMD double dot (hostVectorOps().dotsF64); the rest are plain loops.
 // - Per decode call the probe costs O(qHeads * headDim), not O(c * qHeads * headDim): each ring
 //   slot keeps its bias b_i, and the layer keeps sum_i b_i x_i and sum_i b_i, updated as a query
 //   enters and the oldest leaves; both are rebuilt from the ring whenever the statistics change
@@ -36,6 +36,7 @@
 #include <memory>
 #include <numeric>
 
+#include "../vector_ops.h"
 #include "loading_policy.h"
 
 namespace kvslim {
@@ -406,9 +407,10 @@ class ActQKVPolicy final : public LoadingPolicy {
       addUnit(lastQuery + qHead * dim, questionWeight_);
     }
     scores->assign(size_t(blocks), 0.0);
+    hostVectorOps().dotsF64(u.data(), int32_t(dim), head.reprs.data(), blocks, scores->data());
     for (int64_t b = 0; b < blocks; ++b) {
       const double norm = head.norms[size_t(b)];
-      (*scores)[size_t(b)] = norm > 0 ? dot(head.reprs.data() + size_t(b) * dim, u.data(), dim) / norm : 0.0;
+      (*scores)[size_t(b)] = norm > 0 ? (*scores)[size_t(b)] / norm : 0.0;
     }
   }
 
