@@ -14,6 +14,7 @@ import { Random, relativeL2 } from './helpers/random.js';
 import { referenceAttention } from './reference/attention.js';
 import { type Dtype, encodeHalf, roundTo } from './reference/half.js';
 import { type KiviConfig, KiviMirror } from './reference/kivi.js';
+import { type ReferenceSelectSpec, SelectMirror } from './reference/select.js';
 
 // Between levels: only the summation order and exp2 (libm vs polynomial) differ. Observed:
 // 1.5e-7 .. 1.5e-6 (the largest for f32 decode at scale 0.5: large scores, where f32 rounding of
@@ -39,6 +40,7 @@ interface Case {
   pageTokens?: number;
   prompt?: number;
   kivi?: KiviConfig;
+  select?: ReferenceSelectSpec;
 }
 
 const cases: Case[] = [
@@ -49,6 +51,8 @@ const cases: Case[] = [
   { kind: 'attention', label: 'prefill, two key chunks, d=36', dtype: 'f16', n: 40, T: 2100, qHeads: 2, kvHeads: 2, headDim: 36 },
   { kind: 'attention', label: 'prefill non-causal, d=64', dtype: 'bf16', n: 24, T: 50, qHeads: 8, kvHeads: 8, headDim: 64, causal: false },
   { kind: 'cache', label: 'cache f16 store: prefill 30 + 10 steps, d=72', dtype: 'f32', n: 40, T: 40, qHeads: 8, kvHeads: 2, headDim: 72, store: 'f16', pageTokens: 7, prompt: 30 },
+  // H2O's attention mass (transposed key blocks + score tile) at prefill and every step: what it keeps decides the outputs.
+  { kind: 'cache', label: 'cache h2o: prefill 300 + 10 steps, d=40', dtype: 'f32', n: 310, T: 310, qHeads: 8, kvHeads: 2, headDim: 40, store: 'f16', pageTokens: 16, prompt: 300, select: { kind: 'h2o', budget: 96 } },
   // KIVI: append T tokens, then n queries attend (decode kernel over codes and residual rows).
   { kind: 'kivi', label: 'KIVI-2 decode, GQA 8/2, d=64, group 32', dtype: 'f32', n: 1, T: 1500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64 } },
   { kind: 'kivi', label: 'KIVI-4, 3 rows x group 4, d=128, group 16', dtype: 'f16', n: 3, T: 333, qHeads: 16, kvHeads: 4, headDim: 128, kivi: { bits: 4, group: 16, residual: 32 } },
@@ -111,6 +115,18 @@ function prepare(testCase: Case, seed: number): Prepared {
     const mirror = new KiviMirror(testCase, testCase.kivi);
     mirror.append(roundTo(k, dtype), roundTo(v, dtype));
     return { json: { ...testCase, q: base64(sent.q), k: base64(sent.k), v: base64(sent.v) }, expected: mirror.attend(roundTo(q, dtype)) };
+  }
+  if (testCase.select !== undefined) {
+    // The selection mirror in float64: the prompt prefilled, then one step per token.
+    const { qHeads, kvHeads, headDim } = testCase;
+    const mirror = new SelectMirror({ layers: 1, qHeads, kvHeads, headDim }, testCase.select, { store: testCase.store });
+    const qRow = qHeads * headDim, kvRow = kvHeads * headDim, p = testCase.prompt ?? 0;
+    const expected = new Float64Array(q.length);
+    expected.set(mirror.prefill(0, q.subarray(0, p * qRow), k.subarray(0, p * kvRow), v.subarray(0, p * kvRow)), 0);
+    for (let t = p; t < testCase.T; t++) {
+      expected.set(mirror.step(0, q.subarray(t * qRow, (t + 1) * qRow), k.subarray(t * kvRow, (t + 1) * kvRow), v.subarray(t * kvRow, (t + 1) * kvRow)), t * qRow);
+    }
+    return { json: { ...testCase, q: base64(q), k: base64(k), v: base64(v) }, expected };
   }
   // Keys and values are rounded to the input dtype, then (in a cache) to the store dtype.
   const stored = (x: Float32Array) => roundTo(roundTo(x, dtype), testCase.store ?? 'f32');
