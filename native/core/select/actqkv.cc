@@ -157,6 +157,8 @@ class ActQKVPolicy final : public LoadingPolicy {
       const double* p = probe.data() + (size_t(h) * size_t(group) + size_t(g)) * dim;
       for (size_t t = 0; t < dim; ++t) sum[t] += p[t];
     }
+    std::vector<double> scores(static_cast<size_t>(count));
+    hostVectorOps().dotsF64(sum.data(), int32_t(dim), keys.data(), count, scores.data());
     bool changed = false;  // the last block's best keys changed since its representative was made
     for (int64_t i = 0; i < count; ++i) {
       const int64_t position = first + i;
@@ -171,7 +173,7 @@ class ActQKVPolicy final : public LoadingPolicy {
         head.candPositions.clear();
       }
       const float* key = keys.data() + size_t(i) * dim;
-      const double score = dot(key, sum.data(), dim);
+      const double score = scores[size_t(i)];
       // Keep the block's reprTopK best keys (score descending, ties to the earlier key).
       size_t slot = head.candScores.size();
       if (slot == size_t(reprTopK_)) {
@@ -364,24 +366,16 @@ class ActQKVPolicy final : public LoadingPolicy {
     std::sort(byPosition.begin(), byPosition.end(),
               [&](size_t a, size_t b) { return head->candPositions[a] < head->candPositions[b]; });
     float* repr = head->reprs.data() + (head->norms.size() - 1) * dim;
+    std::vector<double> wide(dim);
     for (size_t t = 0; t < dim; ++t) {
       double total = 0;
       for (const size_t c : byPosition) total += double(head->candKeys[c * dim + t]);
       repr[t] = float(total / double(byPosition.size()));
+      wide[t] = double(repr[t]);
     }
-    head->norms.back() = std::sqrt(dot(repr, repr, dim));
-  }
-
-  // sum_t a_t * b_t in double with independent partial sums (the latency of one chain of adds
-  // would bound the loop otherwise).
-  template <class A, class B>
-  static double dot(const A* a, const B* b, size_t dim) {
-    double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
-    size_t t = 0;
-    for (; t + 8 <= dim; t += 8)
-      for (size_t k = 0; k < 8; ++k) part[k] += double(a[t + k]) * double(b[t + k]);
-    for (; t < dim; ++t) part[t % 8] += double(a[t]) * double(b[t]);
-    return ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+    double squared = 0;
+    hostVectorOps().dotsF64(wide.data(), int32_t(dim), repr, 1, &squared);
+    head->norms.back() = std::sqrt(squared);
   }
 
   // s_b = sum over the group's q-heads g of cos(r_b, p_g) + lambda cos(r_b, q_g)
