@@ -59,13 +59,6 @@ constexpr int64_t kInsertSeeds = 16;        // landmarks an insertion search sta
 constexpr int64_t kSelfQueriesMin = 4096;  // K->K fallback: at least this many keys play the queries
 constexpr int64_t kSelfQueriesDivisor = 8; // ... or one key in this many
 
-
-// Reserves at least `needed`, doubling, so that one-key-at-a-time adds stay amortised O(1).
-template <class T>
-void reserveGeometric(std::vector<T>* values, size_t needed) {
-  if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
-}
-
 int resolveThreads(int32_t requested) {
   const int threads = requested > 0 ? requested : int(std::thread::hardware_concurrency());
   return std::max(threads, 1);

@@ -167,12 +167,6 @@ void trainCentroids(const float* points, int64_t count, int32_t dim, int32_t lis
   }
 }
 
-// Reserves at least `needed`, doubling, so that one-key-at-a-time adds stay amortised O(1).
-template <class T>
-void reserveGeometric(std::vector<T>* values, size_t needed) {
-  if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
-}
-
 struct InvertedList {
   std::vector<uint32_t> ids;  // insertion-order ids, ascending
   KeyRows keys;               // [ids.size(), dim], contiguous for one maxDot per probe (f16 over an f16 cache)

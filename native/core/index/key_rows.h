@@ -11,6 +11,12 @@
 
 namespace kvslim {
 
+// Reserves at least `needed`, doubling, so that one-key-at-a-time adds stay amortised O(1).
+template <class T>
+void reserveGeometric(std::vector<T>* values, size_t needed) {
+  if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
+}
+
 class KeyRows {
  public:
   explicit KeyRows(int32_t dim = 0, bool half = false) : dim_(dim), half_(half) {}
@@ -20,8 +26,8 @@ class KeyRows {
 
   // Room for `rows` keys, growing geometrically (one key at a time stays amortised O(1)).
   void reserve(size_t rows) {
-    if (half_) grow(&halves_, rows * size_t(dim_));
-    else grow(&floats_, rows * size_t(dim_));
+    if (half_) reserveGeometric(&halves_, rows * size_t(dim_));
+    else reserveGeometric(&floats_, rows * size_t(dim_));
   }
   void append(const float* keys, int64_t n) {
     const size_t count = size_t(n) * size_t(dim_);
@@ -65,10 +71,6 @@ class KeyRows {
   KeyData at(int64_t first) const {
     const size_t offset = size_t(first) * size_t(dim_);
     return half_ ? KeyData(halves_.data() + offset) : KeyData(floats_.data() + offset);
-  }
-  template <class T>
-  static void grow(std::vector<T>* values, size_t needed) {
-    if (needed > values->capacity()) values->reserve(std::max(needed, 2 * values->capacity()));
   }
 
   int32_t dim_ = 0;
