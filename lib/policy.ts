@@ -87,16 +87,21 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
     }
   }
   if (select.kind !== 'full' && store.kind === 'kivi') {
-    // KIVI quantizes keys in groups of tokens: it can hold what a policy keeps once the policy
-    // stops evicting, which SnapKV and PyramidKV do after their one selection at prefill.
-    if (select.kind !== 'snapkv' && select.kind !== 'pyramidkv') {
+    // KIVI quantizes keys in groups of tokens: it holds what a policy keeps once the policy stops
+    // evicting (SnapKV and PyramidKV, after their one selection at prefill), or when the policy
+    // evicts one run of tokens per head (streaming and duo: the store skips a hole).
+    const windowed = select.kind === 'streaming' || select.kind === 'duo';
+    if (select.kind !== 'snapkv' && select.kind !== 'pyramidkv' && !windowed) {
       throw optionError(
-        `policy.select '${select.kind}' cannot be combined with store 'kivi': only snapkv and pyramidkv can, which select ` +
-          `once at prefill before the kept tokens are quantized (a policy that evicts or loads single tokens at every step ` +
-          `needs a dense store)`,
+        `policy.select '${select.kind}' cannot be combined with store 'kivi': only snapkv and pyramidkv (which select ` +
+          `once at prefill, before the kept tokens are quantized) and streaming and duo (whose windows evict one run of ` +
+          `tokens per head) can; a policy that evicts or loads single tokens anywhere needs a dense store`,
       );
     }
-    if (store.preRope) {
+    if (select.kind === 'streaming' && select.positions === 'cache') {
+      throw optionError(`policy.select.positions 'cache' cannot be combined with store 'kivi'`);
+    }
+    if (store.preRope && !windowed) {
       throw optionError(
         `policy.store.preRope cannot be combined with policy.select '${select.kind}': pre-RoPE keys are rotated by their ` +
           `index in the store, which eviction changes`,

@@ -58,6 +58,8 @@ const cases: Case[] = [
   { kind: 'kivi', label: 'KIVI-4, 3 rows x group 4, d=128, group 16', dtype: 'f16', n: 3, T: 333, qHeads: 16, kvHeads: 4, headDim: 128, kivi: { bits: 4, group: 16, residual: 32 } },
   { kind: 'kivi', label: 'KIVI-8 MHA, d=32', dtype: 'bf16', n: 1, T: 700, qHeads: 2, kvHeads: 2, headDim: 32, kivi: { bits: 8, group: 32, residual: 128 } },
   { kind: 'kivi', label: 'KIVI-2 + 2% outliers, d=64', dtype: 'f32', n: 2, T: 500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64, outliers: 0.02 } },
+  // A streaming window over KIVI: the hole's aligned inside is skipped, its edges masked.
+  { kind: 'kivi', label: 'KIVI-2 streaming hole (sink 5, window 70), d=64', dtype: 'f32', n: 2, T: 900, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64 }, select: { kind: 'streaming', sink: 5, window: 70 } },
   // Index kernels: k as [T, headDim] keys, q as 3 query rows (qHeads = kvHeads = 1, n = 3).
   { kind: 'vectors', label: 'page bounds + flat top-20, d=100, 3 rows', dtype: 'f32', n: 3, T: 500, qHeads: 1, kvHeads: 1, headDim: 100 },
 ];
@@ -114,7 +116,13 @@ function prepare(testCase: Case, seed: number): Prepared {
   if (testCase.kivi !== undefined) {
     const mirror = new KiviMirror(testCase, testCase.kivi);
     mirror.append(roundTo(k, dtype), roundTo(v, dtype));
-    return { json: { ...testCase, q: base64(sent.q), k: base64(sent.k), v: base64(sent.v) }, expected: mirror.attend(roundTo(q, dtype)) };
+    const json = { ...testCase, q: base64(sent.q), k: base64(sent.k), v: base64(sent.v) };
+    if (testCase.select === undefined) return { json, expected: mirror.attend(roundTo(q, dtype)) };
+    // A window policy: the positions it keeps, read from what the KIVI layer stores.
+    const select = new SelectMirror({ layers: 1, ...testCase }, testCase.select);
+    select.storedRows = () => mirror.stored();
+    select.append(0, roundTo(k, dtype), roundTo(v, dtype));
+    return { json, expected: select.attend(0, roundTo(q, dtype)) };
   }
   if (testCase.select !== undefined) {
     // The selection mirror in float64: the prompt prefilled, then one step per token.

@@ -13,8 +13,9 @@
 //   graph from its keys alone, ActQKV with fresh statistics).
 //   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
-// KIVI payload: i64 quantizedKeys, quantizedValues | key group records | value token records
-//   (records as in kivi_format.h, outliers included)
+// KIVI payload: i64 quantizedKeys, quantizedValues | (version 7) i64 holeBegin, holeEnd | key group
+//   records | value token records (records as in kivi_format.h, outliers included; version 7 omits
+//   those of the pages the hole released, KiviStore::released)
 //   | f16 residual keys (tokens - quantizedKeys rows) | f16 residual values (tokens - quantizedValues rows).
 // load() checks every field and the exact size before it allocates, then the hash.
 #include <algorithm>
@@ -30,8 +31,9 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 6;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
-                                  // 5: loading policies; 6: eviction policies
+constexpr uint32_t kVersion = 7;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
+                                  // 5: loading policies; 6: eviction policies; 7: window policies over KIVI
+                                  // (6 + i32 kiviPreRope after the rope style, and each KIVI head's hole)
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
@@ -135,10 +137,14 @@ Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select
 }
 
 // One KIVI head's image as readKiviHead reads it back.
-void putKiviHead(const KiviStore::HeadImage& image, std::vector<uint8_t>* out) {
+void putKiviHead(const KiviStore::HeadImage& image, bool holes, std::vector<uint8_t>* out) {
   Writer writer(out);
   writer.put(image.quantizedKeys);
   writer.put(image.quantizedValues);
+  if (holes) {
+    writer.put(image.hole.begin);
+    writer.put(image.hole.end);
+  }
   out->insert(out->end(), image.keyRecords.begin(), image.keyRecords.end());
   out->insert(out->end(), image.valueRecords.begin(), image.valueRecords.end());
   for (const std::vector<uint16_t>* rows : {&image.keyRows, &image.valueRows}) {
@@ -151,8 +157,9 @@ void putKiviHead(const KiviStore::HeadImage& image, std::vector<uint8_t>* out) {
 // records | value token records | f16 residual keys | f16 residual values, for a layer of `count`
 // tokens. Checks counts, sizes, that every f16 number is finite and that outlier indices stay
 // inside their record before the caller writes it into a store.
-Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t count, const KiviFormat& format,
+Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t count, const KiviStore& store, bool holes,
                     KiviStore::HeadImage* out) {
+  const KiviFormat& format = store.shape().format;
   KiviStore::HeadImage& image = *out;
   size_t& position = *cursor;
   if (end < position || end - position < 16) return corrupt("the KIVI payload is truncated");
@@ -163,9 +170,19 @@ Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t cou
     return corrupt("a KIVI head's quantized token counts are out of range");
   }
   position += 16;
+  image.hole = {};
+  if (holes) {
+    if (end - position < 16) return corrupt("the KIVI payload is truncated");
+    std::memcpy(&image.hole.begin, data + position, 8);
+    std::memcpy(&image.hole.end, data + position + 8, 8);
+    position += 16;
+    if (image.hole.begin < 0 || image.hole.begin > image.hole.end || image.hole.end > count) {
+      return corrupt("a KIVI head's hole is out of range");
+    }
+  }
   const size_t rowBytes = size_t(format.headDim) * 2;
-  const size_t keyBytes = size_t(image.quantizedKeys / format.group) * format.keyGroupBytes();
-  const size_t valueBytes = size_t(image.quantizedValues) * format.valueTokenBytes();
+  const size_t keyBytes = size_t(store.heldKeyGroups(image.hole, image.quantizedKeys)) * format.keyGroupBytes();
+  const size_t valueBytes = size_t(store.heldValueTokens(image.hole, image.quantizedValues)) * format.valueTokenBytes();
   const size_t residualBytes = size_t(2 * count - image.quantizedKeys - image.quantizedValues) * rowBytes;
   if (end - position < keyBytes || end - position - keyBytes < valueBytes ||
       end - position - keyBytes - valueBytes < residualBytes) {
@@ -232,7 +249,8 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
     const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    writer.put(evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
+    const bool holes = evicting && kivi() && policy_->windowed();
+    writer.put(holes ? uint32_t(7) : evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -271,7 +289,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
       for (int32_t layer = 0; layer < config_.layers; ++layer) {
         for (int32_t h = 0; h < config_.kvHeads; ++h) {
           KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
-          putKiviHead(image, out);
+          putKiviHead(image, false, out);
         }
       }
       writer.put(fnv1a(out->data(), out->size()));
@@ -344,7 +362,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (!valid.isOk()) return corrupt(valid.message());
   if (config.pageTokens <= 0 || config.pageTokens > (1 << 20)) return corrupt("pageTokens out of range");
   if (!(config.scale > 0.0f) || !std::isfinite(config.scale)) return corrupt("scale must be positive and finite");
-  if (version == 6) return loadEvicting(data, size, reader.offset(), config, std::move(backend), out);
+  if (version >= 6) return loadEvicting(data, size, reader.offset(), config, std::move(backend), out, version == 7);
   if (config.storeKind == StoreKind::Kivi) return loadKivi(data, size, reader.offset(), config, std::move(backend), out);
   std::vector<int64_t> tokens(size_t(config.layers));
   const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
@@ -404,6 +422,8 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
   writer.put(config_.kiviOutliers);
   writer.put(config_.rope.theta);
   writer.put(int32_t(config_.rope.style));
+  const bool holes = kivi() && policy_->windowed();
+  if (holes) writer.put(int32_t(config_.kiviPreRope ? 1 : 0));
   writer.put(int32_t(s.kind));
   for (const int64_t value : {s.sink, s.window, s.budget}) writer.put(value);
   writer.put(s.kernel);
@@ -423,13 +443,17 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
     const bool quantized = inKivi(layer);
     const size_t first = size_t(layer) * size_t(config_.kvHeads);
     writer.put(quantized ? kivi_.tokens(layer) : int64_t(-1));
-    writer.put(quantized ? int64_t(kiviPositions_[first].size()) : int64_t(0));
+    // Moved positions: a settled layer's (snapkv, pyramidkv); a window policy's layers hold none.
+    const bool moved = quantized && !kiviPositions_.empty();
+    writer.put(moved ? int64_t(kiviPositions_[first].size()) : int64_t(0));
     for (int32_t h = 0; h < config_.kvHeads; ++h) {
       if (quantized) {
-        for (const int64_t position : kiviPositions_[first + size_t(h)]) writer.put(position);
+        if (moved) {
+          for (const int64_t position : kiviPositions_[first + size_t(h)]) writer.put(position);
+        }
         KiviStore::HeadImage image;
         KVSLIM_RETURN_IF_ERROR(kivi_.readHead(layer, h, &image));
-        putKiviHead(image, out);
+        putKiviHead(image, holes, out);
         continue;
       }
       const int64_t kept = store_.keptTokens(layer, h), tail = store_.tailTokens(layer, h);
@@ -448,29 +472,34 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
 }
 
 Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, CacheConfig config,
-                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out) {
+                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out, bool holes) {
   // The checksum first: everything after it is then as saved, and only bounds need checking.
   if (size < offset + 8) return corrupt("the header is truncated");
   KVSLIM_RETURN_IF_ERROR(checkHash(data, size));
   Reader reader(data + offset, size - 8 - offset);
   SelectConfig& s = config.select;
-  int32_t ropeStyle = 0, kind = 0, pooling = 0, cachePositions = 0;
+  int32_t ropeStyle = 0, kind = 0, pooling = 0, cachePositions = 0, preRope = 0;
   uint64_t maskBytes = 0, stateBytes = 0;
   bool complete = reader.get(&config.kiviOutliers) && reader.get(&config.rope.theta) && reader.get(&ropeStyle) &&
-                  reader.get(&kind) && reader.get(&s.sink) && reader.get(&s.window) && reader.get(&s.budget) &&
+                  (!holes || reader.get(&preRope)) && reader.get(&kind) && reader.get(&s.sink) && reader.get(&s.window) && reader.get(&s.budget) &&
                   reader.get(&s.kernel) && reader.get(&pooling) && reader.get(&s.beta) && reader.get(&s.recent) &&
                   reader.get(&cachePositions) && reader.get(&maskBytes);
   if (!complete) return corrupt("the header is truncated");
   if (kind < int32_t(SelectKind::Streaming) || kind > int32_t(SelectKind::Duo)) {
     return corrupt("unknown eviction policy kind " + std::to_string(kind));
   }
-  if ((pooling != 0 && pooling != 1) || (cachePositions != 0 && cachePositions != 1) || (ropeStyle != 0 && ropeStyle != 1)) {
+  if ((pooling != 0 && pooling != 1) || (cachePositions != 0 && cachePositions != 1) || (ropeStyle != 0 && ropeStyle != 1) ||
+      (preRope != 0 && preRope != 1)) {
     return corrupt("a policy field is out of range");
   }
   if (!(config.kiviOutliers >= 0.0 && config.kiviOutliers <= 1.0) || !std::isfinite(config.rope.theta) || config.rope.theta < 0.0f) {
     return corrupt("the KIVI outlier fraction or the rope theta is out of range");
   }
   s.kind = SelectKind(kind);
+  if (holes && (config.storeKind != StoreKind::Kivi || (s.kind != SelectKind::Streaming && s.kind != SelectKind::Duo))) {
+    return corrupt("KIVI holes without a KIVI store and a window policy");
+  }
+  config.kiviPreRope = preRope == 1;
   s.pooling = Pooling(pooling);
   s.cachePositions = cachePositions == 1;
   config.rope.style = RopeStyle(ropeStyle);
@@ -520,21 +549,32 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
           return corrupt("a KIVI layer's token counts are out of range");
         }
         const int64_t offsetTokens = total - kiviTokens;
-        const KiviFormat& format = cache->kivi_.shape().format;
+        // A window policy's layers live in the KIVI store from their first token.
+        if (holes && (moved != 0 || offsetTokens != 0)) return corrupt("a window policy's KIVI layer holds moved tokens");
         KiviStore::HeadImage image;
         for (int32_t h = 0; h < config.kvHeads; ++h) {
-          std::vector<int64_t>& positions = cache->kiviPositions_[first + size_t(h)];
-          if (!readPositions(moved, moved + offsetTokens, &positions)) return corrupt("the kept positions are out of range");
+          if (!holes) {
+            std::vector<int64_t>& positions = cache->kiviPositions_[first + size_t(h)];
+            if (!readPositions(moved, moved + offsetTokens, &positions)) return corrupt("the kept positions are out of range");
+          }
           size_t position = payloadBase + payload.offset();
-          KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, kiviTokens, format, &image));
+          KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, kiviTokens, cache->kivi_, holes, &image));
           payload.skip(position - payloadBase - payload.offset());
+          // The hole is the policy's: [sink, at most tokens - window) in a windowed head, none elsewhere.
+          int64_t sink = 0, window = 0;
+          const bool windowed = holes && cache->policy_->windowOf(layer, h, &sink, &window);
+          if (image.hole.size() > 0 && (!windowed || image.hole.begin != sink || image.hole.end > kiviTokens - window)) {
+            return corrupt("a KIVI head's hole does not match the policy's window");
+          }
           KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, kiviTokens, image));
         }
-        cache->kiviOffset_[size_t(layer)] = offsetTokens;
-        cache->store_.restoreTokens(layer, total);
+        if (!holes) {
+          cache->kiviOffset_[size_t(layer)] = offsetTokens;
+          cache->store_.restoreTokens(layer, total);
+        }
         continue;
       }
-      if (kiviTokens != -1 || moved != 0) return corrupt("a layer's token counts are out of range");
+      if (kiviTokens != -1 || moved != 0 || holes) return corrupt("a layer's token counts are out of range");
       for (int32_t h = 0; h < config.kvHeads; ++h) {
         int64_t kept = 0, tail = 0;
         if (!payload.get(&kept) || !payload.get(&tail) || tail < 0 || tail > total || kept < 0 || kept > total - tail) {
@@ -618,7 +658,7 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
     for (int32_t layer = 0; layer < config.layers; ++layer) {
       const int64_t count = tokens[size_t(layer)];
       for (int32_t h = 0; h < config.kvHeads; ++h) {
-        KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, count, format, &image));
+        KVSLIM_RETURN_IF_ERROR(readKiviHead(data, size - 8, &position, count, cache->kivi_, false, &image));
         KVSLIM_RETURN_IF_ERROR(cache->kivi_.writeHead(layer, h, count, image));
       }
     }

@@ -71,7 +71,27 @@ struct KiviHeadView {
   const uint16_t* valueResidual = nullptr;  // f16 ring [residual, headDim]: token quantizedValues + i
   int64_t valueRingStart = 0;               //   at row (valueRingStart + i) % residual
   int64_t tokens = 0;
+  // Tokens [holeBegin, holeEnd) were evicted by a window policy (streaming, duo): attention skips
+  // them. Pages wholly inside the hole may be released (null); kernels jump over the hole's
+  // 32-aligned inside (kiviSkip) and mask the rest of it token by token.
+  int64_t holeBegin = 0, holeEnd = 0;
 };
+
+// The part of a head's hole that attention walks past: [begin, begin + length), both multiples of
+// 32 tokens, so CPU blocks (32 tokens) and CUDA tiles (16) never straddle it. Kernels walk
+// tokens - length tokens: walk index w is token w below begin and token w + length above it.
+struct KiviSkip {
+  int64_t begin = 0, length = 0;
+  int64_t token(int64_t walk) const { return walk < begin ? walk : walk + length; }
+  // The walk index of the last walked token at or before `token`.
+  int64_t walkOf(int64_t token) const {
+    return token >= begin + length ? token - length : (token < begin ? token : begin - 1);
+  }
+};
+inline KiviSkip kiviSkip(const KiviHeadView& head) {
+  const int64_t begin = (head.holeBegin + 31) / 32 * 32, end = head.holeEnd / 32 * 32;
+  return end > begin ? KiviSkip{begin, end - begin} : KiviSkip{};
+}
 
 // Attention of n query rows per query head over KIVI heads; same causal rule and query layout
 // as AttentionArgs (attention_args.h).

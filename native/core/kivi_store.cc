@@ -133,8 +133,47 @@ void KiviStore::shrink(Residual* residual) {
 void KiviStore::refreshPointers(HeadState* state) {
   state->keyPointers.clear();
   state->valuePointers.clear();
-  for (const auto& page : state->keyPages) state->keyPointers.push_back(page->memory());
-  for (const auto& page : state->valuePages) state->valuePointers.push_back(page->memory());
+  for (const auto& page : state->keyPages) state->keyPointers.push_back(page ? page->memory() : nullptr);
+  for (const auto& page : state->valuePages) state->valuePointers.push_back(page ? page->memory() : nullptr);
+}
+
+int64_t KiviStore::heldRecords(const Hole& hole, int64_t quantized, int64_t perPage, int64_t total) const {
+  const int64_t P = shape_.pageTokens;
+  const int64_t first = (hole.begin + P - 1) / P, end = std::min(hole.end, quantized) / P;
+  return total - (hole.size() > 0 && end > first ? (end - first) * perPage : 0);
+}
+
+int64_t KiviStore::heldKeyGroups(const Hole& hole, int64_t quantizedKeys) const {
+  return heldRecords(hole, quantizedKeys, keyGroupsPerPage(), quantizedKeys / shape_.format.group);
+}
+
+int64_t KiviStore::heldValueTokens(const Hole& hole, int64_t quantizedValues) const {
+  return heldRecords(hole, quantizedValues, shape_.pageTokens, quantizedValues);
+}
+
+void KiviStore::releaseHole(HeadState* state) const {
+  if (state->hole.size() == 0) return;
+  for (size_t p = 0; p < state->keyPages.size(); ++p) {
+    if (released(state->hole, int64_t(p), state->quantizedKeys)) state->keyPages[p].reset();
+  }
+  for (size_t p = 0; p < state->valuePages.size(); ++p) {
+    if (released(state->hole, int64_t(p), state->quantizedValues)) state->valuePages[p].reset();
+  }
+}
+
+Status KiviStore::setHole(int32_t layer, int32_t h, int64_t begin, int64_t end) {
+  HeadState& state = head(layer, h);
+  if (begin >= end) return Status::ok();
+  const Hole& hole = state.hole;
+  if (begin < 0 || end > layerTokens_[size_t(layer)] || (hole.size() > 0 && (begin != hole.begin || end < hole.end))) {
+    return Status(ErrorCode::Internal, "a KIVI hole may only grow at its end, inside the layer's tokens (held [" +
+                                           std::to_string(hole.begin) + ", " + std::to_string(hole.end) + "), asked [" +
+                                           std::to_string(begin) + ", " + std::to_string(end) + "))");
+  }
+  state.hole = Hole{begin, end};
+  releaseHole(&state);
+  refreshPointers(&state);
+  return Status::ok();
 }
 
 Status KiviStore::stage(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
@@ -222,6 +261,7 @@ Status KiviStore::flush(int32_t layer) {
     for (Residual* residual : {&state.keys, &state.values}) {
       if (residual->capacity > 2 * (R + 1)) shrink(residual);
     }
+    releaseHole(&state);
     refreshPointers(&state);
   }
   for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = std::move(updated[size_t(h)]);
@@ -294,6 +334,8 @@ KiviHeadView KiviStore::view(int32_t layer, int32_t h) const {
   view.valueResidual = state.values.device ? static_cast<const uint16_t*>(state.values.device->memory()) : nullptr;
   view.valueRingStart = state.values.start;
   view.tokens = layerTokens_[size_t(layer)];
+  view.holeBegin = state.hole.begin;
+  view.holeEnd = state.hole.end;
   return view;
 }
 
@@ -302,8 +344,8 @@ KiviLayerBytes KiviStore::layerBytes(int32_t layer) const {
   KiviLayerBytes bytes;
   for (int32_t h = 0; h < shape_.kvHeads; ++h) {
     const HeadState& state = head(layer, h);
-    bytes.quantized += double(state.quantizedKeys / format.group) * double(format.keyGroupBytes()) +
-                       double(state.quantizedValues) * double(format.valueTokenBytes());
+    bytes.quantized += double(heldKeyGroups(state.hole, state.quantizedKeys)) * double(format.keyGroupBytes()) +
+                       double(heldValueTokens(state.hole, state.quantizedValues)) * double(format.valueTokenBytes());
     bytes.residual += double(state.keys.count + state.values.count) * double(format.headDim) * 2.0;
   }
   return bytes;
@@ -315,7 +357,8 @@ double KiviStore::allocatedBytes() const {
   const double valuePage = double(shape_.pageTokens) * double(format.valueTokenBytes());
   double total = 0;
   for (const HeadState& state : heads_) {
-    total += double(state.keyPages.size()) * keyPage + double(state.valuePages.size()) * valuePage;
+    for (const auto& page : state.keyPages) total += page ? keyPage : 0.0;
+    for (const auto& page : state.valuePages) total += page ? valuePage : 0.0;
     total += double(state.keys.capacity + state.values.capacity) * double(format.headDim) * 2.0;
   }
   return total;
@@ -340,7 +383,11 @@ double KiviStore::sharedBytes() const {
 
 size_t KiviStore::pageCount() const {
   size_t count = 0;
-  for (const HeadState& state : heads_) count += state.keyPages.size() + state.valuePages.size();
+  for (const HeadState& state : heads_) {
+    for (const auto* pages : {&state.keyPages, &state.valuePages}) {
+      for (const auto& page : *pages) count += page ? 1 : 0;
+    }
+  }
   return count;
 }
 
@@ -349,21 +396,13 @@ Status KiviStore::readHead(int32_t layer, int32_t h, HeadImage* out) const {
   const HeadState& state = head(layer, h);
   out->quantizedKeys = state.quantizedKeys;
   out->quantizedValues = state.quantizedValues;
-  const int64_t keyGroups = state.quantizedKeys / format.group;
-  out->keyRecords.resize(size_t(keyGroups) * format.keyGroupBytes());
-  for (int64_t g = 0; g < keyGroups; ++g) {
-    const uint8_t* page = static_cast<const uint8_t*>(state.keyPages[size_t(g / keyGroupsPerPage())]->memory());
-    KVSLIM_RETURN_IF_ERROR(backend_->download(out->keyRecords.data() + size_t(g) * format.keyGroupBytes(),
-                                              page + size_t(g % keyGroupsPerPage()) * format.keyGroupBytes(),
-                                              format.keyGroupBytes()));
-  }
-  out->valueRecords.resize(size_t(state.quantizedValues) * format.valueTokenBytes());
-  for (int64_t t = 0; t < state.quantizedValues; t += shape_.pageTokens) {
-    const int64_t run = std::min(shape_.pageTokens, state.quantizedValues - t);
-    KVSLIM_RETURN_IF_ERROR(backend_->download(out->valueRecords.data() + size_t(t) * format.valueTokenBytes(),
-                                              state.valuePages[size_t(t / shape_.pageTokens)]->memory(),
-                                              size_t(run) * format.valueTokenBytes()));
-  }
+  out->hole = state.hole;
+  out->keyRecords.resize(size_t(heldKeyGroups(state.hole, state.quantizedKeys)) * format.keyGroupBytes());
+  out->valueRecords.resize(size_t(heldValueTokens(state.hole, state.quantizedValues)) * format.valueTokenBytes());
+  KVSLIM_RETURN_IF_ERROR(readRecords(state.keyPages, state.hole, state.quantizedKeys, keyGroupsPerPage(),
+                                     format.keyGroupBytes(), &out->keyRecords));
+  KVSLIM_RETURN_IF_ERROR(readRecords(state.valuePages, state.hole, state.quantizedValues, shape_.pageTokens,
+                                     format.valueTokenBytes(), &out->valueRecords));
   const size_t dim = size_t(format.headDim);
   out->keyRows.resize(size_t(state.keys.count) * dim);
   for (int64_t i = 0; i < state.keys.count; ++i) std::memcpy(&out->keyRows[size_t(i) * dim], hostRow(state.keys, i), dim * 2);
@@ -374,15 +413,53 @@ Status KiviStore::readHead(int32_t layer, int32_t h, HeadImage* out) const {
   return Status::ok();
 }
 
+// The records of the held pages of a list, in order (`records` sized by the caller).
+Status KiviStore::readRecords(const std::vector<std::shared_ptr<Page>>& pages, const Hole& hole, int64_t quantized,
+                              int64_t perPage, size_t recordBytes, std::vector<uint8_t>* records) const {
+  const int64_t total = quantized * perPage / shape_.pageTokens;  // records written
+  size_t at = 0;
+  for (int64_t p = 0; p * perPage < total; ++p) {
+    if (released(hole, p, quantized)) continue;
+    const size_t bytes = size_t(std::min(perPage, total - p * perPage)) * recordBytes;
+    if (at + bytes > records->size()) return Status(ErrorCode::Internal, "a KIVI page list holds more records than counted");
+    KVSLIM_RETURN_IF_ERROR(backend_->download(records->data() + at, pages[size_t(p)]->memory(), bytes));
+    at += bytes;
+  }
+  return Status::ok();
+}
+
+// Pages of a list from its held records (released pages stay null); `records` were sized by the
+// caller (heldKeyGroups / heldValueTokens).
+Status KiviStore::writeRecords(std::vector<std::shared_ptr<Page>>* pages, const Hole& hole, int64_t quantized,
+                               int64_t perPage, size_t recordBytes, const std::vector<uint8_t>& records) {
+  const int64_t total = quantized * perPage / shape_.pageTokens;
+  size_t at = 0;
+  for (int64_t p = 0; p * perPage < total; ++p) {
+    if (released(hole, p, quantized)) {
+      pages->emplace_back();
+      continue;
+    }
+    const size_t bytes = size_t(std::min(perPage, total - p * perPage)) * recordBytes;
+    if (at + bytes > records.size()) return Status(ErrorCode::Internal, "a KIVI image holds fewer records than its counts");
+    std::shared_ptr<Page> page;
+    KVSLIM_RETURN_IF_ERROR(newPage(size_t(perPage) * recordBytes, &page));
+    KVSLIM_RETURN_IF_ERROR(backend_->upload(page->memory(), records.data() + at, bytes));
+    pages->push_back(std::move(page));
+    at += bytes;
+  }
+  return Status::ok();
+}
+
 Status KiviStore::writeHead(int32_t layer, int32_t h, int64_t tokens, const HeadImage& image) {
   const KiviFormat& format = shape_.format;
   const size_t dim = size_t(format.headDim);
   HeadState state;
   state.values.ring = true;
-  KVSLIM_RETURN_IF_ERROR(appendRecords(&state.keyPages, 0, keyGroupsPerPage(), format.keyGroupBytes(),
-                                       image.keyRecords.data(), image.quantizedKeys / format.group));
-  KVSLIM_RETURN_IF_ERROR(appendRecords(&state.valuePages, 0, shape_.pageTokens, format.valueTokenBytes(),
-                                       image.valueRecords.data(), image.quantizedValues));
+  state.hole = image.hole;
+  KVSLIM_RETURN_IF_ERROR(writeRecords(&state.keyPages, image.hole, image.quantizedKeys, keyGroupsPerPage(),
+                                      format.keyGroupBytes(), image.keyRecords));
+  KVSLIM_RETURN_IF_ERROR(writeRecords(&state.valuePages, image.hole, image.quantizedValues, shape_.pageTokens,
+                                      format.valueTokenBytes(), image.valueRecords));
   const int64_t keyRows = int64_t(image.keyRows.size() / dim), valueRows = int64_t(image.valueRows.size() / dim);
   KVSLIM_RETURN_IF_ERROR(reserve(&state.keys, keyRows));
   KVSLIM_RETURN_IF_ERROR(reserve(&state.values, valueRows));

@@ -9,6 +9,12 @@
 // therefore the same for any chunking of the same tokens.
 //
 // Quantized records sit in pages shared copy-on-write by forks, like PagedStore's.
+//
+// Window policies (streaming, duo's streaming heads) evict through a per-head hole: tokens
+// [holeBegin, holeEnd) leave the head's kept set (attention masks them, kivi_format.h) while
+// positions stay absolute. A page (pageTokens tokens of key groups or of value tokens) is released
+// once it is full and wholly inside the hole; the hole only grows, so the released pages are a
+// function of the hole and the quantized counts (saved caches omit their records).
 #pragma once
 #include <cstdint>
 #include <memory>
@@ -48,6 +54,20 @@ class KiviStore {
   Status flush(int32_t layer);
 
   KiviStore fork() const { return *this; }
+
+  // Grows the hole of one head to [begin, end) (begin fixed once the hole is non-empty, end never
+  // smaller) and releases the pages it now covers.
+  Status setHole(int32_t layer, int32_t head, int64_t begin, int64_t end);
+  struct Hole {
+    int64_t begin = 0, end = 0;
+    int64_t size() const { return end - begin; }
+  };
+  Hole hole(int32_t layer, int32_t h) const { return head(layer, h).hole; }
+  // Whether page `page` of a list whose records cover `quantized` tokens is released by the hole.
+  bool released(const Hole& hole, int64_t page, int64_t quantized) const {
+    const int64_t first = page * shape_.pageTokens, end = first + shape_.pageTokens;
+    return first >= hole.begin && end <= hole.end && end <= quantized;
+  }
   KiviHeadView view(int32_t layer, int32_t head) const;
   int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }
   const KiviStoreShape& shape() const { return shape_; }
@@ -63,7 +83,10 @@ class KiviStore {
   // by the caller from the token count).
   struct HeadImage {
     int64_t quantizedKeys = 0, quantizedValues = 0;
-    std::vector<uint8_t> keyRecords, valueRecords;  // quantizedKeys / group and quantizedValues records
+    Hole hole;
+    // The records of the pages the hole has not released, in token order (all of them without a
+    // hole: quantizedKeys / group key group records and quantizedValues value token records).
+    std::vector<uint8_t> keyRecords, valueRecords;
     std::vector<uint16_t> keyRows, valueRows;       // f16 residual, oldest first
   };
   Status readHead(int32_t layer, int32_t head, HeadImage* out) const;
@@ -72,6 +95,9 @@ class KiviStore {
   // quantized, the rest f16. Host work only (thread-safe); writeHead() then installs it.
   Status imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const;
   Status writeHead(int32_t layer, int32_t head, int64_t tokens, const HeadImage& image);
+  // Records an image holds under its hole: key group records and value token records.
+  int64_t heldKeyGroups(const Hole& hole, int64_t quantizedKeys) const;
+  int64_t heldValueTokens(const Hole& hole, int64_t quantizedValues) const;
 
  private:
   // f16 rows in backend memory plus their host mirror (flushes and save read the mirror, so a
@@ -91,6 +117,7 @@ class KiviStore {
     std::vector<const void*> keyPointers, valuePointers;
     int64_t quantizedKeys = 0, quantizedValues = 0;
     Residual keys, values;
+    Hole hole;
   };
   HeadState& head(int32_t layer, int32_t h) { return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)]; }
   const HeadState& head(int32_t layer, int32_t h) const {
@@ -111,7 +138,16 @@ class KiviStore {
   // Appends `count` records to a page list, copying a shared partially filled last page first.
   Status appendRecords(std::vector<std::shared_ptr<Page>>* pages, int64_t first, int64_t perPage,
                        size_t recordBytes, const uint8_t* records, int64_t count);
+  Status readRecords(const std::vector<std::shared_ptr<Page>>& pages, const Hole& hole, int64_t quantized,
+                     int64_t perPage, size_t recordBytes, std::vector<uint8_t>* records) const;
+  Status writeRecords(std::vector<std::shared_ptr<Page>>* pages, const Hole& hole, int64_t quantized, int64_t perPage,
+                      size_t recordBytes, const std::vector<uint8_t>& records);
   static void refreshPointers(HeadState* state);
+  // Drops the pages the hole covers (released()); forks keep their own references.
+  void releaseHole(HeadState* state) const;
+  // Records held in pages [0, pages) of a list covering `quantized` tokens, `perPage` records each
+  // (the last page partly filled), of which `total` were written.
+  int64_t heldRecords(const Hole& hole, int64_t quantized, int64_t perPage, int64_t total) const;
   const uint16_t* hostRow(const Residual& residual, int64_t i) const;
 
   std::shared_ptr<Backend> backend_;

@@ -72,18 +72,24 @@ Status checkKivi(const CacheConfig& config) {
   return Status::ok();
 }
 
-// KIVI quantizes keys in groups of tokens, so it holds what a policy keeps only once the policy
-// stops evicting: SnapKV and PyramidKV select once, at prefill, from f16 tokens.
+// KIVI quantizes keys in groups of tokens, so it holds what a policy keeps when the policy stops
+// evicting (SnapKV and PyramidKV select once, at prefill, from f16 tokens) or evicts one
+// contiguous run per head (streaming and duo: a hole the attention skips, KiviStore::setHole).
 Status checkKiviSelect(const CacheConfig& config) {
   const SelectKind kind = config.select.kind;
-  if (kind != SelectKind::SnapKV && kind != SelectKind::PyramidKV) {
+  const bool windowed = kind == SelectKind::Streaming || kind == SelectKind::Duo;
+  if (kind != SelectKind::SnapKV && kind != SelectKind::PyramidKV && !windowed) {
     return Status(ErrorCode::Option,
                   "policy.select (" + std::string(selectKindName(kind)) +
-                      ") cannot be combined with store 'kivi': only snapkv and pyramidkv can, which select once at "
-                      "prefill before the kept tokens are quantized (KIVI quantizes keys in groups of tokens, so a "
-                      "policy that evicts or loads single tokens at every step needs a dense store)");
+                      ") cannot be combined with store 'kivi': only snapkv and pyramidkv (which select once at prefill, "
+                      "before the kept tokens are quantized) and streaming and duo (whose windows evict one run of "
+                      "tokens per head) can; KIVI quantizes keys in groups of tokens, so a policy that evicts or loads "
+                      "single tokens anywhere needs a dense store");
   }
-  if (config.kiviPreRope) {
+  if (config.select.cachePositions) {
+    return Status(ErrorCode::Option, "policy.select.positions 'cache' cannot be combined with store 'kivi'");
+  }
+  if (config.kiviPreRope && !windowed) {
     return Status(ErrorCode::Option, "policy.store.preRope cannot be combined with policy.select " +
                                          std::string(selectKindName(kind)) +
                                          ": pre-RoPE keys are rotated by their index in the store, which eviction changes");
@@ -178,7 +184,9 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
   if (policy && policy->loads()) (*out)->loaded_.resize(size_t(config.layers) * size_t(config.kvHeads));
-  if (policy && config.storeKind == StoreKind::Kivi) {
+  // A policy that selects before quantizing keeps each layer dense until it settles; window
+  // policies leave holes in a KIVI layer from its first token.
+  if (policy && config.storeKind == StoreKind::Kivi && !policy->windowed()) {
     (*out)->kiviOffset_.assign(size_t(config.layers), -1);
     (*out)->kiviPositions_.resize(size_t(config.layers) * size_t(config.kvHeads));
   }
@@ -228,7 +236,10 @@ Status KVCache::append(int32_t layer, const HostTensor& k, const HostTensor& v) 
 }
 
 Status KVCache::stageTokens(int32_t layer, const HostTensor& k, const HostTensor& v, int64_t n) {
-  if (inKivi(layer)) return kivi_.stage(layer, k, v, n);
+  if (inKivi(layer)) {
+    KVSLIM_RETURN_IF_ERROR(kivi_.stage(layer, k, v, n));
+    return growHoles(layer, n);
+  }
   KVSLIM_RETURN_IF_ERROR(store_.append(layer, k, v, n));
   if (!policy_) return Status::ok();
   SelectContext context = selectContext();
@@ -240,8 +251,31 @@ SelectContext KVCache::selectContext() {
                        config_.threads};
 }
 
+Status KVCache::growHoles(int32_t layer, int64_t n) {
+  if (!policy_ || !policy_->windowed()) return Status::ok();
+  const int64_t tokens = kivi_.tokens(layer);
+  for (int32_t h = 0; h < config_.kvHeads; ++h) {
+    int64_t sink = 0, window = 0;
+    if (!policy_->windowOf(layer, h, &sink, &window)) continue;
+    const int64_t end = tokens - std::max(window, n);
+    if (end > sink) KVSLIM_RETURN_IF_ERROR(kivi_.setHole(layer, h, sink, end));
+  }
+  return Status::ok();
+}
+
+int64_t KVCache::kiviKept(int32_t layer, int32_t head) const {
+  return kivi_.tokens(layer) - kivi_.hole(layer, head).size();
+}
+
 Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefill) {
-  if (!policy_ || inKivi(layer)) return Status::ok();  // a layer in the KIVI store is settled
+  if (!policy_) return Status::ok();
+  if (inKivi(layer)) {
+    // A KIVI layer is settled, or a window policy's: its windows shrink back to `window`.
+    const auto start = std::chrono::steady_clock::now();
+    const Status grown = growHoles(layer, 0);
+    times_.compressMs += millisecondsSince(start);
+    return grown;
+  }
   const auto start = std::chrono::steady_clock::now();
   SelectContext context = selectContext();
   Status status = policy_->afterAppend(context, layer, q, n, prefill);
@@ -257,7 +291,10 @@ std::vector<int64_t> KVCache::keptPositions(int32_t layer, int32_t head) const {
   std::vector<int64_t> positions;
   if (inKivi(layer)) {
     if (!kiviPositions_.empty()) positions = kiviPositions_[size_t(layer) * size_t(config_.kvHeads) + size_t(head)];
-    for (int64_t t = int64_t(positions.size()); t < kivi_.tokens(layer); ++t) positions.push_back(t + kiviOffset_[size_t(layer)]);
+    const KiviStore::Hole hole = kivi_.hole(layer, head);
+    for (int64_t t = int64_t(positions.size()); t < kivi_.tokens(layer); ++t) {
+      if (t < hole.begin || t >= hole.end) positions.push_back(t + kiviOffset_[size_t(layer)]);
+    }
     return positions;
   }
   positions = store_.keptPositions(layer, head);
@@ -290,7 +327,9 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
                                         " tokens and q holds " + std::to_string(n) + " queries");
   }
   if (inKivi(layer)) {
-    lastLoadedTokens_ = double(kivi_.tokens(layer));
+    double kept = 0;
+    for (int32_t h = 0; h < config_.kvHeads; ++h) kept += double(kiviKept(layer, h));
+    lastLoadedTokens_ = kept / config_.kvHeads;
     return attendKivi(layer, q, n, out);
   }
   if (policy_ && policy_->loads()) {
@@ -574,11 +613,15 @@ CacheStatsData KVCache::stats() const {
     layerStats.tokensKept.assign(size_t(config_.kvHeads), tokens);
     if (inKivi(layer)) {
       const KiviLayerBytes bytes = kivi_.layerBytes(layer);
-      layerStats.tokensKept.assign(size_t(config_.kvHeads), kivi_.tokens(layer));
+      double kept = 0;
+      for (int32_t h = 0; h < config_.kvHeads; ++h) {
+        layerStats.tokensKept[size_t(h)] = kiviKept(layer, h);
+        kept += double(layerStats.tokensKept[size_t(h)]);
+      }
       layerStats.bytes = bytes.quantized + bytes.residual;
       stats.kvBytes += bytes.quantized;
       stats.residualBytes += bytes.residual;
-      keptTotal += double(kivi_.tokens(layer));
+      keptTotal += kept / config_.kvHeads;
     } else {
       double kept = 0;
       for (int32_t h = 0; h < config_.kvHeads; ++h) {

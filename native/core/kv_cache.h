@@ -58,10 +58,11 @@ class KVCache {
 
  private:
   KVCache(const CacheConfig& config, std::shared_ptr<Backend> backend);
-  // Version 6 (eviction policies): the policy, its state, and each layer's kept tokens.
+  // Version 6 (eviction policies): the policy, its state, and each layer's kept tokens; version 7
+  // also each KIVI head's hole (window policies over KIVI).
   Status saveEvicting(std::vector<uint8_t>* out) const;
   static Status loadEvicting(const uint8_t* data, size_t size, size_t offset, CacheConfig config,
-                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
+                             std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out, bool holes);
   static Status loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
                          std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
   bool kivi() const { return config_.storeKind == StoreKind::Kivi; }
@@ -78,6 +79,11 @@ class KVCache {
   // when the policy attends this call densely (prefill, or queries outside the window).
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
   Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
+  // A window policy over the KIVI store: each windowed head's hole grows to [sink, tokens -
+  // max(window, n)) (n: the call's tokens before it attends, 0 after).
+  Status growHoles(int32_t layer, int64_t n);
+  // Tokens a KIVI head keeps: all but its hole.
+  int64_t kiviKept(int32_t layer, int32_t head) const;
   // out = attention over two disjoint token sets: `first` (its args as given, causal) and `older`
   // heads (tokens older than every query, so non-causal; queries olderQ, pages of olderPageTokens),
   // merged by log-sum-exp.

@@ -16,7 +16,8 @@ void attentionKivi(const KiviAttentionArgs& args) {
   const int32_t dim = args.format.headDim;
   const int64_t rowGroups = (layout.rowsPerHead + kMaxDecodeRows - 1) / kMaxDecodeRows;
   int64_t maxTokens = 0;
-  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  // Splits cover the walked tokens: a window policy's hole is skipped, not split.
+  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens - kiviSkip(args.heads[h]).length);
   // Splits start at multiples of 32 tokens: a kernel sub-block never straddles a key group.
   const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 32);
   const std::vector<float> scaled = scaledRows(layout, args.q, dim, args.scale);
@@ -64,8 +65,10 @@ void attentionKivi(const KiviAttentionArgs& args) {
     range.keyGroupsPerPage = args.keyGroupsPerPage;
     range.valueTokensPerPage = args.valueTokensPerPage;
     range.ringRows = args.residual;
-    range.tokenBegin = std::min(split * plan.splitTokens, head.tokens);
-    range.tokenEnd = std::min((split + 1) * plan.splitTokens, head.tokens);
+    const KiviSkip skip = kiviSkip(head);
+    const int64_t walkTokens = head.tokens - skip.length;
+    range.tokenBegin = skip.token(std::min(split * plan.splitTokens, walkTokens));
+    range.tokenEnd = skip.token(std::min((split + 1) * plan.splitTokens, walkTokens));
     range.state = {rowMax, rowSum, rowAcc};
     range.scratch = rowAcc + kMaxDecodeRows * size_t(dim);
     if (args.preRope) {

@@ -73,7 +73,7 @@ struct KiviRange {
   KiviFormat format;
   const KiviHeadView* head;
   int64_t keyGroupsPerPage, valueTokensPerPage, ringRows;
-  int64_t tokenBegin, tokenEnd;  // tokenBegin % 32 == 0
+  int64_t tokenBegin, tokenEnd;  // tokenBegin % 32 == 0; the head's kiviSkip inside is jumped over
   SoftmaxState state;            // acc: [rows, headDim]; initialised by the kernel
   float* scratch;                // kiviScratchFloats(headDim) floats
   // Pre-RoPE keys (kivi_format.h): nullptr when keys are post-RoPE (the fast path). Otherwise

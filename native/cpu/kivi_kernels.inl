@@ -190,12 +190,31 @@ void kiviDecodeRows(const KiviRange& range) {
   const uint16_t* valueResidualRows[kKiviBlock];
   int64_t valuePage = range.tokenBegin / range.valueTokensPerPage;
   int64_t valueSlot = range.tokenBegin % range.valueTokensPerPage;
+  // A window policy's hole: its aligned inside is jumped over, the rest masked (kivi_format.h).
+  // Records of hole tokens may sit in released pages, so they are never read.
+  const KiviSkip skip = kiviSkip(head);
+  const int64_t holeBegin = head.holeBegin, holeEnd = head.holeEnd;
+  // A hole token's probability is exactly 0; its value row points at a live f16 ring row (finite),
+  // which keeps the value loop free of branches.
+  const uint16_t* liveValueRow = head.valueResidual + size_t(head.valueRingStart) * size_t(dim);
 
   for (int64_t blockBegin = range.tokenBegin; blockBegin < end; blockBegin += kKiviBlock) {
+    if (skip.length > 0 && blockBegin == skip.begin) {
+      blockBegin += skip.length;
+      if (blockBegin >= end) break;
+      valuePage = blockBegin / range.valueTokensPerPage;
+      valueSlot = blockBegin % range.valueTokensPerPage;
+    }
     const int32_t count = int32_t(end - blockBegin < kKiviBlock ? end - blockBegin : kKiviBlock);
+    const bool holed = blockBegin < holeEnd && blockBegin + count > holeBegin;
     for (int32_t sub = 0; sub < count; sub += SUB) {
       const int64_t first = blockBegin + sub;
       const int32_t subCount = count - sub < SUB ? count - sub : SUB;
+      if (holed && first >= holeBegin && first + subCount <= holeEnd) {
+        for (int32_t r = 0; r < ROWS; ++r)
+          for (int32_t j = 0; j < subCount; ++j) scores[r][sub + j] = -__builtin_inff();
+        continue;
+      }
       if (range.ropeFrequencies != nullptr) {
         const uint8_t* record = nullptr;
         if (first < head.quantizedKeys) {
@@ -214,9 +233,9 @@ void kiviDecodeRows(const KiviRange& range) {
         if (g != currentGroup) {
           currentGroup = g;
           // The next group's record streams in while this one computes.
-          if (g + 1 < head.quantizedKeys / group) {
-            const uint8_t* next = static_cast<const uint8_t*>(head.keyPages[(g + 1) / range.keyGroupsPerPage]) +
-                                  size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
+          const void* nextPage = g + 1 < head.quantizedKeys / group ? head.keyPages[(g + 1) / range.keyGroupsPerPage] : nullptr;
+          if (nextPage != nullptr) {
+            const uint8_t* next = static_cast<const uint8_t*>(nextPage) + size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
             for (size_t offset = 0; offset < keyGroupBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
           }
           const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
@@ -265,11 +284,23 @@ void kiviDecodeRows(const KiviRange& range) {
         for (int32_t j = 0; j < count; ++j)
           if (blockBegin + j > range.lastToken[r]) scores[r][j] = -__builtin_inff();
     }
+    if (holed) {
+      for (int32_t j = 0; j < count; ++j) {
+        if (blockBegin + j < holeBegin || blockBegin + j >= holeEnd) continue;
+        for (int32_t r = 0; r < ROWS; ++r) scores[r][j] = -__builtin_inff();
+      }
+    }
     softmaxBlock<V>(&scores[0][0], kKiviBlock, ROWS, count, state, dim, dim);
 
     // Values of the block: record pointers, and each quantized token's scales and mins as floats.
     for (int32_t j = 0; j < count; ++j) {
       const int64_t t = blockBegin + j;
+      if (holed && t >= holeBegin && t < holeEnd) {
+        valueRecords[j] = nullptr;
+        valueResidualRows[j] = liveValueRow;
+        if (t < head.quantizedValues && ++valueSlot == range.valueTokensPerPage) { valueSlot = 0; ++valuePage; }
+        continue;
+      }
       if (t < head.quantizedValues) {
         const uint8_t* record = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
         valueRecords[j] = record;
@@ -284,7 +315,8 @@ void kiviDecodeRows(const KiviRange& range) {
       }
     }
     // Prefetch the next block's value records (contiguous within a page).
-    if (blockBegin + kKiviBlock < head.quantizedValues && valueSlot + kKiviBlock <= range.valueTokensPerPage) {
+    if (blockBegin + kKiviBlock < head.quantizedValues && valueSlot + kKiviBlock <= range.valueTokensPerPage &&
+        head.valuePages[valuePage] != nullptr) {
       const uint8_t* next = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
       for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
     }

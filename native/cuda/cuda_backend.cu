@@ -292,15 +292,25 @@ Status checkKiviArgs(const KiviAttentionArgs& args) {
         (valueRing && (head.valueResidual == nullptr || misaligned(head.valueResidual)))) {
       return Status(ErrorCode::Internal, which + " has a null or misaligned residual buffer");
     }
+    if (head.holeBegin < 0 || head.holeBegin > head.holeEnd || head.holeEnd > head.tokens) {
+      return Status(ErrorCode::Shape, which + " needs 0 <= holeBegin <= holeEnd <= tokens, but holds [" +
+                                          std::to_string(head.holeBegin) + ", " + std::to_string(head.holeEnd) + ")");
+    }
+    // A page may be released (null) only when every token it covers lies in the hole.
+    const auto inHole = [&](int64_t page, int64_t tokensPerPage) {
+      return page * tokensPerPage >= head.holeBegin && (page + 1) * tokensPerPage <= head.holeEnd;
+    };
     const int64_t keyPages = kiviKeyPages(args, head);
     for (int64_t p = 0; p < keyPages; ++p) {
-      if (head.keyPages[p] == nullptr || misaligned(head.keyPages[p])) {
+      const bool released = head.keyPages[p] == nullptr && inHole(p, args.keyGroupsPerPage * format.group);
+      if (!released && (head.keyPages[p] == nullptr || misaligned(head.keyPages[p]))) {
         return Status(ErrorCode::Internal, which + " key page " + std::to_string(p) + " is null or not 4-byte aligned");
       }
     }
     const int64_t valuePages = kiviValuePages(args, head);
     for (int64_t p = 0; p < valuePages; ++p) {
-      if (head.valuePages[p] == nullptr || misaligned(head.valuePages[p])) {
+      const bool released = head.valuePages[p] == nullptr && inHole(p, args.valueTokensPerPage);
+      if (!released && (head.valuePages[p] == nullptr || misaligned(head.valuePages[p]))) {
         return Status(ErrorCode::Internal, which + " value page " + std::to_string(p) + " is null or not 4-byte aligned");
       }
     }
@@ -603,7 +613,9 @@ class CudaBackend final : public Backend {
     for (int32_t h = 0; h < args.kvHeads; ++h) {
       totalKeyPages += kiviKeyPages(args, args.heads[h]);
       totalValuePages += kiviValuePages(args, args.heads[h]);
-      kernel.attention.maxTokens = std::max(kernel.attention.maxTokens, int(args.heads[h].tokens));
+      // Splits cover the walked tokens: a window policy's hole is skipped, not split.
+      kernel.attention.maxTokens =
+          std::max(kernel.attention.maxTokens, int(args.heads[h].tokens - kiviSkip(args.heads[h]).length));
     }
     const SplitPlan plan = cuda::planKiviAttention(kernel, multiprocessors_);
     kernel.attention.splits = plan.splits;
@@ -620,6 +632,7 @@ class CudaBackend final : public Backend {
       const KiviHeadView& head = args.heads[h];
       const int64_t keyPages = kiviKeyPages(args, head);
       const int64_t valuePages = kiviValuePages(args, head);
+      const KiviSkip skip = kiviSkip(head);
       const KiviHeadSpan span{firstKeyPage,
                               firstValuePage,
                               head.keyResidual,
@@ -627,7 +640,11 @@ class CudaBackend final : public Backend {
                               int(head.valueRingStart),
                               int(head.quantizedKeys),
                               int(head.quantizedValues),
-                              int(head.tokens)};
+                              int(head.tokens),
+                              int(head.holeBegin),
+                              int(head.holeEnd),
+                              int(skip.begin),
+                              int(skip.length)};
       std::memcpy(staging + layout.heads + size_t(h) * sizeof(KiviHeadSpan), &span, sizeof(KiviHeadSpan));
       stagePages(layout.keyPages, firstKeyPage, head.keyPages, keyPages);
       stagePages(layout.valuePages, firstValuePage, head.valuePages, valuePages);

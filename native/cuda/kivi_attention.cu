@@ -67,6 +67,11 @@ __device__ __forceinline__ const unsigned char* valueTokenRecord(const KiviKerne
          static_cast<size_t>(slot) * kivi.valueTokenBytes;
 }
 
+// A window policy's hole (core/kivi_format.h): masked tokens whose records may be released.
+__device__ __forceinline__ bool inHole(const KiviHeadSpan& span, int token) {
+  return token >= span.holeBegin && token < span.holeEnd;
+}
+
 template <int BITS, int TPT, int DIMS, int ROWS>
 __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKernelArgs kivi) {
   const AttentionKernelArgs& args = kivi.attention;
@@ -125,8 +130,12 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
 
   // This group's contiguous part of the block's keys, in whole tiles (keys.begin is a multiple of
   // the tile: splits are planned in tiles). Every group loops perGroup / kTileTokens times so
-  // that the lanes of a warp stay converged for their shuffles.
-  const KeyRange keys = splitKeys(args, span.tokens, split, blockLast);
+  // that the lanes of a warp stay converged for their shuffles. Ranges count walked tokens: walk
+  // index w is token w below span.skipBegin and w + skipLength from there (both multiples of 32,
+  // so a tile maps to 16 consecutive tokens).
+  const int skipEnd = span.skipBegin + span.skipLength;
+  const int walkLast = blockLast >= skipEnd ? blockLast - span.skipLength : min(blockLast, span.skipBegin - 1);
+  const KeyRange keys = splitKeys(args, span.tokens - span.skipLength, split, walkLast);
   const int perGroup = ((keys.end - keys.begin + kGroups - 1) / kGroups + kTileTokens - 1) / kTileTokens * kTileTokens;
   const int begin = min(keys.end, keys.begin + group * perGroup);
   const int end = min(keys.end, begin + perGroup);
@@ -156,11 +165,15 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
   const unsigned char* keyRecord = nullptr;
 
   for (int offset = 0; offset < perGroup; offset += kTileTokens) {
-    const int base = begin + offset;
+    const int base = begin + offset;  // walk index
     if (__all_sync(0xffffffffu, base >= end)) break;  // the whole warp is done
-    const bool live = base < end;
-    const bool quantizedKeys = live && base < span.quantizedKeys;
-    const int keyGroup = quantizedKeys ? base / kivi.quantGroup : -1;
+    const int tokenBase = base < span.skipBegin ? base : base + span.skipLength;
+    // A tile wholly in the hole reads nothing (its page may be released); a tile partly in it lies
+    // in a held page and is masked token by token.
+    const bool tileInHole = tokenBase >= span.holeBegin && tokenBase + kTileTokens <= span.holeEnd;
+    const bool live = base < end && !tileInHole;
+    const bool quantizedKeys = live && tokenBase < span.quantizedKeys;
+    const int keyGroup = quantizedKeys ? tokenBase / kivi.quantGroup : -1;
     if (live && keyGroup != foldedGroup) {
       foldedGroup = keyGroup;
       if (quantizedKeys) {
@@ -191,7 +204,7 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
       }
     }
     // First code word of this tile in each channel's run of the group record.
-    const int tileWord = quantizedKeys ? (base - keyGroup * kivi.quantGroup) / kCodesPerWord : 0;
+    const int tileWord = quantizedKeys ? (tokenBase - keyGroup * kivi.quantGroup) / kCodesPerWord : 0;
     unsigned keyWords[DIMS];
 #pragma unroll
     for (int s = 0; s < DIMS; ++s) keyWords[s] = 0u;
@@ -200,7 +213,8 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
     // registers at once and costs occupancy, which hides their latency better.
 #pragma unroll 1
     for (int sub = 0; sub < kTileTokens; sub += kUnroll) {
-      const int first = base + sub;
+      const int first = base + sub;  // walk index; tokens from firstToken
+      const int firstToken = tokenBase + sub;
       if (__all_sync(0xffffffffu, first >= end)) break;  // the rest of the tile is past every group's keys
 
       // Value loads of the step first, so that they are in flight while the keys are scored.
@@ -209,12 +223,12 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
       int valueKind[kUnroll];  // 0: no token, 1: codes, 2: f16 ring row
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int token = first + u;
+        const int token = firstToken + u;
 #pragma unroll
         for (int w = 0; w < kRawWords; ++w) valueRaw[u][w] = 0u;
 #pragma unroll
         for (int k = 0; k < kRuns; ++k) valueScale[u][k] = valueMin[u][k] = 0;
-        valueKind[u] = token >= end ? 0 : token < span.quantizedValues ? 1 : 2;
+        valueKind[u] = first + u >= end || inHole(span, token) ? 0 : token < span.quantizedValues ? 1 : 2;
         if (valueKind[u] == 1) {
           const unsigned char* record = valueTokenRecord(kivi, span, token);
           const unsigned char* codes = record + (valueFirstBit / 32) * 4;
@@ -268,9 +282,10 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
       } else {
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
-          const int token = first + u;
-          const unsigned short* row =
-              token < end ? span.keyResidual + static_cast<size_t>(token - span.quantizedKeys) * dim : nullptr;
+          const int token = firstToken + u;
+          const unsigned short* row = first + u < end && !inHole(span, token)
+                                          ? span.keyResidual + static_cast<size_t>(token - span.quantizedKeys) * dim
+                                          : nullptr;
 #pragma unroll
           for (int r = 0; r < ROWS; ++r) scores[u][r] = 0.0f;
 #pragma unroll
@@ -291,10 +306,11 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
           for (int r = 0; r < ROWS; ++r) scores[u][r] += __shfl_xor_sync(0xffffffffu, scores[u][r], shuffle);
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
-        const int token = first + u;
+        const int token = firstToken + u;
+        const bool masked = first + u >= end || inHole(span, token);
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
-          if (token >= end || token > last[r]) scores[u][r] = -INFINITY;
+          if (masked || token > last[r]) scores[u][r] = -INFINITY;
       }
 
       // Online softmax over the step's tokens, then their values.

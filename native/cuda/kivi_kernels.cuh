@@ -18,6 +18,13 @@ struct KiviHeadSpan {
   int quantizedKeys;                    // a multiple of quantGroup
   int quantizedValues;
   int tokens;
+  // A window policy's hole (core/kivi_format.h): tokens [holeBegin, holeEnd) are masked, their
+  // pages possibly released; the kernel walks tokens - skipLength tokens, jumping from skipBegin
+  // (a multiple of 32) over skipLength tokens (a multiple of 32).
+  int holeBegin;
+  int holeEnd;
+  int skipBegin;
+  int skipLength;
 };
 
 struct KiviKernelArgs {

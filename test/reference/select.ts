@@ -164,6 +164,11 @@ export class SelectMirror {
   readonly #store: Dtype;
   readonly #scale: number;
   #layers: LayerState[];
+  /**
+   * What attention reads instead of the tokens as appended, [T, kvHeads, headDim] per layer (a
+   * quantized store's values, e.g. KiviMirror.stored); the kept positions are the policy's.
+   */
+  storedRows?: (layer: number) => { k: Float64Array; v: Float64Array };
 
   constructor(shape: SelectShape, spec: ReferenceSelectSpec, options: { store?: Dtype; scale?: number } = {}) {
     this.shape = shape;
@@ -283,6 +288,10 @@ export class SelectMirror {
     const T = state.keys.length;
     const out = new Float64Array(n * qHeads * headDim);
     const probs: Float64Array[][] = [];
+    const stored = this.storedRows?.(layer);
+    const width = kvHeads * headDim;
+    const keyRow = (p: number): ArrayLike<number> => (stored ? stored.k.subarray(p * width, (p + 1) * width) : state.keys[p]);
+    const valueRow = (p: number): ArrayLike<number> => (stored ? stored.v.subarray(p * width, (p + 1) * width) : state.values[p]);
     for (let i = 0; i < n; i++) {
       const position = T - n + i;
       const rowProbs: Float64Array[] = [];
@@ -297,7 +306,7 @@ export class SelectMirror {
             p[j] = -Infinity;
             continue;
           }
-          const key = state.keys[kept[j]];
+          const key = keyRow(kept[j]);
           let dot = 0;
           for (let d = 0; d < headDim; d++) dot += q[qBase + d] * key[kv * headDim + d];
           p[j] = dot * this.#scale;
@@ -312,7 +321,7 @@ export class SelectMirror {
         for (let j = 0; j < kept.length; j++) {
           p[j] /= sum;
           if (p[j] === 0) continue;
-          const value = state.values[kept[j]];
+          const value = valueRow(kept[j]);
           for (let d = 0; d < headDim; d++) out[oBase + d] += p[j] * value[kv * headDim + d];
         }
         rowProbs.push(p);

@@ -12,24 +12,24 @@ class DuoPolicy final : public SelectPolicy {
       : sink_(config.sink), window_(config.window), kvHeads_(kvHeads), retrieval_(config.retrieval) {}
 
   Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) override {
-    return trim(context, layer, n > window_ ? n : window_);
+    return trimWindows(context, *this, layer, n);
   }
 
   Status afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) override {
-    return trim(context, layer, window_);
+    return trimWindows(context, *this, layer, 0);
+  }
+
+  bool windowed() const override { return true; }
+  bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const override {
+    if (retrieval_[size_t(layer) * size_t(kvHeads_) + size_t(head)] != 0) return false;
+    *sink = sink_;
+    *window = window_;
+    return true;
   }
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<DuoPolicy>(*this); }
 
  private:
-  Status trim(SelectContext& context, int32_t layer, int64_t keep) {
-    for (int32_t h = 0; h < kvHeads_; ++h) {
-      if (retrieval_[size_t(layer) * size_t(kvHeads_) + size_t(h)] != 0) continue;
-      KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink_, keep));
-    }
-    return Status::ok();
-  }
-
   int64_t sink_;
   int64_t window_;
   int32_t kvHeads_;

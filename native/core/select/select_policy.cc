@@ -136,6 +136,15 @@ Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, 
   return Status::ok();
 }
 
+Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t layer, int64_t n) {
+  for (int32_t h = 0; h < context.kvHeads; ++h) {
+    int64_t sink = 0, window = 0;
+    if (!policy.windowOf(layer, h, &sink, &window)) continue;
+    KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink, std::max(window, n)));
+  }
+  return Status::ok();
+}
+
 Status headMassArgs(const SelectContext& context, int32_t layer, int32_t head, const float* rows, int64_t n, int64_t after,
                     AttentionMassArgs* args) {
   const PagedStore& store = context.store;

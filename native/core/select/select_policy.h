@@ -77,6 +77,12 @@ class SelectPolicy {
   // True once no later call evicts tokens of this layer (SnapKV and PyramidKV after their one
   // selection): a KIVI store may then quantize what the layer keeps.
   virtual bool settled(int32_t layer) const { return false; }
+  // Streaming and duo keep, per (layer, kv head), the first `sink` tokens and the last `window`
+  // (a call of n tokens keeps max(window, n) while it attends; trimWindows). False for heads that
+  // keep every token (duo's retrieval heads) and for every other policy. A KIVI store holds such
+  // a choice as a hole in the head (KiviStore::setHole) instead of evicting from pages.
+  virtual bool windowed() const { return false; }
+  virtual bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const { return false; }
 
   // save()/load(): the policy's state beyond the store (SnapKV's decided layers, H2O's scores) as
   // flat bytes; loadState checks them against the restored store (ERR_CORRUPT on any mismatch).
@@ -129,6 +135,9 @@ Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t fi
 // Shared by streaming and duo: keeps the sinks and the last `keep` tail tokens of one head
 // (tail tokens at positions below `sink` become kept sinks instead of being evicted).
 Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, int64_t keep);
+// Every windowed head of a layer (windowOf) trimmed to its sinks and the last max(window, n)
+// tokens: n = the call's tokens before it attends, 0 after.
+Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t layer, int64_t n);
 
 // The attention mass op (Backend::attentionMass) over one kv head's kept then tail tokens for
 // query rows built by groupRows() ([n * group, headDim]); query i is the tail token

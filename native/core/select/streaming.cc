@@ -14,15 +14,18 @@ class StreamingPolicy final : public SelectPolicy {
   explicit StreamingPolicy(const SelectConfig& config) : sink_(config.sink), window_(config.window) {}
 
   Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) override {
-    // The last `window` tokens counting the new ones; a longer block keeps all of itself.
-    const int64_t keep = n > window_ ? n : window_;
-    for (int32_t h = 0; h < context.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink_, keep));
-    return Status::ok();
+    return trimWindows(context, *this, layer, n);
   }
 
   Status afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) override {
-    for (int32_t h = 0; h < context.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink_, window_));
-    return Status::ok();
+    return trimWindows(context, *this, layer, 0);
+  }
+
+  bool windowed() const override { return true; }
+  bool windowOf(int32_t, int32_t, int64_t* sink, int64_t* window) const override {
+    *sink = sink_;
+    *window = window_;
+    return true;
   }
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<StreamingPolicy>(*this); }
