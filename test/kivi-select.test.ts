@@ -225,11 +225,9 @@ describe('snapkv and pyramidkv over a KIVI store: select from f16 tokens, then q
     pair.checkStats();
   });
 
-  it('refuses the policies that evict or load single tokens, and preRope keys', () => {
+  it('refuses the policies that evict or load single tokens anywhere, and preRope keys (streaming and duo: kivi-window.test.ts)', () => {
     const bad: SelectSpec[] = [
-      { kind: 'streaming', window: 8 },
       { kind: 'h2o', budget: 16, recent: 4 },
-      { kind: 'duo', heads: [1, 0, 1, 0] },
       { kind: 'quest', pages: 4 },
       { kind: 'retrieval', index: 'flat' },
     ];
