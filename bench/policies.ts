@@ -71,8 +71,9 @@ export function policiesPlan(quick: boolean): PoliciesPlan {
     : { tokens: 32768, prefillTokens: 2048, fractions: POLICY_FRACTIONS, prefillRuns: 3, decode: { warmupRuns: 2, minRuns: 15, maxRuns: 15, minTotalMs: 0 } };
 }
 
-/** snapkv+kivi2: SnapKV's selection, the kept tokens in the 2-bit KIVI store. */
-export type PolicyKind = 'full' | 'streaming' | 'snapkv' | 'snapkv+kivi2' | 'pyramidkv' | 'h2o' | 'duo';
+/** <policy>+kivi2: the policy's selection over the 2-bit KIVI store (snapkv quantizes what it kept; streaming and duo leave a hole per head). */
+export type PolicyKind = 'full' | 'streaming' | 'streaming+kivi2' | 'snapkv' | 'snapkv+kivi2' | 'pyramidkv' | 'h2o' | 'duo' | 'duo+kivi2';
+const KIVI2: StoreSpec = { kind: 'kivi', bits: 2 };
 
 export interface PolicyTurn {
   /** Position of the needle the turn asks. */
@@ -422,12 +423,11 @@ function rowSpecs(tokens: number, fractions: readonly number[], kinds: PolicyKin
   for (const kind of kinds) {
     for (const fraction of fractions) {
       const budget = tokens / fraction;
-      const select: SelectSpec = kind === 'streaming' ? { kind, sink: STREAMING_SINK, window: budget - STREAMING_SINK }
-        : kind === 'duo' ? { kind, heads: Array.from({ length: layers }, () => DUO_MASK), sink: DUO_SINK, window: budget - DUO_SINK }
-          : kind === 'snapkv+kivi2' ? { kind: 'snapkv', budget }
-            : kind === 'snapkv' || kind === 'pyramidkv' || kind === 'h2o' ? { kind, budget } : { kind: 'full' };
-      const store: StoreSpec | undefined = kind === 'snapkv+kivi2' ? { kind: 'kivi', bits: 2 } : undefined;
-      specs.push({ kind, fraction, select, layers, store });
+      const base = kind.replace('+kivi2', '');
+      const select: SelectSpec = base === 'streaming' ? { kind: base, sink: STREAMING_SINK, window: budget - STREAMING_SINK }
+        : base === 'duo' ? { kind: base, heads: Array.from({ length: layers }, () => DUO_MASK), sink: DUO_SINK, window: budget - DUO_SINK }
+          : base === 'snapkv' || base === 'pyramidkv' || base === 'h2o' ? { kind: base, budget } : { kind: 'full' };
+      specs.push({ kind, fraction, select, layers, store: kind.endsWith('+kivi2') ? KIVI2 : undefined });
     }
   }
   return specs;
@@ -456,7 +456,7 @@ function runPolicyRows(context: PoliciesContext, plan: PoliciesPlan, w: Workload
   let reference: Float32Array[] | null = null;
   let full: KVCache | null = null;
   try {
-    for (const spec of rowSpecs(plan.tokens, plan.fractions, ['streaming', 'snapkv', 'snapkv+kivi2', 'pyramidkv', 'duo'], LAYERS)) {
+    for (const spec of rowSpecs(plan.tokens, plan.fractions, ['streaming', 'streaming+kivi2', 'snapkv', 'snapkv+kivi2', 'pyramidkv', 'duo', 'duo+kivi2'], LAYERS)) {
       const row = newRow(spec, 'policies', plan.tokens);
       rows.push(row);
       let cache: KVCache | null = null;
@@ -670,7 +670,7 @@ export function policiesTargets(record: PoliciesRecord | null): TargetResult[] {
   for (const fraction of plan.fractions) {
     // The target is eviction's: the KIVI row's bytes also shrink by quantization, which decode
     // does not turn into time one for one (the KIVI section measures that).
-    const rows = (record?.rows ?? []).filter((r) => r.fraction === fraction && r.kind !== 'snapkv+kivi2');
+    const rows = (record?.rows ?? []).filter((r) => r.fraction === fraction && !r.kind.endsWith('+kivi2'));
     const broken = rows.find((r) => r.status !== 'ok');
     const worst = rows.filter((r) => r.proportion !== undefined)
       .reduce<PolicyRow | undefined>((a, r) => (a === undefined || r.proportion! > a.proportion! ? r : a), undefined);
@@ -696,7 +696,8 @@ export function policiesNotes(record: PoliciesRecord): string[] {
     `Policies: kept = tokens per kv head after turn 1 (stats, mean); kept MB = K+V bytes of one layer (stats bytes.kv); ` +
       `bytes/full = kept MB / the f16 size of all tokens (stats bytes.fullF16); select ms = stats timeMs.compress per layer.`,
     `Policies: streaming keeps sink ${STREAMING_SINK} + window budget-${STREAMING_SINK}; snapkv budget (window ${WINDOW}, kernel 7, max pool); ` +
-      `snapkv+kivi2 the same selection with the kept tokens in the 2-bit KIVI store (group 32, residual 128); ` +
+      `<policy>+kivi2 the same selection over the 2-bit KIVI store (group 32, residual 128: snapkv quantizes the tokens it kept; ` +
+      `streaming and duo quantize every token and skip a hole per head, its whole pages released); ` +
       `pyramidkv the same total over the layers (per-layer budgets beta 20); duo: kv heads 0, 2, 4, 6 retrieval (all tokens), the others sink ${DUO_SINK} + window ` +
       `budget-${DUO_SINK}, so duo keeps about (T + budget) / 2; h2o (prefill table) recent budget/2 + heavy hitters.`,
     `Policies: every cache holds ${LAYERS} layers with the same data (quality columns are means over the layers); decode ms = ` +
