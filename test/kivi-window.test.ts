@@ -136,6 +136,14 @@ class Pair {
     return actual;
   }
 
+  /** attend() without appending: the stored state after the last flush. */
+  attend(layer: number, q: Float32Array): Float32Array {
+    this.#readStored(0);
+    const actual = this.cache.attend(layer, q);
+    expectClose(actual, this.select.attend(layer, q), `attend() of ${q.length / (this.setup.shape.qHeads * this.setup.shape.headDim)} queries`, TOLERANCE);
+    return actual;
+  }
+
   run(calls: Call[]): void {
     for (const [kind, n] of calls) {
       for (let layer = 0; layer < this.setup.shape.layers; layer++) this.call(kind, layer, this.tokens(n));
@@ -310,6 +318,20 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
       const error = expectError(() => KVCache.load(resealed(saved, edit), { device: DEVICE }), 'ERR_CORRUPT');
       expect(error.message, what).toMatch(/hole/);
     }
+  });
+
+  it('attend() with more queries than the window keeps in order: ERR_SHAPE, and the cache is unchanged', () => {
+    const setup: Setup = { shape: GQA, spec: { kind: 'streaming', sink: 4, window: 40 }, kivi: { bits: 2, group: 32, residual: 32 } };
+    const pair = new Pair(setup, 51);
+    pair.run([['prefill', 300], ...steps(2)]);
+    const before = pair.cache.stats().bytes;
+    const q = pair.tokens(41).q;
+    expectError(() => pair.cache.attend(0, q), 'ERR_SHAPE', /keeps only the last 40 tokens/);
+    expect(pair.cache.stats().bytes).toEqual(before);
+    // 40 queries are the window itself: attend() equals the reference's.
+    pair.attend(0, pair.tokens(40).q);
+    pair.attend(1, pair.tokens(1).q);
+    pair.run(steps(2));
   });
 
   it('refuses the combinations it cannot hold', () => {

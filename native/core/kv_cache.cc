@@ -328,7 +328,16 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   }
   if (inKivi(layer)) {
     double kept = 0;
-    for (int32_t h = 0; h < config_.kvHeads; ++h) kept += double(kiviKept(layer, h));
+    for (int32_t h = 0; h < config_.kvHeads; ++h) {
+      // A window policy's queries must lie after its hole (as over a dense store, below).
+      const int64_t recent = tokens - kivi_.hole(layer, h).end;
+      if (kivi_.hole(layer, h).size() > 0 && recent < n) {
+        return Status(ErrorCode::Shape, "q holds " + std::to_string(n) + " queries, but the selection policy keeps only the last " +
+                                            std::to_string(recent) + " tokens of layer " + std::to_string(layer) +
+                                            " in order (the queries must be among them)");
+      }
+      kept += double(kiviKept(layer, h));
+    }
     lastLoadedTokens_ = kept / config_.kvHeads;
     return attendKivi(layer, q, n, out);
   }
