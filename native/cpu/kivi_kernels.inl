@@ -304,9 +304,8 @@ void kiviDecodeRows(const KiviRange& range) {
       if (t < head.quantizedValues) {
         const uint8_t* record = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
         valueRecords[j] = record;
-        const auto* halves = reinterpret_cast<const uint16_t*>(record + valueCodeBytes);
-        float* floats = valueScales + size_t(j) * 2 * size_t(channelGroups);
-        for (int32_t g = 0; g < 2 * channelGroups; ++g) floats[g] = V::halfToFloat(halves[g]);
+        V::halvesToFloats(reinterpret_cast<const uint16_t*>(record + valueCodeBytes),
+                          valueScales + size_t(j) * 2 * size_t(channelGroups), 2 * channelGroups);
         if (++valueSlot == range.valueTokensPerPage) { valueSlot = 0; ++valuePage; }
       } else {
         valueRecords[j] = nullptr;
@@ -327,6 +326,9 @@ void kiviDecodeRows(const KiviRange& range) {
       for (int32_t c = 0; c < CHUNKS; ++c)
         for (int32_t r = 0; r < ROWS; ++r)
           out[c][r] = c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
+      // The value group of each chunk (a division per chunk here, not per token).
+      int32_t chunkGroup[CHUNKS];
+      for (int32_t c = 0; c < CHUNKS; ++c) chunkGroup[c] = (c0 + c) * V::W / group;
       for (int32_t j = 0; j < count; ++j) {
         R p[ROWS];
         for (int32_t r = 0; r < ROWS; ++r) p[r] = V::set1(scores[r][j]);
@@ -335,9 +337,8 @@ void kiviDecodeRows(const KiviRange& range) {
           const float* floats = valueScales + size_t(j) * 2 * size_t(channelGroups);
           for (int32_t c = 0; c < CHUNKS; ++c) {
             if (c >= passChunks) break;
-            const int32_t channel = (c0 + c) * V::W;
-            const int32_t g = channel / group;
-            const R x = V::fmadd(V::template codes<BITS>(words, channel), V::set1(floats[g]), V::set1(floats[channelGroups + g]));
+            const int32_t g = chunkGroup[c];
+            const R x = V::fmadd(V::template codes<BITS>(words, (c0 + c) * V::W), V::set1(floats[g]), V::set1(floats[channelGroups + g]));
             for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], x, out[c][r]);
           }
         } else {

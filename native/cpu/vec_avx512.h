@@ -14,6 +14,12 @@ struct VecAvx512 {
     return _mm512_castsi512_ps(_mm512_slli_epi32(wide, 16));
   }
   static float halfToFloat(uint16_t h) { return _cvtsh_ss(h); }
+  // count f16 values as floats, 8 at a time (F16C) with a scalar tail.
+  static void halvesToFloats(const uint16_t* in, float* out, int32_t count) {
+    int32_t i = 0;
+    for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+    for (; i < count; ++i) out[i] = _cvtsh_ss(in[i]);
+  }
   // Codes first .. first + 15 (first % 16 == 0) of a KIVI run packed `32 / BITS` per word, as floats.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {

@@ -12,6 +12,9 @@ struct VecScalar {
   static R loadF16(const uint16_t* p) { return kvslim::f16ToFloat(*p); }
   static R loadBF16(const uint16_t* p) { return kvslim::bf16ToFloat(*p); }
   static float halfToFloat(uint16_t h) { return kvslim::f16ToFloat(h); }
+  static void halvesToFloats(const uint16_t* in, float* out, int32_t count) {
+    for (int32_t i = 0; i < count; ++i) out[i] = kvslim::f16ToFloat(in[i]);
+  }
   // Code `first` of a KIVI run packed `32 / BITS` per word, as a float.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {
