@@ -2,6 +2,7 @@
 // (binding.gyp target kvslim_avx2); it is only called after CPUID said those exist.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/dtype.h"
 #include "kernel_table.h"

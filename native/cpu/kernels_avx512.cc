@@ -3,6 +3,7 @@
 #include <cmath>
 #include <cstdlib>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/dtype.h"
 #include "kernel_table.h"

@@ -1,6 +1,7 @@
 // Portable kernels: the trusted twin of every SIMD kernel, the fallback, and KVSLIM_SIMD=scalar.
 #include <cmath>
 #include <cstdint>
+#include <type_traits>
 
 #include "../core/dtype.h"
 #include "kernel_table.h"

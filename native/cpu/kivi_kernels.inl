@@ -319,13 +319,14 @@ void kiviDecodeRows(const KiviRange& range) {
       const uint8_t* next = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
       for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
     }
-    // o += p x^ with x^ = code * s + m unpacked once per chunk for all rows.
-    for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
-      const int32_t passChunks = chunks - c0 < CHUNKS ? chunks - c0 : CHUNKS;
+    // o += p x^ with x^ = code * s + m unpacked once per chunk for all rows. A pass of all CHUNKS
+    // chunks (every pass but a short last one) runs without a bound check per chunk.
+    const auto valuePass = [&](int32_t c0, int32_t passChunks, auto fullPass) {
+      constexpr bool kFull = decltype(fullPass)::value;
       R out[CHUNKS][ROWS];
       for (int32_t c = 0; c < CHUNKS; ++c)
         for (int32_t r = 0; r < ROWS; ++r)
-          out[c][r] = c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
+          out[c][r] = kFull || c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
       // The value group of each chunk (a division per chunk here, not per token).
       int32_t chunkGroup[CHUNKS];
       for (int32_t c = 0; c < CHUNKS; ++c) chunkGroup[c] = (c0 + c) * V::W / group;
@@ -336,7 +337,7 @@ void kiviDecodeRows(const KiviRange& range) {
           const auto* words = reinterpret_cast<const uint32_t*>(valueRecords[j]);
           const float* floats = valueScales + size_t(j) * 2 * size_t(channelGroups);
           for (int32_t c = 0; c < CHUNKS; ++c) {
-            if (c >= passChunks) break;
+            if (!kFull && c >= passChunks) break;
             const int32_t g = chunkGroup[c];
             const R x = V::fmadd(V::template codes<BITS>(words, (c0 + c) * V::W), V::set1(floats[g]), V::set1(floats[channelGroups + g]));
             for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], x, out[c][r]);
@@ -344,14 +345,18 @@ void kiviDecodeRows(const KiviRange& range) {
         } else {
           const uint16_t* values = valueResidualRows[j];
           for (int32_t c = 0; c < CHUNKS; ++c) {
-            if (c >= passChunks) break;
+            if (!kFull && c >= passChunks) break;
             const R v = V::loadF16(values + (c0 + c) * V::W);
             for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], v, out[c][r]);
           }
         }
       }
-      for (int32_t c = 0; c < passChunks; ++c)
+      for (int32_t c = 0; c < (kFull ? CHUNKS : passChunks); ++c)
         for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + (c0 + c) * V::W, out[c][r]);
+    };
+    for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
+      if (chunks - c0 >= CHUNKS) valuePass(c0, CHUNKS, std::true_type{});
+      else valuePass(c0, chunks - c0, std::false_type{});
     }
     if (format.valueOutliers > 0) {
       // Dense-and-sparse: out_c += p_t * delta for each value outlier c of a quantized token t.
