@@ -280,18 +280,14 @@ Status quantizeRecords(const KiviFormat& format, int64_t keyGroups, const KeyRow
   std::vector<float> rows(size_t(format.group) * dim);
   keyRecords->resize(size_t(keyGroups) * format.keyGroupBytes());
   for (int64_t g = 0; g < keyGroups; ++g) {
-    for (int32_t t = 0; t < format.group; ++t) {
-      const uint16_t* row = keyRow(g * format.group + t);
-      for (size_t d = 0; d < dim; ++d) rows[size_t(t) * dim + d] = f16ToFloat(row[d]);
-    }
+    for (int32_t t = 0; t < format.group; ++t) halvesToFloats(keyRow(g * format.group + t), rows.data() + size_t(t) * dim, dim);
     if (!quantizeKeyGroupRecord(rows.data(), format, keyRecords->data() + size_t(g) * format.keyGroupBytes())) {
       return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
     }
   }
   valueRecords->resize(size_t(valueTokens) * format.valueTokenBytes());
   for (int64_t t = 0; t < valueTokens; ++t) {
-    const uint16_t* row = valueRow(t);
-    for (size_t d = 0; d < dim; ++d) rows[d] = f16ToFloat(row[d]);
+    halvesToFloats(valueRow(t), rows.data(), dim);
     if (!quantizeValueTokenRecord(rows.data(), format, valueRecords->data() + size_t(t) * format.valueTokenBytes())) {
       return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
     }

@@ -52,6 +52,12 @@ bool hasF16c() {
   static const bool supported = __builtin_cpu_supports("avx") && __builtin_cpu_supports("f16c");
   return supported;
 }
+
+__attribute__((target("avx,f16c"))) void halvesToFloatsFast(const uint16_t* in, float* out, size_t count) {
+  size_t i = 0;
+  for (; i + 8 <= count; i += 8) _mm256_storeu_ps(out + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(in + i))));
+  for (; i < count; ++i) out[i] = f16ToFloat(in[i]);
+}
 #endif
 
 template <DType Src>
@@ -120,6 +126,13 @@ Status checkFinite(const HostTensor& tensor, const char* what) {
   const int64_t index = findNonFinite(tensor);
   if (index < 0) return Status::ok();
   return nonFinite(what, size_t(index), loadElement(tensor.data, tensor.dtype, size_t(index)));
+}
+
+void halvesToFloats(const uint16_t* in, float* out, size_t count) {
+#if defined(__x86_64__) && defined(__GNUC__)
+  if (hasF16c()) return halvesToFloatsFast(in, out, count);
+#endif
+  for (size_t i = 0; i < count; ++i) out[i] = f16ToFloat(in[i]);
 }
 
 Status toFloat32(const HostTensor& src, float* dst, const char* what) {

@@ -48,6 +48,9 @@ Status checkFinite(const HostTensor& tensor, const char* what);
 // queries), f16 / bf16 input is decoded into `storage`.
 Status queryAsFloat32(const HostTensor& q, std::vector<float>* storage, const float** out);
 
+// f16 bits to f32 (F16C where the CPU has it), for values already checked when they were stored.
+void halvesToFloats(const uint16_t* in, float* out, size_t count);
+
 // Decodes a whole tensor to f32, with the same value check.
 Status toFloat32(const HostTensor& src, float* dst, const char* what);
 
