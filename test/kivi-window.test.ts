@@ -240,6 +240,8 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
     // Sink page + at most the pages the window and the residual touch, whatever the stream length.
     expect(late.bytes.total).toBeLessThan(1.5 * early.bytes.total);
     expect(late.bytes.allocated).toBeLessThan(1.5 * early.bytes.allocated);
+    // The page tables too: released pages leave them (bytes.meta counts their entries).
+    expect(late.bytes.meta).toBeLessThan(1.5 * early.bytes.meta);
     const plain = new KVCache({ ...MHA, device: DEVICE, pageTokens: 16, policy: { store: { kind: 'kivi', bits: 2, group: 16, residual: 32 } } });
     open.push(plain);
     const random = new Random(1);

@@ -72,9 +72,18 @@ struct KiviHeadView {
   int64_t valueRingStart = 0;               //   at row (valueRingStart + i) % residual
   int64_t tokens = 0;
   // Tokens [holeBegin, holeEnd) were evicted by a window policy (streaming, duo): attention skips
-  // them. Pages wholly inside the hole may be released (null); kernels jump over the hole's
-  // 32-aligned inside (kiviSkip) and mask the rest of it token by token.
+  // them. Kernels jump over the hole's 32-aligned inside (kiviSkip) and mask the rest of it token
+  // by token, so they never read a page wholly inside the hole: such pages may be released, and
+  // their entries leave the page tables (so a long stream's tables stay as short as its pages):
+  // pages [releasedFirst, releasedFirst + releasedKeyPages) of the keys (likewise the values) are
+  // gone, and page p after them sits at entry p - releasedKeyPages.
   int64_t holeBegin = 0, holeEnd = 0;
+  int64_t releasedFirst = 0, releasedKeyPages = 0, releasedValuePages = 0;
+  // Page p of the keys / values (p must not be a released page).
+  const void* keyPage(int64_t p) const { return keyPages[p >= releasedFirst ? p - releasedKeyPages : p]; }
+  const void* valuePage(int64_t p) const { return valuePages[p >= releasedFirst ? p - releasedValuePages : p]; }
+  bool valuePageHeld(int64_t p) const { return p < releasedFirst || p >= releasedFirst + releasedValuePages; }
+  bool keyPageHeld(int64_t p) const { return p < releasedFirst || p >= releasedFirst + releasedKeyPages; }
 };
 
 // The part of a head's hole that attention walks past: [begin, begin + length), both multiples of

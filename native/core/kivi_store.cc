@@ -133,14 +133,12 @@ void KiviStore::shrink(Residual* residual) {
 void KiviStore::refreshPointers(HeadState* state) {
   state->keyPointers.clear();
   state->valuePointers.clear();
-  for (const auto& page : state->keyPages) state->keyPointers.push_back(page ? page->memory() : nullptr);
-  for (const auto& page : state->valuePages) state->valuePointers.push_back(page ? page->memory() : nullptr);
+  for (const auto& page : state->keyPages) state->keyPointers.push_back(page->memory());
+  for (const auto& page : state->valuePages) state->valuePointers.push_back(page->memory());
 }
 
 int64_t KiviStore::heldRecords(const Hole& hole, int64_t quantized, int64_t perPage, int64_t total) const {
-  const int64_t P = shape_.pageTokens;
-  const int64_t first = (hole.begin + P - 1) / P, end = std::min(hole.end, quantized) / P;
-  return total - (hole.size() > 0 && end > first ? (end - first) * perPage : 0);
+  return total - releasedPages(hole, quantized) * perPage;
 }
 
 int64_t KiviStore::heldKeyGroups(const Hole& hole, int64_t quantizedKeys) const {
@@ -152,13 +150,16 @@ int64_t KiviStore::heldValueTokens(const Hole& hole, int64_t quantizedValues) co
 }
 
 void KiviStore::releaseHole(HeadState* state) const {
-  if (state->hole.size() == 0) return;
-  for (size_t p = 0; p < state->keyPages.size(); ++p) {
-    if (released(state->hole, int64_t(p), state->quantizedKeys)) state->keyPages[p].reset();
-  }
-  for (size_t p = 0; p < state->valuePages.size(); ++p) {
-    if (released(state->hole, int64_t(p), state->quantizedValues)) state->valuePages[p].reset();
-  }
+  // Entries of the pages released so far end at firstReleased; the newly covered pages follow.
+  const int64_t first = firstReleased(state->hole);
+  const auto release = [&](std::vector<std::shared_ptr<Page>>* pages, int64_t* released, int64_t quantized) {
+    const int64_t more = releasedPages(state->hole, quantized) - *released;
+    if (more <= 0) return;
+    pages->erase(pages->begin() + first, pages->begin() + first + more);
+    *released += more;
+  };
+  release(&state->keyPages, &state->releasedKeyPages, state->quantizedKeys);
+  release(&state->valuePages, &state->releasedValuePages, state->quantizedValues);
 }
 
 Status KiviStore::setHole(int32_t layer, int32_t h, int64_t begin, int64_t end) {
@@ -332,6 +333,9 @@ KiviHeadView KiviStore::view(int32_t layer, int32_t h) const {
   view.tokens = layerTokens_[size_t(layer)];
   view.holeBegin = state.hole.begin;
   view.holeEnd = state.hole.end;
+  view.releasedFirst = firstReleased(state.hole);
+  view.releasedKeyPages = state.releasedKeyPages;
+  view.releasedValuePages = state.releasedValuePages;
   return view;
 }
 
@@ -353,8 +357,7 @@ double KiviStore::allocatedBytes() const {
   const double valuePage = double(shape_.pageTokens) * double(format.valueTokenBytes());
   double total = 0;
   for (const HeadState& state : heads_) {
-    for (const auto& page : state.keyPages) total += page ? keyPage : 0.0;
-    for (const auto& page : state.valuePages) total += page ? valuePage : 0.0;
+    total += double(state.keyPages.size()) * keyPage + double(state.valuePages.size()) * valuePage;
     total += double(state.keys.capacity + state.values.capacity) * double(format.headDim) * 2.0;
   }
   return total;
@@ -379,11 +382,7 @@ double KiviStore::sharedBytes() const {
 
 size_t KiviStore::pageCount() const {
   size_t count = 0;
-  for (const HeadState& state : heads_) {
-    for (const auto* pages : {&state.keyPages, &state.valuePages}) {
-      for (const auto& page : *pages) count += page ? 1 : 0;
-    }
-  }
+  for (const HeadState& state : heads_) count += state.keyPages.size() + state.valuePages.size();
   return count;
 }
 
@@ -396,9 +395,9 @@ Status KiviStore::readHead(int32_t layer, int32_t h, HeadImage* out) const {
   out->keyRecords.resize(size_t(heldKeyGroups(state.hole, state.quantizedKeys)) * format.keyGroupBytes());
   out->valueRecords.resize(size_t(heldValueTokens(state.hole, state.quantizedValues)) * format.valueTokenBytes());
   KVSLIM_RETURN_IF_ERROR(readRecords(state.keyPages, state.hole, state.quantizedKeys, keyGroupsPerPage(),
-                                     format.keyGroupBytes(), &out->keyRecords));
+                                     format.keyGroupBytes(), state.releasedKeyPages, &out->keyRecords));
   KVSLIM_RETURN_IF_ERROR(readRecords(state.valuePages, state.hole, state.quantizedValues, shape_.pageTokens,
-                                     format.valueTokenBytes(), &out->valueRecords));
+                                     format.valueTokenBytes(), state.releasedValuePages, &out->valueRecords));
   const size_t dim = size_t(format.headDim);
   out->keyRows.resize(size_t(state.keys.count) * dim);
   for (int64_t i = 0; i < state.keys.count; ++i) std::memcpy(&out->keyRows[size_t(i) * dim], hostRow(state.keys, i), dim * 2);
@@ -411,30 +410,32 @@ Status KiviStore::readHead(int32_t layer, int32_t h, HeadImage* out) const {
 
 // The records of the held pages of a list, in order (`records` sized by the caller).
 Status KiviStore::readRecords(const std::vector<std::shared_ptr<Page>>& pages, const Hole& hole, int64_t quantized,
-                              int64_t perPage, size_t recordBytes, std::vector<uint8_t>* records) const {
+                              int64_t perPage, size_t recordBytes, int64_t released, std::vector<uint8_t>* records) const {
   const int64_t total = quantized * perPage / shape_.pageTokens;  // records written
+  const int64_t first = firstReleased(hole);
   size_t at = 0;
   for (int64_t p = 0; p * perPage < total; ++p) {
-    if (released(hole, p, quantized)) continue;
+    if (p >= first && p < first + released) continue;
+    const size_t entry = size_t(p >= first ? p - released : p);
     const size_t bytes = size_t(std::min(perPage, total - p * perPage)) * recordBytes;
-    if (at + bytes > records->size()) return Status(ErrorCode::Internal, "a KIVI page list holds more records than counted");
-    KVSLIM_RETURN_IF_ERROR(backend_->download(records->data() + at, pages[size_t(p)]->memory(), bytes));
+    if (at + bytes > records->size() || entry >= pages.size()) {
+      return Status(ErrorCode::Internal, "a KIVI page list holds more records than counted");
+    }
+    KVSLIM_RETURN_IF_ERROR(backend_->download(records->data() + at, pages[entry]->memory(), bytes));
     at += bytes;
   }
   return Status::ok();
 }
 
-// Pages of a list from its held records (released pages stay null); `records` were sized by the
-// caller (heldKeyGroups / heldValueTokens).
+// Pages of a list from its held records (released pages get no entry); `records` were sized by
+// the caller (heldKeyGroups / heldValueTokens).
 Status KiviStore::writeRecords(std::vector<std::shared_ptr<Page>>* pages, const Hole& hole, int64_t quantized,
                                int64_t perPage, size_t recordBytes, const std::vector<uint8_t>& records) {
   const int64_t total = quantized * perPage / shape_.pageTokens;
+  const int64_t first = firstReleased(hole), released = releasedPages(hole, quantized);
   size_t at = 0;
   for (int64_t p = 0; p * perPage < total; ++p) {
-    if (released(hole, p, quantized)) {
-      pages->emplace_back();
-      continue;
-    }
+    if (p >= first && p < first + released) continue;
     const size_t bytes = size_t(std::min(perPage, total - p * perPage)) * recordBytes;
     if (at + bytes > records.size()) return Status(ErrorCode::Internal, "a KIVI image holds fewer records than its counts");
     std::shared_ptr<Page> page;
@@ -456,6 +457,8 @@ Status KiviStore::writeHead(int32_t layer, int32_t h, int64_t tokens, const Head
                                       format.keyGroupBytes(), image.keyRecords));
   KVSLIM_RETURN_IF_ERROR(writeRecords(&state.valuePages, image.hole, image.quantizedValues, shape_.pageTokens,
                                       format.valueTokenBytes(), image.valueRecords));
+  state.releasedKeyPages = releasedPages(image.hole, image.quantizedKeys);
+  state.releasedValuePages = releasedPages(image.hole, image.quantizedValues);
   const int64_t keyRows = int64_t(image.keyRows.size() / dim), valueRows = int64_t(image.valueRows.size() / dim);
   KVSLIM_RETURN_IF_ERROR(reserve(&state.keys, keyRows));
   KVSLIM_RETURN_IF_ERROR(reserve(&state.values, valueRows));

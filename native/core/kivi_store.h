@@ -13,9 +13,11 @@
 // Window policies (streaming, duo's streaming heads) evict through a per-head hole: tokens
 // [holeBegin, holeEnd) leave the head's kept set (attention masks them, kivi_format.h) while
 // positions stay absolute. A page (pageTokens tokens of key groups or of value tokens) is released
-// once it is full and wholly inside the hole; the hole only grows, so the released pages are a
-// function of the hole and the quantized counts (saved caches omit their records).
+// once it is full and wholly inside the hole, and its entry leaves the page table; the hole only
+// grows, so the released pages are one run [firstReleased, firstReleased + count), a function of
+// the hole and the quantized counts (saved caches omit their records).
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -63,10 +65,13 @@ class KiviStore {
     int64_t size() const { return end - begin; }
   };
   Hole hole(int32_t layer, int32_t h) const { return head(layer, h).hole; }
-  // Whether page `page` of a list whose records cover `quantized` tokens is released by the hole.
-  bool released(const Hole& hole, int64_t page, int64_t quantized) const {
-    const int64_t first = page * shape_.pageTokens, end = first + shape_.pageTokens;
-    return first >= hole.begin && end <= hole.end && end <= quantized;
+  // The pages of a list whose records cover `quantized` tokens that the hole releases: the run
+  // [firstReleased(hole), firstReleased(hole) + releasedPages(hole, quantized)).
+  int64_t firstReleased(const Hole& hole) const { return (hole.begin + shape_.pageTokens - 1) / shape_.pageTokens; }
+  int64_t releasedPages(const Hole& hole, int64_t quantized) const {
+    if (hole.size() == 0) return 0;
+    const int64_t end = std::min(hole.end, quantized) / shape_.pageTokens;
+    return std::max<int64_t>(0, end - firstReleased(hole));
   }
   KiviHeadView view(int32_t layer, int32_t head) const;
   int64_t tokens(int32_t layer) const { return layerTokens_[size_t(layer)]; }
@@ -118,6 +123,7 @@ class KiviStore {
     int64_t quantizedKeys = 0, quantizedValues = 0;
     Residual keys, values;
     Hole hole;
+    int64_t releasedKeyPages = 0, releasedValuePages = 0;  // entries gone from keyPages / valuePages
   };
   HeadState& head(int32_t layer, int32_t h) { return heads_[size_t(layer) * size_t(shape_.kvHeads) + size_t(h)]; }
   const HeadState& head(int32_t layer, int32_t h) const {
@@ -139,14 +145,14 @@ class KiviStore {
   Status appendRecords(std::vector<std::shared_ptr<Page>>* pages, int64_t first, int64_t perPage,
                        size_t recordBytes, const uint8_t* records, int64_t count);
   Status readRecords(const std::vector<std::shared_ptr<Page>>& pages, const Hole& hole, int64_t quantized,
-                     int64_t perPage, size_t recordBytes, std::vector<uint8_t>* records) const;
+                     int64_t perPage, size_t recordBytes, int64_t released, std::vector<uint8_t>* records) const;
   Status writeRecords(std::vector<std::shared_ptr<Page>>* pages, const Hole& hole, int64_t quantized, int64_t perPage,
                       size_t recordBytes, const std::vector<uint8_t>& records);
   static void refreshPointers(HeadState* state);
-  // Drops the pages the hole covers (released()); forks keep their own references.
+  // Drops the pages the hole now covers from the page tables; forks keep their own references.
   void releaseHole(HeadState* state) const;
-  // Records held in pages [0, pages) of a list covering `quantized` tokens, `perPage` records each
-  // (the last page partly filled), of which `total` were written.
+  // Of `total` records written to a list covering `quantized` tokens (`perPage` per page), those
+  // in pages the hole has not released.
   int64_t heldRecords(const Hole& hole, int64_t quantized, int64_t perPage, int64_t total) const;
   const uint16_t* hostRow(const Residual& residual, int64_t i) const;
 

@@ -219,7 +219,7 @@ void kiviDecodeRows(const KiviRange& range) {
         const uint8_t* record = nullptr;
         if (first < head.quantizedKeys) {
           const int64_t g = first / group;
-          record = static_cast<const uint8_t*>(head.keyPages[g / range.keyGroupsPerPage]) +
+          record = static_cast<const uint8_t*>(head.keyPage(g / range.keyGroupsPerPage)) +
                    size_t(g % range.keyGroupsPerPage) * keyGroupBytes;
         }
         kiviPreRopeScores<V, BITS, ROWS, SUB>(range, record, first, subCount, &ropeAt, &scores[0][sub], kKiviBlock);
@@ -228,14 +228,14 @@ void kiviDecodeRows(const KiviRange& range) {
       if (first < head.quantizedKeys) {
         // quantizedKeys is a multiple of the group (a multiple of SUB): the sub-block is quantized.
         const int64_t g = first / group;
-        const uint8_t* record = static_cast<const uint8_t*>(head.keyPages[g / range.keyGroupsPerPage]) +
+        const uint8_t* record = static_cast<const uint8_t*>(head.keyPage(g / range.keyGroupsPerPage)) +
                                 size_t(g % range.keyGroupsPerPage) * keyGroupBytes;
         if (g != currentGroup) {
           currentGroup = g;
           // The next group's record streams in while this one computes.
-          const void* nextPage = g + 1 < head.quantizedKeys / group ? head.keyPages[(g + 1) / range.keyGroupsPerPage] : nullptr;
-          if (nextPage != nullptr) {
-            const uint8_t* next = static_cast<const uint8_t*>(nextPage) + size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
+          const int64_t nextPage = (g + 1) / range.keyGroupsPerPage;
+          if (g + 1 < head.quantizedKeys / group && head.keyPageHeld(nextPage)) {
+            const uint8_t* next = static_cast<const uint8_t*>(head.keyPage(nextPage)) + size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
             for (size_t offset = 0; offset < keyGroupBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
           }
           const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
@@ -302,7 +302,7 @@ void kiviDecodeRows(const KiviRange& range) {
         continue;
       }
       if (t < head.quantizedValues) {
-        const uint8_t* record = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
+        const uint8_t* record = static_cast<const uint8_t*>(head.valuePage(valuePage)) + size_t(valueSlot) * valueBytes;
         valueRecords[j] = record;
         V::halvesToFloats(reinterpret_cast<const uint16_t*>(record + valueCodeBytes),
                           valueScales + size_t(j) * 2 * size_t(channelGroups), 2 * channelGroups);
@@ -315,8 +315,8 @@ void kiviDecodeRows(const KiviRange& range) {
     }
     // Prefetch the next block's value records (contiguous within a page).
     if (blockBegin + kKiviBlock < head.quantizedValues && valueSlot + kKiviBlock <= range.valueTokensPerPage &&
-        head.valuePages[valuePage] != nullptr) {
-      const uint8_t* next = static_cast<const uint8_t*>(head.valuePages[valuePage]) + size_t(valueSlot) * valueBytes;
+        head.valuePageHeld(valuePage)) {
+      const uint8_t* next = static_cast<const uint8_t*>(head.valuePage(valuePage)) + size_t(valueSlot) * valueBytes;
       for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) __builtin_prefetch(next + offset, 0, 0);
     }
     // o += p x^ with x^ = code * s + m unpacked once per chunk for all rows. A pass of all CHUNKS

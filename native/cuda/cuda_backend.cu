@@ -232,14 +232,16 @@ ScoresKernelArgs scoresKernelOf(const KVHeadView& head, int32_t headDim, DType k
   return kernel;
 }
 
-// Pages of each KIVI head: key group records for its quantized keys, value token records for its
-// quantized values (page counts of a checked head; the per-page counts are >= 1 where used).
+// Page table entries of each KIVI head: the pages of key group records for its quantized keys and
+// of value token records for its quantized values, less those a window policy's hole released
+// (page counts of a checked head; the per-page counts are >= 1 where used).
 int64_t kiviKeyPages(const KiviAttentionArgs& args, const KiviHeadView& head) {
   const int64_t groups = head.quantizedKeys / args.format.group;
-  return groups == 0 ? 0 : (groups + args.keyGroupsPerPage - 1) / args.keyGroupsPerPage;
+  return (groups == 0 ? 0 : (groups + args.keyGroupsPerPage - 1) / args.keyGroupsPerPage) - head.releasedKeyPages;
 }
 int64_t kiviValuePages(const KiviAttentionArgs& args, const KiviHeadView& head) {
-  return head.quantizedValues == 0 ? 0 : (head.quantizedValues + args.valueTokensPerPage - 1) / args.valueTokensPerPage;
+  return (head.quantizedValues == 0 ? 0 : (head.quantizedValues + args.valueTokensPerPage - 1) / args.valueTokensPerPage) -
+         head.releasedValuePages;
 }
 
 bool misaligned(const void* pointer) { return reinterpret_cast<uintptr_t>(pointer) % 4 != 0; }
@@ -296,22 +298,26 @@ Status checkKiviArgs(const KiviAttentionArgs& args) {
       return Status(ErrorCode::Shape, which + " needs 0 <= holeBegin <= holeEnd <= tokens, but holds [" +
                                           std::to_string(head.holeBegin) + ", " + std::to_string(head.holeEnd) + ")");
     }
-    // A page may be released (null) only when every token it covers lies in the hole.
-    const auto inHole = [&](int64_t page, int64_t tokensPerPage) {
-      return page * tokensPerPage >= head.holeBegin && (page + 1) * tokensPerPage <= head.holeEnd;
+    // Released pages lie wholly inside the hole (the kernel then never asks for them).
+    const auto insideHole = [&](int64_t count, int64_t tokensPerPage) {
+      return count == 0 || (head.releasedFirst >= 0 && head.releasedFirst * tokensPerPage >= head.holeBegin &&
+                            (head.releasedFirst + count) * tokensPerPage <= head.holeEnd);
     };
     const int64_t keyPages = kiviKeyPages(args, head);
+    const int64_t valuePages = kiviValuePages(args, head);
+    if (head.releasedKeyPages < 0 || head.releasedValuePages < 0 || keyPages < 0 || valuePages < 0 ||
+        !insideHole(head.releasedKeyPages, args.keyGroupsPerPage * format.group) ||
+        !insideHole(head.releasedValuePages, args.valueTokensPerPage)) {
+      return Status(ErrorCode::Shape, which + " has released pages outside its hole");
+    }
     for (int64_t p = 0; p < keyPages; ++p) {
-      const bool released = head.keyPages[p] == nullptr && inHole(p, args.keyGroupsPerPage * format.group);
-      if (!released && (head.keyPages[p] == nullptr || misaligned(head.keyPages[p]))) {
-        return Status(ErrorCode::Internal, which + " key page " + std::to_string(p) + " is null or not 4-byte aligned");
+      if (head.keyPages[p] == nullptr || misaligned(head.keyPages[p])) {
+        return Status(ErrorCode::Internal, which + " key page entry " + std::to_string(p) + " is null or not 4-byte aligned");
       }
     }
-    const int64_t valuePages = kiviValuePages(args, head);
     for (int64_t p = 0; p < valuePages; ++p) {
-      const bool released = head.valuePages[p] == nullptr && inHole(p, args.valueTokensPerPage);
-      if (!released && (head.valuePages[p] == nullptr || misaligned(head.valuePages[p]))) {
-        return Status(ErrorCode::Internal, which + " value page " + std::to_string(p) + " is null or not 4-byte aligned");
+      if (head.valuePages[p] == nullptr || misaligned(head.valuePages[p])) {
+        return Status(ErrorCode::Internal, which + " value page entry " + std::to_string(p) + " is null or not 4-byte aligned");
       }
     }
   }
@@ -644,7 +650,10 @@ class CudaBackend final : public Backend {
                               int(head.holeBegin),
                               int(head.holeEnd),
                               int(skip.begin),
-                              int(skip.length)};
+                              int(skip.length),
+                              int(head.releasedFirst),
+                              int(head.releasedKeyPages),
+                              int(head.releasedValuePages)};
       std::memcpy(staging + layout.heads + size_t(h) * sizeof(KiviHeadSpan), &span, sizeof(KiviHeadSpan));
       stagePages(layout.keyPages, firstKeyPage, head.keyPages, keyPages);
       stagePages(layout.valuePages, firstValuePage, head.valuePages, valuePages);

@@ -49,12 +49,14 @@ __device__ __forceinline__ unsigned loadWord(const void* address) { return __ldg
 
 __device__ __forceinline__ float loadF16(const unsigned short* address) { return f16BitsToFloat(__ldg(address)); }
 
-// Key group g of a head: page g / keyGroupsPerPage, record g % keyGroupsPerPage.
+// Key group g of a head: page g / keyGroupsPerPage (its page table entry: past the released run,
+// if any), record g % keyGroupsPerPage.
 __device__ __forceinline__ const unsigned char* keyGroupRecord(const KiviKernelArgs& kivi, const KiviHeadSpan& span,
                                                                int keyGroup) {
   const unsigned page = static_cast<unsigned>(keyGroup) / static_cast<unsigned>(kivi.keyGroupsPerPage);
   const unsigned slot = static_cast<unsigned>(keyGroup) - page * static_cast<unsigned>(kivi.keyGroupsPerPage);
-  return static_cast<const unsigned char*>(kivi.attention.keyPages[span.firstKeyPage + page]) +
+  const unsigned entry = page >= static_cast<unsigned>(span.releasedFirst) ? page - span.releasedKeyPages : page;
+  return static_cast<const unsigned char*>(kivi.attention.keyPages[span.firstKeyPage + entry]) +
          static_cast<size_t>(slot) * kivi.keyGroupBytes;
 }
 
@@ -63,7 +65,8 @@ __device__ __forceinline__ const unsigned char* valueTokenRecord(const KiviKerne
                                                                  int token) {
   const unsigned page = static_cast<unsigned>(token) / static_cast<unsigned>(kivi.valueTokensPerPage);
   const unsigned slot = static_cast<unsigned>(token) - page * static_cast<unsigned>(kivi.valueTokensPerPage);
-  return static_cast<const unsigned char*>(kivi.attention.valuePages[span.firstValuePage + page]) +
+  const unsigned entry = page >= static_cast<unsigned>(span.releasedFirst) ? page - span.releasedValuePages : page;
+  return static_cast<const unsigned char*>(kivi.attention.valuePages[span.firstValuePage + entry]) +
          static_cast<size_t>(slot) * kivi.valueTokenBytes;
 }
 

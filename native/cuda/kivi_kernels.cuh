@@ -18,13 +18,18 @@ struct KiviHeadSpan {
   int quantizedKeys;                    // a multiple of quantGroup
   int quantizedValues;
   int tokens;
-  // A window policy's hole (core/kivi_format.h): tokens [holeBegin, holeEnd) are masked, their
-  // pages possibly released; the kernel walks tokens - skipLength tokens, jumping from skipBegin
-  // (a multiple of 32) over skipLength tokens (a multiple of 32).
+  // A window policy's hole (core/kivi_format.h): tokens [holeBegin, holeEnd) are masked; the
+  // kernel walks tokens - skipLength tokens, jumping from skipBegin (a multiple of 32) over
+  // skipLength tokens (a multiple of 32). Pages [releasedFirst, releasedFirst + releasedKeyPages)
+  // of the keys (likewise the values) have no page table entry: page p after them is entry
+  // p - releasedKeyPages of the head's run.
   int holeBegin;
   int holeEnd;
   int skipBegin;
   int skipLength;
+  int releasedFirst;
+  int releasedKeyPages;
+  int releasedValuePages;
 };
 
 struct KiviKernelArgs {
