@@ -48,6 +48,7 @@ const kiviPageTokens = (setup: Setup) =>
 
 /** The run of positions a head's kept list skips ([begin, end), or null), from the reference. */
 function holeOf(positions: number[]): [number, number] | null {
+  if (positions.length > 0 && positions[0] > 0) return [0, positions[0]];  // sink 0
   for (let i = 0; i + 1 < positions.length; i++) {
     if (positions[i + 1] !== positions[i] + 1) return [positions[i] + 1, positions[i + 1]];
   }
@@ -200,6 +201,9 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
     ['GQA streaming over pre-RoPE keys', {
       shape: GQA, spec: { kind: 'streaming', sink: 4, window: 40 }, kivi: { bits: 2, group: 32, residual: 32 }, rope: { theta: 10000, style: 'half' },
     }, [['prefill', 330], ...steps(30), ['prefill', 280], ...steps(5)]],
+    ['MHA streaming without sinks (sink 0), G 48 (d=96), 288-token pages', {
+      shape: { layers: 1, qHeads: 4, kvHeads: 2, headDim: 96 }, spec: { kind: 'streaming', sink: 0, window: 70 }, kivi: { bits: 4, group: 48, residual: 96 },
+    }, [['prefill', 500], ...steps(12), ['prefill', 333], ...steps(6)]],
     ['a prompt inside the window keeps every token', { shape: GQA, spec: { kind: 'streaming', sink: 4, window: 512 }, kivi: { bits: 2, group: 32, residual: 32 } },
       [['prefill', 200], ...steps(20)]],
   ];
@@ -334,6 +338,41 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
     pair.attend(0, pair.tokens(40).q);
     pair.attend(1, pair.tokens(1).q);
     pair.run(steps(2));
+  });
+
+  it('load rejects a window policy over KIVI in a version 6 file (which predates holes)', () => {
+    // A dense streaming cache (version 6) whose store kind is flipped to KIVI.
+    const dense = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 32, device: DEVICE, policy: { select: { kind: 'streaming', sink: 4, window: 16 } } });
+    open.push(dense);
+    const random = new Random(3);
+    const t = randomTokens(random, { qHeads: 2, kvHeads: 1, headDim: 32 }, 10);
+    dense.append(0, t.k, t.v);
+    const denseSaved = dense.save();
+    expect(denseSaved.readUInt32LE(8)).toBe(6);
+    expect(denseSaved.readInt32LE(44)).toBe(0);  // storeKind: dense
+    expectError(() => KVCache.load(resealed(denseSaved, (view) => view.setInt32(44, 1, true)), { device: DEVICE }), 'ERR_CORRUPT', /version 7/);
+    // A KIVI streaming cache (version 7) rewritten as version 6: no preRope field, no holes.
+    const kivi = new KVCache({
+      layers: 1, qHeads: 2, kvHeads: 1, headDim: 32, device: DEVICE,
+      policy: { select: { kind: 'streaming', sink: 4, window: 16 }, store: { kind: 'kivi', bits: 2, group: 32, residual: 32 } },
+    });
+    open.push(kivi);
+    kivi.append(0, t.k, t.v);
+    const saved = kivi.save();
+    expect(saved.readUInt32LE(8)).toBe(7);
+    // Header 64 bytes, then outliers f64, theta f32, style i32, preRope i32 (at 80), kind i32, sink i64 (at 88), ...
+    expect(saved.readBigInt64LE(88)).toBe(4n);
+    // ... window, budget, kernel, pooling, beta, recent, cachePositions, maskBytes, stateBytes,
+    // tokens[1] (at 156), kiviTokens, moved, quantizedKeys, quantizedValues, hole (at 196).
+    expect(saved.readBigInt64LE(156)).toBe(10n);
+    expect([saved.readBigInt64LE(196), saved.readBigInt64LE(204)]).toEqual([0n, 0n]);
+    const v6 = Buffer.concat([saved.subarray(0, 80), saved.subarray(84, 196), saved.subarray(212)]);
+    v6.writeUInt32LE(6, 8);
+    expectError(() => KVCache.load(resealed(v6, () => {}), { device: DEVICE }), 'ERR_CORRUPT', /version 7/);
+    // The untouched file loads.
+    const loaded = KVCache.load(saved, { device: DEVICE });
+    open.push(loaded);
+    expect(loaded.tokens(0)).toBe(10);
   });
 
   it('refuses the combinations it cannot hold', () => {

@@ -496,8 +496,11 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
     return corrupt("the KIVI outlier fraction or the rope theta is out of range");
   }
   s.kind = SelectKind(kind);
-  if (holes && (config.storeKind != StoreKind::Kivi || (s.kind != SelectKind::Streaming && s.kind != SelectKind::Duo))) {
-    return corrupt("KIVI holes without a KIVI store and a window policy");
+  // Version 7 exactly for window policies over KIVI (their layers hold holes, not moved tokens).
+  const bool windowOverKivi = config.storeKind == StoreKind::Kivi && (s.kind == SelectKind::Streaming || s.kind == SelectKind::Duo);
+  if (holes != windowOverKivi) {
+    return corrupt(holes ? "KIVI holes without a KIVI store and a window policy"
+                         : "a window policy over a KIVI store needs save format version 7");
   }
   config.kiviPreRope = preRope == 1;
   s.pooling = Pooling(pooling);
