@@ -421,7 +421,7 @@ describe('KVCache.save / KVCache.load', () => {
   it('an empty cache and a fork round-trip too', () => {
     const random = new Random(610);
     const empty = cacheOf({ layers: 2 });
-    const loadedEmpty = KVCache.load(empty.save());
+    const loadedEmpty = KVCache.load(empty.save(), { device: 'cpu' });
     open.push(loadedEmpty);
     expect(loadedEmpty.tokens(0)).toBe(0);
     expect(loadedEmpty.stats().bytes.kv).toBe(0);
@@ -433,7 +433,8 @@ describe('KVCache.save / KVCache.load', () => {
     open.push(child);
     const extra = randomTokens(random, heads, 3);
     child.append(0, extra.k, extra.v);
-    const loaded = KVCache.load(child.save());
+    // On the CPU like the child: load()'s default device is 'auto' (the GPU where there is one).
+    const loaded = KVCache.load(child.save(), { device: 'cpu' });
     open.push(loaded);
     const query = randomTokens(random, heads, 1).q;
     expect(loaded.tokens(0)).toBe(15);

@@ -87,11 +87,12 @@ describe.skipIf(!present)('llama2c runner on stories260K', () => {
       // Only the kernel (decode vs tiled prefill) differs, by float32 rounding: logits agree to
       // 4e-6 with the f32 store. Deeper layers then store keys computed from those slightly
       // different residuals, and a 16-bit store rounds an element now and then to the neighbouring
-      // value: 2^-11 steps for f16 (logits move ~1e-4), 2^-8 for bf16 (~2e-2 observed over 32
-      // tokens). The bf16 bound stays below the bf16 store's own deviation from the exact model
-      // (0.13) and far below a kernel fault (a wrong causal window or a lost token moves logits by
-      // whole units).
-      const tolerance = store === 'bf16' ? 5e-2 : 1e-3;
+      // value: 2^-11 steps for f16 (logits move ~1e-4 on the CPU; 2.2e-3 seen on an H200, whose
+      // decode and prefill kernels order their sums further apart, so more elements land across a
+      // rounding boundary), 2^-8 for bf16 (~2e-2 observed over 32 tokens). The bounds stay below
+      // the bf16 store's own deviation from the exact model (0.13) and far below a kernel fault (a
+      // wrong causal window or a lost token moves logits by whole units).
+      const tolerance = store === 'bf16' ? 5e-2 : store === 'f16' ? 5e-3 : 1e-3;
       expect(maxAbsDifference(logits, prefilled.subarray(t * 512, (t + 1) * 512))).toBeLessThan(tolerance);
     }
   });
