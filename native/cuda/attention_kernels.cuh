@@ -55,8 +55,8 @@ struct SplitPlan {
 // Enough key splits that `blocksPerSplit` x splits reaches two blocks per multiprocessor, but no
 // split shorter than `minSplitTokens`; split lengths are rounded up to `granule` keys.
 inline SplitPlan planKeySplits(int maxTokens, long long blocksPerSplit, int multiprocessors, int minSplitTokens,
-                               int granule) {
-  const long long wanted = (2LL * multiprocessors + blocksPerSplit - 1) / blocksPerSplit;
+                               int granule, int blocksPerMultiprocessor = 2) {
+  const long long wanted = (static_cast<long long>(blocksPerMultiprocessor) * multiprocessors + blocksPerSplit - 1) / blocksPerSplit;
   const long long bySize = (maxTokens + minSplitTokens - 1) / minSplitTokens;
   const long long splits = wanted < bySize ? wanted : bySize;
   if (splits <= 1) return {1, maxTokens > 0 ? maxTokens : 1};

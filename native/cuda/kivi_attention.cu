@@ -32,6 +32,9 @@ constexpr int kKiviThreads = 128;
 // the quantized keys, and a code word never straddles a tile.
 constexpr int kTileTokens = 16;
 constexpr int kMinSplitTokens = 256;  // shorter splits cost more in partials and merging than they win
+// Blocks per multiprocessor the key splits aim at, as in decode: more warps hide the latency of
+// the loads and of the shuffle reductions.
+constexpr int kBlocksPerMultiprocessor = 8;
 // Per-thread register budget: the folded queries and the accumulators of all rows, each.
 constexpr int kMaxRowDims = 64;
 
@@ -445,7 +448,7 @@ SplitPlan planKiviAttention(const KiviKernelArgs& args, int multiprocessors) {
   const int rows = kiviRowsPerBlock(args.attention);
   const long long rowBlocks = (args.attention.rowsPerHead + rows - 1) / rows;
   return planKeySplits(args.attention.maxTokens, rowBlocks * args.attention.kvHeads, multiprocessors, kMinSplitTokens,
-                       kTileTokens);
+                       kTileTokens, kBlocksPerMultiprocessor);
 }
 
 cudaError_t launchKiviAttention(const KiviKernelArgs& args, cudaStream_t stream) {
