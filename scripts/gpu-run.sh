@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# On a GPU machine without network, from the repository root, with .gpu (scripts/gpu-pack.sh) and
+# dist beside it: unpacks node, the test dependencies and the CUDA addon, then runs the whole test
+# suite on the GPU (KVSLIM_TEST_DEVICE=cuda) and the CUDA bench rows. Logs go to $OUT (or
+# ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT: seconds for each part.
+set -uo pipefail
+out="${OUT:-gpu-run-out}"
+mkdir -p "$out"
+export HOME="${HOME:-/tmp}"
+mkdir -p /tmp/kvslim-node && xz -dc .gpu/node.xz > /tmp/kvslim-node/node && chmod +x /tmp/kvslim-node/node
+export PATH="/tmp/kvslim-node:$PATH"
+[ -d node_modules/vitest ] || tar -xJf .gpu/node_modules.tar.xz
+[ -e ../shared ] || { [ -d .gpu/shared ] && cp -r .gpu/shared ../shared; }
+xz -dc .gpu/kvslim.node.xz > /tmp/kvslim-node/kvslim.node
+export KVSLIM_ADDON=/tmp/kvslim-node/kvslim.node
+nvidia-smi -L > "$out/nvidia-smi.txt" 2>&1
+node -e "import('./dist/lib/index.js').then(m => console.log(JSON.stringify(m.backends())))" 2>&1 | tee "$out/backends.txt"
+KVSLIM_TEST_DEVICE=cuda timeout "${TEST_LIMIT:-400}" node node_modules/vitest/vitest.mjs run > "$out/test-gpu.log" 2>&1
+echo "test:gpu: $? ($(grep -E 'Tests +[0-9]' "$out/test-gpu.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g'))"
+grep -E "FAIL" "$out/test-gpu.log" | sed 's/\x1b\[[0-9;]*m//g' | head -20
+cases=decode-f16-4K-cuda,decode-f16-16K-cuda,decode-f32-64K-cuda,decode-f16-64K-cuda,decode-bf16-64K-cuda,prefill-f16-4K-cuda
+timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case "$cases" > "$out/bench.log" 2>&1
+echo "bench: $?"
+grep -E -- "-cuda " "$out/bench.log"
