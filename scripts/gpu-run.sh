@@ -16,8 +16,9 @@ export KVSLIM_ADDON=/tmp/kvslim-node/kvslim.node
 nvidia-smi -L > "$out/nvidia-smi.txt" 2>&1
 node -e "import('./dist/lib/index.js').then(m => console.log(JSON.stringify(m.backends())))" 2>&1 | tee "$out/backends.txt"
 KVSLIM_TEST_DEVICE=cuda timeout "${TEST_LIMIT:-400}" node node_modules/vitest/vitest.mjs run > "$out/test-gpu.log" 2>&1
-echo "test:gpu: $? ($(grep -E 'Tests +[0-9]' "$out/test-gpu.log" | tail -1 | sed 's/\x1b\[[0-9;]*m//g'))"
-grep -E "FAIL" "$out/test-gpu.log" | sed 's/\x1b\[[0-9;]*m//g' | head -20
+status=$?
+echo "test:gpu: $status ($(sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E 'Tests +[0-9]' | tail -1))"
+sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E "FAIL" | head -20
 cases=decode-f16-4K-cuda,decode-f16-16K-cuda,decode-f32-64K-cuda,decode-f16-64K-cuda,decode-bf16-64K-cuda,prefill-f16-4K-cuda
 timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case "$cases" > "$out/bench.log" 2>&1
 echo "bench: $?"
