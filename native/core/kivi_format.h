@@ -92,10 +92,6 @@ struct KiviHeadView {
 struct KiviSkip {
   int64_t begin = 0, length = 0;
   int64_t token(int64_t walk) const { return walk < begin ? walk : walk + length; }
-  // The walk index of the last walked token at or before `token`.
-  int64_t walkOf(int64_t token) const {
-    return token >= begin + length ? token - length : (token < begin ? token : begin - 1);
-  }
 };
 inline KiviSkip kiviSkip(const KiviHeadView& head) {
   const int64_t begin = (head.holeBegin + 31) / 32 * 32, end = head.holeEnd / 32 * 32;
