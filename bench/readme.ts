@@ -36,7 +36,7 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   policies?: {
     workload: { policies: { tokens: number } };
     rows: Array<{
-      id: string; kind: string; fraction: number | null; status: string; bytesFraction?: number; selectMs?: number;
+      id: string; kind: string; fraction: number | null; status: string; layers?: number; bytesFraction?: number; selectMs?: number;
       decode?: { medianMs: number }; timeFraction?: number;
       turns?: Array<{ relL2: number; mass: number; needleHits: number; needlePairs: number }>;
     }>;
@@ -118,8 +118,10 @@ if (results.kivi) {
 const policyLines: string[] = [];
 if (results.policies) {
   policyLines.push(
-    `Selection policies on a ${results.policies.workload.policies.tokens / 1024}K-token prompt (one layer, 32q/8kv/128) whose last ` +
-      '32 queries ask needle 1; turn 1 asks needle 1 again, turn 2 a different needle (selection was made for turn 1):', '',
+    `Selection policies on a ${results.policies.workload.policies.tokens / 1024}K-token prompt (32q/8kv/128; each cache holds ` +
+      `${results.policies.rows[0]?.layers ?? 1} layers of the same data, and select ms and decode ms are per layer) whose last ` +
+      '32 queries ask needle 1; turn 1 asks needle 1 again, turn 2 a different needle (selection was made for turn 1). ' +
+      '`+kivi2`: the same selection over the 2-bit KIVI store:', '',
     '| policy | budget | bytes / full | select ms | decode ms | time / full | turn 1 rel. L2 | turn 1 needle hits | turn 2 rel. L2 | turn 2 needle hits |',
     '| --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
   );
