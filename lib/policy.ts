@@ -38,7 +38,12 @@ export interface KiviStoreSpec {
 }
 /** How kept tokens are stored. */
 export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
-/** A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. */
+/**
+ * A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. With the KIVI
+ * store, `select` may be snapkv or pyramidkv (the kept tokens are quantized after the selection)
+ * or streaming or duo (every token is quantized; the window evicts one run per head, which the
+ * store skips and whose whole pages it releases); h2o and the loading policies need a dense store.
+ */
 export interface PolicySpec {
   select?: SelectSpec;
   store?: StoreSpec;
