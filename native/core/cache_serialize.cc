@@ -15,7 +15,7 @@
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | (version 7) i64 holeBegin, holeEnd | key group
 //   records | value token records (records as in kivi_format.h, outliers included; version 7 omits
-//   those of the pages the hole released, KiviStore::released)
+//   those of the pages the hole released, KiviStore::releasedPages)
 //   | f16 residual keys (tokens - quantizedKeys rows) | f16 residual values (tokens - quantizedValues rows).
 // load() checks every field and the exact size before it allocates, then the hash.
 #include <algorithm>
@@ -249,8 +249,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
     const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    const bool holes = evicting && kivi() && policy_->windowed();
-    writer.put(holes ? uint32_t(7) : evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
+    writer.put(kiviHoles() ? uint32_t(7) : evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -422,7 +421,7 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
   writer.put(config_.kiviOutliers);
   writer.put(config_.rope.theta);
   writer.put(int32_t(config_.rope.style));
-  const bool holes = kivi() && policy_->windowed();
+  const bool holes = kiviHoles();
   if (holes) writer.put(int32_t(config_.kiviPreRope ? 1 : 0));
   writer.put(int32_t(s.kind));
   for (const int64_t value : {s.sink, s.window, s.budget}) writer.put(value);

@@ -330,8 +330,9 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
     double kept = 0;
     for (int32_t h = 0; h < config_.kvHeads; ++h) {
       // A window policy's queries must lie after its hole (as over a dense store, below).
-      const int64_t recent = tokens - kivi_.hole(layer, h).end;
-      if (kivi_.hole(layer, h).size() > 0 && recent < n) {
+      const KiviStore::Hole hole = kivi_.hole(layer, h);
+      const int64_t recent = tokens - hole.end;
+      if (hole.size() > 0 && recent < n) {
         return Status(ErrorCode::Shape, "q holds " + std::to_string(n) + " queries, but the selection policy keeps only the last " +
                                             std::to_string(recent) + " tokens of layer " + std::to_string(layer) +
                                             " in order (the queries must be among them)");

@@ -66,6 +66,8 @@ class KVCache {
   static Status loadKivi(const uint8_t* data, size_t size, size_t offset, const CacheConfig& config,
                          std::shared_ptr<Backend> backend, std::unique_ptr<KVCache>* out);
   bool kivi() const { return config_.storeKind == StoreKind::Kivi; }
+  // A window policy over the KIVI store: its layers hold holes (saved as format version 7).
+  bool kiviHoles() const { return kivi() && policy_ && policy_->windowed(); }
   // Whether a layer's tokens live in the KIVI store (always, unless a selection policy has not
   // settled the layer yet: until then they stay in f16 in store_, where the policy selects).
   bool inKivi(int32_t layer) const { return kivi() && kiviOffset_[size_t(layer)] >= 0; }

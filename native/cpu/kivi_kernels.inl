@@ -210,11 +210,8 @@ void kiviDecodeRows(const KiviRange& range) {
     for (int32_t sub = 0; sub < count; sub += SUB) {
       const int64_t first = blockBegin + sub;
       const int32_t subCount = count - sub < SUB ? count - sub : SUB;
-      if (holed && first >= holeBegin && first + subCount <= holeEnd) {
-        for (int32_t r = 0; r < ROWS; ++r)
-          for (int32_t j = 0; j < subCount; ++j) scores[r][sub + j] = -__builtin_inff();
-        continue;
-      }
+      // Wholly in the hole: nothing is read (the hole mask below sets its scores).
+      if (holed && first >= holeBegin && first + subCount <= holeEnd) continue;
       if (range.ropeFrequencies != nullptr) {
         const uint8_t* record = nullptr;
         if (first < head.quantizedKeys) {

@@ -6,20 +6,11 @@ namespace kvslim {
 
 namespace {
 
-class DuoPolicy final : public SelectPolicy {
+class DuoPolicy final : public WindowPolicy {
  public:
   DuoPolicy(const SelectConfig& config, int32_t kvHeads)
       : sink_(config.sink), window_(config.window), kvHeads_(kvHeads), retrieval_(config.retrieval) {}
 
-  Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) override {
-    return trimWindows(context, *this, layer, n);
-  }
-
-  Status afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) override {
-    return trimWindows(context, *this, layer, 0);
-  }
-
-  bool windowed() const override { return true; }
   bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const override {
     if (retrieval_[size_t(layer) * size_t(kvHeads_) + size_t(head)] != 0) return false;
     *sink = sink_;

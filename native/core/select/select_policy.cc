@@ -145,6 +145,14 @@ Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t l
   return Status::ok();
 }
 
+Status WindowPolicy::beforeAttend(SelectContext& context, int32_t layer, int64_t n) {
+  return trimWindows(context, *this, layer, n);
+}
+
+Status WindowPolicy::afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) {
+  return trimWindows(context, *this, layer, 0);
+}
+
 Status headMassArgs(const SelectContext& context, int32_t layer, int32_t head, const float* rows, int64_t n, int64_t after,
                     AttentionMassArgs* args) {
   const PagedStore& store = context.store;

@@ -111,6 +111,15 @@ struct LoadPlan {
   double indexMs = 0;  // of the planning, time spent indexing tokens that arrived since the last call
 };
 
+// Streaming and duo: every call trims the windowed heads (windowOf) to their sinks and window,
+// before it attends (keeping the call's own tokens) and after (trimWindows).
+class WindowPolicy : public SelectPolicy {
+ public:
+  Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) override;
+  Status afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) override;
+  bool windowed() const override { return true; }
+};
+
 // Checks the config against the cache shape (ERR_OPTION naming the option) and builds the policy;
 // `out` stays empty for 'full'.
 Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim,

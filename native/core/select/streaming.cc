@@ -9,19 +9,10 @@ namespace kvslim {
 
 namespace {
 
-class StreamingPolicy final : public SelectPolicy {
+class StreamingPolicy final : public WindowPolicy {
  public:
   explicit StreamingPolicy(const SelectConfig& config) : sink_(config.sink), window_(config.window) {}
 
-  Status beforeAttend(SelectContext& context, int32_t layer, int64_t n) override {
-    return trimWindows(context, *this, layer, n);
-  }
-
-  Status afterAppend(SelectContext& context, int32_t layer, const float*, int64_t, bool) override {
-    return trimWindows(context, *this, layer, 0);
-  }
-
-  bool windowed() const override { return true; }
   bool windowOf(int32_t, int32_t, int64_t* sink, int64_t* window) const override {
     *sink = sink_;
     *window = window_;
