@@ -76,6 +76,7 @@
         "native/cpu/attention_kivi.cc",
         "native/cpu/attention_scores.cc",
         "native/cpu/attention_mass.cc",
+        "native/cpu/block_scores.cc",
         "native/cpu/page_bounds.cc",
         "native/cpu/attention_prefill.cc",
         "native/cpu/cpu_backend.cc",

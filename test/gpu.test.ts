@@ -312,6 +312,52 @@ describe.runIf(onGpu)('CUDA: loading policies load what the CPU loads', () => {
   }
 });
 
+// ActQKV's block representatives live in device memory on a GPU cache; blockScores and topBlocks
+// (native/cuda/block_scores.cu) score them with the CPU's fixed-order double dot, so both devices
+// load the same blocks (only the entropies' exp and log may differ in the last bit). A fork made
+// mid-decode copies a shared representative buffer on the device before it writes.
+describe.runIf(onGpu)('CUDA: actqkv scores its blocks on the GPU and loads what the CPU loads', () => {
+  const cases = [
+    { name: 'GQA 8/2, d64, 2 layers', heads: { qHeads: 8, kvHeads: 2, headDim: 64 }, layers: 2, prompt: 600, steps: 40 },
+    { name: 'GQA 12/4, d100 (a tail of 4), 3 layers', heads: { qHeads: 12, kvHeads: 4, headDim: 100 }, layers: 3, prompt: 300, steps: 40 },
+  ];
+  for (const [index, c] of cases.entries()) {
+    it(c.name, () => {
+      const random = new Random(66_000 + index);
+      const select = { kind: 'actqkv', sink: 8, window: 32, blockSize: 4, blocks: 6, reprTopK: 2, queryWindow: 16 } as const;
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({ layers: c.layers, ...c.heads, device, pageTokens: 16, policy: { select, store: { kind: 'f16' } } });
+        open.push(cache);
+        return cache;
+      };
+      let gpu = make('cuda'), cpu = make('cpu');
+      for (let layer = 0; layer < c.layers; layer++) {
+        const prompt = randomTokens(random, c.heads, c.prompt);
+        const a = gpu.prefill(layer, prompt.q, prompt.k, prompt.v), b = cpu.prefill(layer, prompt.q, prompt.k, prompt.v);
+        expect(relativeL2(a, b), `prefill layer ${layer}`).toBeLessThanOrEqual(TOLERANCE);
+      }
+      for (let t = 0; t < c.steps; t++) {
+        if (t === c.steps / 2) {
+          // Continue on forks: their first steps copy the shared representatives.
+          gpu = gpu.fork();
+          cpu = cpu.fork();
+          open.push(gpu, cpu);
+        }
+        for (let layer = 0; layer < c.layers; layer++) {
+          const token = randomTokens(random, c.heads, 1);
+          const out = gpu.step(layer, token.q, token.k, token.v);
+          expect(relativeL2(out, cpu.step(layer, token.q, token.k, token.v)), `step ${t} layer ${layer}`).toBeLessThanOrEqual(TOLERANCE);
+          for (let kvHead = 0; kvHead < c.heads.kvHeads; kvHead++) {
+            expect(Array.from(gpu.loadedPositions(layer, kvHead)), `step ${t} layer ${layer} head ${kvHead}`)
+              .toEqual(Array.from(cpu.loadedPositions(layer, kvHead)));
+          }
+        }
+      }
+      expect(gpu.stats().bytes.index).toBe(cpu.stats().bytes.index);
+    });
+  }
+});
+
 // Quest's boxes and bounds on the GPU (native/cuda/page_bounds.cu) against the CPU's
 // (native/cpu/page_bounds.cc). The boxes are min / max of the same stored keys (the same bits);
 // the bounds sum the channels in another order, so the loaded pages may differ only where float64

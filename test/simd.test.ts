@@ -15,6 +15,7 @@ import { referenceAttention } from './reference/attention.js';
 import { type Dtype, encodeHalf, roundTo } from './reference/half.js';
 import { type KiviConfig, KiviMirror } from './reference/kivi.js';
 import { type ReferenceSelectSpec, SelectMirror } from './reference/select.js';
+import { type ActQKVOptions, ActQKVReference } from './reference/actqkv.js';
 
 // Between levels: only the summation order and exp2 (libm vs polynomial) differ. Observed:
 // 1.5e-7 .. 1.5e-6 (the largest for f32 decode at scale 0.5: large scores, where f32 rounding of
@@ -26,7 +27,7 @@ const REFERENCE_TOLERANCE = 2e-5;
 const child = join(repositoryRoot, 'test/fixtures/simd-child.mjs');
 
 interface Case {
-  kind: 'attention' | 'cache' | 'kivi' | 'vectors';
+  kind: 'attention' | 'cache' | 'kivi' | 'vectors' | 'actqkv';
   label: string;
   dtype: Dtype;
   n: number;
@@ -41,6 +42,7 @@ interface Case {
   prompt?: number;
   kivi?: KiviConfig;
   select?: ReferenceSelectSpec;
+  actqkv?: ActQKVOptions;
 }
 
 const cases: Case[] = [
@@ -60,6 +62,9 @@ const cases: Case[] = [
   { kind: 'kivi', label: 'KIVI-2 + 2% outliers, d=64', dtype: 'f32', n: 2, T: 500, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64, outliers: 0.02 } },
   // A streaming window over KIVI: the hole's aligned inside is skipped, its edges masked.
   { kind: 'kivi', label: 'KIVI-2 streaming hole (sink 5, window 70), d=64', dtype: 'f32', n: 2, T: 900, qHeads: 8, kvHeads: 2, headDim: 64, kivi: { bits: 2, group: 32, residual: 64 }, select: { kind: 'streaming', sink: 5, window: 70 } },
+  // ActQKV: the block scores are one fixed-order double sum (core/block_scores_args.h), so every level
+  // loads exactly the reference's positions (d=100: twelve 8-wide chunks and a tail of 4).
+  { kind: 'actqkv', label: 'actqkv: prefill 400 + 40 steps, GQA 8/2, d=100', dtype: 'f32', n: 440, T: 440, qHeads: 8, kvHeads: 2, headDim: 100, prompt: 400, actqkv: { sink: 8, window: 32, blockSize: 8, blocks: 6, reprTopK: 2, queryWindow: 16, questionWeight: 4, temperature: 0.05 } },
   // Index kernels: k as [T, headDim] keys, q as 3 query rows (qHeads = kvHeads = 1, n = 3).
   { kind: 'vectors', label: 'page bounds + flat top-20, d=100, 3 rows', dtype: 'f32', n: 3, T: 500, qHeads: 1, kvHeads: 1, headDim: 100 },
 ];
@@ -94,6 +99,28 @@ function vectorReference(q: Float32Array, k: Float32Array, rows: number, dim: nu
   return Float64Array.from([...bounds, ...scores.slice(0, 20)]);
 }
 
+// The positions ActQKVReference loads per kv head after each step of the actqkv case (f32 store).
+function actqkvReference(testCase: Case, q: Float32Array, k: Float32Array): Float64Array {
+  const { qHeads, kvHeads, headDim } = testCase;
+  const options = testCase.actqkv!;
+  const reference = new ActQKVReference({ layers: 1, qHeads, kvHeads, headDim }, options);
+  const qRow = qHeads * headDim, kvRow = kvHeads * headDim, p = testCase.prompt ?? 0;
+  reference.appendKeys(0, k.subarray(0, p * kvRow));
+  reference.addQueries(0, q.subarray(0, p * qRow));
+  reference.catchUp(0);
+  const positions: number[] = [];
+  for (let t = p; t < testCase.T; t++) {
+    reference.appendKeys(0, k.subarray(t * kvRow, (t + 1) * kvRow));
+    const choice = reference.decode(0, q.subarray(t * qRow, (t + 1) * qRow));
+    const tokens = t + 1;
+    for (let h = 0; h < kvHeads; h++) {
+      if (choice === null) positions.push(...Array.from({ length: tokens }, (_, i) => i));
+      else positions.push(...Array.from({ length: options.sink }, (_, i) => i), ...choice.tokens[h], ...Array.from({ length: options.window }, (_, i) => tokens - options.window + i));
+    }
+  }
+  return Float64Array.from(positions);
+}
+
 interface Prepared {
   json: Record<string, unknown>;
   expected: Float64Array;
@@ -113,6 +140,7 @@ function prepare(testCase: Case, seed: number): Prepared {
   if (testCase.kind === 'vectors') {
     return { json: { ...testCase, q: base64(q), k: base64(k), v: base64(v) }, expected: vectorReference(q, k, testCase.n, testCase.headDim) };
   }
+  if (testCase.kind === 'actqkv') return { json: { ...testCase, q: base64(q), k: base64(k), v: base64(v) }, expected: actqkvReference(testCase, q, k) };
   if (testCase.kivi !== undefined) {
     const mirror = new KiviMirror(testCase, testCase.kivi);
     mirror.append(roundTo(k, dtype), roundTo(v, dtype));

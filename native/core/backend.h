@@ -7,6 +7,7 @@
 #include <string>
 
 #include "attention_args.h"
+#include "block_scores_args.h"
 #include "kivi_format.h"
 #include "status.h"
 
@@ -45,6 +46,12 @@ class Backend {
   // Quest's page upper bounds of one kv head's query rows against its boxes; only the [pages]
   // bounds reach args.out (host memory).
   virtual Status pageBounds(const PageBoundsArgs& args) = 0;
+
+  // ActQKV's block scores of one layer (block_scores_args.h): scores every block of every kv head
+  // into args.scores (backend memory) and returns each head's normalised entropy (host memory).
+  virtual Status blockScores(const BlockScoresArgs& args) = 0;
+  // Each head's k best blocks from blockScores' output, ascending (host memory).
+  virtual Status topBlocks(const TopBlocksArgs& args) = 0;
 
   // Host-side work of the policies (index searches per kv head) on the host threads this backend
   // computes with: task(i) for i in [0, tasks), at most `threads` at once (0 = all). A task may

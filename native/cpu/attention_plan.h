@@ -6,6 +6,7 @@
 #include <vector>
 
 #include "../core/attention_args.h"
+#include "../core/block_scores_args.h"
 #include "../core/kivi_format.h"
 #include "kernel_table.h"
 
@@ -100,5 +101,8 @@ void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of
 Status pageBoxes(const PageBoxesArgs& args);
 Status pageBounds(const PageBoundsArgs& args);
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
+// ActQKV (block_scores.cc), for checked args: block scores and entropies; each head's top blocks.
+Status blockScores(const BlockScoresArgs& args);
+Status topBlocks(const TopBlocksArgs& args);
 
 }  // namespace kvslim::cpu

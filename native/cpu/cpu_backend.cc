@@ -68,6 +68,16 @@ class CpuBackend final : public Backend {
     return cpu::pageBounds(args);
   }
 
+  Status blockScores(const BlockScoresArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkBlockScoresArgs(args));
+    return cpu::blockScores(args);
+  }
+
+  Status topBlocks(const TopBlocksArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopBlocksArgs(args));
+    return cpu::topBlocks(args);
+  }
+
   void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) override {
     cpu::globalPool().parallelFor(tasks, threads, [&task](int64_t index, int32_t) { task(index); });
   }

@@ -108,14 +108,31 @@ void maxDotGather(const float* queries, int32_t rows, int32_t dim, const K* base
 
 // out[i] = sum_t u[t] * rows[i * dim + t] in double (ActQKV's block scores), eight independent
 // partial sums per row so the compiler can keep them in one vector register of this instruction set.
+// The order is the contract of core/block_scores_args.h: element t fused into partial t % 8, then a
+// fixed tree. Explicit fma (not a contraction left to the compiler) gives every SIMD level and the
+// CUDA kernel the same bits.
 inline void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) {
   for (int64_t i = 0; i < count; ++i) {
     const float* row = rows + size_t(i) * size_t(dim);
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int32_t t = 0;
+#if defined(__AVX512F__)
+    __m512d acc = _mm512_setzero_pd();
+    for (; t + 8 <= dim; t += 8) acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(row + t)), _mm512_loadu_pd(u + t), acc);
+    _mm512_storeu_pd(part, acc);
+#elif defined(__AVX2__) && defined(__FMA__)
+    __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
+    for (; t + 8 <= dim; t += 8) {
+      low = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(row + t)), _mm256_loadu_pd(u + t), low);
+      high = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(row + t + 4)), _mm256_loadu_pd(u + t + 4), high);
+    }
+    _mm256_storeu_pd(part, low);
+    _mm256_storeu_pd(part + 4, high);
+#else
     for (; t + 8 <= dim; t += 8)
-      for (int32_t k = 0; k < 8; ++k) part[k] += double(row[t + k]) * u[t + k];
-    for (; t < dim; ++t) part[t % 8] += double(row[t]) * u[t];
+      for (int32_t k = 0; k < 8; ++k) part[k] = __builtin_fma(double(row[t + k]), u[t + k], part[k]);
+#endif
+    for (; t < dim; ++t) part[t % 8] = __builtin_fma(double(row[t]), u[t], part[t % 8]);
     out[i] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
   }
 }

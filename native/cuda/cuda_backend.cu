@@ -5,7 +5,8 @@
 // kernel, the attention mass kernels or the KIVI kernel, merge key splits, and copy the output
 // (and the log-sum-exp rows when asked) back before they return. pageBoxes() and pageBounds()
 // (Quest, page_bounds.cu) do the same with a page table or query rows, and keep the boxes in
-// device memory the quest policy allocated.
+// device memory the quest policy allocated; blockScores() and topBlocks() (ActQKV,
+// block_scores.cu) score the representatives the actqkv policy keeps in device memory.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -19,6 +20,7 @@
 #include "../core/backend.h"
 #include "../core/cuda_info.h"
 #include "attention_kernels.cuh"
+#include "block_scores.cuh"
 #include "kivi_kernels.cuh"
 
 namespace kvslim {
@@ -582,6 +584,63 @@ class CudaBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, out, outBytes, cudaMemcpyDeviceToHost, stream_),
                                       "page bounds (kernel or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (page bounds)");
+  }
+
+  Status blockScores(const BlockScoresArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkBlockScoresArgs(args));
+    if (args.headDim > 1024) {
+      return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+    }
+    // One upload: the head spans, u, the newest representatives; the entropies come back.
+    const size_t heads = size_t(args.kvHeads), dim = size_t(args.headDim);
+    const size_t uOffset = alignUp(heads * sizeof(cuda::BlockHeadSpan));
+    const size_t newestOffset = uOffset + alignUp(heads * dim * sizeof(double));
+    const size_t uploadBytes = newestOffset + heads * dim * sizeof(float);
+    const size_t entropyOffset = alignUp(uploadBytes);
+    const size_t totalBytes = entropyOffset + heads * sizeof(double);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(uploadBytes));
+    unsigned char* staging = staging_.data();
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      const BlockHeadView& view = args.heads[h];
+      const cuda::BlockHeadSpan span{view.reprs, view.norms, view.newestNorm};
+      std::memcpy(staging + size_t(h) * sizeof(cuda::BlockHeadSpan), &span, sizeof(span));
+      std::memcpy(staging + newestOffset + size_t(h) * dim * sizeof(float), view.newest, dim * sizeof(float));
+    }
+    std::memcpy(staging + uOffset, args.u, heads * dim * sizeof(double));
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(totalBytes));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging, uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (block scores inputs)"));
+    cuda::BlockScoresKernelArgs kernel;
+    kernel.heads = reinterpret_cast<const cuda::BlockHeadSpan*>(device);
+    kernel.u = reinterpret_cast<const double*>(device + uOffset);
+    kernel.newest = reinterpret_cast<const float*>(device + newestOffset);
+    kernel.scores = args.scores;
+    kernel.entropies = reinterpret_cast<double*>(device + entropyOffset);
+    kernel.blocks = args.blocks;
+    kernel.kvHeads = args.kvHeads;
+    kernel.headDim = args.headDim;
+    kernel.temperature = args.temperature;
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchBlockScores(kernel, stream_), "block scores launch"));
+    // The scores stay on the device; a fault inside a kernel surfaces at this copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.entropies, kernel.entropies, heads * sizeof(double), cudaMemcpyDeviceToHost, stream_),
+                                      "block scores (kernels or entropy copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (block scores)");
+  }
+
+  Status topBlocks(const TopBlocksArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopBlocksArgs(args));
+    const size_t outBytes = size_t(args.kvHeads) * size_t(args.k) * sizeof(long long);
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outBytes));
+    long long* out = static_cast<long long*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(args, out, stream_), "top blocks launch"));
+    static_assert(sizeof(long long) == sizeof(int64_t), "block indices are 64-bit on both sides");
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, out, outBytes, cudaMemcpyDeviceToHost, stream_),
+                                      "top blocks (kernel or output copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (top blocks)");
   }
 
   Status kiviAttention(const KiviAttentionArgs& args) override {

@@ -20,8 +20,16 @@
 //   highest against the probe when they were indexed (sum over the group's probes of p.k), a
 //   stand-in for the accumulated local-window attention we do not compute.
 // - Policy arithmetic is double precision: the choices sit on top-k boundaries, where f32
-//   rounding would flip near ties. The block scores, O(N_b * headDim) per kv head and call, use
-//   the host SIMD double dot (hostVectorOps().dotsF64); the rest are plain loops.
+//   rounding would flip near ties.
+// - Where things run: the query statistics, the probe, the candidates of the filling block and
+//   the representatives' construction are host work, O(qHeads * headDim) per decode call. The
+//   representatives themselves live in backend memory (one growable buffer per layer and kv head,
+//   shared copy-on-write with forks, as Quest's boxes), and the per-call work that grows with the
+//   context, scoring O(N_b * headDim) per kv head, the entropies and the top blocks, runs as the
+//   backend's blockScores and topBlocks ops (block_scores_args.h): a GPU cache sends u and the
+//   newest block's representative up and gets kvHeads entropies and k block indices per head back.
+//   A block's representative is uploaded once its block is final; the newest one travels with
+//   each scoring call.
 // - Per decode call the probe costs O(qHeads * headDim), not O(c * qHeads * headDim): each ring
 //   slot keeps its bias b_i, and the layer keeps sum_i b_i x_i and sum_i b_i, updated as a query
 //   enters and the oldest leaves; both are rebuilt from the ring whenever the statistics change
@@ -36,6 +44,7 @@
 #include <memory>
 #include <numeric>
 
+#include "../backend.h"
 #include "../vector_ops.h"
 #include "loading_policy.h"
 
@@ -46,10 +55,56 @@ namespace {
 constexpr int64_t kWarmupWindows = 4;  // deviation from the code's 1000 (see above)
 constexpr double kCountCap = 1000;     // n, the windows the running statistics weigh, is capped
 constexpr size_t kHistory = 100;       // entropy samples kept per layer
+constexpr int64_t kBlockGranule = 64;  // representatives are allocated in steps of this many blocks
+
+// One kv head's final representatives in backend memory: reprs [capacity, headDim] floats, then
+// norms [capacity] doubles. The backend outlives it (kv_cache.h declares backend_ before policy_).
+class ReprBuffer {
+ public:
+  ReprBuffer(Backend& backend, int32_t dim) : memory_(backend), dim_(dim) {}
+  Status allocate(int64_t capacity) {
+    KVSLIM_RETURN_IF_ERROR(memory_.allocate(normsOffset(capacity) + size_t(capacity) * sizeof(double), "ActQKV block representatives"));
+    capacity_ = capacity;
+    return Status::ok();
+  }
+  float* reprs() const { return static_cast<float*>(memory_.data()); }
+  double* norms() const { return reinterpret_cast<double*>(static_cast<char*>(memory_.data()) + normsOffset(capacity_)); }
+  int64_t capacity() const { return capacity_; }
+
+ private:
+  size_t normsOffset(int64_t capacity) const { return (size_t(capacity) * size_t(dim_) * sizeof(float) + 7) / 8 * 8; }
+  BackendBuffer memory_;
+  int32_t dim_;
+  int64_t capacity_ = 0;
+};
+
+// The per-call block scores in backend memory, [kvHeads, blocks] doubles; each policy object has
+// its own (a copy starts without one: forks may run at the same time).
+class ScoreScratch {
+ public:
+  ScoreScratch() = default;
+  ScoreScratch(const ScoreScratch&) {}
+  ScoreScratch& operator=(const ScoreScratch&) { return *this; }
+  Status reserve(Backend& backend, size_t count, double** out) {
+    if (!buffer_ || capacity_ < count) {
+      const size_t grown = std::max(count, capacity_ + capacity_ / 2);
+      buffer_ = std::make_unique<BackendBuffer>(backend);
+      capacity_ = 0;
+      KVSLIM_RETURN_IF_ERROR(buffer_->allocate(grown * sizeof(double), "ActQKV block scores"));
+      capacity_ = grown;
+    }
+    *out = static_cast<double*>(buffer_->data());
+    return Status::ok();
+  }
+
+ private:
+  std::unique_ptr<BackendBuffer> buffer_;
+  size_t capacity_ = 0;
+};
 
 class ActQKVPolicy final : public LoadingPolicy {
  public:
-  ActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads)
+  ActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim)
       : LoadingPolicy(config.sink, config.window, layers, kvHeads),
         layers_(layers),
         blockSize_(config.blockSize),
@@ -62,7 +117,8 @@ class ActQKVPolicy final : public LoadingPolicy {
         lower_((config.blocks * 32 + 45) / 46),
         queries_(size_t(layers)),
         heads_(size_t(layers) * size_t(kvHeads)),
-        history_(size_t(layers)) {}
+        history_(size_t(layers)),
+        dim_(headDim) {}
 
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<ActQKVPolicy>(*this); }
 
@@ -71,7 +127,8 @@ class ActQKVPolicy final : public LoadingPolicy {
     for (const std::shared_ptr<HeadBlocks>& shared : heads_) {
       if (!shared) continue;
       const HeadBlocks& head = *shared;
-      bytes += (head.reprs.size() + head.candKeys.size()) * sizeof(float) + head.norms.size() * sizeof(double) +
+      // Every started block has a representative (the newest on the host until it is final).
+      bytes += size_t(head.blocks) * (size_t(dim_) * sizeof(float) + sizeof(double)) + head.candKeys.size() * sizeof(float) +
                head.candScores.size() * (sizeof(double) + sizeof(int64_t));
     }
     for (const LayerQueries& layer : queries_) {
@@ -85,7 +142,8 @@ class ActQKVPolicy final : public LoadingPolicy {
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) override {
     if (prefill && q != nullptr) push(context, layer, q, n);
     probeOf(context, layer);  // index() reads it from the heads' parallel tasks
-    return catchUp(context, layer, nullptr, 0);
+    KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
+    return store(context, layer);
   }
 
   Status planLoad(SelectContext& context, int32_t layer, const float* q, int64_t n, LoadPlan* plan) override {
@@ -95,6 +153,7 @@ class ActQKVPolicy final : public LoadingPolicy {
     push(context, layer, q, n);
     const std::vector<double>& probe = probeOf(context, layer);
     KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
+    KVSLIM_RETURN_IF_ERROR(store(context, layer));
     plan->sink = sink_;
     plan->window = window_;
     plan->tokens.assign(size_t(kvHeads_), {});
@@ -102,16 +161,37 @@ class ActQKVPolicy final : public LoadingPolicy {
     const int64_t end = dynamicEnd(context, layer);
     const int64_t blocks = (end - sink_ + blockSize_ - 1) / blockSize_;
 
-    // Block scores per kv head (in parallel) and the layer's normalised entropy (mean over kv
-    // heads, summed in head order).
-    std::vector<std::vector<double>> scores(static_cast<size_t>(kvHeads_));
+    // Block scores and entropies of every kv head on the backend, then the layer's normalised
+    // entropy (mean over kv heads, summed in head order).
+    const size_t dim = size_t(context.headDim);
+    std::vector<double> u(size_t(kvHeads_) * dim, 0.0);
+    std::vector<BlockHeadView> views(static_cast<size_t>(kvHeads_));
+    const float* lastQuery = q + size_t(n - 1) * size_t(context.qHeads) * dim;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const HeadBlocks* head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)].get();
+      if (head == nullptr || head->blocks != blocks || head->stored != blocks - 1) {
+        return Status(ErrorCode::Internal, "actqkv: kv head " + std::to_string(h) + " has not indexed the " + std::to_string(blocks) + " blocks it scores");
+      }
+      scoreVector(context, h, probe, lastQuery, u.data() + size_t(h) * dim);
+      BlockHeadView& view = views[size_t(h)];
+      view.reprs = head->buffer ? head->buffer->reprs() : nullptr;
+      view.norms = head->buffer ? head->buffer->norms() : nullptr;
+      view.stored = head->stored;
+      view.newest = head->last.data();  // the newest block's representative is still on the host
+      view.newestNorm = head->lastNorm;
+    }
+    BlockScoresArgs args;
+    args.kvHeads = kvHeads_;
+    args.headDim = context.headDim;
+    args.blocks = blocks;
+    args.heads = views.data();
+    args.u = u.data();
+    args.temperature = temperature_;
     std::vector<double> entropies(static_cast<size_t>(kvHeads_), 0.0);
-    const float* lastQuery = q + size_t(n - 1) * size_t(context.qHeads) * size_t(context.headDim);
-    KVSLIM_RETURN_IF_ERROR(forEachHead(context, [&](int32_t h) {
-      scoreBlocks(context, layer, h, probe, lastQuery, blocks, &scores[size_t(h)]);
-      entropies[size_t(h)] = normalisedEntropy(scores[size_t(h)]);
-      return Status::ok();
-    }));
+    args.entropies = entropies.data();
+    args.threads = context.threads;
+    KVSLIM_RETURN_IF_ERROR(scores_.reserve(context.backend, size_t(kvHeads_) * size_t(blocks), &args.scores));
+    KVSLIM_RETURN_IF_ERROR(context.backend.blockScores(args));
     double entropy = 0;
     for (const double e : entropies) entropy += e;
     std::vector<double>& samples = history_[size_t(layer)];
@@ -120,18 +200,19 @@ class ActQKVPolicy final : public LoadingPolicy {
 
     const int64_t k = allocate(layer, blocks);
     remaining_ -= k;
+    std::vector<int64_t> chosen(size_t(kvHeads_) * size_t(k));
+    TopBlocksArgs top;
+    top.kvHeads = kvHeads_;
+    top.blocks = blocks;
+    top.scores = args.scores;
+    top.k = k;
+    top.out = chosen.data();
+    top.threads = context.threads;
+    KVSLIM_RETURN_IF_ERROR(context.backend.topBlocks(top));
     for (int32_t h = 0; h < kvHeads_; ++h) {
-      const std::vector<double>& s = scores[size_t(h)];
-      std::vector<int64_t> order(static_cast<size_t>(blocks));
-      std::iota(order.begin(), order.end(), 0);
-      // Best first, ties to the earlier block.
-      std::partial_sort(order.begin(), order.begin() + k, order.end(),
-                        [&](int64_t a, int64_t b) { return s[size_t(a)] > s[size_t(b)] || (s[size_t(a)] == s[size_t(b)] && a < b); });
-      order.resize(size_t(k));
-      std::sort(order.begin(), order.end());
       std::vector<int64_t>& tokens = plan->tokens[size_t(h)];
-      for (const int64_t block : order) {
-        const int64_t begin = sink_ + block * blockSize_;
+      for (int64_t i = 0; i < k; ++i) {
+        const int64_t begin = sink_ + chosen[size_t(h) * size_t(k) + size_t(i)] * blockSize_;
         for (int64_t t = begin; t < std::min(begin + blockSize_, end); ++t) tokens.push_back(t);
       }
     }
@@ -162,12 +243,17 @@ class ActQKVPolicy final : public LoadingPolicy {
     bool changed = false;  // the last block's best keys changed since its representative was made
     for (int64_t i = 0; i < count; ++i) {
       const int64_t position = first + i;
-      const size_t block = size_t((position - sink_) / blockSize_);
-      if (block == head.norms.size()) {  // this key starts a block
+      const int64_t block = (position - sink_) / blockSize_;
+      if (block == head.blocks) {  // this key starts a block: the newest one's representative is final
         if (changed) represent(&head, dim);
         changed = false;
-        head.reprs.resize(head.reprs.size() + dim, 0.0f);
-        head.norms.push_back(0.0);
+        if (head.blocks > 0) {
+          head.staged.insert(head.staged.end(), head.last.begin(), head.last.end());
+          head.stagedNorms.push_back(head.lastNorm);
+        }
+        ++head.blocks;
+        head.last.assign(dim, 0.0f);
+        head.lastNorm = 0;
         head.candKeys.clear();
         head.candScores.clear();
         head.candPositions.clear();
@@ -223,9 +309,17 @@ class ActQKVPolicy final : public LoadingPolicy {
     bool probeValid = false;
   };
   struct HeadBlocks {
-    std::vector<float> reprs;   // [blocks, headDim]; the last block may be partial
-    std::vector<double> norms;  // [blocks]: |repr|
-    // The last block's best keys so far: keys [<= reprTopK, headDim], their scores and positions.
+    int64_t blocks = 0;  // blocks started; the newest may still fill
+    // Representatives of blocks [0, stored) are in buffer (backend memory, shared with forks until
+    // one of them writes); final ones of blocks [stored, blocks - 1) wait in staged for store().
+    std::shared_ptr<ReprBuffer> buffer;
+    int64_t stored = 0;
+    std::vector<float> staged;        // [blocks - 1 - stored, headDim]
+    std::vector<double> stagedNorms;  // [blocks - 1 - stored]
+    // The newest block's representative and |representative|, host memory.
+    std::vector<float> last;
+    double lastNorm = 0;
+    // The newest block's best keys so far: keys [<= reprTopK, headDim], their scores and positions.
     std::vector<float> candKeys;
     std::vector<double> candScores;
     std::vector<int64_t> candPositions;
@@ -358,14 +452,54 @@ class ActQKVPolicy final : public LoadingPolicy {
     return lq.probe;
   }
 
-  // The representative of the last block: the mean of its best keys (summed in position order,
+  // Moves one layer's staged representatives into backend memory (one upload per kv head),
+  // copying a buffer shared with a fork first (a buffer is only written by a policy that alone
+  // holds it). Runs on the calling thread after the heads' parallel index() tasks (which make no
+  // backend calls).
+  Status store(SelectContext& context, int32_t layer) {
+    const size_t dim = size_t(context.headDim);
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      HeadBlocks* head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)].get();
+      // index() gave a head with staged blocks a HeadBlocks of its own.
+      if (head == nullptr || head->stagedNorms.empty()) continue;
+      const bool bufferShared = head->buffer && head->buffer.use_count() > 1;
+      const int64_t capacity = head->buffer ? head->buffer->capacity() : 0;
+      const int64_t needed = head->stored + int64_t(head->stagedNorms.size());
+      if (needed > capacity || bufferShared) {
+        int64_t grown = needed > capacity ? std::max(needed, capacity + capacity / 2) : capacity;
+        grown = (grown + kBlockGranule - 1) / kBlockGranule * kBlockGranule;
+        std::shared_ptr<ReprBuffer> buffer;
+        try {
+          buffer = std::make_shared<ReprBuffer>(context.backend, context.headDim);
+        } catch (const std::bad_alloc&) {
+          return Status(ErrorCode::OutOfMemory, "out of host memory for ActQKV block representatives");
+        }
+        KVSLIM_RETURN_IF_ERROR(buffer->allocate(grown));
+        if (head->stored > 0) {
+          KVSLIM_RETURN_IF_ERROR(context.backend.copy(buffer->reprs(), head->buffer->reprs(), size_t(head->stored) * dim * sizeof(float)));
+          KVSLIM_RETURN_IF_ERROR(context.backend.copy(buffer->norms(), head->buffer->norms(), size_t(head->stored) * sizeof(double)));
+        }
+        head->buffer = std::move(buffer);
+      }
+      KVSLIM_RETURN_IF_ERROR(context.backend.upload(head->buffer->reprs() + size_t(head->stored) * dim, head->staged.data(),
+                                                    head->staged.size() * sizeof(float)));
+      KVSLIM_RETURN_IF_ERROR(context.backend.upload(head->buffer->norms() + head->stored, head->stagedNorms.data(),
+                                                    head->stagedNorms.size() * sizeof(double)));
+      head->stored = needed;
+      head->staged.clear();
+      head->stagedNorms.clear();
+    }
+    return Status::ok();
+  }
+
+  // The representative of the newest block: the mean of its best keys (summed in position order,
   // stored as f32), and its norm.
   static void represent(HeadBlocks* head, size_t dim) {
     std::vector<size_t> byPosition(head->candScores.size());
     std::iota(byPosition.begin(), byPosition.end(), 0);
     std::sort(byPosition.begin(), byPosition.end(),
               [&](size_t a, size_t b) { return head->candPositions[a] < head->candPositions[b]; });
-    float* repr = head->reprs.data() + (head->norms.size() - 1) * dim;
+    float* repr = head->last.data();
     std::vector<double> wide(dim);
     for (size_t t = 0; t < dim; ++t) {
       double total = 0;
@@ -375,19 +509,15 @@ class ActQKVPolicy final : public LoadingPolicy {
     }
     double squared = 0;
     hostVectorOps().dotsF64(wide.data(), int32_t(dim), repr, 1, &squared);
-    head->norms.back() = std::sqrt(squared);
+    head->lastNorm = std::sqrt(squared);
   }
 
   // s_b = sum over the group's q-heads g of cos(r_b, p_g) + lambda cos(r_b, q_g)
-  //     = (r_b . u) / |r_b| with u = sum_g p_g / |p_g| + lambda q_g / |q_g| (a zero vector adds 0).
-  void scoreBlocks(const SelectContext& context, int32_t layer, int32_t h, const std::vector<double>& probe, const float* lastQuery,
-                   int64_t blocks, std::vector<double>* scores) const {
-    static const HeadBlocks kEmpty;
-    const std::shared_ptr<HeadBlocks>& slot = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-    const HeadBlocks& head = slot ? *slot : kEmpty;
+  //     = (r_b . u) / |r_b| with u = sum_g p_g / |p_g| + lambda q_g / |q_g| (a zero vector adds 0):
+  // this writes u ([headDim]) of kv head h; the backend scores the blocks with it.
+  void scoreVector(const SelectContext& context, int32_t h, const std::vector<double>& probe, const float* lastQuery, double* u) const {
     const size_t dim = size_t(context.headDim);
     const int32_t group = context.qHeads / context.kvHeads;
-    std::vector<double> u(dim, 0.0);
     auto addUnit = [&](auto* v, double weight) {
       double norm = 0;
       for (size_t t = 0; t < dim; ++t) norm += double(v[t]) * double(v[t]);
@@ -400,30 +530,6 @@ class ActQKVPolicy final : public LoadingPolicy {
       addUnit(probe.data() + qHead * dim, 1.0);
       addUnit(lastQuery + qHead * dim, questionWeight_);
     }
-    scores->assign(size_t(blocks), 0.0);
-    hostVectorOps().dotsF64(u.data(), int32_t(dim), head.reprs.data(), blocks, scores->data());
-    for (int64_t b = 0; b < blocks; ++b) {
-      const double norm = head.norms[size_t(b)];
-      (*scores)[size_t(b)] = norm > 0 ? (*scores)[size_t(b)] / norm : 0.0;
-    }
-  }
-
-  // Entropy of softmax(s / temperature) over ln(N_b); 1 for a single block.
-  double normalisedEntropy(const std::vector<double>& s) const {
-    if (s.size() <= 1) return 1.0;
-    const double max = *std::max_element(s.begin(), s.end());
-    std::vector<double> e(s.size(), 0.0);
-    double z = 0;
-    for (size_t b = 0; b < s.size(); ++b) {
-      e[b] = std::exp((s[b] - max) / temperature_);
-      z += e[b];
-    }
-    double entropy = 0;
-    for (size_t b = 0; b < s.size(); ++b) {
-      const double p = e[b] / z;
-      if (p > 0) entropy -= p * std::log(p);
-    }
-    return entropy / std::log(double(s.size()));
   }
 
   // k_l from the step's remaining budget R_l: uniform R_l / (L - l) until every layer holds
@@ -462,12 +568,14 @@ class ActQKVPolicy final : public LoadingPolicy {
   std::vector<std::vector<double>> history_;  // [layers]: the last kHistory layer entropies
   int32_t lastLayer_ = INT32_MAX;             // layer of the previous planLoad (a new step when not above it)
   int64_t remaining_ = 0;                     // R_l: blocks left in this step
+  int32_t dim_;
+  ScoreScratch scores_;
 };
 
 }  // namespace
 
-std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads) {
-  return std::make_unique<ActQKVPolicy>(config, layers, kvHeads);
+std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim) {
+  return std::make_unique<ActQKVPolicy>(config, layers, kvHeads, headDim);
 }
 
 }  // namespace kvslim

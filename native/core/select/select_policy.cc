@@ -113,7 +113,7 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
         if (!(config.temperature > 0) || !std::isfinite(config.temperature)) {
           return optionError("temperature must be a finite number > 0");
         }
-        *out = makeActQKVPolicy(config, layers, kvHeads);
+        *out = makeActQKVPolicy(config, layers, kvHeads, headDim);
       }
       return Status::ok();
   }

@@ -132,7 +132,7 @@ std::unique_ptr<SelectPolicy> makeH2OPolicy(const SelectConfig& config, int32_t 
 std::unique_ptr<SelectPolicy> makeDuoPolicy(const SelectConfig& config, int32_t kvHeads);
 std::unique_ptr<SelectPolicy> makeQuestPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim);
 std::unique_ptr<SelectPolicy> makeRetrievalPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
-std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads);
+std::unique_ptr<SelectPolicy> makeActQKVPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads, int32_t headDim);
 
 // The query rows of one kv head's group, ordered (position i, member g): [n * group, headDim].
 std::vector<float> groupRows(const float* q, int64_t n, int32_t qHeads, int32_t kvHeads, int32_t head, int32_t headDim);
