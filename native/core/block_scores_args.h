@@ -7,7 +7,9 @@
 // the fixed-order sum every backend computes with the same bits: eight partial sums, element t
 // going to partial t % 8 as part = fma(r_t, u_t, part) in order of t, then
 // ((p0 + p1) + (p2 + p3)) + ((p4 + p5) + (p6 + p7)); the division is IEEE. So CPU and CUDA rank the
-// blocks identically; only the entropy's exp and log (libm vs CUDA) may differ in the last bit.
+// blocks identically. The entropies are reduced in each backend's own order with its own exp and
+// log, so they may differ in the last bits, and a block count derived from them could, rarely,
+// differ by one.
 #pragma once
 #include <cmath>
 #include <cstdint>

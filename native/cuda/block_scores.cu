@@ -3,8 +3,9 @@
 // kvHeads entropies and k block indices per head cross the bus.
 // - Scores: one thread per (kv head, block) runs the contract's dot: eight partials fused in order
 //   of t (fma, no other contraction), the fixed tree, an IEEE division; the same bits as the CPU.
-// - Entropies: one block per kv head reduces max, sum of exp, sum of p ln p in double; CUDA's exp
-//   and log may differ from libm's in the last bit.
+// - Entropies: one block per kv head reduces max, sum of exp, sum of p ln p in double: in another
+//   order than the CPU's, and with CUDA's exp and log, so they may differ from the CPU's in the last
+//   bits (the block count k that the policy derives from them could then, rarely, differ by one).
 // - Top blocks: one block per kv head finds the k-th best score by an 8-bit radix select over
 //   order-preserving 64-bit keys, then takes, in block order, every block above it and the first
 //   of those equal to it (ties to the lower block): the output comes out ascending, as the CPU's.
@@ -41,7 +42,12 @@ __global__ void __launch_bounds__(kScoreThreads) blockScoresKernel(const BlockSc
 #pragma unroll
       for (int k = 0; k < 8; ++k) part[k] = fma(static_cast<double>(__ldg(row + t + k)), u[t + k], part[k]);
     }
-    for (; t < args.headDim; ++t) part[t % 8] = fma(static_cast<double>(__ldg(row + t)), u[t], part[t % 8]);
+    // The tail: element t + k goes to partial k (t is a multiple of 8); unrolled so part[] stays
+    // in registers.
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      if (t + k < args.headDim) part[k] = fma(static_cast<double>(__ldg(row + t + k)), u[t + k], part[k]);
+    }
     // __dadd_rn: the tree exactly as written (never contracted or reassociated).
     const double dot = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
                                  __dadd_rn(__dadd_rn(part[4], part[5]), __dadd_rn(part[6], part[7])));

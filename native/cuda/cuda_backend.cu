@@ -588,8 +588,10 @@ class CudaBackend final : public Backend {
 
   Status blockScores(const BlockScoresArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkBlockScoresArgs(args));
-    if (args.headDim > 1024) {
-      return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+    if (args.headDim > 1024 || args.kvHeads > 65535 || args.blocks >= (int64_t(1) << 32)) {
+      return Status(ErrorCode::Shape, "block scores on CUDA need headDim <= 1024, kvHeads <= 65535 and blocks < 2^32, but received headDim=" +
+                                          std::to_string(args.headDim) + ", kvHeads=" + std::to_string(args.kvHeads) +
+                                          ", blocks=" + std::to_string(args.blocks));
     }
     // One upload: the head spans, u, the newest representatives; the entropies come back.
     const size_t heads = size_t(args.kvHeads), dim = size_t(args.headDim);
@@ -632,6 +634,9 @@ class CudaBackend final : public Backend {
 
   Status topBlocks(const TopBlocksArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkTopBlocksArgs(args));
+    if (args.blocks >= (int64_t(1) << 32)) {  // the radix histogram counts in 32 bits
+      return Status(ErrorCode::Shape, "top blocks on CUDA need blocks < 2^32, but received " + std::to_string(args.blocks));
+    }
     const size_t outBytes = size_t(args.kvHeads) * size_t(args.k) * sizeof(long long);
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outBytes));
