@@ -805,7 +805,7 @@ export function runKivi(context: KiviContext): KiviRecord {
   return {
     config: {
       bits: KIVI_BITS, group: KIVI_GROUP, residual: KIVI_RESIDUAL, appendChunkTokens: APPEND_CHUNK_TOKENS,
-      timing: context.plan, coldCache: `${EVICT_BYTES} bytes read between runs`, sanity: KIVI_SANITY, f16Tolerance: TOLERANCE,
+      timing: context.plan, coldCache: `${EVICT_BYTES} bytes read between runs, then the thread pool woken`, sanity: KIVI_SANITY, f16Tolerance: TOLERANCE,
       mirrorTolerance: MIRROR_TOLERANCE,
     },
     plan,

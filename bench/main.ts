@@ -390,7 +390,7 @@ async function main(): Promise<void> {
   const notes = [
     `GB = 1e9 bytes, GFLOP = 1e9 FLOPs. KV MB = T x kvHeads x headDim x 2 (K and V) x bytes per element / 1e6.`,
     `x BW = GB/s / measured read bandwidth; x peak = GFLOP/s / measured FMA peak (first probe of this run, ${limits.threads} threads).`,
-    `ms = median of the timed runs; spread = p10-p90 (min-max below 10 runs). Decode on the CPU is timed cold: a ${EVICT_BYTES / 2 ** 20} MiB read between runs evicts the KV from the caches, as the other layers do in a real decode step.`,
+    `ms = median of the timed runs; spread = p10-p90 (min-max below 10 runs). Decode on the CPU is timed cold: a ${EVICT_BYTES / 2 ** 20} MiB read between runs evicts the KV from the caches, as the other layers do in a real decode step, and a small decode on a separate cache then wakes the thread pool, which the previous layer keeps awake in a real step.`,
     `rel.err = relative L2 error of the output vs the plain-JS reference, checked before timing (tolerance ${TOLERANCE}); a case above it is FAILED and not timed.`,
     `Test values are multiples of 1/128 in [-2, 2): exact in f32, f16 and bf16, so every store holds the same numbers and one reference serves all three.`,
     `Plain JS (js-* rows, bench/baseline.ts): single thread, Float32Array K/V, f64 arithmetic, two-pass softmax with Math.exp; it always reads f32 K/V (twice the bytes of the f16/bf16 rows).`,
@@ -436,7 +436,7 @@ async function main(): Promise<void> {
       units: 'GB = 1e9 bytes, GFLOP = 1e9 FLOPs, times in milliseconds',
       check: { metric: 'relative L2 error vs the plain-JS reference', tolerance: TOLERANCE, failedCasesAreNotTimed: true },
       data: 'seeded xorshift32 values, multiples of 1/128 in [-2, 2), exact in f32/f16/bf16; K seed 1, V seed 2, decode q seed 1000+T, prefill q seed 3',
-      decode: { timing: decodePlan, coldCache: `CPU rows: ${EVICT_BYTES} bytes read between runs`, appendChunkTokens: APPEND_CHUNK_TOKENS },
+      decode: { timing: decodePlan, coldCache: `CPU rows: ${EVICT_BYTES} bytes read between runs, then the thread pool woken`, appendChunkTokens: APPEND_CHUNK_TOKENS },
       prefill: { timing: 'warm-up = the checked run; then 5 runs (3 if one run exceeds 2 s) and at least 1 s, at most 30; fresh cache per run, creation untimed' },
       baseline: {
         source: 'bench/baseline.ts', timing: baselinePlan,

@@ -852,7 +852,7 @@ export async function runRetrieval(context: RetrievalContext): Promise<Retrieval
   return {
     config: {
       k: K, group: GROUP, headDim: DIM, retrieval: RETRIEVAL, questPageSize: QUEST_PAGE, questE2EPages: QUEST_E2E_PAGES,
-      questTableWindow: QUEST_TABLE_WINDOW, hnsw: HNSW, turns: TURNS, coldCache: `end-to-end: ${EVICT_BYTES} bytes read before each attend()`,
+      questTableWindow: QUEST_TABLE_WINDOW, hnsw: HNSW, turns: TURNS, coldCache: `end-to-end: ${EVICT_BYTES} bytes read before each attend(), then the thread pool woken`,
       appendChunkTokens: APPEND_CHUNK_TOKENS,
     },
     plan,
@@ -946,7 +946,7 @@ export function retrievalNotes(record: RetrievalRecord): string[] {
       `and window as the others; a block's representative averages its keys that score highest against the probe, so a lone needle ` +
       `key often leaves it unchanged). Each turn step()s ` +
       `a question token (every cache and a fork of the full cache, so all hold the same tokens), then attend()s its question cold ` +
-      `(${EVICT_BYTES / 2 ** 20} MiB read before each call), policy and full alternating; speed-up = full median / policy median.`,
+      `(${EVICT_BYTES / 2 ** 20} MiB read before each call, then the thread pool woken), policy and full alternating; speed-up = full median / policy median.`,
     `Retrieval decode rel.L2 = ||out - full|| / ||full|| of the turn's step output (all ${MODEL.qHeads} q heads); needle hits = ` +
       `(turn, kv head) pairs whose loadedPositions after the step hold the needle the turn asks (every kv head holds it; full: all).`,
     `Rerun the section: ${record.reproduce}.`,

@@ -1,6 +1,9 @@
 // The timing loop: warm-up runs, then timed runs until both a minimum count and a minimum total
 // time are reached (capped), summarized as median and spread. Each run times itself, so per-run
 // setup (a fresh cache, a cache flush) stays outside the measurement.
+import { availableParallelism } from 'node:os';
+
+import { KVCache } from '../lib/index.js';
 
 /** How many runs to make. */
 export interface TimingPlan {
@@ -77,11 +80,36 @@ let evictSink = 0;
 /**
  * Reads one word per 64-byte line of a 256 MiB buffer, so the next decode run finds its KV in
  * DRAM, as a real decode step does after the other layers ran. Reads, not writes: glibc's memset
- * of large buffers uses non-temporal stores, which would leave the KV lines in place.
+ * of large buffers uses non-temporal stores, which would leave the KV lines in place. Then wakes
+ * the thread pool (wakeWorkers): the read takes milliseconds, long enough for its workers to block.
  */
 export function evictCaches(): void {
   evictBuffer ??= new Int32Array(EVICT_BYTES / 4).fill(1);
   let sum = 0;
   for (let i = 0; i < evictBuffer.length; i += 16) sum = (sum + evictBuffer[i]) | 0;
   evictSink ^= sum;
+  wakeWorkers();
+}
+
+/** Shape of the waking decode: this many token-heads per worker wakes every worker (native/cpu/attention_decode.cc). */
+const WAKE = { qHeads: 8, kvHeads: 8, headDim: 64, tokenHeadsPerThread: 4096 } as const;
+let waker: { cache: KVCache; q: Float32Array; out: Float32Array } | null = null;
+
+/**
+ * One small decode on a cache of its own, on every worker of the pool: a worker spins for about
+ * 200 µs after a job, then blocks, and waking it costs tens of microseconds in a VM. In a model's
+ * decode step the previous layer's work keeps the pool (and the attend path's code) warm; after
+ * evictCaches() it would not be, and the first timed call would pay the wake-up, which swamps
+ * small caches. Its KV (a few MB) does not bring the timed layers' KV back into the caches.
+ */
+export function wakeWorkers(): void {
+  if (waker === null) {
+    const { qHeads, kvHeads, headDim, tokenHeadsPerThread } = WAKE;
+    const tokens = Math.max(1024, Math.ceil((tokenHeadsPerThread * availableParallelism()) / kvHeads));
+    const cache = new KVCache({ layers: 1, qHeads, kvHeads, headDim, device: 'cpu', policy: { store: { kind: 'f16' } } });
+    const kv = new Float32Array(tokens * kvHeads * headDim).map((_, i) => Math.sin(i));
+    cache.append(0, kv, kv);
+    waker = { cache, q: new Float32Array(qHeads * headDim).fill(0.01), out: new Float32Array(qHeads * headDim) };
+  }
+  waker.cache.attend(0, waker.q, { out: waker.out });
 }
