@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # On a GPU machine without network, from the repository root, with .gpu (scripts/gpu-pack.sh) and
 # dist beside it: unpacks node, the test dependencies and the CUDA addon, then runs the whole test
-# suite on the GPU (KVSLIM_TEST_DEVICE=cuda) and the CUDA bench rows. Logs go to $OUT (or
-# ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT: seconds for each part.
+# suite on the GPU (KVSLIM_TEST_DEVICE=cuda), the CUDA bench rows and the loading policies' decode
+# on the GPU (scripts/gpu-loading.mjs). Logs go to $OUT (or ./gpu-run-out). TEST_LIMIT /
+# BENCH_LIMIT / LOADING_LIMIT: seconds for each part.
 set -uo pipefail
 out="${OUT:-gpu-run-out}"
 mkdir -p "$out"
@@ -23,3 +24,6 @@ cases=decode-f16-4K-cuda,decode-f16-16K-cuda,decode-f32-64K-cuda,decode-f16-64K-
 timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case "$cases" > "$out/bench.log" 2>&1
 echo "bench: $?"
 grep -E -- "-cuda " "$out/bench.log"
+timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs > "$out/loading.log" 2>&1
+echo "loading: $?"
+cat "$out/loading.log"
