@@ -15,6 +15,12 @@ namespace kvslim {
 
 enum class DeviceKind { Cpu = 0, Cuda = 1 };
 
+// A run of bytes in backend memory (Backend::gather).
+struct DeviceRun {
+  const void* source = nullptr;
+  size_t bytes = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -30,6 +36,17 @@ class Backend {
   virtual Status download(void* hostDst, const void* src, size_t bytes) = 0;
   // Copy inside backend memory (copy-on-write of a shared page).
   virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+  // Copies the runs, in order, into consecutive host memory at hostOut, in one transfer where the
+  // backend can (a decode call's new keys of every kv head, for the host indexes). The default
+  // downloads run by run.
+  virtual Status gather(const DeviceRun* runs, int64_t count, void* hostOut) {
+    auto* out = static_cast<unsigned char*>(hostOut);
+    for (int64_t i = 0; i < count; ++i) {
+      KVSLIM_RETURN_IF_ERROR(download(out, runs[i].source, runs[i].bytes));
+      out += runs[i].bytes;
+    }
+    return Status::ok();
+  }
 
   // args.heads[*] page pointers are backend memory; q and out are host memory.
   virtual Status attention(const AttentionArgs& args) = 0;

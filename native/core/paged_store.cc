@@ -245,6 +245,20 @@ Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t cou
   return readSegment(head(layer, h).tail, first, count, keysOut, valuesOut);
 }
 
+Status PagedStore::keyRuns(int32_t layer, int32_t h, int64_t first, int64_t count, std::vector<DeviceRun>* runs) const {
+  const Segment& pages = head(layer, h).tail;
+  if (first < 0 || count < 0 || first + count > pages.count) return Status(ErrorCode::Internal, "keyRuns: rows out of range");
+  first += pages.firstRow;
+  const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
+  for (int64_t t = first; t < first + count;) {
+    const int64_t run = std::min(first + count - t, shape_.pageTokens - t % shape_.pageTokens);
+    const uint8_t* base = static_cast<const uint8_t*>(pages.pages[size_t(t / shape_.pageTokens)]->memory());
+    runs->push_back({base + size_t(t % shape_.pageTokens) * rowBytes, size_t(run) * rowBytes});
+    t += run;
+  }
+  return Status::ok();
+}
+
 Status PagedStore::readKeptRows(int32_t layer, int32_t h, int64_t first, int64_t count, void* keysOut,
                                 void* valuesOut) const {
   return readSegment(head(layer, h).kept, first, count, keysOut, valuesOut);

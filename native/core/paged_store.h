@@ -82,6 +82,9 @@ class PagedStore {
   // (keys then values, each count x headDim; valuesOut may be null). Used by save() and the indexes.
   Status readRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                   void* valuesOut) const;
+  // Where one kv head's tail key rows [first, first + count) lie in backend memory: one run per
+  // page they touch, appended to runs in row order (for Backend::gather).
+  Status keyRuns(int32_t layer, int32_t head, int64_t first, int64_t count, std::vector<DeviceRun>* runs) const;
   // The same for kept slots [first, first + count).
   Status readKeptRows(int32_t layer, int32_t head, int64_t first, int64_t count, void* keysOut,
                       void* valuesOut) const;

@@ -21,6 +21,7 @@
 #include "../core/cuda_info.h"
 #include "attention_kernels.cuh"
 #include "block_scores.cuh"
+#include "gather.cuh"
 #include "kivi_kernels.cuh"
 
 namespace kvslim {
@@ -416,6 +417,32 @@ class CudaBackend final : public Backend {
   }
   Status copy(void* dst, const void* src, size_t bytes) override {
     return copyAndWait(dst, src, bytes, cudaMemcpyDeviceToDevice, "device copy");
+  }
+
+  Status gather(const DeviceRun* runs, int64_t count, void* hostOut) override {
+    if (count <= 0) return Status::ok();
+    // The run table up, one kernel copying every run into the workspace, one copy down.
+    const size_t tableBytes = size_t(count) * sizeof(cuda::GatherRun);
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(tableBytes));
+    size_t total = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      const cuda::GatherRun run{static_cast<const unsigned char*>(runs[i].source), static_cast<long long>(runs[i].bytes),
+                                static_cast<long long>(total)};
+      std::memcpy(staging_.data() + size_t(i) * sizeof(run), &run, sizeof(run));
+      total += runs[i].bytes;
+    }
+    if (total == 0) return Status::ok();
+    const size_t outOffset = alignUp(tableBytes);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outOffset + total));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (gather runs)"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchGather(reinterpret_cast<const cuda::GatherRun*>(device), count, device + outOffset, stream_),
+                                      "gather launch"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, device + outOffset, total, cudaMemcpyDeviceToHost, stream_),
+                                      "gather (kernel or copy)"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (gather)");
   }
 
   Status attention(const AttentionArgs& args) override {

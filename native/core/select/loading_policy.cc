@@ -6,6 +6,10 @@
 
 namespace kvslim {
 
+namespace {
+constexpr size_t kGatherBytes = size_t(4) << 20;  // new keys of all heads read in one gather up to this
+}  // namespace
+
 int64_t LoadingPolicy::dynamicEnd(const SelectContext& context, int32_t layer) const {
   return std::max(sink_, context.store.tokens(layer) - window_);
 }
@@ -29,11 +33,38 @@ Status LoadingPolicy::forEachHead(SelectContext& context, const std::function<St
 
 Status LoadingPolicy::catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n) {
   const int64_t end = dynamicEnd(context, layer);
+  const size_t rowBytes = size_t(context.headDim) * dtypeBytes(context.store.shape().storeType);
+  // A few new keys per head (a decode call's one token): every head's in one gather, so a GPU
+  // cache makes one transfer instead of one per head. Long catch-ups read head by head.
+  std::vector<uint8_t> gathered;
+  std::vector<size_t> offsets(size_t(kvHeads_) + 1, 0);
+  if (needsKeys()) {
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const int64_t from = indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      offsets[size_t(h) + 1] = offsets[size_t(h)] + size_t(std::max<int64_t>(0, end - from)) * rowBytes;
+    }
+    if (offsets.back() > 0 && offsets.back() <= kGatherBytes) {
+      std::vector<DeviceRun> runs;
+      for (int32_t h = 0; h < kvHeads_; ++h) {
+        const int64_t from = indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+        if (from < end) KVSLIM_RETURN_IF_ERROR(context.store.keyRuns(layer, h, from, end - from, &runs));
+      }
+      gathered.resize(offsets.back());
+      KVSLIM_RETURN_IF_ERROR(context.backend.gather(runs.data(), int64_t(runs.size()), gathered.data()));
+    }
+  }
   return forEachHead(context, [&](int32_t h) {
     int64_t& indexed = indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
     if (indexed >= end) return Status::ok();
     std::vector<float> keys;
-    if (needsKeys()) KVSLIM_RETURN_IF_ERROR(readKeys(context.store, layer, h, indexed, end - indexed, &keys));
+    if (needsKeys() && !gathered.empty()) {
+      const size_t elements = size_t(end - indexed) * size_t(context.headDim);
+      keys.resize(elements);
+      KVSLIM_RETURN_IF_ERROR(toFloat32(HostTensor{gathered.data() + offsets[size_t(h)], context.store.shape().storeType, elements},
+                                       keys.data(), "stored keys"));
+    } else if (needsKeys()) {
+      KVSLIM_RETURN_IF_ERROR(readKeys(context.store, layer, h, indexed, end - indexed, &keys));
+    }
     KVSLIM_RETURN_IF_ERROR(index(context, layer, h, indexed, end - indexed, keys, q, n));
     indexed = end;
     return Status::ok();
