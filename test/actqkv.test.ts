@@ -78,7 +78,7 @@ class Pair {
 
   constructor(
     readonly shape: ActQKVShape, readonly options: ActQKVOptions, readonly store: Store, seed: number,
-    readonly cache: KVCache = cacheOf(shape, options, store), readonly reference = new ActQKVReference(shape, options),
+    readonly cache: KVCache = cacheOf(shape, options, store), readonly reference = new ActQKVReference(shape, options, store),
     keys?: Float64Array[][], values?: Float64Array[][],
   ) {
     this.random = new Random(seed);
@@ -269,6 +269,21 @@ describe('actqkv: loads what the reference chooses', () => {
       parent.decode('step', `parent after fork ${s}`);
       child.decode(s % 4 === 0 ? 'append+attend' : 'step', `child ${s}`);
     }
+  });
+
+  it('representatives take the store dtype: an f16 store holds each block in half the bytes of an f32 one', () => {
+    // Same options and inputs (the f32 pair mirrors the f16 one's seed); only the stores differ.
+    const [, shape, options] = CASES[0];
+    const pairs = (['f16', 'f32'] as const).map((store) => new Pair(shape, options, store, 41));
+    for (const pair of pairs) {
+      pair.prefill(24);
+      for (let s = 0; s < 40; s++) pair.decode('step', `${pair.store} ${s}`);
+    }
+    const [half, full] = pairs.map((pair) => pair.cache.stats().bytes.index);
+    // Blocks started per kv head: every dynamic token (sink .. tokens - window) is in one.
+    const tokens = pairs[0].cache.tokens(0);
+    const blocks = Math.ceil((tokens - options.window - options.sink) / options.blockSize);
+    expect(full - half).toBe(shape.layers * shape.kvHeads * blocks * shape.headDim * 2);
   });
 
   it('prefill longer than the window indexes at once; short caches attend densely', () => {

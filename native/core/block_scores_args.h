@@ -15,6 +15,7 @@
 #include <cstdint>
 #include <string>
 
+#include "dtype.h"
 #include "status.h"
 
 namespace kvslim {
@@ -23,10 +24,10 @@ namespace kvslim {
 // (backend memory, possibly shared with a fork's policy: never written here); the newest block,
 // blocks - 1, whose representative still changes while it fills, comes from host memory.
 struct BlockHeadView {
-  const float* reprs = nullptr;   // [>= blocks - 1, headDim], backend memory (null when blocks == 1)
+  const void* reprs = nullptr;    // [>= blocks - 1, headDim] of reprType, backend memory (null when blocks == 1)
   const double* norms = nullptr;  // [>= blocks - 1], backend memory: |r_b| as the host computed it
   int64_t stored = 0;             // rows held by reprs / norms
-  const float* newest = nullptr;  // [headDim], host memory
+  const float* newest = nullptr;  // [headDim], host memory, f32 (values of reprType)
   double newestNorm = 0;
 };
 
@@ -34,6 +35,7 @@ struct BlockScoresArgs {
   int32_t kvHeads = 0;
   int32_t headDim = 0;
   int64_t blocks = 0;                  // blocks scored per head (>= 1)
+  DType reprType = DType::F32;         // of the final representatives (widened exactly)
   const BlockHeadView* heads = nullptr;  // [kvHeads], host memory
   const double* u = nullptr;           // [kvHeads, headDim], host memory
   double temperature = 1;              // entropy of softmax(s / temperature)
@@ -63,6 +65,9 @@ inline Status checkBlockScoresArgs(const BlockScoresArgs& args) {
     return Status(ErrorCode::Shape, "block scores: needs kvHeads >= 1, headDim >= 1 and blocks >= 1 (below 2^40 elements), but received kvHeads=" +
                                         std::to_string(args.kvHeads) + ", headDim=" + std::to_string(args.headDim) +
                                         ", blocks=" + std::to_string(args.blocks));
+  }
+  if (args.reprType != DType::F32 && args.reprType != DType::F16 && args.reprType != DType::BF16) {
+    return Status(ErrorCode::Dtype, "block scores: unknown representative dtype " + std::to_string(int(args.reprType)));
   }
   if (!(args.temperature > 0) || !std::isfinite(args.temperature)) {
     return Status(ErrorCode::Shape, "block scores: temperature must be a positive finite number, but received " + std::to_string(args.temperature));

@@ -58,8 +58,11 @@ Status blockScores(const BlockScoresArgs& args) {
     const BlockHeadView& head = args.heads[h];
     const double* u = args.u + size_t(h) * dim;
     double* scores = args.scores + size_t(h) * size_t(blocks);
-    if (stored > begin) kernels.dotsF64(u, args.headDim, head.reprs + size_t(begin) * dim, stored - begin, scores + begin);
-    if (end == blocks) kernels.dotsF64(u, args.headDim, head.newest, 1, scores + blocks - 1);
+    if (stored > begin) {
+      const void* rows = static_cast<const uint8_t*>(head.reprs) + size_t(begin) * dim * dtypeBytes(args.reprType);
+      kernels.dotsF64(u, args.headDim, rows, args.reprType, stored - begin, scores + begin);
+    }
+    if (end == blocks) kernels.dotsF64(u, args.headDim, head.newest, DType::F32, 1, scores + blocks - 1);
     for (int64_t b = begin; b < end; ++b) {
       const double norm = b < blocks - 1 ? head.norms[b] : head.newestNorm;
       scores[b] = norm > 0 ? scores[b] / norm : 0.0;

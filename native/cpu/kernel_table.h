@@ -133,7 +133,7 @@ struct KernelTable {
   void (*dotMatrixHalf)(const float* queries, int32_t rows, int32_t dim, const uint16_t* keys, int64_t count, float* out);
   void (*maxDotGatherHalf)(const float* queries, int32_t rows, int32_t dim, const uint16_t* base, const uint32_t* ids,
                            int64_t count, float* out);
-  void (*dotsF64)(const double* u, int32_t dim, const float* rows, int64_t count, double* out);
+  void (*dotsF64)(const double* u, int32_t dim, const void* rows, DType type, int64_t count, double* out);
   void (*boxBound)(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                    float* out);
   void (*softmaxRow)(float* row, int64_t visible, int64_t total);

@@ -106,34 +106,70 @@ void maxDotGather(const float* queries, int32_t rows, int32_t dim, const K* base
   }
 }
 
-// out[i] = sum_t u[t] * rows[i * dim + t] in double (ActQKV's block scores), eight independent
-// partial sums per row so the compiler can keep them in one vector register of this instruction set.
-// The order is the contract of core/block_scores_args.h: element t fused into partial t % 8, then a
-// fixed tree. Explicit fma (not a contraction left to the compiler) gives every SIMD level and the
-// CUDA kernel the same bits.
-inline void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) {
+// out[i] = sum_t u[t] * rows[i * dim + t] in double (ActQKV's block scores) for `count` contiguous
+// rows of f32, f16 or bf16 (ActQKV keeps its representatives in the store's dtype; widening is
+// exact). Eight partial sums per row: element t fused into partial t % 8 in order of t, then a
+// fixed tree, the contract of core/block_scores_args.h. Explicit fma (not a contraction left to
+// the compiler) gives every SIMD level and the CUDA kernel the same bits.
+template <DType T>
+inline double rowElement(const void* rows, size_t i) {
+  if constexpr (T == DType::F16) return double(kvslim::f16ToFloat(static_cast<const uint16_t*>(rows)[i]));
+  else if constexpr (T == DType::BF16) return double(kvslim::bf16ToFloat(static_cast<const uint16_t*>(rows)[i]));
+  else return double(static_cast<const float*>(rows)[i]);
+}
+
+template <DType T>
+inline void dotsF64Of(const double* u, int32_t dim, const void* rows, int64_t count, double* out) {
   for (int64_t i = 0; i < count; ++i) {
-    const float* row = rows + size_t(i) * size_t(dim);
+    const size_t row = size_t(i) * size_t(dim);
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int32_t t = 0;
 #if defined(__AVX512F__)
     __m512d acc = _mm512_setzero_pd();
-    for (; t + 8 <= dim; t += 8) acc = _mm512_fmadd_pd(_mm512_cvtps_pd(_mm256_loadu_ps(row + t)), _mm512_loadu_pd(u + t), acc);
+    for (; t + 8 <= dim; t += 8) {
+      __m256 x;
+      if constexpr (T == DType::F16) {
+        x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(rows) + row + t)));
+      } else if constexpr (T == DType::BF16) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(rows) + row + t));
+        x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        x = _mm256_loadu_ps(static_cast<const float*>(rows) + row + t);
+      }
+      acc = _mm512_fmadd_pd(_mm512_cvtps_pd(x), _mm512_loadu_pd(u + t), acc);
+    }
     _mm512_storeu_pd(part, acc);
-#elif defined(__AVX2__) && defined(__FMA__)
+#elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
     __m256d low = _mm256_setzero_pd(), high = _mm256_setzero_pd();
     for (; t + 8 <= dim; t += 8) {
-      low = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(row + t)), _mm256_loadu_pd(u + t), low);
-      high = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm_loadu_ps(row + t + 4)), _mm256_loadu_pd(u + t + 4), high);
+      __m256 x;
+      if constexpr (T == DType::F16) {
+        x = _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(rows) + row + t)));
+      } else if constexpr (T == DType::BF16) {
+        const __m128i h = _mm_loadu_si128(reinterpret_cast<const __m128i*>(static_cast<const uint16_t*>(rows) + row + t));
+        x = _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16));
+      } else {
+        x = _mm256_loadu_ps(static_cast<const float*>(rows) + row + t);
+      }
+      low = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_castps256_ps128(x)), _mm256_loadu_pd(u + t), low);
+      high = _mm256_fmadd_pd(_mm256_cvtps_pd(_mm256_extractf128_ps(x, 1)), _mm256_loadu_pd(u + t + 4), high);
     }
     _mm256_storeu_pd(part, low);
     _mm256_storeu_pd(part + 4, high);
 #else
     for (; t + 8 <= dim; t += 8)
-      for (int32_t k = 0; k < 8; ++k) part[k] = __builtin_fma(double(row[t + k]), u[t + k], part[k]);
+      for (int32_t k = 0; k < 8; ++k) part[k] = __builtin_fma(rowElement<T>(rows, row + size_t(t + k)), u[t + k], part[k]);
 #endif
-    for (; t < dim; ++t) part[t % 8] = __builtin_fma(double(row[t]), u[t], part[t % 8]);
+    for (; t < dim; ++t) part[t % 8] = __builtin_fma(rowElement<T>(rows, row + size_t(t)), u[t], part[t % 8]);
     out[i] = ((part[0] + part[1]) + (part[2] + part[3])) + ((part[4] + part[5]) + (part[6] + part[7]));
+  }
+}
+
+inline void dotsF64(const double* u, int32_t dim, const void* rows, DType type, int64_t count, double* out) {
+  switch (type) {
+    case DType::F16: dotsF64Of<DType::F16>(u, dim, rows, count, out); break;
+    case DType::BF16: dotsF64Of<DType::BF16>(u, dim, rows, count, out); break;
+    default: dotsF64Of<DType::F32>(u, dim, rows, count, out); break;
   }
 }
 

@@ -25,7 +25,7 @@ class HostVectorOps final : public VectorOps {
     else table.maxDotGather(queries, rows, dim, static_cast<const float*>(base.data), ids, count, out);
   }
   void dotsF64(const double* u, int32_t dim, const float* rows, int64_t count, double* out) const override {
-    cpu::activeKernels().dotsF64(u, dim, rows, count, out);
+    cpu::activeKernels().dotsF64(u, dim, rows, DType::F32, count, out);
   }
   void boxBound(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                 float* out) const override {

@@ -13,6 +13,7 @@
 
 #include <algorithm>
 
+#include "attention_device.cuh"
 #include "block_scores.cuh"
 
 namespace kvslim::cuda {
@@ -24,7 +25,9 @@ constexpr int kReduceThreads = 256;
 constexpr int kSelectThreads = 1024;
 constexpr long long kMaxGridX = 1 << 20;  // grid-stride beyond this many blocks per head
 
-// u of the head (blockIdx.y) in shared memory; each thread scores its blocks.
+// u of the head (blockIdx.y) in shared memory; each thread scores its blocks. Final
+// representatives are read in their dtype T (widened exactly), the newest one as f32.
+template <DType T>
 __global__ void __launch_bounds__(kScoreThreads) blockScoresKernel(const BlockScoresKernelArgs args) {
   extern __shared__ double u[];
   const int h = blockIdx.y;
@@ -34,19 +37,23 @@ __global__ void __launch_bounds__(kScoreThreads) blockScoresKernel(const BlockSc
   const long long stride = static_cast<long long>(gridDim.x) * blockDim.x;
   for (long long b = static_cast<long long>(blockIdx.x) * blockDim.x + threadIdx.x; b < args.blocks; b += stride) {
     const bool newest = b == args.blocks - 1;
-    const float* row = newest ? args.newest + static_cast<size_t>(h) * static_cast<size_t>(args.headDim)
-                              : head.reprs + static_cast<size_t>(b) * static_cast<size_t>(args.headDim);
+    const float* newestRow = args.newest + static_cast<size_t>(h) * static_cast<size_t>(args.headDim);
+    const unsigned char* row = static_cast<const unsigned char*>(head.reprs) +
+                               static_cast<size_t>(newest ? 0 : b) * static_cast<size_t>(args.headDim) * (T == DType::F32 ? 4 : 2);
+    auto element = [&](int t) -> double {
+      return static_cast<double>(newest ? newestRow[t] : loadElement<T>(row, t));
+    };
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int t = 0;
     for (; t + 8 <= args.headDim; t += 8) {
 #pragma unroll
-      for (int k = 0; k < 8; ++k) part[k] = fma(static_cast<double>(__ldg(row + t + k)), u[t + k], part[k]);
+      for (int k = 0; k < 8; ++k) part[k] = fma(element(t + k), u[t + k], part[k]);
     }
     // The tail: element t + k goes to partial k (t is a multiple of 8); unrolled so part[] stays
     // in registers.
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      if (t + k < args.headDim) part[k] = fma(static_cast<double>(__ldg(row + t + k)), u[t + k], part[k]);
+      if (t + k < args.headDim) part[k] = fma(element(t + k), u[t + k], part[k]);
     }
     // __dadd_rn: the tree exactly as written (never contracted or reassociated).
     const double dot = __dadd_rn(__dadd_rn(__dadd_rn(part[0], part[1]), __dadd_rn(part[2], part[3])),
@@ -200,7 +207,12 @@ unsigned gridFor(long long blocks) { return static_cast<unsigned>(std::max(1LL, 
 
 cudaError_t launchBlockScores(const BlockScoresKernelArgs& args, cudaStream_t stream) {
   const dim3 grid(gridFor((args.blocks + kScoreThreads - 1) / kScoreThreads), static_cast<unsigned>(args.kvHeads));
-  blockScoresKernel<<<grid, kScoreThreads, static_cast<size_t>(args.headDim) * sizeof(double), stream>>>(args);
+  const size_t shared = static_cast<size_t>(args.headDim) * sizeof(double);
+  switch (args.reprType) {
+    case DType::F16: blockScoresKernel<DType::F16><<<grid, kScoreThreads, shared, stream>>>(args); break;
+    case DType::BF16: blockScoresKernel<DType::BF16><<<grid, kScoreThreads, shared, stream>>>(args); break;
+    default: blockScoresKernel<DType::F32><<<grid, kScoreThreads, shared, stream>>>(args); break;
+  }
   entropyKernel<<<args.kvHeads, kReduceThreads, 0, stream>>>(args);
   return cudaGetLastError();
 }

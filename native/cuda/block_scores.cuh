@@ -9,7 +9,7 @@ namespace kvslim::cuda {
 
 // One kv head of a blockScores call, as staged in device memory.
 struct BlockHeadSpan {
-  const float* reprs;   // final blocks [0, blocks - 1)
+  const void* reprs;    // final blocks [0, blocks - 1), of BlockScoresKernelArgs::reprType
   const double* norms;
   double newestNorm;    // the newest block's (its representative: BlockScoresKernelArgs::newest)
 };
@@ -21,6 +21,7 @@ struct BlockScoresKernelArgs {
   double* scores = nullptr;              // [kvHeads, blocks], device
   double* entropies = nullptr;           // [kvHeads], device
   long long blocks = 0;
+  DType reprType = DType::F32;
   int kvHeads = 0;
   int headDim = 0;
   double temperature = 1;

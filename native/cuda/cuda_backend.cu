@@ -649,6 +649,7 @@ class CudaBackend final : public Backend {
     kernel.scores = args.scores;
     kernel.entropies = reinterpret_cast<double*>(device + entropyOffset);
     kernel.blocks = args.blocks;
+    kernel.reprType = args.reprType;
     kernel.kvHeads = args.kvHeads;
     kernel.headDim = args.headDim;
     kernel.temperature = args.temperature;

@@ -8,7 +8,9 @@
 // - a decode call (step, or attend after an append): its queries join the history first, then
 //   the index catches up, then the blocks are chosen.
 // Stored keys are what the index sees (f16-rounded with the default store); representatives are
-// kept as f32 like the engine's, the rest in float64.
+// rounded to f32 and then kept in the store's dtype like the engine's, the rest in float64.
+
+import { type Dtype, roundTo } from './half.js';
 
 export interface ActQKVShape {
   layers: number;
@@ -101,9 +103,13 @@ export class ActQKVReference {
   #lastLayer = Infinity;
   #remaining = 0;
 
-  constructor(shape: ActQKVShape, options: ActQKVOptions) {
+  /** The store's dtype: representatives are kept in it (as the reference code keeps them in the model's). */
+  readonly store: Dtype;
+
+  constructor(shape: ActQKVShape, options: ActQKVOptions, store: Dtype = 'f32') {
     this.shape = shape;
     this.options = options;
+    this.store = store;
     this.#layers = Array.from({ length: shape.layers }, () => {
       const state = new LayerState();
       state.keys = Array.from({ length: shape.kvHeads }, () => []);
@@ -114,7 +120,7 @@ export class ActQKVReference {
   }
 
   fork(): ActQKVReference {
-    const copy = new ActQKVReference(this.shape, this.options);
+    const copy = new ActQKVReference(this.shape, this.options, this.store);
     copy.#layers = this.#layers.map((layer) => layer.clone());
     copy.#lastLayer = this.#lastLayer;
     copy.#remaining = this.#remaining;
@@ -237,7 +243,7 @@ export class ActQKVReference {
     }
   }
 
-  /** A block's representative: the mean of its reprTopK best-scored keys, stored as f32. */
+  /** A block's representative: the mean of its reprTopK best-scored keys, rounded to f32, then to the store's dtype. */
   representative(layer: number, h: number, block: number): Float64Array {
     const state = this.#layers[layer];
     const best = [...state.entries[h][block]]
@@ -251,7 +257,7 @@ export class ActQKVReference {
       for (const e of best) total += state.keys[h][e.position][t];
       r[t] = Math.fround(total / best.length);
     }
-    return r;
+    return roundTo(r, this.store);
   }
 
   /**

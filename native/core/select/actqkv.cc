@@ -45,6 +45,7 @@
 #include <numeric>
 
 #include "../backend.h"
+#include "../tensor_convert.h"
 #include "../vector_ops.h"
 #include "loading_policy.h"
 
@@ -57,24 +58,28 @@ constexpr double kCountCap = 1000;     // n, the windows the running statistics 
 constexpr size_t kHistory = 100;       // entropy samples kept per layer
 constexpr int64_t kBlockGranule = 64;  // representatives are allocated in steps of this many blocks
 
-// One kv head's final representatives in backend memory: reprs [capacity, headDim] floats, then
-// norms [capacity] doubles. The backend outlives it (kv_cache.h declares backend_ before policy_).
+// One kv head's final representatives in backend memory: reprs [capacity, headDim] in the store's
+// dtype (as the reference code keeps them in the model's), then norms [capacity] doubles. The
+// backend outlives it (kv_cache.h declares backend_ before policy_).
 class ReprBuffer {
  public:
-  ReprBuffer(Backend& backend, int32_t dim) : memory_(backend), dim_(dim) {}
+  ReprBuffer(Backend& backend, int32_t dim, DType type) : memory_(backend), dim_(dim), type_(type) {}
   Status allocate(int64_t capacity) {
     KVSLIM_RETURN_IF_ERROR(memory_.allocate(normsOffset(capacity) + size_t(capacity) * sizeof(double), "ActQKV block representatives"));
     capacity_ = capacity;
     return Status::ok();
   }
-  float* reprs() const { return static_cast<float*>(memory_.data()); }
+  // Row `block` of the representatives.
+  uint8_t* repr(int64_t block) const { return static_cast<uint8_t*>(memory_.data()) + size_t(block) * rowBytes(); }
   double* norms() const { return reinterpret_cast<double*>(static_cast<char*>(memory_.data()) + normsOffset(capacity_)); }
   int64_t capacity() const { return capacity_; }
+  size_t rowBytes() const { return size_t(dim_) * dtypeBytes(type_); }
 
  private:
-  size_t normsOffset(int64_t capacity) const { return (size_t(capacity) * size_t(dim_) * sizeof(float) + 7) / 8 * 8; }
+  size_t normsOffset(int64_t capacity) const { return (size_t(capacity) * rowBytes() + 7) / 8 * 8; }
   BackendBuffer memory_;
   int32_t dim_;
+  DType type_;
   int64_t capacity_ = 0;
 };
 
@@ -128,7 +133,7 @@ class ActQKVPolicy final : public LoadingPolicy {
       if (!shared) continue;
       const HeadBlocks& head = *shared;
       // Every started block has a representative (the newest on the host until it is final).
-      bytes += size_t(head.blocks) * (size_t(dim_) * sizeof(float) + sizeof(double)) + head.candKeys.size() * sizeof(float) +
+      bytes += size_t(head.blocks) * (size_t(dim_) * dtypeBytes(reprType_) + sizeof(double)) + head.candKeys.size() * sizeof(float) +
                head.candScores.size() * (sizeof(double) + sizeof(int64_t));
     }
     for (const LayerQueries& layer : queries_) {
@@ -140,6 +145,7 @@ class ActQKVPolicy final : public LoadingPolicy {
   }
 
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) override {
+    reprType_ = context.store.shape().storeType;  // before index() runs on the heads' tasks
     if (prefill && q != nullptr) push(context, layer, q, n);
     probeOf(context, layer);  // index() reads it from the heads' parallel tasks
     KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
@@ -150,6 +156,7 @@ class ActQKVPolicy final : public LoadingPolicy {
     // A layer at or below the previous call's starts a new decode step with a fresh budget.
     if (layer <= lastLayer_) remaining_ = blocks_ * int64_t(layers_);
     lastLayer_ = layer;
+    reprType_ = context.store.shape().storeType;
     push(context, layer, q, n);
     const std::vector<double>& probe = probeOf(context, layer);
     KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
@@ -174,7 +181,7 @@ class ActQKVPolicy final : public LoadingPolicy {
       }
       scoreVector(context, h, probe, lastQuery, u.data() + size_t(h) * dim);
       BlockHeadView& view = views[size_t(h)];
-      view.reprs = head->buffer ? head->buffer->reprs() : nullptr;
+      view.reprs = head->buffer ? head->buffer->repr(0) : nullptr;
       view.norms = head->buffer ? head->buffer->norms() : nullptr;
       view.stored = head->stored;
       view.newest = head->last.data();  // the newest block's representative is still on the host
@@ -184,6 +191,7 @@ class ActQKVPolicy final : public LoadingPolicy {
     args.kvHeads = kvHeads_;
     args.headDim = context.headDim;
     args.blocks = blocks;
+    args.reprType = reprType_;
     args.heads = views.data();
     args.u = u.data();
     args.temperature = temperature_;
@@ -245,7 +253,7 @@ class ActQKVPolicy final : public LoadingPolicy {
       const int64_t position = first + i;
       const int64_t block = (position - sink_) / blockSize_;
       if (block == head.blocks) {  // this key starts a block: the newest one's representative is final
-        if (changed) represent(&head, dim);
+        if (changed) represent(&head, dim, reprType_);
         changed = false;
         if (head.blocks > 0) {
           head.staged.insert(head.staged.end(), head.last.begin(), head.last.end());
@@ -281,7 +289,7 @@ class ActQKVPolicy final : public LoadingPolicy {
       head.candPositions[slot] = position;
       changed = true;
     }
-    if (changed) represent(&head, dim);
+    if (changed) represent(&head, dim, reprType_);
     return Status::ok();
   }
 
@@ -470,19 +478,21 @@ class ActQKVPolicy final : public LoadingPolicy {
         grown = (grown + kBlockGranule - 1) / kBlockGranule * kBlockGranule;
         std::shared_ptr<ReprBuffer> buffer;
         try {
-          buffer = std::make_shared<ReprBuffer>(context.backend, context.headDim);
+          buffer = std::make_shared<ReprBuffer>(context.backend, context.headDim, reprType_);
         } catch (const std::bad_alloc&) {
           return Status(ErrorCode::OutOfMemory, "out of host memory for ActQKV block representatives");
         }
         KVSLIM_RETURN_IF_ERROR(buffer->allocate(grown));
         if (head->stored > 0) {
-          KVSLIM_RETURN_IF_ERROR(context.backend.copy(buffer->reprs(), head->buffer->reprs(), size_t(head->stored) * dim * sizeof(float)));
+          KVSLIM_RETURN_IF_ERROR(context.backend.copy(buffer->repr(0), head->buffer->repr(0), size_t(head->stored) * buffer->rowBytes()));
           KVSLIM_RETURN_IF_ERROR(context.backend.copy(buffer->norms(), head->buffer->norms(), size_t(head->stored) * sizeof(double)));
         }
         head->buffer = std::move(buffer);
       }
-      KVSLIM_RETURN_IF_ERROR(context.backend.upload(head->buffer->reprs() + size_t(head->stored) * dim, head->staged.data(),
-                                                    head->staged.size() * sizeof(float)));
+      // The staged values are the dtype's already (represent() rounded them): the conversion is exact.
+      std::vector<uint8_t> rows(head->staged.size() * dtypeBytes(reprType_));
+      for (size_t i = 0; i < head->staged.size(); ++i) storeElement(rows.data(), reprType_, i, head->staged[i]);
+      KVSLIM_RETURN_IF_ERROR(context.backend.upload(head->buffer->repr(head->stored), rows.data(), rows.size()));
       KVSLIM_RETURN_IF_ERROR(context.backend.upload(head->buffer->norms() + head->stored, head->stagedNorms.data(),
                                                     head->stagedNorms.size() * sizeof(double)));
       head->stored = needed;
@@ -493,8 +503,8 @@ class ActQKVPolicy final : public LoadingPolicy {
   }
 
   // The representative of the newest block: the mean of its best keys (summed in position order,
-  // stored as f32), and its norm.
-  static void represent(HeadBlocks* head, size_t dim) {
+  // rounded to f32, then to the store's dtype), and its norm.
+  static void represent(HeadBlocks* head, size_t dim, DType type) {
     std::vector<size_t> byPosition(head->candScores.size());
     std::iota(byPosition.begin(), byPosition.end(), 0);
     std::sort(byPosition.begin(), byPosition.end(),
@@ -504,7 +514,9 @@ class ActQKVPolicy final : public LoadingPolicy {
     for (size_t t = 0; t < dim; ++t) {
       double total = 0;
       for (const size_t c : byPosition) total += double(head->candKeys[c * dim + t]);
-      repr[t] = float(total / double(byPosition.size()));
+      uint8_t element[4];
+      storeElement(element, type, 0, float(total / double(byPosition.size())));
+      repr[t] = loadElement(element, type, 0);
       wide[t] = double(repr[t]);
     }
     double squared = 0;
@@ -569,6 +581,7 @@ class ActQKVPolicy final : public LoadingPolicy {
   int32_t lastLayer_ = INT32_MAX;             // layer of the previous planLoad (a new step when not above it)
   int64_t remaining_ = 0;                     // R_l: blocks left in this step
   int32_t dim_;
+  DType reprType_ = DType::F32;  // the store's, set by every call before the heads index
   ScoreScratch scores_;
 };
 
