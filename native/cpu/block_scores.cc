@@ -6,6 +6,7 @@
 #include <cmath>
 #include <new>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "attention_plan.h"
@@ -18,10 +19,16 @@ namespace {
 
 constexpr int64_t kScoreTaskBlocks = 1024;  // representatives scored per task
 
-int32_t threadsFor(int32_t requested, int64_t tasks) {
-  ThreadPool& pool = globalPool();
-  const int32_t allowed = requested > 0 ? std::min(requested, pool.size()) : pool.size();
-  return int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, tasks)));
+// `perWorker` elements for each of the threads that run `tasks` tasks, allocated before the
+// parallel part (a worker must not throw).
+template <class T>
+Status workerScratch(int32_t requested, int64_t tasks, int64_t perWorker, const char* what, std::vector<T>* out) {
+  try {
+    out->resize(size_t(threadsFor(requested, tasks)) * size_t(perWorker));
+  } catch (const std::bad_alloc&) {
+    return Status(ErrorCode::OutOfMemory, std::string("out of host memory for ") + what);
+  }
+  return Status::ok();
 }
 
 // Entropy of softmax(s / temperature) over ln(count); 1 for a single block.
@@ -69,11 +76,7 @@ Status blockScores(const BlockScoresArgs& args) {
     }
   });
   std::vector<double> scratch;
-  try {
-    scratch.resize(size_t(threadsFor(args.threads, args.kvHeads)) * size_t(blocks));
-  } catch (const std::bad_alloc&) {
-    return Status(ErrorCode::OutOfMemory, "out of host memory for block entropies");
-  }
+  KVSLIM_RETURN_IF_ERROR(workerScratch(args.threads, args.kvHeads, blocks, "block entropies", &scratch));
   globalPool().parallelFor(args.kvHeads, threadsFor(args.threads, args.kvHeads), [&](int64_t h, int32_t worker) {
     args.entropies[h] = normalisedEntropy(args.scores + size_t(h) * size_t(blocks), blocks, args.temperature,
                                           scratch.data() + size_t(worker) * size_t(blocks));
@@ -84,11 +87,7 @@ Status blockScores(const BlockScoresArgs& args) {
 Status topBlocks(const TopBlocksArgs& args) {
   const int64_t blocks = args.blocks, k = args.k;
   std::vector<int64_t> order;
-  try {
-    order.resize(size_t(threadsFor(args.threads, args.kvHeads)) * size_t(blocks));
-  } catch (const std::bad_alloc&) {
-    return Status(ErrorCode::OutOfMemory, "out of host memory for top blocks");
-  }
+  KVSLIM_RETURN_IF_ERROR(workerScratch(args.threads, args.kvHeads, blocks, "top blocks", &order));
   globalPool().parallelFor(args.kvHeads, threadsFor(args.threads, args.kvHeads), [&](int64_t h, int32_t worker) {
     const double* s = args.scores + size_t(h) * size_t(blocks);
     int64_t* rank = order.data() + size_t(worker) * size_t(blocks);

@@ -19,12 +19,6 @@ namespace {
 constexpr int64_t kBoxTaskTokens = 4096;        // keys boxed per task (whole Quest pages)
 constexpr int64_t kBoundTaskWork = int64_t(1) << 16;  // products (rows x channels x pages) per task
 
-int32_t threadsFor(int32_t requested, int64_t tasks) {
-  ThreadPool& pool = globalPool();
-  const int32_t allowed = requested > 0 ? std::min(requested, pool.size()) : pool.size();
-  return int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, tasks)));
-}
-
 // Folds dynamic tokens [begin, end) (all inside Quest page `page`) into that page's box; row
 // holds headDim floats of scratch for converted keys.
 void boxPage(const KernelTable& kernels, const PageBoxesArgs& args, int64_t page, int64_t begin, int64_t end, float* row) {

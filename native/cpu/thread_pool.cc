@@ -1,5 +1,6 @@
 #include "thread_pool.h"
 
+#include <algorithm>
 #include <chrono>
 #include <memory>
 
@@ -112,5 +113,11 @@ void setGlobalPoolSize(int32_t threads) {
 }
 
 int32_t globalPoolSize() { return globalPool().size(); }
+
+int32_t threadsFor(int32_t requested, int64_t tasks) {
+  ThreadPool& pool = globalPool();
+  const int32_t allowed = requested > 0 ? std::min(requested, pool.size()) : pool.size();
+  return int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, tasks)));
+}
 
 }  // namespace kvslim::cpu

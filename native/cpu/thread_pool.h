@@ -45,6 +45,10 @@ class ThreadPool {
   std::atomic<int64_t> next_{0};
 };
 
+// Threads for `tasks` independent tasks: the caller's limit (0 = the whole pool), at most one per
+// task, at least one.
+int32_t threadsFor(int32_t requested, int64_t tasks);
+
 // The process-wide pool. Its size is set once from JS (os.availableParallelism() unless
 // overridden); resizing replaces it.
 ThreadPool& globalPool();
