@@ -120,6 +120,16 @@ class Pair {
     }
   }
 
+  /** n tokens append()ed to every layer (no queries; the next decode call indexes them). */
+  append(n: number): void {
+    for (let layer = 0; layer < this.shape.layers; layer++) {
+      const t = randomTokens(this.random, this.shape, n);
+      this.keyHook?.(layer, t.k);
+      this.cache.append(layer, t.k, t.v);
+      this.reference.appendKeys(layer, this.#store(layer, t.k, t.v));
+    }
+  }
+
   /** One decode step on every layer: step(), or append() then attend() of one token. */
   decode(kind: 'step' | 'append+attend', label: string): StepRecord {
     const { layers, kvHeads } = this.shape;
@@ -284,6 +294,16 @@ describe('actqkv: loads what the reference chooses', () => {
     const tokens = pairs[0].cache.tokens(0);
     const blocks = Math.ceil((tokens - options.window - options.sink) / options.blockSize);
     expect(full - half).toBe(shape.layers * shape.kvHeads * blocks * shape.headDim * 2);
+  });
+
+  it('new keys past 4 MiB at one decode call (read head by head, not in one gather), then more steps', () => {
+    // 8 kv heads x 128 dims x 4 bytes = 4 KiB of f32 keys per token: 1100 tokens to index are 4.3 MiB.
+    const shape = { layers: 1, qHeads: 8, kvHeads: 8, headDim: 128 };
+    const options = { sink: 4, window: 16, blockSize: 8, blocks: 4, reprTopK: 2, queryWindow: 8, questionWeight: 4, temperature: 0.05 };
+    const pair = new Pair(shape, options, 'f32', 17);
+    pair.prefill(24);
+    pair.append(1100);
+    for (let s = 0; s < 6; s++) pair.decode(s % 2 ? 'step' : 'append+attend', `after a long append ${s}`);
   });
 
   it('prefill longer than the window indexes at once; short caches attend densely', () => {
