@@ -76,7 +76,9 @@ export interface RetrievalSpec extends LoadingSpec, IndexSpec {
 /**
  * ActQKV: blocks of `blockSize` tokens with representative keys; an activation-aware probe-query from
  * the last `queryWindow` queries scores the blocks (cosine, plus `questionWeight` x the current
- * query); an entropy-driven cut-off shares `blocks` x layers blocks across layers.
+ * query); an entropy-driven cut-off shares `blocks` x layers blocks across layers. The
+ * representatives (in the store's dtype) and their scoring live on the cache's device; the query
+ * statistics and the probe on the host.
  */
 export interface ActQKVSpec extends LoadingSpec {
   kind: 'actqkv'; blockSize?: number; blocks?: number; reprTopK?: number; queryWindow?: number;
