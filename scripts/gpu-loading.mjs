@@ -3,7 +3,8 @@
 // (32q/8kv/128, random keys and values: timing only; gpu.test.ts checks what they load). The
 // policies' per-call host work (ActQKV's probe, the graph search) and their backend ops (Quest's
 // bounds, the flat scan, ActQKV's block scores and top blocks) are inside the time.
-// Usage: node scripts/gpu-loading.mjs [tokens...]   (DEVICE=cpu: the same on the CPU backend)
+// Usage: node scripts/gpu-loading.mjs [tokens...]   (DEVICE=cpu: the same on the CPU backend;
+// ONLY=full,actqkv: only the policies whose names start with these)
 import { KVCache } from '../dist/lib/index.js';
 
 const Q_HEADS = 32, KV_HEADS = 8, DIM = 128, CHUNK = 8192, PROMPT = 256, RUNS = 30;
@@ -31,7 +32,8 @@ const sizes = process.argv.slice(2).map(Number);
 
 for (const tokens of sizes.length > 0 ? sizes : [65536, 262144]) {
   let fullMs = NaN;
-  for (const [name, select] of POLICIES) {
+  const only = process.env.ONLY?.split(',') ?? null;
+  for (const [name, select] of POLICIES.filter(([policy]) => only === null || only.some((prefix) => policy.startsWith(prefix)))) {
     const cache = new KVCache({ layers: 1, qHeads: Q_HEADS, kvHeads: KV_HEADS, headDim: DIM, device: process.env.DEVICE ?? 'cuda', policy: { select, store: { kind: 'f16' } } });
     try {
       for (let t = 0; t < tokens - PROMPT; t += CHUNK) {

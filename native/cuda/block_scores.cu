@@ -45,6 +45,29 @@ __global__ void __launch_bounds__(kScoreThreads) blockScoresKernel(const BlockSc
     };
     double part[8] = {0, 0, 0, 0, 0, 0, 0, 0};
     int t = 0;
+    if (args.vectorRows && !newest) {
+      // Eight elements per 16- or 32-byte load (one row per thread: scalar loads would touch each
+      // L1 sector eight or sixteen times); the same partials in the same order.
+      for (; t + 8 <= args.headDim; t += 8) {
+        float x[8];
+        if constexpr (T == DType::F32) {
+          const float4 a = __ldg(reinterpret_cast<const float4*>(row) + t / 4);
+          const float4 c = __ldg(reinterpret_cast<const float4*>(row) + t / 4 + 1);
+          x[0] = a.x; x[1] = a.y; x[2] = a.z; x[3] = a.w; x[4] = c.x; x[5] = c.y; x[6] = c.z; x[7] = c.w;
+        } else {
+          const uint4 w = __ldg(reinterpret_cast<const uint4*>(row) + t / 8);
+          const unsigned words[4] = {w.x, w.y, w.z, w.w};
+#pragma unroll
+          for (int k = 0; k < 4; ++k) {
+            const unsigned low = words[k] & 0xffffu, high = words[k] >> 16;
+            x[2 * k] = T == DType::BF16 ? bf16BitsToFloat(low) : f16BitsToFloat(low);
+            x[2 * k + 1] = T == DType::BF16 ? bf16BitsToFloat(high) : f16BitsToFloat(high);
+          }
+        }
+#pragma unroll
+        for (int k = 0; k < 8; ++k) part[k] = fma(static_cast<double>(x[k]), u[t + k], part[k]);
+      }
+    }
     for (; t + 8 <= args.headDim; t += 8) {
 #pragma unroll
       for (int k = 0; k < 8; ++k) part[k] = fma(element(t + k), u[t + k], part[k]);
@@ -163,9 +186,18 @@ __global__ void __launch_bounds__(kSelectThreads) topBlocksKernel(const TopBlock
     for (int d = threadIdx.x; d < 256; d += blockDim.x) histogram[d] = 0;
     __syncthreads();
     const unsigned long long p = prefix, m = mask;
-    for (long long b = threadIdx.x; b < args.blocks; b += blockDim.x) {
-      const unsigned long long key = orderKey(s[b]);
-      if ((key & m) == p) atomicAdd(&histogram[(key >> shift) & 255u], 1u);
+    // Whole warps per round, so the lanes of a warp that share a digit add once together: the
+    // top digits (sign, exponent) are nearly all equal, and one shared counter per add would
+    // serialise them.
+    for (long long first = 0; first < args.blocks; first += blockDim.x) {
+      const long long b = first + threadIdx.x;
+      unsigned digit = 256;  // no digit: outside the array or the prefix
+      if (b < args.blocks) {
+        const unsigned long long key = orderKey(s[b]);
+        if ((key & m) == p) digit = static_cast<unsigned>((key >> shift) & 255u);
+      }
+      const unsigned peers = __match_any_sync(0xffffffffu, digit);
+      if (digit < 256 && (threadIdx.x % 32) == static_cast<unsigned>(__ffs(peers) - 1)) atomicAdd(&histogram[digit], __popc(peers));
     }
     __syncthreads();
     if (threadIdx.x == 0) {

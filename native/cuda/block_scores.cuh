@@ -22,6 +22,7 @@ struct BlockScoresKernelArgs {
   double* entropies = nullptr;           // [kvHeads], device
   long long blocks = 0;
   DType reprType = DType::F32;
+  bool vectorRows = false;  // rows 16-byte aligned with headDim % 8 == 0: vector loads
   int kvHeads = 0;
   int headDim = 0;
   double temperature = 1;

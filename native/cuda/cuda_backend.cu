@@ -650,6 +650,11 @@ class CudaBackend final : public Backend {
     kernel.entropies = reinterpret_cast<double*>(device + entropyOffset);
     kernel.blocks = args.blocks;
     kernel.reprType = args.reprType;
+    // Row starts are 16-byte aligned when every head's buffer is and a row is a whole number of 16 bytes.
+    kernel.vectorRows = args.headDim % 8 == 0;
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      kernel.vectorRows = kernel.vectorRows && reinterpret_cast<uintptr_t>(args.heads[h].reprs) % 16 == 0;
+    }
     kernel.kvHeads = args.kvHeads;
     kernel.headDim = args.headDim;
     kernel.temperature = args.temperature;
