@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <cstddef>
 #include <string>
+#include <utility>
 
 namespace kvslim {
 
@@ -246,17 +247,7 @@ Status PagedStore::readRows(int32_t layer, int32_t h, int64_t first, int64_t cou
 }
 
 Status PagedStore::keyRuns(int32_t layer, int32_t h, int64_t first, int64_t count, std::vector<DeviceRun>* runs) const {
-  const Segment& pages = head(layer, h).tail;
-  if (first < 0 || count < 0 || first + count > pages.count) return Status(ErrorCode::Internal, "keyRuns: rows out of range");
-  first += pages.firstRow;
-  const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
-  for (int64_t t = first; t < first + count;) {
-    const int64_t run = std::min(first + count - t, shape_.pageTokens - t % shape_.pageTokens);
-    const uint8_t* base = static_cast<const uint8_t*>(pages.pages[size_t(t / shape_.pageTokens)]->memory());
-    runs->push_back({base + size_t(t % shape_.pageTokens) * rowBytes, size_t(run) * rowBytes});
-    t += run;
-  }
-  return Status::ok();
+  return segmentRuns(head(layer, h).tail, first, count, 0, runs);
 }
 
 Status PagedStore::readKeptRows(int32_t layer, int32_t h, int64_t first, int64_t count, void* keysOut,
@@ -264,23 +255,32 @@ Status PagedStore::readKeptRows(int32_t layer, int32_t h, int64_t first, int64_t
   return readSegment(head(layer, h).kept, first, count, keysOut, valuesOut);
 }
 
-Status PagedStore::readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const {
+// Rows [first, first + count) of a segment as one run per page they touch, `part` bytes into
+// each page (0: keys, pageBytes_ / 2: values).
+Status PagedStore::segmentRuns(const Segment& pages, int64_t first, int64_t count, size_t part, std::vector<DeviceRun>* runs) const {
   if (first < 0 || count < 0 || first + count > pages.count) return Status(ErrorCode::Internal, "readRows: rows out of range");
   first += pages.firstRow;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
-  const size_t partBytes = pageBytes_ / 2;
-  // One download per run of rows within a page.
   for (int64_t t = first; t < first + count;) {
     const int64_t run = std::min(first + count - t, shape_.pageTokens - t % shape_.pageTokens);
-    const uint8_t* base = static_cast<const uint8_t*>(pages.pages[size_t(t / shape_.pageTokens)]->memory());
-    const size_t offset = size_t(t % shape_.pageTokens) * rowBytes;
-    const size_t outOffset = size_t(t - first) * rowBytes;
-    KVSLIM_RETURN_IF_ERROR(backend_->download(static_cast<uint8_t*>(keysOut) + outOffset, base + offset, size_t(run) * rowBytes));
-    if (valuesOut != nullptr) {
-      KVSLIM_RETURN_IF_ERROR(backend_->download(static_cast<uint8_t*>(valuesOut) + outOffset, base + partBytes + offset,
-                                                size_t(run) * rowBytes));
-    }
+    const uint8_t* base = static_cast<const uint8_t*>(pages.pages[size_t(t / shape_.pageTokens)]->memory()) + part;
+    runs->push_back({base + size_t(t % shape_.pageTokens) * rowBytes, size_t(run) * rowBytes});
     t += run;
+  }
+  return Status::ok();
+}
+
+// One download per run of rows within a page (no device staging: save() reads whole heads).
+Status PagedStore::readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const {
+  for (const auto& [part, out] : {std::pair<size_t, void*>{0, keysOut}, {pageBytes_ / 2, valuesOut}}) {
+    if (out == nullptr) continue;
+    std::vector<DeviceRun> runs;
+    KVSLIM_RETURN_IF_ERROR(segmentRuns(pages, first, count, part, &runs));
+    auto* into = static_cast<uint8_t*>(out);
+    for (const DeviceRun& run : runs) {
+      KVSLIM_RETURN_IF_ERROR(backend_->download(into, run.source, run.bytes));
+      into += run.bytes;
+    }
   }
   return Status::ok();
 }

@@ -123,6 +123,7 @@ class PagedStore {
   static void refreshPointers(Segment* segment, size_t partBytes);
   // Appends `count` host rows (keys, values in store dtype) to the end of a segment.
   Status uploadRows(Segment* segment, const uint8_t* keys, const uint8_t* values, int64_t count);
+  Status segmentRuns(const Segment& pages, int64_t first, int64_t count, size_t part, std::vector<DeviceRun>* runs) const;
   Status readSegment(const Segment& pages, int64_t first, int64_t count, void* keysOut, void* valuesOut) const;
   KVHeadView viewOf(const Segment& segment) const;
 
