@@ -465,7 +465,6 @@ class ActQKVPolicy final : public LoadingPolicy {
   // holds it). Runs on the calling thread after the heads' parallel index() tasks (which make no
   // backend calls).
   Status store(SelectContext& context, int32_t layer) {
-    const size_t dim = size_t(context.headDim);
     for (int32_t h = 0; h < kvHeads_; ++h) {
       HeadBlocks* head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)].get();
       // index() gave a head with staged blocks a HeadBlocks of its own.
