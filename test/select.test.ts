@@ -418,6 +418,24 @@ describe('h2o: heavy hitters + recent window', () => {
     });
   }
 
+  it('a full heavy set gives up its oldest lowest token (ties at exactly zero mass)', () => {
+    const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: 4, policy: { select: { kind: 'h2o', budget: 3, recent: 1 } } });
+    try {
+      const rng = new Random(61);
+      const token = (x: number) => Float32Array.from([x, rng.normal(), rng.normal(), rng.normal()].map((v, i) => (i === 0 ? v : v * 1e-3)));
+      const q = Float32Array.from([100, 0, 0, 0]);
+      // Tokens 0 and 1 score about -5000 against q: probability exactly 0 in f32, so their mass stays 0.
+      const k01 = new Float32Array([...token(-100), ...token(-100)]);
+      cache.append(0, k01, k01.map(() => rng.normal()));
+      cache.step(0, q, token(0), token(1));  // token 2: mass 1; token 1 joins the heavy set (one slot free)
+      expect(Array.from(cache.positions(0, 0))).toEqual([0, 1, 2]);
+      cache.step(0, q, token(0), token(1));  // token 2 leaves the window with mass 1.5 > 0: token 0 (older) goes
+      expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 3]);
+    } finally {
+      cache.dispose();
+    }
+  });
+
   it('the kv heads of a GQA cache decide separately', () => {
     const pair = new Pair(GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
     pair.runAll([['prefill', 60], ...steps(10)]);

@@ -8,6 +8,7 @@
 #include <cstring>
 #include <deque>
 #include <string>
+#include <vector>
 
 #include "select_policy.h"
 
@@ -103,25 +104,38 @@ class H2OPolicy final : public SelectPolicy {
     std::deque<double> tail;   // per tail token, oldest first
   };
 
+  // The candidates leave the tail oldest first. A full heavy set loses its lowest token (lowest
+  // score, then oldest) to a candidate with a larger score; the lowest comes from a heap (a
+  // prompt's prefill sends thousands of candidates past a large heavy set).
   Status evict(PagedStore& store, int32_t layer, int32_t h, HeadScores* scores) {
+    struct Slot {
+      double score;
+      int64_t position;
+      int64_t slot;
+    };
+    // std heaps keep the largest on top: "larger" here is lower, so the top is the lowest.
+    const auto above = [](const Slot& a, const Slot& b) {
+      return a.score > b.score || (a.score == b.score && a.position > b.position);
+    };
+    std::vector<Slot> heap;
     while (store.tailTokens(layer, h) > recent_) {
       const double candidate = scores->tail.front();
       if (int64_t(scores->kept.size()) < heavy_) {
         KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, {0}));
         scores->kept.push_back(candidate);
       } else {
-        // The lowest kept score; ties pick the older token (kept slots are not position-ordered).
-        const std::vector<int64_t>& positions = store.keptPositions(layer, h);
-        size_t lowest = 0;
-        for (size_t s = 1; s < scores->kept.size(); ++s) {
-          if (scores->kept[s] < scores->kept[lowest] ||
-              (scores->kept[s] == scores->kept[lowest] && positions[s] < positions[lowest])) {
-            lowest = s;
-          }
+        if (heap.empty()) {
+          const std::vector<int64_t>& positions = store.keptPositions(layer, h);
+          for (size_t s = 0; s < scores->kept.size(); ++s) heap.push_back({scores->kept[s], positions[s], int64_t(s)});
+          std::make_heap(heap.begin(), heap.end(), above);
         }
-        if (candidate > scores->kept[lowest]) {
-          KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(lowest), 0));
-          scores->kept[lowest] = candidate;
+        const Slot lowest = heap.front();
+        if (candidate > lowest.score) {
+          KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, lowest.slot, 0));
+          scores->kept[size_t(lowest.slot)] = candidate;
+          std::pop_heap(heap.begin(), heap.end(), above);
+          heap.back() = {candidate, store.keptPositions(layer, h)[size_t(lowest.slot)], lowest.slot};
+          std::push_heap(heap.begin(), heap.end(), above);
         }
       }
       store.dropTailFront(layer, h, 1);
