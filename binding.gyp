@@ -79,6 +79,7 @@
         "native/cpu/block_scores.cc",
         "native/cpu/page_bounds.cc",
         "native/cpu/attention_prefill.cc",
+        "native/cpu/attention_prefill_heads.cc",
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",
         "native/cpu/scratch.cc",

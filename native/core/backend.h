@@ -50,6 +50,8 @@ class Backend {
 
   // args.heads[*] page pointers are backend memory; q and out are host memory.
   virtual Status attention(const AttentionArgs& args) = 0;
+  // Whether attention() fills AttentionArgs::mass; a backend that does not refuses a call that asks.
+  virtual bool fusesMass() const { return false; }
   // Raw scores q.k * scale (the attentionScores op, the retrieval policy's flat scan).
   virtual Status attentionScores(const ScoresArgs& args) = 0;
   // Per-token attention mass of one kv head's query rows (H2O accumulation, SnapKV pooled votes),

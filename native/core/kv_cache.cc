@@ -278,6 +278,13 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
   }
   const auto start = std::chrono::steady_clock::now();
   SelectContext context = selectContext();
+  std::vector<double> mass;  // the attention's mass, consumed by this call
+  if (massLayer_ == layer && q != nullptr) {
+    mass.swap(mass_);
+    context.mass = mass.data();
+    context.massStride = massStride_;
+  }
+  massLayer_ = -1;
   Status status = policy_->afterAppend(context, layer, q, n, prefill);
   // KIVI: the layer moves once the policy has settled it, or when decoding starts (SnapKV selects
   // at prefill only, so a layer decoded before any prefill keeps every token).
@@ -320,6 +327,7 @@ Status KVCache::flushLayer(int32_t layer) {
 }
 
 Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill) {
+  massLayer_ = -1;
   const int64_t tokens = this->tokens(layer);
   if (n > tokens) {
     return Status(ErrorCode::Shape, "attend needs at least as many tokens in layer " + std::to_string(layer) +
@@ -366,6 +374,18 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   }
   lastLoadedTokens_ = loaded / config_.kvHeads;
   AttentionArgs args = denseArgs(q, n, out, tails.data());
+  if (!anyKept && prefill && policy_ && policy_->wantsMass() && backend_->fusesMass()) {
+    // H2O over a prompt: the attention sums each token's mass from the scores it computes anyway.
+    int64_t stride = 0;
+    for (const KVHeadView& tail : tails) stride = std::max(stride, tail.tokens);
+    mass_.assign(size_t(config_.kvHeads) * size_t(stride), 0.0);
+    args.mass = mass_.data();
+    args.massStride = stride;
+    KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
+    massStride_ = stride;
+    massLayer_ = layer;
+    return Status::ok();
+  }
   if (!anyKept) return backend_->attention(args);
   // Tail (causal) and kept segment (older than every query), merged by log-sum-exp.
   std::vector<float> rotated;

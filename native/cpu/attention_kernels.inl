@@ -222,13 +222,15 @@ void decodeRange(const DecodeRange& range) {
 // ---------------------------------------------------------------------------------------------
 // Prefill: register tiles of kPrefillRows rows x 2 vectors of keys (compute-bound, GEMM-like).
 
-template <class V>
-void prefillTile(const PrefillTile& tile) {
+// CAPTURE (attention mass): the scores of a block live in tile.probs, rows probsStride apart, so the
+// probabilities stay there for the mass; otherwise in the scratch, rows BLOCK apart.
+template <class V, bool CAPTURE>
+void prefillTileRows(const PrefillTile& tile) {
   using R = typename V::R;
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
-  float* scores = tile.scratch;
+  const int64_t stride = CAPTURE ? tile.probsStride : BLOCK;
   // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
   // a few KiB) is read from L1 by every sub-tile instead of streaming the chunk once per 8 rows.
   for (int64_t blockBegin = tile.keyBegin; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
@@ -243,6 +245,7 @@ void prefillTile(const PrefillTile& tile) {
       for (int32_t r = 1; r < rows; ++r) lastOfSubTile = lastToken[r] > lastOfSubTile ? lastToken[r] : lastOfSubTile;
       if (lastOfSubTile < blockBegin) continue;  // causal: these rows end before this block
       const float* q = tile.q + size_t(first) * size_t(dim);
+      float* scores = CAPTURE ? tile.probs + size_t(first) * size_t(stride) + size_t(blockBegin) : tile.scratch;
       SoftmaxState state = {tile.state.max + first, tile.state.sum + first, tile.state.acc + size_t(first) * size_t(dim)};
       R s0[ROWS], s1[ROWS];
       for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
@@ -256,14 +259,18 @@ void prefillTile(const PrefillTile& tile) {
         }
       }
       for (int32_t r = 0; r < rows; ++r) {
-        float* s = scores + r * BLOCK;
+        float* s = scores + r * stride;
         V::store(s, s0[r]);
         V::store(s + V::W, s1[r]);
         if (blockBegin + count - 1 > lastToken[r])
           for (int32_t j = 0; j < count; ++j)
             if (blockBegin + j > lastToken[r]) s[j] = -__builtin_inff();
       }
-      softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
+      softmaxBlock<V>(scores, int32_t(stride), rows, count, state, dim, dim);
+      if (CAPTURE) {
+        for (int32_t r = 0; r < rows; ++r)
+          tile.blockMax[size_t(first + r) * size_t(tile.blockMaxStride) + size_t(blockBegin / BLOCK)] = state.max[r];
+      }
       // Two value chunks per pass: 2 x ROWS independent FMA chains hide the FMA latency.
       int32_t c = 0;
       for (; c + 2 * V::W <= dim; c += 2 * V::W) {
@@ -276,7 +283,7 @@ void prefillTile(const PrefillTile& tile) {
           const R v0 = V::load(values + size_t(j) * size_t(dim) + c);
           const R v1 = V::load(values + size_t(j) * size_t(dim) + c + V::W);
           for (int32_t r = 0; r < ROWS; ++r) {
-            const R p = V::set1(scores[r * BLOCK + j]);
+            const R p = V::set1(scores[r * stride + j]);
             out0[r] = V::fmadd(p, v0, out0[r]);
             out1[r] = V::fmadd(p, v1, out1[r]);
           }
@@ -291,11 +298,57 @@ void prefillTile(const PrefillTile& tile) {
         for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
         for (int32_t j = 0; j < count; ++j) {
           const R v = V::load(values + size_t(j) * size_t(dim) + c);
-          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * BLOCK + j]), v, out[r]);
+          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * stride + j]), v, out[r]);
         }
         for (int32_t r = 0; r < rows; ++r) V::store(state.acc + r * dim + c, out[r]);
       }
     }
+  }
+}
+
+template <class V>
+void prefillTile(const PrefillTile& tile) {
+  if (tile.probs != nullptr) {
+    prefillTileRows<V, true>(tile);
+  } else {
+    prefillTileRows<V, false>(tile);
+  }
+}
+
+// Block outside, rows inside: a block's sums over the tile's rows stay in registers (f32, two
+// sets for alternate rows so two FMA chains run), then go into the double columns once.
+template <class V>
+void massTile(const MassTile& tile) {
+  using R = typename V::R;
+  constexpr int32_t BLOCK = 2 * V::W;
+  int64_t end = 0;
+  for (int32_t r = 0; r < tile.rows; ++r) end = tile.lastToken[r] + 1 > end ? tile.lastToken[r] + 1 : end;
+  for (int64_t blockBegin = 0; blockBegin < end; blockBegin += BLOCK) {
+    const int64_t block = blockBegin / BLOCK;
+    R even0 = V::zero(), even1 = V::zero(), odd0 = V::zero(), odd1 = V::zero();
+    alignas(64) float sums[BLOCK] = {};
+    for (int32_t r = 0; r < tile.rows; ++r) {
+      const int64_t seen = tile.lastToken[r] + 1 - blockBegin;
+      if (seen <= 0) continue;
+      const float weight = float(tile.weights[size_t(r) * size_t(tile.blocks) + size_t(block)]);
+      const float* p = tile.probs + size_t(r) * size_t(tile.probsStride) + size_t(blockBegin);
+      if (seen >= BLOCK) {
+        const R w = V::set1(weight);
+        if (r % 2 == 0) {
+          even0 = V::fmadd(V::load(p), w, even0);
+          even1 = V::fmadd(V::load(p + V::W), w, even1);
+        } else {
+          odd0 = V::fmadd(V::load(p), w, odd0);
+          odd1 = V::fmadd(V::load(p + V::W), w, odd1);
+        }
+      } else {
+        for (int32_t j = 0; j < seen; ++j) sums[j] += p[j] * weight;
+      }
+    }
+    V::store(sums, V::add(V::add(even0, odd0), V::load(sums)));
+    V::store(sums + V::W, V::add(V::add(even1, odd1), V::load(sums + V::W)));
+    const int32_t count = end - blockBegin < BLOCK ? int32_t(end - blockBegin) : BLOCK;
+    for (int32_t j = 0; j < count; ++j) tile.out[blockBegin + j] += double(sums[j]);
   }
 }
 

@@ -169,4 +169,29 @@ void attentionMass(const AttentionMassArgs& args) {
   }
 }
 
+void prefillMass(const AttentionArgs& args) {
+  const RowLayout layout(args);
+  std::vector<float> rows(size_t(layout.rowsPerHead) * size_t(args.headDim));
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
+      const float* from = args.q + layout.queryIndex(h, row) * args.headDim;
+      std::copy(from, from + args.headDim, rows.begin() + row * args.headDim);
+    }
+    AttentionMassArgs mass;
+    mass.q = rows.data();
+    mass.n = args.n;
+    mass.group = layout.group;
+    mass.headDim = args.headDim;
+    mass.kvType = args.kvType;
+    mass.pageTokens = args.pageTokens;
+    mass.rowStride = args.rowStride;
+    mass.tail = args.heads[h];
+    mass.scale = args.scale;
+    mass.columns = args.heads[h].tokens;
+    mass.out = args.mass + size_t(h) * size_t(args.massStride);
+    mass.threads = args.threads;
+    attentionMass(mass);
+  }
+}
+
 }  // namespace kvslim::cpu

@@ -85,6 +85,14 @@ struct KeyBlocks {
 void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
                    int64_t at, float* keysTransposed);
 
+// The prefill's f32 copy of keys [first, first + count) of `head`: keys as transposed blocks
+// (transposeKeys at 0), values as rows of paddedDim, padding zeroed.
+void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const KVHeadView& head, int64_t first,
+                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values);
+// Writes a finished row's output (acc / sum) and, when asked, its lse (log2 units).
+void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,
+               const float* acc);
+
 // Flash-decoding task shape: threads to wake and key splits per (kv head, row group).
 struct DecodePlan {
   int32_t threads;
@@ -97,10 +105,15 @@ void attentionDecode(const AttentionArgs& args);
 void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
 void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
 void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of a kv head's query rows (selection)
+void prefillMass(const AttentionArgs& args);        // args.mass by attentionMass, head by head (a second QK^T pass)
 // Quest (page_bounds.cc), for checked args: boxes extended from key pages; bounds by the boxBound kernel.
 Status pageBoxes(const PageBoxesArgs& args);
 Status pageBounds(const PageBoundsArgs& args);
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
+// Many rows, one kv head at a time over all its keys, plus args.mass from the same QK^T pass when
+// set; needs prefillHeadsFits (one head's keys and values as f32 within budget).
+void attentionPrefillHeads(const AttentionArgs& args);
+bool prefillHeadsFits(const AttentionArgs& args);
 // ActQKV (block_scores.cc), for checked args: block scores and entropies; each head's top blocks.
 Status blockScores(const BlockScoresArgs& args);
 Status topBlocks(const TopBlocksArgs& args);

@@ -1,6 +1,7 @@
-// Prefill driver: keys arrive in chunks converted once to f32 (transposed per block for the
-// register-tiled score kernel); every (kv head, row tile) task then continues its online softmax
-// over the chunk. The full [n, T] score matrix never exists.
+// Prefill driver for heads too long for attention_prefill_heads.cc (prefillHeadsFits): keys arrive
+// in chunks converted once to f32 (transposed per block for the register-tiled score kernel);
+// every (kv head, row tile) task then continues its online softmax over the chunk. Memory stays at
+// a chunk of every head whatever the length. The full [n, T] score matrix never exists.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -14,9 +15,8 @@ namespace kvslim::cpu {
 
 namespace {
 constexpr int64_t kChunkKeys = 2048;  // f32 K+V of a chunk: kvHeads x 2 MiB at headDim 128
+}  // namespace
 
-// Copies keys [first, first + count) of one head from its pages into f32 buffers:
-// keysTransposed as blocks of [paddedDim, blockKeys], values as [count, paddedDim].
 void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const KVHeadView& head, int64_t first,
                   int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values) {
   const int32_t dim = args.headDim;
@@ -32,7 +32,15 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   const KeyBlocks layout{args.pageTokens, rowBytes, args.kvType, dim, paddedDim, blockKeys};
   transposeKeys(kernels, layout, head, first, count, 0, keysTransposed);
 }
-}  // namespace
+
+void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,
+               const float* acc) {
+  const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+  const int64_t index = layout.queryIndex(kvHead, row);
+  float* out = args.out + index * args.headDim;
+  for (int32_t d = 0; d < args.headDim; ++d) out[d] = acc[d] * inverse;
+  if (args.lse != nullptr) args.lse[index] = sum > 0.0f ? max + std::log2(sum) : -INFINITY;
+}
 
 void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
                    int64_t at, float* keysTransposed) {
@@ -135,13 +143,7 @@ void attentionPrefill(const AttentionArgs& args) {
   pool.parallelFor(args.kvHeads, threads, [&](int64_t h, int32_t) {
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       const size_t index = size_t(h) * size_t(paddedRows) + size_t(row);
-      const float inverse = sums[index] > 0.0f ? 1.0f / sums[index] : 0.0f;
-      const float* acc = accs + index * size_t(paddedDim);
-      float* out = args.out + layout.queryIndex(args, int32_t(h), row) * dim;
-      for (int32_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
-      if (args.lse != nullptr) {
-        args.lse[layout.queryIndex(args, int32_t(h), row)] = sums[index] > 0.0f ? maxes[index] + std::log2(sums[index]) : -INFINITY;
-      }
+      finishRow(args, layout, int32_t(h), row, maxes[index], sums[index], accs + index * size_t(paddedDim));
     }
   });
 }

@@ -31,16 +31,23 @@ class CpuBackend final : public Backend {
   }
 
   Status attention(const AttentionArgs& args) override {
-    // Few rows per kv head: memory-bound, read pages directly. Many: tile and convert chunks.
+    // Few rows per kv head: memory-bound, read pages directly. Many: tile the rows over f32 keys,
+    // head by head while a head's keys fit the budget, else in chunks of every head.
+    KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
     constexpr int64_t kDecodeRowsLimit = 16;
     const int64_t rowsPerHead = int64_t(args.n) * (args.qHeads / args.kvHeads);
-    if (rowsPerHead <= kDecodeRowsLimit) {
+    if (rowsPerHead <= kDecodeRowsLimit && args.mass == nullptr) {
       cpu::attentionDecode(args);
+    } else if (cpu::prefillHeadsFits(args)) {
+      cpu::attentionPrefillHeads(args);
     } else {
       cpu::attentionPrefill(args);
+      if (args.mass != nullptr) cpu::prefillMass(args);
     }
     return Status::ok();
   }
+
+  bool fusesMass() const override { return true; }
 
   Status attentionScores(const ScoresArgs& args) override {
     cpu::attentionScores(args);

@@ -48,6 +48,29 @@ struct PrefillTile {
   int64_t keyBegin, keyEnd;     // a whole number of blocks, keyBegin % blockKeys == 0
   SoftmaxState state;           // continued (the driver initialises it once)
   float* scratch;               // [prefillRows, blockKeys]
+  // Optional (attention mass): every computed block's unnormalised probabilities exp2(s - max)
+  // of row r at probs + r * probsStride + key (whole blocks: probsStride and the buffer hold
+  // keyEnd rounded up to blockKeys), and the row's running max after block b at
+  // blockMax[r * blockMaxStride + b]. A block after every row of a register tile ends is skipped.
+  float* probs = nullptr;
+  int64_t probsStride = 0;
+  float* blockMax = nullptr;
+  int64_t blockMaxStride = 0;
+};
+
+// Column sums of one finished prefill tile's probabilities (attention mass): for every row r and
+// key j <= lastToken[r], out[j] += sum over r of probs[r * probsStride + j] * weights[r * blocks +
+// j / blockKeys], where the weight turns the block's unnormalised probabilities into final ones
+// (exp2(max after the block - final max) / final sum). The tile's sum is f32 (as the probabilities
+// are), the columns double.
+struct MassTile {
+  const float* probs;
+  int64_t probsStride;
+  const double* weights;
+  int64_t blocks;            // weights per row
+  const int64_t* lastToken;  // [rows]
+  int32_t rows;
+  double* out;               // [max lastToken + 1]
 };
 
 // Scores of `rows` query rows against keys [0, keyEnd) converted to transposed blocks as for
@@ -114,6 +137,7 @@ struct KernelTable {
   int32_t prefillBlockKeys;   // keys per prefill block (2 registers)
   void (*decodeRange)(const DecodeRange& range);
   void (*prefillTile)(const PrefillTile& tile);
+  void (*massTile)(const MassTile& tile);
   // dst[i] = src[i] as f32 for i < count (prefill converts stored key/value rows once per chunk).
   void (*toFloat32)(const void* src, DType type, float* dst, int32_t count);
   // Sum of `count` floats (bandwidth probe: a pure streaming read).

@@ -9,6 +9,7 @@ KernelTable makeTable() {
   table.prefillBlockKeys = 2 * V::W;
   table.decodeRange = &decodeRange<V>;
   table.prefillTile = &prefillTile<V>;
+  table.massTile = &massTile<V>;
   table.toFloat32 = &toFloat32<V>;
   table.streamSum = &streamSum<V>;
   table.fmaBurn = &fmaBurn<V>;

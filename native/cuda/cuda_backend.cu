@@ -179,7 +179,8 @@ Status checkArgs(const AttentionArgs& args) {
   KVSLIM_RETURN_IF_ERROR(checkHostPointers("attention", args.q, args.out, args.heads));
   KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
   for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadView(h, args.heads[h], args.pageTokens, true));
-  return Status::ok();
+  // The mass comes from attentionMass here (fusesMass() is false).
+  return checkAttentionMass(args, false);
 }
 
 // Rows and tokens of a scores call; q and out are only read or written when both are nonzero.

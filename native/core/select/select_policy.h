@@ -59,6 +59,11 @@ struct SelectContext {
   int32_t headDim;
   float scale;
   int32_t threads;
+  // Set for afterAppend when the call's attention also summed each token's mass over its queries
+  // (AttentionArgs::mass, [kvHeads, massStride]; a prefill over a head with no kept tokens, on a
+  // backend that fuses it): a policy that asked (wantsMass) uses it instead of attentionMass.
+  const double* mass = nullptr;
+  int64_t massStride = 0;
 };
 
 struct LoadPlan;
@@ -77,6 +82,9 @@ class SelectPolicy {
   // True once no later call evicts tokens of this layer (SnapKV and PyramidKV after their one
   // selection): a KIVI store may then quantize what the layer keeps.
   virtual bool settled(int32_t layer) const { return false; }
+  // True when afterAppend needs each token's attention mass over the call's queries (H2O): the
+  // cache then asks the attention to sum it where the backend can (SelectContext::mass).
+  virtual bool wantsMass() const { return false; }
   // Streaming and duo keep, per (layer, kv head), the first `sink` tokens and the last `window`
   // (a call of n tokens keeps max(window, n) while it attends; trimWindows). False for heads that
   // keep every token (duo's retrieval heads) and for every other policy. A KIVI store holds such

@@ -1,0 +1,211 @@
+// Prefill head by head: one kv head's keys and values converted to f32 at once, then each tile of
+// its query rows runs the prefill kernel over all of the keys it sees. While a head's keys stay
+// in the caches its tiles share them (attentionPrefill's chunks interleave every head's).
+//
+// With AttentionArgs::mass (H2O's heavy-hitter scores over a prompt) the mass comes from the same
+// QK^T pass. A separate mass pass (attentionMass) recomputes every score after the prefill: a
+// second QK^T, about half of the prefill's FLOPs. Here each tile keeps its unnormalised
+// probabilities exp2(s - running max) and the running max after every key block. Once the tile's
+// rows are done, their final max and sum turn those into probabilities (massTile), added into
+// double column sums.
+// - The output is attentionPrefill's bit for bit: the same kernel over the same key blocks in the
+//   same order, and rows never interact in it.
+// - Deterministic mass: a kv head's row tiles are dealt (back and forth) to a number of slices
+//   fixed by the shape; a slice adds its tiles in order into its own accumulator, and the slices are added
+//   in slice order, whatever the thread count.
+// - Memory: one kv head's keys and values as f32 (prefillHeadsFits); with the mass, per thread, one
+//   tile's probabilities (tile rows x tokens floats; the tile shrinks to stay within kProbsBudget).
+#include <algorithm>
+#include <cmath>
+#include <cstdlib>
+#include <vector>
+
+#include "attention_plan.h"
+#include "scratch.h"
+#include "simd_level.h"
+#include "thread_pool.h"
+
+namespace kvslim::cpu {
+
+namespace {
+constexpr int64_t kMaxSlices = 64;
+constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;  // doubles of slice accumulators per kv head (32 MiB)
+constexpr int64_t kProbsBudget = int64_t(1) << 22;        // floats of one thread's tile probabilities (16 MiB)
+constexpr int64_t kHeadBudget = int64_t(1) << 26;         // floats of one head's f32 keys and values (256 MiB)
+constexpr float kNoMaxYet = -1e30f;                        // attentionPrefill's start of a running max
+
+int32_t paddedDimOf(const KernelTable& kernels, int32_t dim) {
+  return (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
+}
+
+int64_t paddedTokensOf(const KernelTable& kernels, const AttentionArgs& args) {
+  int64_t maxTokens = 0;
+  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  const int32_t blockKeys = kernels.prefillBlockKeys;
+  return std::max<int64_t>(blockKeys, (maxTokens + blockKeys - 1) / blockKeys * blockKeys);
+}
+
+// One worker's buffers, allocated before the tasks run (a worker must not throw).
+struct TileBuffers {
+  std::vector<float> q;         // [tile rows rounded up to register rows, paddedDim], scaled
+  std::vector<float> acc;       // [tile rows, paddedDim]
+  std::vector<float> maxes, sums;
+  std::vector<int64_t> last;    // each row's last key
+  std::vector<float> scratch;   // the kernel's [prefillRows, blockKeys]
+  // With the mass only:
+  std::vector<float> probs;     // [tile rows, paddedTokens]
+  std::vector<float> blockMax;  // [tile rows, blocks]
+  std::vector<double> weights;  // [tile rows, blocks]
+};
+
+// Each row's weight per key block, exp2(max after the block - final max) / final sum, computed
+// again only when the running max moved (it rarely does after the first blocks).
+void blockWeights(const TileBuffers& tile, int32_t rows, int64_t blocks, int32_t blockKeys, double* weights) {
+  for (int32_t r = 0; r < rows; ++r) {
+    const float* maxes = tile.blockMax.data() + size_t(r) * size_t(blocks);
+    double* into = weights + size_t(r) * size_t(blocks);
+    const int64_t seen = tile.sums[size_t(r)] > 0.0f ? tile.last[size_t(r)] / blockKeys + 1 : 0;
+    float previous = 0.0f;
+    double weight = 0.0;
+    for (int64_t b = 0; b < seen; ++b) {
+      if (b == 0 || maxes[b] != previous) {
+        previous = maxes[b];
+        weight = std::exp2(double(maxes[b]) - double(tile.maxes[size_t(r)])) / double(tile.sums[size_t(r)]);
+      }
+      into[b] = weight;
+    }
+  }
+}
+}  // namespace
+
+bool prefillHeadsFits(const AttentionArgs& args) {
+  // KVSLIM_PREFILL_HEAD_FLOATS (read once) replaces the budget: tests send every prefill through
+  // the chunked driver with a small one.
+  static const int64_t budget = [] {
+    const char* text = std::getenv("KVSLIM_PREFILL_HEAD_FLOATS");
+    char* end = nullptr;
+    const long long value = text != nullptr && *text != '\0' ? std::strtoll(text, &end, 10) : -1;
+    return value >= 0 && end != nullptr && *end == '\0' ? int64_t(value) : kHeadBudget;
+  }();
+  const KernelTable& kernels = activeKernels();
+  return paddedTokensOf(kernels, args) * paddedDimOf(kernels, args.headDim) * 2 <= budget;
+}
+
+void attentionPrefillHeads(const AttentionArgs& args) {
+  const KernelTable& kernels = activeKernels();
+  ThreadPool& pool = globalPool();
+  const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
+  const RowLayout layout(args);
+  const int32_t dim = args.headDim;
+  const int32_t paddedDim = paddedDimOf(kernels, dim);
+  const int32_t registerRows = kernels.prefillRows;
+  const int32_t blockKeys = kernels.prefillBlockKeys;
+  const int64_t paddedTokens = paddedTokensOf(kernels, args);
+  const int64_t blocks = paddedTokens / blockKeys;
+  const bool withMass = args.mass != nullptr;
+  int32_t tileRows = kMaxPrefillRows;
+  while (withMass && tileRows > registerRows && int64_t(tileRows) * paddedTokens > kProbsBudget) tileRows -= registerRows;
+  const int32_t paddedTileRows = (tileRows + registerRows - 1) / registerRows * registerRows;
+  const int64_t tiles = (layout.rowsPerHead + tileRows - 1) / tileRows;
+  // Without the mass a task is a tile, the longest first (causal work grows with the row index);
+  // with it a task is a slice of tiles.
+  const int64_t slices = withMass ? std::max<int64_t>(1, std::min({tiles, kMaxSlices, kAccumulatorBudget / paddedTokens})) : 0;
+  const int64_t tasks = withMass ? slices : tiles;
+  const int32_t threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, tasks)));
+
+  std::vector<TileBuffers> buffers(static_cast<size_t>(threads));
+  for (TileBuffers& b : buffers) {
+    b.q.assign(size_t(paddedTileRows) * size_t(paddedDim), 0.0f);
+    b.acc.resize(size_t(tileRows) * size_t(paddedDim));
+    b.maxes.resize(size_t(tileRows));
+    b.sums.resize(size_t(tileRows));
+    b.last.resize(size_t(tileRows));
+    b.scratch.resize(size_t(registerRows) * size_t(blockKeys));
+    if (!withMass) continue;
+    b.probs.resize(size_t(tileRows) * size_t(paddedTokens));
+    b.blockMax.resize(size_t(tileRows) * size_t(blocks));
+    b.weights.resize(size_t(tileRows) * size_t(blocks));
+  }
+  float* keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
+  float* values = scratchFloats(ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
+  std::vector<double> columnSums(size_t(slices) * size_t(paddedTokens));
+  const float factor = args.scale * kLog2e;
+
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const KVHeadView& head = args.heads[h];
+    const int64_t tokens = head.tokens;
+    const int64_t chunk = int64_t(blockKeys) * 64;  // whole blocks: no two chunks write one block
+    pool.parallelFor((tokens + chunk - 1) / chunk, allowed, [&](int64_t c, int32_t) {
+      const int64_t begin = c * chunk;
+      convertChunk(kernels, args, head, begin, std::min(chunk, tokens - begin), paddedDim, blockKeys,
+                   keys + size_t(begin) * size_t(paddedDim), values + size_t(begin) * size_t(paddedDim));
+    });
+    std::fill(columnSums.begin(), columnSums.end(), 0.0);
+
+    pool.parallelFor(tasks, threads, [&](int64_t task, int32_t worker) {
+      TileBuffers& b = buffers[size_t(worker)];
+      double* into = withMass ? columnSums.data() + size_t(task) * size_t(paddedTokens) : nullptr;
+      // A slice takes one tile of every round of `slices` tiles, from either end in turn, so the
+      // slices' causal work is about even.
+      const int64_t rounds = withMass ? (tiles + slices - 1) / slices : 1;
+      for (int64_t round = 0; round < rounds; ++round) {
+        const int64_t t = !withMass ? tiles - 1 - task : round * slices + (round % 2 == 0 ? task : slices - 1 - task);
+        if (t >= tiles) continue;
+        const int64_t firstRow = t * tileRows;
+        const int32_t rows = int32_t(std::min<int64_t>(tileRows, layout.rowsPerHead - firstRow));
+        int64_t lastOfTile = -1;
+        for (int32_t r = 0; r < rows; ++r) {
+          const float* src = args.q + layout.queryIndex(h, firstRow + r) * dim;
+          float* dst = b.q.data() + size_t(r) * size_t(paddedDim);
+          for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
+          b.last[size_t(r)] = lastToken(args, tokens, layout.position(firstRow + r));
+          lastOfTile = std::max(lastOfTile, b.last[size_t(r)]);
+        }
+        // Rows past the last tile row of a head are read by the register tile: zeros.
+        std::fill(b.q.begin() + size_t(rows) * size_t(paddedDim), b.q.end(), 0.0f);
+        std::fill(b.maxes.begin(), b.maxes.end(), kNoMaxYet);
+        std::fill(b.sums.begin(), b.sums.end(), 0.0f);
+        std::fill(b.acc.begin(), b.acc.end(), 0.0f);
+        const int64_t keyEnd = std::min(tokens, lastOfTile + 1);
+        if (keyEnd > 0) {
+          PrefillTile tile;
+          tile.q = b.q.data();
+          tile.rows = rows;
+          tile.lastToken = b.last.data();
+          tile.paddedDim = paddedDim;
+          tile.keysTransposed = keys;
+          tile.values = values;
+          tile.keyBegin = 0;
+          tile.keyEnd = keyEnd;
+          tile.state = {b.maxes.data(), b.sums.data(), b.acc.data()};
+          tile.scratch = b.scratch.data();
+          if (withMass) {
+            tile.probs = b.probs.data();
+            tile.probsStride = paddedTokens;
+            tile.blockMax = b.blockMax.data();
+            tile.blockMaxStride = blocks;
+          }
+          kernels.prefillTile(tile);
+        }
+        for (int32_t r = 0; r < rows; ++r) {
+          finishRow(args, layout, h, firstRow + r, b.maxes[size_t(r)], b.sums[size_t(r)], b.acc.data() + size_t(r) * size_t(paddedDim));
+          if (!(b.sums[size_t(r)] > 0.0f)) b.last[size_t(r)] = -1;  // saw no key: adds nothing
+        }
+        if (!withMass) continue;
+        blockWeights(b, rows, blocks, blockKeys, b.weights.data());
+        const MassTile mass{b.probs.data(), paddedTokens, b.weights.data(), blocks, b.last.data(), rows, into};
+        kernels.massTile(mass);
+      }
+    });
+
+    if (!withMass) continue;
+    double* mass = args.mass + size_t(h) * size_t(args.massStride);
+    std::fill(mass, mass + tokens, 0.0);
+    for (int64_t s = 0; s < slices; ++s) {
+      const double* part = columnSums.data() + size_t(s) * size_t(paddedTokens);
+      for (int64_t j = 0; j < tokens; ++j) mass[j] += part[j];
+    }
+  }
+}
+
+}  // namespace kvslim::cpu
