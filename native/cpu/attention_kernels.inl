@@ -222,15 +222,15 @@ void decodeRange(const DecodeRange& range) {
 // ---------------------------------------------------------------------------------------------
 // Prefill: register tiles of kPrefillRows rows x 2 vectors of keys (compute-bound, GEMM-like).
 
-// CAPTURE (attention mass): the scores of a block live in tile.probs, rows probsStride apart, so the
-// probabilities stay there for the mass; otherwise in the scratch, rows BLOCK apart.
+// CAPTURE (attention mass): a block's scores live in its slab of tile.probs instead of the scratch
+// (rows BLOCK apart either way), so the probabilities stay there for the mass.
 template <class V, bool CAPTURE>
 void prefillTileRows(const PrefillTile& tile) {
   using R = typename V::R;
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
-  const int64_t stride = CAPTURE ? tile.probsStride : BLOCK;
+  constexpr int32_t stride = BLOCK;
   // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
   // a few KiB) is read from L1 by every sub-tile instead of streaming the chunk once per 8 rows.
   for (int64_t blockBegin = tile.keyBegin; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
@@ -245,7 +245,8 @@ void prefillTileRows(const PrefillTile& tile) {
       for (int32_t r = 1; r < rows; ++r) lastOfSubTile = lastToken[r] > lastOfSubTile ? lastToken[r] : lastOfSubTile;
       if (lastOfSubTile < blockBegin) continue;  // causal: these rows end before this block
       const float* q = tile.q + size_t(first) * size_t(dim);
-      float* scores = CAPTURE ? tile.probs + size_t(first) * size_t(stride) + size_t(blockBegin) : tile.scratch;
+      float* scores = CAPTURE ? tile.probs + size_t(blockBegin / BLOCK) * size_t(tile.probsBlockStride) + size_t(first) * BLOCK
+                              : tile.scratch;
       SoftmaxState state = {tile.state.max + first, tile.state.sum + first, tile.state.acc + size_t(first) * size_t(dim)};
       R s0[ROWS], s1[ROWS];
       for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
@@ -266,10 +267,9 @@ void prefillTileRows(const PrefillTile& tile) {
           for (int32_t j = 0; j < count; ++j)
             if (blockBegin + j > lastToken[r]) s[j] = -__builtin_inff();
       }
-      softmaxBlock<V>(scores, int32_t(stride), rows, count, state, dim, dim);
+      softmaxBlock<V>(scores, stride, rows, count, state, dim, dim);
       if (CAPTURE) {
-        for (int32_t r = 0; r < rows; ++r)
-          tile.blockMax[size_t(first + r) * size_t(tile.blockMaxStride) + size_t(blockBegin / BLOCK)] = state.max[r];
+        for (int32_t r = 0; r < rows; ++r) tile.blockMax[size_t(blockBegin / BLOCK) * size_t(tile.blockMaxStride) + size_t(first + r)] = state.max[r];
       }
       // Two value chunks per pass: 2 x ROWS independent FMA chains hide the FMA latency.
       int32_t c = 0;
@@ -316,24 +316,35 @@ void prefillTile(const PrefillTile& tile) {
 }
 
 // Block outside, rows inside: a block's sums over the tile's rows stay in registers (f32, two
-// sets for alternate rows so two FMA chains run), then go into the double columns once.
+// sets for alternate rows so two FMA chains run), then go into the double columns once. A row's
+// weight is computed again only when its running max moved (rarely, after the first blocks).
 template <class V>
 void massTile(const MassTile& tile) {
   using R = typename V::R;
   constexpr int32_t BLOCK = 2 * V::W;
   int64_t end = 0;
   for (int32_t r = 0; r < tile.rows; ++r) end = tile.lastToken[r] + 1 > end ? tile.lastToken[r] + 1 : end;
+  float weightMax[kMaxPrefillRows], weight[kMaxPrefillRows];
+  for (int32_t r = 0; r < tile.rows; ++r) {
+    weightMax[r] = tile.finalMax[r];
+    weight[r] = float(1.0 / double(tile.finalSum[r]));
+  }
   for (int64_t blockBegin = 0; blockBegin < end; blockBegin += BLOCK) {
     const int64_t block = blockBegin / BLOCK;
+    const float* slab = tile.probs + size_t(block) * size_t(tile.blockStride);
+    const float* maxes = tile.blockMax + size_t(block) * size_t(tile.rowsPadded);
     R even0 = V::zero(), even1 = V::zero(), odd0 = V::zero(), odd1 = V::zero();
     alignas(64) float sums[BLOCK] = {};
     for (int32_t r = 0; r < tile.rows; ++r) {
       const int64_t seen = tile.lastToken[r] + 1 - blockBegin;
       if (seen <= 0) continue;
-      const float weight = float(tile.weights[size_t(r) * size_t(tile.blocks) + size_t(block)]);
-      const float* p = tile.probs + size_t(r) * size_t(tile.probsStride) + size_t(blockBegin);
+      if (maxes[r] != weightMax[r]) {
+        weightMax[r] = maxes[r];
+        weight[r] = float(std::exp2(double(maxes[r]) - double(tile.finalMax[r])) / double(tile.finalSum[r]));
+      }
+      const float* p = slab + size_t(r) * BLOCK;
       if (seen >= BLOCK) {
-        const R w = V::set1(weight);
+        const R w = V::set1(weight[r]);
         if (r % 2 == 0) {
           even0 = V::fmadd(V::load(p), w, even0);
           even1 = V::fmadd(V::load(p + V::W), w, even1);
@@ -342,7 +353,7 @@ void massTile(const MassTile& tile) {
           odd1 = V::fmadd(V::load(p + V::W), w, odd1);
         }
       } else {
-        for (int32_t j = 0; j < seen; ++j) sums[j] += p[j] * weight;
+        for (int32_t j = 0; j < seen; ++j) sums[j] += p[j] * weight[r];
       }
     }
     V::store(sums, V::add(V::add(even0, odd0), V::load(sums)));

@@ -14,7 +14,8 @@
 //   fixed by the shape; a slice adds its tiles in order into its own accumulator, and the slices are added
 //   in slice order, whatever the thread count.
 // - Memory: one kv head's keys and values as f32 (prefillHeadsFits); with the mass, per thread, one
-//   tile's probabilities (tile rows x tokens floats; the tile shrinks to stay within kProbsBudget).
+//   tile's probabilities (tile rows x tokens floats, block by block so a block's rows are adjacent;
+//   the tile shrinks to stay within kProbsBudget).
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
@@ -53,29 +54,10 @@ struct TileBuffers {
   std::vector<int64_t> last;    // each row's last key
   std::vector<float> scratch;   // the kernel's [prefillRows, blockKeys]
   // With the mass only:
-  std::vector<float> probs;     // [tile rows, paddedTokens]
-  std::vector<float> blockMax;  // [tile rows, blocks]
-  std::vector<double> weights;  // [tile rows, blocks]
+  std::vector<float> probs;     // [blocks, tile rows rounded up, blockKeys]
+  std::vector<float> blockMax;  // [blocks, tile rows rounded up]
 };
 
-// Each row's weight per key block, exp2(max after the block - final max) / final sum, computed
-// again only when the running max moved (it rarely does after the first blocks).
-void blockWeights(const TileBuffers& tile, int32_t rows, int64_t blocks, int32_t blockKeys, double* weights) {
-  for (int32_t r = 0; r < rows; ++r) {
-    const float* maxes = tile.blockMax.data() + size_t(r) * size_t(blocks);
-    double* into = weights + size_t(r) * size_t(blocks);
-    const int64_t seen = tile.sums[size_t(r)] > 0.0f ? tile.last[size_t(r)] / blockKeys + 1 : 0;
-    float previous = 0.0f;
-    double weight = 0.0;
-    for (int64_t b = 0; b < seen; ++b) {
-      if (b == 0 || maxes[b] != previous) {
-        previous = maxes[b];
-        weight = std::exp2(double(maxes[b]) - double(tile.maxes[size_t(r)])) / double(tile.sums[size_t(r)]);
-      }
-      into[b] = weight;
-    }
-  }
-}
 }  // namespace
 
 bool prefillHeadsFits(const AttentionArgs& args) {
@@ -122,9 +104,8 @@ void attentionPrefillHeads(const AttentionArgs& args) {
     b.last.resize(size_t(tileRows));
     b.scratch.resize(size_t(registerRows) * size_t(blockKeys));
     if (!withMass) continue;
-    b.probs.resize(size_t(tileRows) * size_t(paddedTokens));
-    b.blockMax.resize(size_t(tileRows) * size_t(blocks));
-    b.weights.resize(size_t(tileRows) * size_t(blocks));
+    b.probs.resize(size_t(paddedTileRows) * size_t(paddedTokens));
+    b.blockMax.resize(size_t(paddedTileRows) * size_t(blocks));
   }
   float* keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
   float* values = scratchFloats(ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
@@ -181,9 +162,9 @@ void attentionPrefillHeads(const AttentionArgs& args) {
           tile.scratch = b.scratch.data();
           if (withMass) {
             tile.probs = b.probs.data();
-            tile.probsStride = paddedTokens;
+            tile.probsBlockStride = int64_t(paddedTileRows) * blockKeys;
             tile.blockMax = b.blockMax.data();
-            tile.blockMaxStride = blocks;
+            tile.blockMaxStride = paddedTileRows;
           }
           kernels.prefillTile(tile);
         }
@@ -192,8 +173,8 @@ void attentionPrefillHeads(const AttentionArgs& args) {
           if (!(b.sums[size_t(r)] > 0.0f)) b.last[size_t(r)] = -1;  // saw no key: adds nothing
         }
         if (!withMass) continue;
-        blockWeights(b, rows, blocks, blockKeys, b.weights.data());
-        const MassTile mass{b.probs.data(), paddedTokens, b.weights.data(), blocks, b.last.data(), rows, into};
+        const MassTile mass{b.probs.data(), int64_t(paddedTileRows) * blockKeys, b.blockMax.data(), paddedTileRows,
+                            b.maxes.data(), b.sums.data(), b.last.data(), rows, into};
         kernels.massTile(mass);
       }
     });

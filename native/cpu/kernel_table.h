@@ -48,26 +48,28 @@ struct PrefillTile {
   int64_t keyBegin, keyEnd;     // a whole number of blocks, keyBegin % blockKeys == 0
   SoftmaxState state;           // continued (the driver initialises it once)
   float* scratch;               // [prefillRows, blockKeys]
-  // Optional (attention mass): every computed block's unnormalised probabilities exp2(s - max)
-  // of row r at probs + r * probsStride + key (whole blocks: probsStride and the buffer hold
-  // keyEnd rounded up to blockKeys), and the row's running max after block b at
-  // blockMax[r * blockMaxStride + b]. A block after every row of a register tile ends is skipped.
+  // Optional (attention mass): every computed block's unnormalised probabilities exp2(s - max),
+  // block b's slab at probs + b * probsBlockStride with row r at r * blockKeys (probsBlockStride
+  // >= rows rounded up to prefillRows, x blockKeys), and each row's running max after block b at
+  // blockMax[b * blockMaxStride + r]. A block after every row of a register tile ends is skipped.
   float* probs = nullptr;
-  int64_t probsStride = 0;
+  int64_t probsBlockStride = 0;
   float* blockMax = nullptr;
   int64_t blockMaxStride = 0;
 };
 
-// Column sums of one finished prefill tile's probabilities (attention mass): for every row r and
-// key j <= lastToken[r], out[j] += sum over r of probs[r * probsStride + j] * weights[r * blocks +
-// j / blockKeys], where the weight turns the block's unnormalised probabilities into final ones
-// (exp2(max after the block - final max) / final sum). The tile's sum is f32 (as the probabilities
-// are), the columns double.
+// Column sums of one finished prefill tile's probabilities (attention mass), in PrefillTile's
+// layout: for every row r and key j <= lastToken[r] (none for a row without keys: lastToken -1),
+// out[j] += sum over r of p(r, j) * exp2(blockMax(j / blockKeys, r) - finalMax[r]) / finalSum[r],
+// which turns a block's unnormalised probabilities into final ones. The tile's sum is f32 (as the
+// probabilities are), the columns double.
 struct MassTile {
   const float* probs;
-  int64_t probsStride;
-  const double* weights;
-  int64_t blocks;            // weights per row
+  int64_t blockStride;       // floats from one block's slab to the next
+  const float* blockMax;
+  int64_t rowsPadded;        // floats from one block's maxes to the next
+  const float* finalMax;     // [rows]
+  const float* finalSum;     // [rows]
   const int64_t* lastToken;  // [rows]
   int32_t rows;
   double* out;               // [max lastToken + 1]
