@@ -10,6 +10,7 @@
 #include <cstring>
 #include <deque>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "select_policy.h"
@@ -115,9 +116,19 @@ class H2OPolicy final : public SelectPolicy {
   };
 
   // The candidates leave the tail oldest first. A full heavy set loses its lowest token (lowest
-  // score, then oldest) to a candidate with a larger score; the lowest comes from a heap (a
-  // prompt's prefill sends thousands of candidates past a large heavy set).
+  // score, then oldest) to a candidate with a larger score. The decisions are made on the scores
+  // first (the lowest from a heap: a prompt's prefill sends thousands of candidates past a large
+  // heavy set), then applied to the store at once: the free slots filled in one copy, each
+  // replaced slot overwritten once with its last winner, the candidates dropped together.
   Status evict(PagedStore& store, int32_t layer, int32_t h, HeadScores* scores) {
+    const int64_t leaving = store.tailTokens(layer, h) - recent_;
+    if (leaving <= 0) return Status::ok();
+    const int64_t fill = std::max<int64_t>(0, std::min<int64_t>(leaving, heavy_ - int64_t(scores->kept.size())));
+    std::vector<int64_t> filled;
+    for (int64_t i = 0; i < fill; ++i) filled.push_back(i);
+    if (fill > 0) KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, filled));
+    for (int64_t i = 0; i < fill; ++i) scores->kept.push_back(scores->tail[size_t(i)]);
+
     struct Slot {
       double score;
       int64_t position;
@@ -128,29 +139,34 @@ class H2OPolicy final : public SelectPolicy {
       return a.score > b.score || (a.score == b.score && a.position > b.position);
     };
     std::vector<Slot> heap;
-    while (store.tailTokens(layer, h) > recent_) {
-      const double candidate = scores->tail.front();
-      if (int64_t(scores->kept.size()) < heavy_) {
-        KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, {0}));
-        scores->kept.push_back(candidate);
-      } else {
-        if (heap.empty()) {
-          const std::vector<int64_t>& positions = store.keptPositions(layer, h);
-          for (size_t s = 0; s < scores->kept.size(); ++s) heap.push_back({scores->kept[s], positions[s], int64_t(s)});
-          std::make_heap(heap.begin(), heap.end(), above);
-        }
-        const Slot lowest = heap.front();
-        if (candidate > lowest.score) {
-          KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, lowest.slot, 0));
-          scores->kept[size_t(lowest.slot)] = candidate;
-          std::pop_heap(heap.begin(), heap.end(), above);
-          heap.back() = {candidate, store.keptPositions(layer, h)[size_t(lowest.slot)], lowest.slot};
-          std::push_heap(heap.begin(), heap.end(), above);
-        }
+    std::vector<std::pair<int64_t, int64_t>> winners;  // (slot, tail index), in order
+    const int64_t firstPosition = store.tailFirstPosition(layer, h);
+    for (int64_t i = fill; i < leaving; ++i) {
+      const double candidate = scores->tail[size_t(i)];
+      if (heap.empty()) {
+        const std::vector<int64_t>& positions = store.keptPositions(layer, h);
+        for (size_t s = 0; s < scores->kept.size(); ++s) heap.push_back({scores->kept[s], positions[s], int64_t(s)});
+        std::make_heap(heap.begin(), heap.end(), above);
+        if (heap.empty()) break;  // no heavy slots: every candidate goes
       }
-      store.dropTailFront(layer, h, 1);
-      scores->tail.pop_front();
+      const Slot lowest = heap.front();
+      if (candidate > lowest.score) {
+        winners.emplace_back(lowest.slot, i);
+        scores->kept[size_t(lowest.slot)] = candidate;
+        std::pop_heap(heap.begin(), heap.end(), above);
+        heap.back() = {candidate, firstPosition + i, lowest.slot};
+        std::push_heap(heap.begin(), heap.end(), above);
+      }
     }
+    // A slot won twice keeps its last winner: overwrite from the back, each slot once.
+    std::vector<bool> written(scores->kept.size(), false);
+    for (auto it = winners.rbegin(); it != winners.rend(); ++it) {
+      if (written[size_t(it->first)]) continue;
+      written[size_t(it->first)] = true;
+      KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, it->first, it->second));
+    }
+    store.dropTailFront(layer, h, leaving);
+    scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
     return Status::ok();
   }
 
