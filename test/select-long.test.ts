@@ -46,6 +46,10 @@ const cases: Case[] = [
   { name: 'h2o, f32, budget 160, recent 40, pages of 16, prompts of 1000 + 1000 (kept + a long tail), one thread', shape: GQA72,
     store: 'f32', pageTokens: 16, select: { kind: 'h2o', budget: 160, recent: 40 }, calls: [['prefill', 1000], ['prefill', 1000], ...steps(5)],
     threads: 1 },
+  // Decode steps over more than one 4096-key chunk of the few-rows mass (the kept / tail boundary inside the second).
+  { name: 'h2o, f16, budget 4400, recent 200, d16, prompts of 2500 + 2500, steps over two key chunks',
+    shape: { layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 }, store: 'f16', pageTokens: 32,
+    select: { kind: 'h2o', budget: 4400, recent: 200 }, calls: [['prefill', 2500], ['prefill', 2500], ...steps(5)] },
 ];
 
 /**

@@ -7,6 +7,7 @@
 // its tiles in order into its own accumulator and the slices are added in slice order, so the
 // result is the same whatever the thread count and whichever thread ran which slice. Memory:
 // kMaxDecodeRows x tokens floats per thread and at most kAccumulatorBudget doubles of slices.
+// A single tile (a decode step's rows) takes sumFewRows instead: no f32 copy, parallel over keys.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -62,6 +63,76 @@ double pooledAt(const double* votes, int64_t size, int64_t j, int32_t kernel, Ma
   return value / double(kernel);
 }
 
+// args.out from the column sums: as they are, or (SnapKV) each member's votes pooled and averaged
+// over the group.
+void reduceMembers(const AttentionMassArgs& args, const std::vector<double>& total, int32_t group, bool perMember) {
+  const int64_t columns = args.columns;
+  if (!perMember) {
+    std::copy(total.begin(), total.end(), args.out);
+    return;
+  }
+  for (int32_t g = 0; g < group; ++g) {
+    const double* votes = total.data() + size_t(g) * size_t(columns);
+    for (int64_t j = 0; j < columns; ++j) args.out[j] += pooledAt(votes, columns, j, args.kernel, args.pooling) / group;
+  }
+}
+
+// One tile of rows (a decode step: the kv head's group at one position), summed into total
+// ([width]). Scores come straight from the pages in parallel over key chunks (converting every
+// key to f32 for a few rows would cost more than the scores), then each row's softmax, then the
+// column sums in parallel over key chunks with the rows added in order, as the tiled path's single
+// slice adds them: the result does not depend on the thread count.
+void sumFewRows(const KernelTable& kernels, const AttentionMassArgs& args, int32_t allowed, double* total) {
+  constexpr int64_t kChunk = 4096;
+  ThreadPool& pool = globalPool();
+  const int32_t dim = args.headDim, group = args.group;
+  const int32_t rows = args.n * group;
+  const int64_t kept = args.kept.tokens, columns = args.columns;
+  const int64_t firstSeen = args.tail.tokens - args.after - args.n + 1;
+  const int64_t used = kept + args.tail.tokens - args.after;  // what the last row sees
+  const bool perMember = args.pooling != MassPooling::None;
+  std::vector<float> q(size_t(rows) * size_t(dim));
+  for (size_t i = 0; i < q.size(); ++i) q[i] = args.q[i] * args.scale;
+  std::vector<float> probs(size_t(rows) * size_t(used));
+  const int64_t chunks = (used + kChunk - 1) / kChunk;
+  pool.parallelFor(chunks, allowed, [&](int64_t c, int32_t) {
+    const int64_t begin = c * kChunk, end = std::min(used, begin + kChunk);
+    const auto score = [&](const KVHeadView& view, int64_t from, int64_t to, int64_t at) {
+      if (to <= from) return;
+      ScoreRange range;
+      range.q = q.data();
+      range.rows = rows;
+      range.headDim = dim;
+      range.kvType = args.kvType;
+      range.keyPages = view.keyPages;
+      range.pageTokens = args.pageTokens;
+      range.rowStride = args.rowStride;
+      range.rowBegin = view.firstRow + from;
+      range.rowEnd = view.firstRow + to;
+      range.out = probs.data() + at;
+      range.outStride = used;
+      range.prefetch = size_t(to - from) * size_t(dim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
+      kernels.scoreRange(range);
+    };
+    score(args.kept, begin, std::min(end, kept), begin);
+    score(args.tail, std::max(begin, kept) - kept, end - kept, std::max(begin, kept));
+  });
+  pool.parallelFor(rows, allowed, [&](int64_t r, int32_t) {
+    const int64_t visible = kept + firstSeen + r / group;
+    kernels.softmaxRow(probs.data() + size_t(r) * size_t(used), visible, used);
+  });
+  const int64_t reported = std::min(used, columns);
+  pool.parallelFor((reported + kChunk - 1) / kChunk, allowed, [&](int64_t c, int32_t) {
+    const int64_t begin = c * kChunk, end = std::min(reported, begin + kChunk);
+    for (int32_t r = 0; r < rows; ++r) {
+      // Beyond a row's visible tokens its probabilities are 0 (softmaxRow): adding them changes nothing.
+      const float* p = probs.data() + size_t(r) * size_t(used);
+      double* into = total + (perMember ? size_t(r % group) * size_t(columns) : 0);
+      for (int64_t t = begin; t < end; ++t) into[t] += double(p[t]);
+    }
+  });
+}
+
 }  // namespace
 
 void attentionMass(const AttentionMassArgs& args) {
@@ -78,10 +149,16 @@ void attentionMass(const AttentionMassArgs& args) {
   const bool perMember = args.pooling != MassPooling::None;
   const int64_t width = (perMember ? group : 1) * columns;
   const int64_t tiles = (rows + kMaxDecodeRows - 1) / kMaxDecodeRows;
+  const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
+  std::vector<double> total(size_t(width), 0.0);
+  if (tiles == 1) {
+    sumFewRows(kernels, args, allowed, total.data());
+    reduceMembers(args, total, group, perMember);
+    return;
+  }
   const int64_t slices = std::max<int64_t>(1, std::min({tiles, kMaxSlices, kAccumulatorBudget / width}));
 
   std::vector<double> sums(size_t(slices) * size_t(width), 0.0);
-  const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
   const int32_t threads = int32_t(std::max<int64_t>(1, std::min<int64_t>(allowed, slices)));
 
   // The keys the rows see, once, as f32 transposed blocks (the prefill layout): each tile's scores
@@ -153,20 +230,12 @@ void attentionMass(const AttentionMassArgs& args) {
     }
   });
 
-  // Slices in slice order; then (SnapKV) each member's votes pooled and averaged over the group.
-  std::vector<double> total(size_t(width), 0.0);
+  // Slices in slice order.
   for (int64_t s = 0; s < slices; ++s) {
     const double* part = sums.data() + size_t(s) * size_t(width);
     for (int64_t t = 0; t < width; ++t) total[size_t(t)] += part[t];
   }
-  if (!perMember) {
-    std::copy(total.begin(), total.end(), args.out);
-    return;
-  }
-  for (int32_t g = 0; g < group; ++g) {
-    const double* votes = total.data() + size_t(g) * size_t(columns);
-    for (int64_t j = 0; j < columns; ++j) args.out[j] += pooledAt(votes, columns, j, args.kernel, args.pooling) / group;
-  }
+  reduceMembers(args, total, group, perMember);
 }
 
 void prefillMass(const AttentionArgs& args) {
