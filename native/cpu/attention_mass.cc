@@ -27,11 +27,11 @@ constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;
 // Floats of transposed keys a call may convert (256 MiB).
 constexpr int64_t kTransposedBudget = int64_t(1) << 26;
 
-// Scores (q pre-scaled) of `rows` tile rows against tokens [0, count) of one view, row r at
-// out + r * outStride.
+// Scores (q pre-scaled) of `rows` rows against tokens [from, to) of one view: row r, token from + j
+// at out + r * outStride + j.
 void scoreView(const KernelTable& kernels, const AttentionMassArgs& args, const KVHeadView& view, const float* q,
-               int32_t rows, int64_t count, float* out, int64_t outStride) {
-  if (count <= 0) return;
+               int32_t rows, int64_t from, int64_t to, float* out, int64_t outStride) {
+  if (to <= from) return;
   ScoreRange range;
   range.q = q;
   range.rows = rows;
@@ -40,11 +40,11 @@ void scoreView(const KernelTable& kernels, const AttentionMassArgs& args, const 
   range.keyPages = view.keyPages;
   range.pageTokens = args.pageTokens;
   range.rowStride = args.rowStride;
-  range.rowBegin = view.firstRow;
-  range.rowEnd = view.firstRow + count;
+  range.rowBegin = view.firstRow + from;
+  range.rowEnd = view.firstRow + to;
   range.out = out;
   range.outStride = outStride;
-  range.prefetch = size_t(count) * size_t(args.headDim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
+  range.prefetch = size_t(to - from) * size_t(args.headDim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
   kernels.scoreRange(range);
 }
 
@@ -97,25 +97,9 @@ void sumFewRows(const KernelTable& kernels, const AttentionMassArgs& args, int32
   const int64_t chunks = (used + kChunk - 1) / kChunk;
   pool.parallelFor(chunks, allowed, [&](int64_t c, int32_t) {
     const int64_t begin = c * kChunk, end = std::min(used, begin + kChunk);
-    const auto score = [&](const KVHeadView& view, int64_t from, int64_t to, int64_t at) {
-      if (to <= from) return;
-      ScoreRange range;
-      range.q = q.data();
-      range.rows = rows;
-      range.headDim = dim;
-      range.kvType = args.kvType;
-      range.keyPages = view.keyPages;
-      range.pageTokens = args.pageTokens;
-      range.rowStride = args.rowStride;
-      range.rowBegin = view.firstRow + from;
-      range.rowEnd = view.firstRow + to;
-      range.out = probs.data() + at;
-      range.outStride = used;
-      range.prefetch = size_t(to - from) * size_t(dim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
-      kernels.scoreRange(range);
-    };
-    score(args.kept, begin, std::min(end, kept), begin);
-    score(args.tail, std::max(begin, kept) - kept, end - kept, std::max(begin, kept));
+    scoreView(kernels, args, args.kept, q.data(), rows, begin, std::min(end, kept), probs.data() + begin, used);
+    const int64_t from = std::max(begin, kept);
+    scoreView(kernels, args, args.tail, q.data(), rows, from - kept, end - kept, probs.data() + from, used);
   });
   pool.parallelFor(rows, allowed, [&](int64_t r, int32_t) {
     const int64_t visible = kept + firstSeen + r / group;
@@ -215,8 +199,8 @@ void attentionMass(const AttentionMassArgs& args) {
         kernels.scoreTile(scores);
       } else {
         for (size_t i = 0; i < size_t(count) * size_t(dim); ++i) q[i] = from[i] * args.scale;
-        scoreView(kernels, args, args.kept, q.data(), count, kept, probs.data(), stride);
-        scoreView(kernels, args, args.tail, q.data(), count, tileSeen, probs.data() + kept, stride);
+        scoreView(kernels, args, args.kept, q.data(), count, 0, kept, probs.data(), stride);
+        scoreView(kernels, args, args.tail, q.data(), count, 0, tileSeen, probs.data() + kept, stride);
       }
       for (int32_t r = 0; r < count; ++r) {
         const int64_t row = first + r;
