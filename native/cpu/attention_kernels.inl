@@ -6,6 +6,11 @@ constexpr float kNoScoreYet = -1e30f;  // finite start of a running max: 2^(kNoS
 
 inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
+// Software prefetch of a streamed line (decode, score scans, KIVI), into L2 (prefetcht1). With
+// the non-temporal hint (prefetchnta) an Intel Xeon (Granite Rapids class) stalled on the
+// prefetches themselves: a 64K-token f16 decode read 7 GB/s instead of 19 of its 28.
+inline void prefetchStream(const void* line) { __builtin_prefetch(line, 0, 2); }
+
 // Stored dtype is a template parameter so the hot loops carry no per-load switch.
 template <class V, DType T>
 inline typename V::R loadRow(const void* row, int offset) {
@@ -25,7 +30,7 @@ inline float loadScalar(const void* row, int offset) {
 // thread's demand misses alone reach only a fraction of the memory bandwidth.
 inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes) {
   for (int32_t j = 0; j < count; ++j)
-    for (size_t offset = 0; offset < rowBytes; offset += 64) __builtin_prefetch(rows[j] + offset, 0, 0);
+    for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(rows[j] + offset);
 }
 
 // Online softmax over a block of `count` scores per row: updates max/sum, rescales the row's
@@ -476,7 +481,7 @@ void scoreRangeRows(const ScoreRange& range) {
     const int32_t tokens = int32_t(range.rowEnd - row0 < TOKENS ? range.rowEnd - row0 : TOKENS);
     for (int32_t t = 0; range.prefetch && t < TOKENS && ahead < range.rowEnd; ++t, ++ahead) {
       const uint8_t* row = static_cast<const uint8_t*>(range.keyPages[aheadPage]) + size_t(aheadSlot) * strideBytes;
-      for (size_t offset = 0; offset < rowBytes; offset += 64) __builtin_prefetch(row + offset, 0, 0);
+      for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(row + offset);
       if (++aheadSlot == range.pageTokens) { aheadSlot = 0; ++aheadPage; }
     }
     const uint8_t* keys[TOKENS];
