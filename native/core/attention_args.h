@@ -46,8 +46,9 @@ struct AttentionArgs {
   float* lse = nullptr;
   // Optional (H2O over a prompt; backends with fusesMass() only): mass[h * massStride + t], for
   // t < heads[h].tokens, receives the softmax probability token t of kv head h gets, summed over
-  // the head's n x group query rows in double: AttentionMassArgs' None reduction, from the scores
-  // the attention computes anyway. Needs causal. Added in an order that depends on the shape only.
+  // the head's n x group query rows (a tile's rows in f32, as its probabilities are, then double
+  // columns): AttentionMassArgs' None reduction, from the scores the attention computes anyway.
+  // Needs causal. Added in an order that depends on the shape only.
   double* mass = nullptr;
   int64_t massStride = 0;
 };
