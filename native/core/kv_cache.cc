@@ -282,7 +282,7 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
   if (massLayer_ == layer && q != nullptr) {
     mass.swap(mass_);
     context.mass = mass.data();
-    context.massStride = massStride_;
+    context.massStride = int64_t(mass.size()) / config_.kvHeads;
   }
   massLayer_ = -1;
   Status status = policy_->afterAppend(context, layer, q, n, prefill);
@@ -382,7 +382,6 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
     args.mass = mass_.data();
     args.massStride = stride;
     KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
-    massStride_ = stride;
     massLayer_ = layer;
     return Status::ok();
   }

@@ -115,10 +115,9 @@ class KVCache {
   StageTimes times_;
   double lastLoadedTokens_ = 0;
   std::vector<std::vector<int64_t>> loaded_;  // [layers * kvHeads]: positions a loading policy read; empty = all
-  // The attention mass of the last prefill (AttentionArgs::mass, [kvHeads, massStride_]) for the
-  // policy's afterAppend of layer massLayer_; -1 when there is none.
+  // The attention mass of the last prefill (AttentionArgs::mass, [kvHeads, tokens of the longest
+  // head]) for the policy's afterAppend of layer massLayer_; -1 when there is none.
   std::vector<double> mass_;
-  int64_t massStride_ = 0;
   int32_t massLayer_ = -1;
   std::atomic<bool> busy_{false};
 };
