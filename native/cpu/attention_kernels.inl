@@ -2,8 +2,6 @@
 // compiled once per instruction set. No STL in here: an inline STL instantiation compiled with
 // AVX-512 flags could be merged by the linker into code that must run on any CPU.
 
-constexpr float kNoScoreYet = -1e30f;  // finite start of a running max: 2^(kNoScoreYet - m) is 0, never NaN
-
 inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
 // Software prefetch of a streamed line (decode, score scans, KIVI), into L2 (prefetcht1). With

@@ -151,7 +151,7 @@ void attentionMass(const AttentionMassArgs& args) {
   const int64_t tailUsed = tail - args.after;  // what the last row sees of the tail
   const int64_t used = kept + tailUsed;
   const int32_t blockKeys = kernels.prefillBlockKeys;
-  const int32_t paddedDim = (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
+  const int32_t paddedDim = paddedDimOf(kernels, dim);
   const int64_t paddedTokens = (used + blockKeys - 1) / blockKeys * blockKeys;
   const bool transposed = paddedTokens * int64_t(paddedDim) <= kTransposedBudget;
   float* keys = nullptr;

@@ -72,6 +72,11 @@ std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t d
 // Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]); lse (optional, [n, qHeads])
 // receives log2 of each row's softmax denominator (-inf when the row saw no key).
 void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse);
+// headDim rounded up to whole vectors: the row length of the f32 query, key and value copies.
+inline int32_t paddedDimOf(const KernelTable& kernels, int32_t dim) {
+  return (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
+}
+
 // Where a paged head's key rows are, and the transposed f32 block layout the prefill and score
 // tiles read (blocks of [paddedDim, blockKeys]).
 struct KeyBlocks {

@@ -63,8 +63,7 @@ void attentionPrefill(const AttentionArgs& args) {
   const int32_t threads = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
   const RowLayout layout(args);
   const int32_t dim = args.headDim;
-  const int32_t width = kernels.vectorWidth;
-  const int32_t paddedDim = (dim + width - 1) / width * width;
+  const int32_t paddedDim = paddedDimOf(kernels, dim);
   const int32_t registerRows = kernels.prefillRows;
   const int32_t tileRows = kMaxPrefillRows;
   const int32_t blockKeys = kernels.prefillBlockKeys;
@@ -75,7 +74,7 @@ void attentionPrefill(const AttentionArgs& args) {
   const size_t stateFloats = size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim);
   float* queries = scratchFloats(ScratchSlot::Queries, stateFloats);
   float* accs = scratchFloats(ScratchSlot::Accumulators, stateFloats);
-  std::vector<float> maxes(size_t(args.kvHeads) * size_t(paddedRows), -1e30f);
+  std::vector<float> maxes(size_t(args.kvHeads) * size_t(paddedRows), kNoScoreYet);
   std::vector<float> sums(maxes.size(), 0.0f);
   std::vector<int64_t> last(maxes.size(), -1);
   int64_t maxTokens = 0;

@@ -33,11 +33,6 @@ constexpr int64_t kMaxSlices = 64;
 constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;  // doubles of slice accumulators per kv head (32 MiB)
 constexpr int64_t kProbsBudget = int64_t(1) << 22;        // floats of one thread's tile probabilities (16 MiB)
 constexpr int64_t kHeadBudget = int64_t(1) << 26;         // floats of one head's f32 keys and values (256 MiB)
-constexpr float kNoMaxYet = -1e30f;                        // attentionPrefill's start of a running max
-
-int32_t paddedDimOf(const KernelTable& kernels, int32_t dim) {
-  return (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
-}
 
 int64_t paddedTokensOf(const KernelTable& kernels, const AttentionArgs& args) {
   int64_t maxTokens = 0;
@@ -144,7 +139,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
         }
         // Rows past the last tile row of a head are read by the register tile: zeros.
         std::fill(b.q.begin() + size_t(rows) * size_t(paddedDim), b.q.end(), 0.0f);
-        std::fill(b.maxes.begin(), b.maxes.end(), kNoMaxYet);
+        std::fill(b.maxes.begin(), b.maxes.end(), kNoScoreYet);
         std::fill(b.sums.begin(), b.sums.end(), 0.0f);
         std::fill(b.acc.begin(), b.acc.end(), 0.0f);
         const int64_t keyEnd = std::min(tokens, lastOfTile + 1);

@@ -35,6 +35,10 @@ struct DecodeRange {
   SoftmaxState state;        // initialised by the kernel
 };
 
+// The start of every running max (kernels and the drivers that initialise prefill state): finite,
+// so 2^(kNoScoreYet - m) is 0, never NaN.
+constexpr float kNoScoreYet = -1e30f;
+
 // Up to kMaxPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
 // block ([paddedDim, blockKeys]) and values row-major ([keys, paddedDim]), both zero-padded.
 constexpr int32_t kMaxPrefillRows = 64;
