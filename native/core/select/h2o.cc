@@ -10,7 +10,6 @@
 #include <cstring>
 #include <deque>
 #include <string>
-#include <utility>
 #include <vector>
 
 #include "select_policy.h"
@@ -139,7 +138,7 @@ class H2OPolicy final : public SelectPolicy {
       return a.score > b.score || (a.score == b.score && a.position > b.position);
     };
     std::vector<Slot> heap;
-    std::vector<std::pair<int64_t, int64_t>> winners;  // (slot, tail index), in order
+    std::vector<int64_t> winner(scores->kept.size(), -1);  // per slot: the tail index it ends with
     const int64_t firstPosition = store.tailFirstPosition(layer, h);
     for (int64_t i = fill; i < leaving; ++i) {
       const double candidate = scores->tail[size_t(i)];
@@ -151,19 +150,15 @@ class H2OPolicy final : public SelectPolicy {
       }
       const Slot lowest = heap.front();
       if (candidate > lowest.score) {
-        winners.emplace_back(lowest.slot, i);
+        winner[size_t(lowest.slot)] = i;
         scores->kept[size_t(lowest.slot)] = candidate;
         std::pop_heap(heap.begin(), heap.end(), above);
         heap.back() = {candidate, firstPosition + i, lowest.slot};
         std::push_heap(heap.begin(), heap.end(), above);
       }
     }
-    // A slot won twice keeps its last winner: overwrite from the back, each slot once.
-    std::vector<bool> written(scores->kept.size(), false);
-    for (auto it = winners.rbegin(); it != winners.rend(); ++it) {
-      if (written[size_t(it->first)]) continue;
-      written[size_t(it->first)] = true;
-      KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, it->first, it->second));
+    for (size_t s = 0; s < winner.size(); ++s) {
+      if (winner[s] >= 0) KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(s), winner[s]));
     }
     store.dropTailFront(layer, h, leaving);
     scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
