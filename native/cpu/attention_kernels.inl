@@ -233,7 +233,6 @@ void prefillTileRows(const PrefillTile& tile) {
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
-  constexpr int32_t stride = BLOCK;
   // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
   // a few KiB) is read from L1 by every sub-tile instead of streaming the chunk once per 8 rows.
   for (int64_t blockBegin = tile.keyBegin; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
@@ -263,14 +262,14 @@ void prefillTileRows(const PrefillTile& tile) {
         }
       }
       for (int32_t r = 0; r < rows; ++r) {
-        float* s = scores + r * stride;
+        float* s = scores + r * BLOCK;
         V::store(s, s0[r]);
         V::store(s + V::W, s1[r]);
         if (blockBegin + count - 1 > lastToken[r])
           for (int32_t j = 0; j < count; ++j)
             if (blockBegin + j > lastToken[r]) s[j] = -__builtin_inff();
       }
-      softmaxBlock<V>(scores, stride, rows, count, state, dim, dim);
+      softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
       if (CAPTURE) {
         for (int32_t r = 0; r < rows; ++r) tile.blockMax[size_t(blockBegin / BLOCK) * size_t(tile.blockMaxStride) + size_t(first + r)] = state.max[r];
       }
@@ -286,7 +285,7 @@ void prefillTileRows(const PrefillTile& tile) {
           const R v0 = V::load(values + size_t(j) * size_t(dim) + c);
           const R v1 = V::load(values + size_t(j) * size_t(dim) + c + V::W);
           for (int32_t r = 0; r < ROWS; ++r) {
-            const R p = V::set1(scores[r * stride + j]);
+            const R p = V::set1(scores[r * BLOCK + j]);
             out0[r] = V::fmadd(p, v0, out0[r]);
             out1[r] = V::fmadd(p, v1, out1[r]);
           }
@@ -301,7 +300,7 @@ void prefillTileRows(const PrefillTile& tile) {
         for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
         for (int32_t j = 0; j < count; ++j) {
           const R v = V::load(values + size_t(j) * size_t(dim) + c);
-          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * stride + j]), v, out[r]);
+          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * BLOCK + j]), v, out[r]);
         }
         for (int32_t r = 0; r < rows; ++r) V::store(state.acc + r * dim + c, out[r]);
       }
