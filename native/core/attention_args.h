@@ -51,7 +51,31 @@ struct AttentionArgs {
   // Needs causal. Added in an order that depends on the shape only.
   double* mass = nullptr;
   int64_t massStride = 0;
+  // Optional (backends whose joinsOlder() accepts the call): per kv head, tokens older than every
+  // query (a policy's kept segment, a loading policy's gathered tokens), seen by every row
+  // without a causal mask, in the same softmax as `heads`. They sit in pages of olderPageTokens
+  // rows (rowStride apart) and are scored with olderQ ([n, qHeads, headDim]; q itself when the
+  // queries are the same). One call then does what two calls merged by `lse` would.
+  const KVHeadView* olderHeads = nullptr;
+  int64_t olderPageTokens = 0;
+  const float* olderQ = nullptr;
 };
+
+// The older-segment fields of AttentionArgs, checked by every backend (`joins`: whether it
+// accepts them for this call).
+inline Status checkAttentionOlder(const AttentionArgs& args, bool joins) {
+  if (args.olderHeads == nullptr) return Status::ok();
+  if (!joins) return Status(ErrorCode::Internal, "this backend does not attend an older segment within this call");
+  if (args.olderQ == nullptr || args.olderPageTokens <= 0) {
+    return Status(ErrorCode::Internal, "an older segment needs its queries and a positive page size");
+  }
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    if (args.olderHeads[h].tokens < 0 || args.olderHeads[h].firstRow < 0) {
+      return Status(ErrorCode::Internal, "the older segment of kv head " + std::to_string(h) + " has a negative size");
+    }
+  }
+  return Status::ok();
+}
 
 // The mass fields of AttentionArgs, checked by every backend (`fuses`: whether it fills them).
 inline Status checkAttentionMass(const AttentionArgs& args, bool fuses) {

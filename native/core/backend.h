@@ -52,6 +52,9 @@ class Backend {
   virtual Status attention(const AttentionArgs& args) = 0;
   // Whether attention() fills AttentionArgs::mass; a backend that does not refuses a call that asks.
   virtual bool fusesMass() const { return false; }
+  // Whether attention() takes this call's older segment (AttentionArgs::olderHeads) itself; when
+  // it does not, core attends the segment in a second call and merges the two by log-sum-exp.
+  virtual bool joinsOlder(const AttentionArgs&) const { return false; }
   // Raw scores q.k * scale (the attentionScores op, the retrieval policy's flat scan).
   virtual Status attentionScores(const ScoresArgs& args) = 0;
   // Per-token attention mass of one kv head's query rows (H2O accumulation, SnapKV pooled votes),

@@ -410,6 +410,12 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
 }
 
 Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ) {
+  first.olderHeads = older;
+  first.olderPageTokens = olderPageTokens;
+  first.olderQ = olderQ;
+  if (backend_->joinsOlder(first)) return backend_->attention(first);
+  first.olderHeads = nullptr;
+  first.olderQ = nullptr;
   const size_t rows = size_t(first.n) * size_t(first.qHeads);
   const size_t dim = size_t(first.headDim);
   std::vector<float> firstLse(rows), olderOut(rows * dim), olderLse(rows);

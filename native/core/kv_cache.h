@@ -88,7 +88,8 @@ class KVCache {
   int64_t kiviKept(int32_t layer, int32_t head) const;
   // out = attention over two disjoint token sets: `first` (its args as given, causal) and `older`
   // heads (tokens older than every query, so non-causal; queries olderQ, pages of olderPageTokens),
-  // merged by log-sum-exp.
+  // in one backend call when the backend joins them (Backend::joinsOlder), else two merged by
+  // log-sum-exp.
   Status attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ);
   // Causal attention args of n queries over dense pages viewed by `heads` ([kvHeads]).
   AttentionArgs denseArgs(const float* q, int64_t n, float* out, const KVHeadView* heads) const;

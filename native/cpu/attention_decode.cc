@@ -71,38 +71,53 @@ void attentionDecode(const AttentionArgs& args) {
   const RowLayout layout(args);
   const int32_t dim = args.headDim;
   const int64_t rowGroups = (layout.rowsPerHead + kMaxDecodeRows - 1) / kMaxDecodeRows;
-  int64_t maxTokens = 0;
-  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
-  const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 1);
+  // An older segment (AttentionArgs::olderHeads) is split like the rest; its splits come first.
+  const bool withOlder = args.olderHeads != nullptr;
+  int64_t maxTokens = 0, maxOlder = 0;
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    maxTokens = std::max(maxTokens, args.heads[h].tokens);
+    if (withOlder) maxOlder = std::max(maxOlder, args.olderHeads[h].tokens);
+  }
+  const DecodePlan plan = planDecode(maxTokens + maxOlder, args.kvHeads, rowGroups, args.threads, 1);
+  const int64_t olderSplits = (maxOlder + plan.splitTokens - 1) / plan.splitTokens;
+  const int64_t splits = olderSplits + std::max<int64_t>(1, (maxTokens + plan.splitTokens - 1) / plan.splitTokens);
   const std::vector<float> scaled = scaledRows(layout, args.q, dim, args.scale);
-  SplitPartials partials(layout, plan.splits, dim);
+  const std::vector<float> olderScaled =
+      withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : std::vector<float>();
+  SplitPartials partials(layout, splits, dim);
   std::vector<float> workerAcc(size_t(plan.threads) * kMaxDecodeRows * size_t(dim));
 
-  const int64_t tasks = int64_t(args.kvHeads) * rowGroups * plan.splits;
+  const int64_t tasks = int64_t(args.kvHeads) * rowGroups * splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
-    const int64_t split = task % plan.splits;
-    const int64_t group = (task / plan.splits) % rowGroups;
-    const int32_t h = int32_t(task / (plan.splits * rowGroups));
-    const KVHeadView& head = args.heads[h];
+    const int64_t split = task % splits;
+    const int64_t group = (task / splits) % rowGroups;
+    const int32_t h = int32_t(task / (splits * rowGroups));
+    const bool older = split < olderSplits;
+    const KVHeadView& head = older ? args.olderHeads[h] : args.heads[h];
+    const int64_t part = older ? split : split - olderSplits;
     const int64_t firstRow = group * kMaxDecodeRows;
     const int32_t rows = int32_t(std::min<int64_t>(kMaxDecodeRows, layout.rowsPerHead - firstRow));
     int64_t last[kMaxDecodeRows];
-    // Pages are walked in rows: a head's token t is row firstRow + t.
-    for (int32_t r = 0; r < rows; ++r) last[r] = head.firstRow + layout.lastToken(args.causal, head.tokens, firstRow + r);
+    // Pages are walked in rows: a head's token t is row firstRow + t. Every query sees all of
+    // the older segment.
+    for (int32_t r = 0; r < rows; ++r) {
+      last[r] = head.firstRow + (older ? head.tokens - 1 : layout.lastToken(args.causal, head.tokens, firstRow + r));
+    }
     float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
     float* rowAcc = workerAcc.data() + size_t(worker) * kMaxDecodeRows * size_t(dim);
     DecodeRange range;
-    range.q = scaled.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+    const std::vector<float>& queries = older && !olderScaled.empty() ? olderScaled : scaled;
+    range.q = queries.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
     range.rows = rows;
     range.lastToken = last;
     range.headDim = dim;
     range.kvType = args.kvType;
     range.keyPages = head.keyPages;
     range.valuePages = head.valuePages;
-    range.pageTokens = args.pageTokens;
+    range.pageTokens = older ? args.olderPageTokens : args.pageTokens;
     range.rowStride = args.rowStride;
-    range.tokenBegin = head.firstRow + std::min(split * plan.splitTokens, head.tokens);
-    range.tokenEnd = head.firstRow + std::min((split + 1) * plan.splitTokens, head.tokens);
+    range.tokenBegin = head.firstRow + std::min(part * plan.splitTokens, head.tokens);
+    range.tokenEnd = head.firstRow + std::min((part + 1) * plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
     kernels.decodeRange(range);
     partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});

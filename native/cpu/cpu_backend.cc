@@ -31,12 +31,11 @@ class CpuBackend final : public Backend {
   }
 
   Status attention(const AttentionArgs& args) override {
-    // Few rows per kv head: memory-bound, read pages directly. Many: tile the rows over f32 keys,
-    // head by head while a head's keys fit the budget, else in chunks of every head.
+    // Few rows per kv head: the decode driver. Many: tile the rows over f32 keys, head by head
+    // while a head's keys fit the budget, else in chunks of every head.
     KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
-    constexpr int64_t kDecodeRowsLimit = 16;
-    const int64_t rowsPerHead = int64_t(args.n) * (args.qHeads / args.kvHeads);
-    if (rowsPerHead <= kDecodeRowsLimit && args.mass == nullptr) {
+    KVSLIM_RETURN_IF_ERROR(checkAttentionOlder(args, joinsOlder(args)));
+    if (decodes(args)) {
       cpu::attentionDecode(args);
     } else if (cpu::prefillHeadsFits(args)) {
       cpu::attentionPrefillHeads(args);
@@ -48,6 +47,8 @@ class CpuBackend final : public Backend {
   }
 
   bool fusesMass() const override { return true; }
+  // The decode driver splits keys anyway: the older segment is more splits of the same merge.
+  bool joinsOlder(const AttentionArgs& args) const override { return decodes(args); }
 
   Status attentionScores(const ScoresArgs& args) override {
     cpu::attentionScores(args);
@@ -90,6 +91,12 @@ class CpuBackend final : public Backend {
   }
 
  private:
+  // Few rows per kv head: memory-bound, so the decode driver reads the pages directly.
+  static bool decodes(const AttentionArgs& args) {
+    constexpr int64_t kDecodeRowsLimit = 16;
+    return int64_t(args.n) * (args.qHeads / args.kvHeads) <= kDecodeRowsLimit && args.mass == nullptr;
+  }
+
   cpu::PagePool pages_;
 };
 

@@ -179,7 +179,9 @@ Status checkArgs(const AttentionArgs& args) {
   KVSLIM_RETURN_IF_ERROR(checkHostPointers("attention", args.q, args.out, args.heads));
   KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
   for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadView(h, args.heads[h], args.pageTokens, true));
-  // The mass comes from attentionMass here (fusesMass() is false).
+  // The mass comes from attentionMass here (fusesMass() is false), and core attends an older
+  // segment in a second call (joinsOlder() is false).
+  KVSLIM_RETURN_IF_ERROR(checkAttentionOlder(args, false));
   return checkAttentionMass(args, false);
 }
 
