@@ -223,12 +223,19 @@ describe('selection on long prompts: kept positions equal the float64 reference'
   });
 
   it('h2o scores do not depend on the thread count (save() carries them as f64, bit for bit)', () => {
-    const shape: SelectShape = { layers: 1, qHeads: 8, kvHeads: 2, headDim: 72 };
-    const t = randomTokens(new Random(92_000), shape, 1500);
+    const shape: SelectShape = { layers: 1, qHeads: 8, kvHeads: 4, headDim: 72 };
+    const random = new Random(92_000);
+    const t = randomTokens(random, shape, 3000);
+    // Decode steps over the kept tokens and the tail: their mass comes from the decode call, whose
+    // key splits follow the thread count (5500 tokens x 4 kv heads: 2 splits per head on one
+    // thread, 4 on two).
+    const steps = Array.from({ length: 3 }, () => randomTokens(random, shape, 1));
     const saved = [1, 2, 5].map((threads) => {
-      const cache = new KVCache({ ...shape, device: 'cpu', threads, policy: { select: { kind: 'h2o', budget: 256, recent: 32 } } });
+      const cache = new KVCache({ ...shape, device: 'cpu', threads, policy: { select: { kind: 'h2o', budget: 5500, recent: 2500 } } });
       open.push(cache);
       cache.prefill(0, t.q, t.k, t.v);
+      cache.prefill(0, t.q, t.k, t.v);
+      for (const s of steps) cache.step(0, s.q, s.k, s.v);
       return cache.save();
     });
     expect(Buffer.compare(saved[0], saved[1])).toBe(0);

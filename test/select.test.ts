@@ -13,6 +13,7 @@ import {
 import { Random, relativeL2 } from './helpers/random.js';
 import { LayerMirror, type Tokens, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
+import { savedH2OScores } from './helpers/saved.js';
 
 // f16 store, f32 arithmetic over exactly representable stored values: errors are ~1e-6.
 const TOLERANCE = 1e-4;
@@ -417,6 +418,35 @@ describe('h2o: heavy hitters + recent window', () => {
       for (let h = 0; h < shape.kvHeads; h++) expect(Array.from(pair.cache.positions(0, h)).slice(-recent)).toEqual(range(T - recent, T));
     });
   }
+
+  // The mass each call adds (a prefill's from its own attention, a decode call's from the attention
+  // over kept tokens and tail together) against float64 softmax sums: a wrong temperature or a row
+  // that misses a token changes scores long before it changes which tokens are kept.
+  it('accumulated scores equal the float64 reference after every call', () => {
+    const pair = new Pair(GQA, { kind: 'h2o', budget: 24, recent: 8 }, 71, 4);
+    const plan: Op[] = [['prefill', 30], ...steps(12), ['prefill', 20], ...steps(12), ['attend', 3], ['step', 2]];
+    let T = 0;
+    for (const op of plan) {
+      pair.run(op);
+      if (op[0] !== 'attend') T += op[1];
+      const saved = savedH2OScores(pair.cache.save(), GQA.layers, GQA.kvHeads);
+      for (let l = 0; l < GQA.layers; l++) {
+        for (let h = 0; h < GQA.kvHeads; h++) {
+          const { kept, tail } = saved[l * GQA.kvHeads + h];
+          const reference = pair.mirror.h2oScores(l, h);
+          const close = (actual: number, expected: number | undefined, what: string) =>
+            expect(Math.abs(actual - (expected ?? NaN)), `${op[0]}(${op[1]}) layer ${l} head ${h} ${what}: ${actual} vs ${expected}`)
+              .toBeLessThanOrEqual(1e-6 + 1e-5 * Math.abs(expected ?? 0));
+          // Tail tokens are the newest, in position order; kept slots in no particular order.
+          tail.forEach((score, j) => close(score, reference.get(T - tail.length + j), `tail ${j}`));
+          const tailStart = T - tail.length;
+          const keptExpected = [...reference].filter(([p]) => p < tailStart).map(([, s]) => s).sort((a, b) => a - b);
+          expect(kept.length).toBe(keptExpected.length);
+          [...kept].sort((a, b) => a - b).forEach((score, i) => close(score, keptExpected[i], `kept ${i}`));
+        }
+      }
+    }
+  });
 
   it('a full heavy set gives up its oldest lowest token (ties at exactly zero mass)', () => {
     const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: 4, policy: { select: { kind: 'h2o', budget: 3, recent: 1 } } });

@@ -44,11 +44,11 @@ struct AttentionArgs {
   // (q.k * scale * log2(e)); -inf for a row that sees no key. Lets core merge the outputs of
   // several calls over disjoint token sets (log-sum-exp).
   float* lse = nullptr;
-  // Optional (H2O over a prompt; backends with fusesMass() only): mass[h * massStride + t], for
-  // t < heads[h].tokens, receives the softmax probability token t of kv head h gets, summed over
-  // the head's n x group query rows (a tile's rows in f32, as its probabilities are, then double
-  // columns): AttentionMassArgs' None reduction, from the scores the attention computes anyway.
-  // Needs causal. Added in an order that depends on the shape only.
+  // Optional (H2O; backends with fusesMass() only): mass[h * massStride + t], for t < heads[h].tokens
+  // (with an older segment: its olderHeads[h].tokens first, then these), receives the softmax
+  // probability token t of kv head h gets, summed over the head's n x group query rows (f32
+  // probabilities, double columns): AttentionMassArgs' None reduction, from the scores the
+  // attention computes anyway. Needs causal. Added in an order that depends on the shape only.
   double* mass = nullptr;
   int64_t massStride = 0;
   // Optional (backends whose joinsOlder() accepts the call): per kv head, tokens older than every
@@ -83,10 +83,10 @@ inline Status checkAttentionMass(const AttentionArgs& args, bool fuses) {
   if (!fuses) return Status(ErrorCode::Internal, "this backend does not compute the attention mass within attention");
   if (!args.causal) return Status(ErrorCode::Internal, "the attention mass needs causal attention");
   for (int32_t h = 0; h < args.kvHeads; ++h) {
-    if (args.massStride < args.heads[h].tokens) {
-      return Status(ErrorCode::Internal, "the attention mass stride " + std::to_string(args.massStride) +
-                                             " is below the " + std::to_string(args.heads[h].tokens) + " tokens of kv head " +
-                                             std::to_string(h));
+    const int64_t tokens = args.heads[h].tokens + (args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0);
+    if (args.massStride < tokens) {
+      return Status(ErrorCode::Internal, "the attention mass stride " + std::to_string(args.massStride) + " is below the " +
+                                             std::to_string(tokens) + " tokens of kv head " + std::to_string(h));
     }
   }
   return Status::ok();

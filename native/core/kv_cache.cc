@@ -374,13 +374,18 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   }
   lastLoadedTokens_ = loaded / config_.kvHeads;
   AttentionArgs args = denseArgs(q, n, out, tails.data());
-  if (!anyKept && prefill && policy_ && policy_->wantsMass() && backend_->fusesMass()) {
-    // H2O over a prompt: the attention sums each token's mass from the scores it computes anyway.
+  // H2O: the attention sums each token's mass from the scores it computes anyway (kept tokens
+  // first), where the backend can in this one call; otherwise H2O asks attentionMass.
+  const bool fusedMass = policy_ && policy_->wantsMass() && backend_->fusesMass();
+  const auto setMass = [&](AttentionArgs* call) {
     int64_t stride = 0;
-    for (const KVHeadView& tail : tails) stride = std::max(stride, tail.tokens);
+    for (int32_t h = 0; h < config_.kvHeads; ++h) stride = std::max(stride, tails[size_t(h)].tokens + kept[size_t(h)].tokens);
     mass_.assign(size_t(config_.kvHeads) * size_t(stride), 0.0);
-    args.mass = mass_.data();
-    args.massStride = stride;
+    call->mass = mass_.data();
+    call->massStride = stride;
+  };
+  if (!anyKept && fusedMass) {
+    setMass(&args);
     KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
     massLayer_ = layer;
     return Status::ok();
@@ -405,6 +410,18 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
       }
     }
     keptQ = rotated.data();
+  }
+  if (fusedMass) {
+    AttentionArgs joined = args;
+    joined.olderHeads = kept.data();
+    joined.olderPageTokens = config_.pageTokens;
+    joined.olderQ = keptQ;
+    if (backend_->joinsOlder(joined)) {
+      setMass(&joined);
+      KVSLIM_RETURN_IF_ERROR(backend_->attention(joined));
+      massLayer_ = layer;
+      return Status::ok();
+    }
   }
   return attendMerged(args, kept.data(), config_.pageTokens, keptQ);
 }

@@ -2,6 +2,7 @@
 // partial softmax state, and the splits of a row are merged with the log-sum-exp rule.
 #include <algorithm>
 #include <cmath>
+#include <memory>
 
 #include "attention_plan.h"
 #include "simd_level.h"
@@ -66,6 +67,30 @@ void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* 
   }
 }
 
+namespace {
+// AttentionArgs::mass from the captured scores: each row's softmax over what it sees (the older
+// tokens, then the rest up to its causal end), summed per token over the rows in row order, so
+// the result does not depend on how the keys were split.
+void massFromScores(const AttentionArgs& args, const RowLayout& layout, float* captured, int64_t width, int32_t threads) {
+  const KernelTable& kernels = activeKernels();
+  constexpr float kLn2 = 0.6931471805599453f;  // softmaxRow takes natural-log units
+  globalPool().parallelFor(args.kvHeads, threads, [&](int64_t task, int32_t) {
+    const int32_t h = int32_t(task);
+    const int64_t older = args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0;
+    const int64_t total = older + args.heads[h].tokens;
+    double* mass = args.mass + size_t(h) * size_t(args.massStride);
+    std::fill(mass, mass + total, 0.0);
+    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
+      float* scores = captured + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(width);
+      const int64_t visible = std::max<int64_t>(0, older + layout.lastToken(args.causal, args.heads[h].tokens, row) + 1);
+      for (int64_t t = 0; t < visible; ++t) scores[t] *= kLn2;
+      kernels.softmaxRow(scores, visible, total);
+      for (int64_t t = 0; t < total; ++t) mass[t] += double(scores[t]);
+    }
+  });
+}
+}  // namespace
+
 void attentionDecode(const AttentionArgs& args) {
   const KernelTable& kernels = activeKernels();
   const RowLayout layout(args);
@@ -86,6 +111,10 @@ void attentionDecode(const AttentionArgs& args) {
       withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : std::vector<float>();
   SplitPartials partials(layout, splits, dim);
   std::vector<float> workerAcc(size_t(plan.threads) * kMaxDecodeRows * size_t(dim));
+  // With the mass (H2O's decode steps), every row's scores are kept: older tokens, then the rest.
+  const int64_t width = maxOlder + maxTokens;
+  // Not zeroed: softmaxRow reads only what the kernel wrote (each row's visible tokens).
+  std::unique_ptr<float[]> captured(args.mass != nullptr ? new float[size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(width)] : nullptr);
 
   const int64_t tasks = int64_t(args.kvHeads) * rowGroups * splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
@@ -119,10 +148,17 @@ void attentionDecode(const AttentionArgs& args) {
     range.tokenBegin = head.firstRow + std::min(part * plan.splitTokens, head.tokens);
     range.tokenEnd = head.firstRow + std::min((part + 1) * plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
+    if (captured) {
+      const int64_t before = older || !withOlder ? 0 : args.olderHeads[h].tokens;
+      range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
+                        size_t(before + std::min(part * plan.splitTokens, head.tokens));
+      range.scoresStride = width;
+    }
     kernels.decodeRange(range);
     partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
   });
   mergeSplits(layout, partials, args.out, args.lse);
+  if (captured) massFromScores(args, layout, captured.get(), width, plan.threads);
 }
 
 }  // namespace kvslim::cpu

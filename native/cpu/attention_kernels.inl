@@ -169,6 +169,11 @@ void decodeRangeRows(const DecodeRange& range) {
         for (int32_t j = 0; j < count; ++j)
           if (blockBegin + j > range.lastToken[r]) scores[r][j] = -__builtin_inff();
     }
+    if (range.scoresOut != nullptr) {
+      float* out = range.scoresOut + (blockBegin - range.tokenBegin);
+      for (int32_t r = 0; r < ROWS; ++r)
+        for (int32_t j = 0; j < count; ++j) out[r * range.scoresStride + j] = scores[r][j];
+    }
     softmaxBlock<V>(&scores[0][0], kDecodeBlock, ROWS, count, state, dim, dim);
     // Values: CHUNKS chunks x ROWS rows of accumulators per pass, so the FMA chains run in parallel.
     for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {

@@ -33,8 +33,8 @@ class CpuBackend final : public Backend {
   Status attention(const AttentionArgs& args) override {
     // Few rows per kv head: the decode driver. Many: tile the rows over f32 keys, head by head
     // while a head's keys fit the budget, else in chunks of every head.
-    KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
     KVSLIM_RETURN_IF_ERROR(checkAttentionOlder(args, joinsOlder(args)));
+    KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
     if (decodes(args)) {
       cpu::attentionDecode(args);
     } else if (cpu::prefillHeadsFits(args)) {
@@ -94,7 +94,7 @@ class CpuBackend final : public Backend {
   // Few rows per kv head: memory-bound, so the decode driver reads the pages directly.
   static bool decodes(const AttentionArgs& args) {
     constexpr int64_t kDecodeRowsLimit = 16;
-    return int64_t(args.n) * (args.qHeads / args.kvHeads) <= kDecodeRowsLimit && args.mass == nullptr;
+    return int64_t(args.n) * (args.qHeads / args.kvHeads) <= kDecodeRowsLimit;
   }
 
   cpu::PagePool pages_;

@@ -33,6 +33,10 @@ struct DecodeRange {
   int64_t rowStride;         // elements between consecutive tokens of a page
   int64_t tokenBegin, tokenEnd;
   SoftmaxState state;        // initialised by the kernel
+  // Optional (the attention mass): row r's scores (log2 units, masked ones -inf) of tokens
+  // [tokenBegin, min(tokenEnd, last row's end)) at scoresOut[r * scoresStride + token - tokenBegin].
+  float* scoresOut = nullptr;
+  int64_t scoresStride = 0;
 };
 
 // The start of every running max (kernels and the drivers that initialise prefill state): finite,

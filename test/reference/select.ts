@@ -196,6 +196,11 @@ export class SelectMirror {
     return copy;
   }
 
+  /** H2O: the accumulated score of each kept position of one kv head (float64). */
+  h2oScores(layer: number, kvHead: number): Map<number, number> {
+    return new Map(this.#layers[layer].h2o[kvHead].score);
+  }
+
   tokens(layer: number): number {
     return this.#layers[layer].keys.length;
   }

@@ -3,8 +3,9 @@
 // summed over the query heads of the kv head). The cache keeps the `recent` newest tokens plus
 // `budget - recent` heavy hitters: a token leaving the recent window replaces the kept token with
 // the smallest accumulated score when its own is larger (ties keep the older token), or is evicted.
-// A prompt's mass comes from its prefill's own scores where the backend can (SelectContext::mass,
-// on the CPU); otherwise, and for decode rows and heads with kept tokens, from attentionMass.
+// The mass comes from the call's own attention scores where the backend sums it within that one
+// call (SelectContext::mass; on the CPU every decode call, and every prefill over heads without
+// kept tokens); otherwise from attentionMass, a second read of the keys.
 #include <algorithm>
 #include <cmath>
 #include <cstring>
@@ -32,13 +33,15 @@ class H2OPolicy final : public SelectPolicy {
       if (int64_t(scores.kept.size()) != context.store.keptTokens(layer, h)) {
         return Status(ErrorCode::Internal, "h2o: the scores of kv head " + std::to_string(h) + " do not match its kept tokens");
       }
-      if (q != nullptr && n > 0 && context.mass != nullptr && scores.kept.empty()) {
-        // Summed by the call's attention (a prefill over tail tokens only): tail token j is column j.
-        if (int64_t(scores.tail.size()) > context.massStride) {
+      if (q != nullptr && n > 0 && context.mass != nullptr) {
+        // Summed by the call's attention: kept token j is column j, tail token j column kept + j.
+        const size_t kept = scores.kept.size();
+        if (int64_t(kept + scores.tail.size()) > context.massStride) {
           return Status(ErrorCode::Internal, "h2o: the attention mass of kv head " + std::to_string(h) + " is too short");
         }
         const double* columns = context.mass + size_t(h) * size_t(context.massStride);
-        for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += columns[j];
+        for (size_t j = 0; j < kept; ++j) scores.kept[j] += columns[j];
+        for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += columns[kept + j];
       } else if (q != nullptr && n > 0) {
         // The call's rows summed per token by the backend: no rows x tokens matrix, however long the prefill.
         const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
