@@ -131,6 +131,24 @@ class H2OPolicy final : public SelectPolicy {
     if (fill > 0) KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, filled));
     for (int64_t i = 0; i < fill; ++i) scores->kept.push_back(scores->tail[size_t(i)]);
 
+    if (leaving - fill == 1 && !scores->kept.empty()) {
+      // One candidate (a decode step) meets only the lowest slot: a scan finds it (the heap below
+      // would cost twice that to build). The same rule: lowest score, then lowest position.
+      const std::vector<int64_t>& positions = store.keptPositions(layer, h);
+      size_t lowest = 0;
+      for (size_t s = 1; s < scores->kept.size(); ++s) {
+        const double a = scores->kept[s], b = scores->kept[lowest];
+        if (a < b || (a == b && positions[s] < positions[lowest])) lowest = s;
+      }
+      const double candidate = scores->tail[size_t(fill)];
+      if (candidate > scores->kept[lowest]) {
+        scores->kept[lowest] = candidate;
+        KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(lowest), fill));
+      }
+      store.dropTailFront(layer, h, leaving);
+      scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
+      return Status::ok();
+    }
     struct Slot {
       double score;
       int64_t position;
