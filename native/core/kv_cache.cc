@@ -374,23 +374,10 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   }
   lastLoadedTokens_ = loaded / config_.kvHeads;
   AttentionArgs args = denseArgs(q, n, out, tails.data());
-  // H2O: the attention sums each token's mass from the scores it computes anyway (kept tokens
-  // first), where the backend can in this one call; otherwise H2O asks attentionMass.
-  const bool fusedMass = policy_ && policy_->wantsMass() && backend_->fusesMass();
-  const auto setMass = [&](AttentionArgs* call) {
-    int64_t stride = 0;
-    for (int32_t h = 0; h < config_.kvHeads; ++h) stride = std::max(stride, tails[size_t(h)].tokens + kept[size_t(h)].tokens);
-    mass_.assign(size_t(config_.kvHeads) * size_t(stride), 0.0);
-    call->mass = mass_.data();
-    call->massStride = stride;
-  };
-  if (!anyKept && fusedMass) {
-    setMass(&args);
-    KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
-    massLayer_ = layer;
-    return Status::ok();
-  }
-  if (!anyKept) return backend_->attention(args);
+  // H2O: the attention sums each token's mass from the scores it computes anyway, where the
+  // backend can in one call; otherwise H2O asks attentionMass.
+  const int32_t massLayer = policy_ && policy_->wantsMass() && backend_->fusesMass() ? layer : -1;
+  if (!anyKept) return attendOnce(args, massLayer);
   // Tail (causal) and kept segment (older than every query), merged by log-sum-exp.
   std::vector<float> rotated;
   const float* keptQ = q;
@@ -411,26 +398,31 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
     }
     keptQ = rotated.data();
   }
-  if (fusedMass) {
-    AttentionArgs joined = args;
-    joined.olderHeads = kept.data();
-    joined.olderPageTokens = config_.pageTokens;
-    joined.olderQ = keptQ;
-    if (backend_->joinsOlder(joined)) {
-      setMass(&joined);
-      KVSLIM_RETURN_IF_ERROR(backend_->attention(joined));
-      massLayer_ = layer;
-      return Status::ok();
-    }
-  }
-  return attendMerged(args, kept.data(), config_.pageTokens, keptQ);
+  return attendMerged(args, kept.data(), config_.pageTokens, keptQ, massLayer);
 }
 
-Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ) {
+Status KVCache::attendOnce(AttentionArgs args, int32_t massLayer) {
+  if (massLayer >= 0) {
+    // Kept (older) tokens first, then the rest: AttentionArgs::mass.
+    int64_t stride = 0;
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      stride = std::max(stride, args.heads[h].tokens + (args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0));
+    }
+    mass_.assign(size_t(args.kvHeads) * size_t(stride), 0.0);
+    args.mass = mass_.data();
+    args.massStride = stride;
+  }
+  KVSLIM_RETURN_IF_ERROR(backend_->attention(args));
+  if (massLayer >= 0) massLayer_ = massLayer;
+  return Status::ok();
+}
+
+Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ,
+                             int32_t massLayer) {
   first.olderHeads = older;
   first.olderPageTokens = olderPageTokens;
   first.olderQ = olderQ;
-  if (backend_->joinsOlder(first)) return backend_->attention(first);
+  if (backend_->joinsOlder(first)) return attendOnce(first, massLayer);
   first.olderHeads = nullptr;
   first.olderQ = nullptr;
   const size_t rows = size_t(first.n) * size_t(first.qHeads);

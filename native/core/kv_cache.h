@@ -89,8 +89,11 @@ class KVCache {
   // out = attention over two disjoint token sets: `first` (its args as given, causal) and `older`
   // heads (tokens older than every query, so non-causal; queries olderQ, pages of olderPageTokens),
   // in one backend call when the backend joins them (Backend::joinsOlder), else two merged by
-  // log-sum-exp.
-  Status attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ);
+  // log-sum-exp. massLayer >= 0: as attendOnce, in the one call only.
+  Status attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ,
+                      int32_t massLayer = -1);
+  // One backend call; with massLayer >= 0 it also sums H2O's mass into mass_ for afterAttend.
+  Status attendOnce(AttentionArgs args, int32_t massLayer);
   // Causal attention args of n queries over dense pages viewed by `heads` ([kvHeads]).
   AttentionArgs denseArgs(const float* q, int64_t n, float* out, const KVHeadView* heads) const;
   // Adds n tokens to a layer; a KIVI store keeps them in f16 until flushLayer().
