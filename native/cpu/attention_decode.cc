@@ -145,13 +145,14 @@ void attentionDecode(const AttentionArgs& args) {
     range.valuePages = head.valuePages;
     range.pageTokens = older ? args.olderPageTokens : args.pageTokens;
     range.rowStride = args.rowStride;
-    range.tokenBegin = head.firstRow + std::min(part * plan.splitTokens, head.tokens);
-    range.tokenEnd = head.firstRow + std::min((part + 1) * plan.splitTokens, head.tokens);
+    const int64_t begin = std::min(part * plan.splitTokens, head.tokens);
+    range.tokenBegin = head.firstRow + begin;
+    range.tokenEnd = head.firstRow + std::min(begin + plan.splitTokens, head.tokens);
     range.state = {rowMax, rowSum, rowAcc};
     if (captured) {
       const int64_t before = older || !withOlder ? 0 : args.olderHeads[h].tokens;
       range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
-                        size_t(before + std::min(part * plan.splitTokens, head.tokens));
+                        size_t(before + begin);
       range.scoresStride = width;
     }
     kernels.decodeRange(range);

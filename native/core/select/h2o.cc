@@ -145,41 +145,39 @@ class H2OPolicy final : public SelectPolicy {
         scores->kept[lowest] = candidate;
         KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(lowest), fill));
       }
-      store.dropTailFront(layer, h, leaving);
-      scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
-      return Status::ok();
-    }
-    struct Slot {
-      double score;
-      int64_t position;
-      int64_t slot;
-    };
-    // std heaps keep the largest on top: "larger" here is lower, so the top is the lowest.
-    const auto above = [](const Slot& a, const Slot& b) {
-      return a.score > b.score || (a.score == b.score && a.position > b.position);
-    };
-    std::vector<Slot> heap;
-    std::vector<int64_t> winner(scores->kept.size(), -1);  // per slot: the tail index it ends with
-    const int64_t firstPosition = store.tailFirstPosition(layer, h);
-    for (int64_t i = fill; i < leaving; ++i) {
-      const double candidate = scores->tail[size_t(i)];
-      if (heap.empty()) {
-        const std::vector<int64_t>& positions = store.keptPositions(layer, h);
-        for (size_t s = 0; s < scores->kept.size(); ++s) heap.push_back({scores->kept[s], positions[s], int64_t(s)});
-        std::make_heap(heap.begin(), heap.end(), above);
-        if (heap.empty()) break;  // no heavy slots: every candidate goes
+    } else {
+      struct Slot {
+        double score;
+        int64_t position;
+        int64_t slot;
+      };
+      // std heaps keep the largest on top: "larger" here is lower, so the top is the lowest.
+      const auto above = [](const Slot& a, const Slot& b) {
+        return a.score > b.score || (a.score == b.score && a.position > b.position);
+      };
+      std::vector<Slot> heap;
+      std::vector<int64_t> winner(scores->kept.size(), -1);  // per slot: the tail index it ends with
+      const int64_t firstPosition = store.tailFirstPosition(layer, h);
+      for (int64_t i = fill; i < leaving; ++i) {
+        const double candidate = scores->tail[size_t(i)];
+        if (heap.empty()) {
+          const std::vector<int64_t>& positions = store.keptPositions(layer, h);
+          for (size_t s = 0; s < scores->kept.size(); ++s) heap.push_back({scores->kept[s], positions[s], int64_t(s)});
+          std::make_heap(heap.begin(), heap.end(), above);
+          if (heap.empty()) break;  // no heavy slots: every candidate goes
+        }
+        const Slot lowest = heap.front();
+        if (candidate > lowest.score) {
+          winner[size_t(lowest.slot)] = i;
+          scores->kept[size_t(lowest.slot)] = candidate;
+          std::pop_heap(heap.begin(), heap.end(), above);
+          heap.back() = {candidate, firstPosition + i, lowest.slot};
+          std::push_heap(heap.begin(), heap.end(), above);
+        }
       }
-      const Slot lowest = heap.front();
-      if (candidate > lowest.score) {
-        winner[size_t(lowest.slot)] = i;
-        scores->kept[size_t(lowest.slot)] = candidate;
-        std::pop_heap(heap.begin(), heap.end(), above);
-        heap.back() = {candidate, firstPosition + i, lowest.slot};
-        std::push_heap(heap.begin(), heap.end(), above);
+      for (size_t s = 0; s < winner.size(); ++s) {
+        if (winner[s] >= 0) KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(s), winner[s]));
       }
-    }
-    for (size_t s = 0; s < winner.size(); ++s) {
-      if (winner[s] >= 0) KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(s), winner[s]));
     }
     store.dropTailFront(layer, h, leaving);
     scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
