@@ -156,6 +156,24 @@ describe('attention(): values (ERR_VALUE)', () => {
   });
 });
 
+describe('q values: the first non-finite element is named, in any 4096-element block', () => {
+  it('f32, f16 and bf16 queries of 9 blocks, a bad element at block edges and in the middle', () => {
+    const cache = cacheOf();
+    cache.append(0, k, v);
+    const rows = 9 * 4096 / (4 * 64);  // 144 query rows: 36864 elements
+    const query = random.tensor(rows * 4 * 64);
+    for (const dtype of ['f32', 'f16', 'bf16'] as const) {
+      for (const at of [0, 4095, 4096, 20000, 36863]) {
+        const bad = dtype === 'f32' ? query.slice() : encodeHalf(query, dtype);
+        bad[at] = dtype === 'f32' ? Number.NaN : dtype === 'f16' ? 0x7c00 : 0x7f80;
+        if (at < 36863) bad[36863] = dtype === 'f32' ? Number.NaN : 0xffff;  // a later one is not reported
+        const kind = dtype === 'f32' ? 'NaN' : 'infinite';
+        expectError(() => cache.attend(0, bad, { dtype }), 'ERR_VALUE', new RegExp(`\\bq\\b.*element ${at} is ${kind}`));
+      }
+    }
+  });
+});
+
 describe('attention(): device', () => {
   it("device 'cuda' without a usable GPU is ERR_BACKEND_UNAVAILABLE", () => {
     const cuda = backends().cuda;
