@@ -31,13 +31,13 @@ DecodePlan planDecode(int64_t maxTokens, int32_t kvHeads, int64_t rowGroups, int
 
 // Queries scaled once by scale * log2(e) so the kernels use exp2 (the same rounding as prefill:
 // decoding token by token must give what one prefill gives).
-std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale) {
+Floats scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale) {
   const float factor = scale * kLog2e;
-  std::vector<float> scaled(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
+  Floats scaled = uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
   for (int32_t h = 0; h < layout.kvHeads; ++h) {
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       const float* src = q + layout.queryIndex(h, row) * dim;
-      float* dst = scaled.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(dim);
+      float* dst = scaled.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(dim);
       for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
     }
   }
@@ -52,13 +52,19 @@ void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* 
       float globalMax = partials.maxes[first];
       for (int64_t s = 1; s < partials.splits; ++s) globalMax = std::max(globalMax, partials.maxes[first + s]);
       float* o = out + layout.queryIndex(h, row) * dim;
-      std::fill(o, o + dim, 0.0f);
       float total = 0.0f;
-      for (int64_t s = 0; s < partials.splits; ++s) {
-        const float weight = std::exp2(partials.maxes[first + s] - globalMax);
-        total += partials.sums[first + s] * weight;
-        const float* acc = partials.accs.data() + (first + s) * size_t(dim);
-        for (int32_t d = 0; d < dim; ++d) o[d] += acc[d] * weight;
+      if (partials.splits == 1) {
+        // What the loop below computes for one split (weight exp2(0) = 1), without its exp2.
+        total = partials.sums[first];
+        std::copy(partials.accs.get() + first * size_t(dim), partials.accs.get() + (first + 1) * size_t(dim), o);
+      } else {
+        std::fill(o, o + dim, 0.0f);
+        for (int64_t s = 0; s < partials.splits; ++s) {
+          const float weight = std::exp2(partials.maxes[first + s] - globalMax);
+          total += partials.sums[first + s] * weight;
+          const float* acc = partials.accs.get() + (first + s) * size_t(dim);
+          for (int32_t d = 0; d < dim; ++d) o[d] += acc[d] * weight;
+        }
       }
       const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
       for (int32_t d = 0; d < dim; ++d) o[d] *= inverse;
@@ -106,11 +112,10 @@ void attentionDecode(const AttentionArgs& args) {
   const DecodePlan plan = planDecode(maxTokens + maxOlder, args.kvHeads, rowGroups, args.threads, 1);
   const int64_t olderSplits = (maxOlder + plan.splitTokens - 1) / plan.splitTokens;
   const int64_t splits = olderSplits + std::max<int64_t>(1, (maxTokens + plan.splitTokens - 1) / plan.splitTokens);
-  const std::vector<float> scaled = scaledRows(layout, args.q, dim, args.scale);
-  const std::vector<float> olderScaled =
-      withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : std::vector<float>();
+  const Floats scaled = scaledRows(layout, args.q, dim, args.scale);
+  const Floats olderScaled = withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : Floats();
   SplitPartials partials(layout, splits, dim);
-  std::vector<float> workerAcc(size_t(plan.threads) * kMaxDecodeRows * size_t(dim));
+  const Floats workerAcc = uninitialisedFloats(size_t(plan.threads) * kMaxDecodeRows * size_t(dim));  // the kernel zeroes its rows
   // With the mass (H2O's decode steps), every row's scores are kept: older tokens, then the rest.
   const int64_t width = maxOlder + maxTokens;
   // Not zeroed: softmaxRow reads only what the kernel wrote (each row's visible tokens).
@@ -133,10 +138,10 @@ void attentionDecode(const AttentionArgs& args) {
       last[r] = head.firstRow + (older ? head.tokens - 1 : layout.lastToken(args.causal, head.tokens, firstRow + r));
     }
     float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
-    float* rowAcc = workerAcc.data() + size_t(worker) * kMaxDecodeRows * size_t(dim);
+    float* rowAcc = workerAcc.get() + size_t(worker) * kMaxDecodeRows * size_t(dim);
     DecodeRange range;
-    const std::vector<float>& queries = older && !olderScaled.empty() ? olderScaled : scaled;
-    range.q = queries.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+    const float* queries = older && olderScaled ? olderScaled.get() : scaled.get();
+    range.q = queries + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
     range.rows = rows;
     range.lastToken = last;
     range.headDim = dim;

@@ -20,7 +20,7 @@ void attentionKivi(const KiviAttentionArgs& args) {
   for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens - kiviSkip(args.heads[h]).length);
   // Splits start at multiples of 32 tokens: a kernel sub-block never straddles a key group.
   const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 32);
-  const std::vector<float> scaled = scaledRows(layout, args.q, dim, args.scale);
+  const Floats scaled = scaledRows(layout, args.q, dim, args.scale);
   SplitPartials partials(layout, plan.splits, dim);
   const size_t scratchFloats = kiviScratchFloats(dim);
   std::vector<float> workerAcc(size_t(plan.threads) * (kMaxDecodeRows * size_t(dim) + scratchFloats));
@@ -57,7 +57,7 @@ void attentionKivi(const KiviAttentionArgs& args) {
     float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
     float* rowAcc = workerAcc.data() + size_t(worker) * (kMaxDecodeRows * size_t(dim) + scratchFloats);
     KiviRange range;
-    range.q = scaled.data() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+    range.q = scaled.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
     range.rows = rows;
     range.lastToken = last;
     range.format = args.format;

@@ -3,6 +3,7 @@
 #pragma once
 #include <algorithm>
 #include <cstdint>
+#include <memory>
 #include <vector>
 
 #include "../core/attention_args.h"
@@ -42,17 +43,23 @@ inline int64_t lastToken(const AttentionArgs& args, int64_t tokens, int32_t posi
   return args.causal ? tokens - args.n + position : tokens - 1;
 }
 
-// Flash-decoding partial states of every (kv head, row, split), in the base-2 log domain.
+// Floats a driver writes in full before reading any, so not zeroed: a decode step's buffers are
+// small, but zeroing them (std::vector) took a tenth of a one-token call.
+using Floats = std::unique_ptr<float[]>;
+inline Floats uninitialisedFloats(size_t count) { return Floats(new float[count]); }
+
+// Flash-decoding partial states of every (kv head, row, split), in the base-2 log domain. Every
+// task stores all of its rows (store()), so every entry is written before mergeSplits reads it.
 struct SplitPartials {
   int64_t splits;
   int32_t dim;
-  std::vector<float> maxes, sums, accs;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim)
+  Floats maxes, sums, accs;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim)
   SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim)
       : splits(splits),
         dim(dim),
-        maxes(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits)),
-        sums(maxes.size()),
-        accs(maxes.size() * size_t(dim)) {}
+        maxes(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits))),
+        sums(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits))),
+        accs(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits) * size_t(dim))) {}
   size_t index(const RowLayout& layout, int32_t h, int64_t row, int64_t split) const {
     return (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(splits) + size_t(split);
   }
@@ -62,13 +69,13 @@ struct SplitPartials {
       const size_t at = index(layout, h, firstRow + r, split);
       maxes[at] = state.max[r];
       sums[at] = state.sum[r];
-      std::copy(state.acc + size_t(r) * size_t(dim), state.acc + size_t(r + 1) * size_t(dim), accs.begin() + at * size_t(dim));
+      std::copy(state.acc + size_t(r) * size_t(dim), state.acc + size_t(r + 1) * size_t(dim), accs.get() + at * size_t(dim));
     }
   }
 };
 
 // q scaled by scale * log2(e) (the kernels use exp2), rows ordered [kvHeads, rowsPerHead, dim].
-std::vector<float> scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale);
+Floats scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale);
 // Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]); lse (optional, [n, qHeads])
 // receives log2 of each row's softmax denominator (-inf when the row saw no key).
 void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse);
