@@ -73,6 +73,7 @@
         "native/cpu/simd_level.cc",
         "native/cpu/thread_pool.cc",
         "native/cpu/attention_decode.cc",
+        "native/cpu/attention_decode_tiled.cc",
         "native/cpu/attention_kivi.cc",
         "native/cpu/attention_scores.cc",
         "native/cpu/attention_mass.cc",

@@ -425,6 +425,36 @@ void toFloat32(const void* src, DType type, float* dst, int32_t count) {
   }
 }
 
+// One block of 2W keys (row pointers in stored dtype) as the prefill kernel reads them: channel d
+// of key j at out[d * 2W + j], for d < dim (channels up to paddedDim are the caller's padding).
+// W x W squares are transposed in registers: a scalar scatter of every element cost as much as
+// the prefill kernel's math in a decode slice.
+template <class V, DType T>
+void transposeKeyBlockOf(const void* const* rows, int32_t dim, float* out) {
+  using R = typename V::R;
+  constexpr int32_t BLOCK = 2 * V::W;
+  const int32_t chunks = dim / V::W;
+  for (int32_t c = 0; c < chunks; ++c) {
+    for (int32_t half = 0; half < 2; ++half) {
+      R square[V::W];
+      for (int32_t i = 0; i < V::W; ++i) square[i] = loadRow<V, T>(rows[half * V::W + i], c * V::W);
+      V::transpose(square);
+      for (int32_t i = 0; i < V::W; ++i) V::store(out + size_t(c * V::W + i) * BLOCK + half * V::W, square[i]);
+    }
+  }
+  for (int32_t d = chunks * V::W; d < dim; ++d)
+    for (int32_t j = 0; j < BLOCK; ++j) out[size_t(d) * BLOCK + j] = loadScalar<T>(rows[j], d);
+}
+
+template <class V>
+void transposeKeyBlock(const void* const* rows, DType type, int32_t dim, float* out) {
+  switch (type) {
+    case DType::F16: transposeKeyBlockOf<V, DType::F16>(rows, dim, out); break;
+    case DType::BF16: transposeKeyBlockOf<V, DType::BF16>(rows, dim, out); break;
+    default: transposeKeyBlockOf<V, DType::F32>(rows, dim, out); break;
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Scores for selection policies: plain dot products, each key row loaded once for all rows.
 

@@ -22,12 +22,28 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   const int32_t dim = args.headDim;
   const size_t rowBytes = size_t(args.rowStride) * dtypeBytes(args.kvType);
   const int64_t blocks = (count + blockKeys - 1) / blockKeys;
-  std::fill(keysTransposed, keysTransposed + size_t(blocks) * size_t(paddedDim) * size_t(blockKeys), 0.0f);
-  std::fill(values, values + size_t(blocks) * size_t(blockKeys) * size_t(paddedDim), 0.0f);
+  const int64_t padded = blocks * blockKeys;
+  // Only the padding is zeroed (what the conversion leaves unwritten): channels past dim, and the
+  // keys past count in the last block. Zeroing all of it doubled the stores of a decode slice.
+  const size_t blockFloats = size_t(paddedDim) * size_t(blockKeys);
+  if (paddedDim > dim) {
+    for (int64_t b = 0; b < blocks; ++b) {
+      std::fill(keysTransposed + size_t(b) * blockFloats + size_t(dim) * size_t(blockKeys), keysTransposed + size_t(b + 1) * blockFloats, 0.0f);
+    }
+  }
+  if (padded > count) {
+    float* last = keysTransposed + size_t(blocks - 1) * blockFloats;
+    for (int32_t d = 0; d < dim; ++d) {
+      std::fill(last + size_t(d) * size_t(blockKeys) + size_t(count % blockKeys), last + size_t(d + 1) * size_t(blockKeys), 0.0f);
+    }
+  }
+  std::fill(values + size_t(count) * size_t(paddedDim), values + size_t(padded) * size_t(paddedDim), 0.0f);
   for (int64_t j = 0; j < count; ++j) {
     const int64_t token = head.firstRow + first + j;
     const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + size_t(token % args.pageTokens) * rowBytes;
-    kernels.toFloat32(value, args.kvType, values + size_t(j) * size_t(paddedDim), dim);
+    float* row = values + size_t(j) * size_t(paddedDim);
+    kernels.toFloat32(value, args.kvType, row, dim);
+    std::fill(row + dim, row + paddedDim, 0.0f);
   }
   const KeyBlocks layout{args.pageTokens, rowBytes, args.kvType, dim, paddedDim, blockKeys};
   transposeKeys(kernels, layout, head, first, count, 0, keysTransposed);
@@ -45,15 +61,29 @@ void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHea
 void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
                    int64_t at, float* keysTransposed) {
   float keyRow[1024];  // headDim <= 1024
-  for (int64_t j = 0; j < count; ++j) {
+  const auto rowOf = [&](int64_t j) {
     const int64_t token = head.firstRow + first + j;
-    const void* key = static_cast<const uint8_t*>(head.keyPages[token / layout.pageTokens]) +
-                      size_t(token % layout.pageTokens) * layout.rowBytes;
-    kernels.toFloat32(key, layout.type, keyRow, layout.dim);
+    return static_cast<const void*>(static_cast<const uint8_t*>(head.keyPages[token / layout.pageTokens]) +
+                                    size_t(token % layout.pageTokens) * layout.rowBytes);
+  };
+  // Whole blocks through the register transpose; a partial first or last block key by key (the
+  // lanes outside [at, at + count) belong to the caller).
+  int64_t j = 0;
+  while (j < count) {
     const int64_t index = at + j;
+    if (index % layout.blockKeys == 0 && count - j >= layout.blockKeys) {
+      const void* rows[64];  // blockKeys <= 32
+      for (int32_t i = 0; i < layout.blockKeys; ++i) rows[i] = rowOf(j + i);
+      kernels.transposeKeyBlock(rows, layout.type, layout.dim,
+                                keysTransposed + size_t(index / layout.blockKeys) * size_t(layout.paddedDim) * size_t(layout.blockKeys));
+      j += layout.blockKeys;
+      continue;
+    }
+    kernels.toFloat32(rowOf(j), layout.type, keyRow, layout.dim);
     float* block = keysTransposed + size_t(index / layout.blockKeys) * size_t(layout.paddedDim) * size_t(layout.blockKeys);
     const size_t lane = size_t(index % layout.blockKeys);
     for (int32_t d = 0; d < layout.dim; ++d) block[size_t(d) * size_t(layout.blockKeys) + lane] = keyRow[d];
+    ++j;
   }
 }
 

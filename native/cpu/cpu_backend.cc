@@ -37,6 +37,8 @@ class CpuBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
     if (decodes(args)) {
       cpu::attentionDecode(args);
+    } else if (cpu::decodesTiled(args)) {
+      cpu::attentionDecodeTiled(args);
     } else if (cpu::prefillHeadsFits(args)) {
       cpu::attentionPrefillHeads(args);
     } else {
@@ -93,8 +95,7 @@ class CpuBackend final : public Backend {
  private:
   // Few rows per kv head: memory-bound, so the decode driver reads the pages directly.
   static bool decodes(const AttentionArgs& args) {
-    constexpr int64_t kDecodeRowsLimit = 16;
-    return int64_t(args.n) * (args.qHeads / args.kvHeads) <= kDecodeRowsLimit;
+    return int64_t(args.n) * (args.qHeads / args.kvHeads) <= cpu::kMaxDecodeDriverRows;
   }
 
   cpu::PagePool pages_;

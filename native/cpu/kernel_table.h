@@ -150,6 +150,9 @@ struct KernelTable {
   void (*massTile)(const MassTile& tile);
   // dst[i] = src[i] as f32 for i < count (prefill converts stored key/value rows once per chunk).
   void (*toFloat32)(const void* src, DType type, float* dst, int32_t count);
+  // The 2 * vectorWidth keys at rows (stored dtype) as one transposed prefill key block:
+  // channel d of key j at out[d * 2 * vectorWidth + j], d < dim.
+  void (*transposeKeyBlock)(const void* const* rows, DType type, int32_t dim, float* out);
   // Sum of `count` floats (bandwidth probe: a pure streaming read).
   float (*streamSum)(const float* data, size_t count);
   // Runs `iterations` rounds of independent FMA chains; returns FLOPs done (FMA peak probe).

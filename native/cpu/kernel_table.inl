@@ -11,6 +11,7 @@ KernelTable makeTable() {
   table.prefillTile = &prefillTile<V>;
   table.massTile = &massTile<V>;
   table.toFloat32 = &toFloat32<V>;
+  table.transposeKeyBlock = &transposeKeyBlock<V>;
   table.streamSum = &streamSum<V>;
   table.fmaBurn = &fmaBurn<V>;
   table.kiviDecodeRange = &kiviDecodeRange<V>;

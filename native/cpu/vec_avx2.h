@@ -36,6 +36,27 @@ struct VecAvx2 {
       return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(3)));
     }
   }
+  // Transposes the 8 x 8 floats of r in place: lane j of r[i] becomes lane i of r[j].
+  static void transpose(R* r) {
+    R t[8];
+    for (int i = 0; i < 4; ++i) {  // pairs of rows interleaved within 128-bit lanes
+      t[2 * i] = _mm256_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm256_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    R u[8];  // u[4g + c], lane L: column 4L + c of rows 4g .. 4g + 3
+    for (int g = 0; g < 2; ++g) {
+      const __m256d a = _mm256_castps_pd(t[4 * g]), b = _mm256_castps_pd(t[4 * g + 1]);
+      const __m256d c = _mm256_castps_pd(t[4 * g + 2]), d = _mm256_castps_pd(t[4 * g + 3]);
+      u[4 * g] = _mm256_castpd_ps(_mm256_unpacklo_pd(a, c));
+      u[4 * g + 1] = _mm256_castpd_ps(_mm256_unpackhi_pd(a, c));
+      u[4 * g + 2] = _mm256_castpd_ps(_mm256_unpacklo_pd(b, d));
+      u[4 * g + 3] = _mm256_castpd_ps(_mm256_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; ++c) {
+      r[c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x20);
+      r[4 + c] = _mm256_permute2f128_ps(u[c], u[4 + c], 0x31);
+    }
+  }
   static R fmadd(R a, R b, R c) { return _mm256_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm256_mul_ps(a, b); }
   static R add(R a, R b) { return _mm256_add_ps(a, b); }

@@ -37,6 +37,31 @@ struct VecAvx512 {
       return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), _mm512_set1_epi32(3)));
     }
   }
+  // Transposes the 16 x 16 floats of r in place: lane j of r[i] becomes lane i of r[j].
+  static void transpose(R* r) {
+    R t[16];
+    for (int i = 0; i < 8; ++i) {  // pairs of rows interleaved within 128-bit lanes
+      t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+      t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+    }
+    R u[16];  // u[4g + c], lane L: column 4L + c of rows 4g .. 4g + 3
+    for (int g = 0; g < 4; ++g) {
+      const __m512d a = _mm512_castps_pd(t[4 * g]), b = _mm512_castps_pd(t[4 * g + 1]);
+      const __m512d c = _mm512_castps_pd(t[4 * g + 2]), d = _mm512_castps_pd(t[4 * g + 3]);
+      u[4 * g] = _mm512_castpd_ps(_mm512_unpacklo_pd(a, c));
+      u[4 * g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(a, c));
+      u[4 * g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(b, d));
+      u[4 * g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(b, d));
+    }
+    for (int c = 0; c < 4; ++c) {  // row 4L + c gathers lane L of u[c], u[4 + c], u[8 + c], u[12 + c]
+      const R v0 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0x44), v1 = _mm512_shuffle_f32x4(u[c], u[4 + c], 0xEE);
+      const R w0 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0x44), w1 = _mm512_shuffle_f32x4(u[8 + c], u[12 + c], 0xEE);
+      r[c] = _mm512_shuffle_f32x4(v0, w0, 0x88);
+      r[4 + c] = _mm512_shuffle_f32x4(v0, w0, 0xDD);
+      r[8 + c] = _mm512_shuffle_f32x4(v1, w1, 0x88);
+      r[12 + c] = _mm512_shuffle_f32x4(v1, w1, 0xDD);
+    }
+  }
   static R fmadd(R a, R b, R c) { return _mm512_fmadd_ps(a, b, c); }
   static R mul(R a, R b) { return _mm512_mul_ps(a, b); }
   static R add(R a, R b) { return _mm512_add_ps(a, b); }

@@ -15,6 +15,7 @@ struct VecScalar {
   static void halvesToFloats(const uint16_t* in, float* out, int32_t count) {
     for (int32_t i = 0; i < count; ++i) out[i] = kvslim::f16ToFloat(in[i]);
   }
+  static void transpose(R*) {}  // 1 x 1
   // Code `first` of a KIVI run packed `32 / BITS` per word, as a float.
   template <int BITS>
   static R codes(const uint32_t* words, int32_t first) {
