@@ -25,8 +25,13 @@ export interface CaseSpec {
   kind: CaseKind;
   device: CaseDevice;
   store: Store;
-  /** Decode: tokens in the cache (one query). Prefill: prompt tokens (as many queries). */
+  /** Decode: tokens in the cache. Prefill: prompt tokens (as many queries). */
   tokens: number;
+  /**
+   * Decode only: query tokens attending at once (default 1), causally over the cache's last
+   * positions. 5 is a speculative-decoding step: the target model checks 4 draft tokens and one more.
+   */
+  queries?: number;
 }
 
 export interface Matrix {
@@ -39,13 +44,17 @@ export function tokenLabel(tokens: number): string {
   return tokens % 1024 === 0 ? `${tokens / 1024}K` : String(tokens);
 }
 
-function caseOf(kind: CaseKind, device: CaseDevice, store: Store, tokens: number): CaseSpec {
-  const id = `${kind}-${store}-${tokenLabel(tokens)}${device === 'cpu' ? '' : `-${device}`}`;
-  return { id, kind, device, store, tokens };
+function caseOf(kind: CaseKind, device: CaseDevice, store: Store, tokens: number, queries = 1): CaseSpec {
+  const id = `${kind}-${store}-${tokenLabel(tokens)}${queries > 1 ? `-x${queries}` : ''}${device === 'cpu' ? '' : `-${device}`}`;
+  return queries > 1 ? { id, kind, device, store, tokens, queries } : { id, kind, device, store, tokens };
 }
 
+/** Query tokens of the speculative-decoding row (4 drafts and the next token). */
+export const SPECULATIVE_QUERIES = 5;
+
 /**
- * The full matrix: decode at 4K/16K/64K tokens for each store, causal prefill at 4K (f16, f32)
+ * The full matrix: decode at 4K/16K/64K tokens for each store and a speculative step (5 queries)
+ * over 64K f16, causal prefill at 4K (f16, f32)
  * plus a prefill at the plain-JS size for a same-size comparison; the same on CUDA when a GPU
  * answers. `quick`: decode at 4K and a 1K prefill, for smoke tests.
  */
@@ -58,6 +67,7 @@ export function declareMatrix(options: { quick: boolean; cuda: boolean }): Matri
     for (const tokens of decodeTokens) {
       for (const store of STORES) cases.push(caseOf('decode', device, store, tokens));
     }
+    if (!options.quick) cases.push(caseOf('decode', device, 'f16', 65536, SPECULATIVE_QUERIES));
   }
   for (const device of devices) {
     if (options.quick) {
@@ -73,7 +83,7 @@ export function declareMatrix(options: { quick: boolean; cuda: boolean }): Matri
   return { cases, jsPrefillTokens };
 }
 
-/** K+V bytes a decode step reads: every token, both tensors, once. */
+/** K+V bytes a decode step reads: every token, both tensors, once (for all of its queries). */
 export function kvBytes(spec: CaseSpec): number {
   return spec.tokens * MODEL.kvHeads * MODEL.headDim * 2 * BYTES_PER_ELEMENT[spec.store];
 }
@@ -108,8 +118,9 @@ function checkOf(actual: Float32Array, expected: Float32Array, rows: string): Ca
 }
 
 /**
- * Decode: a cache of `spec.tokens` tokens (first tokens of k, v), one query q attends to all of
- * them. `reference` is the plain-JS output for the same q, k, v. CPU runs are timed cold (see
+ * Decode: a cache of `spec.tokens` tokens (first tokens of k, v), the queries q (one, or
+ * `spec.queries` at the last positions) attend to them. `reference` is the plain-JS output for the
+ * same q, k, v. CPU runs are timed cold (see
  * evictCaches); the check call doubles as the first warm-up.
  */
 export function runDecode(
