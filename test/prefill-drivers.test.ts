@@ -27,8 +27,8 @@ describe('prefill drivers agree', () => {
   it('head by head and in chunks: the same output bits, the same H2O positions', () => {
     const byHead = run(undefined);
     const chunked = run('0');
-    const labels = ['GQA 8/2 d64, 300 causal', 'MHA d100, 77 causal', 'GQA 6/2 d48, 64 rows over 2300 keys',
-      'non-causal 40 x 500', 'bf16 cache, prompt 150', 'bf16 cache, 90 more', 'h2o prompt output', 'h2o positions'];
+    const labels = ['GQA 8/2 d64, 300 causal', 'MHA d100, 277 causal', 'GQA 6/2 d48, 96 queries over 2300 keys',
+      'non-causal 70 x 500', 'bf16 cache, prompt 150', 'bf16 cache, 140 more', 'h2o prompt output', 'h2o positions'];
     expect(byHead).toHaveLength(labels.length);
     expect(chunked).toHaveLength(labels.length);
     labels.forEach((label, i) => {

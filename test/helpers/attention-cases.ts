@@ -28,7 +28,8 @@ const ALL: Dtype[] = ['f32', 'f16', 'bf16'];
 const each = (shape: Shape, dtypes: Dtype[] = ALL) => ({ shape, dtypes });
 
 // CPU paths (native/cpu/cpu_backend.cc): decode when n x group <= 16 rows per kv head (row groups
-// of 8; key splits of >= 1024 tokens), tiled prefill above (2048-key chunks, 64-row tiles).
+// of 8; key splits of >= 1024 tokens), the tiled decode driver up to 256 rows (256-key f32 slices
+// of the same splits), tiled prefill above (2048-key chunks, 64-row tiles).
 export const ATTENTION_CASES: CaseGroup[] = [
   {
     title: 'decode, one query row per head (n = 1)',
@@ -55,9 +56,10 @@ export const ATTENTION_CASES: CaseGroup[] = [
     ],
   },
   {
-    title: 'tiled prefill (n x group > 16)',
+    title: 'tiled (n x group > 16: the tiled decode driver to 256 rows, the prefill drivers above)',
     cases: [
       each({ n: 17, T: 17, qHeads: 2, kvHeads: 2, headDim: 64 }),
+      each({ n: 70, T: 70, qHeads: 4, kvHeads: 1, headDim: 72 }),
       each({ n: 7, T: 7, qHeads: 8, kvHeads: 2, headDim: 80 }),
       each({ n: 333, T: 333, qHeads: 4, kvHeads: 1, headDim: 128 }),
       each({ n: 100, T: 1025, qHeads: 8, kvHeads: 1, headDim: 72 }, ['f32', 'bf16']),
