@@ -92,7 +92,7 @@ export function evictCaches(): void {
 }
 
 /** Shape of the waking decode: this many token-heads per worker wakes every worker (native/cpu/attention_decode.cc). */
-const WAKE = { qHeads: 8, kvHeads: 8, headDim: 64, tokenHeadsPerThread: 4096 } as const;
+const WAKE = { qHeads: 8, kvHeads: 8, headDim: 64, tokenHeadsPerThread: 256 } as const;
 let waker: { cache: KVCache; q: Float32Array; out: Float32Array } | null = null;
 
 /**
