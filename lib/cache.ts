@@ -1,5 +1,5 @@
 import { type Device } from './backends.js';
-import { KVSlimError } from './errors.js';
+import { describe, KVSlimError } from './errors.js';
 import { addon, type NativeCache, type NativeDtype, type NativeSelect } from './native.js';
 import { type PolicySpec, type ResolvedPolicy, resolvePolicy } from './policy.js';
 import { duoMask, type ResolvedSelect } from './select.js';
@@ -229,6 +229,20 @@ export class KVCache {
   tokens(layer: number): number {
     this.#checkLayer(layer);
     return this.#live('tokens').tokens(layer);
+  }
+
+  /**
+   * Drops one layer's newest tokens so that it holds `tokens` (0 .. tokens(layer)): the rejected
+   * drafts of a speculative step. Pages past the new end are freed (or left to the forks that
+   * share them). Only for `select: 'full'` over a dense store (f32, f16, bf16): a policy's state
+   * already reflects the newest tokens, so fork before them and drop the fork instead.
+   */
+  truncate(layer: number, tokens: number): void {
+    this.#checkLayer(layer);
+    if (typeof tokens !== 'number' || !Number.isInteger(tokens) || tokens < 0 || tokens > 2 ** 31 - 1) {
+      throw new KVSlimError('ERR_SHAPE', `Expected tokens to be a non-negative integer but received ${describe(tokens)}`);
+    }
+    this.#idle('truncate').truncate(layer, tokens);
   }
 
   /**

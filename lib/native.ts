@@ -61,6 +61,7 @@ export interface NativeCache {
   stats(): NativeStats;
   save(): Buffer;
   tokens(layer: number): number;
+  truncate(layer: number, tokens: number): void;
   positions(layer: number, kvHead: number, loaded?: boolean): Float64Array;
   config(): {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;

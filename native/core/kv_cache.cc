@@ -222,6 +222,24 @@ Status KVCache::checkQuery(const HostTensor& q, size_t outCount, int64_t* n) con
   return Status::ok();
 }
 
+Status KVCache::truncate(int32_t layer, int64_t tokens) {
+  KVSLIM_RETURN_IF_ERROR(checkLayer(layer));
+  if (policy_ || config_.storeKind != StoreKind::Dense) {
+    return Status(ErrorCode::Option,
+                  "truncate needs policy.select 'full' and a dense store (f32, f16 or bf16): this cache's select is '" +
+                      std::string(selectKindName(config_.select.kind)) + "'" +
+                      (config_.storeKind == StoreKind::Kivi ? " over store 'kivi'" : "") +
+                      ", whose state (evictions, indexes, quantized groups) already holds the newest tokens; fork the "
+                      "cache before the tokens instead and drop the fork");
+  }
+  if (tokens < 0 || tokens > this->tokens(layer)) {
+    return Status(ErrorCode::Shape, "tokens must be in [0, " + std::to_string(this->tokens(layer)) + "] (layer " +
+                                        std::to_string(layer) + "'s tokens), but received " + std::to_string(tokens));
+  }
+  store_.truncate(layer, tokens);
+  return Status::ok();
+}
+
 Status KVCache::append(int32_t layer, const HostTensor& k, const HostTensor& v) {
   KVSLIM_RETURN_IF_ERROR(checkLayer(layer));
   int64_t n = 0;

@@ -43,6 +43,10 @@ class KVCache {
   Status prefill(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                  size_t outCount);
 
+  // Drops the newest tokens of one layer, down to `tokens` (a speculative step's rejected drafts).
+  // Only without a selection policy and over a dense store, whose state is the tokens themselves.
+  Status truncate(int32_t layer, int64_t tokens);
+
   // Shares every page copy-on-write; counters start from this cache's values.
   std::unique_ptr<KVCache> fork() const;
   CacheStatsData stats() const;

@@ -318,6 +318,18 @@ Status PagedStore::restoreHead(int32_t layer, int32_t h, const uint8_t* keptKeys
   return Status::ok();
 }
 
+void PagedStore::truncate(int32_t layer, int64_t tokens) {
+  const int64_t drop = layerTokens_[size_t(layer)] - tokens;
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) {
+    Segment& tail = head(layer, h).tail;
+    tail.count -= drop;
+    const int64_t end = tail.firstRow + tail.count;  // the pages up to the new end stay
+    tail.pages.resize(size_t((end + shape_.pageTokens - 1) / shape_.pageTokens));
+    refreshPointers(&tail, pageBytes_ / 2);
+  }
+  layerTokens_[size_t(layer)] = tokens;
+}
+
 void PagedStore::clearLayer(int32_t layer) {
   for (int32_t h = 0; h < shape_.kvHeads; ++h) head(layer, h) = HeadPages{};
 }

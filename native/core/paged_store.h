@@ -94,6 +94,10 @@ class PagedStore {
   Status restoreHead(int32_t layer, int32_t h, const uint8_t* keptKeys, const uint8_t* keptValues,
                      std::vector<int64_t> positions, const uint8_t* tailKeys, const uint8_t* tailValues, int64_t tail);
   void restoreTokens(int32_t layer, int64_t tokens) { layerTokens_[size_t(layer)] = tokens; }
+  // Drops a layer's newest tokens, down to `tokens` (0 <= tokens <= tokens(layer), and every
+  // head's tail holds the dropped ones: the caller checks). Pages past the new end leave the page
+  // tables; the last one, when a fork shares it, is copied by the next append, as ever.
+  void truncate(int32_t layer, int64_t tokens);
   // Releases every token of a layer (its pages go once no fork holds them); tokens() stays the
   // count appended so far. Used when a KIVI store takes the layer over (kv_cache.cc).
   void clearLayer(int32_t layer);

@@ -35,6 +35,7 @@ Napi::Function CacheWrap::define(Napi::Env env) {
                       InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
                       InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
                       InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::tokens>("tokens"),
+                      InstanceMethod<&CacheWrap::truncate>("truncate"),
                       InstanceMethod<&CacheWrap::positions>("positions"),
                       InstanceMethod<&CacheWrap::config>("config"),
                       InstanceMethod<&CacheWrap::dispose>("dispose")});
@@ -128,6 +129,16 @@ Napi::Value CacheWrap::tokens(const Napi::CallbackInfo& info) {
     throwStatus(env, Status(ErrorCode::Shape, "layer must be in [0, " + std::to_string(cache.config().layers - 1) + "]"));
   }
   return Napi::Number::New(env, double(cache.tokens(layer)));
+}
+
+Napi::Value CacheWrap::truncate(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  const int32_t layer = intArg(env, info[0], "layer");
+  const int32_t tokens = intArg(env, info[1], "tokens");
+  BusyGuard guard(env, cache);
+  throwIfError(env, cache.truncate(layer, tokens));
+  return env.Undefined();
 }
 
 Napi::Value CacheWrap::positions(const Napi::CallbackInfo& info) {

@@ -33,6 +33,7 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
   Napi::Value stats(const Napi::CallbackInfo& info);
   Napi::Value save(const Napi::CallbackInfo& info);
   Napi::Value tokens(const Napi::CallbackInfo& info);
+  Napi::Value truncate(const Napi::CallbackInfo& info);
   Napi::Value positions(const Napi::CallbackInfo& info);
   Napi::Value config(const Napi::CallbackInfo& info);
   Napi::Value dispose(const Napi::CallbackInfo& info);
