@@ -103,14 +103,7 @@ void attentionDecodeTiled(const AttentionArgs& args) {
         if (tile.keyEnd > 0) kernels.prefillTile(tile);
       }
     }
-    // The split's state, rows headDim apart as SplitPartials keeps them.
-    for (int32_t r = 0; r < rows; ++r) {
-      const size_t at = partials.index(layout, h, r, split);
-      partials.maxes[at] = b.maxes[size_t(r)];
-      partials.sums[at] = b.sums[size_t(r)];
-      const float* acc = b.acc.data() + size_t(r) * size_t(paddedDim);
-      std::copy(acc, acc + dim, partials.accs.get() + at * size_t(dim));
-    }
+    partials.store(layout, h, 0, rows, split, {b.maxes.data(), b.sums.data(), b.acc.data()}, paddedDim);
   });
   mergeSplits(layout, partials, args.out, args.lse);
 }

@@ -63,13 +63,16 @@ struct SplitPartials {
   size_t index(const RowLayout& layout, int32_t h, int64_t row, int64_t split) const {
     return (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(splits) + size_t(split);
   }
-  // Keeps the softmax state of `rows` rows from firstRow (acc rows headDim apart) as split `split`.
-  void store(const RowLayout& layout, int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state) {
+  // Keeps the softmax state of `rows` rows from firstRow (acc rows accStride apart, headDim by
+  // default) as split `split`.
+  void store(const RowLayout& layout, int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state,
+             int32_t accStride = 0) {
+    const size_t stride = size_t(accStride > 0 ? accStride : dim);
     for (int32_t r = 0; r < rows; ++r) {
       const size_t at = index(layout, h, firstRow + r, split);
       maxes[at] = state.max[r];
       sums[at] = state.sum[r];
-      std::copy(state.acc + size_t(r) * size_t(dim), state.acc + size_t(r + 1) * size_t(dim), accs.get() + at * size_t(dim));
+      std::copy(state.acc + size_t(r) * stride, state.acc + size_t(r) * stride + size_t(dim), accs.get() + at * size_t(dim));
     }
   }
 };
