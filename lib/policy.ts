@@ -40,9 +40,11 @@ export interface KiviStoreSpec {
 export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | KiviStoreSpec;
 /**
  * A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. With the KIVI
- * store, `select` may be snapkv or pyramidkv (the kept tokens are quantized after the selection)
- * or streaming or duo (every token is quantized; the window evicts one run per head, which the
- * store skips and whose whole pages it releases); h2o and the loading policies need a dense store.
+ * store, `select` may be snapkv or pyramidkv (the kept tokens are quantized after the selection),
+ * streaming or duo (every token is quantized; the window evicts one run per head, which the store
+ * skips and whose whole pages it releases) or h2o (a layer is quantized when decoding starts;
+ * later evictions are masked until `residual` of them per head are dropped by requantizing what
+ * stays; device 'cpu'); the loading policies need a dense store.
  */
 export interface PolicySpec {
   select?: SelectSpec;
@@ -96,11 +98,12 @@ export function resolvePolicy(policy: unknown): ResolvedPolicy {
     // evicting (SnapKV and PyramidKV, after their one selection at prefill), or when the policy
     // evicts one run of tokens per head (streaming and duo: the store skips a hole).
     const windowed = select.kind === 'streaming' || select.kind === 'duo';
-    if (select.kind !== 'snapkv' && select.kind !== 'pyramidkv' && !windowed) {
+    if (select.kind !== 'snapkv' && select.kind !== 'pyramidkv' && select.kind !== 'h2o' && !windowed) {
       throw optionError(
         `policy.select '${select.kind}' cannot be combined with store 'kivi': only snapkv and pyramidkv (which select ` +
-          `once at prefill, before the kept tokens are quantized) and streaming and duo (whose windows evict one run of ` +
-          `tokens per head) can; a policy that evicts or loads single tokens anywhere needs a dense store`,
+          `once at prefill, before the kept tokens are quantized), streaming and duo (whose windows evict one run of ` +
+          `tokens per head) and h2o (whose evictions attention masks until the layer is compacted) can; a policy that ` +
+          `loads single tokens anywhere needs a dense store`,
       );
     }
     if (select.kind === 'streaming' && select.positions === 'cache') {

@@ -226,7 +226,7 @@ describe('KVCache constructor (ERR_OPTION)', () => {
       { select: { kind: 'duo', heads: [true, 0.5, false, true] } },
       { select: { kind: 'duo', heads: [true, false, true, false], retrievalRatio: 0.5 } },
       { select: { kind: 'duo', heads: [0.1, 0.2, 0.3, 0.4], retrievalRatio: 2 } },
-      { select: { kind: 'h2o', budget: 64, recent: 8 }, store: { kind: 'kivi', bits: 2 } },
+      { select: { kind: 'quest', pages: 4 }, store: { kind: 'kivi', bits: 2 } },
       { select: { kind: 'nonsense' } },
       { select: { kind: 'full', budget: 3 } },
       { store: { kind: 'f8' } },

@@ -225,9 +225,8 @@ describe('snapkv and pyramidkv over a KIVI store: select from f16 tokens, then q
     pair.checkStats();
   });
 
-  it('refuses the policies that evict or load single tokens anywhere, and preRope keys (streaming and duo: kivi-window.test.ts)', () => {
+  it('refuses the policies that load single tokens anywhere, and preRope keys (streaming and duo: kivi-window.test.ts; h2o: h2o-kivi.test.ts)', () => {
     const bad: SelectSpec[] = [
-      { kind: 'h2o', budget: 16, recent: 4 },
       { kind: 'quest', pages: 4 },
       { kind: 'retrieval', index: 'flat' },
     ];

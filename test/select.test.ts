@@ -615,7 +615,7 @@ describe('errors', () => {
       expectError(() => cacheOf(GQA, select as SelectSpec), 'ERR_OPTION', message);
     }
     expectError(
-      () => new KVCache({ ...GQA, device: 'cpu', policy: { select: { kind: 'h2o', budget: 64, recent: 8 }, store: { kind: 'kivi', bits: 4 } } }),
+      () => new KVCache({ ...GQA, device: 'cpu', policy: { select: { kind: 'quest', pages: 4 }, store: { kind: 'kivi', bits: 4 } } }),
       'ERR_OPTION', /policy\.select/,
     );
   });

@@ -62,6 +62,9 @@ class Backend {
   virtual Status attentionMass(const AttentionMassArgs& args) = 0;
   // Attention straight from KIVI codes (kivi_format.h); page and residual pointers are backend memory.
   virtual Status kiviAttention(const KiviAttentionArgs& args) = 0;
+  // Whether kiviAttention() masks single evicted tokens (KiviHeadView::evicted) and fills
+  // KiviAttentionArgs::mass: what H2O over a KIVI store needs.
+  virtual bool fusesKiviMass() const { return false; }
   // Quest's page boxes of one kv head, extended from the keys in the backend's pages into
   // lo / hi in backend memory (the quest policy; no key reaches host memory).
   virtual Status pageBoxes(const PageBoxesArgs& args) = 0;

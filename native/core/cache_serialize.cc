@@ -528,6 +528,7 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
     for (int64_t& count : tokens) {
       if (!payload.get(&count) || count < 0 || uint64_t(count) > (uint64_t(1) << 40)) return corrupt("a token count is out of range");
     }
+    RestoredStores restored{cache->store_, std::vector<int64_t>(size_t(config.layers), -1)};
     // Positions: distinct, each in [0, end) (end: the first position a later segment holds). Kept
     // slots need not be in order (H2O overwrites slots).
     auto readPositions = [&](int64_t count, int64_t end, std::vector<int64_t>* positions) {
@@ -574,6 +575,7 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
           cache->kiviOffset_[size_t(layer)] = offsetTokens;
           cache->store_.restoreTokens(layer, total);
         }
+        restored.kiviTokens[size_t(layer)] = kiviTokens;
         continue;
       }
       if (kiviTokens != -1 || moved != 0 || holes) return corrupt("a layer's token counts are out of range");
@@ -600,7 +602,7 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
     }
     if (payload.offset() != size - 8 - payloadBase) return corrupt("the payload has trailing bytes");
     // The policy's state last: it is checked against the restored store.
-    KVSLIM_RETURN_IF_ERROR(cache->policy_->loadState(data + stateOffset, size_t(stateBytes), cache->store_, config.layers));
+    KVSLIM_RETURN_IF_ERROR(cache->policy_->loadState(data + stateOffset, size_t(stateBytes), restored, config.layers));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
   }

@@ -24,8 +24,10 @@
 #pragma once
 #include <cstddef>
 #include <cstdint>
+#include <string>
 
 #include "rope.h"
+#include "status.h"
 
 namespace kvslim {
 
@@ -79,6 +81,12 @@ struct KiviHeadView {
   // gone, and page p after them sits at entry p - releasedKeyPages.
   int64_t holeBegin = 0, holeEnd = 0;
   int64_t releasedFirst = 0, releasedKeyPages = 0, releasedValuePages = 0;
+  // Tokens H2O evicted after the layer was quantized (host memory, one flag per token of
+  // [0, evictedTokens); null when none): attention masks them. Their records stay until the
+  // cache compacts the layer (KVCache::compactKivi), so kernels may read them.
+  const uint8_t* evicted = nullptr;
+  int64_t evictedTokens = 0;
+  bool isEvicted(int64_t t) const { return t < evictedTokens && evicted[t] != 0; }
   // Page p of the keys / values (p must not be a released page).
   const void* keyPage(int64_t p) const { return keyPages[p >= releasedFirst ? p - releasedKeyPages : p]; }
   const void* valuePage(int64_t p) const { return valuePages[p >= releasedFirst ? p - releasedValuePages : p]; }
@@ -116,6 +124,30 @@ struct KiviAttentionArgs {
   int32_t threads = 0;
   bool preRope = false;  // keys are pre-RoPE: rotate key t by position t (rope) before the dot
   RopeConfig rope;       // theta > 0 when preRope
+  // Optional (H2O; backends with fusesKiviMass() only): as AttentionArgs::mass, the probability
+  // each token of kv head h gets, summed over the head's n x group rows, at mass[h * massStride + t].
+  double* mass = nullptr;
+  int64_t massStride = 0;
 };
+
+// The H2O fields of KiviAttentionArgs (mass, per-token eviction), checked by every backend
+// (`fuses`: whether it computes them): the mass needs causal attention and heads without a hole.
+inline Status checkKiviMass(const KiviAttentionArgs& args, bool fuses) {
+  bool evicting = false;
+  for (int32_t h = 0; h < args.kvHeads; ++h) evicting = evicting || args.heads[h].evictedTokens > 0;
+  if (args.mass == nullptr && !evicting) return Status::ok();
+  if (!fuses) return Status(ErrorCode::Internal, "this backend does not evict single KIVI tokens or sum their attention mass");
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const KiviHeadView& head = args.heads[h];
+    if (head.evictedTokens < 0 || head.evictedTokens > head.tokens || (head.evictedTokens > 0 && head.evicted == nullptr)) {
+      return Status(ErrorCode::Internal, "the eviction flags of KIVI kv head " + std::to_string(h) + " do not fit its tokens");
+    }
+    if (args.mass != nullptr && (head.holeEnd > head.holeBegin || args.massStride < head.tokens || !args.causal)) {
+      return Status(ErrorCode::Internal, "the KIVI attention mass needs causal attention, heads without a hole and a stride of "
+                                         "at least the tokens of kv head " + std::to_string(h));
+    }
+  }
+  return Status::ok();
+}
 
 }  // namespace kvslim

@@ -204,4 +204,21 @@ bool quantizeValueTokenRecord(const float* row, const KiviFormat& format, uint8_
   return true;
 }
 
+void dequantizeKeyGroupRecord(const uint8_t* record, const KiviFormat& format, float* keys) {
+  const int32_t dim = format.headDim;
+  const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
+  dequantizeChannelGroups(reinterpret_cast<const uint32_t*>(record), scales, scales + dim, format.group, dim, format.bits,
+                          keys, size_t(dim));
+  const auto* indices = reinterpret_cast<const uint16_t*>(record + format.keyOutlierOffset());
+  for (int32_t i = 0; i < format.keyOutliers; ++i) keys[indices[i]] += f16ToFloat(indices[format.keyOutliers + i]);
+}
+
+void dequantizeValueTokenRecord(const uint8_t* record, const KiviFormat& format, float* row) {
+  const auto* scales = reinterpret_cast<const uint16_t*>(record + format.valueCodeBytes());
+  dequantizeTokenGroups(reinterpret_cast<const uint32_t*>(record), scales, scales + format.channelGroups(), format.headDim,
+                        format.group, format.bits, row);
+  const auto* indices = reinterpret_cast<const uint16_t*>(record + format.valueOutlierOffset());
+  for (int32_t i = 0; i < format.valueOutliers; ++i) row[indices[i]] += f16ToFloat(indices[format.valueOutliers + i]);
+}
+
 }  // namespace kvslim

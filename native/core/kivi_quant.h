@@ -33,6 +33,11 @@ void selectOutliers(const float* x, int32_t n, int32_t count, uint16_t* indices)
 bool quantizeKeyGroupRecord(const float* keys, const KiviFormat& format, uint8_t* record);
 bool quantizeValueTokenRecord(const float* row, const KiviFormat& format, uint8_t* record);
 
+// A record's values as attention reads them: x^, plus the delta at each outlier (fp32).
+// keys: [group, headDim] row-major; row: [headDim].
+void dequantizeKeyGroupRecord(const uint8_t* record, const KiviFormat& format, float* keys);
+void dequantizeValueTokenRecord(const uint8_t* record, const KiviFormat& format, float* row);
+
 // Inverses: x^ = code * scale + min in fp32.
 void dequantizeChannelGroups(const uint32_t* codes, const uint16_t* scales, const uint16_t* mins, int32_t tokens,
                              int32_t channels, int32_t bits, float* x, size_t rowStride);

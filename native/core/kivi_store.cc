@@ -311,6 +311,30 @@ Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t 
   return Status::ok();
 }
 
+Status KiviStore::rowsOf(const HeadImage& image, int64_t tokens, uint16_t* keys, uint16_t* values) const {
+  const KiviFormat& format = shape_.format;
+  const size_t dim = size_t(format.headDim), group = size_t(format.group);
+  const size_t keyGroups = size_t(image.quantizedKeys) / group, valueTokens = size_t(image.quantizedValues);
+  if (image.hole.size() > 0 || image.keyRecords.size() != keyGroups * format.keyGroupBytes() ||
+      image.valueRecords.size() != valueTokens * format.valueTokenBytes() ||
+      image.keyRows.size() != size_t(tokens - image.quantizedKeys) * dim ||
+      image.valueRows.size() != size_t(tokens - image.quantizedValues) * dim) {
+    return Status(ErrorCode::Internal, "a KIVI head image does not match its token count");
+  }
+  std::vector<float> rows(group * dim);
+  for (size_t g = 0; g < keyGroups; ++g) {
+    dequantizeKeyGroupRecord(image.keyRecords.data() + g * format.keyGroupBytes(), format, rows.data());
+    for (size_t i = 0; i < group * dim; ++i) keys[g * group * dim + i] = floatToF16(rows[i]);
+  }
+  for (size_t t = 0; t < valueTokens; ++t) {
+    dequantizeValueTokenRecord(image.valueRecords.data() + t * format.valueTokenBytes(), format, rows.data());
+    for (size_t i = 0; i < dim; ++i) values[t * dim + i] = floatToF16(rows[i]);
+  }
+  std::copy(image.keyRows.begin(), image.keyRows.end(), keys + keyGroups * group * dim);
+  std::copy(image.valueRows.begin(), image.valueRows.end(), values + valueTokens * dim);
+  return Status::ok();
+}
+
 Status KiviStore::quantizeHead(const HeadState& state, int64_t keysQuantized, int64_t valuesQuantized,
                                std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) const {
   const KiviFormat& format = shape_.format;

@@ -100,6 +100,10 @@ class KiviStore {
   // quantized, the rest f16. Host work only (thread-safe); writeHead() then installs it.
   Status imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const;
   Status writeHead(int32_t layer, int32_t head, int64_t tokens, const HeadImage& image);
+  // The inverse of imageOf for an image of `tokens` tokens without a hole: f16 rows [tokens,
+  // headDim] of the keys and values as attention reads them (dequantized records, outlier deltas
+  // added, rounded to f16; the residual rows as held). Host work only (thread-safe).
+  Status rowsOf(const HeadImage& image, int64_t tokens, uint16_t* keys, uint16_t* values) const;
   // Records an image holds under its hole: key group records and value token records.
   int64_t heldKeyGroups(const Hole& hole, int64_t quantizedKeys) const;
   int64_t heldValueTokens(const Hole& hole, int64_t quantizedValues) const;

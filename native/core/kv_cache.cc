@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
@@ -73,18 +74,23 @@ Status checkKivi(const CacheConfig& config) {
 }
 
 // KIVI quantizes keys in groups of tokens, so it holds what a policy keeps when the policy stops
-// evicting (SnapKV and PyramidKV select once, at prefill, from f16 tokens) or evicts one
-// contiguous run per head (streaming and duo: a hole the attention skips, KiviStore::setHole).
-Status checkKiviSelect(const CacheConfig& config) {
+// evicting (SnapKV and PyramidKV select once, at prefill, from f16 tokens), evicts one contiguous
+// run per head (streaming and duo: a hole the attention skips, KiviStore::setHole), or flags the
+// single tokens it evicts until the layer is compacted (H2O, on a backend that masks them).
+Status checkKiviSelect(const CacheConfig& config, const Backend& backend) {
   const SelectKind kind = config.select.kind;
   const bool windowed = kind == SelectKind::Streaming || kind == SelectKind::Duo;
-  if (kind != SelectKind::SnapKV && kind != SelectKind::PyramidKV && !windowed) {
+  if (kind != SelectKind::SnapKV && kind != SelectKind::PyramidKV && kind != SelectKind::H2O && !windowed) {
     return Status(ErrorCode::Option,
                   "policy.select (" + std::string(selectKindName(kind)) +
                       ") cannot be combined with store 'kivi': only snapkv and pyramidkv (which select once at prefill, "
-                      "before the kept tokens are quantized) and streaming and duo (whose windows evict one run of "
-                      "tokens per head) can; KIVI quantizes keys in groups of tokens, so a policy that evicts or loads "
-                      "single tokens anywhere needs a dense store");
+                      "before the kept tokens are quantized), streaming and duo (whose windows evict one run of tokens per "
+                      "head) and h2o (whose evictions attention masks until the layer is compacted) can; a policy that "
+                      "loads single tokens anywhere needs a dense store");
+  }
+  if (kind == SelectKind::H2O && !backend.fusesKiviMass()) {
+    return Status(ErrorCode::Option, std::string("policy.select 'h2o' over store 'kivi' needs device 'cpu': the ") +
+                                         backend.name() + " backend does not yet mask single quantized tokens");
   }
   if (config.select.cachePositions) {
     return Status(ErrorCode::Option, "policy.select.positions 'cache' cannot be combined with store 'kivi'");
@@ -179,7 +185,7 @@ Status KVCache::create(const CacheConfig& config, std::shared_ptr<Backend> backe
     return Status(ErrorCode::Option, "policy.select.positions 'cache' needs a streaming policy and the cache's rope option");
   }
   if (config.headDim % 2 != 0 && config.rope.theta > 0.0f) return Status(ErrorCode::Option, "rope needs an even headDim");
-  if (policy && config.storeKind == StoreKind::Kivi) KVSLIM_RETURN_IF_ERROR(checkKiviSelect(config));
+  if (policy && config.storeKind == StoreKind::Kivi) KVSLIM_RETURN_IF_ERROR(checkKiviSelect(config, *backend));
   CacheConfig resolved = config;
   if (resolved.scale == 0.0f) resolved.scale = 1.0f / std::sqrt(float(config.headDim));
   out->reset(new KVCache(resolved, std::move(backend)));
@@ -282,17 +288,29 @@ Status KVCache::growHoles(int32_t layer, int64_t n) {
 }
 
 int64_t KVCache::kiviKept(int32_t layer, int32_t head) const {
-  return kivi_.tokens(layer) - kivi_.hole(layer, head).size();
+  return kivi_.tokens(layer) - kivi_.hole(layer, head).size() - (policy_ ? policy_->evictedCount(layer) : 0);
 }
 
 Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefill) {
   if (!policy_) return Status::ok();
   if (inKivi(layer)) {
-    // A KIVI layer is settled, or a window policy's: its windows shrink back to `window`.
+    // A KIVI layer is settled, a window policy's (its windows shrink back to `window`) or H2O's
+    // (it flags what it evicts; the layer is compacted once max(residual, budget / 8) tokens per
+    // head are flagged: a compaction requantizes the whole layer, so a large budget waits longer).
     const auto start = std::chrono::steady_clock::now();
-    const Status grown = growHoles(layer, 0);
+    Status status = growHoles(layer, 0);
+    if (status.isOk() && policy_->evictsInKivi()) {
+      std::vector<double> mass;
+      if (massLayer_ == layer && q != nullptr) mass.swap(mass_);
+      massLayer_ = -1;
+      const int64_t tokens = kivi_.tokens(layer);
+      status = policy_->afterAppendKivi(layer, tokens, mass.empty() ? nullptr : mass.data(),
+                                        mass.empty() ? 0 : int64_t(mass.size()) / config_.kvHeads);
+      const int64_t due = std::max<int64_t>(config_.kiviResidual, config_.select.budget / 8);
+      if (status.isOk() && policy_->evictedCount(layer) >= due) status = compactKivi(layer);
+    }
     times_.compressMs += millisecondsSince(start);
-    return grown;
+    return status;
   }
   const auto start = std::chrono::steady_clock::now();
   SelectContext context = selectContext();
@@ -319,6 +337,15 @@ std::vector<int64_t> KVCache::keptPositions(int32_t layer, int32_t head) const {
     const KiviStore::Hole hole = kivi_.hole(layer, head);
     for (int64_t t = int64_t(positions.size()); t < kivi_.tokens(layer); ++t) {
       if (t < hole.begin || t >= hole.end) positions.push_back(t + kiviOffset_[size_t(layer)]);
+    }
+    // H2O's flagged tokens (a policy without holes: positions[t] is KIVI index t).
+    const std::vector<uint8_t>* evicted = policy_ ? policy_->evictedFlags(layer, head) : nullptr;
+    if (evicted != nullptr) {
+      size_t kept = 0;
+      for (size_t t = 0; t < positions.size(); ++t) {
+        if (t >= evicted->size() || (*evicted)[t] == 0) positions[kept++] = positions[t];
+      }
+      positions.resize(kept);
     }
     return positions;
   }
@@ -528,8 +555,18 @@ Status KVCache::moveToKivi(int32_t layer) {
       return Status(ErrorCode::Internal, "a KIVI store needs as many kept tokens in every kv head of a layer");
     }
   }
-  // Each head's kept rows (in position order) become the image a KIVI layer of `count` tokens holds
-  // after its flush, built straight from the rows: no f16 staging of the whole layer first.
+  // Each head's kept rows, in position order (kept slots need not be: H2O overwrites them), become
+  // the image a KIVI layer of `count` tokens holds after its flush, built straight from the rows:
+  // no f16 staging of the whole layer first. order[h][i]: the store index (kept slots, then the
+  // tail) of KIVI index i.
+  std::vector<std::vector<int64_t>> order(static_cast<size_t>(kvHeads));
+  for (int32_t h = 0; h < kvHeads; ++h) {
+    const std::vector<int64_t>& kept = store_.keptPositions(layer, h);
+    std::vector<int64_t>& indexes = order[size_t(h)];
+    for (int64_t i = 0; i < count; ++i) indexes.push_back(i);
+    std::stable_sort(indexes.begin(), indexes.begin() + std::ptrdiff_t(kept.size()),
+                     [&](int64_t a, int64_t b) { return kept[size_t(a)] < kept[size_t(b)]; });
+  }
   std::vector<KiviStore::HeadImage> images(static_cast<size_t>(kvHeads));
   std::vector<Status> built(static_cast<size_t>(kvHeads));
   backend_->hostParallel(kvHeads, config_.threads, [&](int64_t task) {
@@ -544,13 +581,15 @@ Status KVCache::moveToKivi(int32_t layer) {
       if (status.isOk()) {
         status = store_.readRows(layer, h, 0, tail, keys.data() + size_t(kept) * rowBytes, values.data() + size_t(kept) * rowBytes);
       }
-      if (status.isOk()) {
-        status = convertChecked(HostTensor{keys.data(), config_.storeType, elements}, 0, elements, keyHalves.data(), DType::F16,
-                                "stored keys");
-      }
-      if (status.isOk()) {
-        status = convertChecked(HostTensor{values.data(), config_.storeType, elements}, 0, elements, valueHalves.data(),
-                                DType::F16, "stored values");
+      const size_t dim = size_t(config_.headDim);
+      for (int64_t i = 0; i < count && status.isOk(); ++i) {
+        const size_t from = size_t(order[size_t(h)][size_t(i)]);
+        status = convertChecked(HostTensor{keys.data(), config_.storeType, elements}, from * dim, dim,
+                                keyHalves.data() + size_t(i) * dim, DType::F16, "stored keys");
+        if (status.isOk()) {
+          status = convertChecked(HostTensor{values.data(), config_.storeType, elements}, from * dim, dim,
+                                  valueHalves.data() + size_t(i) * dim, DType::F16, "stored values");
+        }
       }
       if (status.isOk()) status = kivi_.imageOf(keyHalves.data(), valueHalves.data(), count, &images[size_t(h)]);
       built[size_t(h)] = status;
@@ -562,17 +601,73 @@ Status KVCache::moveToKivi(int32_t layer) {
   for (int32_t h = 0; h < kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(kivi_.writeHead(layer, h, count, images[size_t(h)]));
   kiviOffset_[size_t(layer)] = store_.tokens(layer) - count;
   for (int32_t h = 0; h < kvHeads; ++h) {
+    std::vector<int64_t> stored = store_.keptPositions(layer, h);
+    for (int64_t t = 0; t < store_.tailTokens(layer, h); ++t) stored.push_back(store_.tailFirstPosition(layer, h) + t);
     std::vector<int64_t>& positions = kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)];
-    positions = store_.keptPositions(layer, h);
-    for (int64_t t = 0; t < store_.tailTokens(layer, h); ++t) positions.push_back(store_.tailFirstPosition(layer, h) + t);
+    positions.clear();
+    for (const int64_t i : order[size_t(h)]) positions.push_back(stored[size_t(i)]);
   }
   store_.clearLayer(layer);
+  return policy_->enterKivi(layer, order);
+}
+
+Status KVCache::compactKivi(int32_t layer) {
+  const int32_t kvHeads = config_.kvHeads;
+  const int64_t tokens = kivi_.tokens(layer);
+  const int64_t count = tokens - policy_->evictedCount(layer);
+  // Each head's unflagged rows, as attention reads them, become the image of a layer of `count`
+  // tokens (requantized by the flush rules; a record whose tokens all stay is requantized from its
+  // own dequantized values, which gives back its codes).
+  std::vector<KiviStore::HeadImage> images(static_cast<size_t>(kvHeads));
+  std::vector<Status> built(static_cast<size_t>(kvHeads));
+  backend_->hostParallel(kvHeads, config_.threads, [&](int64_t task) {
+    const int32_t h = int32_t(task);
+    try {
+      const std::vector<uint8_t>* evicted = policy_->evictedFlags(layer, h);
+      const size_t dim = size_t(config_.headDim);
+      std::vector<uint16_t> keys(size_t(tokens) * dim), values(keys.size());
+      KiviStore::HeadImage image;
+      Status status = kivi_.readHead(layer, h, &image);
+      if (status.isOk()) status = kivi_.rowsOf(image, tokens, keys.data(), values.data());
+      if (status.isOk() && (evicted == nullptr || int64_t(evicted->size()) != tokens)) {
+        status = Status(ErrorCode::Internal, "h2o's eviction flags do not cover the KIVI layer");
+      }
+      int64_t kept = 0;
+      for (int64_t t = 0; t < tokens && status.isOk(); ++t) {
+        if ((*evicted)[size_t(t)] != 0) continue;
+        std::copy_n(keys.begin() + std::ptrdiff_t(size_t(t) * dim), dim, keys.begin() + std::ptrdiff_t(size_t(kept) * dim));
+        std::copy_n(values.begin() + std::ptrdiff_t(size_t(t) * dim), dim, values.begin() + std::ptrdiff_t(size_t(kept) * dim));
+        ++kept;
+      }
+      if (status.isOk() && kept != count) status = Status(ErrorCode::Internal, "h2o flagged unequal counts in a KIVI layer");
+      if (status.isOk()) status = kivi_.imageOf(keys.data(), values.data(), count, &images[size_t(h)]);
+      built[size_t(h)] = status;
+    } catch (const std::bad_alloc&) {
+      built[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory compacting a KIVI layer");
+    }
+  });
+  for (const Status& status : built) KVSLIM_RETURN_IF_ERROR(status);
+  // Positions follow: every unflagged token's, in index order.
+  std::vector<std::vector<int64_t>> positions(static_cast<size_t>(kvHeads));
+  for (int32_t h = 0; h < kvHeads; ++h) positions[size_t(h)] = keptPositions(layer, h);
+  for (int32_t h = 0; h < kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(kivi_.writeHead(layer, h, count, images[size_t(h)]));
+  kiviOffset_[size_t(layer)] += tokens - count;
+  for (int32_t h = 0; h < kvHeads; ++h) kiviPositions_[size_t(layer) * size_t(kvHeads) + size_t(h)] = std::move(positions[size_t(h)]);
+  policy_->compactKivi(layer);
   return Status::ok();
 }
 
 Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out) {
   std::vector<KiviHeadView> heads(size_t(config_.kvHeads));
-  for (int32_t h = 0; h < config_.kvHeads; ++h) heads[size_t(h)] = kivi_.view(layer, h);
+  const bool evicting = policy_ && policy_->evictsInKivi();
+  for (int32_t h = 0; h < config_.kvHeads; ++h) {
+    heads[size_t(h)] = kivi_.view(layer, h);
+    const std::vector<uint8_t>* evicted = evicting ? policy_->evictedFlags(layer, h) : nullptr;
+    if (evicted != nullptr && !evicted->empty()) {
+      heads[size_t(h)].evicted = evicted->data();
+      heads[size_t(h)].evictedTokens = int64_t(evicted->size());
+    }
+  }
   KiviAttentionArgs args;
   args.q = q;
   args.out = out;
@@ -589,7 +684,42 @@ Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out)
   args.threads = config_.threads;
   args.preRope = config_.kiviPreRope;
   if (args.preRope) args.rope = config_.rope;
-  return backend_->kiviAttention(args);
+  if (!evicting) return backend_->kiviAttention(args);
+  // H2O: the call's mass, in query chunks whose captured scores (rows x tokens floats) stay
+  // within 64 MiB; query i of a chunk sees what query first + i of the call sees.
+  // KVSLIM_KIVI_MASS_FLOATS (read once) replaces the budget: tests chunk short prompts with a small one.
+  static const int64_t captureFloats = [] {
+    const char* text = std::getenv("KVSLIM_KIVI_MASS_FLOATS");
+    char* end = nullptr;
+    const long long value = text != nullptr && *text != '\0' ? std::strtoll(text, &end, 10) : -1;
+    return value > 0 && end != nullptr && *end == '\0' ? int64_t(value) : int64_t(1) << 24;
+  }();
+  const int64_t tokens = kivi_.tokens(layer);
+  const int64_t chunk = std::max<int64_t>(1, captureFloats / std::max<int64_t>(1, int64_t(config_.qHeads) * tokens));
+  mass_.assign(size_t(config_.kvHeads) * size_t(tokens), 0.0);
+  std::vector<double> part(chunk < n ? mass_.size() : 0);
+  const size_t row = size_t(config_.qHeads) * size_t(config_.headDim);
+  for (int64_t first = 0; first < n; first += chunk) {
+    const int64_t count = std::min(chunk, n - first);
+    KiviAttentionArgs call = args;
+    std::vector<KiviHeadView> seen = heads;
+    for (KiviHeadView& head : seen) head.tokens = tokens - (n - first - count);
+    call.heads = seen.data();
+    call.q = q + size_t(first) * row;
+    call.out = out + size_t(first) * row;
+    call.n = int32_t(count);
+    call.mass = part.empty() ? mass_.data() : part.data();
+    call.massStride = tokens;
+    KVSLIM_RETURN_IF_ERROR(backend_->kiviAttention(call));
+    if (!part.empty()) {
+      // A chunk's mass covers its heads' tokens only; the rest of each row is stale: add per head.
+      for (int32_t h = 0; h < config_.kvHeads; ++h) {
+        for (int64_t t = 0; t < seen[size_t(h)].tokens; ++t) mass_[size_t(h) * size_t(tokens) + size_t(t)] += part[size_t(h) * size_t(tokens) + size_t(t)];
+      }
+    }
+  }
+  massLayer_ = layer;
+  return Status::ok();
 }
 
 Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t outCount) {

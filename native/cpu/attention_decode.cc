@@ -75,29 +75,25 @@ void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* 
   }
 }
 
-namespace {
-// AttentionArgs::mass from the captured scores: each row's softmax over what it sees (the older
-// tokens, then the rest up to its causal end), summed per token over the rows in row order, so
-// the result does not depend on how the keys were split.
-void massFromScores(const AttentionArgs& args, const RowLayout& layout, float* captured, int64_t width, int32_t threads) {
+void massFromScores(const RowLayout& layout, bool causal, const int64_t* older, const int64_t* tokens, double* mass,
+                    int64_t massStride, float* captured, int64_t width, int32_t threads) {
   const KernelTable& kernels = activeKernels();
   constexpr float kLn2 = 0.6931471805599453f;  // softmaxRow takes natural-log units
-  globalPool().parallelFor(args.kvHeads, threads, [&](int64_t task, int32_t) {
+  globalPool().parallelFor(layout.kvHeads, threads, [&](int64_t task, int32_t) {
     const int32_t h = int32_t(task);
-    const int64_t older = args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0;
-    const int64_t total = older + args.heads[h].tokens;
-    double* mass = args.mass + size_t(h) * size_t(args.massStride);
-    std::fill(mass, mass + total, 0.0);
+    const int64_t before = older != nullptr ? older[h] : 0;
+    const int64_t total = before + tokens[h];
+    double* sums = mass + size_t(h) * size_t(massStride);
+    std::fill(sums, sums + total, 0.0);
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       float* scores = captured + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(width);
-      const int64_t visible = std::max<int64_t>(0, older + layout.lastToken(args.causal, args.heads[h].tokens, row) + 1);
+      const int64_t visible = std::max<int64_t>(0, before + layout.lastToken(causal, tokens[h], row) + 1);
       for (int64_t t = 0; t < visible; ++t) scores[t] *= kLn2;
       kernels.softmaxRow(scores, visible, total);
-      for (int64_t t = 0; t < total; ++t) mass[t] += double(scores[t]);
+      for (int64_t t = 0; t < total; ++t) sums[t] += double(scores[t]);
     }
   });
 }
-}  // namespace
 
 void attentionDecode(const AttentionArgs& args) {
   const KernelTable& kernels = activeKernels();
@@ -166,7 +162,15 @@ void attentionDecode(const AttentionArgs& args) {
     partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
   });
   mergeSplits(layout, partials, args.out, args.lse);
-  if (captured) massFromScores(args, layout, captured.get(), width, plan.threads);
+  if (captured) {
+    std::vector<int64_t> older, tokens;
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      tokens.push_back(args.heads[h].tokens);
+      if (withOlder) older.push_back(args.olderHeads[h].tokens);
+    }
+    massFromScores(layout, args.causal, withOlder ? older.data() : nullptr, tokens.data(), args.mass, args.massStride,
+                   captured.get(), width, plan.threads);
+  }
 }
 
 }  // namespace kvslim::cpu

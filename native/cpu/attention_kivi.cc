@@ -1,5 +1,7 @@
 // KIVI attention driver: the flash-decoding plan of attention_decode.cc over KIVI heads, for any
 // number of query rows (rows beyond 8 per kv head become more row groups, each re-reading codes).
+// With the mass (H2O over KIVI), every row's masked scores are captured and normalised after the
+// merge, as the dense decode driver does.
 #include <algorithm>
 #include <cmath>
 #include <vector>
@@ -24,6 +26,10 @@ void attentionKivi(const KiviAttentionArgs& args) {
   SplitPartials partials(layout, plan.splits, dim);
   const size_t scratchFloats = kiviScratchFloats(dim);
   std::vector<float> workerAcc(size_t(plan.threads) * (kMaxDecodeRows * size_t(dim) + scratchFloats));
+  // Not zeroed: massFromScores reads only what the kernel wrote (each row's visible tokens).
+  const int64_t width = maxTokens;
+  const Floats captured = args.mass != nullptr ? uninitialisedFloats(size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(width))
+                                               : Floats();
   // Pre-RoPE keys: per pair i, theta^(-2i/headDim) (as rotateRow computes it), and cos, sin of
   // j times it for the 32 tokens of a sub-block.
   std::vector<double> ropeFrequencies, workerRopeState;
@@ -78,10 +84,20 @@ void attentionKivi(const KiviAttentionArgs& args) {
       range.ropeScratch = workerRope.data() + size_t(worker) * kiviRopeScratchFloats(dim);
       range.ropeState = workerRopeState.data() + size_t(worker) * 4 * size_t(dim / 2);
     }
+    if (captured) {
+      range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
+                        size_t(range.tokenBegin);
+      range.scoresStride = width;
+    }
     kernels.kiviDecodeRange(range);
     partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
   });
   mergeSplits(layout, partials, args.out, nullptr);
+  if (captured) {
+    std::vector<int64_t> tokens;
+    for (int32_t h = 0; h < args.kvHeads; ++h) tokens.push_back(args.heads[h].tokens);
+    massFromScores(layout, args.causal, nullptr, tokens.data(), args.mass, args.massStride, captured.get(), width, plan.threads);
+  }
 }
 
 }  // namespace kvslim::cpu

@@ -128,6 +128,12 @@ bool decodesTiled(const AttentionArgs& args);
 void attentionDecodeTiled(const AttentionArgs& args);
 void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
 void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
+// A mass (AttentionArgs::mass, KiviAttentionArgs::mass) from the scores a driver captured: row
+// r of kv head h at captured[(h * rowsPerHead + r) * width], older tokens (older[h], or none)
+// first, then the head's tokens[h]. Each row's softmax over what it sees, summed per token over
+// the rows in row order, so the result does not depend on how the keys were split.
+void massFromScores(const RowLayout& layout, bool causal, const int64_t* older, const int64_t* tokens, double* mass,
+                    int64_t massStride, float* captured, int64_t width, int32_t threads);
 void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of a kv head's query rows (selection)
 void prefillMass(const AttentionArgs& args);        // args.mass by attentionMass, head by head (a second QK^T pass)
 // Quest (page_bounds.cc), for checked args: boxes extended from key pages; bounds by the boxBound kernel.

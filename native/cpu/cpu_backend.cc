@@ -49,6 +49,7 @@ class CpuBackend final : public Backend {
   }
 
   bool fusesMass() const override { return true; }
+  bool fusesKiviMass() const override { return true; }
   // The decode driver splits keys anyway: the older segment is more splits of the same merge.
   bool joinsOlder(const AttentionArgs& args) const override { return decodes(args); }
 
@@ -64,6 +65,7 @@ class CpuBackend final : public Backend {
   }
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkKiviMass(args, true));
     cpu::attentionKivi(args);
     return Status::ok();
   }

@@ -116,6 +116,10 @@ struct KiviRange {
   RopeStyle ropeStyle = RopeStyle::Adjacent;
   float* ropeScratch = nullptr;        // kiviRopeScratchFloats(headDim) floats
   double* ropeState = nullptr;         // [4, headDim / 2] doubles: angle state of the kernel
+  // Optional (KiviAttentionArgs::mass): each row's masked log2 scores of the walked tokens, row r
+  // token t at scoresOut[r * scoresStride + t - tokenBegin] (no hole: every token is walked).
+  float* scoresOut = nullptr;
+  int64_t scoresStride = 0;
 };
 // Pre-RoPE scratch: keys of a sub-block [headDim, 32].
 inline size_t kiviRopeScratchFloats(int32_t headDim) { return size_t(headDim) * 32; }

@@ -287,6 +287,18 @@ void kiviDecodeRows(const KiviRange& range) {
         for (int32_t r = 0; r < ROWS; ++r) scores[r][j] = -__builtin_inff();
       }
     }
+    if (blockBegin < head.evictedTokens) {
+      for (int32_t j = 0; j < count; ++j) {
+        if (!head.isEvicted(blockBegin + j)) continue;
+        for (int32_t r = 0; r < ROWS; ++r) scores[r][j] = -__builtin_inff();
+      }
+    }
+    if (range.scoresOut != nullptr) {
+      for (int32_t r = 0; r < ROWS; ++r) {
+        float* out = range.scoresOut + r * range.scoresStride + (blockBegin - range.tokenBegin);
+        for (int32_t j = 0; j < count; ++j) out[j] = scores[r][j];
+      }
+    }
     softmaxBlock<V>(&scores[0][0], kKiviBlock, ROWS, count, state, dim, dim);
 
     // Values of the block: record pointers, and each quantized token's scales and mins as floats.

@@ -686,6 +686,7 @@ class CudaBackend final : public Backend {
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkKiviArgs(args));
+    KVSLIM_RETURN_IF_ERROR(checkKiviMass(args, false));
     if (args.format.keyOutliers > 0 || args.format.valueOutliers > 0) {
       // Dense-and-sparse records (kivi_format.h): the CUDA kernels do not add outlier corrections.
       return Status(ErrorCode::BackendUnavailable,

@@ -165,10 +165,11 @@ export class SelectMirror {
   readonly #scale: number;
   #layers: LayerState[];
   /**
-   * What attention reads instead of the tokens as appended, [T, kvHeads, headDim] per layer (a
-   * quantized store's values, e.g. KiviMirror.stored); the kept positions are the policy's.
+   * What attention reads instead of the tokens as appended, [T, kvHeads, headDim] by position (a
+   * quantized store's values, e.g. KiviMirror.stored; undefined: the tokens as appended); the
+   * kept positions are the policy's.
    */
-  storedRows?: (layer: number) => { k: Float64Array; v: Float64Array };
+  storedRows?: (layer: number) => { k: Float64Array; v: Float64Array } | undefined;
 
   constructor(shape: SelectShape, spec: ReferenceSelectSpec, options: { store?: Dtype; scale?: number } = {}) {
     this.shape = shape;

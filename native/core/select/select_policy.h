@@ -68,6 +68,13 @@ struct SelectContext {
 
 struct LoadPlan;
 
+// What a policy's saved state is checked against on load: the restored dense store and, per
+// layer, the tokens of a layer held in the KIVI store (-1: a dense layer).
+struct RestoredStores {
+  const PagedStore& store;
+  std::vector<int64_t> kiviTokens;
+};
+
 class SelectPolicy {
  public:
   virtual ~SelectPolicy() = default;
@@ -92,10 +99,29 @@ class SelectPolicy {
   virtual bool windowed() const { return false; }
   virtual bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const { return false; }
 
+  // H2O over a KIVI store. When decoding starts a layer moves into the store, its tokens in
+  // position order becoming KIVI indexes 0..; from then on the policy evicts by flagging indexes
+  // (evictedFlags: attention masks them) instead of removing rows, and the cache drops the flagged
+  // rows when it compacts the layer. Every kv head of a layer flags as many tokens.
+  virtual bool evictsInKivi() const { return false; }
+  // The move: per kv head, the dense store's tokens in KIVI index order (kept slot s as s, tail
+  // token j as keptTokens + j).
+  virtual Status enterKivi(int32_t layer, const std::vector<std::vector<int64_t>>& order) { return Status::ok(); }
+  // After a call left the KIVI layer holding `tokens` tokens; mass (or null: an append without
+  // queries) as SelectContext::mass, per KIVI index.
+  virtual Status afterAppendKivi(int32_t layer, int64_t tokens, const double* mass, int64_t massStride) {
+    return Status::ok();
+  }
+  // One flag per KIVI index of the layer up to its tokens after the last afterAppendKivi (null: none).
+  virtual const std::vector<uint8_t>* evictedFlags(int32_t layer, int32_t head) const { return nullptr; }
+  virtual int64_t evictedCount(int32_t layer) const { return 0; }
+  // The cache dropped the flagged rows of a KIVI layer: the indexes close up.
+  virtual void compactKivi(int32_t layer) {}
+
   // save()/load(): the policy's state beyond the store (SnapKV's decided layers, H2O's scores) as
-  // flat bytes; loadState checks them against the restored store (ERR_CORRUPT on any mismatch).
+  // flat bytes; loadState checks them against the restored stores (ERR_CORRUPT on any mismatch).
   virtual void saveState(int32_t layers, std::vector<uint8_t>* out) const {}
-  virtual Status loadState(const uint8_t* data, size_t size, const PagedStore& store, int32_t layers) {
+  virtual Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) {
     return size == 0 ? Status::ok() : Status(ErrorCode::Corrupt, "cannot load cache: unexpected policy state");
   }
 

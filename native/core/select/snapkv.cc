@@ -71,7 +71,7 @@ class SnapKVPolicy final : public SelectPolicy {
   void saveState(int32_t layers, std::vector<uint8_t>* out) const override {
     for (int32_t layer = 0; layer < layers; ++layer) out->push_back(settled(layer) ? 1 : 0);
   }
-  Status loadState(const uint8_t* data, size_t size, const PagedStore&, int32_t layers) override {
+  Status loadState(const uint8_t* data, size_t size, const RestoredStores&, int32_t layers) override {
     if (size != size_t(layers)) return Status(ErrorCode::Corrupt, "cannot load cache: the snapkv state has the wrong size");
     decided_.assign(data, data + size);
     for (const uint8_t flag : decided_) {
