@@ -1,6 +1,7 @@
-// H2O over a KIVI store (policy { select: h2o, store: kivi }). Until a layer's first decode step
-// its tokens stay in f16 and H2O evicts exactly as over an f16 store (test/reference/select.ts).
-// That step moves the kept tokens into the KIVI store in position order. From then on the same
+// H2O over a KIVI store (policy { select: h2o, store: kivi }). Until a layer's first call with
+// queries (prefill or step) its tokens stay in f16, and that call's H2O evicts exactly as over an
+// f16 store (test/reference/select.ts); then the kept tokens move into the KIVI store in position
+// order. From then on the same
 // rule decides on the probabilities of the quantized attention. An evicted token is masked, and
 // its row stays quantized until max(residual, budget / 8) tokens per head are evicted. Then the layer is
 // compacted: every kept row, as attention read it, is requantized by the flush rules.
@@ -117,7 +118,7 @@ class Pair {
     if (quantized) {
       quantized.flushedAt = quantized.kivi.tokens;
       this.#compactIfDue(layer, quantized);
-    } else if (kind === 'step') {
+    } else if (kind !== 'append') {
       this.#move(layer);
     }
     for (let h = 0; h < kvHeads; h++) {
@@ -153,7 +154,7 @@ class Pair {
     return { k, v };
   }
 
-  /** The first decode step moves the kept tokens, in position order, into the KIVI store. */
+  /** The first call with queries moves the kept tokens, in position order, into the KIVI store. */
   #move(layer: number): void {
     const { kvHeads, headDim } = this.shape;
     const width = kvHeads * headDim;
@@ -241,8 +242,8 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     const spec: H2O = { kind: 'h2o', budget: 64, recent: 16 };
     const config: KiviConfig = { bits: 2, group: 32, residual: 32 };
     const pair = new Pair(GQA, spec, config, 21);
-    pair.run([['prefill', 200], ...steps(32)]);
-    // The first step moved the layers; the next 31 flagged 31 tokens per head: held, not yet dropped.
+    pair.run([['prefill', 200], ...steps(31)]);
+    // The prefill moved the layers; 31 steps flagged 31 tokens per head: held, not yet dropped.
     const before = pair.cache.stats();
     for (let h = 0; h < GQA.kvHeads; h++) expect(pair.cache.positions(0, h)).toHaveLength(spec.budget);
     pair.run(steps(1));
@@ -292,9 +293,9 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     // The state: per kv head u64 tokens, f64 scores, u64 flagged, u64 indexes. Head 0 of layer 0 first.
     const stateAt = MASK_SIZE_AT + 8 + Number(saved.readBigUInt64LE(MASK_SIZE_AT)) + 8;
     const tokens = Number(saved.readBigUInt64LE(stateAt));
-    expect(tokens).toBe(spec.budget + 2);  // the move kept 24; two steps later, two flagged
+    expect(tokens).toBe(spec.budget + 3);  // the prefill moved 24; three steps, three flagged
     const flaggedAt = stateAt + 8 + 8 * tokens;
-    expect(saved.readBigUInt64LE(flaggedAt)).toBe(2n);
+    expect(saved.readBigUInt64LE(flaggedAt)).toBe(3n);
     const load = (bytes: Buffer) => () => KVCache.load(bytes, { device: DEVICE });
     expectError(load(resealed(saved, (v) => v.setBigUint64(flaggedAt + 8, BigInt(tokens - 1), true))), 'ERR_CORRUPT', /flag/);
     expectError(load(resealed(saved, (v) => v.setBigUint64(flaggedAt + 16, v.getBigUint64(flaggedAt + 8, true), true))), 'ERR_CORRUPT', /flag/);

@@ -323,8 +323,11 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
   massLayer_ = -1;
   Status status = policy_->afterAppend(context, layer, q, n, prefill);
   // KIVI: the layer moves once the policy has settled it, or when decoding starts (SnapKV selects
-  // at prefill only, so a layer decoded before any prefill keeps every token).
-  if (status.isOk() && kivi() && (policy_->settled(layer) || (q != nullptr && !prefill))) status = moveToKivi(layer);
+  // at prefill only, so a layer decoded before any prefill keeps every token). H2O goes on over
+  // KIVI from its first call with queries, so the quantization lands in the prefill, not in the
+  // first decode step.
+  const bool moves = policy_->settled(layer) || (q != nullptr && (!prefill || policy_->evictsInKivi()));
+  if (status.isOk() && kivi() && moves) status = moveToKivi(layer);
   // A loading policy's work after an append is indexing.
   (policy_->loads() ? times_.indexBuildMs : times_.compressMs) += millisecondsSince(start);
   return status;
