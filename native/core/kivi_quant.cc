@@ -29,60 +29,95 @@ bool groupParams(float lo, float hi, int32_t bits, GroupParams* out) {
   return std::isfinite(out->scaleValue) && std::isfinite(out->minValue);
 }
 
-// round((x - min) / s) (halves away from zero), clamped to [0, maxCode]. Rounds by truncation and
-// the exact fraction t - trunc(t) instead of calling roundf: same codes, inlined.
-inline uint32_t encode(float x, const GroupParams& p, uint32_t maxCode) {
-  const float t = (x - p.minValue) / p.scaleValue;
-  if (!(t > 0.0f)) return 0u;
-  if (t >= float(maxCode)) return maxCode;
-  const uint32_t whole = uint32_t(t);
-  return whole + (t - float(whole) >= 0.5f ? 1u : 0u);
+// round((x - min) / s) (halves away from zero), clamped to [0, maxCode]: the truncation plus the
+// exact fraction t - trunc(t), written without branches (the same codes as roundf) so that the
+// loops over channels below vectorize.
+inline uint32_t encode(float x, float minValue, float scaleValue, float maxCode) {
+  float t = (x - minValue) / scaleValue;
+  t = t > 0.0f ? t : 0.0f;  // also NaN -> 0
+  t = t < maxCode ? t : maxCode;
+  const int32_t whole = int32_t(t);
+  return uint32_t(whole) + (t - float(whole) >= 0.5f ? 1u : 0u);
+}
+
+// The first of the values equal to `extreme` (a sequential scan keeps the first of equal values;
+// only +0 and -0 differ among them).
+float firstEqual(const float* x, size_t stride, int32_t count, float extreme) {
+  if (extreme != 0.0f) return extreme;
+  for (int32_t i = 0; i < count; ++i) {
+    if (x[size_t(i) * stride] == extreme) return x[size_t(i) * stride];
+  }
+  return extreme;
 }
 
 }  // namespace
 
 bool quantizeChannelGroups(const float* x, size_t rowStride, int32_t tokens, int32_t channels, int32_t bits,
                            uint32_t* codes, uint16_t* scales, uint16_t* mins, const uint8_t* skip) {
-  const uint32_t maxCode = (1u << bits) - 1u;
+  const float maxCode = float((1u << bits) - 1u);
   const int32_t perWord = 32 / bits;
   const int32_t words = tokens / perWord;
+  // Per channel: min and max (a token-outer walk, each channel in token order as a scan of that
+  // channel), then its scale and min, then the codes a word of tokens at a time.
+  std::vector<float> lo(x, x + channels), hi(x, x + channels), minValue(static_cast<size_t>(channels)), scaleValue(static_cast<size_t>(channels));
+  if (skip == nullptr) {
+    for (int32_t t = 1; t < tokens; ++t) {
+      const float* row = x + size_t(t) * rowStride;
+      for (int32_t c = 0; c < channels; ++c) {
+        lo[size_t(c)] = row[c] < lo[size_t(c)] ? row[c] : lo[size_t(c)];
+        hi[size_t(c)] = row[c] > hi[size_t(c)] ? row[c] : hi[size_t(c)];
+      }
+    }
+  } else {
+    for (int32_t c = 0; c < channels; ++c) {
+      float low = x[c], high = x[c];
+      bool any = false;
+      for (int32_t t = 0; t < tokens; ++t) {
+        if (skip[size_t(t) * size_t(channels) + size_t(c)]) continue;
+        const float value = x[size_t(t) * rowStride + size_t(c)];
+        if (!any) low = high = value;
+        any = true;
+        low = value < low ? value : low;
+        high = value > high ? value : high;
+      }
+      for (int32_t t = 1; !any && t < tokens; ++t) {  // every entry skipped
+        const float value = x[size_t(t) * rowStride + size_t(c)];
+        low = value < low ? value : low;
+        high = value > high ? value : high;
+      }
+      lo[size_t(c)] = low;
+      hi[size_t(c)] = high;
+    }
+  }
   for (int32_t c = 0; c < channels; ++c) {
-    float lo = x[c], hi = x[c];
-    bool any = false;
-    for (int32_t t = 0; skip != nullptr && t < tokens; ++t) {
-      if (skip[size_t(t) * size_t(channels) + size_t(c)]) continue;
-      const float value = x[size_t(t) * rowStride + size_t(c)];
-      if (!any) lo = hi = value;
-      any = true;
-      lo = value < lo ? value : lo;
-      hi = value > hi ? value : hi;
-    }
-    for (int32_t t = 1; !any && t < tokens; ++t) {  // no skip, or every entry skipped
-      const float value = x[size_t(t) * rowStride + size_t(c)];
-      lo = value < lo ? value : lo;
-      hi = value > hi ? value : hi;
-    }
     GroupParams p;
-    if (!groupParams(lo, hi, bits, &p)) return false;
+    if (!groupParams(lo[size_t(c)], hi[size_t(c)], bits, &p)) return false;
     scales[c] = p.scale;
     mins[c] = p.min;
-    uint32_t* out = codes + size_t(c) * size_t(words);
-    for (int32_t w = 0; w < words; ++w) {
-      uint32_t word = 0;
-      for (int32_t i = 0; i < perWord; ++i) {
-        const float value = x[size_t(w * perWord + i) * rowStride + size_t(c)];
-        word |= encode(value, p, maxCode) << (i * bits);
+    minValue[size_t(c)] = p.minValue;
+    scaleValue[size_t(c)] = p.scaleValue;
+  }
+  std::vector<uint32_t> word(static_cast<size_t>(channels));
+  for (int32_t w = 0; w < words; ++w) {
+    std::fill(word.begin(), word.end(), 0u);
+    for (int32_t i = 0; i < perWord; ++i) {
+      const float* row = x + size_t(w * perWord + i) * rowStride;
+      const int32_t shift = i * bits;
+      for (int32_t c = 0; c < channels; ++c) {
+        word[size_t(c)] |= encode(row[c], minValue[size_t(c)], scaleValue[size_t(c)], maxCode) << shift;
       }
-      out[w] = word;
     }
+    for (int32_t c = 0; c < channels; ++c) codes[size_t(c) * size_t(words) + size_t(w)] = word[size_t(c)];
   }
   return true;
 }
 
 bool quantizeTokenGroups(const float* row, int32_t channels, int32_t group, int32_t bits, uint32_t* codes,
                          uint16_t* scales, uint16_t* mins, const uint8_t* skip) {
-  const uint32_t maxCode = (1u << bits) - 1u;
+  const float maxCode = float((1u << bits) - 1u);
   const int32_t perWord = 32 / bits;
+  constexpr int32_t kLanes = 8;  // min / max in lanes of channels (a store's group is a multiple of 16)
+  uint32_t code[64];
   for (int32_t g = 0; g < channels / group; ++g) {
     const float* x = row + size_t(g) * size_t(group);
     const uint8_t* skipped = skip == nullptr ? nullptr : skip + size_t(g) * size_t(group);
@@ -95,19 +130,42 @@ bool quantizeTokenGroups(const float* row, int32_t channels, int32_t group, int3
       lo = x[c] < lo ? x[c] : lo;
       hi = x[c] > hi ? x[c] : hi;
     }
-    for (int32_t c = 1; !any && c < group; ++c) {  // no skip, or every channel skipped
-      lo = x[c] < lo ? x[c] : lo;
-      hi = x[c] > hi ? x[c] : hi;
+    if (!any && group % kLanes != 0) {  // the quantize() tool's small groups
+      for (int32_t c = 1; c < group; ++c) {
+        lo = x[c] < lo ? x[c] : lo;
+        hi = x[c] > hi ? x[c] : hi;
+      }
+    } else if (!any) {  // no skip, or every channel skipped: every channel
+      float low[kLanes], high[kLanes];
+      for (int32_t j = 0; j < kLanes; ++j) low[j] = high[j] = x[j];
+      for (int32_t c = kLanes; c < group; c += kLanes) {
+        for (int32_t j = 0; j < kLanes; ++j) {
+          low[j] = x[c + j] < low[j] ? x[c + j] : low[j];
+          high[j] = x[c + j] > high[j] ? x[c + j] : high[j];
+        }
+      }
+      lo = low[0];
+      hi = high[0];
+      for (int32_t j = 1; j < kLanes; ++j) {
+        lo = low[j] < lo ? low[j] : lo;
+        hi = high[j] > hi ? high[j] : hi;
+      }
+      lo = firstEqual(x, 1, group, lo);
+      hi = firstEqual(x, 1, group, hi);
     }
     GroupParams p;
     if (!groupParams(lo, hi, bits, &p)) return false;
     scales[g] = p.scale;
     mins[g] = p.min;
     uint32_t* out = codes + size_t(g) * size_t(group / perWord);
-    for (int32_t w = 0; w < group / perWord; ++w) {
-      uint32_t word = 0;
-      for (int32_t i = 0; i < perWord; ++i) word |= encode(x[w * perWord + i], p, maxCode) << (i * bits);
-      out[w] = word;
+    for (int32_t start = 0; start < group; start += 64) {
+      const int32_t count = std::min(64, group - start);
+      for (int32_t c = 0; c < count; ++c) code[c] = encode(x[start + c], p.minValue, p.scaleValue, maxCode);
+      for (int32_t w = 0; w < count / perWord; ++w) {
+        uint32_t word = 0;
+        for (int32_t i = 0; i < perWord; ++i) word |= code[w * perWord + i] << (i * bits);
+        out[start / perWord + w] = word;
+      }
     }
   }
   return true;

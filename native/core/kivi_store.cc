@@ -322,13 +322,14 @@ Status KiviStore::rowsOf(const HeadImage& image, int64_t tokens, uint16_t* keys,
     return Status(ErrorCode::Internal, "a KIVI head image does not match its token count");
   }
   std::vector<float> rows(group * dim);
+  const HostTensor floats{rows.data(), DType::F32, rows.size()};
   for (size_t g = 0; g < keyGroups; ++g) {
     dequantizeKeyGroupRecord(image.keyRecords.data() + g * format.keyGroupBytes(), format, rows.data());
-    for (size_t i = 0; i < group * dim; ++i) keys[g * group * dim + i] = floatToF16(rows[i]);
+    KVSLIM_RETURN_IF_ERROR(convertChecked(floats, 0, group * dim, keys + g * group * dim, DType::F16, "dequantized keys"));
   }
   for (size_t t = 0; t < valueTokens; ++t) {
     dequantizeValueTokenRecord(image.valueRecords.data() + t * format.valueTokenBytes(), format, rows.data());
-    for (size_t i = 0; i < dim; ++i) values[t * dim + i] = floatToF16(rows[i]);
+    KVSLIM_RETURN_IF_ERROR(convertChecked(floats, 0, dim, values + t * dim, DType::F16, "dequantized values"));
   }
   std::copy(image.keyRows.begin(), image.keyRows.end(), keys + keyGroups * group * dim);
   std::copy(image.valueRows.begin(), image.valueRows.end(), values + valueTokens * dim);
