@@ -77,7 +77,7 @@ export function policiesPlan(quick: boolean): PoliciesPlan {
 }
 
 /** <policy>+kivi2: the policy's selection over the 2-bit KIVI store (snapkv quantizes what it kept; streaming and duo leave a hole per head). */
-export type PolicyKind = 'full' | 'streaming' | 'streaming+kivi2' | 'snapkv' | 'snapkv+kivi2' | 'pyramidkv' | 'h2o' | 'duo' | 'duo+kivi2';
+export type PolicyKind = 'full' | 'streaming' | 'streaming+kivi2' | 'snapkv' | 'snapkv+kivi2' | 'pyramidkv' | 'h2o' | 'h2o+kivi2' | 'duo' | 'duo+kivi2';
 const KIVI2: StoreSpec = { kind: 'kivi', bits: 2 };
 
 export interface PolicyTurn {
@@ -552,7 +552,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
   const q = promptQueries(w);
   const k = w.keys.subarray(0, w.tokens * TOKEN_STRIDE), v = w.values.subarray(0, w.tokens * TOKEN_STRIDE);
   const out = new Float32Array(q.length);
-  const entries = rowSpecs(w.tokens, plan.fractions, ['snapkv', 'h2o'], 1).map((spec) => ({
+  const entries = rowSpecs(w.tokens, plan.fractions, ['snapkv', 'h2o', 'h2o+kivi2'], 1).map((spec) => ({
     spec, row: newRow(spec, 'prefill', w.tokens), samples: [] as number[], cache: null as KVCache | null,
   }));
   try {
@@ -562,7 +562,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
         status(`${entry.row.id}: whole-prompt prefill, run ${run + 1} of ${plan.prefillRuns}...`);
         let cache: KVCache | null = null;
         try {
-          cache = newCache(entry.spec.select, 1);
+          cache = newCache(entry.spec.select, 1, entry.spec.store);
           const filled = cache;
           entry.samples.push(elapsedMs(() => filled.prefill(0, q, k, v, { out })));
           if (run === 0) {
@@ -759,7 +759,8 @@ export function policiesNotes(record: PoliciesRecord): string[] {
       `<policy>+kivi2 the same selection over the 2-bit KIVI store (group 32, residual 128: snapkv quantizes the tokens it kept; ` +
       `streaming and duo quantize every token and skip a hole per head, its whole pages released); ` +
       `pyramidkv the same total over the layers (per-layer budgets beta 20); duo: kv heads 0, 2, 4, 6 retrieval (all tokens), the others sink ${DUO_SINK} + window ` +
-      `budget-${DUO_SINK}, so duo keeps about (T + budget) / 2; h2o (prefill table) recent budget/2 + heavy hitters.`,
+      `budget-${DUO_SINK}, so duo keeps about (T + budget) / 2; h2o (prefill table) recent budget/2 + heavy hitters; h2o+kivi2 the ` +
+      `same rule over the 2-bit KIVI store (the kept tokens quantized after the prompt, later evictions masked until a compaction).`,
     `Policies: every cache holds ${LAYERS} layers with the same data (quality columns are means over the layers); decode ms = ` +
       `median over runs of one decode step's attend() of turn 1's query on every layer after turn 1, divided by ${LAYERS} ` +
       `(${EVICT_BYTES / 2 ** 20} MiB read before each step, so each layer's KV is read cold, then the thread pool woken by a small decode ` +
