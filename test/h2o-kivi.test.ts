@@ -3,8 +3,8 @@
 // f16 store (test/reference/select.ts); then the kept tokens move into the KIVI store in position
 // order. From then on the same
 // rule decides on the probabilities of the quantized attention. An evicted token is masked, and
-// its row stays quantized until max(residual, budget / 8) tokens per head are evicted. Then the layer is
-// compacted: every kept row, as attention read it, is requantized by the flush rules.
+// its row stays quantized until the layer is compacted (compactionDue below): every kept row, as
+// attention read it, is requantized by the flush rules.
 // The reference follows each step in float64:
 //   - SelectMirror keeps the positions and the scores, reading rows through storedRows;
 //   - a KiviMirror per layer holds what the KIVI store holds, by KIVI index;
@@ -52,6 +52,19 @@ interface Quantized {
   flushedAt: number;
 }
 
+/**
+ * The rule: at most due = max(residual, budget / 8) evicted tokens per head, and from due / 2 at
+ * the first multiple of due / 2 tokens past the layer's phase (layer x (due / 2) / layers), so
+ * that the layers compact in turn.
+ */
+function compactionDue(evicted: number, tokens: number, n: number, layer: number, layers: number, config: KiviConfig, spec: H2O): boolean {
+  const due = Math.max(config.residual, Math.floor(spec.budget / 8));
+  const period = Math.max(1, Math.floor(due / 2));
+  const phase = Math.floor((layer * period) / layers);
+  const boundary = Math.floor((tokens + phase) / period) > Math.floor((tokens + phase - n) / period);
+  return evicted >= due || (evicted >= period && boundary);
+}
+
 class Pair {
   readonly cache: KVCache;
   readonly select: SelectMirror;
@@ -59,8 +72,10 @@ class Pair {
   /** Every token appended per layer, in order (the f32 values the engine received). */
   readonly history: Array<{ k: number[]; v: number[] }>;
   readonly random: Random;
-  /** Compactions seen per layer (the KIVI index count fell). */
+  /** Compactions seen, and [tokens, layer] of each; the most evicted tokens a head held. */
   compactions = 0;
+  readonly compacted: Array<[number, number]> = [];
+  maxEvicted = 0;
 
   constructor(
     readonly shape: SelectShape,
@@ -117,7 +132,7 @@ class Pair {
     }
     if (quantized) {
       quantized.flushedAt = quantized.kivi.tokens;
-      this.#compactIfDue(layer, quantized);
+      this.#compactIfDue(layer, quantized, t.n);
     } else if (kind !== 'append') {
       this.#move(layer);
     }
@@ -175,14 +190,15 @@ class Pair {
     this.layers[layer] = { kivi, positions, flushedAt: kivi.tokens };
   }
 
-  /** Once max(residual, budget / 8) tokens per head are evicted, the kept rows as read are requantized. */
-  #compactIfDue(layer: number, quantized: Quantized): void {
+  /** When compactionDue, the kept rows as read are requantized. */
+  #compactIfDue(layer: number, quantized: Quantized, n: number): void {
     const { kvHeads, headDim } = this.shape;
     const width = kvHeads * headDim;
     const kept = Array.from({ length: kvHeads }, (_, h) => new Set(this.select.positions(layer, h)));
     const evicted = quantized.positions.map((positions, h) => positions.filter((p) => !kept[h].has(p)).length);
     expect(new Set(evicted).size, 'every kv head evicts as many tokens').toBe(1);
-    if (evicted[0] < Math.max(this.config.residual, Math.floor(this.spec.budget / 8))) return;
+    this.maxEvicted = Math.max(this.maxEvicted, evicted[0]);
+    if (!compactionDue(evicted[0], this.select.tokens(layer), n, layer, this.shape.layers, this.config, this.spec)) return;
     const held = quantized.kivi.stored();
     const survivors = quantized.positions.map((positions, h) => positions.flatMap((p, index) => (kept[h].has(p) ? [index] : [])));
     const count = survivors[0].length;
@@ -201,6 +217,7 @@ class Pair {
       flushedAt: kivi.tokens,
     };
     this.compactions++;
+    this.compacted.push([this.select.tokens(layer), layer]);
   }
 
   /** A quantized layer's bytes: every held token's (evicted ones until the compaction). */
@@ -238,19 +255,23 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     });
   }
 
-  it.skipIf(DEVICE === 'cuda')('keeps budget tokens per kv head; evicted rows leave the bytes at the compaction', () => {
+  it.skipIf(DEVICE === 'cuda')('keeps budget tokens per kv head, holds at most due evicted ones, and the layers compact in turn', () => {
     const spec: H2O = { kind: 'h2o', budget: 64, recent: 16 };
     const config: KiviConfig = { bits: 2, group: 32, residual: 32 };
-    const pair = new Pair(GQA, spec, config, 21);
-    pair.run([['prefill', 200], ...steps(31)]);
-    // The prefill moved the layers; 31 steps flagged 31 tokens per head: held, not yet dropped.
-    const before = pair.cache.stats();
-    for (let h = 0; h < GQA.kvHeads; h++) expect(pair.cache.positions(0, h)).toHaveLength(spec.budget);
-    pair.run(steps(1));
-    expect(pair.compactions).toBe(GQA.layers);
-    const after = pair.cache.stats();
-    expect(after.layers[0].bytes).toBeLessThan(before.layers[0].bytes);
-    expect(after.bytes.kv + after.bytes.residual).toBeLessThan(after.bytes.fullF16 / 3);
+    const shape: SelectShape = { ...GQA, layers: 4 };
+    const pair = new Pair(shape, spec, config, 21);
+    pair.run([['prefill', 200], ...steps(60)]);
+    for (let layer = 0; layer < shape.layers; layer++) {
+      for (let h = 0; h < shape.kvHeads; h++) expect(pair.cache.positions(layer, h)).toHaveLength(spec.budget);
+    }
+    // due = 32, period 16: a compaction once 16 are flagged, at phases 0, 4, 8, 12 tokens apart.
+    expect(pair.maxEvicted).toBeLessThanOrEqual(32);
+    expect(pair.compactions).toBeGreaterThanOrEqual(2 * shape.layers);
+    const atOnce = new Map<number, number>();
+    for (const [tokens] of pair.compacted) atOnce.set(tokens, (atOnce.get(tokens) ?? 0) + 1);
+    expect(Math.max(...atOnce.values()), 'layers compacting at the same token').toBe(1);
+    const stats = pair.cache.stats();
+    expect(stats.bytes.kv + stats.bytes.residual).toBeLessThan(stats.bytes.fullF16 / 3);
   });
 
   it.skipIf(DEVICE === 'cuda')('fork after the move shares the quantized pages; parent and child go on independently', () => {

@@ -295,8 +295,7 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
   if (!policy_) return Status::ok();
   if (inKivi(layer)) {
     // A KIVI layer is settled, a window policy's (its windows shrink back to `window`) or H2O's
-    // (it flags what it evicts; the layer is compacted once max(residual, budget / 8) tokens per
-    // head are flagged: a compaction requantizes the whole layer, so a large budget waits longer).
+    // (it flags what it evicts, and compactKivi drops the flagged rows: compactionDue).
     const auto start = std::chrono::steady_clock::now();
     Status status = growHoles(layer, 0);
     if (status.isOk() && policy_->evictsInKivi()) {
@@ -306,8 +305,7 @@ Status KVCache::afterAttend(int32_t layer, const float* q, int64_t n, bool prefi
       const int64_t tokens = kivi_.tokens(layer);
       status = policy_->afterAppendKivi(layer, tokens, mass.empty() ? nullptr : mass.data(),
                                         mass.empty() ? 0 : int64_t(mass.size()) / config_.kvHeads);
-      const int64_t due = std::max<int64_t>(config_.kiviResidual, config_.select.budget / 8);
-      if (status.isOk() && policy_->evictedCount(layer) >= due) status = compactKivi(layer);
+      if (status.isOk() && compactionDue(layer, n)) status = compactKivi(layer);
     }
     times_.compressMs += millisecondsSince(start);
     return status;
@@ -612,6 +610,19 @@ Status KVCache::moveToKivi(int32_t layer) {
   }
   store_.clearLayer(layer);
   return policy_->enterKivi(layer, order);
+}
+
+// A compaction requantizes a whole layer, so it waits for many flags: at most due = max(residual,
+// budget / 8) per head, and from due / 2 at the first multiple of due / 2 tokens past the layer's
+// phase (layer x (due / 2) / layers). One decode step per token flags one token per head, so the
+// layers compact in turn, a few per step, instead of all in the same step.
+bool KVCache::compactionDue(int32_t layer, int64_t n) const {
+  const int64_t flagged = policy_->evictedCount(layer);
+  const int64_t due = std::max<int64_t>(config_.kiviResidual, config_.select.budget / 8);
+  const int64_t period = std::max<int64_t>(1, due / 2);
+  const int64_t phase = int64_t(layer) * period / config_.layers;
+  const int64_t after = tokens(layer) + phase, before = after - n;
+  return flagged >= due || (flagged >= period && after / period > before / period);
 }
 
 Status KVCache::compactKivi(int32_t layer) {

@@ -78,8 +78,9 @@ class KVCache {
   // Moves what store_ keeps of a layer into the KIVI store (quantized by its flush rules).
   Status moveToKivi(int32_t layer);
   // H2O over the KIVI store: drops the tokens the policy flagged from a layer, requantizing what
-  // stays (afterAttend: once max(kiviResidual, budget / 8) tokens per head are flagged).
+  // stays, when compactionDue after a call of n tokens.
   Status compactKivi(int32_t layer);
+  bool compactionDue(int32_t layer, int64_t n) const;
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
