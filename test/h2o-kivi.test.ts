@@ -3,8 +3,9 @@
 // f16 store (test/reference/select.ts); then the kept tokens move into the KIVI store in position
 // order. From then on the same
 // rule decides on the probabilities of the quantized attention. An evicted token is masked, and
-// its row stays quantized until the layer is compacted (compactionDue below): every kept row, as
-// attention read it, is requantized by the flush rules.
+// its row stays quantized until the layer is compacted (compactionDue below): the records of the
+// tokens before a head's first eviction stay, every later kept row, as attention read it, is
+// requantized by the flush rules.
 // The reference follows each step in float64:
 //   - SelectMirror keeps the positions and the scores, reading rows through storedRows;
 //   - a KiviMirror per layer holds what the KIVI store holds, by KIVI index;
@@ -211,6 +212,12 @@ class Pair {
     }
     const kivi = new KiviMirror(this.shape, this.config);
     kivi.append(keys, values);
+    // Tokens before a head's first eviction keep their records.
+    kivi.adoptQuantized(quantized.kivi, survivors.map((indexes) => {
+      let first = 0;
+      while (first < indexes.length && indexes[first] === first) first++;
+      return first;
+    }));
     this.layers[layer] = {
       kivi,
       positions: survivors.map((indexes, h) => indexes.map((index) => quantized.positions[h][index])),

@@ -274,20 +274,23 @@ namespace {
 // Records of `keyGroups` key groups and `valueTokens` value tokens from f16 rows, oldest first:
 // keyRow(i) / valueRow(i) is the i-th row to quantize. Shared by flush (rows in the residual
 // buffers) and imageOf (rows given contiguous), so both write the same codes.
+// Records already in the buffers (the first firstKeyGroup key groups and firstValueToken value
+// tokens) are kept as they are.
 template <class KeyRow, class ValueRow>
 Status quantizeRecords(const KiviFormat& format, int64_t keyGroups, const KeyRow& keyRow, int64_t valueTokens,
-                       const ValueRow& valueRow, std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords) {
+                       const ValueRow& valueRow, std::vector<uint8_t>* keyRecords, std::vector<uint8_t>* valueRecords,
+                       int64_t firstKeyGroup = 0, int64_t firstValueToken = 0) {
   const size_t dim = size_t(format.headDim);
   std::vector<float> rows(size_t(format.group) * dim);
   keyRecords->resize(size_t(keyGroups) * format.keyGroupBytes());
-  for (int64_t g = 0; g < keyGroups; ++g) {
+  for (int64_t g = firstKeyGroup; g < keyGroups; ++g) {
     for (int32_t t = 0; t < format.group; ++t) halvesToFloats(keyRow(g * format.group + t), rows.data() + size_t(t) * dim, dim);
     if (!quantizeKeyGroupRecord(rows.data(), format, keyRecords->data() + size_t(g) * format.keyGroupBytes())) {
       return Status(ErrorCode::Internal, "KIVI key group scale or outlier delta overflowed f16");
     }
   }
   valueRecords->resize(size_t(valueTokens) * format.valueTokenBytes());
-  for (int64_t t = 0; t < valueTokens; ++t) {
+  for (int64_t t = firstValueToken; t < valueTokens; ++t) {
     halvesToFloats(valueRow(t), rows.data(), dim);
     if (!quantizeValueTokenRecord(rows.data(), format, valueRecords->data() + size_t(t) * format.valueTokenBytes())) {
       return Status(ErrorCode::Internal, "KIVI value group scale or outlier delta overflowed f16");
@@ -298,14 +301,25 @@ Status quantizeRecords(const KiviFormat& format, int64_t keyGroups, const KeyRow
 
 }  // namespace
 
-Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const {
+Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out, const HeadImage* keep,
+                          int64_t keepTokens) const {
   const KiviFormat& format = shape_.format;
   const size_t dim = size_t(format.headDim);
   out->quantizedKeys = n / shape_.residual * shape_.residual;
   out->quantizedValues = std::max<int64_t>(0, n - shape_.residual);
+  int64_t keptKeyGroups = 0, keptValueTokens = 0;
+  if (keep != nullptr) {
+    // The records both images quantize for the first keepTokens tokens, copied.
+    keptKeyGroups = std::min({keepTokens, keep->quantizedKeys, out->quantizedKeys}) / format.group;
+    keptValueTokens = std::min({keepTokens, keep->quantizedValues, out->quantizedValues});
+    if (keep->hole.size() > 0) return Status(ErrorCode::Internal, "a KIVI image with a hole cannot be kept");
+    out->keyRecords.assign(keep->keyRecords.begin(), keep->keyRecords.begin() + std::ptrdiff_t(size_t(keptKeyGroups) * format.keyGroupBytes()));
+    out->valueRecords.assign(keep->valueRecords.begin(),
+                             keep->valueRecords.begin() + std::ptrdiff_t(size_t(keptValueTokens) * format.valueTokenBytes()));
+  }
   KVSLIM_RETURN_IF_ERROR(quantizeRecords(
       format, out->quantizedKeys / format.group, [&](int64_t i) { return keys + size_t(i) * dim; }, out->quantizedValues,
-      [&](int64_t i) { return values + size_t(i) * dim; }, &out->keyRecords, &out->valueRecords));
+      [&](int64_t i) { return values + size_t(i) * dim; }, &out->keyRecords, &out->valueRecords, keptKeyGroups, keptValueTokens));
   out->keyRows.assign(keys + size_t(out->quantizedKeys) * dim, keys + size_t(n) * dim);
   out->valueRows.assign(values + size_t(out->quantizedValues) * dim, values + size_t(n) * dim);
   return Status::ok();

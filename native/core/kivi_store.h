@@ -98,7 +98,11 @@ class KiviStore {
   // The image of a head that received these n f16 rows (keys, values [n, headDim]) into an empty
   // layer, as its flush leaves it: key groups below floor(n / R) * R and values below n - R
   // quantized, the rest f16. Host work only (thread-safe); writeHead() then installs it.
-  Status imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out) const;
+  // With `keep` (an image without a hole whose first keepTokens tokens are these rows' first
+  // keepTokens, as attention read them): the records both images hold for those tokens are copied
+  // from it instead of requantized from their own dequantized rows.
+  Status imageOf(const uint16_t* keys, const uint16_t* values, int64_t n, HeadImage* out, const HeadImage* keep = nullptr,
+                 int64_t keepTokens = 0) const;
   Status writeHead(int32_t layer, int32_t head, int64_t tokens, const HeadImage& image);
   // The inverse of imageOf for an image of `tokens` tokens without a hole: f16 rows [tokens,
   // headDim] of the keys and values as attention reads them (dequantized records, outlier deltas

@@ -630,8 +630,9 @@ Status KVCache::compactKivi(int32_t layer) {
   const int64_t tokens = kivi_.tokens(layer);
   const int64_t count = tokens - policy_->evictedCount(layer);
   // Each head's unflagged rows, as attention reads them, become the image of a layer of `count`
-  // tokens (requantized by the flush rules; a record whose tokens all stay is requantized from its
-  // own dequantized values, which gives back its codes).
+  // tokens by the flush rules. Records of the tokens before the head's first flag (whose indexes
+  // do not change) are copied; the rest are requantized from their dequantized rows: a value record
+  // (per token) gets back its codes, keys regroup with other survivors.
   std::vector<KiviStore::HeadImage> images(static_cast<size_t>(kvHeads));
   std::vector<Status> built(static_cast<size_t>(kvHeads));
   backend_->hostParallel(kvHeads, config_.threads, [&](int64_t task) {
@@ -646,6 +647,9 @@ Status KVCache::compactKivi(int32_t layer) {
       if (status.isOk() && (evicted == nullptr || int64_t(evicted->size()) != tokens)) {
         status = Status(ErrorCode::Internal, "h2o's eviction flags do not cover the KIVI layer");
       }
+      // Tokens before the head's first flag keep their indexes: their records are copied.
+      int64_t unflagged = 0;
+      while (status.isOk() && unflagged < tokens && (*evicted)[size_t(unflagged)] == 0) ++unflagged;
       int64_t kept = 0;
       for (int64_t t = 0; t < tokens && status.isOk(); ++t) {
         if ((*evicted)[size_t(t)] != 0) continue;
@@ -654,7 +658,7 @@ Status KVCache::compactKivi(int32_t layer) {
         ++kept;
       }
       if (status.isOk() && kept != count) status = Status(ErrorCode::Internal, "h2o flagged unequal counts in a KIVI layer");
-      if (status.isOk()) status = kivi_.imageOf(keys.data(), values.data(), count, &images[size_t(h)]);
+      if (status.isOk()) status = kivi_.imageOf(keys.data(), values.data(), count, &images[size_t(h)], &image, unflagged);
       built[size_t(h)] = status;
     } catch (const std::bad_alloc&) {
       built[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory compacting a KIVI layer");

@@ -403,6 +403,34 @@ export class KiviMirror {
     return referenceAttention({ q, k, v, ...this.heads, causal: true, scale: this.#scale });
   }
 
+  /**
+   * The quantized rows of `from` (another mirror) for each kv head's first keep[h] tokens, where
+   * both mirrors quantize them: as a store copies records instead of requantizing them (H2O's
+   * compaction keeps the records before a head's first eviction).
+   */
+  adoptQuantized(from: KiviMirror, keep: number[]): void {
+    const { kvHeads, headDim } = this.heads;
+    const { residual, group } = this.config;
+    const width = kvHeads * headDim;
+    const keyTokens = quantizedKeyTokens(this.tokens, residual), valueTokens = quantizedValueTokens(this.tokens, residual);
+    this.#quantizeKeysTo(keyTokens);
+    this.#quantizeValuesTo(valueTokens);
+    from.#quantizeKeysTo(quantizedKeyTokens(from.tokens, residual));
+    from.#quantizeValuesTo(quantizedValueTokens(from.tokens, residual));
+    for (let h = 0; h < kvHeads; h++) {
+      const keys = Math.floor(Math.min(keep[h], from.#keysHat.count, keyTokens) / group) * group;
+      const values = Math.min(keep[h], from.#valuesHat.count, valueTokens);
+      for (let t = 0; t < keys; t++) {
+        const at = t * width + h * headDim;
+        this.#keysHat.data.set(from.#keysHat.data.subarray(at, at + headDim), at);
+      }
+      for (let t = 0; t < values; t++) {
+        const at = t * width + h * headDim;
+        this.#valuesHat.data.set(from.#valuesHat.data.subarray(at, at + headDim), at);
+      }
+    }
+  }
+
   /** Bytes this layer should hold, summed over kv heads. */
   bytes(): { kv: number; residual: number } {
     const head = kiviHeadBytes(this.tokens, this.heads.headDim, this.config);
