@@ -33,7 +33,10 @@ struct VecAvx2 {
     } else {
       const __m256i word = _mm256_set1_epi32(int(words[first / 16]));
       const __m256i shifts = _mm256_add_epi32(_mm256_set_epi32(14, 12, 10, 8, 6, 4, 2, 0), _mm256_set1_epi32((first % 16) * 2));
-      return _mm256_cvtepi32_ps(_mm256_and_si256(_mm256_srlv_epi32(word, shifts), _mm256_set1_epi32(3)));
+      // The permute reads a shifted lane's low 3 bits (its code and one bit of the next): the
+      // table holds k & 3 at index k, the code as a float without a mask and a conversion.
+      const __m256 values = _mm256_set_ps(3, 2, 1, 0, 3, 2, 1, 0);
+      return _mm256_permutevar8x32_ps(values, _mm256_srlv_epi32(word, shifts));
     }
   }
   // Transposes the 8 x 8 floats of r in place: lane j of r[i] becomes lane i of r[j].

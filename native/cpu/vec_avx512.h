@@ -27,14 +27,20 @@ struct VecAvx512 {
       const auto* bytes = reinterpret_cast<const uint8_t*>(words) + first;
       return _mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes))));
     } else if constexpr (BITS == 4) {
+      // A shifted lane's low 4 bits are its code: a permute of the floats 0..15 by them is the
+      // code as a float (one instruction instead of a mask and a conversion).
       const __m512i pair = _mm512_castsi128_si512(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(words + first / 8)));
       const __m512i spread = _mm512_permutexvar_epi32(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), pair);
       const __m512i shifts = _mm512_set_epi32(28, 24, 20, 16, 12, 8, 4, 0, 28, 24, 20, 16, 12, 8, 4, 0);
-      return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(spread, shifts), _mm512_set1_epi32(15)));
+      const __m512 values = _mm512_set_ps(15, 14, 13, 12, 11, 10, 9, 8, 7, 6, 5, 4, 3, 2, 1, 0);
+      return _mm512_permutexvar_ps(_mm512_srlv_epi32(spread, shifts), values);
     } else {
+      // The permute reads a lane's low 4 bits: its code and the next one's low bits, so the
+      // table holds k & 3 at index k.
       const __m512i word = _mm512_set1_epi32(int(words[first / 16]));
       const __m512i shifts = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
-      return _mm512_cvtepi32_ps(_mm512_and_si512(_mm512_srlv_epi32(word, shifts), _mm512_set1_epi32(3)));
+      const __m512 values = _mm512_set_ps(3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0, 3, 2, 1, 0);
+      return _mm512_permutexvar_ps(_mm512_srlv_epi32(word, shifts), values);
     }
   }
   // Transposes the 16 x 16 floats of r in place: lane j of r[i] becomes lane i of r[j].
