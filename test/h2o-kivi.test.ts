@@ -292,7 +292,8 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
 
   it.skipIf(DEVICE === 'cuda')('save/load carries the scores and the pending evictions: the loaded cache goes on bit for bit', () => {
     const pair = new Pair(GQA, { kind: 'h2o', budget: 48, recent: 16 }, { bits: 2, group: 32, residual: 32 }, 41);
-    pair.run([['prefill', 130], ...steps(12)]);
+    pair.run([['prefill', 130], ...steps(30)]);
+    expect(pair.compactions, 'saved after compactions, with flags pending').toBeGreaterThan(0);
     const loaded = KVCache.load(pair.cache.save(), { device: DEVICE });
     open.push(loaded);
     for (let step = 0; step < 40; step++) {
@@ -303,7 +304,7 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
         for (let h = 0; h < GQA.kvHeads; h++) expect(loaded.positions(layer, h)).toEqual(pair.cache.positions(layer, h));
       }
     }
-    expect(pair.compactions).toBeGreaterThan(0);
+    expect(pair.compactions).toBeGreaterThan(GQA.layers);
   });
 
   it.skipIf(DEVICE === 'cuda')('load refuses an eviction flag out of order or inside the recent window, and a negative score', () => {
