@@ -25,17 +25,16 @@ namespace kvslim {
 
 namespace {
 
-// The heavy-hitter rule on scores alone. Slots (scores, positions) hold the heavy set; candidates
-// (scores[first, end), candidate i at position firstPosition + i, newer than every slot) replace
-// the lowest slot (lowest score, then oldest) when their score is larger. Returns per slot the
-// candidate that holds it at the end (-1: its own token still does); the slots' scores and
-// positions follow. One candidate (a decode step) scans for the lowest slot; more use a heap (a
+// The heavy-hitter rule on scores alone. Slots (scores, positions of their tokens) hold the heavy
+// set; candidates (scores[first, end), candidate i at position firstPosition + i, newer than every
+// slot) replace the lowest slot (lowest score, then oldest) when their score is larger. Returns
+// per slot the candidate that holds it at the end (-1: its own token still does); the slots'
+// scores follow. One candidate (a decode step) scans for the lowest slot; more use a heap (a
 // prompt's prefill sends thousands of candidates past a large heavy set).
-std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, std::vector<int64_t>* slotPositions,
+std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, const std::vector<int64_t>& positions,
                                    const std::function<double(int64_t)>& candidate, int64_t firstPosition, int64_t first,
                                    int64_t end) {
   std::vector<double>& scores = *slotScores;
-  std::vector<int64_t>& positions = *slotPositions;
   std::vector<int64_t> winner(scores.size(), -1);
   if (scores.empty() || first >= end) return winner;
   if (end - first == 1) {
@@ -46,7 +45,6 @@ std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, std::vector<
     const double score = candidate(first);
     if (score > scores[lowest]) {
       scores[lowest] = score;
-      positions[lowest] = firstPosition + first;
       winner[lowest] = first;
     }
     return winner;
@@ -70,7 +68,6 @@ std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, std::vector<
       const size_t slot = size_t(lowest.slot);
       winner[slot] = i;
       scores[slot] = score;
-      positions[slot] = firstPosition + i;
       std::pop_heap(heap.begin(), heap.end(), above);
       heap.back() = {score, firstPosition + i, lowest.slot};
       std::push_heap(heap.begin(), heap.end(), above);
@@ -187,10 +184,9 @@ class H2OPolicy final : public SelectPolicy {
         slots.push_back(next);
         slotScores.push_back(head.scores[size_t(next)]);
       }
-      // Index order is position order: the slot's position is its index.
-      std::vector<int64_t> holders = slots;
+      // Index order is position order: a slot's position is its index.
       const std::vector<int64_t> winner = replaceLowest(
-          &slotScores, &holders, [&](int64_t t) { return head.scores[size_t(t)]; }, 0, next, deciding);
+          &slotScores, slots, [&](int64_t t) { return head.scores[size_t(t)]; }, 0, next, deciding);
       for (int64_t t = next; t < deciding; ++t) head.evicted[size_t(t)] = 1;
       for (size_t s = 0; s < slots.size(); ++s) {
         if (winner[s] < 0) continue;
@@ -344,10 +340,9 @@ class H2OPolicy final : public SelectPolicy {
     for (int64_t i = 0; i < fill; ++i) filled.push_back(i);
     if (fill > 0) KVSLIM_RETURN_IF_ERROR(store.keepTailRows(layer, h, filled));
     for (int64_t i = 0; i < fill; ++i) scores->kept.push_back(scores->tail[size_t(i)]);
-    std::vector<int64_t> positions = store.keptPositions(layer, h);
     const std::vector<int64_t> winner = replaceLowest(
-        &scores->kept, &positions, [&](int64_t i) { return scores->tail[size_t(i)]; }, store.tailFirstPosition(layer, h),
-        fill, leaving);
+        &scores->kept, store.keptPositions(layer, h), [&](int64_t i) { return scores->tail[size_t(i)]; },
+        store.tailFirstPosition(layer, h), fill, leaving);
     for (size_t s = 0; s < winner.size(); ++s) {
       if (winner[s] >= 0) KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(s), winner[s]));
     }
