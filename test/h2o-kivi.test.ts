@@ -251,6 +251,8 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
       { kind: 'h2o', budget: 40, recent: 8 }, { bits: 2, group: 32, residual: 32 }, [['append', 100], ...steps(90)]],
     ['GQA, 4 bits, R 16, budget 200: compacted at budget / 8 = 25 evictions per head', GQA, { kind: 'h2o', budget: 200, recent: 40 },
       { bits: 4, group: 16, residual: 16 }, [['prefill', 280], ...steps(60)]],
+    ['16q/2kv (8 rows per kv head), d48, 4 bits, G 16: a one-token prompt, then steps past the budget', { layers: 1, qHeads: 16, kvHeads: 2, headDim: 48 },
+      { kind: 'h2o', budget: 30, recent: 6 }, { bits: 4, group: 16, residual: 16 }, [['prefill', 1], ...steps(70)]],
     ['GQA, 2 bits, a budget above R (kept tokens span several key groups)', GQA, { kind: 'h2o', budget: 150, recent: 40 },
       { bits: 2, group: 32, residual: 32 }, [['prefill', 260], ...steps(70)]],
   ];
@@ -279,6 +281,19 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     expect(Math.max(...atOnce.values()), 'layers compacting at the same token').toBe(1);
     const stats = pair.cache.stats();
     expect(stats.bytes.kv + stats.bytes.residual).toBeLessThan(stats.bytes.fullF16 / 3);
+  });
+
+  it.skipIf(DEVICE === 'cuda')('attend() reads the kept tokens and changes nothing', () => {
+    const pair = new Pair(GQA, { kind: 'h2o', budget: 48, recent: 16 }, { bits: 2, group: 32, residual: 32 }, 27);
+    pair.run([['prefill', 150], ...steps(20)]);
+    const before = Array.from({ length: GQA.kvHeads }, (_, h) => Array.from(pair.cache.positions(1, h)));
+    const bytes = pair.cache.stats().layers[1].bytes;
+    const t = pair.tokens(3);
+    const q = t.q.subarray(0, GQA.qHeads * GQA.headDim);
+    expectClose(pair.cache.attend(1, q), pair.select.attend(1, q), 'attend on layer 1', TOLERANCE);
+    for (let h = 0; h < GQA.kvHeads; h++) expect(Array.from(pair.cache.positions(1, h))).toEqual(before[h]);
+    expect(pair.cache.stats().layers[1].bytes).toBe(bytes);
+    pair.run(steps(20));  // and the layer goes on as the reference (attend() added no mass)
   });
 
   it.skipIf(DEVICE === 'cuda')('fork after the move shares the quantized pages; parent and child go on independently', () => {
