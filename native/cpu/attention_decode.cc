@@ -13,6 +13,7 @@ namespace kvslim::cpu {
 namespace {
 constexpr int64_t kMinSplitTokens = 1024;  // below this a split's merge costs more than it saves
 constexpr int64_t kTasksPerThread = 8;     // enough tasks to even out uneven heads
+constexpr int64_t kPrefetchSeamTokens = 32;  // the rest's first keys prefetched at a seam (a kernel block)
 // Below this many token-heads per thread, waking one costs more than it saves. 4096 kept caches
 // under 512 tokens (8 kv heads) on one thread; two run a 256-token one cold in 0.085 ms, not 0.14.
 constexpr int64_t kTokensPerThread = 256;
@@ -100,66 +101,106 @@ void attentionDecode(const AttentionArgs& args) {
   const RowLayout layout(args);
   const int32_t dim = args.headDim;
   const int64_t rowGroups = (layout.rowsPerHead + kMaxDecodeRows - 1) / kMaxDecodeRows;
-  // An older segment (AttentionArgs::olderHeads) is split like the rest; its splits come first.
+  // An older segment (AttentionArgs::olderHeads) comes first in each head's walk: older tokens,
+  // then the rest. Splits cover the walk; a split across the seam runs the kernel on each side and
+  // merges the two states itself, the rest's first keys prefetched while the older side computes
+  // (a split of its own would start cold: a task's first keys arrive at memory latency).
   const bool withOlder = args.olderHeads != nullptr;
-  int64_t maxTokens = 0, maxOlder = 0;
+  int64_t maxTokens = 0, maxOlder = 0, maxWalk = 0;
   for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const int64_t older = withOlder ? args.olderHeads[h].tokens : 0;
     maxTokens = std::max(maxTokens, args.heads[h].tokens);
-    if (withOlder) maxOlder = std::max(maxOlder, args.olderHeads[h].tokens);
+    maxOlder = std::max(maxOlder, older);
+    maxWalk = std::max(maxWalk, older + args.heads[h].tokens);
   }
-  const DecodePlan plan = planDecode(maxTokens + maxOlder, args.kvHeads, rowGroups, args.threads, 1);
-  const int64_t olderSplits = (maxOlder + plan.splitTokens - 1) / plan.splitTokens;
-  const int64_t splits = olderSplits + std::max<int64_t>(1, (maxTokens + plan.splitTokens - 1) / plan.splitTokens);
+  const DecodePlan plan = planDecode(maxWalk, args.kvHeads, rowGroups, args.threads, 1);
+  const int64_t splits = plan.splits;
   const Floats scaled = scaledRows(layout, args.q, dim, args.scale);
   const Floats olderScaled = withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : Floats();
   SplitPartials partials(layout, splits, dim);
-  const Floats workerAcc = uninitialisedFloats(size_t(plan.threads) * kMaxDecodeRows * size_t(dim));  // the kernel zeroes its rows
+  // Per worker: the kernel's rows, and a second set for the far side of a seam (the kernel zeroes its rows).
+  const size_t workerFloats = 2 * kMaxDecodeRows * size_t(dim);
+  const Floats workerAcc = uninitialisedFloats(size_t(plan.threads) * workerFloats);
   // With the mass (H2O's decode steps), every row's scores are kept: older tokens, then the rest.
   const int64_t width = maxOlder + maxTokens;
   // Not zeroed: softmaxRow reads only what the kernel wrote (each row's visible tokens).
   std::unique_ptr<float[]> captured(args.mass != nullptr ? new float[size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(width)] : nullptr);
+  const size_t rowBytes = size_t(dim) * dtypeBytes(args.kvType);
 
   const int64_t tasks = int64_t(args.kvHeads) * rowGroups * splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
     const int64_t split = task % splits;
     const int64_t group = (task / splits) % rowGroups;
     const int32_t h = int32_t(task / (splits * rowGroups));
-    const bool older = split < olderSplits;
-    const KVHeadView& head = older ? args.olderHeads[h] : args.heads[h];
-    const int64_t part = older ? split : split - olderSplits;
     const int64_t firstRow = group * kMaxDecodeRows;
     const int32_t rows = int32_t(std::min<int64_t>(kMaxDecodeRows, layout.rowsPerHead - firstRow));
-    int64_t last[kMaxDecodeRows];
-    // Pages are walked in rows: a head's token t is row firstRow + t. Every query sees all of
-    // the older segment.
-    for (int32_t r = 0; r < rows; ++r) {
-      last[r] = head.firstRow + (older ? head.tokens - 1 : layout.lastToken(args.causal, head.tokens, firstRow + r));
+    const int64_t olderTokens = withOlder ? args.olderHeads[h].tokens : 0;
+    const int64_t walk = olderTokens + args.heads[h].tokens;
+    const int64_t begin = std::min(split * plan.splitTokens, walk), end = std::min(begin + plan.splitTokens, walk);
+    float rowMax[2][kMaxDecodeRows], rowSum[2][kMaxDecodeRows];
+    float* rowAcc = workerAcc.get() + size_t(worker) * workerFloats;
+    // Tokens [from, to) of one segment into state `side`.
+    const auto run = [&](bool older, int64_t from, int64_t to, int side) {
+      const KVHeadView& head = older ? args.olderHeads[h] : args.heads[h];
+      int64_t last[kMaxDecodeRows];
+      // Pages are walked in rows: a head's token t is row firstRow + t. Every query sees all of
+      // the older segment.
+      for (int32_t r = 0; r < rows; ++r) {
+        last[r] = head.firstRow + (older ? head.tokens - 1 : layout.lastToken(args.causal, head.tokens, firstRow + r));
+      }
+      DecodeRange range;
+      const float* queries = older && olderScaled ? olderScaled.get() : scaled.get();
+      range.q = queries + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+      range.rows = rows;
+      range.lastToken = last;
+      range.headDim = dim;
+      range.kvType = args.kvType;
+      range.keyPages = head.keyPages;
+      range.valuePages = head.valuePages;
+      range.pageTokens = older ? args.olderPageTokens : args.pageTokens;
+      range.rowStride = args.rowStride;
+      range.tokenBegin = head.firstRow + from;
+      range.tokenEnd = head.firstRow + to;
+      range.state = {rowMax[side], rowSum[side], rowAcc + size_t(side) * kMaxDecodeRows * size_t(dim)};
+      if (captured) {
+        range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
+                          size_t((older ? 0 : olderTokens) + from);
+        range.scoresStride = width;
+      }
+      kernels.decodeRange(range);
+    };
+    // A split past the head's walk still runs (empty) on the rest, so its state is initialised.
+    const bool olderSide = begin < olderTokens, restSide = end > olderTokens || begin >= walk;
+    const int64_t restFrom = std::max(begin, olderTokens) - olderTokens, restTo = std::max(end, olderTokens) - olderTokens;
+    if (olderSide && restSide) {
+      // The rest's first keys and values, requested before the older side computes.
+      const KVHeadView& rest = args.heads[h];
+      for (int64_t t = restFrom; t < std::min(restTo, restFrom + kPrefetchSeamTokens); ++t) {
+        const int64_t at = rest.firstRow + t;
+        const size_t offset = size_t(at % args.pageTokens) * size_t(args.rowStride) * dtypeBytes(args.kvType);
+        const auto* key = static_cast<const uint8_t*>(rest.keyPages[at / args.pageTokens]) + offset;
+        const auto* value = static_cast<const uint8_t*>(rest.valuePages[at / args.pageTokens]) + offset;
+        for (size_t line = 0; line < rowBytes; line += 64) {
+          __builtin_prefetch(key + line, 0, 2);
+          __builtin_prefetch(value + line, 0, 2);
+        }
+      }
     }
-    float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
-    float* rowAcc = workerAcc.get() + size_t(worker) * kMaxDecodeRows * size_t(dim);
-    DecodeRange range;
-    const float* queries = older && olderScaled ? olderScaled.get() : scaled.get();
-    range.q = queries + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
-    range.rows = rows;
-    range.lastToken = last;
-    range.headDim = dim;
-    range.kvType = args.kvType;
-    range.keyPages = head.keyPages;
-    range.valuePages = head.valuePages;
-    range.pageTokens = older ? args.olderPageTokens : args.pageTokens;
-    range.rowStride = args.rowStride;
-    const int64_t begin = std::min(part * plan.splitTokens, head.tokens);
-    range.tokenBegin = head.firstRow + begin;
-    range.tokenEnd = head.firstRow + std::min(begin + plan.splitTokens, head.tokens);
-    range.state = {rowMax, rowSum, rowAcc};
-    if (captured) {
-      const int64_t before = older || !withOlder ? 0 : args.olderHeads[h].tokens;
-      range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
-                        size_t(before + begin);
-      range.scoresStride = width;
+    if (olderSide) run(true, begin, std::min(end, olderTokens), 0);
+    if (restSide) run(false, restFrom, restTo, olderSide ? 1 : 0);
+    if (olderSide && restSide) {
+      // The two sides merged by log-sum-exp (an empty side's max is kNoScoreYet: weight 0).
+      float* acc = rowAcc;
+      const float* other = rowAcc + kMaxDecodeRows * size_t(dim);
+      for (int32_t r = 0; r < rows; ++r) {
+        const float high = std::max(rowMax[0][r], rowMax[1][r]);
+        const float a = std::exp2(rowMax[0][r] - high), b = std::exp2(rowMax[1][r] - high);
+        rowMax[0][r] = high;
+        rowSum[0][r] = rowSum[0][r] * a + rowSum[1][r] * b;
+        for (int32_t d = 0; d < dim; ++d) acc[size_t(r) * dim + d] = acc[size_t(r) * dim + d] * a + other[size_t(r) * dim + d] * b;
+      }
     }
-    kernels.decodeRange(range);
-    partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
+    partials.store(layout, h, firstRow, rows, split, {rowMax[0], rowSum[0], rowAcc});
   });
   mergeSplits(layout, partials, args.out, args.lse);
   if (captured) {
