@@ -42,10 +42,10 @@ inline uint32_t encode(float x, float minValue, float scaleValue, float maxCode)
 
 // The first of the values equal to `extreme` (a sequential scan keeps the first of equal values;
 // only +0 and -0 differ among them).
-float firstEqual(const float* x, size_t stride, int32_t count, float extreme) {
+float firstEqual(const float* x, int32_t count, float extreme) {
   if (extreme != 0.0f) return extreme;
   for (int32_t i = 0; i < count; ++i) {
-    if (x[size_t(i) * stride] == extreme) return x[size_t(i) * stride];
+    if (x[i] == extreme) return x[i];
   }
   return extreme;
 }
@@ -150,8 +150,8 @@ bool quantizeTokenGroups(const float* row, int32_t channels, int32_t group, int3
         lo = low[j] < lo ? low[j] : lo;
         hi = high[j] > hi ? high[j] : hi;
       }
-      lo = firstEqual(x, 1, group, lo);
-      hi = firstEqual(x, 1, group, hi);
+      lo = firstEqual(x, group, lo);
+      hi = firstEqual(x, group, hi);
     }
     GroupParams p;
     if (!groupParams(lo, hi, bits, &p)) return false;

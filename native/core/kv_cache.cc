@@ -3,11 +3,11 @@
 #include <algorithm>
 #include <chrono>
 #include <cmath>
-#include <cstdlib>
 #include <cstring>
 #include <new>
 #include <string>
 
+#include "environment.h"
 #include "shape_checks.h"
 
 namespace kvslim {
@@ -706,12 +706,7 @@ Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out)
   // H2O: the call's mass, in query chunks whose captured scores (rows x tokens floats) stay
   // within 64 MiB; query i of a chunk sees what query first + i of the call sees.
   // KVSLIM_KIVI_MASS_FLOATS (read once) replaces the budget: tests chunk short prompts with a small one.
-  static const int64_t captureFloats = [] {
-    const char* text = std::getenv("KVSLIM_KIVI_MASS_FLOATS");
-    char* end = nullptr;
-    const long long value = text != nullptr && *text != '\0' ? std::strtoll(text, &end, 10) : -1;
-    return value > 0 && end != nullptr && *end == '\0' ? int64_t(value) : int64_t(1) << 24;
-  }();
+  static const int64_t captureFloats = environmentInteger("KVSLIM_KIVI_MASS_FLOATS", int64_t(1) << 24, 1);
   const int64_t tokens = kivi_.tokens(layer);
   const int64_t chunk = std::max<int64_t>(1, captureFloats / std::max<int64_t>(1, int64_t(config_.qHeads) * tokens));
   mass_.assign(size_t(config_.kvHeads) * size_t(tokens), 0.0);

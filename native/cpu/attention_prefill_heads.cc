@@ -18,9 +18,9 @@
 //   the tile shrinks to stay within kProbsBudget).
 #include <algorithm>
 #include <cmath>
-#include <cstdlib>
 #include <vector>
 
+#include "../core/environment.h"
 #include "attention_plan.h"
 #include "scratch.h"
 #include "simd_level.h"
@@ -58,12 +58,7 @@ struct TileBuffers {
 bool prefillHeadsFits(const AttentionArgs& args) {
   // KVSLIM_PREFILL_HEAD_FLOATS (read once) replaces the budget: tests send every prefill through
   // the chunked driver with a small one.
-  static const int64_t budget = [] {
-    const char* text = std::getenv("KVSLIM_PREFILL_HEAD_FLOATS");
-    char* end = nullptr;
-    const long long value = text != nullptr && *text != '\0' ? std::strtoll(text, &end, 10) : -1;
-    return value >= 0 && end != nullptr && *end == '\0' ? int64_t(value) : kHeadBudget;
-  }();
+  static const int64_t budget = environmentInteger("KVSLIM_PREFILL_HEAD_FLOATS", kHeadBudget, 0);
   const KernelTable& kernels = activeKernels();
   return paddedTokensOf(kernels, args) * paddedDimOf(kernels, args.headDim) * 2 <= budget;
 }
