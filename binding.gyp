@@ -84,6 +84,7 @@
         "native/cpu/cpu_backend.cc",
         "native/cpu/probes.cc",
         "native/cpu/scratch.cc",
+        "native/cpu/huge_memory.cc",
         "native/cpu/page_pool.cc",
         "native/cpu/vector_ops.cc",
         "native/napi/addon.cc",

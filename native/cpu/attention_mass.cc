@@ -13,6 +13,7 @@
 #include <vector>
 
 #include "attention_plan.h"
+#include "huge_memory.h"
 #include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
@@ -172,18 +173,18 @@ void attentionMass(const AttentionMassArgs& args) {
   // Per thread, allocated here: a worker must not throw (std::bad_alloc reaches the caller from here).
   struct Scratch {
     std::vector<float> q;      // [kMaxDecodeRows (rounded up to prefillRows), paddedDim]: the tile's rows, scaled
-    std::vector<float> probs;  // [kMaxDecodeRows, stride]
+    HugeArray<float> probs;    // [kMaxDecodeRows, stride]
   };
   const int32_t paddedRows = (kMaxDecodeRows + kernels.prefillRows - 1) / kernels.prefillRows * kernels.prefillRows;
   std::vector<Scratch> scratch(static_cast<size_t>(threads));
   for (Scratch& buffers : scratch) {
     buffers.q.resize(size_t(paddedRows) * size_t(paddedDim));
-    buffers.probs.resize(size_t(kMaxDecodeRows) * size_t(stride));
+    buffers.probs.reserve(size_t(kMaxDecodeRows) * size_t(stride));
   }
 
   pool.parallelFor(slices, threads, [&](int64_t slice, int32_t worker) {
     std::vector<float>& q = scratch[size_t(worker)].q;
-    std::vector<float>& probs = scratch[size_t(worker)].probs;
+    float* probs = scratch[size_t(worker)].probs.data();
     double* sum = sums.data() + size_t(slice) * size_t(width);
     for (int64_t tile = slice; tile < tiles; tile += slices) {
       const int64_t first = tile * kMaxDecodeRows;
@@ -195,17 +196,17 @@ void attentionMass(const AttentionMassArgs& args) {
         std::fill(q.begin(), q.end(), 0.0f);
         for (int32_t r = 0; r < count; ++r)
           for (int32_t d = 0; d < dim; ++d) q[size_t(r) * size_t(paddedDim) + size_t(d)] = from[size_t(r) * size_t(dim) + size_t(d)] * args.scale;
-        ScoreTile scores{q.data(), count, paddedDim, keys, kept + tileSeen, probs.data(), stride};
+        ScoreTile scores{q.data(), count, paddedDim, keys, kept + tileSeen, probs, stride};
         kernels.scoreTile(scores);
       } else {
         for (size_t i = 0; i < size_t(count) * size_t(dim); ++i) q[i] = from[i] * args.scale;
-        scoreView(kernels, args, args.kept, q.data(), count, 0, kept, probs.data(), stride);
-        scoreView(kernels, args, args.tail, q.data(), count, 0, tileSeen, probs.data() + kept, stride);
+        scoreView(kernels, args, args.kept, q.data(), count, 0, kept, probs, stride);
+        scoreView(kernels, args, args.tail, q.data(), count, 0, tileSeen, probs + kept, stride);
       }
       for (int32_t r = 0; r < count; ++r) {
         const int64_t row = first + r;
         const int64_t visible = kept + firstSeen + row / group;
-        float* p = probs.data() + size_t(r) * size_t(stride);
+        float* p = probs + size_t(r) * size_t(stride);
         kernels.softmaxRow(p, visible, visible);
         double* into = sum + (perMember ? size_t(row % group) * size_t(columns) : 0);
         const int64_t end = std::min(visible, columns);

@@ -22,6 +22,7 @@
 
 #include "../core/environment.h"
 #include "attention_plan.h"
+#include "huge_memory.h"
 #include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
@@ -49,7 +50,7 @@ struct TileBuffers {
   std::vector<int64_t> last;    // each row's last key
   std::vector<float> scratch;   // the kernel's [prefillRows, blockKeys]
   // With the mass only:
-  std::vector<float> probs;     // [blocks, tile rows rounded up, blockKeys]
+  HugeArray<float> probs;       // [blocks, tile rows rounded up, blockKeys]
   std::vector<float> blockMax;  // [blocks, tile rows rounded up]
 };
 
@@ -94,12 +95,14 @@ void attentionPrefillHeads(const AttentionArgs& args) {
     b.last.resize(size_t(tileRows));
     b.scratch.resize(size_t(registerRows) * size_t(blockKeys));
     if (!withMass) continue;
-    b.probs.resize(size_t(paddedTileRows) * size_t(paddedTokens));
+    b.probs.reserve(size_t(paddedTileRows) * size_t(paddedTokens));
     b.blockMax.resize(size_t(paddedTileRows) * size_t(blocks));
   }
   float* keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
   float* values = scratchFloats(ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
-  std::vector<double> columnSums(size_t(slices) * size_t(paddedTokens));
+  const size_t columnFloats = size_t(slices) * size_t(paddedTokens);
+  HugeArray<double> columnSums;
+  columnSums.reserve(columnFloats);
   const float factor = args.scale * kLog2e;
 
   for (int32_t h = 0; h < args.kvHeads; ++h) {
@@ -111,7 +114,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
       convertChunk(kernels, args, head, begin, std::min(chunk, tokens - begin), paddedDim, blockKeys,
                    keys + size_t(begin) * size_t(paddedDim), values + size_t(begin) * size_t(paddedDim));
     });
-    std::fill(columnSums.begin(), columnSums.end(), 0.0);
+    std::fill(columnSums.data(), columnSums.data() + columnFloats, 0.0);
 
     pool.parallelFor(tasks, threads, [&](int64_t task, int32_t worker) {
       TileBuffers& b = buffers[size_t(worker)];

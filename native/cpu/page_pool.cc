@@ -1,46 +1,23 @@
 #include "page_pool.h"
 
-#include <sys/mman.h>
-
 #include <algorithm>
-#include <cstdint>
+
+#include "huge_memory.h"
 
 namespace kvslim::cpu {
 
-namespace {
-constexpr size_t kHugePage = size_t(2) << 20;
-
-// An anonymous mapping of `bytes` aligned to 2 MiB (so the huge-page hint can apply).
-char* mapAligned(size_t bytes, size_t* mappedBytes) {
-  *mappedBytes = bytes + kHugePage;
-  void* raw = mmap(nullptr, *mappedBytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-  if (raw == MAP_FAILED) return nullptr;
-  char* base = reinterpret_cast<char*>((reinterpret_cast<uintptr_t>(raw) + kHugePage - 1) & ~(kHugePage - 1));
-  // Give back the unaligned head and tail so the mapping is exactly [base, base + bytes).
-  const size_t head = size_t(base - static_cast<char*>(raw));
-  if (head > 0) munmap(raw, head);
-  const size_t tail = *mappedBytes - head - bytes;
-  if (tail > 0) munmap(base + bytes, tail);
-  *mappedBytes = bytes;
-#ifdef MADV_HUGEPAGE
-  madvise(base, bytes, MADV_HUGEPAGE);
-#endif
-  return base;
-}
-}  // namespace
-
 PagePool::~PagePool() {
-  for (auto& [base, slab] : slabs_) munmap(base, slab.mappedBytes);
+  for (auto& [base, slab] : slabs_) unmapHuge(base, slab.mappedBytes);
 }
 
 bool PagePool::addSlab(size_t blockBytes) {
-  const size_t slabBytes = std::max(kSlabBytes, (blockBytes + kHugePage - 1) / kHugePage * kHugePage);
+  const size_t slabBytes = std::max(kSlabBytes, blockBytes);
   size_t mapped = 0;
-  char* base = mapAligned(slabBytes, &mapped);
+  char* base = mapHuge(slabBytes, &mapped);
   if (base == nullptr) return false;
   Slab slab;
   slab.blockBytes = blockBytes;
-  slab.blocks = slabBytes / blockBytes;
+  slab.blocks = mapped / blockBytes;
   slab.mappedBytes = mapped;
   slabs_.emplace(base, slab);
   std::vector<void*>& list = freeBlocks_[blockBytes];
@@ -79,7 +56,7 @@ void PagePool::release(void* block) {
                             [&](void* b) { return static_cast<char*>(b) >= base && static_cast<char*>(b) < end; }),
              list.end());
   freeBytes_ -= slab.blocks * slab.blockBytes;
-  munmap(base, slab.mappedBytes);
+  unmapHuge(base, slab.mappedBytes);
   slabs_.erase(found);
 }
 

@@ -1,6 +1,6 @@
 #include "scratch.h"
 
-#include <memory>
+#include "huge_memory.h"
 
 namespace kvslim::cpu {
 
@@ -8,9 +8,8 @@ namespace {
 constexpr size_t kKeepFloats = size_t(256) << 20 >> 2;  // keep at most 256 MiB per slot
 
 struct ThreadScratch {
-  std::unique_ptr<float[]> buffers[size_t(ScratchSlot::Count)];
-  size_t sizes[size_t(ScratchSlot::Count)] = {};
-  std::unique_ptr<float[]> oversized[size_t(ScratchSlot::Count)];  // above the cap: freed by the next request
+  HugeArray<float> buffers[size_t(ScratchSlot::Count)];
+  HugeArray<float> oversized[size_t(ScratchSlot::Count)];  // above the cap: freed by the next request
 };
 }  // namespace
 
@@ -18,15 +17,13 @@ float* scratchFloats(ScratchSlot slot, size_t count) {
   thread_local ThreadScratch scratch;
   const size_t index = size_t(slot);
   if (count > kKeepFloats) {
-    scratch.oversized[index].reset(new float[count]);
-    return scratch.oversized[index].get();
+    scratch.oversized[index].release();
+    scratch.oversized[index].reserve(count);
+    return scratch.oversized[index].data();
   }
-  scratch.oversized[index].reset();
-  if (scratch.sizes[index] < count) {
-    scratch.buffers[index].reset(new float[count]);
-    scratch.sizes[index] = count;
-  }
-  return scratch.buffers[index].get();
+  scratch.oversized[index].release();
+  scratch.buffers[index].reserve(count);
+  return scratch.buffers[index].data();
 }
 
 }  // namespace kvslim::cpu

@@ -1,6 +1,7 @@
-// Grow-only per-thread scratch for the attention drivers. A 4K-token prefill needs ~150 MB of
-// f32 buffers; allocating them per call means mmap, a page fault per 4 KiB and munmap every time,
-// which cost as much as the math. Each calling thread keeps its largest buffers (up to a cap).
+// Grow-only per-thread scratch for the attention drivers, on 2 MiB pages (huge_memory.h). A
+// 4K-token prefill needs ~150 MB of f32 buffers; allocating them per call means mmap, page faults
+// and munmap every time, which cost as much as the math. Each calling thread keeps its largest
+// buffers (up to a cap).
 #pragma once
 #include <cstddef>
 #include <vector>
