@@ -7,7 +7,11 @@
 // second QK^T, about half of the prefill's FLOPs. Here each tile keeps its unnormalised
 // probabilities exp2(s - running max) and the running max after every key block. Once the tile's
 // rows are done, their final max and sum turn those into probabilities (massTile), added into
-// double column sums.
+// double column sums. That happens inside the slice's next tile: its kernel sums each block of
+// the slab (prefetched) just before overwriting it (PrefillTile::pending), so the slab, out of L2
+// past 8K keys, is read from memory once per tile instead of read for the sums and again for the
+// next capture's stores. A slice's tiles come in increasing length, so the next tile covers every
+// block of the previous one.
 // - The output is attentionPrefill's bit for bit: the same kernel over the same key blocks in the
 //   same order, and rows never interact in it.
 // - Deterministic mass: a kv head's row tiles are dealt (back and forth) to a number of slices
@@ -52,6 +56,9 @@ struct TileBuffers {
   // With the mass only:
   HugeArray<float> probs;       // [blocks, tile rows rounded up, blockKeys]
   std::vector<float> blockMax;  // [blocks, tile rows rounded up]
+  // The previous tile's final maxes, sums and last keys while its mass is pending.
+  std::vector<float> doneMax, doneSum;
+  std::vector<int64_t> doneLast;
 };
 
 }  // namespace
@@ -97,6 +104,9 @@ void attentionPrefillHeads(const AttentionArgs& args) {
     if (!withMass) continue;
     b.probs.reserve(size_t(paddedTileRows) * size_t(paddedTokens));
     b.blockMax.resize(size_t(paddedTileRows) * size_t(blocks));
+    b.doneMax.resize(size_t(tileRows));
+    b.doneSum.resize(size_t(tileRows));
+    b.doneLast.resize(size_t(tileRows));
   }
   float* keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
   float* values = scratchFloats(ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
@@ -122,6 +132,9 @@ void attentionPrefillHeads(const AttentionArgs& args) {
       // A slice takes one tile of every round of `slices` tiles, from either end in turn, so the
       // slices' causal work is about even.
       const int64_t rounds = withMass ? (tiles + slices - 1) / slices : 1;
+      // The previous tile's mass, summed block by block inside the next tile's kernel (PrefillTile::pending).
+      MassTile pendingMass{};
+      bool pending = false;
       for (int64_t round = 0; round < rounds; ++round) {
         const int64_t t = !withMass ? tiles - 1 - task : round * slices + (round % 2 == 0 ? task : slices - 1 - task);
         if (t >= tiles) continue;
@@ -158,18 +171,25 @@ void attentionPrefillHeads(const AttentionArgs& args) {
             tile.probsBlockStride = int64_t(paddedTileRows) * blockKeys;
             tile.blockMax = b.blockMax.data();
             tile.blockMaxStride = paddedTileRows;
+            if (pending) tile.pending = &pendingMass;
           }
           kernels.prefillTile(tile);
+          pending = false;
         }
         for (int32_t r = 0; r < rows; ++r) {
           finishRow(args, layout, h, firstRow + r, b.maxes[size_t(r)], b.sums[size_t(r)], b.acc.data() + size_t(r) * size_t(paddedDim));
           if (!(b.sums[size_t(r)] > 0.0f)) b.last[size_t(r)] = -1;  // saw no key: adds nothing
         }
         if (!withMass) continue;
-        const MassTile mass{b.probs.data(), int64_t(paddedTileRows) * blockKeys, b.blockMax.data(), paddedTileRows,
-                            b.maxes.data(), b.sums.data(), b.last.data(), rows, into};
-        kernels.massTile(mass);
+        if (pending) kernels.massTile(pendingMass);  // this tile saw no key: no kernel took it
+        std::swap(b.maxes, b.doneMax);
+        std::swap(b.sums, b.doneSum);
+        std::swap(b.last, b.doneLast);
+        pendingMass = {b.probs.data(), int64_t(paddedTileRows) * blockKeys, b.blockMax.data(), paddedTileRows,
+                       b.doneMax.data(), b.doneSum.data(), b.doneLast.data(), rows, into};
+        pending = true;
       }
+      if (pending) kernels.massTile(pendingMass);
     });
 
     if (!withMass) continue;

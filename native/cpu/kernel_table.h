@@ -43,6 +43,23 @@ struct DecodeRange {
 // so 2^(kNoScoreYet - m) is 0, never NaN.
 constexpr float kNoScoreYet = -1e30f;
 
+// Column sums of one finished prefill tile's probabilities (attention mass), in PrefillTile's
+// layout: for every row r and key j <= lastToken[r] (none for a row without keys: lastToken -1),
+// out[j] += sum over r of p(r, j) * exp2(blockMax(j / blockKeys, r) - finalMax[r]) / finalSum[r],
+// which turns a block's unnormalised probabilities into final ones. The tile's sum is f32 (as the
+// probabilities are), the columns double.
+struct MassTile {
+  const float* probs;
+  int64_t blockStride;       // floats from one block's slab to the next
+  const float* blockMax;
+  int64_t rowsPadded;        // floats from one block's maxes to the next
+  const float* finalMax;     // [rows]
+  const float* finalSum;     // [rows]
+  const int64_t* lastToken;  // [rows]
+  int32_t rows;
+  double* out;               // [max lastToken + 1]
+};
+
 // Up to kMaxPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
 // block ([paddedDim, blockKeys]) and values row-major ([keys, paddedDim]), both zero-padded.
 constexpr int32_t kMaxPrefillRows = 64;
@@ -64,23 +81,11 @@ struct PrefillTile {
   int64_t probsBlockStride = 0;
   float* blockMax = nullptr;
   int64_t blockMaxStride = 0;
-};
-
-// Column sums of one finished prefill tile's probabilities (attention mass), in PrefillTile's
-// layout: for every row r and key j <= lastToken[r] (none for a row without keys: lastToken -1),
-// out[j] += sum over r of p(r, j) * exp2(blockMax(j / blockKeys, r) - finalMax[r]) / finalSum[r],
-// which turns a block's unnormalised probabilities into final ones. The tile's sum is f32 (as the
-// probabilities are), the columns double.
-struct MassTile {
-  const float* probs;
-  int64_t blockStride;       // floats from one block's slab to the next
-  const float* blockMax;
-  int64_t rowsPadded;        // floats from one block's maxes to the next
-  const float* finalMax;     // [rows]
-  const float* finalSum;     // [rows]
-  const int64_t* lastToken;  // [rows]
-  int32_t rows;
-  double* out;               // [max lastToken + 1]
+  // Optional with probs: the previous tile's mass over the same slab (MassTile).
+  // Each of its blocks is summed just before this tile overwrites that block, so the slab is read
+  // from memory once per tile and the capture's stores then hit the cache; its blocks past this
+  // tile's keys are summed after them.
+  const MassTile* pending = nullptr;
 };
 
 // Scores of `rows` query rows against keys [0, keyEnd) converted to transposed blocks as for
