@@ -349,7 +349,7 @@ void prefillTileRows(const PrefillTile& tile) {
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
-  MassWeights pending;
+  MassWeights pending{};  // read only behind tile.pending
   int64_t pendingBlock = 0;  // the pending mass's next block
   if (CAPTURE && tile.pending != nullptr) pending = massWeights<V>(*tile.pending);
   // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
