@@ -52,7 +52,6 @@ class HugeArray {
     mappedBytes_ = 0;
   }
   T* data() const { return data_; }
-  size_t capacity() const { return capacity_; }
 
  private:
   T* data_ = nullptr;
