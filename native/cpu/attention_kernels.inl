@@ -78,6 +78,34 @@ inline void softmaxBlock(float* scores, int32_t stride, int32_t rows, int32_t co
 
 constexpr int32_t kDecodeBlock = 32;
 
+// acc[r, d] += sum over the block's tokens j of p(r, j) * v_j[d] for PASS chunks of d from
+// `first` on (a compile-time count: with a run-time one GCC may keep the accumulators in memory,
+// storing all of them every token). passChunks < PASS steps down to that count.
+template <class V, DType T, int ROWS, int PASS>
+inline void valuePass(int32_t passChunks, const float* probs, int32_t probsStride, const uint8_t* const* valueRows,
+                      int32_t count, float* acc, int32_t dim, int32_t first) {
+  using R = typename V::R;
+  if constexpr (PASS > 1) {
+    if (passChunks < PASS) {
+      valuePass<V, T, ROWS, PASS - 1>(passChunks, probs, probsStride, valueRows, count, acc, dim, first);
+      return;
+    }
+  }
+  R out[PASS][ROWS];
+  for (int32_t c = 0; c < PASS; ++c)
+    for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::load(acc + r * dim + first + c * V::W);
+  for (int32_t j = 0; j < count; ++j) {
+    R p[ROWS];
+    for (int32_t r = 0; r < ROWS; ++r) p[r] = V::set1(probs[r * probsStride + j]);
+    for (int32_t c = 0; c < PASS; ++c) {
+      const R v = loadRow<V, T>(valueRows[j], first + c * V::W);
+      for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], v, out[c][r]);
+    }
+  }
+  for (int32_t c = 0; c < PASS; ++c)
+    for (int32_t r = 0; r < ROWS; ++r) V::store(acc + r * dim + first + c * V::W, out[c][r]);
+}
+
 template <class V, DType T, int ROWS>
 void decodeRangeRows(const DecodeRange& range) {
   using R = typename V::R;
@@ -103,7 +131,8 @@ void decodeRangeRows(const DecodeRange& range) {
   }
   const int64_t end = range.tokenEnd < lastOfAll + 1 ? range.tokenEnd : lastOfAll + 1;
 
-  float scores[ROWS][kDecodeBlock];
+  // Padded by a score group: the last group of a block may run past kDecodeBlock.
+  float scores[ROWS][kDecodeBlock + V::kDotAccumulators];
   // Row pointers of this block and the next (double-buffered so the next can be prefetched).
   const uint8_t* rowPointers[2][2][kDecodeBlock];
   int64_t page = range.tokenBegin / range.pageTokens;
@@ -155,13 +184,18 @@ void decodeRangeRows(const DecodeRange& range) {
       }
       float sums[V::kDotAccumulators];
       V::reduceMany(partial, sums);
-      for (int32_t r = 0; r < ROWS; ++r) {
-        for (int32_t t = 0; t < tokens; ++t) {
-          float score = sums[r * TOKENS + t];
-          for (int32_t d = tailBegin; d < dim; ++d) score += range.q[r * dim + d] * loadScalar<T>(keyRows[j0 + t], d);
-          scores[r][j0 + t] = score;
+      // All TOKENS copied (a short last group's extra ones land in the padding): a fixed-count
+      // copy the compiler turns into a few moves, where a per-score loop cost 10% of the kernel.
+      for (int32_t r = 0; r < ROWS; ++r)
+        for (int32_t t = 0; t < TOKENS; ++t) scores[r][j0 + t] = sums[r * TOKENS + t];
+    }
+    if (tailBegin < dim) {
+      for (int32_t r = 0; r < ROWS; ++r)
+        for (int32_t j = 0; j < count; ++j) {
+          float score = scores[r][j];
+          for (int32_t d = tailBegin; d < dim; ++d) score += range.q[r * dim + d] * loadScalar<T>(keyRows[j], d);
+          scores[r][j] = score;
         }
-      }
     }
     // Only a block that reaches past some row's causal end needs masking.
     if (blockBegin + count - 1 > firstLast) {
@@ -174,25 +208,12 @@ void decodeRangeRows(const DecodeRange& range) {
       for (int32_t r = 0; r < ROWS; ++r)
         for (int32_t j = 0; j < count; ++j) out[r * range.scoresStride + j] = scores[r][j];
     }
-    softmaxBlock<V>(&scores[0][0], kDecodeBlock, ROWS, count, state, dim, dim);
+    softmaxBlock<V>(&scores[0][0], kDecodeBlock + V::kDotAccumulators, ROWS, count, state, dim, dim);
     // Values: CHUNKS chunks x ROWS rows of accumulators per pass, so the FMA chains run in parallel.
     for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
       const int32_t passChunks = chunks - c0 < CHUNKS ? chunks - c0 : CHUNKS;
-      R out[CHUNKS][ROWS];
-      for (int32_t c = 0; c < CHUNKS; ++c)
-        for (int32_t r = 0; r < ROWS; ++r)
-          out[c][r] = c < passChunks ? V::load(state.acc + r * dim + (c0 + c) * V::W) : V::zero();
-      for (int32_t j = 0; j < count; ++j) {
-        R p[ROWS];
-        for (int32_t r = 0; r < ROWS; ++r) p[r] = V::set1(scores[r][j]);
-        for (int32_t c = 0; c < CHUNKS; ++c) {
-          if (c >= passChunks) break;
-          const R v = loadRow<V, T>(valueRows[j], (c0 + c) * V::W);
-          for (int32_t r = 0; r < ROWS; ++r) out[c][r] = V::fmadd(p[r], v, out[c][r]);
-        }
-      }
-      for (int32_t c = 0; c < passChunks; ++c)
-        for (int32_t r = 0; r < ROWS; ++r) V::store(state.acc + r * dim + (c0 + c) * V::W, out[c][r]);
+      valuePass<V, T, ROWS, CHUNKS>(passChunks, &scores[0][0], kDecodeBlock + V::kDotAccumulators, valueRows, count,
+                                     state.acc, dim, c0 * V::W);
     }
     for (int32_t d = tailBegin; d < dim; ++d) {
       for (int32_t j = 0; j < count; ++j) {
