@@ -20,9 +20,8 @@ bool PagePool::addSlab(size_t blockBytes) {
   slab.blocks = mapped / blockBytes;
   slab.mappedBytes = mapped;
   slabs_.emplace(base, slab);
-  std::vector<void*>& list = freeBlocks_[blockBytes];
-  // Pushed in reverse so blocks are handed out in address order.
-  for (size_t i = slab.blocks; i-- > 0;) list.push_back(base + i * blockBytes);
+  std::set<char*>& blocks = freeBlocks_[blockBytes];
+  for (size_t i = 0; i < slab.blocks; ++i) blocks.insert(blocks.end(), base + i * blockBytes);
   freeBytes_ += slab.blocks * blockBytes;
   return true;
 }
@@ -30,12 +29,12 @@ bool PagePool::addSlab(size_t blockBytes) {
 void* PagePool::allocate(size_t bytes) {
   const size_t blockBytes = bytes == 0 ? 64 : (bytes + 63) / 64 * 64;
   std::lock_guard<std::mutex> lock(mutex_);
-  std::vector<void*>& list = freeBlocks_[blockBytes];
-  if (list.empty() && !addSlab(blockBytes)) return nullptr;
-  void* block = list.back();
-  list.pop_back();
+  std::set<char*>& blocks = freeBlocks_[blockBytes];
+  if (blocks.empty() && !addSlab(blockBytes)) return nullptr;
+  char* block = *blocks.begin();
+  blocks.erase(blocks.begin());
   freeBytes_ -= blockBytes;
-  auto slab = std::prev(slabs_.upper_bound(static_cast<char*>(block)));
+  auto slab = std::prev(slabs_.upper_bound(block));
   slab->second.used++;
   return block;
 }
@@ -45,16 +44,14 @@ void PagePool::release(void* block) {
   std::lock_guard<std::mutex> lock(mutex_);
   auto found = std::prev(slabs_.upper_bound(static_cast<char*>(block)));
   Slab& slab = found->second;
-  freeBlocks_[slab.blockBytes].push_back(block);
+  freeBlocks_[slab.blockBytes].insert(static_cast<char*>(block));
   freeBytes_ += slab.blockBytes;
   if (--slab.used > 0 || freeBytes_ <= kKeepFreeBytes) return;
   // An idle slab while much memory is idle: unmap it and forget its blocks.
   char* base = found->first;
   char* end = base + slab.blocks * slab.blockBytes;
-  std::vector<void*>& list = freeBlocks_[slab.blockBytes];
-  list.erase(std::remove_if(list.begin(), list.end(),
-                            [&](void* b) { return static_cast<char*>(b) >= base && static_cast<char*>(b) < end; }),
-             list.end());
+  std::set<char*>& blocks = freeBlocks_[slab.blockBytes];
+  blocks.erase(blocks.lower_bound(base), blocks.lower_bound(end));
   freeBytes_ -= slab.blocks * slab.blockBytes;
   unmapHuge(base, slab.mappedBytes);
   slabs_.erase(found);

@@ -1,13 +1,15 @@
 // Host memory for KV pages: fixed-size blocks carved from 4 MiB slabs (mmap, 2 MiB aligned, with a
 // huge-page hint). Pages of one cache then sit side by side, which measured ~12% faster decode than
 // pages spread over the malloc heap, and freed pages are reused without page faults. A slab whose
-// blocks are all free is unmapped once more than kKeepFreeBytes are idle.
+// blocks are all free is unmapped once more than kKeepFreeBytes are idle. Free blocks are handed
+// out lowest address first, so a cache made after others were freed (or a selection's kept copy)
+// is packed as densely as one made on a fresh pool, not scattered over the freed ones.
 #pragma once
 #include <cstddef>
 #include <map>
 #include <mutex>
+#include <set>
 #include <unordered_map>
-#include <vector>
 
 namespace kvslim::cpu {
 
@@ -28,14 +30,13 @@ class PagePool {
     size_t used = 0;
     size_t mappedBytes = 0;
   };
-  void* allocateLarge(size_t bytes);
   bool addSlab(size_t blockBytes);
 
   static constexpr size_t kSlabBytes = size_t(4) << 20;
   static constexpr size_t kKeepFreeBytes = size_t(256) << 20;
   std::mutex mutex_;
   std::map<char*, Slab> slabs_;                                   // by start address
-  std::unordered_map<size_t, std::vector<void*>> freeBlocks_;     // by block size
+  std::unordered_map<size_t, std::set<char*>> freeBlocks_;       // by block size, address-ordered
   size_t freeBytes_ = 0;
 };
 
