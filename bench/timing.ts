@@ -98,7 +98,7 @@ export function lastLevelCacheBytes(root = '/sys/devices/system/cpu/cpu0/cache')
  * Bytes read between decode runs to push the KV out of the last-level cache: twice its size, at
  * least 256 MiB (where the size is unknown: 256 MiB), at most an eighth of the memory (and never
  * under 64 MiB). 256 MiB alone left part of a 16K-64K-token cache in a 480 MB L3 (a server CPU's):
- * those decodes measured 4-9% faster than cold, and loading policies, whose indexes stayed, 2-3x.
+ * those decodes measured 4-9% faster than cold.
  */
 export const EVICT_BYTES = evictBytes(lastLevelCacheBytes(), totalmem());
 
