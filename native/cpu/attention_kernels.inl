@@ -132,7 +132,8 @@ void decodeRangeRows(const DecodeRange& range) {
   const int64_t end = range.tokenEnd < lastOfAll + 1 ? range.tokenEnd : lastOfAll + 1;
 
   // Padded by a score group: the last group of a block may run past kDecodeBlock.
-  float scores[ROWS][kDecodeBlock + V::kDotAccumulators];
+  constexpr int32_t SCORE_STRIDE = kDecodeBlock + V::kDotAccumulators;
+  float scores[ROWS][SCORE_STRIDE];
   // Row pointers of this block and the next (double-buffered so the next can be prefetched).
   const uint8_t* rowPointers[2][2][kDecodeBlock];
   int64_t page = range.tokenBegin / range.pageTokens;
@@ -208,12 +209,11 @@ void decodeRangeRows(const DecodeRange& range) {
       for (int32_t r = 0; r < ROWS; ++r)
         for (int32_t j = 0; j < count; ++j) out[r * range.scoresStride + j] = scores[r][j];
     }
-    softmaxBlock<V>(&scores[0][0], kDecodeBlock + V::kDotAccumulators, ROWS, count, state, dim, dim);
+    softmaxBlock<V>(&scores[0][0], SCORE_STRIDE, ROWS, count, state, dim, dim);
     // Values: CHUNKS chunks x ROWS rows of accumulators per pass, so the FMA chains run in parallel.
     for (int32_t c0 = 0; c0 < chunks; c0 += CHUNKS) {
       const int32_t passChunks = chunks - c0 < CHUNKS ? chunks - c0 : CHUNKS;
-      valuePass<V, T, ROWS, CHUNKS>(passChunks, &scores[0][0], kDecodeBlock + V::kDotAccumulators, valueRows, count,
-                                     state.acc, dim, c0 * V::W);
+      valuePass<V, T, ROWS, CHUNKS>(passChunks, &scores[0][0], SCORE_STRIDE, valueRows, count, state.acc, dim, c0 * V::W);
     }
     for (int32_t d = tailBegin; d < dim; ++d) {
       for (int32_t j = 0; j < count; ++j) {
