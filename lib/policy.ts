@@ -44,7 +44,7 @@ export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | K
  * streaming or duo (every token is quantized; the window evicts one run per head, which the store
  * skips and whose whole pages it releases) or h2o (a layer is quantized when decoding starts;
  * later evictions are masked until `residual` of them per head are dropped by requantizing what
- * stays; device 'cpu'); the loading policies need a dense store.
+ * stays); the loading policies need a dense store.
  */
 export interface PolicySpec {
   select?: SelectSpec;

@@ -148,6 +148,67 @@ describe.runIf(onGpu)('CUDA: KIVI store against the CPU', () => {
   }
 });
 
+// H2O over the KIVI store on a GPU cache: the KIVI kernel masks the flagged tokens and captures
+// each row's scores, and native/cuda/captured_mass.cu turns them into the mass. Step by step the
+// same tokens are evicted and compacted as on the CPU (random data leaves no near ties), through
+// 8-row blocks, steps of several tokens and a fork. (h2o-kivi.test.ts runs on the GPU too, against
+// the float64 references, with the mass in query chunks.)
+describe.runIf(onGpu)('CUDA: H2O over the KIVI store evicts what the CPU evicts', () => {
+  const cases = [
+    { heads: { qHeads: 32, kvHeads: 8, headDim: 128 }, bits: 2, group: 32, residual: 64, budget: 96, recent: 24, prompt: 300, steps: 90, n: 1 },
+    { heads: { qHeads: 16, kvHeads: 2, headDim: 64 }, bits: 4, group: 16, residual: 32, budget: 60, recent: 8, prompt: 90, steps: 50, n: 3 },
+    { heads: { qHeads: 4, kvHeads: 4, headDim: 96 }, bits: 8, group: 32, residual: 32, budget: 200, recent: 40, prompt: 500, steps: 40, n: 1 },
+  ] as const;
+  for (const [index, c] of cases.entries()) {
+    it(`bits ${c.bits}, ${c.heads.qHeads}/${c.heads.kvHeads}/${c.heads.headDim}, budget ${c.budget}, steps of ${c.n}`, () => {
+      const random = new Random(65_000 + index);
+      const layers = 2;
+      const make = (device: 'cpu' | 'cuda') => {
+        const cache = new KVCache({
+          layers, ...c.heads, device, pageTokens: 16,
+          policy: { select: { kind: 'h2o', budget: c.budget, recent: c.recent }, store: { kind: 'kivi', bits: c.bits, group: c.group, residual: c.residual } },
+        });
+        open.push(cache);
+        return cache;
+      };
+      let gpu = make('cuda'), cpu = make('cpu');
+      const same = (what: string) => {
+        for (let layer = 0; layer < layers; layer++) {
+          for (let kvHead = 0; kvHead < c.heads.kvHeads; kvHead++) {
+            expect(Array.from(gpu.positions(layer, kvHead)), `${what} layer ${layer} kv head ${kvHead}`).toEqual(Array.from(cpu.positions(layer, kvHead)));
+          }
+        }
+        expect(gpu.stats().bytes.kv, `${what} bytes`).toBe(cpu.stats().bytes.kv);
+      };
+      for (let layer = 0; layer < layers; layer++) {
+        const prompt = randomTokens(random, c.heads, c.prompt);
+        expect(relativeL2(gpu.prefill(layer, prompt.q, prompt.k, prompt.v), cpu.prefill(layer, prompt.q, prompt.k, prompt.v))).toBeLessThanOrEqual(TOLERANCE);
+      }
+      same('prefill');
+      let compactions = 0;
+      for (let t = 0; t < c.steps; t++) {
+        const bytes = gpu.stats().bytes.kv;
+        if (t === c.steps >> 1) {
+          // A fork on each device goes on from the shared quantized pages.
+          gpu = gpu.fork();
+          cpu = cpu.fork();
+          open.push(gpu, cpu);
+        }
+        for (let layer = 0; layer < layers; layer++) {
+          const token = randomTokens(random, c.heads, c.n);
+          const out = gpu.step(layer, token.q, token.k, token.v);
+          expect(relativeL2(out, cpu.step(layer, token.q, token.k, token.v)), `layer ${layer} step ${t}`).toBeLessThanOrEqual(TOLERANCE);
+        }
+        same(`step ${t}`);
+        if (gpu.stats().bytes.kv < bytes) compactions++;  // flagged rows left the store
+      }
+      expect(compactions, 'the layers were compacted').toBeGreaterThan(0);
+      const query = randomTokens(random, c.heads, 2);
+      expect(relativeL2(gpu.attend(1, query.q), cpu.attend(1, query.q)), 'attend').toBeLessThanOrEqual(TOLERANCE);
+    });
+  }
+});
+
 // Selection policies on a GPU cache: attention mass on the GPU (native/cuda/attention_mass.cu), the
 // window kept by advancing pages (firstRow), kept and window parts merged by log-sum-exp.
 describe.runIf(onGpu)('CUDA: selection policies choose what the CPU chooses', () => {

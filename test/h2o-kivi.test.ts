@@ -257,14 +257,14 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
       { bits: 2, group: 32, residual: 32 }, [['prefill', 260], ...steps(70)]],
   ];
   for (const [label, shape, spec, config, ops] of cases) {
-    it.skipIf(DEVICE === 'cuda')(label, () => {
+    it(label, () => {
       const pair = new Pair(shape, spec, config, 5 + label.length);
       pair.run(ops);
       expect(pair.compactions, 'the layers were compacted').toBeGreaterThan(0);
     });
   }
 
-  it.skipIf(DEVICE === 'cuda')('keeps budget tokens per kv head, holds at most due evicted ones, and the layers compact in turn', () => {
+  it('keeps budget tokens per kv head, holds at most due evicted ones, and the layers compact in turn', () => {
     const spec: H2O = { kind: 'h2o', budget: 64, recent: 16 };
     const config: KiviConfig = { bits: 2, group: 32, residual: 32 };
     const shape: SelectShape = { ...GQA, layers: 4 };
@@ -283,7 +283,7 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     expect(stats.bytes.kv + stats.bytes.residual).toBeLessThan(stats.bytes.fullF16 / 3);
   });
 
-  it.skipIf(DEVICE === 'cuda')('attend() reads the kept tokens and changes nothing', () => {
+  it('attend() reads the kept tokens and changes nothing', () => {
     const pair = new Pair(GQA, { kind: 'h2o', budget: 48, recent: 16 }, { bits: 2, group: 32, residual: 32 }, 27);
     pair.run([['prefill', 150], ...steps(20)]);
     const before = Array.from({ length: GQA.kvHeads }, (_, h) => Array.from(pair.cache.positions(1, h)));
@@ -296,7 +296,7 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     pair.run(steps(20));  // and the layer goes on as the reference (attend() added no mass)
   });
 
-  it.skipIf(DEVICE === 'cuda')('fork after the move shares the quantized pages; parent and child go on independently', () => {
+  it('fork after the move shares the quantized pages; parent and child go on independently', () => {
     const pair = new Pair(GQA, { kind: 'h2o', budget: 48, recent: 16 }, { bits: 2, group: 32, residual: 32 }, 31);
     pair.run([['prefill', 150], ...steps(10)]);
     const child = pair.fork(32);
@@ -305,7 +305,7 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     pair.run([...steps(5), ['step', 2], ...steps(30)]);
   });
 
-  it.skipIf(DEVICE === 'cuda')('save/load carries the scores and the pending evictions: the loaded cache goes on bit for bit', () => {
+  it('save/load carries the scores and the pending evictions: the loaded cache goes on bit for bit', () => {
     const pair = new Pair(GQA, { kind: 'h2o', budget: 48, recent: 16 }, { bits: 2, group: 32, residual: 32 }, 41);
     pair.run([['prefill', 130], ...steps(30)]);
     expect(pair.compactions, 'saved after compactions, with flags pending').toBeGreaterThan(0);
@@ -322,7 +322,7 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     expect(pair.compactions).toBeGreaterThan(GQA.layers);
   });
 
-  it.skipIf(DEVICE === 'cuda')('load refuses an eviction flag out of order or inside the recent window, and a negative score', () => {
+  it('load refuses an eviction flag out of order or inside the recent window, and a negative score', () => {
     const spec: H2O = { kind: 'h2o', budget: 24, recent: 8 };
     const cache = new KVCache({ ...MHA, device: DEVICE, policy: { select: spec, store: { kind: 'kivi', bits: 4, group: 16, residual: 16 } } });
     open.push(cache);
@@ -348,12 +348,5 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
     const loaded = KVCache.load(saved, { device: DEVICE });
     open.push(loaded);
     expect(Array.from(loaded.positions(0, 1))).toEqual(Array.from(cache.positions(0, 1)));
-  });
-
-  it.runIf(DEVICE === 'cuda')('the cuda backend refuses h2o over KIVI (it does not mask single quantized tokens yet)', () => {
-    expectError(
-      () => new KVCache({ ...GQA, device: 'cuda', policy: { select: { kind: 'h2o', budget: 48, recent: 16 }, store: { kind: 'kivi', bits: 2 } } }),
-      'ERR_OPTION', /h2o.*device 'cpu'/,
-    );
   });
 });

@@ -7,6 +7,8 @@
 // (Quest, page_bounds.cu) do the same with a page table or query rows, and keep the boxes in
 // device memory the quest policy allocated; blockScores() and topBlocks() (ActQKV,
 // block_scores.cu) score the representatives the actqkv policy keeps in device memory.
+// kiviAttention() also masks the tokens H2O flagged and, when the mass is asked, sums it from the
+// scores the KIVI kernel captured (captured_mass.cu): only [kvHeads, massStride] doubles come back.
 #include <cuda_runtime.h>
 
 #include <algorithm>
@@ -21,6 +23,7 @@
 #include "../core/cuda_info.h"
 #include "attention_kernels.cuh"
 #include "block_scores.cuh"
+#include "captured_mass.cuh"
 #include "gather.cuh"
 #include "kivi_kernels.cuh"
 
@@ -331,29 +334,31 @@ Status checkKiviArgs(const KiviAttentionArgs& args) {
 }
 
 // Byte offsets inside the device workspace. The first `uploadBytes` mirror the host staging
-// buffer, so a single copy moves head spans, page tables and queries.
+// buffer, so a single copy moves head spans, page tables, queries and `extraUpload` bytes of the
+// caller's (at `extra`); `extraScratch` bytes of device scratch follow the rest (at `scratch`).
 struct WorkspaceLayout {
-  size_t heads = 0, keyPages = 0, valuePages = 0, q = 0, uploadBytes = 0;
-  size_t out = 0, lse = 0, lseBytes = 0, partialMax = 0, partialSum = 0, partialAcc = 0, totalBytes = 0;
+  size_t heads = 0, keyPages = 0, valuePages = 0, q = 0, queryBytes = 0, extra = 0, uploadBytes = 0;
+  size_t out = 0, lse = 0, lseBytes = 0, partialMax = 0, partialSum = 0, partialAcc = 0, scratch = 0, totalBytes = 0;
 
   // queryRows = n x qHeads; partials are [queryRows, splits] when the keys are split.
   WorkspaceLayout(size_t headBytes, int64_t keyPageCount, int64_t valuePageCount, size_t queryRows, int32_t headDim,
-                  int splits) {
-    const size_t queryBytes = queryRows * size_t(headDim) * sizeof(float);
+                  int splits, size_t extraUpload = 0, size_t extraScratch = 0) {
+    queryBytes = queryRows * size_t(headDim) * sizeof(float);
     const size_t partials = splits > 1 ? queryRows * size_t(splits) : 0;
     keyPages = alignUp(headBytes);
     valuePages = keyPages + alignUp(size_t(keyPageCount) * sizeof(void*));
     q = valuePages + alignUp(size_t(valuePageCount) * sizeof(void*));
-    uploadBytes = q + queryBytes;
+    extra = alignUp(q + queryBytes);
+    uploadBytes = extraUpload > 0 ? extra + extraUpload : q + queryBytes;
     out = alignUp(uploadBytes);
     lse = out + alignUp(queryBytes);
     lseBytes = queryRows * sizeof(float);
     partialMax = lse + alignUp(lseBytes);
     partialSum = partialMax + alignUp(partials * sizeof(float));
     partialAcc = partialSum + alignUp(partials * sizeof(float));
-    totalBytes = partialAcc + partials * size_t(headDim) * sizeof(float);
+    scratch = alignUp(partialAcc + partials * size_t(headDim) * sizeof(float));
+    totalBytes = scratch + extraScratch;
   }
-  size_t queryBytes() const { return uploadBytes - q; }
 };
 
 // Byte offsets of a scores call inside the device workspace: the staged key page table and
@@ -381,6 +386,46 @@ struct MassLayout {
     uploadBytes = q + rows * size_t(headDim) * sizeof(float);
     scratch = alignUp(uploadBytes);
     totalBytes = scratch + scratchBytes;
+  }
+};
+
+// H2O's parts of a KIVI attention call (KiviAttentionArgs::mass and the heads' eviction flags):
+// offsets inside the workspace layout's extra upload (the flags of every head, then each head's
+// token count when the mass is asked) and scratch (the captured scores [kvHeads, rowsPerHead,
+// maxTokens], two floats per row, the mass [kvHeads, massStride]). All zero when neither is used.
+struct KiviMassLayout {
+  std::vector<int64_t> flagOffset;  // per head, into the flags
+  size_t flags = 0, tokens = 0, uploadBytes = 0;
+  size_t scores = 0, rowMax = 0, rowInverse = 0, mass = 0, massBytes = 0, scratchBytes = 0;
+  bool fits = true;
+
+  KiviMassLayout(const KiviAttentionArgs& args, const AttentionKernelArgs& kernel) {
+    int64_t flagBytes = 0;
+    flagOffset.resize(size_t(args.kvHeads));
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      flagOffset[size_t(h)] = flagBytes;
+      flagBytes += args.heads[h].evictedTokens;  // each <= tokens <= 2^30 (checked)
+    }
+    tokens = alignUp(size_t(flagBytes));
+    if (args.mass == nullptr) {
+      uploadBytes = size_t(flagBytes);
+      return;
+    }
+    uploadBytes = tokens + size_t(args.kvHeads) * sizeof(int);
+    // Bounded before any size is formed: heads <= 65535, rows < 2^31, tokens <= 2^30, but their
+    // product is not.
+    const double rows = double(args.kvHeads) * double(kernel.rowsPerHead);
+    const double bytes = rows * double(kernel.maxTokens) * sizeof(float) + double(args.kvHeads) * double(args.massStride) * sizeof(double);
+    constexpr double kLimit = double(int64_t(1) << 37);
+    if (bytes + rows * 2 * sizeof(float) > kLimit) {
+      fits = false;
+      return;
+    }
+    rowMax = alignUp(size_t(rows) * size_t(kernel.maxTokens) * sizeof(float));
+    rowInverse = rowMax + alignUp(size_t(rows) * sizeof(float));
+    mass = rowInverse + alignUp(size_t(rows) * sizeof(float));
+    massBytes = size_t(args.kvHeads) * size_t(args.massStride) * sizeof(double);
+    scratchBytes = mass + massBytes;
   }
 };
 
@@ -492,7 +537,7 @@ class CudaBackend final : public Backend {
       stagePages(layout.valuePages, firstPage, head.valuePages + pages.first, pages.count);
       firstPage += pages.count;
     }
-    std::memcpy(staging + layout.q, args.q, layout.queryBytes());
+    std::memcpy(staging + layout.q, args.q, layout.queryBytes);
 
     unsigned char* device = nullptr;
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel, &device));
@@ -686,7 +731,7 @@ class CudaBackend final : public Backend {
 
   Status kiviAttention(const KiviAttentionArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkKiviArgs(args));
-    KVSLIM_RETURN_IF_ERROR(checkKiviMass(args, false));
+    KVSLIM_RETURN_IF_ERROR(checkKiviMass(args, true));
     if (args.format.keyOutliers > 0 || args.format.valueOutliers > 0) {
       // Dense-and-sparse records (kivi_format.h): the CUDA kernels do not add outlier corrections.
       return Status(ErrorCode::BackendUnavailable,
@@ -727,12 +772,24 @@ class CudaBackend final : public Backend {
     const SplitPlan plan = cuda::planKiviAttention(kernel, multiprocessors_);
     kernel.attention.splits = plan.splits;
     kernel.attention.splitTokens = plan.splitTokens;
+    // H2O (checkKiviMass): the heads' eviction flags and token counts travel with the upload; the
+    // captured scores, row statistics and mass live in the scratch.
+    const KiviMassLayout mass(args, kernel.attention);
+    if (!mass.fits) {
+      return Status(ErrorCode::OutOfMemory, "the KIVI attention mass of " + std::to_string(args.n) +
+                                                " queries over " + std::to_string(kernel.attention.maxTokens) +
+                                                " tokens needs more GPU scratch than the CUDA backend allows (2^37 bytes)");
+    }
     const WorkspaceLayout layout(size_t(args.kvHeads) * sizeof(KiviHeadSpan), totalKeyPages, totalValuePages,
-                                 size_t(args.n) * size_t(args.qHeads), format.headDim, plan.splits);
+                                 size_t(args.n) * size_t(args.qHeads), format.headDim, plan.splits, mass.uploadBytes,
+                                 mass.scratchBytes);
 
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
+    // The workspace's address is staged in the head spans (their flags): reserved before staging.
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
     unsigned char* staging = staging_.data();
+    unsigned char* const workspace = static_cast<unsigned char*>(workspace_);
     int64_t firstKeyPage = 0;
     int64_t firstValuePage = 0;
     for (int32_t h = 0; h < args.kvHeads; ++h) {
@@ -740,7 +797,7 @@ class CudaBackend final : public Backend {
       const int64_t keyPages = kiviKeyPages(args, head);
       const int64_t valuePages = kiviValuePages(args, head);
       const KiviSkip skip = kiviSkip(head);
-      const KiviHeadSpan span{firstKeyPage,
+      KiviHeadSpan span{firstKeyPage,
                               firstValuePage,
                               head.keyResidual,
                               head.valueResidual,
@@ -754,21 +811,57 @@ class CudaBackend final : public Backend {
                               int(skip.length),
                               int(head.releasedFirst),
                               int(head.releasedKeyPages),
-                              int(head.releasedValuePages)};
+                              int(head.releasedValuePages),
+                              nullptr,
+                              int(head.evictedTokens)};
+      if (head.evictedTokens > 0) {
+        const size_t flags = layout.extra + mass.flags + size_t(mass.flagOffset[size_t(h)]);
+        std::memcpy(staging + flags, head.evicted, size_t(head.evictedTokens));
+        span.evicted = workspace + flags;
+      }
+      if (args.mass != nullptr) {
+        const int tokens = int(head.tokens);
+        std::memcpy(staging + layout.extra + mass.tokens + size_t(h) * sizeof(int), &tokens, sizeof(int));
+      }
       std::memcpy(staging + layout.heads + size_t(h) * sizeof(KiviHeadSpan), &span, sizeof(KiviHeadSpan));
       stagePages(layout.keyPages, firstKeyPage, head.keyPages, keyPages);
       stagePages(layout.valuePages, firstValuePage, head.valuePages, valuePages);
       firstKeyPage += keyPages;
       firstValuePage += valuePages;
     }
-    std::memcpy(staging + layout.q, args.q, layout.queryBytes());
+    std::memcpy(staging + layout.q, args.q, layout.queryBytes);
 
     unsigned char* device = nullptr;
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel.attention, &device));
     kernel.heads = reinterpret_cast<const KiviHeadSpan*>(device + layout.heads);
+    cuda::CapturedMassArgs captured;
+    if (args.mass != nullptr) {
+      unsigned char* scratch = device + layout.scratch;
+      kernel.scores = reinterpret_cast<float*>(scratch + mass.scores);
+      kernel.scoresWidth = kernel.attention.maxTokens;
+      captured.scores = kernel.scores;
+      captured.width = kernel.scoresWidth;
+      captured.tokens = reinterpret_cast<const int*>(device + layout.extra + mass.tokens);
+      captured.kvHeads = args.kvHeads;
+      captured.rowsPerHead = kernel.attention.rowsPerHead;
+      captured.n = args.n;
+      captured.group = kernel.attention.group;
+      captured.causal = args.causal;
+      captured.rowMax = reinterpret_cast<float*>(scratch + mass.rowMax);
+      captured.rowInverse = reinterpret_cast<float*>(scratch + mass.rowInverse);
+      captured.mass = reinterpret_cast<double*>(scratch + mass.mass);
+      captured.massStride = args.massStride;
+    }
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchKiviAttention(kernel, stream_), "KIVI attention launch"));
+    if (args.mass != nullptr) {
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchCapturedMass(captured, stream_), "KIVI attention mass launch"));
+      // Waited for with the output (finishAttention); a fault inside a kernel surfaces there.
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.mass, captured.mass, mass.massBytes, cudaMemcpyDeviceToHost, stream_),
+                                        "KIVI attention (mass copy)"));
+    }
     return finishAttention(kernel.attention, layout, args.out, nullptr, "KIVI attention");
   }
+  bool fusesKiviMass() const override { return true; }
 
  private:
   Status copyAndWait(void* dst, const void* src, size_t bytes, cudaMemcpyKind direction, const char* what) {
@@ -825,7 +918,7 @@ class CudaBackend final : public Backend {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch"));
     }
     // A fault inside a kernel surfaces at the first call that waits for it: the output copy.
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, kernel.out, layout.queryBytes(), cudaMemcpyDeviceToHost, stream_),
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, kernel.out, layout.queryBytes, cudaMemcpyDeviceToHost, stream_),
                                       std::string(what) + " (kernels or output copy)"));
     if (hostLse != nullptr && kernel.lse != nullptr) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostLse, kernel.lse, layout.lseBytes, cudaMemcpyDeviceToHost, stream_),

@@ -19,6 +19,9 @@
 // Codes become floats with the 2^23 trick (integer ops and an add instead of an integer-to-float
 // conversion, which issues at a fraction of the FMA rate). Tokens past the quantized parts come from the f16 key residual and the
 // f16 value ring.
+// H2O over KIVI: tokens flagged in KiviHeadSpan::evicted are masked like a hole's, and when
+// KiviKernelArgs::scores is set every row's masked scores are written there for its mass
+// (captured_mass.cu), so the mass costs no second pass over the codes.
 #include "attention_device.cuh"
 #include "kivi_kernels.cuh"
 
@@ -76,6 +79,11 @@ __device__ __forceinline__ const unsigned char* valueTokenRecord(const KiviKerne
 // A window policy's hole (core/kivi_format.h): masked tokens whose records may be released.
 __device__ __forceinline__ bool inHole(const KiviHeadSpan& span, int token) {
   return token >= span.holeBegin && token < span.holeEnd;
+}
+
+// Tokens attention skips: a window policy's hole, or a token H2O flagged (its records stay).
+__device__ __forceinline__ bool masksToken(const KiviHeadSpan& span, int token) {
+  return inHole(span, token) || (token < span.evictedTokens && __ldg(span.evicted + token) != 0);
 }
 
 template <int BITS, int TPT, int DIMS, int ROWS>
@@ -234,7 +242,7 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
         for (int w = 0; w < kRawWords; ++w) valueRaw[u][w] = 0u;
 #pragma unroll
         for (int k = 0; k < kRuns; ++k) valueScale[u][k] = valueMin[u][k] = 0;
-        valueKind[u] = first + u >= end || inHole(span, token) ? 0 : token < span.quantizedValues ? 1 : 2;
+        valueKind[u] = first + u >= end || masksToken(span, token) ? 0 : token < span.quantizedValues ? 1 : 2;
         if (valueKind[u] == 1) {
           const unsigned char* record = valueTokenRecord(kivi, span, token);
           const unsigned char* codes = record + (valueFirstBit / 32) * 4;
@@ -313,10 +321,24 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
 #pragma unroll
       for (int u = 0; u < kUnroll; ++u) {
         const int token = firstToken + u;
-        const bool masked = first + u >= end || inHole(span, token);
+        const bool masked = valueKind[u] == 0;  // past the range, in the hole or flagged
 #pragma unroll
         for (int r = 0; r < ROWS; ++r)
           if (masked || token > last[r]) scores[u][r] = -INFINITY;
+      }
+      if (kivi.scores != nullptr && lane == 0) {
+        // H2O's mass: each row's scores of the tokens it sees (no hole here: walk index = token).
+#pragma unroll
+        for (int u = 0; u < kUnroll; ++u) {
+          const int token = firstToken + u;
+          if (first + u >= end) continue;
+#pragma unroll
+          for (int r = 0; r < ROWS; ++r) {
+            if (firstRow + r < args.rowsPerHead && token <= last[r]) {
+              kivi.scores[(static_cast<size_t>(head) * args.rowsPerHead + firstRow + r) * kivi.scoresWidth + token] = scores[u][r];
+            }
+          }
+        }
       }
 
       // Online softmax over the step's tokens, then their values.

@@ -30,6 +30,10 @@ struct KiviHeadSpan {
   int releasedFirst;
   int releasedKeyPages;
   int releasedValuePages;
+  // Tokens H2O evicted after the layer was quantized: token t < evictedTokens is masked when
+  // evicted[t] != 0 (a device copy of the host flags; null when none). Their records stay readable.
+  const unsigned char* evicted;
+  int evictedTokens;
 };
 
 struct KiviKernelArgs {
@@ -48,6 +52,11 @@ struct KiviKernelArgs {
   long long keyCodeBytes = 0;        //   of which codes; scale and min follow
   long long valueTokenBytes = 0;     // one value token record
   long long valueCodeBytes = 0;      //   of which codes; scale and min follow
+  // Optional (H2O's mass): every row's masked score of every token it sees, in log2 units (the
+  // kernel's own scores), at scores[(head * rowsPerHead + row) * scoresWidth + token]; tokens a
+  // row does not see are not written. Needs heads without a hole (walk index = token).
+  float* scores = nullptr;
+  long long scoresWidth = 0;
 };
 
 // Split plan of launchKiviAttention (the rows per block it picks, the keys each block streams).
