@@ -221,19 +221,29 @@ struct PageBoxesArgs {
   int32_t threads = 0;        // 0 = every worker of the pool
 };
 
-// Quest's page upper bounds of one kv head: out[p] = max over the query rows of
-// sum_i max(q_i * lo_pi, q_i * hi_pi) (-inf without rows), the rule of PageBoxes::bounds. The CPU
-// backend runs PageBoxes' kernel (VectorOps::boxBound), so both give the same bits; other
-// backends sum the channels in their own order.
-struct PageBoundsArgs {
-  const float* q = nullptr;   // [rows, headDim], host memory, unscaled
-  int32_t rows = 0;
-  int32_t headDim = 0;
+// Quest's choice for every kv head of a layer in one call. Head h's page upper bounds against its
+// query rows are bound[p] = max over the rows of sum_i max(q_i * lo_pi, q_i * hi_pi) (-inf without
+// rows), the rule of PageBoxes::bounds, and the call returns the k pages with the highest bounds
+// (ties to the lower page), ascending. The CPU backend runs PageBoxes' kernel
+// (VectorOps::boxBound), so its bounds have the same bits; other backends sum the channels in
+// their own order (a near tie with the last page chosen may go the other way). Only the chosen
+// pages reach the host.
+struct TopPagesHead {
   const float* lo = nullptr;  // [pages, headDim], backend memory
   const float* hi = nullptr;  // [pages, headDim], backend memory
   int64_t pages = 0;
-  float* out = nullptr;       // [pages], host memory
-  int32_t threads = 0;        // 0 = every worker of the pool
+};
+
+struct TopPagesArgs {
+  const float* q = nullptr;  // [kvHeads, rows, headDim], host memory, unscaled: head h's rows
+  int32_t rows = 0;          // query rows per kv head
+  int32_t kvHeads = 0;
+  int32_t headDim = 0;
+  const TopPagesHead* heads = nullptr;  // [kvHeads], host memory
+  int64_t k = 0;                        // pages chosen per head (>= 1)
+  // [kvHeads, k], host memory: head h's min(k, pages) chosen pages ascending, then -1.
+  int64_t* out = nullptr;
+  int32_t threads = 0;  // 0 = every worker of the pool
 };
 
 // The contract of PageBoxesArgs, checked by every backend before it touches memory.
@@ -267,16 +277,23 @@ inline Status checkPageBoxesArgs(const PageBoxesArgs& args) {
   return Status::ok();
 }
 
-// The contract of PageBoundsArgs, checked by every backend before it touches memory.
-inline Status checkPageBoundsArgs(const PageBoundsArgs& args) {
+// The contract of TopPagesArgs, checked by every backend before it touches memory.
+inline Status checkTopPagesArgs(const TopPagesArgs& args) {
   constexpr int64_t kLimit = int64_t(1) << 40;
-  if (args.rows < 0 || args.headDim < 1 || args.pages < 0 || args.pages > kLimit / args.headDim) {
-    return Status(ErrorCode::Shape, "page bounds: needs rows >= 0, headDim >= 1 and pages x headDim in [0, 2^40], but received rows=" +
-                                        std::to_string(args.rows) + ", headDim=" + std::to_string(args.headDim) +
-                                        ", pages=" + std::to_string(args.pages));
+  if (args.rows < 0 || args.kvHeads < 1 || args.headDim < 1 || args.k < 1 || args.k > kLimit / args.kvHeads) {
+    return Status(ErrorCode::Shape, "top pages: needs rows >= 0, kvHeads >= 1, headDim >= 1 and k >= 1 (k x kvHeads below 2^40), but received rows=" +
+                                        std::to_string(args.rows) + ", kvHeads=" + std::to_string(args.kvHeads) +
+                                        ", headDim=" + std::to_string(args.headDim) + ", k=" + std::to_string(args.k));
   }
-  if (args.pages > 0 && (args.lo == nullptr || args.hi == nullptr || args.out == nullptr || (args.rows > 0 && args.q == nullptr))) {
-    return Status(ErrorCode::Internal, "page bounds received a null query, box or output array");
+  if (args.heads == nullptr || args.out == nullptr || (args.rows > 0 && args.q == nullptr)) {
+    return Status(ErrorCode::Internal, "top pages received a null query, head or output array");
+  }
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const TopPagesHead& head = args.heads[h];
+    if (head.pages < 0 || head.pages > kLimit / args.headDim || (head.pages > 0 && (head.lo == nullptr || head.hi == nullptr))) {
+      return Status(ErrorCode::Internal, "top pages: kv head " + std::to_string(h) + " needs 0 to 2^40 / headDim pages, and boxes "
+                                             "when it has pages, but has " + std::to_string(head.pages) + " pages");
+    }
   }
   return Status::ok();
 }

@@ -65,12 +65,13 @@ class Backend {
   // Whether kiviAttention() masks single evicted tokens (KiviHeadView::evicted) and fills
   // KiviAttentionArgs::mass: what H2O over a KIVI store needs.
   virtual bool fusesKiviMass() const { return false; }
-  // Quest's page boxes of one kv head, extended from the keys in the backend's pages into
-  // lo / hi in backend memory (the quest policy; no key reaches host memory).
-  virtual Status pageBoxes(const PageBoxesArgs& args) = 0;
-  // Quest's page upper bounds of one kv head's query rows against its boxes; only the [pages]
-  // bounds reach args.out (host memory).
-  virtual Status pageBounds(const PageBoundsArgs& args) = 0;
+  // Quest's page boxes of `count` kv heads (heads[i] each), extended from the keys in the
+  // backend's pages into lo / hi in backend memory (the quest policy; no key reaches host memory).
+  // One call for a layer's heads: a GPU backend uploads and waits once.
+  virtual Status pageBoxes(const PageBoxesArgs* heads, int32_t count) = 0;
+  // Quest's choice for a layer: every kv head's page bounds against its query rows and their top
+  // k pages; only the chosen pages reach args.out (host memory).
+  virtual Status topPages(const TopPagesArgs& args) = 0;
 
   // ActQKV's block scores of one layer (block_scores_args.h): scores every block of every kv head
   // into args.scores (backend memory) and returns each head's normalised entropy (host memory).

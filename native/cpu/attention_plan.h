@@ -136,9 +136,10 @@ void massFromScores(const RowLayout& layout, bool causal, const int64_t* older, 
                     int64_t massStride, float* captured, int64_t width, int32_t threads);
 void attentionMass(const AttentionMassArgs& args);  // per-token softmax mass of a kv head's query rows (selection)
 void prefillMass(const AttentionArgs& args);        // args.mass by attentionMass, head by head (a second QK^T pass)
-// Quest (page_bounds.cc), for checked args: boxes extended from key pages; bounds by the boxBound kernel.
+// Quest (page_bounds.cc), for checked args: boxes extended from key pages; each head's top pages
+// by the boxBound kernel's bounds.
 Status pageBoxes(const PageBoxesArgs& args);
-Status pageBounds(const PageBoundsArgs& args);
+Status topPages(const TopPagesArgs& args);
 void attentionPrefill(const AttentionArgs& args);  // many rows: converts key chunks, tiles rows
 // Many rows, one kv head at a time over all its keys, plus args.mass from the same QK^T pass when
 // set; needs prefillHeadsFits (one head's keys and values as f32 within budget).

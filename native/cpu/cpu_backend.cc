@@ -70,14 +70,15 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  Status pageBoxes(const PageBoxesArgs& args) override {
-    KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(args));
-    return cpu::pageBoxes(args);
+  Status pageBoxes(const PageBoxesArgs* heads, int32_t count) override {
+    for (int32_t i = 0; i < count; ++i) KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(heads[i]));
+    for (int32_t i = 0; i < count; ++i) KVSLIM_RETURN_IF_ERROR(cpu::pageBoxes(heads[i]));
+    return Status::ok();
   }
 
-  Status pageBounds(const PageBoundsArgs& args) override {
-    KVSLIM_RETURN_IF_ERROR(checkPageBoundsArgs(args));
-    return cpu::pageBounds(args);
+  Status topPages(const TopPagesArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopPagesArgs(args));
+    return cpu::topPages(args);
   }
 
   Status blockScores(const BlockScoresArgs& args) override {

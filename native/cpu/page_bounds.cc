@@ -1,13 +1,15 @@
-// Quest's page boxes and page bounds on the CPU backend (PageBoxesArgs, PageBoundsArgs in
+// Quest's page boxes and top pages on the CPU backend (PageBoxesArgs, TopPagesArgs in
 // core/attention_args.h). Boxes: whole Quest pages per task, each key row converted to f32 once
 // (toFloat32 kernel) and folded into its page with std::min / std::max as PageBoxes::add does.
 // Bounds: the boxBound kernel of PageBoxes::bounds over chunks of pages; a page's bound does not
 // depend on the chunking, so the result has the same bits as PageBoxes whatever the thread count.
+// The top k of each head's bounds by the host indexes' topK (ties to the lower page).
 #include <algorithm>
 #include <cstring>
 #include <new>
 #include <vector>
 
+#include "../core/index/key_index.h"
 #include "attention_plan.h"
 #include "simd_level.h"
 #include "thread_pool.h"
@@ -80,22 +82,38 @@ Status pageBoxes(const PageBoxesArgs& args) {
   return Status::ok();
 }
 
-Status pageBounds(const PageBoundsArgs& args) {
-  if (args.pages == 0) return Status::ok();
+Status topPages(const TopPagesArgs& args) {
   const KernelTable& kernels = activeKernels();
-  const int64_t work = int64_t(std::max(args.rows, 1)) * args.headDim;
-  const int64_t pagesPerTask = std::max<int64_t>(1, kBoundTaskWork / work);
-  const int64_t tasks = (args.pages + pagesPerTask - 1) / pagesPerTask;
-  auto run = [&](int64_t task, int32_t) {
-    const int64_t first = task * pagesPerTask;
-    const size_t offset = size_t(first) * size_t(args.headDim);
-    kernels.boxBound(args.q, args.rows, args.headDim, args.lo + offset, args.hi + offset,
-                     std::min(pagesPerTask, args.pages - first), args.out + first);
-  };
-  if (tasks == 1) {
-    run(0, 0);
-  } else {
-    globalPool().parallelFor(tasks, threadsFor(args.threads, tasks), run);
+  const size_t dim = size_t(args.headDim);
+  std::vector<float> bounds;
+  std::vector<uint32_t> best;
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const TopPagesHead& head = args.heads[h];
+    const float* q = args.q + size_t(h) * size_t(args.rows) * dim;
+    try {
+      bounds.resize(size_t(head.pages));
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory for page bounds");
+    }
+    // Bounds over chunks of pages: a page's bound does not depend on the chunking.
+    const int64_t work = int64_t(std::max(args.rows, 1)) * args.headDim;
+    const int64_t pagesPerTask = std::max<int64_t>(1, kBoundTaskWork / work);
+    const int64_t tasks = (head.pages + pagesPerTask - 1) / pagesPerTask;
+    auto run = [&](int64_t task, int32_t) {
+      const int64_t first = task * pagesPerTask;
+      const size_t offset = size_t(first) * dim;
+      kernels.boxBound(q, args.rows, args.headDim, head.lo + offset, head.hi + offset, std::min(pagesPerTask, head.pages - first),
+                       bounds.data() + first);
+    };
+    if (tasks == 1) {
+      run(0, 0);
+    } else if (tasks > 1) {
+      globalPool().parallelFor(tasks, threadsFor(args.threads, tasks), run);
+    }
+    topK(bounds.data(), head.pages, args.k, &best);  // higher bound first, ties to the lower page
+    std::sort(best.begin(), best.end());
+    int64_t* out = args.out + size_t(h) * size_t(args.k);
+    for (int64_t i = 0; i < args.k; ++i) out[i] = i < int64_t(best.size()) ? int64_t(best[size_t(i)]) : -1;
   }
   return Status::ok();
 }

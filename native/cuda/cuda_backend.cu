@@ -3,9 +3,10 @@
 // host queries and host arrays of device page pointers; they upload both in one copy into a
 // reusable device workspace, launch decode or prefill (the CPU backend's split), the scores
 // kernel, the attention mass kernels or the KIVI kernel, merge key splits, and copy the output
-// (and the log-sum-exp rows when asked) back before they return. pageBoxes() and pageBounds()
-// (Quest, page_bounds.cu) do the same with a page table or query rows, and keep the boxes in
-// device memory the quest policy allocated; blockScores() and topBlocks() (ActQKV,
+// (and the log-sum-exp rows when asked) back before they return. pageBoxes() and topPages()
+// (Quest, page_bounds.cu and block_scores.cu's top-k) do the same with every kv head's page
+// tables or query rows in one upload, keep the boxes in device memory the quest policy allocated,
+// and bring back only the chosen pages; blockScores() and topBlocks() (ActQKV,
 // block_scores.cu) score the representatives the actqkv policy keeps in device memory.
 // kiviAttention() also masks the tokens H2O flagged and, when the mass is asked, sums it from the
 // scores the KIVI kernel captured (captured_mass.cu): only [kvHeads, massStride] doubles come back.
@@ -36,9 +37,10 @@ size_t attentionMassScratchBytes(const AttentionMassArgs& args);
 cudaError_t launchAttentionMass(const AttentionMassArgs& args, const ScoresKernelArgs& keptScores,
                                 const ScoresKernelArgs& tailScores, void* scratch, cudaStream_t stream);
 // page_bounds.cu: Quest's boxes (keyPages: the view's page table from its first page, on the
-// device) and bounds (q and out: device copies), enqueued on `stream`.
+// device) and every head's bounds (q, heads and bounds: device memory), enqueued on `stream`.
 cudaError_t launchPageBoxes(const PageBoxesArgs& args, const void* const* keyPages, cudaStream_t stream);
-cudaError_t launchPageBounds(const PageBoundsArgs& args, const float* q, float* out, cudaStream_t stream);
+cudaError_t launchPageBounds(const TopPagesArgs& args, const float* q, const TopPagesHead* heads, double* bounds, long long stride,
+                             cudaStream_t stream);
 }  // namespace cuda
 
 namespace {
@@ -614,51 +616,96 @@ class CudaBackend final : public Backend {
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention mass)");
   }
 
-  Status pageBoxes(const PageBoxesArgs& args) override {
-    KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(args));
-    if (args.keys.tokens == 0) return Status::ok();
-    // Only the store pages the new keys touch are staged (their pointers, in one upload).
-    const int64_t firstPage = args.keys.firstRow / args.pageTokens;
-    const int64_t pageCount = (args.keys.firstRow + args.keys.tokens - 1) / args.pageTokens + 1 - firstPage;
-    const size_t tableBytes = size_t(pageCount) * sizeof(void*);
+  Status pageBoxes(const PageBoxesArgs* heads, int32_t count) override {
+    if (count < 0 || (count > 0 && heads == nullptr)) return Status(ErrorCode::Internal, "page boxes received no head array");
+    // Only the store pages each head's new keys touch are staged (their pointers, in one upload);
+    // one kernel per head, one wait.
+    std::vector<size_t> tableOffsets(size_t(count) + 1, 0);
+    for (int32_t i = 0; i < count; ++i) {
+      const PageBoxesArgs& args = heads[i];
+      KVSLIM_RETURN_IF_ERROR(checkPageBoxesArgs(args));
+      const int64_t pageCount =
+          args.keys.tokens == 0 ? 0 : (args.keys.firstRow + args.keys.tokens - 1) / args.pageTokens + 1 - args.keys.firstRow / args.pageTokens;
+      tableOffsets[size_t(i) + 1] = tableOffsets[size_t(i)] + size_t(pageCount) * sizeof(void*);
+    }
+    const size_t tableBytes = tableOffsets.back();
+    if (tableBytes == 0) return Status::ok();
 
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveStaging(tableBytes));
-    stagePages(0, 0, args.keys.keyPages + firstPage, pageCount);
+    for (int32_t i = 0; i < count; ++i) {
+      const PageBoxesArgs& args = heads[i];
+      const size_t bytes = tableOffsets[size_t(i) + 1] - tableOffsets[size_t(i)];
+      if (bytes > 0) std::memcpy(staging_.data() + tableOffsets[size_t(i)], args.keys.keyPages + args.keys.firstRow / args.pageTokens, bytes);
+    }
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(tableBytes));
-    const void* const* table = static_cast<const void* const*>(workspace_);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(workspace_, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
-                                      "cudaMemcpyAsync (page boxes page table)"));
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBoxes(args, table, stream_), "page boxes launch"));
-    // The boxes stay on the device; waiting here reports a fault inside the kernel to this call.
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (page boxes page tables)"));
+    for (int32_t i = 0; i < count; ++i) {
+      if (heads[i].keys.tokens == 0) continue;
+      const void* const* table = reinterpret_cast<const void* const*>(device + tableOffsets[size_t(i)]);
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBoxes(heads[i], table, stream_), "page boxes launch"));
+    }
+    // The boxes stay on the device; waiting here reports a fault inside a kernel to this call.
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (page boxes)");
   }
 
-  Status pageBounds(const PageBoundsArgs& args) override {
-    KVSLIM_RETURN_IF_ERROR(checkPageBoundsArgs(args));
-    if (args.headDim > 1024) {
-      return Status(ErrorCode::Shape, "headDim must be in [1, 1024], but received " + std::to_string(args.headDim));
+  Status topPages(const TopPagesArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopPagesArgs(args));
+    if (args.headDim > 1024 || args.kvHeads > kMaxKvHeads) {
+      return Status(ErrorCode::Shape, "top pages on CUDA need headDim <= 1024 and kvHeads <= " + std::to_string(kMaxKvHeads) +
+                                          ", but received headDim=" + std::to_string(args.headDim) +
+                                          ", kvHeads=" + std::to_string(args.kvHeads));
     }
-    if (args.pages == 0) return Status::ok();
-    // Workspace: the query rows, then the bounds.
-    const size_t queryBytes = size_t(args.rows) * size_t(args.headDim) * sizeof(float);
-    const size_t outOffset = alignUp(queryBytes);
-    const size_t outBytes = size_t(args.pages) * sizeof(float);
+    int64_t stride = 0;
+    for (int32_t h = 0; h < args.kvHeads; ++h) stride = std::max(stride, args.heads[h].pages);
+    const size_t heads = size_t(args.kvHeads), k = size_t(std::min<int64_t>(args.k, std::max<int64_t>(stride, 1)));
+    if (stride >= (int64_t(1) << 32)) {  // the top-k histogram counts in 32 bits
+      return Status(ErrorCode::Shape, "top pages on CUDA need fewer than 2^32 pages per head, but received " + std::to_string(stride));
+    }
+    std::fill(args.out, args.out + heads * size_t(args.k), int64_t(-1));
+    if (stride == 0) return Status::ok();
+    // One upload (the head table and every head's rows), the bounds and the top-k on the device,
+    // the chosen pages back.
+    const size_t queryOffset = alignUp(heads * sizeof(TopPagesHead));
+    const size_t uploadBytes = queryOffset + heads * size_t(args.rows) * size_t(args.headDim) * sizeof(float);
+    const size_t boundsOffset = alignUp(uploadBytes);
+    const size_t outOffset = boundsOffset + alignUp(heads * size_t(stride) * sizeof(double));
+    const size_t outBytes = heads * k * sizeof(long long);
 
     std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(uploadBytes));
+    std::memcpy(staging_.data(), args.heads, heads * sizeof(TopPagesHead));
+    if (uploadBytes > queryOffset) std::memcpy(staging_.data() + queryOffset, args.q, uploadBytes - queryOffset);
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outOffset + outBytes));
     unsigned char* device = static_cast<unsigned char*>(workspace_);
-    if (queryBytes > 0) {
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, args.q, queryBytes, cudaMemcpyHostToDevice, stream_),
-                                        "cudaMemcpyAsync (page bounds queries)"));
-    }
-    float* out = reinterpret_cast<float*>(device + outOffset);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBounds(args, reinterpret_cast<const float*>(device), out, stream_),
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (top pages inputs)"));
+    double* bounds = reinterpret_cast<double*>(device + boundsOffset);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBounds(args, reinterpret_cast<const float*>(device + queryOffset),
+                                                             reinterpret_cast<const TopPagesHead*>(device), bounds, stride, stream_),
                                       "page bounds launch"));
-    // Only the [pages] bounds come back; a fault inside the kernel surfaces at this copy.
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, out, outBytes, cudaMemcpyDeviceToHost, stream_),
-                                      "page bounds (kernel or output copy)"));
-    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (page bounds)");
+    TopBlocksArgs top;
+    top.kvHeads = args.kvHeads;
+    top.blocks = stride;
+    top.scores = bounds;
+    top.k = int64_t(k);
+    long long* chosen = reinterpret_cast<long long*>(device + outOffset);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "top pages launch"));
+    std::vector<long long> host(heads * k);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(host.data(), chosen, outBytes, cudaMemcpyDeviceToHost, stream_),
+                                      "top pages (kernels or output copy)"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (top pages)"));
+    // A head with fewer pages than the stride padded its bounds with -inf, which rank last (ties
+    // to the lower page): its padding can only end its ascending list, and becomes -1.
+    for (size_t h = 0; h < heads; ++h) {
+      for (size_t i = 0; i < k; ++i) {
+        const long long page = host[h * k + i];
+        if (page >= 0 && page < args.heads[h].pages) args.out[h * size_t(args.k) + i] = page;
+      }
+    }
+    return Status::ok();
   }
 
   Status blockScores(const BlockScoresArgs& args) override {

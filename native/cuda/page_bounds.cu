@@ -1,14 +1,16 @@
-// Quest's page boxes and page bounds on the GPU (PageBoxesArgs, PageBoundsArgs in
-// core/attention_args.h), so a GPU cache never copies keys to the host for Quest.
+// Quest's page boxes and page bounds on the GPU (PageBoxesArgs, TopPagesArgs in
+// core/attention_args.h), so a GPU cache never copies keys or bounds to the host for Quest (the
+// top pages are block_scores.cu's top-k over the bounds).
 // - Boxes: one thread per (Quest page, channel) folds the page's new keys, read from the store's
 //   pages in their dtype, into the channel's minimum and maximum with PageBoxes' rule
 //   (lo = key < lo ? key : lo, hi = hi < key ? key : hi), so the boxes have the CPU's bits.
 //   Neighbouring threads read neighbouring channels of one key row (coalesced). A page's keys are
 //   folded in order by one thread: long Quest pages (thousands of tokens) box slowly, but boxing
 //   runs once per token.
-// - Bounds: one warp per page, lanes over channels; the block stages query rows in shared memory
-//   tile by tile. The channel sum is a warp reduction, so bounds differ from the CPU's SIMD sums
-//   in the last bits (a near tie between pages may rank differently).
+// - Bounds: grid (page groups, kv heads), one warp per page, lanes over channels; the block stages
+//   its head's query rows in shared memory tile by tile. The channel sum is a warp reduction, so
+//   bounds differ from the CPU's SIMD sums in the last bits (a near tie between pages may rank
+//   differently).
 #include <algorithm>
 
 #include "../core/attention_args.h"
@@ -77,31 +79,35 @@ __global__ void __launch_bounds__(kBoxThreads) pageBoxesKernel(const BoxesKernel
 }
 
 struct BoundsKernelArgs {
-  const float* q = nullptr;  // [rows, headDim], device
-  const float* lo = nullptr;
-  const float* hi = nullptr;
-  float* out = nullptr;      // [pages], device
-  long long pages = 0;
+  const float* q = nullptr;                // [kvHeads, rows, headDim], device
+  const TopPagesHead* heads = nullptr;     // [kvHeads], device
+  double* out = nullptr;                   // [kvHeads, stride], device
+  long long stride = 0;                    // the most pages of a head; a head's pages past its own are -inf
   int rows = 0;
   int headDim = 0;
-  int tileRows = 1;          // query rows per shared-memory tile
+  int tileRows = 1;                        // query rows per shared-memory tile
 };
 
+// Grid (page groups, kv heads).
 __global__ void __launch_bounds__(32 * kBoundWarps) pageBoundsKernel(const BoundsKernelArgs args) {
   __shared__ float tile[kQueryTileFloats];
   const int warp = threadIdx.x / 32;
   const int lane = threadIdx.x % 32;
-  const long long groups = (args.pages + kBoundWarps - 1) / kBoundWarps;
+  const int h = blockIdx.y;
+  const TopPagesHead head = args.heads[h];
+  const float* q = args.q + static_cast<size_t>(h) * args.rows * args.headDim;
+  double* out = args.out + static_cast<size_t>(h) * args.stride;
+  const long long groups = (args.stride + kBoundWarps - 1) / kBoundWarps;
   // Block-uniform loops: every thread reaches each __syncthreads.
   for (long long group = blockIdx.x; group < groups; group += gridDim.x) {
     const long long page = group * kBoundWarps + warp;
-    const bool active = page < args.pages;
-    const float* lo = args.lo + static_cast<size_t>(active ? page : 0) * static_cast<size_t>(args.headDim);
-    const float* hi = args.hi + static_cast<size_t>(active ? page : 0) * static_cast<size_t>(args.headDim);
+    const bool active = page < head.pages;
+    const float* lo = head.lo + static_cast<size_t>(active ? page : 0) * static_cast<size_t>(args.headDim);
+    const float* hi = head.hi + static_cast<size_t>(active ? page : 0) * static_cast<size_t>(args.headDim);
     float best = -INFINITY;
     for (int firstRow = 0; firstRow < args.rows; firstRow += args.tileRows) {
       const int rows = min(args.tileRows, args.rows - firstRow);
-      const float* source = args.q + static_cast<size_t>(firstRow) * static_cast<size_t>(args.headDim);
+      const float* source = q + static_cast<size_t>(firstRow) * static_cast<size_t>(args.headDim);
       __syncthreads();  // the previous tile is no longer read
       for (int i = threadIdx.x; i < rows * args.headDim; i += blockDim.x) tile[i] = source[i];
       __syncthreads();
@@ -110,13 +116,14 @@ __global__ void __launch_bounds__(32 * kBoundWarps) pageBoundsKernel(const Bound
         const float* query = tile + r * args.headDim;
         float sum = 0.0f;
         for (int i = lane; i < args.headDim; i += 32) {
-          const float q = query[i];
-          sum += fmaxf(q * __ldg(lo + i), q * __ldg(hi + i));
+          const float value = query[i];
+          sum += fmaxf(value * __ldg(lo + i), value * __ldg(hi + i));
         }
         best = fmaxf(best, warpSum(sum));
       }
     }
-    if (active && lane == 0) args.out[page] = best;
+    // Widened exactly: the top-k ranks doubles in the order of the float bounds.
+    if (page < args.stride && lane == 0) out[page] = static_cast<double>(best);
   }
 }
 
@@ -149,19 +156,21 @@ cudaError_t launchPageBoxes(const PageBoxesArgs& args, const void* const* keyPag
   return cudaGetLastError();
 }
 
-// args: checked host arguments with pages >= 1 and headDim <= kQueryTileFloats; q ([rows,
-// headDim]) and out ([pages]) are device copies. Only enqueues work.
-cudaError_t launchPageBounds(const PageBoundsArgs& args, const float* q, float* out, cudaStream_t stream) {
+// args: checked host arguments with headDim <= kQueryTileFloats; q ([kvHeads, rows, headDim]) and
+// heads are device copies; bounds: [kvHeads, stride] doubles of device memory, stride >= every
+// head's pages (>= 1). Only enqueues work.
+cudaError_t launchPageBounds(const TopPagesArgs& args, const float* q, const TopPagesHead* heads, double* bounds, long long stride,
+                             cudaStream_t stream) {
   BoundsKernelArgs kernel;
   kernel.q = q;
-  kernel.lo = args.lo;
-  kernel.hi = args.hi;
-  kernel.out = out;
-  kernel.pages = args.pages;
+  kernel.heads = heads;
+  kernel.out = bounds;
+  kernel.stride = stride;
   kernel.rows = args.rows;
   kernel.headDim = args.headDim;
   kernel.tileRows = std::max(1, kQueryTileFloats / args.headDim);
-  pageBoundsKernel<<<gridFor((args.pages + kBoundWarps - 1) / kBoundWarps), 32 * kBoundWarps, 0, stream>>>(kernel);
+  const dim3 grid(gridFor((stride + kBoundWarps - 1) / kBoundWarps), static_cast<unsigned>(args.kvHeads));
+  pageBoundsKernel<<<grid, 32 * kBoundWarps, 0, stream>>>(kernel);
   return cudaGetLastError();
 }
 

@@ -37,8 +37,9 @@ class LoadingPolicy : public SelectPolicy {
                         int64_t dynamicEnd, std::vector<int64_t>* tokens) = 0;
   // body(h) for every kv head: in parallel when hostOnly(); the first error wins.
   Status forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body);
-  // Brings one layer's indexes up to date; q, n as in index().
-  Status catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n);
+  // Brings one layer's indexes up to date; q, n as in index(). By default head by head through
+  // index(); a policy whose backend op serves every head at once (quest) overrides it.
+  virtual Status catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n);
   int64_t dynamicEnd(const SelectContext& context, int32_t layer) const;
 
   int64_t sink_, window_;

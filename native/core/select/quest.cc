@@ -4,9 +4,11 @@
 // the bound over the group's query rows, one decision per kv head).
 // The boxes (the rule of PageBoxes, index/page_boxes.h) live in backend memory, one growable
 // allocation per (layer, kv head): the backend's pageBoxes op builds them straight from the
-// store's key pages and its pageBounds op scores them, so no key is copied to the host and a GPU
-// cache bounds its pages on the GPU. Top-k of the bounds and the token expansion run here.
+// store's key pages and its topPages op bounds them and picks each head's best pages, so neither
+// keys nor bounds reach the host and a GPU cache chooses its pages on the GPU; each op serves all
+// the kv heads of a layer in one call. The token expansion runs here.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <memory>
 #include <new>
@@ -73,60 +75,104 @@ class QuestPolicy final : public LoadingPolicy {
   bool needsKeys() const override { return false; }
   bool hostOnly() const override { return false; }  // the backend boxes and bounds (in parallel inside)
 
-  Status index(SelectContext& context, int32_t layer, int32_t h, int64_t first, int64_t count, const std::vector<float>&,
-               const float*, int64_t) override {
-    // Nothing is evicted under a loading policy, so tail token t is position t.
-    if (first < sink_ || count < 0 || first + count > context.store.tailTokens(layer, h) ||
-        context.store.tailTokens(layer, h) != context.store.tokens(layer)) {
-      return Status(ErrorCode::Internal, "quest: tokens to index lie outside the stored tail");
+  // A layer's boxes catch up in one backend call for all its kv heads (one upload and one wait on a
+  // GPU): the dynamic tokens that left the window since the last call.
+  Status catchUp(SelectContext& context, int32_t layer, const float*, int64_t) override {
+    const int64_t end = dynamicEnd(context, layer);
+    const int64_t pages = (end - sink_ + pageSize_ - 1) / pageSize_;
+    std::vector<PageBoxesArgs> calls;
+    std::vector<int32_t> callHeads;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const int64_t first = indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      if (first >= end) continue;
+      // Nothing is evicted under a loading policy, so tail token t is position t.
+      if (first < sink_ || end > context.store.tailTokens(layer, h) || context.store.tailTokens(layer, h) != context.store.tokens(layer)) {
+        return Status(ErrorCode::Internal, "quest: tokens to index lie outside the stored tail");
+      }
+      HeadBoxes& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      KVSLIM_RETURN_IF_ERROR(reserve(context.backend, &head, pages));
+      PageBoxesArgs args;
+      args.headDim = dim_;
+      args.kvType = context.store.shape().storeType;
+      args.pageTokens = context.store.shape().pageTokens;
+      args.rowStride = dim_;
+      args.keys = context.store.tailRange(layer, h, first, end - first);
+      args.first = first - sink_;  // dynamic tokens already in the boxes
+      args.pageSize = pageSize_;
+      args.lo = head.buffer->lo();
+      args.hi = head.buffer->hi();
+      args.threads = context.threads;
+      calls.push_back(args);
+      callHeads.push_back(h);
     }
-    HeadBoxes& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-    const int64_t boxed = first - sink_;  // dynamic tokens already in the boxes
-    const int64_t pages = (boxed + count + pageSize_ - 1) / pageSize_;
-    KVSLIM_RETURN_IF_ERROR(reserve(context.backend, &head, pages));
-    PageBoxesArgs args;
-    args.headDim = dim_;
-    args.kvType = context.store.shape().storeType;
-    args.pageTokens = context.store.shape().pageTokens;
-    args.rowStride = dim_;
-    args.keys = context.store.tailRange(layer, h, first, count);
-    args.first = boxed;
-    args.pageSize = pageSize_;
-    args.lo = head.buffer->lo();
-    args.hi = head.buffer->hi();
-    args.threads = context.threads;
-    KVSLIM_RETURN_IF_ERROR(context.backend.pageBoxes(args));
-    head.pages = pages;
+    if (calls.empty()) return Status::ok();
+    KVSLIM_RETURN_IF_ERROR(context.backend.pageBoxes(calls.data(), int32_t(calls.size())));
+    for (const int32_t h : callHeads) {
+      heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)].pages = pages;
+      indexed_[size_t(layer) * size_t(kvHeads_) + size_t(h)] = end;
+    }
     return Status::ok();
   }
 
-  Status choose(SelectContext& context, int32_t layer, int32_t h, const std::vector<float>& rows, int64_t dynamicEnd,
-                std::vector<int64_t>* tokens) override {
-    const HeadBoxes& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-    const size_t rowCount = rows.size() / size_t(dim_);
-    if (rowCount > size_t(INT32_MAX)) return Status(ErrorCode::Shape, "quest: more than 2^31 query rows per kv head");
-    std::vector<float> bounds(size_t(head.pages));
-    if (head.pages > 0) {
-      PageBoundsArgs args;
-      args.q = rows.data();
-      args.rows = int32_t(rowCount);
-      args.headDim = dim_;
-      args.lo = head.buffer->lo();
-      args.hi = head.buffer->hi();
-      args.pages = head.pages;
-      args.out = bounds.data();
-      args.threads = context.threads;
-      KVSLIM_RETURN_IF_ERROR(context.backend.pageBounds(args));
+  // Every kv head's pages in one backend call (bounds and top-k where the boxes live); the static
+  // part is the base's, the token expansion is here.
+  Status planLoad(SelectContext& context, int32_t layer, const float* q, int64_t n, LoadPlan* plan) override {
+    const auto start = std::chrono::steady_clock::now();
+    KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
+    plan->indexMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
+    plan->sink = sink_;
+    plan->window = window_;
+    plan->tokens.assign(size_t(kvHeads_), {});
+    const int64_t end = dynamicEnd(context, layer);
+    if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
+    std::vector<TopPagesHead> boxes(static_cast<size_t>(kvHeads_));
+    int64_t mostPages = 0;
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const HeadBoxes& head = heads_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      if (head.pages > 0) boxes[size_t(h)] = {head.buffer->lo(), head.buffer->hi(), head.pages};
+      mostPages = std::max(mostPages, head.pages);
     }
-    std::vector<uint32_t> best;
-    topK(bounds.data(), head.pages, pages_, &best);
-    std::sort(best.begin(), best.end());
-    for (const uint32_t page : best) {
-      const int64_t begin = sink_ + int64_t(page) * pageSize_;
-      const int64_t end = std::min(begin + pageSize_, dynamicEnd);
-      for (int64_t t = begin; t < end; ++t) tokens->push_back(t);
+    if (mostPages == 0) return Status::ok();
+    const int64_t rowsPerHead = n * int64_t(context.qHeads / context.kvHeads);
+    if (rowsPerHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "quest: more than 2^31 query rows per kv head");
+    // Each head's rows, ordered (position, member), one head after another.
+    std::vector<float> rows;
+    rows.reserve(size_t(kvHeads_) * size_t(rowsPerHead) * size_t(dim_));
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      const std::vector<float> group = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
+      rows.insert(rows.end(), group.begin(), group.end());
+    }
+    TopPagesArgs args;
+    args.q = rows.data();
+    args.rows = int32_t(rowsPerHead);
+    args.kvHeads = kvHeads_;
+    args.headDim = dim_;
+    args.heads = boxes.data();
+    args.k = std::min(pages_, mostPages);
+    std::vector<int64_t> chosen(size_t(kvHeads_) * size_t(args.k));
+    args.out = chosen.data();
+    args.threads = context.threads;
+    KVSLIM_RETURN_IF_ERROR(context.backend.topPages(args));
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      std::vector<int64_t>& tokens = plan->tokens[size_t(h)];
+      for (int64_t i = 0; i < args.k; ++i) {
+        const int64_t page = chosen[size_t(h) * size_t(args.k) + size_t(i)];
+        if (page < 0) break;  // the head has fewer pages than k
+        if (page >= boxes[size_t(h)].pages) return Status(ErrorCode::Internal, "quest: the backend chose a page past the boxes");
+        const int64_t begin = sink_ + page * pageSize_;
+        const int64_t stop = std::min(begin + pageSize_, end);
+        for (int64_t t = begin; t < stop; ++t) tokens.push_back(t);
+      }
     }
     return Status::ok();
+  }
+
+  // catchUp and planLoad are overridden (the backend serves every kv head at once); nothing calls these.
+  Status index(SelectContext&, int32_t, int32_t, int64_t, int64_t, const std::vector<float>&, const float*, int64_t) override {
+    return Status(ErrorCode::Internal, "quest indexes per layer in catchUp");
+  }
+  Status choose(SelectContext&, int32_t, int32_t, const std::vector<float>&, int64_t, std::vector<int64_t>*) override {
+    return Status(ErrorCode::Internal, "quest chooses per layer in planLoad");
   }
 
  private:
