@@ -107,6 +107,26 @@ struct ScoresArgs {
   int32_t threads = 0;
 };
 
+// The flat retrieval's choice for every kv head of a layer in one call: token t of head h's view
+// scores best[t] = max over the head's query rows of q . key t (unscaled, f32), and the call
+// returns the k tokens with the highest scores (ties to the lower token), ascending. Only the
+// chosen tokens reach the host. Backends compute the dots in their own order, so a near tie with
+// the last token chosen may go either way.
+struct TopKeysArgs {
+  const float* q = nullptr;  // [kvHeads, rows, headDim], host memory, unscaled: head h's rows
+  int32_t rows = 0;          // query rows per kv head
+  int32_t kvHeads = 0;
+  int32_t headDim = 0;
+  DType kvType = DType::F32;
+  int64_t pageTokens = 0;
+  int64_t rowStride = 0;
+  const KVHeadView* heads = nullptr;  // [kvHeads], host memory: each head's candidate keys (valuePages unused)
+  int64_t k = 0;                      // tokens chosen per head (>= 1)
+  // [kvHeads, k], host memory: head h's min(k, tokens) chosen view tokens ascending, then -1.
+  int64_t* out = nullptr;
+  int32_t threads = 0;  // 0 = every worker of the pool
+};
+
 // How attentionMass reduces the probabilities of its rows (AttentionMassArgs::out).
 enum class MassPooling : int32_t { None = 0, Max = 1, Avg = 2 };
 
@@ -293,6 +313,41 @@ inline Status checkTopPagesArgs(const TopPagesArgs& args) {
     if (head.pages < 0 || head.pages > kLimit / args.headDim || (head.pages > 0 && (head.lo == nullptr || head.hi == nullptr))) {
       return Status(ErrorCode::Internal, "top pages: kv head " + std::to_string(h) + " needs 0 to 2^40 / headDim pages, and boxes "
                                              "when it has pages, but has " + std::to_string(head.pages) + " pages");
+    }
+  }
+  return Status::ok();
+}
+
+// The contract of TopKeysArgs (page geometry, dtype and page pointers as for attention; the CUDA
+// backend checks its own limits too), checked by every backend before it touches memory.
+inline Status checkTopKeysArgs(const TopKeysArgs& args) {
+  constexpr int64_t kLimit = int64_t(1) << 40;
+  if (args.rows < 1 || args.kvHeads < 1 || args.headDim < 1 || args.k < 1 || args.k > kLimit / args.kvHeads ||
+      args.pageTokens < 1 || args.rowStride < args.headDim) {
+    return Status(ErrorCode::Shape, "top keys: needs rows, kvHeads, headDim, k and pageTokens >= 1 (k x kvHeads below 2^40) and rowStride >= headDim, "
+                                    "but received rows=" + std::to_string(args.rows) + ", kvHeads=" + std::to_string(args.kvHeads) +
+                                        ", headDim=" + std::to_string(args.headDim) + ", k=" + std::to_string(args.k) +
+                                        ", pageTokens=" + std::to_string(args.pageTokens) + ", rowStride=" + std::to_string(args.rowStride));
+  }
+  if (args.kvType != DType::F32 && args.kvType != DType::F16 && args.kvType != DType::BF16) {
+    return Status(ErrorCode::Dtype, "top keys: unknown kv dtype " + std::to_string(int(args.kvType)));
+  }
+  if (args.q == nullptr || args.heads == nullptr || args.out == nullptr) {
+    return Status(ErrorCode::Internal, "top keys received a null query, head or output array");
+  }
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const KVHeadView& view = args.heads[h];
+    if (view.tokens < 0 || view.tokens > kLimit || view.firstRow < 0 || view.firstRow > kLimit) {
+      return Status(ErrorCode::Shape, "top keys: kv head " + std::to_string(h) + " needs tokens and firstRow in [0, 2^40], but holds tokens=" +
+                                          std::to_string(view.tokens) + ", firstRow=" + std::to_string(view.firstRow));
+    }
+    if (view.tokens == 0) continue;
+    if (view.keyPages == nullptr) return Status(ErrorCode::Internal, "top keys: kv head " + std::to_string(h) + " has a null page table");
+    const int64_t last = (view.firstRow + view.tokens - 1) / args.pageTokens;
+    for (int64_t p = view.firstRow / args.pageTokens; p <= last; ++p) {
+      if (view.keyPages[p] == nullptr) {
+        return Status(ErrorCode::Internal, "top keys: kv head " + std::to_string(h) + " key page " + std::to_string(p) + " is null");
+      }
     }
   }
   return Status::ok();

@@ -55,8 +55,11 @@ class Backend {
   // Whether attention() takes this call's older segment (AttentionArgs::olderHeads) itself; when
   // it does not, core attends the segment in a second call and merges the two by log-sum-exp.
   virtual bool joinsOlder(const AttentionArgs&) const { return false; }
-  // Raw scores q.k * scale (the attentionScores op, the retrieval policy's flat scan).
+  // Raw scores q.k * scale of one kv head (the attentionScores op).
   virtual Status attentionScores(const ScoresArgs& args) = 0;
+  // The flat retrieval's choice for a layer: every kv head's best score per token over its rows
+  // and their top k tokens; only the chosen tokens reach args.out (host memory).
+  virtual Status topKeys(const TopKeysArgs& args) = 0;
   // Per-token attention mass of one kv head's query rows (H2O accumulation, SnapKV pooled votes),
   // computed where the pages live; only the [columns] result reaches args.out (host memory).
   virtual Status attentionMass(const AttentionMassArgs& args) = 0;

@@ -128,6 +128,7 @@ bool decodesTiled(const AttentionArgs& args);
 void attentionDecodeTiled(const AttentionArgs& args);
 void attentionKivi(const KiviAttentionArgs& args);   // decode-style over KIVI codes, any n
 void attentionScores(const ScoresArgs& args);       // q.k * scale of rows of one head   // few rows per kv head: reads pages directly
+Status topKeys(const TopKeysArgs& args);            // every head's best score per token over its rows, top k
 // A mass (AttentionArgs::mass, KiviAttentionArgs::mass) from the scores a driver captured: row
 // r of kv head h at captured[(h * rowsPerHead + r) * width], older tokens (older[h], or none)
 // first, then the head's tokens[h]. Each row's softmax over what it sees, summed per token over

@@ -1,8 +1,12 @@
-// Scores driver: rows of one kv head x token chunks, in parallel (selection policies read them).
+// Scores driver: rows of one kv head x token chunks, in parallel (selection policies read them),
+// and the flat retrieval's top keys from them.
 #include <algorithm>
+#include <new>
 #include <vector>
 
+#include "../core/index/key_index.h"
 #include "attention_plan.h"
+#include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
 
@@ -40,6 +44,44 @@ void attentionScores(const ScoresArgs& args) {
     range.prefetch = size_t(tokens) * size_t(dim) * dtypeBytes(args.kvType) > kPrefetchScanBytes;
     kernels.scoreRange(range);
   });
+}
+
+Status topKeys(const TopKeysArgs& args) {
+  std::vector<uint32_t> best;
+  for (int32_t h = 0; h < args.kvHeads; ++h) {
+    const int64_t tokens = args.heads[h].tokens;
+    int64_t* out = args.out + size_t(h) * size_t(args.k);
+    std::fill(out, out + args.k, int64_t(-1));
+    if (tokens == 0) continue;
+    // On per-thread scratch: a fresh multi-MiB buffer per head and step costs page faults.
+    float* scores = nullptr;
+    try {
+      scores = scratchFloats(ScratchSlot::Keys, size_t(args.rows) * size_t(tokens));
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory for the flat scan's scores");
+    }
+    ScoresArgs scan;
+    scan.q = args.q + size_t(h) * size_t(args.rows) * size_t(args.headDim);
+    scan.rows = args.rows;
+    scan.headDim = args.headDim;
+    scan.kvType = args.kvType;
+    scan.pageTokens = args.pageTokens;
+    scan.rowStride = args.rowStride;
+    scan.head = args.heads[h];
+    scan.scale = 1.0f;
+    scan.out = scores;
+    scan.threads = args.threads;
+    attentionScores(scan);
+    // A key scores by its best query row.
+    for (int32_t r = 1; r < args.rows; ++r) {
+      const float* row = scores + size_t(r) * size_t(tokens);
+      for (int64_t t = 0; t < tokens; ++t) scores[t] = std::max(scores[t], row[t]);
+    }
+    topK(scores, tokens, args.k, &best);  // higher score first, ties to the lower token
+    std::sort(best.begin(), best.end());
+    for (size_t i = 0; i < best.size(); ++i) out[i] = int64_t(best[i]);
+  }
+  return Status::ok();
 }
 
 }  // namespace kvslim::cpu

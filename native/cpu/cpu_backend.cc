@@ -76,6 +76,11 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
+  Status topKeys(const TopKeysArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopKeysArgs(args));
+    return cpu::topKeys(args);
+  }
+
   Status topPages(const TopPagesArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkTopPagesArgs(args));
     return cpu::topPages(args);

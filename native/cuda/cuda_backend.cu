@@ -27,6 +27,7 @@
 #include "captured_mass.cuh"
 #include "gather.cuh"
 #include "kivi_kernels.cuh"
+#include "top_keys.cuh"
 
 namespace kvslim {
 
@@ -581,6 +582,90 @@ class CudaBackend final : public Backend {
                                                       cudaMemcpyDeviceToHost, stream_),
                                       "attention scores (kernel or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention scores)");
+  }
+
+  Status topKeys(const TopKeysArgs& args) override {
+    KVSLIM_RETURN_IF_ERROR(checkTopKeysArgs(args));
+    if (args.headDim > 1024 || args.kvHeads > kMaxKvHeads) {
+      return Status(ErrorCode::Shape, "top keys on CUDA need headDim <= 1024 and kvHeads <= " + std::to_string(kMaxKvHeads) +
+                                          ", but received headDim=" + std::to_string(args.headDim) +
+                                          ", kvHeads=" + std::to_string(args.kvHeads));
+    }
+    KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
+    const size_t heads = size_t(args.kvHeads);
+    int64_t stride = 0;
+    std::vector<size_t> tableOffsets(heads + 1, 0);
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      KVSLIM_RETURN_IF_ERROR(checkHeadView(h, args.heads[h], args.pageTokens, false));
+      stride = std::max(stride, args.heads[h].tokens);
+      tableOffsets[size_t(h) + 1] = tableOffsets[size_t(h)] + size_t(headPages(args.heads[h], args.pageTokens).count) * sizeof(void*);
+    }
+    std::fill(args.out, args.out + heads * size_t(args.k), int64_t(-1));
+    if (stride == 0) return Status::ok();
+    // Rows go through the scores kernel in chunks whose scores stay within 2^25 floats (128 MiB).
+    const int64_t rowLimit = int64_t(kMaxKvHeads) * cuda::scoresRowsPerBlock(args.headDim);
+    const int64_t chunkRows = std::max<int64_t>(1, std::min<int64_t>({int64_t(args.rows), (int64_t(1) << 25) / stride, rowLimit}));
+    const size_t k = size_t(std::min<int64_t>(args.k, stride));
+    // One upload (page tables, every head's rows); then scratch: best scores, a chunk's scores, the chosen keys.
+    const size_t queryOffset = alignUp(tableOffsets.back());
+    const size_t uploadBytes = queryOffset + heads * size_t(args.rows) * size_t(args.headDim) * sizeof(float);
+    const size_t bestOffset = alignUp(uploadBytes);
+    const size_t scoresOffset = bestOffset + alignUp(heads * size_t(stride) * sizeof(double));
+    const size_t outOffset = scoresOffset + alignUp(size_t(chunkRows) * size_t(stride) * sizeof(float));
+    const size_t outBytes = heads * k * sizeof(long long);
+
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(uploadBytes));
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      const HeadPages pages = headPages(args.heads[h], args.pageTokens);
+      stagePages(tableOffsets[size_t(h)], 0, args.heads[h].keyPages + pages.first, pages.count);
+    }
+    std::memcpy(staging_.data() + queryOffset, args.q, uploadBytes - queryOffset);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outOffset + outBytes));
+    unsigned char* device = static_cast<unsigned char*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), uploadBytes, cudaMemcpyHostToDevice, stream_),
+                                      "cudaMemcpyAsync (top keys inputs)"));
+    double* best = reinterpret_cast<double*>(device + bestOffset);
+    float* scores = reinterpret_cast<float*>(device + scoresOffset);
+    for (int32_t h = 0; h < args.kvHeads; ++h) {
+      const KVHeadView& view = args.heads[h];
+      double* headBest = best + size_t(h) * size_t(stride);
+      if (view.tokens == 0) {
+        KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchBestRows(scores, 0, 0, headBest, stride, true, stream_), "top keys launch"));
+        continue;
+      }
+      ScoresKernelArgs kernel = scoresKernelOf(view, args.headDim, args.kvType, args.pageTokens, args.rowStride, 1.0f);
+      kernel.keyPages = reinterpret_cast<const void* const*>(device + tableOffsets[size_t(h)]);
+      kernel.out = scores;
+      const float* rows = reinterpret_cast<const float*>(device + queryOffset) + size_t(h) * size_t(args.rows) * size_t(args.headDim);
+      for (int64_t first = 0; first < args.rows; first += chunkRows) {
+        kernel.rows = int(std::min<int64_t>(chunkRows, args.rows - first));
+        kernel.q = rows + size_t(first) * size_t(args.headDim);
+        KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionScores(kernel, stream_), "top keys scores launch"));
+        KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchBestRows(scores, kernel.rows, view.tokens, headBest, stride, first == 0, stream_),
+                                          "top keys launch"));
+      }
+    }
+    TopBlocksArgs top;
+    top.kvHeads = args.kvHeads;
+    top.blocks = stride;
+    top.scores = best;
+    top.k = int64_t(k);
+    long long* chosen = reinterpret_cast<long long*>(device + outOffset);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "top keys selection launch"));
+    std::vector<long long> host(heads * k);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(host.data(), chosen, outBytes, cudaMemcpyDeviceToHost, stream_),
+                                      "top keys (kernels or output copy)"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (top keys)"));
+    // A head with fewer keys than the stride padded its scores with -inf, which rank last (ties to
+    // the lower key): its padding can only end its ascending list, and becomes -1.
+    for (size_t h = 0; h < heads; ++h) {
+      for (size_t i = 0; i < k; ++i) {
+        const long long token = host[h * k + i];
+        if (token >= 0 && token < args.heads[h].tokens) args.out[h * size_t(args.k) + i] = token;
+      }
+    }
+    return Status::ok();
   }
 
   Status attentionMass(const AttentionMassArgs& args) override {

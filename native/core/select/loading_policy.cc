@@ -83,12 +83,25 @@ Status LoadingPolicy::planLoad(SelectContext& context, int32_t layer, const floa
   plan->sink = sink_;
   plan->window = window_;
   plan->tokens.assign(size_t(kvHeads_), {});
-  const int64_t end = dynamicEnd(context, layer);
   if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
+  return chooseLayer(context, layer, q, n, dynamicEnd(context, layer), plan);
+}
+
+Status LoadingPolicy::chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t end, LoadPlan* plan) {
   return forEachHead(context, [&](int32_t h) {
     const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
     return choose(context, layer, h, rows, end, &plan->tokens[size_t(h)]);
   });
+}
+
+std::vector<float> LoadingPolicy::layerRows(const SelectContext& context, const float* q, int64_t n) const {
+  std::vector<float> rows;
+  rows.reserve(size_t(kvHeads_) * size_t(n) * size_t(context.qHeads / context.kvHeads) * size_t(context.headDim));
+  for (int32_t h = 0; h < kvHeads_; ++h) {
+    const std::vector<float> group = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
+    rows.insert(rows.end(), group.begin(), group.end());
+  }
+  return rows;
 }
 
 }  // namespace kvslim

@@ -35,6 +35,12 @@ class LoadingPolicy : public SelectPolicy {
   // ([rows, headDim], ordered (position, member)).
   virtual Status choose(SelectContext& context, int32_t layer, int32_t head, const std::vector<float>& rows,
                         int64_t dynamicEnd, std::vector<int64_t>* tokens) = 0;
+  // Fills plan->tokens ([kvHeads], set empty) for a layer whose dynamic part is [sink, dynamicEnd)
+  // and not empty. By default choose() per kv head; a policy whose backend op serves every head at
+  // once overrides it.
+  virtual Status chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t dynamicEnd, LoadPlan* plan);
+  // Every kv head's query rows, head after head ([kvHeads, n * group, headDim], groupRows order).
+  std::vector<float> layerRows(const SelectContext& context, const float* q, int64_t n) const;
   // body(h) for every kv head: in parallel when hostOnly(); the first error wins.
   Status forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body);
   // Brings one layer's indexes up to date; q, n as in index(). By default head by head through

@@ -8,7 +8,6 @@
 // keys nor bounds reach the host and a GPU cache chooses its pages on the GPU; each op serves all
 // the kv heads of a layer in one call. The token expansion runs here.
 #include <algorithm>
-#include <chrono>
 #include <cmath>
 #include <memory>
 #include <new>
@@ -114,17 +113,9 @@ class QuestPolicy final : public LoadingPolicy {
     return Status::ok();
   }
 
-  // Every kv head's pages in one backend call (bounds and top-k where the boxes live); the static
-  // part is the base's, the token expansion is here.
-  Status planLoad(SelectContext& context, int32_t layer, const float* q, int64_t n, LoadPlan* plan) override {
-    const auto start = std::chrono::steady_clock::now();
-    KVSLIM_RETURN_IF_ERROR(catchUp(context, layer, nullptr, 0));
-    plan->indexMs = std::chrono::duration<double, std::milli>(std::chrono::steady_clock::now() - start).count();
-    plan->sink = sink_;
-    plan->window = window_;
-    plan->tokens.assign(size_t(kvHeads_), {});
-    const int64_t end = dynamicEnd(context, layer);
-    if (context.store.tokens(layer) <= sink_ + window_) return Status::ok();
+  // Every kv head's pages in one backend call (bounds and top-k where the boxes live); the token
+  // expansion is here.
+  Status chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t end, LoadPlan* plan) override {
     std::vector<TopPagesHead> boxes(static_cast<size_t>(kvHeads_));
     int64_t mostPages = 0;
     for (int32_t h = 0; h < kvHeads_; ++h) {
@@ -135,13 +126,7 @@ class QuestPolicy final : public LoadingPolicy {
     if (mostPages == 0) return Status::ok();
     const int64_t rowsPerHead = n * int64_t(context.qHeads / context.kvHeads);
     if (rowsPerHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "quest: more than 2^31 query rows per kv head");
-    // Each head's rows, ordered (position, member), one head after another.
-    std::vector<float> rows;
-    rows.reserve(size_t(kvHeads_) * size_t(rowsPerHead) * size_t(dim_));
-    for (int32_t h = 0; h < kvHeads_; ++h) {
-      const std::vector<float> group = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
-      rows.insert(rows.end(), group.begin(), group.end());
-    }
+    const std::vector<float> rows = layerRows(context, q, n);
     TopPagesArgs args;
     args.q = rows.data();
     args.rows = int32_t(rowsPerHead);
@@ -167,12 +152,12 @@ class QuestPolicy final : public LoadingPolicy {
     return Status::ok();
   }
 
-  // catchUp and planLoad are overridden (the backend serves every kv head at once); nothing calls these.
+  // catchUp and chooseLayer are overridden (the backend serves every kv head at once); nothing calls these.
   Status index(SelectContext&, int32_t, int32_t, int64_t, int64_t, const std::vector<float>&, const float*, int64_t) override {
     return Status(ErrorCode::Internal, "quest indexes per layer in catchUp");
   }
   Status choose(SelectContext&, int32_t, int32_t, const std::vector<float>&, int64_t, std::vector<int64_t>*) override {
-    return Status(ErrorCode::Internal, "quest chooses per layer in planLoad");
+    return Status(ErrorCode::Internal, "quest chooses per layer in chooseLayer");
   }
 
  private:

@@ -1,7 +1,8 @@
 // RetrievalAttention (methods/retrieval-attention.md): the dynamic part is reached through an
 // index per (layer, kv head) and each decode call loads the `topK` keys the index returns for the
 // group's queries (one search per kv head; a key scores by its best query row).
-// - flat: exact top-k, scanned by the backend (SIMD on the CPU, a kernel on the GPU) from the pages;
+// - flat: exact top-k, scanned by the backend from the pages (SIMD on the CPU; on the GPU the
+//   scan, the best row per key and the top-k run there, one call for every kv head);
 // - ivf, graph: a KeyIndex in host memory with a copy of the keys (f16 over an f16 store, exactly its
 //   values; else f32). The graph is trained on a sample of the prefill queries (the attention-aware
 //   index); keys that leave the window later are inserted incrementally.
@@ -27,14 +28,7 @@ class RetrievalPolicy final : public LoadingPolicy {
         trainQueries_(config.trainQueries),
         indexes_(size_t(layers) * size_t(kvHeads)) {}
 
-  // A fork shares the indexes (copy-on-write) and starts with its own empty scratch.
-  RetrievalPolicy(const RetrievalPolicy& other)
-      : LoadingPolicy(other),
-        options_(other.options_),
-        topK_(other.topK_),
-        trainQueries_(other.trainQueries_),
-        indexes_(other.indexes_) {}
-
+  // A fork shares the indexes (copy-on-write).
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<RetrievalPolicy>(*this); }
 
   size_t indexBytes() const override {
@@ -82,37 +76,45 @@ class RetrievalPolicy final : public LoadingPolicy {
                         int64_t(training.size() / size_t(context.headDim)));
   }
 
-  Status choose(SelectContext& context, int32_t layer, int32_t h, const std::vector<float>& rows, int64_t dynamicEnd,
-                std::vector<int64_t>* tokens) override {
-    const int32_t dim = context.headDim;
-    const int32_t rowCount = int32_t(rows.size() / size_t(dim));
-    const int64_t dynamic = dynamicEnd - sink_;
-    std::vector<uint32_t> ids;
-    if (options_.kind == IndexKind::Flat) {
-      // Reused across calls: a fresh multi-MiB buffer per head and step costs page faults.
-      std::vector<float>& scores = scoreScratch_;
-      scores.resize(std::max(scores.size(), size_t(rowCount) * size_t(dynamic)));
-      ScoresArgs args;
-      args.q = rows.data();
-      args.rows = rowCount;
-      args.headDim = dim;
-      args.kvType = context.store.shape().storeType;
-      args.pageTokens = context.store.shape().pageTokens;
-      args.rowStride = dim;
-      args.head = context.store.tailRange(layer, h, sink_, dynamic);
-      args.scale = 1.0f;
-      args.threads = context.threads;
-      args.out = scores.data();
-      KVSLIM_RETURN_IF_ERROR(context.backend.attentionScores(args));
-      for (int32_t r = 1; r < rowCount; ++r)
-        for (int64_t t = 0; t < dynamic; ++t) scores[size_t(t)] = std::max(scores[size_t(t)], scores[size_t(r) * size_t(dynamic) + size_t(t)]);
-      topK(scores.data(), dynamic, topK_, &ids);
-    } else {
-      SearchResult result;
-      KVSLIM_RETURN_IF_ERROR(indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)]->search(rows.data(), rowCount, topK_, {}, &result));
-      ids = std::move(result.ids);
+  // flat: one backend call scans every kv head's dynamic keys (a key scores by its best query row)
+  // and returns their top keys; the indexes search per kv head (choose).
+  Status chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t dynamicEnd, LoadPlan* plan) override {
+    if (options_.kind != IndexKind::Flat) return LoadingPolicy::chooseLayer(context, layer, q, n, dynamicEnd, plan);
+    const int64_t rowsPerHead = n * int64_t(context.qHeads / context.kvHeads);
+    if (rowsPerHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "retrieval: more than 2^31 query rows per kv head");
+    const std::vector<float> rows = layerRows(context, q, n);
+    std::vector<KVHeadView> views(static_cast<size_t>(kvHeads_));
+    for (int32_t h = 0; h < kvHeads_; ++h) views[size_t(h)] = context.store.tailRange(layer, h, sink_, dynamicEnd - sink_);
+    TopKeysArgs args;
+    args.q = rows.data();
+    args.rows = int32_t(rowsPerHead);
+    args.kvHeads = kvHeads_;
+    args.headDim = context.headDim;
+    args.kvType = context.store.shape().storeType;
+    args.pageTokens = context.store.shape().pageTokens;
+    args.rowStride = context.headDim;
+    args.heads = views.data();
+    args.k = std::min(topK_, dynamicEnd - sink_);
+    std::vector<int64_t> chosen(size_t(kvHeads_) * size_t(args.k));
+    args.out = chosen.data();
+    args.threads = context.threads;
+    KVSLIM_RETURN_IF_ERROR(context.backend.topKeys(args));
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      for (int64_t i = 0; i < args.k; ++i) {
+        const int64_t token = chosen[size_t(h) * size_t(args.k) + size_t(i)];
+        if (token < 0) break;
+        if (token >= views[size_t(h)].tokens) return Status(ErrorCode::Internal, "retrieval: the backend chose a key past the scan");
+        plan->tokens[size_t(h)].push_back(sink_ + token);
+      }
     }
-    for (const uint32_t id : ids) tokens->push_back(sink_ + int64_t(id));
+    return Status::ok();
+  }
+
+  Status choose(SelectContext& context, int32_t layer, int32_t h, const std::vector<float>& rows, int64_t, std::vector<int64_t>* tokens) override {
+    const int32_t rowCount = int32_t(rows.size() / size_t(context.headDim));
+    SearchResult result;
+    KVSLIM_RETURN_IF_ERROR(indexes_[size_t(layer) * size_t(kvHeads_) + size_t(h)]->search(rows.data(), rowCount, topK_, {}, &result));
+    for (const uint32_t id : result.ids) tokens->push_back(sink_ + int64_t(id));
     std::sort(tokens->begin(), tokens->end());
     return Status::ok();
   }
@@ -121,7 +123,6 @@ class RetrievalPolicy final : public LoadingPolicy {
   IndexOptions options_;
   int64_t topK_, trainQueries_;
   std::vector<std::shared_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat; shared by forks
-  std::vector<float> scoreScratch_;                  // flat: [rows, dynamic] scores (heads run one at a time)
 };
 
 }  // namespace
