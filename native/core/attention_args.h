@@ -161,8 +161,13 @@ struct AttentionMassArgs {
   int64_t columns = 0;       // tokens [0, columns) reported, columns <= kept.tokens + tail.tokens
   MassPooling pooling = MassPooling::None;
   int32_t kernel = 1;        // Max, Avg: odd pooling kernel
-  double* out = nullptr;     // [columns], host memory
-  int32_t threads = 0;       // 0 = every worker of the pool
+  double* out = nullptr;     // [columns], host memory (unused when chosen is set)
+  // Optional (SnapKV's selection where the mass is computed): instead of out, the k columns with
+  // the highest result (ties to the lower column, a NaN result ranks last), ascending, k in
+  // [1, columns]; only these reach the host.
+  int64_t k = 0;
+  int64_t* chosen = nullptr;  // [k], host memory
+  int32_t threads = 0;        // 0 = every worker of the pool
 };
 
 // The contract of AttentionMassArgs, checked by every backend before it touches memory.
@@ -211,7 +216,10 @@ inline Status checkAttentionMassArgs(const AttentionMassArgs& args) {
                                          std::to_string(args.kernel));
   }
   if (!std::isfinite(args.scale)) return Status(ErrorCode::Value, "attention mass: scale must be finite");
-  if ((args.n > 0 && args.q == nullptr) || (args.columns > 0 && args.out == nullptr)) {
+  if (args.chosen != nullptr && (args.k < 1 || args.k > args.columns)) {
+    return shape("k must be in [1, columns = " + std::to_string(args.columns) + "], but received " + std::to_string(args.k));
+  }
+  if ((args.n > 0 && args.q == nullptr) || (args.columns > 0 && args.out == nullptr && args.chosen == nullptr)) {
     return Status(ErrorCode::Internal, "attention mass received a null query or output array");
   }
   return Status::ok();

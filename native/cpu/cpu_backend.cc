@@ -1,7 +1,10 @@
 // The CPU backend: pages in host memory, attention through the SIMD drivers.
 #include <cstring>
+#include <new>
+#include <vector>
 
 #include "../core/backend.h"
+#include "../core/index/key_index.h"
 #include "attention_plan.h"
 #include "page_pool.h"
 #include "thread_pool.h"
@@ -60,7 +63,20 @@ class CpuBackend final : public Backend {
 
   Status attentionMass(const AttentionMassArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkAttentionMassArgs(args));
-    cpu::attentionMass(args);
+    if (args.chosen == nullptr) {
+      cpu::attentionMass(args);
+      return Status::ok();
+    }
+    std::vector<double> result;
+    try {
+      result.resize(size_t(args.columns));
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory for the attention mass");
+    }
+    AttentionMassArgs columns = args;
+    columns.out = result.data();
+    cpu::attentionMass(columns);
+    topPositions(result.data(), args.columns, args.k, args.chosen);
     return Status::ok();
   }
 

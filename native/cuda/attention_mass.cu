@@ -136,7 +136,7 @@ __global__ void __launch_bounds__(kColumnThreads) massPoolKernel(const double* s
     for (long long t = begin; t < end; ++t) value = maxPooling ? fmax(value, votes[t]) : value + votes[t];
     score += (maxPooling ? value : value / static_cast<double>(kernel)) / group;
   }
-  out[j] = score;
+  out[j] = isnan(score) ? -INFINITY : score;  // SnapKV ranks a NaN vote last (the top-k sees -inf)
 }
 
 }  // namespace

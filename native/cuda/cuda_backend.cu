@@ -16,6 +16,7 @@
 #include <cstdint>
 #include <cstring>
 #include <mutex>
+#include <numeric>
 #include <new>
 #include <string>
 #include <vector>
@@ -670,14 +671,23 @@ class CudaBackend final : public Backend {
 
   Status attentionMass(const AttentionMassArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkMassArgs(args));
-    std::fill(args.out, args.out + args.columns, 0.0);
-    if (args.n == 0 || args.columns == 0) return Status::ok();  // no row gives mass
+    if (args.columns >= (int64_t(1) << 32)) {  // the top-k histogram counts in 32 bits
+      return Status(ErrorCode::Shape, "attention mass on CUDA needs fewer than 2^32 columns, but received " + std::to_string(args.columns));
+    }
+    if (args.chosen == nullptr) std::fill(args.out, args.out + args.columns, 0.0);
+    if (args.n == 0 || args.columns == 0) {  // no row gives mass: every column is 0, the lowest k win
+      if (args.chosen != nullptr) std::iota(args.chosen, args.chosen + args.k, int64_t(0));
+      return Status::ok();
+    }
     ScoresKernelArgs kept = scoresKernelOf(args.kept, args.headDim, args.kvType, args.pageTokens, args.rowStride, args.scale);
     ScoresKernelArgs tail = scoresKernelOf(args.tail, args.headDim, args.kvType, args.pageTokens, args.rowStride, args.scale);
     const HeadPages keptPages = headPages(args.kept, args.pageTokens);
     const HeadPages tailPages = headPages(args.tail, args.pageTokens);
     const MassLayout layout(keptPages.count, tailPages.count, size_t(args.n) * size_t(args.group), args.headDim,
                             cuda::attentionMassScratchBytes(args));
+    // SnapKV's choice (args.chosen): the top k of the result on the device, after the scratch.
+    const size_t chosenOffset = alignUp(layout.totalBytes);
+    const size_t chosenBytes = args.chosen != nullptr ? size_t(args.k) * sizeof(long long) : 0;
 
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
@@ -685,7 +695,7 @@ class CudaBackend final : public Backend {
     stagePages(layout.tailPages, 0, args.tail.keyPages + tailPages.first, tailPages.count);
     stageScaledQueries(layout.q, args.q, (layout.uploadBytes - layout.q) / sizeof(float), args.scale);
     kept.scale = tail.scale = 1.0f;
-    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(layout.totalBytes));
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(chosenOffset + chosenBytes));
     unsigned char* device = static_cast<unsigned char*>(workspace_);
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), layout.uploadBytes, cudaMemcpyHostToDevice, stream_),
                                       "cudaMemcpyAsync (attention mass inputs)"));
@@ -694,10 +704,24 @@ class CudaBackend final : public Backend {
     kept.q = tail.q = reinterpret_cast<const float*>(device + layout.q);
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionMass(args, kept, tail, device + layout.scratch, stream_),
                                       "attention mass launch"));
-    // Only the [columns] result comes back; a fault inside a kernel surfaces at this copy.
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, device + layout.scratch, size_t(args.columns) * sizeof(double),
-                                                      cudaMemcpyDeviceToHost, stream_),
-                                      "attention mass (kernels or output copy)"));
+    if (args.chosen != nullptr) {
+      // Only the k chosen columns come back (the pooled votes have no NaN: massPoolKernel ranks it last).
+      TopBlocksArgs top;
+      top.kvHeads = 1;
+      top.blocks = args.columns;
+      top.scores = reinterpret_cast<const double*>(device + layout.scratch);
+      top.k = args.k;
+      long long* chosen = reinterpret_cast<long long*>(device + chosenOffset);
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "attention mass top-k launch"));
+      static_assert(sizeof(long long) == sizeof(int64_t), "positions are 64-bit on both sides");
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.chosen, chosen, chosenBytes, cudaMemcpyDeviceToHost, stream_),
+                                        "attention mass (kernels or chosen copy)"));
+    } else {
+      // Only the [columns] result comes back; a fault inside a kernel surfaces at this copy.
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, device + layout.scratch, size_t(args.columns) * sizeof(double),
+                                                        cudaMemcpyDeviceToHost, stream_),
+                                        "attention mass (kernels or output copy)"));
+    }
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention mass)");
   }
 

@@ -1,7 +1,9 @@
 #include "key_index.h"
 
 #include <algorithm>
+#include <cmath>
 #include <new>
+#include <numeric>
 #include <string>
 
 #include "../dtype.h"
@@ -86,6 +88,16 @@ void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* 
     std::push_heap(ids->begin(), ids->end(), better);
   }
   std::sort_heap(ids->begin(), ids->end(), better);
+}
+
+void topPositions(const double* scores, int64_t count, int64_t k, int64_t* out) {
+  std::vector<int64_t> order(static_cast<size_t>(count));
+  std::iota(order.begin(), order.end(), 0);
+  const auto value = [scores](int64_t i) { return std::isnan(scores[i]) ? -INFINITY : scores[i]; };
+  const auto before = [&](int64_t a, int64_t b) { return value(a) > value(b) || (value(a) == value(b) && a < b); };
+  std::nth_element(order.begin(), order.begin() + k, order.end(), before);
+  std::sort(order.begin(), order.begin() + k);
+  std::copy(order.begin(), order.begin() + k, out);
 }
 
 namespace {

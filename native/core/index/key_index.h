@@ -74,6 +74,9 @@ std::unique_ptr<KeyIndex> makeGraphIndex(const IndexOptions& options);
 
 // The k best of scores[0..count) (ids = positions), best first, ties to the lower id.
 void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids);
+// The k (in [0, count]) highest of scores[0..count) into out, ascending: ties to the lower
+// position, a NaN score ranks last (SnapKV's choice, AttentionMassArgs::chosen).
+void topPositions(const double* scores, int64_t count, int64_t k, int64_t* out);
 
 // Exact top-k of `count` contiguous keys ([count, dim], ids = rows) by max over the query rows:
 // every key scored (the flat index, and any index asked for all its keys).

@@ -5,8 +5,6 @@
 // tokens (ties: the lower index) plus the window. PyramidKV gives layer l an arithmetic share of
 // the same total budget, large at the bottom. Decode tokens are appended afterwards, never evicted.
 #include <algorithm>
-#include <cmath>
-#include <numeric>
 #include <string>
 #include <vector>
 
@@ -31,8 +29,7 @@ class SnapKVPolicy final : public SelectPolicy {
     const int64_t keepPrefix = prefixBudget(context.layers, layer, length, window);
     if (keepPrefix >= prefix) return Status::ok();  // the prompt fits: keep everything
     const float* windowQueries = q + size_t(n - window) * size_t(context.qHeads) * size_t(context.headDim);
-    std::vector<double> score(static_cast<size_t>(prefix));
-    std::vector<int64_t> order(static_cast<size_t>(prefix));
+    std::vector<int64_t> chosen(static_cast<size_t>(keepPrefix));
     for (int32_t h = 0; h < context.kvHeads; ++h) {
       // Votes index tail tokens: every head must still hold the whole prompt.
       if (context.store.keptTokens(layer, h) != 0 || context.store.tailTokens(layer, h) != length) {
@@ -40,24 +37,19 @@ class SnapKVPolicy final : public SelectPolicy {
       }
     }
     for (int32_t h = 0; h < context.kvHeads; ++h) {
-      // The backend's votes per query head over the prefix, pooled, averaged over the group.
-      const std::vector<float> rows = groupRows(windowQueries, window, context.qHeads, context.kvHeads, h, context.headDim);
-      AttentionMassArgs args;
-      KVSLIM_RETURN_IF_ERROR(headMassArgs(context, layer, h, rows.data(), window, 0, &args));
-      args.columns = prefix;
-      args.pooling = config_.pooling == Pooling::Max ? MassPooling::Max : MassPooling::Avg;
-      args.kernel = config_.kernel;
-      args.out = score.data();
-      KVSLIM_RETURN_IF_ERROR(context.backend.attentionMass(args));
-      // Top keepPrefix: higher score first, ties the lower index (a NaN score ranks last).
-      for (double& value : score) value = std::isnan(value) ? -INFINITY : value;
-      std::iota(order.begin(), order.end(), 0);
-      const auto before = [&](int64_t a, int64_t b) {
-        return score[size_t(a)] > score[size_t(b)] || (score[size_t(a)] == score[size_t(b)] && a < b);
-      };
-      std::nth_element(order.begin(), order.begin() + keepPrefix, order.end(), before);
-      std::vector<int64_t> chosen(order.begin(), order.begin() + keepPrefix);
-      std::sort(chosen.begin(), chosen.end());
+      // The backend's votes per query head over the prefix, pooled, averaged over the group, and
+      // its top keepPrefix (ties the lower index, a NaN vote ranks last), chosen where the votes live.
+      if (keepPrefix > 0) {
+        const std::vector<float> rows = groupRows(windowQueries, window, context.qHeads, context.kvHeads, h, context.headDim);
+        AttentionMassArgs args;
+        KVSLIM_RETURN_IF_ERROR(headMassArgs(context, layer, h, rows.data(), window, 0, &args));
+        args.columns = prefix;
+        args.pooling = config_.pooling == Pooling::Max ? MassPooling::Max : MassPooling::Avg;
+        args.kernel = config_.kernel;
+        args.k = keepPrefix;
+        args.chosen = chosen.data();
+        KVSLIM_RETURN_IF_ERROR(context.backend.attentionMass(args));
+      }
       KVSLIM_RETURN_IF_ERROR(context.store.keepTailRows(layer, h, chosen));
       context.store.dropTailFront(layer, h, prefix);
     }
