@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # On a GPU machine without network, from the repository root, with .gpu (scripts/gpu-pack.sh) and
 # dist beside it: unpacks node, the test dependencies and the CUDA addon, then runs the whole test
-# suite on the GPU (KVSLIM_TEST_DEVICE=cuda), the CUDA bench rows and the loading policies' decode
-# on the GPU (scripts/gpu-loading.mjs). Logs go to $OUT (or ./gpu-run-out). TEST_LIMIT /
-# BENCH_LIMIT / LOADING_LIMIT: seconds for each part.
+# suite on the GPU (KVSLIM_TEST_DEVICE=cuda), the CUDA bench rows, the loading policies' decode
+# (scripts/gpu-loading.mjs) and KIVI's (scripts/gpu-kivi.mjs) on the GPU, the last two also with
+# .gpu/kvslim-base.node.xz when packed (an earlier build, for an A/B in the same session). Logs go
+# to $OUT (or ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT / LOADING_LIMIT / KIVI_LIMIT: seconds for
+# each part.
 set -uo pipefail
 out="${OUT:-gpu-run-out}"
 mkdir -p "$out"
@@ -27,3 +29,13 @@ grep -E -- "-cuda " "$out/bench.log"
 timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs > "$out/loading.log" 2>&1
 echo "loading: $?"
 cat "$out/loading.log"
+timeout "${KIVI_LIMIT:-90}" node scripts/gpu-kivi.mjs 65536 262144 > "$out/kivi.log" 2>&1
+echo "kivi: $?"
+cat "$out/kivi.log"
+# A/B: the same two timings with an earlier build packed as .gpu/kvslim-base.node.xz, if any.
+if [ -f .gpu/kvslim-base.node.xz ]; then
+  xz -dc .gpu/kvslim-base.node.xz > /tmp/kvslim-node/kvslim-base.node
+  echo "base build:"
+  KVSLIM_ADDON=/tmp/kvslim-node/kvslim-base.node timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs 2>&1 | tee "$out/loading-base.log"
+  KVSLIM_ADDON=/tmp/kvslim-node/kvslim-base.node timeout "${KIVI_LIMIT:-90}" node scripts/gpu-kivi.mjs 65536 262144 2>&1 | tee "$out/kivi-base.log"
+fi
