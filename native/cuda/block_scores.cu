@@ -132,8 +132,11 @@ __global__ void __launch_bounds__(kReduceThreads) entropyKernel(const BlockScore
   if (threadIdx.x == 0) args.entropies[h] = entropy / log(static_cast<double>(args.blocks));
 }
 
-// Ascending in the score; -0.0 counts as +0.0 (the CPU's comparison sees them equal).
+// Ascending in the score; -0.0 counts as +0.0 (the CPU's comparison sees them equal), and a NaN
+// ranks below everything, -inf included (Quest's bounds, the flat scan and SnapKV's votes rank a
+// NaN last).
 __device__ __forceinline__ unsigned long long orderKey(double s) {
+  if (isnan(s)) return 0;  // -inf's key is 0x000f...f
   const unsigned long long bits = static_cast<unsigned long long>(__double_as_longlong(s == 0 ? 0.0 : s));
   return (bits >> 63) != 0 ? ~bits : bits | 0x8000000000000000ull;
 }

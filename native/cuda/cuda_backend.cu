@@ -603,7 +603,8 @@ class CudaBackend final : public Backend {
     }
     std::fill(args.out, args.out + heads * size_t(args.k), int64_t(-1));
     if (stride == 0) return Status::ok();
-    // Rows go through the scores kernel in chunks whose scores stay within 2^25 floats (128 MiB).
+    // Rows go through the scores kernel in chunks whose scores stay within 2^25 floats (128 MiB),
+    // or of one row when a head holds more tokens than that (then stride floats).
     const int64_t rowLimit = int64_t(kMaxKvHeads) * cuda::scoresRowsPerBlock(args.headDim);
     const int64_t chunkRows = std::max<int64_t>(1, std::min<int64_t>({int64_t(args.rows), (int64_t(1) << 25) / stride, rowLimit}));
     const size_t k = size_t(std::min<int64_t>(args.k, stride));
@@ -990,6 +991,8 @@ class CudaBackend final : public Backend {
     unsigned char* device = nullptr;
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel.attention, &device));
     kernel.heads = reinterpret_cast<const KiviHeadSpan*>(device + layout.heads);
+    kernel.h2o = args.mass != nullptr;
+    for (int32_t h = 0; h < args.kvHeads; ++h) kernel.h2o = kernel.h2o || args.heads[h].evictedTokens > 0;
     cuda::CapturedMassArgs captured;
     if (args.mass != nullptr) {
       unsigned char* scratch = device + layout.scratch;
@@ -1009,13 +1012,12 @@ class CudaBackend final : public Backend {
       captured.massStride = args.massStride;
     }
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchKiviAttention(kernel, stream_), "KIVI attention launch"));
-    if (args.mass != nullptr) {
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchCapturedMass(captured, stream_), "KIVI attention mass launch"));
-      // Waited for with the output (finishAttention); a fault inside a kernel surfaces there.
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.mass, captured.mass, mass.massBytes, cudaMemcpyDeviceToHost, stream_),
-                                        "KIVI attention (mass copy)"));
-    }
-    return finishAttention(kernel.attention, layout, args.out, nullptr, "KIVI attention");
+    if (args.mass == nullptr) return finishAttention(kernel.attention, layout, args.out, nullptr, "KIVI attention");
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchCapturedMass(captured, stream_), "KIVI attention mass launch"));
+    // The mass comes back with the output, after the merge is enqueued (a copy to pageable memory
+    // holds the host until the kernels before it are done).
+    const HostCopy massCopy{args.mass, captured.mass, mass.massBytes};
+    return finishAttention(kernel.attention, layout, args.out, nullptr, "KIVI attention", &massCopy);
   }
   bool fusesKiviMass() const override { return true; }
 
@@ -1066,12 +1068,23 @@ class CudaBackend final : public Backend {
     return Status::ok();
   }
 
-  // After the attention kernel: merges key splits, copies the output (and kernel.lse into hostLse
-  // when both are set) to the host and waits (mutex_ held).
+  // A device-to-host copy that finishAttention makes once the merge is enqueued.
+  struct HostCopy {
+    void* host;
+    const void* device;
+    size_t bytes;
+  };
+
+  // After the attention kernel: merges key splits, copies `extra` (when set), the output (and
+  // kernel.lse into hostLse when both are set) to the host and waits (mutex_ held).
   Status finishAttention(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, float* hostLse,
-                         const char* what) {
+                         const char* what, const HostCopy* extra = nullptr) {
     if (kernel.splits > 1) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch"));
+    }
+    if (extra != nullptr) {
+      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(extra->host, extra->device, extra->bytes, cudaMemcpyDeviceToHost, stream_),
+                                        std::string(what) + " (kernels or mass copy)"));
     }
     // A fault inside a kernel surfaces at the first call that waits for it: the output copy.
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, kernel.out, layout.queryBytes, cudaMemcpyDeviceToHost, stream_),

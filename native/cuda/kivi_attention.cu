@@ -81,12 +81,18 @@ __device__ __forceinline__ bool inHole(const KiviHeadSpan& span, int token) {
   return token >= span.holeBegin && token < span.holeEnd;
 }
 
-// Tokens attention skips: a window policy's hole, or a token H2O flagged (its records stay).
+// Tokens attention skips: a window policy's hole, or (H2O) a token H2O flagged (its records stay).
+template <bool H2O>
 __device__ __forceinline__ bool masksToken(const KiviHeadSpan& span, int token) {
-  return inHole(span, token) || (token < span.evictedTokens && __ldg(span.evicted + token) != 0);
+  if constexpr (H2O) {
+    if (token < span.evictedTokens && __ldg(span.evicted + token) != 0) return true;
+  }
+  return inHole(span, token);
 }
 
-template <int BITS, int TPT, int DIMS, int ROWS>
+// H2O: the kernels that read the eviction flags and capture scores are compiled apart, so that
+// plain KIVI decode keeps its registers (the capture costs the 255-register kernels spills).
+template <int BITS, int TPT, int DIMS, int ROWS, bool H2O>
 __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKernelArgs kivi) {
   const AttentionKernelArgs& args = kivi.attention;
   constexpr int kCodesPerWord = 32 / BITS;
@@ -242,7 +248,7 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
         for (int w = 0; w < kRawWords; ++w) valueRaw[u][w] = 0u;
 #pragma unroll
         for (int k = 0; k < kRuns; ++k) valueScale[u][k] = valueMin[u][k] = 0;
-        valueKind[u] = first + u >= end || masksToken(span, token) ? 0 : token < span.quantizedValues ? 1 : 2;
+        valueKind[u] = first + u >= end || masksToken<H2O>(span, token) ? 0 : token < span.quantizedValues ? 1 : 2;
         if (valueKind[u] == 1) {
           const unsigned char* record = valueTokenRecord(kivi, span, token);
           const unsigned char* codes = record + (valueFirstBit / 32) * 4;
@@ -326,7 +332,7 @@ __global__ void __launch_bounds__(kKiviThreads) kiviAttentionKernel(const KiviKe
         for (int r = 0; r < ROWS; ++r)
           if (masked || token > last[r]) scores[u][r] = -INFINITY;
       }
-      if (kivi.scores != nullptr && lane == 0) {
+      if (H2O && kivi.scores != nullptr && lane == 0) {
         // H2O's mass: each row's scores of the tokens it sees (no hole here: walk index = token).
 #pragma unroll
         for (int u = 0; u < kUnroll; ++u) {
@@ -446,7 +452,11 @@ cudaError_t launchKiviRows(const KiviKernelArgs& args, int rows, cudaStream_t st
     if (rows > ROWS) return launchKiviRows<BITS, TPT, DIMS, ROWS * 2>(args, rows, stream);
   }
   const dim3 grid((args.attention.rowsPerHead + ROWS - 1) / ROWS, args.attention.kvHeads, args.attention.splits);
-  kiviAttentionKernel<BITS, TPT, DIMS, ROWS><<<grid, kKiviThreads, 0, stream>>>(args);
+  if (args.h2o) {
+    kiviAttentionKernel<BITS, TPT, DIMS, ROWS, true><<<grid, kKiviThreads, 0, stream>>>(args);
+  } else {
+    kiviAttentionKernel<BITS, TPT, DIMS, ROWS, false><<<grid, kKiviThreads, 0, stream>>>(args);
+  }
   return cudaGetLastError();
 }
 

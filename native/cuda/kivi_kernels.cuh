@@ -57,6 +57,9 @@ struct KiviKernelArgs {
   // row does not see are not written. Needs heads without a hole (walk index = token).
   float* scores = nullptr;
   long long scoresWidth = 0;
+  // Whether any head has eviction flags or scores are captured: the launch picks the kernels that
+  // read flags and capture (plain KIVI attention runs kernels without either).
+  bool h2o = false;
 };
 
 // Split plan of launchKiviAttention (the rows per block it picks, the keys each block streams).
