@@ -5,19 +5,10 @@
 // call included.
 // Usage: node scripts/gpu-kivi.mjs [tokens...]   (DEVICE=cpu: the same on the CPU backend)
 import { KVCache } from '../dist/lib/index.js';
+import { randomFloats as random } from './random-floats.mjs';
 
 const Q_HEADS = 32, KV_HEADS = 8, DIM = 128, CHUNK = 8192, RUNS = 30, BUDGET = 4096;
 const device = process.env.DEVICE ?? 'cuda';
-
-function random(count, seed) {
-  const out = new Float32Array(count);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < count; i++) {
-    s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
-    out[i] = (s / 4294967296 - 0.5) * 2;
-  }
-  return out;
-}
 
 function median(run) {
   for (let i = 0; i < 5; i++) run(i);

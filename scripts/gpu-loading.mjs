@@ -6,6 +6,7 @@
 // Usage: node scripts/gpu-loading.mjs [tokens...]   (DEVICE=cpu: the same on the CPU backend;
 // ONLY=full,actqkv: only the policies whose names start with these)
 import { KVCache } from '../dist/lib/index.js';
+import { randomFloats as random } from './random-floats.mjs';
 
 const Q_HEADS = 32, KV_HEADS = 8, DIM = 128, CHUNK = 8192, PROMPT = 256, RUNS = 30;
 const POLICIES = [
@@ -14,16 +15,6 @@ const POLICIES = [
   ['flat top-100', { kind: 'retrieval', index: 'flat', topK: 100, sink: 128, window: 512 }],
   ['actqkv 46x32', { kind: 'actqkv', sink: 128, window: 512 }],
 ];
-
-function random(count, seed) {
-  const out = new Float32Array(count);
-  let s = seed >>> 0 || 1;
-  for (let i = 0; i < count; i++) {
-    s ^= s << 13; s >>>= 0; s ^= s >>> 17; s ^= s << 5; s >>>= 0;
-    out[i] = (s / 4294967296 - 0.5) * 2;
-  }
-  return out;
-}
 
 const keys = random(CHUNK * KV_HEADS * DIM, 1), values = random(CHUNK * KV_HEADS * DIM, 2);
 const prompt = random(PROMPT * Q_HEADS * DIM, 3);

@@ -648,26 +648,9 @@ class CudaBackend final : public Backend {
                                           "top keys launch"));
       }
     }
-    TopBlocksArgs top;
-    top.kvHeads = args.kvHeads;
-    top.blocks = stride;
-    top.scores = best;
-    top.k = int64_t(k);
-    long long* chosen = reinterpret_cast<long long*>(device + outOffset);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "top keys selection launch"));
-    std::vector<long long> host(heads * k);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(host.data(), chosen, outBytes, cudaMemcpyDeviceToHost, stream_),
-                                      "top keys (kernels or output copy)"));
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (top keys)"));
-    // A head with fewer keys than the stride padded its scores with -inf, which rank last (ties to
-    // the lower key): its padding can only end its ascending list, and becomes -1.
-    for (size_t h = 0; h < heads; ++h) {
-      for (size_t i = 0; i < k; ++i) {
-        const long long token = host[h * k + i];
-        if (token >= 0 && token < args.heads[h].tokens) args.out[h * size_t(args.k) + i] = token;
-      }
-    }
-    return Status::ok();
+    std::vector<int64_t> counts(heads);
+    for (size_t h = 0; h < heads; ++h) counts[h] = args.heads[h].tokens;
+    return chooseTop(best, stride, k, reinterpret_cast<long long*>(device + outOffset), counts, args.out, args.k, "top keys");
   }
 
   Status attentionMass(const AttentionMassArgs& args) override {
@@ -706,23 +689,14 @@ class CudaBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionMass(args, kept, tail, device + layout.scratch, stream_),
                                       "attention mass launch"));
     if (args.chosen != nullptr) {
-      // Only the k chosen columns come back (the pooled votes have no NaN: massPoolKernel ranks it last).
-      TopBlocksArgs top;
-      top.kvHeads = 1;
-      top.blocks = args.columns;
-      top.scores = reinterpret_cast<const double*>(device + layout.scratch);
-      top.k = args.k;
-      long long* chosen = reinterpret_cast<long long*>(device + chosenOffset);
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "attention mass top-k launch"));
-      static_assert(sizeof(long long) == sizeof(int64_t), "positions are 64-bit on both sides");
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.chosen, chosen, chosenBytes, cudaMemcpyDeviceToHost, stream_),
-                                        "attention mass (kernels or chosen copy)"));
-    } else {
-      // Only the [columns] result comes back; a fault inside a kernel surfaces at this copy.
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, device + layout.scratch, size_t(args.columns) * sizeof(double),
-                                                        cudaMemcpyDeviceToHost, stream_),
-                                        "attention mass (kernels or output copy)"));
+      // Only the k chosen columns come back (a NaN vote ranks last, as on the CPU).
+      return chooseTop(reinterpret_cast<const double*>(device + layout.scratch), args.columns, size_t(args.k),
+                       reinterpret_cast<long long*>(device + chosenOffset), {args.columns}, args.chosen, args.k, "attention mass");
     }
+    // Only the [columns] result comes back; a fault inside a kernel surfaces at this copy.
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(args.out, device + layout.scratch, size_t(args.columns) * sizeof(double),
+                                                      cudaMemcpyDeviceToHost, stream_),
+                                      "attention mass (kernels or output copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (attention mass)");
   }
 
@@ -796,26 +770,9 @@ class CudaBackend final : public Backend {
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchPageBounds(args, reinterpret_cast<const float*>(device + queryOffset),
                                                              reinterpret_cast<const TopPagesHead*>(device), bounds, stride, stream_),
                                       "page bounds launch"));
-    TopBlocksArgs top;
-    top.kvHeads = args.kvHeads;
-    top.blocks = stride;
-    top.scores = bounds;
-    top.k = int64_t(k);
-    long long* chosen = reinterpret_cast<long long*>(device + outOffset);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), "top pages launch"));
-    std::vector<long long> host(heads * k);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(host.data(), chosen, outBytes, cudaMemcpyDeviceToHost, stream_),
-                                      "top pages (kernels or output copy)"));
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (top pages)"));
-    // A head with fewer pages than the stride padded its bounds with -inf, which rank last (ties
-    // to the lower page): its padding can only end its ascending list, and becomes -1.
-    for (size_t h = 0; h < heads; ++h) {
-      for (size_t i = 0; i < k; ++i) {
-        const long long page = host[h * k + i];
-        if (page >= 0 && page < args.heads[h].pages) args.out[h * size_t(args.k) + i] = page;
-      }
-    }
-    return Status::ok();
+    std::vector<int64_t> counts(heads);
+    for (size_t h = 0; h < heads; ++h) counts[h] = args.heads[h].pages;
+    return chooseTop(bounds, stride, k, reinterpret_cast<long long*>(device + outOffset), counts, args.out, args.k, "top pages");
   }
 
   Status blockScores(const BlockScoresArgs& args) override {
@@ -1065,6 +1022,34 @@ class CudaBackend final : public Backend {
     kernel.partialSum = reinterpret_cast<float*>(base + layout.partialSum);
     kernel.partialAcc = reinterpret_cast<float*>(base + layout.partialAcc);
     *device = base;
+    return Status::ok();
+  }
+
+  // Each head's k best of `stride` scores at `scores` ([heads, stride] doubles in device memory, the
+  // entries past a head's counts[h] padded with -inf) by the radix top-k into chosen (device, [heads,
+  // k]), copied back and waited for; out ([heads, outStride] host memory, filled with -1 by the
+  // caller) gets each head's choices ascending. Padding ranks last (ties to the lower index), so it
+  // can only end a head's list, and is dropped (mutex_ held).
+  Status chooseTop(const double* scores, int64_t stride, size_t k, long long* chosen, const std::vector<int64_t>& counts,
+                   int64_t* out, int64_t outStride, const char* what) {
+    static_assert(sizeof(long long) == sizeof(int64_t), "indices are 64-bit on both sides");
+    const size_t heads = counts.size();
+    TopBlocksArgs top;
+    top.kvHeads = int32_t(heads);
+    top.blocks = stride;
+    top.scores = scores;
+    top.k = int64_t(k);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchTopBlocks(top, chosen, stream_), std::string(what) + " selection launch"));
+    std::vector<long long> host(heads * k);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(host.data(), chosen, host.size() * sizeof(long long), cudaMemcpyDeviceToHost, stream_),
+                                      std::string(what) + " (kernels or output copy)"));
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaStreamSynchronize(stream_), std::string("cudaStreamSynchronize (") + what + ")"));
+    for (size_t h = 0; h < heads; ++h) {
+      for (size_t i = 0; i < k; ++i) {
+        const long long index = host[h * k + i];
+        if (index >= 0 && index < counts[h]) out[h * size_t(outStride) + i] = index;
+      }
+    }
     return Status::ok();
   }
 

@@ -71,9 +71,6 @@ class QuestPolicy final : public LoadingPolicy {
   }
 
  protected:
-  bool needsKeys() const override { return false; }
-  bool hostOnly() const override { return false; }  // the backend boxes and bounds (in parallel inside)
-
   // A layer's boxes catch up in one backend call for all its kv heads (one upload and one wait on a
   // GPU): the dynamic tokens that left the window since the last call.
   Status catchUp(SelectContext& context, int32_t layer, const float*, int64_t) override {
