@@ -298,6 +298,10 @@ describe('snapkv: the observation window votes once, at the end of the first pre
       { kind: 'snapkv', budget: 30, window: 16, kernel: 3 }, [['append', 60], ['prefill', 5], ...steps(3), ['prefill', 40], ['attend', 1]]],
     ['MHA, kernel 1, budget 20 window 4, chunked: only the first chunk decides', MHA, 4,
       { kind: 'snapkv', budget: 20, window: 4, kernel: 1 }, [['prefill', 50], ['prefill', 50], ['prefill', 50], ...steps(2)]],
+    // 80 queries x 4 = 320 rows per kv head: on the CPU the kept tokens join the new ones in one
+    // head-by-head prefill (one softmax), instead of two calls merged by log-sum-exp.
+    ['GQA, a second prompt of 80 over the kept tokens', GQA, 4,
+      { kind: 'snapkv', budget: 40, window: 8 }, [['prefill', 150], ...steps(2), ['prefill', 80], ...steps(2), ['prefill', 70]]],
   ];
   for (const [name, shape, pageTokens, select, plan] of cases) {
     it(`${name}: positions per kv head and outputs equal the reference`, () => {

@@ -54,6 +54,7 @@ class Backend {
   virtual bool fusesMass() const { return false; }
   // Whether attention() takes this call's older segment (AttentionArgs::olderHeads) itself; when
   // it does not, core attends the segment in a second call and merges the two by log-sum-exp.
+  // args.mass is non-null when the call will ask for the mass (its memory is not set yet).
   virtual bool joinsOlder(const AttentionArgs&) const { return false; }
   // Raw scores q.k * scale of one kv head (the attentionScores op).
   virtual Status attentionScores(const ScoresArgs& args) = 0;

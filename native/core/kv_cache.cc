@@ -468,7 +468,11 @@ Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64
   first.olderHeads = older;
   first.olderPageTokens = olderPageTokens;
   first.olderQ = olderQ;
-  if (backend_->joinsOlder(first)) return attendOnce(first, massLayer);
+  // Asked with the mass when the call wants it: a backend may join some calls only with it.
+  AttentionArgs asked = first;
+  double probe = 0;  // joinsOlder reads no memory: any non-null address says "with the mass"
+  if (massLayer >= 0) asked.mass = &probe;
+  if (backend_->joinsOlder(asked)) return attendOnce(first, massLayer);
   first.olderHeads = nullptr;
   first.olderQ = nullptr;
   const size_t rows = size_t(first.n) * size_t(first.qHeads);

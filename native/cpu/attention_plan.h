@@ -101,9 +101,11 @@ void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KV
                    int64_t at, float* keysTransposed);
 
 // The prefill's f32 copy of keys [first, first + count) of `head`: keys as transposed blocks
-// (transposeKeys at 0), values as rows of paddedDim, padding zeroed.
+// (transposeKeys at 0), values as rows of paddedDim, padding zeroed. With `older` (an older
+// segment in pages of args.olderPageTokens rows), the indices run over older's tokens, then head's.
 void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const KVHeadView& head, int64_t first,
-                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values);
+                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values,
+                  const KVHeadView* older = nullptr);
 // Writes a finished row's output (acc / sum) and, when asked, its lse (log2 units).
 void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,
                const float* acc);

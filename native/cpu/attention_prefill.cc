@@ -18,7 +18,8 @@ constexpr int64_t kChunkKeys = 2048;  // f32 K+V of a chunk: kvHeads x 2 MiB at 
 }  // namespace
 
 void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const KVHeadView& head, int64_t first,
-                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values) {
+                  int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values,
+                  const KVHeadView* older) {
   const int32_t dim = args.headDim;
   const size_t rowBytes = size_t(args.rowStride) * dtypeBytes(args.kvType);
   const int64_t blocks = (count + blockKeys - 1) / blockKeys;
@@ -38,15 +39,25 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
     }
   }
   std::fill(values + size_t(count) * size_t(paddedDim), values + size_t(padded) * size_t(paddedDim), 0.0f);
-  for (int64_t j = 0; j < count; ++j) {
-    const int64_t token = head.firstRow + first + j;
-    const void* value = static_cast<const uint8_t*>(head.valuePages[token / args.pageTokens]) + size_t(token % args.pageTokens) * rowBytes;
-    float* row = values + size_t(j) * size_t(paddedDim);
-    kernels.toFloat32(value, args.kvType, row, dim);
-    std::fill(row + dim, row + paddedDim, 0.0f);
+  // Tokens [from, from + n) of `view` (pages of pageTokens rows) as chunk indices at, at + 1, ...
+  const auto segment = [&](const KVHeadView& view, int64_t pageTokens, int64_t from, int64_t n, int64_t at) {
+    for (int64_t j = 0; j < n; ++j) {
+      const int64_t token = view.firstRow + from + j;
+      const void* value = static_cast<const uint8_t*>(view.valuePages[token / pageTokens]) + size_t(token % pageTokens) * rowBytes;
+      float* row = values + size_t(at + j) * size_t(paddedDim);
+      kernels.toFloat32(value, args.kvType, row, dim);
+      std::fill(row + dim, row + paddedDim, 0.0f);
+    }
+    const KeyBlocks layout{pageTokens, rowBytes, args.kvType, dim, paddedDim, blockKeys};
+    transposeKeys(kernels, layout, view, from, n, at, keysTransposed);
+  };
+  // With an older segment, joined index i is its token i below its count, then `head`'s.
+  const int64_t olderTokens = older != nullptr ? older->tokens : 0;
+  if (first < olderTokens) segment(*older, args.olderPageTokens, first, std::min(count, olderTokens - first), 0);
+  if (first + count > olderTokens) {
+    const int64_t at = std::max<int64_t>(0, olderTokens - first);
+    segment(head, args.pageTokens, first + at - olderTokens, count - at, at);
   }
-  const KeyBlocks layout{args.pageTokens, rowBytes, args.kvType, dim, paddedDim, blockKeys};
-  transposeKeys(kernels, layout, head, first, count, 0, keysTransposed);
 }
 
 void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,

@@ -17,6 +17,9 @@
 // - Deterministic mass: a kv head's row tiles are dealt (back and forth) to a number of slices
 //   fixed by the shape; a slice adds its tiles in order into its own accumulator, and the slices are added
 //   in slice order, whatever the thread count.
+// - An older segment (AttentionArgs::olderHeads: a policy's kept tokens, seen by every row) is
+//   joined in front of the head's keys, so kept and tail tokens are one softmax (and one mass,
+//   kept columns first) instead of two calls merged by log-sum-exp and a second pass for the mass.
 // - Memory: one kv head's keys and values as f32 (prefillHeadsFits); with the mass, per thread, one
 //   tile's probabilities (tile rows x tokens floats, block by block so a block's rows are adjacent;
 //   the tile shrinks to stay within kProbsBudget).
@@ -39,9 +42,12 @@ constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;  // doubles of slice ac
 constexpr int64_t kProbsBudget = int64_t(1) << 22;        // floats of one thread's tile probabilities (16 MiB)
 constexpr int64_t kHeadBudget = int64_t(1) << 26;         // floats of one head's f32 keys and values (256 MiB)
 
+// Tokens of a kv head's joined keys: its older segment's (AttentionArgs::olderHeads), then its own.
+int64_t olderTokensOf(const AttentionArgs& args, int32_t h) { return args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0; }
+
 int64_t paddedTokensOf(const KernelTable& kernels, const AttentionArgs& args) {
   int64_t maxTokens = 0;
-  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, olderTokensOf(args, h) + args.heads[h].tokens);
   const int32_t blockKeys = kernels.prefillBlockKeys;
   return std::max<int64_t>(blockKeys, (maxTokens + blockKeys - 1) / blockKeys * blockKeys);
 }
@@ -118,11 +124,15 @@ void attentionPrefillHeads(const AttentionArgs& args) {
   for (int32_t h = 0; h < args.kvHeads; ++h) {
     const KVHeadView& head = args.heads[h];
     const int64_t tokens = head.tokens;
+    // An older segment (kept tokens, seen by every row) comes first in the joined keys.
+    const int64_t older = olderTokensOf(args, h);
+    const int64_t joined = older + tokens;
     const int64_t chunk = int64_t(blockKeys) * 64;  // whole blocks: no two chunks write one block
-    pool.parallelFor((tokens + chunk - 1) / chunk, allowed, [&](int64_t c, int32_t) {
+    pool.parallelFor((joined + chunk - 1) / chunk, allowed, [&](int64_t c, int32_t) {
       const int64_t begin = c * chunk;
-      convertChunk(kernels, args, head, begin, std::min(chunk, tokens - begin), paddedDim, blockKeys,
-                   keys + size_t(begin) * size_t(paddedDim), values + size_t(begin) * size_t(paddedDim));
+      convertChunk(kernels, args, head, begin, std::min(chunk, joined - begin), paddedDim, blockKeys,
+                   keys + size_t(begin) * size_t(paddedDim), values + size_t(begin) * size_t(paddedDim),
+                   args.olderHeads != nullptr ? &args.olderHeads[h] : nullptr);
     });
     std::fill(columnSums.data(), columnSums.data() + columnFloats, 0.0);
 
@@ -145,7 +155,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
           const float* src = args.q + layout.queryIndex(h, firstRow + r) * dim;
           float* dst = b.q.data() + size_t(r) * size_t(paddedDim);
           for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
-          b.last[size_t(r)] = lastToken(args, tokens, layout.position(firstRow + r));
+          b.last[size_t(r)] = older + lastToken(args, tokens, layout.position(firstRow + r));
           lastOfTile = std::max(lastOfTile, b.last[size_t(r)]);
         }
         // Rows past the last tile row of a head are read by the register tile: zeros.
@@ -153,7 +163,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
         std::fill(b.maxes.begin(), b.maxes.end(), kNoScoreYet);
         std::fill(b.sums.begin(), b.sums.end(), 0.0f);
         std::fill(b.acc.begin(), b.acc.end(), 0.0f);
-        const int64_t keyEnd = std::min(tokens, lastOfTile + 1);
+        const int64_t keyEnd = std::min(joined, lastOfTile + 1);
         if (keyEnd > 0) {
           PrefillTile tile;
           tile.q = b.q.data();
@@ -194,10 +204,10 @@ void attentionPrefillHeads(const AttentionArgs& args) {
 
     if (!withMass) continue;
     double* mass = args.mass + size_t(h) * size_t(args.massStride);
-    std::fill(mass, mass + tokens, 0.0);
+    std::fill(mass, mass + joined, 0.0);
     for (int64_t s = 0; s < slices; ++s) {
       const double* part = columnSums.data() + size_t(s) * size_t(paddedTokens);
-      for (int64_t j = 0; j < tokens; ++j) mass[j] += part[j];
+      for (int64_t j = 0; j < joined; ++j) mass[j] += part[j];
     }
   }
 }
