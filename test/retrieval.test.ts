@@ -156,6 +156,14 @@ describe('retrieval flat: exact top-k of the dynamic part', () => {
     expect(run.loaded(0)[0].length).toBe(2 + 12 + 24);
   });
 
+  it('a call of 70 queries inside a window of 80: 280 rows per kv head, the loaded tokens joined in front of the window in one prefill', () => {
+    const run = new Run(GQA, { kind: 'retrieval', index: 'flat', topK: 12, sink: 3, window: 80 }, 14);
+    run.prefill(300);
+    run.step(70);
+    run.expectOutputOverLoaded(70);
+    expect(run.loaded(1)[0].length).toBe(3 + 12 + 80);
+  });
+
   it('prefill, short caches and calls wider than the window attend densely', () => {
     const run = new Run(GQA, { kind: 'retrieval', index: 'flat', topK: 4, sink: 4, window: 16 }, 13);
     run.prefill(18);
