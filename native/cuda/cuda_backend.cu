@@ -192,6 +192,16 @@ Status checkArgs(const AttentionArgs& args) {
   return checkAttentionMass(args, false);
 }
 
+// The limits of the top-k ops' kernels (topKeys, topPages): kv heads on a grid dimension, a
+// head's query rows staged in shared memory.
+Status checkTopLimits(const char* what, int32_t headDim, int32_t kvHeads) {
+  if (headDim > 1024 || kvHeads > kMaxKvHeads) {
+    return Status(ErrorCode::Shape, std::string(what) + " on CUDA need headDim <= 1024 and kvHeads <= " + std::to_string(kMaxKvHeads) +
+                                        ", but received headDim=" + std::to_string(headDim) + ", kvHeads=" + std::to_string(kvHeads));
+  }
+  return Status::ok();
+}
+
 // Rows and tokens of a scores call; q and out are only read or written when both are nonzero.
 Status checkScoresArgs(const ScoresArgs& args) {
   if (args.headDim < 1 || args.headDim > 1024) {
@@ -587,11 +597,7 @@ class CudaBackend final : public Backend {
 
   Status topKeys(const TopKeysArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkTopKeysArgs(args));
-    if (args.headDim > 1024 || args.kvHeads > kMaxKvHeads) {
-      return Status(ErrorCode::Shape, "top keys on CUDA need headDim <= 1024 and kvHeads <= " + std::to_string(kMaxKvHeads) +
-                                          ", but received headDim=" + std::to_string(args.headDim) +
-                                          ", kvHeads=" + std::to_string(args.kvHeads));
-    }
+    KVSLIM_RETURN_IF_ERROR(checkTopLimits("top keys", args.headDim, args.kvHeads));
     KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
     const size_t heads = size_t(args.kvHeads);
     int64_t stride = 0;
@@ -737,11 +743,7 @@ class CudaBackend final : public Backend {
 
   Status topPages(const TopPagesArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkTopPagesArgs(args));
-    if (args.headDim > 1024 || args.kvHeads > kMaxKvHeads) {
-      return Status(ErrorCode::Shape, "top pages on CUDA need headDim <= 1024 and kvHeads <= " + std::to_string(kMaxKvHeads) +
-                                          ", but received headDim=" + std::to_string(args.headDim) +
-                                          ", kvHeads=" + std::to_string(args.kvHeads));
-    }
+    KVSLIM_RETURN_IF_ERROR(checkTopLimits("top pages", args.headDim, args.kvHeads));
     int64_t stride = 0;
     for (int32_t h = 0; h < args.kvHeads; ++h) stride = std::max(stride, args.heads[h].pages);
     const size_t heads = size_t(args.kvHeads), k = size_t(std::min<int64_t>(args.k, std::max<int64_t>(stride, 1)));
