@@ -5,7 +5,9 @@
 // 56 ms against 6.8). Here flash-decoding's key splits (planDecode, SplitPartials, mergeSplits)
 // are walked a slice at a time: the slice's keys and values become f32 in the worker's L2-sized
 // buffers (convertChunk), and the prefill kernel's register tiles run every row of the head
-// against them. Each key is read from memory once, for all rows.
+// against them. Each key is read from memory once, for all rows. An older segment (a policy's
+// kept tokens, a loading policy's gathered ones; AttentionArgs::olderHeads) is walked in front of
+// each head's keys, in the same softmax.
 #include <algorithm>
 #include <vector>
 
@@ -30,7 +32,8 @@ struct SliceBuffers {
 
 bool decodesTiled(const AttentionArgs& args) {
   const int64_t rows = int64_t(args.n) * (args.qHeads / args.kvHeads);
-  return rows > kMaxDecodeDriverRows && rows <= kMaxTiledDecodeRows && args.mass == nullptr && args.olderHeads == nullptr;
+  return rows > kMaxDecodeDriverRows && rows <= kMaxTiledDecodeRows && args.mass == nullptr &&
+         (args.olderHeads == nullptr || args.olderQ == args.q);
 }
 
 void attentionDecodeTiled(const AttentionArgs& args) {
@@ -42,8 +45,10 @@ void attentionDecodeTiled(const AttentionArgs& args) {
   const int32_t blockKeys = kernels.prefillBlockKeys;
   const int32_t rows = int32_t(layout.rowsPerHead);
   const int32_t paddedRows = (rows + registerRows - 1) / registerRows * registerRows;
+  // A head's walk: its older segment's tokens, then its own.
+  const auto olderOf = [&](int32_t h) { return args.olderHeads != nullptr ? args.olderHeads[h].tokens : int64_t(0); };
   int64_t maxTokens = 0;
-  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens);
+  for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, olderOf(h) + args.heads[h].tokens);
   // Splits of whole slices, so only a split's last slice is short.
   const DecodePlan plan = planDecode(maxTokens, args.kvHeads, 1, args.threads, kSliceKeys);
 
@@ -75,17 +80,20 @@ void attentionDecodeTiled(const AttentionArgs& args) {
     const int32_t h = int32_t(task / plan.splits);
     const int64_t split = task % plan.splits;
     const KVHeadView& head = args.heads[h];
-    const int64_t begin = std::min(split * plan.splitTokens, head.tokens);
-    const int64_t end = std::min(begin + plan.splitTokens, head.tokens);
+    const int64_t older = olderOf(h);
+    const int64_t walk = older + head.tokens;
+    const int64_t begin = std::min(split * plan.splitTokens, walk);
+    const int64_t end = std::min(begin + plan.splitTokens, walk);
     std::fill(b.maxes.begin(), b.maxes.end(), kNoScoreYet);
     std::fill(b.sums.begin(), b.sums.end(), 0.0f);
     std::fill(b.acc.begin(), b.acc.end(), 0.0f);
     int64_t lastOfAll = -1;
-    for (int32_t r = 0; r < rows; ++r) lastOfAll = std::max(lastOfAll, layout.lastToken(args.causal, head.tokens, r));
+    for (int32_t r = 0; r < rows; ++r) lastOfAll = std::max(lastOfAll, older + layout.lastToken(args.causal, head.tokens, r));
     for (int64_t slice = begin; slice < std::min(end, lastOfAll + 1); slice += kSliceKeys) {
       const int64_t count = std::min(kSliceKeys, end - slice);
-      convertChunk(kernels, args, head, slice, count, paddedDim, blockKeys, b.keys.data(), b.values.data());
-      for (int32_t r = 0; r < rows; ++r) b.last[size_t(r)] = layout.lastToken(args.causal, head.tokens, r) - slice;
+      convertChunk(kernels, args, head, slice, count, paddedDim, blockKeys, b.keys.data(), b.values.data(),
+                   args.olderHeads != nullptr ? &args.olderHeads[h] : nullptr);
+      for (int32_t r = 0; r < rows; ++r) b.last[size_t(r)] = older + layout.lastToken(args.causal, head.tokens, r) - slice;
       // Tiles of up to kMaxPrefillRows rows share the converted slice from L2.
       for (int32_t first = 0; first < rows; first += kMaxPrefillRows) {
         const int32_t tileRows = std::min(kMaxPrefillRows, rows - first);

@@ -124,7 +124,7 @@ constexpr int64_t kMaxDecodeDriverRows = 16;
 void attentionDecode(const AttentionArgs& args);
 // A few more rows (attention_decode_tiled.cc): keys read once for all of a head's rows, a slice
 // at a time as f32, through the prefill kernel. For rows per kv head in (kMaxDecodeDriverRows,
-// kMaxTiledDecodeRows], without the mass or an older segment (decodesTiled).
+// kMaxTiledDecodeRows], without the mass; an older segment only with the same queries (decodesTiled).
 constexpr int64_t kMaxTiledDecodeRows = 256;
 bool decodesTiled(const AttentionArgs& args);
 void attentionDecodeTiled(const AttentionArgs& args);

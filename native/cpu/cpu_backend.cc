@@ -53,14 +53,12 @@ class CpuBackend final : public Backend {
 
   bool fusesMass() const override { return true; }
   bool fusesKiviMass() const override { return true; }
-  // The decode driver splits keys anyway: the older segment is more splits of the same merge. A
-  // prefill (or a few queries with the mass) that runs head by head joins it in front of each
-  // head's keys when they fit (cpu::attentionPrefillHeads), with the same queries for both.
+  // The decode driver splits keys anyway: the older segment is more splits of the same merge. The
+  // tiled decode driver, and a prefill (or a few queries with the mass) that runs head by head,
+  // walk it in front of each head's keys, given the same queries for both (cpu::decodesTiled,
+  // cpu::attentionPrefillHeads when the joined keys fit).
   bool joinsOlder(const AttentionArgs& args) const override {
-    if (decodes(args)) return true;
-    AttentionArgs tail = args;
-    tail.olderHeads = nullptr;
-    return args.olderQ == args.q && !cpu::decodesTiled(tail) && cpu::prefillHeadsFits(args);
+    return decodes(args) || (args.olderQ == args.q && (cpu::decodesTiled(args) || cpu::prefillHeadsFits(args)));
   }
 
   Status attentionScores(const ScoresArgs& args) override {
