@@ -94,14 +94,18 @@ Status LoadingPolicy::chooseLayer(SelectContext& context, int32_t layer, const f
   });
 }
 
-std::vector<float> LoadingPolicy::layerRows(const SelectContext& context, const float* q, int64_t n) const {
-  std::vector<float> rows;
-  rows.reserve(size_t(kvHeads_) * size_t(n) * size_t(context.qHeads / context.kvHeads) * size_t(context.headDim));
+Status LoadingPolicy::layerRows(const SelectContext& context, const float* q, int64_t n, std::vector<float>* rows,
+                                int32_t* rowsPerHead) const {
+  const int64_t perHead = n * int64_t(context.qHeads / context.kvHeads);
+  if (perHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "a loading policy takes at most 2^31 query rows per kv head");
+  *rowsPerHead = int32_t(perHead);
+  rows->clear();
+  rows->reserve(size_t(kvHeads_) * size_t(perHead) * size_t(context.headDim));
   for (int32_t h = 0; h < kvHeads_; ++h) {
     const std::vector<float> group = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
-    rows.insert(rows.end(), group.begin(), group.end());
+    rows->insert(rows->end(), group.begin(), group.end());
   }
-  return rows;
+  return Status::ok();
 }
 
 }  // namespace kvslim

@@ -39,8 +39,9 @@ class LoadingPolicy : public SelectPolicy {
   // and not empty. By default choose() per kv head; a policy whose backend op serves every head at
   // once overrides it.
   virtual Status chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t dynamicEnd, LoadPlan* plan);
-  // Every kv head's query rows, head after head ([kvHeads, n * group, headDim], groupRows order).
-  std::vector<float> layerRows(const SelectContext& context, const float* q, int64_t n) const;
+  // Every kv head's query rows, head after head ([kvHeads, n * group, headDim], groupRows order),
+  // and their count per kv head (below 2^31: the backend ops take it as int32).
+  Status layerRows(const SelectContext& context, const float* q, int64_t n, std::vector<float>* rows, int32_t* rowsPerHead) const;
   // body(h) for every kv head: in parallel when hostOnly(); the first error wins.
   Status forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body);
   // Brings one layer's indexes up to date; q, n as in index(). By default head by head through

@@ -121,12 +121,10 @@ class QuestPolicy final : public LoadingPolicy {
       mostPages = std::max(mostPages, head.pages);
     }
     if (mostPages == 0) return Status::ok();
-    const int64_t rowsPerHead = n * int64_t(context.qHeads / context.kvHeads);
-    if (rowsPerHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "quest: more than 2^31 query rows per kv head");
-    const std::vector<float> rows = layerRows(context, q, n);
+    std::vector<float> rows;
     TopPagesArgs args;
+    KVSLIM_RETURN_IF_ERROR(layerRows(context, q, n, &rows, &args.rows));
     args.q = rows.data();
-    args.rows = int32_t(rowsPerHead);
     args.kvHeads = kvHeads_;
     args.headDim = dim_;
     args.heads = boxes.data();

@@ -80,14 +80,12 @@ class RetrievalPolicy final : public LoadingPolicy {
   // and returns their top keys; the indexes search per kv head (choose).
   Status chooseLayer(SelectContext& context, int32_t layer, const float* q, int64_t n, int64_t dynamicEnd, LoadPlan* plan) override {
     if (options_.kind != IndexKind::Flat) return LoadingPolicy::chooseLayer(context, layer, q, n, dynamicEnd, plan);
-    const int64_t rowsPerHead = n * int64_t(context.qHeads / context.kvHeads);
-    if (rowsPerHead > int64_t(INT32_MAX)) return Status(ErrorCode::Shape, "retrieval: more than 2^31 query rows per kv head");
-    const std::vector<float> rows = layerRows(context, q, n);
+    std::vector<float> rows;
+    TopKeysArgs args;
+    KVSLIM_RETURN_IF_ERROR(layerRows(context, q, n, &rows, &args.rows));
     std::vector<KVHeadView> views(static_cast<size_t>(kvHeads_));
     for (int32_t h = 0; h < kvHeads_; ++h) views[size_t(h)] = context.store.tailRange(layer, h, sink_, dynamicEnd - sink_);
-    TopKeysArgs args;
     args.q = rows.data();
-    args.rows = int32_t(rowsPerHead);
     args.kvHeads = kvHeads_;
     args.headDim = context.headDim;
     args.kvType = context.store.shape().storeType;
