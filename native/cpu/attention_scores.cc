@@ -51,8 +51,10 @@ Status topKeys(const TopKeysArgs& args) {
   for (int32_t h = 0; h < args.kvHeads; ++h) {
     const int64_t tokens = args.heads[h].tokens;
     int64_t* out = args.out + size_t(h) * size_t(args.k);
-    std::fill(out, out + args.k, int64_t(-1));
-    if (tokens == 0) continue;
+    if (tokens == 0) {
+      std::fill(out, out + args.k, int64_t(-1));
+      continue;
+    }
     // On per-thread scratch: a fresh multi-MiB buffer per head and step costs page faults.
     float* scores = nullptr;
     try {
@@ -77,9 +79,7 @@ Status topKeys(const TopKeysArgs& args) {
       const float* row = scores + size_t(r) * size_t(tokens);
       for (int64_t t = 0; t < tokens; ++t) scores[t] = std::max(scores[t], row[t]);
     }
-    topK(scores, tokens, args.k, &best);  // higher score first, ties to the lower token
-    std::sort(best.begin(), best.end());
-    for (size_t i = 0; i < best.size(); ++i) out[i] = int64_t(best[i]);
+    topKAscending(scores, tokens, args.k, &best, out);  // higher score first, ties to the lower token
   }
   return Status::ok();
 }

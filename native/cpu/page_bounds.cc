@@ -110,10 +110,8 @@ Status topPages(const TopPagesArgs& args) {
     } else if (tasks > 1) {
       globalPool().parallelFor(tasks, threadsFor(args.threads, tasks), run);
     }
-    topK(bounds.data(), head.pages, args.k, &best);  // higher bound first, ties to the lower page
-    std::sort(best.begin(), best.end());
-    int64_t* out = args.out + size_t(h) * size_t(args.k);
-    for (int64_t i = 0; i < args.k; ++i) out[i] = i < int64_t(best.size()) ? int64_t(best[size_t(i)]) : -1;
+    // Higher bound first, ties to the lower page.
+    topKAscending(bounds.data(), head.pages, args.k, &best, args.out + size_t(h) * size_t(args.k));
   }
   return Status::ok();
 }

@@ -90,6 +90,12 @@ void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* 
   std::sort_heap(ids->begin(), ids->end(), better);
 }
 
+void topKAscending(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids, int64_t* out) {
+  topK(scores, count, k, ids);
+  std::sort(ids->begin(), ids->end());
+  for (int64_t i = 0; i < k; ++i) out[i] = i < int64_t(ids->size()) ? int64_t((*ids)[size_t(i)]) : -1;
+}
+
 void topPositions(const double* scores, int64_t count, int64_t k, int64_t* out) {
   std::vector<int64_t> order(static_cast<size_t>(count));
   std::iota(order.begin(), order.end(), 0);

@@ -74,6 +74,9 @@ std::unique_ptr<KeyIndex> makeGraphIndex(const IndexOptions& options);
 
 // The k best of scores[0..count) (ids = positions), best first, ties to the lower id.
 void topK(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids);
+// topK's choice ascending into out[0..k): min(k, count) positions, then -1 (the backends' top
+// pages and top keys); ids is the caller's scratch.
+void topKAscending(const float* scores, int64_t count, int64_t k, std::vector<uint32_t>* ids, int64_t* out);
 // The k (in [0, count]) highest of scores[0..count) into out, ascending: ties to the lower
 // position, a NaN score ranks last (SnapKV's choice, AttentionMassArgs::chosen).
 void topPositions(const double* scores, int64_t count, int64_t k, int64_t* out);
