@@ -488,34 +488,41 @@ function outlierWorkload(tokens: number, status: (text: string) => void, rope = 
 }
 
 /**
+ * Tokens of a T-token KIVI cache whose keys (floor(T/R)*R) and values (max(0, T-R)) are quantized;
+ * the rest are the f16 residual.
+ */
+function quantizedTokens(tokens: number) {
+  return { keyTokens: Math.floor(tokens / KIVI_RESIDUAL) * KIVI_RESIDUAL, valueTokens: Math.max(0, tokens - KIVI_RESIDUAL) };
+}
+
+/** A copy of [tokens, kvHeads, headDim] rows with each kv head's first `count` tokens replaced by roundTrip of them ([count, headDim]). */
+function perHead(source: Float32Array, count: number, roundTrip: (rows: Float32Array) => Float32Array): Float32Array {
+  const D = MODEL.headDim;
+  const out = source.slice();
+  const head = new Float32Array(count * D);
+  for (let h = 0; h < MODEL.kvHeads && count > 0; h++) {
+    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) head[t * D + d] = source[t * TOKEN_STRIDE + h * D + d];
+    const rows = roundTrip(head);
+    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) out[t * TOKEN_STRIDE + h * D + d] = rows[t * D + d];
+  }
+  return out;
+}
+
+/**
  * What a KIVI cache of T tokens holds (the store's rules), rebuilt with quantize()/dequantize() per
  * kv head: keys of the first floor(T/R)*R tokens per channel (or, for the ablation, per token in
  * groups of `group` channels), values of the first max(0, T-R) tokens per token; the rest as
  * appended (the data are exact in f16).
  */
 function rebuild(k: Float32Array, v: Float32Array, tokens: number, bits: KiviBits) {
-  const D = MODEL.headDim;
-  const keyTokens = Math.floor(tokens / KIVI_RESIDUAL) * KIVI_RESIDUAL;
-  const valueTokens = Math.max(0, tokens - KIVI_RESIDUAL);
-  const perChannel = k.slice(), perToken = k.slice(), values = v.slice();
-  const head = new Float32Array(Math.max(keyTokens, valueTokens) * D);
-  const gather = (source: Float32Array, h: number, count: number) => {
-    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) head[t * D + d] = source[t * TOKEN_STRIDE + h * D + d];
-    return head.subarray(0, count * D);
+  const { keyTokens, valueTokens } = quantizedTokens(tokens);
+  const roundTrip = (axis: 'channel' | 'token') => (x: Float32Array) =>
+    dequantize(quantize({ x, channels: MODEL.headDim, axis, bits, group: KIVI_GROUP }));
+  return {
+    perChannel: perHead(k, keyTokens, roundTrip('channel')),
+    perToken: perHead(k, keyTokens, roundTrip('token')),
+    values: perHead(v, valueTokens, roundTrip('token')),
   };
-  const scatter = (target: Float32Array, h: number, rows: Float32Array, count: number) => {
-    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) target[t * TOKEN_STRIDE + h * D + d] = rows[t * D + d];
-  };
-  const roundTrip = (x: Float32Array, axis: 'channel' | 'token') =>
-    dequantize(quantize({ x, channels: D, axis, bits, group: KIVI_GROUP }));
-  for (let h = 0; h < MODEL.kvHeads; h++) {
-    if (keyTokens > 0) {
-      scatter(perChannel, h, roundTrip(gather(k, h, keyTokens), 'channel'), keyTokens);
-      scatter(perToken, h, roundTrip(gather(k, h, keyTokens), 'token'), keyTokens);
-    }
-    if (valueTokens > 0) scatter(values, h, roundTrip(gather(v, h, valueTokens), 'token'), valueTokens);
-  }
-  return { perChannel, perToken, values };
 }
 
 /** float32 -> nearest binary16 (ties to even), as a number. */
@@ -577,23 +584,11 @@ function sparseRoundTrip(x: Float32Array, axis: 'channel' | 'token', bits: KiviB
 
 /** rebuild() for a dense-and-sparse store: keys per channel and values per token, with outliers. */
 function rebuildSparse(k: Float32Array, v: Float32Array, tokens: number, bits: KiviBits, fraction: number) {
-  const D = MODEL.headDim;
-  const keyTokens = Math.floor(tokens / KIVI_RESIDUAL) * KIVI_RESIDUAL;
-  const valueTokens = Math.max(0, tokens - KIVI_RESIDUAL);
-  const keys = k.slice(), values = v.slice();
-  const head = new Float32Array(Math.max(keyTokens, valueTokens) * D);
-  const gather = (source: Float32Array, h: number, count: number) => {
-    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) head[t * D + d] = source[t * TOKEN_STRIDE + h * D + d];
-    return head.subarray(0, count * D);
+  const { keyTokens, valueTokens } = quantizedTokens(tokens);
+  return {
+    keys: perHead(k, keyTokens, (x) => sparseRoundTrip(x, 'channel', bits, fraction)),
+    values: perHead(v, valueTokens, (x) => sparseRoundTrip(x, 'token', bits, fraction)),
   };
-  const scatter = (target: Float32Array, h: number, rows: Float32Array, count: number) => {
-    for (let t = 0; t < count; t++) for (let d = 0; d < D; d++) target[t * TOKEN_STRIDE + h * D + d] = rows[t * D + d];
-  };
-  for (let h = 0; h < MODEL.kvHeads; h++) {
-    if (keyTokens > 0) scatter(keys, h, sparseRoundTrip(gather(k, h, keyTokens), 'channel', bits, fraction), keyTokens);
-    if (valueTokens > 0) scatter(values, h, sparseRoundTrip(gather(v, h, valueTokens), 'token', bits, fraction), valueTokens);
-  }
-  return { keys, values };
 }
 
 /**
