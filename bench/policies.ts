@@ -499,12 +499,37 @@ function relate(row: PolicyRow): void {
   row.proportion = row.timeFraction / row.bytesFraction;
 }
 
+/**
+ * Runs each row's two turns (runTurns) in table order. The full row, which comes first, becomes
+ * the reference of the rows after it: its outputs (rel.L2) and a fork of its cache after turn 1
+ * (the paired decode timing).
+ */
+class TurnRunner {
+  private reference: Float32Array[] | null = null;
+  private full: KVCache | null = null;
+
+  run(row: PolicyRow, cache: KVCache, w: Workload, decode: TimingPlan): void {
+    const { outputs, afterTurn1 } = runTurns(row, cache, w, decode, this.reference, this.full);
+    if (row.kind === 'full') {
+      this.full = afterTurn1;
+      this.reference = outputs.map((turn) => turn[0]);
+      selfReference(row);
+      checkFull(row, w, outputs);
+    }
+    relate(row);
+  }
+
+  dispose(): void {
+    this.full?.dispose();
+    this.full = null;
+  }
+}
+
 /** The policy table: each row a fresh cache, prompt appended, question prefilled, then the two turns. */
 function runPolicyRows(context: PoliciesContext, plan: PoliciesPlan, w: Workload): PolicyRow[] {
   const { say, status } = context;
   const rows: PolicyRow[] = [];
-  let reference: Float32Array[] | null = null;
-  let full: KVCache | null = null;
+  const turns = new TurnRunner();
   try {
     for (const spec of rowSpecs(plan.tokens, plan.fractions, ['streaming', 'streaming+kivi2', 'snapkv', 'snapkv+kivi2', 'pyramidkv', 'duo', 'duo+kivi2'], LAYERS)) {
       const row = newRow(spec, 'policies', plan.tokens);
@@ -516,14 +541,7 @@ function runPolicyRows(context: PoliciesContext, plan: PoliciesPlan, w: Workload
         const filled = cache;
         row.ingestMs = elapsedMs(() => ingestQuestion(filled, w, spec.layers));
         row.selectMs = cache.stats().timeMs.compress / spec.layers;
-        const { outputs, afterTurn1 } = runTurns(row, cache, w, plan.decode, reference, full);
-        if (spec.kind === 'full') {
-          full = afterTurn1;
-          reference = outputs.map((turn) => turn[0]);
-          selfReference(row);
-          checkFull(row, w, outputs);
-        }
-        relate(row);
+        turns.run(row, cache, w, plan.decode);
       } catch (error) {
         Object.assign(row, { status: 'ERROR', error: errorText(error) });
       } finally {
@@ -532,7 +550,7 @@ function runPolicyRows(context: PoliciesContext, plan: PoliciesPlan, w: Workload
       say(policiesLine(row));
     }
   } finally {
-    full?.dispose();
+    turns.dispose();
   }
   return rows;
 }
@@ -578,8 +596,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
       }
     }
     const rows = entries.map((e) => e.row);
-    let reference: Float32Array[] | null = null;
-    let full: KVCache | null = null;
+    const turns = new TurnRunner();
     try {
       for (const entry of entries) {
         const { row, spec, samples } = entry;
@@ -587,14 +604,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
           try {
             status(`${row.id}: two turns, timing decode...`);
             row.prefill = summarizeSamples(samples);
-            const { outputs, afterTurn1 } = runTurns(row, entry.cache, w, plan.decode, reference, full);
-            if (spec.kind === 'full') {
-              full = afterTurn1;
-              reference = outputs.map((turn) => turn[0]);
-              selfReference(row);
-              checkFull(row, w, outputs);
-            }
-            relate(row);
+            turns.run(row, entry.cache, w, plan.decode);
             const fullPrefill = rows[0].prefill;
             if (fullPrefill !== undefined && spec.kind !== 'full') row.prefillOverhead = row.prefill.medianMs / fullPrefill.medianMs - 1;
           } catch (error) {
@@ -607,7 +617,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
         say(prefillPoliciesLine(row));
       }
     } finally {
-      full?.dispose();
+      turns.dispose();
     }
     return rows;
   } finally {
