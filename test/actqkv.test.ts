@@ -3,7 +3,7 @@
 // equals float64 attention over exactly the loaded positions, the per-layer block counts follow
 // the step budget and its clamp, stats().tokens.loaded follows, fork() copies the policy state,
 // and bad options throw ERR_OPTION.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { type ActQKVChoice, type ActQKVOptions, type ActQKVShape, ActQKVReference, HISTORY } from './reference/actqkv.js';
@@ -12,14 +12,12 @@ import { roundTo } from './reference/half.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 // f32 arithmetic over exactly representable stored values.
 const TOLERANCE = 1e-4;
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 type Store = 'f32' | 'f16';
 

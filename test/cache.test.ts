@@ -1,10 +1,11 @@
 // KVCache (lib/cache.ts over native/core/kv_cache.cc and paged_store.cc): every output equals the
 // float64 reference over the token sequence the cache holds, rounded to its store dtype.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, KVSlimError, type KVCacheOptions } from '../lib/index.js';
 import { Random, relativeL2, rows } from './helpers/random.js';
 import { type Heads, LayerMirror, type Tokens, encodeTokens, randomTokens, sliceTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import type { Dtype } from './reference/half.js';
 
 // Relative L2 bound against the reference, and between the decode and prefill paths. As in
@@ -18,7 +19,7 @@ const IDENTICAL = 0;
 const DTYPES: Dtype[] = ['f32', 'f16', 'bf16'];
 const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
 
-const open: KVCache[] = [];
+const open = disposedAfterEach<KVCache>();
 /** A cache disposed after the test. */
 function cacheOf(options: Partial<KVCacheOptions> & { store?: Dtype } = {}): KVCache {
   const { store, ...rest } = options;
@@ -28,9 +29,6 @@ function cacheOf(options: Partial<KVCacheOptions> & { store?: Dtype } = {}): KVC
   open.push(cache);
   return cache;
 }
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
 
 function expectClose(actual: Float32Array, expected: ArrayLike<number>, bound = TOLERANCE): void {
   expect(actual).toBeInstanceOf(Float32Array);

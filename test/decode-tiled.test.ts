@@ -5,22 +5,20 @@
 // reference over what the store holds: rows on both sides of the driver's limits (16 and 256),
 // GQA and MHA, head sizes that are not a whole number of vectors, caches of 1 token up to several
 // splits, partial slices, every store dtype, attend and step, and one and two threads.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache } from '../lib/index.js';
 import { expectClose } from './helpers/outputs.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { type Heads, LayerMirror, randomTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 // f32 accumulation over up to 5000 keys, as cache.test.ts.
 const TOLERANCE = 2e-5;
 
 const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 interface Case {
   name: string;

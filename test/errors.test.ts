@@ -1,6 +1,6 @@
 // Bad input: a KVSlimError with a stable code and a message naming the argument, never a crash,
 // never a changed cache (DESIGN.md, Errors).
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, attention, backends, probeMachine, setThreads } from '../lib/index.js';
 import { Random } from './helpers/random.js';
@@ -8,6 +8,7 @@ import { type Heads, randomTokens } from './helpers/tokens.js';
 import { encodeHalf } from './reference/half.js';
 import { expectError } from './helpers/errors.js';
 import { resealed } from './helpers/saved.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 
 const heads: Heads = { qHeads: 4, kvHeads: 2, headDim: 64 };
@@ -17,15 +18,12 @@ const k = random.tensor(5 * 2 * 64);
 const v = random.tensor(5 * 2 * 64);
 const base = { q, k, v, ...heads };
 
-const open: KVCache[] = [];
+const open = disposedAfterEach<KVCache>();
 function cacheOf(options: Record<string, unknown> = {}): KVCache {
   const cache = new KVCache({ layers: 2, ...heads, device: 'cpu', ...options });
   open.push(cache);
   return cache;
 }
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
 
 describe('attention(): shapes (ERR_SHAPE)', () => {
   it('q, k or v of the wrong length', () => {

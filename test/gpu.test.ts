@@ -1,12 +1,13 @@
 // The CUDA backend (native/cuda/) against the CPU path and the float64 reference, on the shapes of
 // attention.test.ts, and a KVCache living on the GPU. Runs on a GPU host with `npm run test:gpu`
 // (KVSLIM_TEST_DEVICE=cuda); elsewhere only the CPU-side checks at the bottom run.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, backends } from '../lib/index.js';
 import { ATTENTION_CASES, compareAttention, label } from './helpers/attention-cases.js';
 import { Random, relativeL2, rows } from './helpers/random.js';
 import { type Heads, LayerMirror, randomTokens, sliceTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { roundTo } from './reference/half.js';
 import { groupRows, pageBound } from './reference/loading.js';
 
@@ -15,10 +16,7 @@ import { groupRows, pageBound } from './reference/loading.js';
 const TOLERANCE = 2e-5;
 const onGpu = process.env.KVSLIM_TEST_DEVICE === 'cuda';
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 describe.runIf(onGpu)('CUDA: attention()', () => {
   it('CUDA is built and a GPU answers', () => {

@@ -11,7 +11,7 @@
 //   - a KiviMirror per layer holds what the KIVI store holds, by KIVI index;
 //   - indexPositions maps each KIVI index to its position.
 // KVSLIM_KIVI_MASS_FLOATS (read at the first such call) splits multi-query calls into chunks.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache } from '../lib/index.js';
 import { Random } from './helpers/random.js';
@@ -19,6 +19,7 @@ import { type Tokens, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose, expectIdentical } from './helpers/outputs.js';
 import { MASK_SIZE_AT, resealed } from './helpers/saved.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { type KiviConfig, KiviMirror } from './reference/kivi.js';
 import { type SelectShape, SelectMirror } from './reference/select.js';
 
@@ -34,10 +35,7 @@ const MHA: SelectShape = { layers: 1, qHeads: 4, kvHeads: 4, headDim: 32 };
 type Op = ['prefill' | 'step' | 'append', number];
 const steps = (count: number, n = 1): Op[] => Array.from({ length: count }, () => ['step', n]);
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 interface H2O {
   kind: 'h2o';

@@ -2,7 +2,7 @@
 // attention over the K and V the cache holds by the flush rules (test/reference/kivi.ts): keys
 // quantized per channel in whole multiples of R tokens, values per token except the last R, the
 // rest f16. Streamed and one-shot appends give byte-identical state; stats count the bytes held.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, attention } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
@@ -12,6 +12,7 @@ import { type Dtype, roundTo } from './reference/half.js';
 import { type KiviConfig, KiviMirror, kiviHeadBytes, quantizedKeyTokens, quantizedValueTokens } from './reference/kivi.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose as expectCloseWithin, expectIdentical } from './helpers/outputs.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 // Relative L2 against the float64 reference over the reference-dequantized K and V: the kernels
 // dequantize exactly as the reference does (code * s + z with the f16 s and z) and add only f32
@@ -26,15 +27,12 @@ const LOSSY = 1e-3;
 // `npm run test:gpu` (KVSLIM_TEST_DEVICE=cuda) runs the same checks on a cache living on the GPU.
 const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
-const open: KVCache[] = [];
+const open = disposedAfterEach<KVCache>();
 function kiviCache(heads: Heads, config: Pick<KiviConfig, 'bits'> & Partial<KiviConfig>, layers = 1): KVCache {
   const cache = new KVCache({ layers, ...heads, device: DEVICE, policy: { store: { kind: 'kivi', ...config } } });
   open.push(cache);
   return cache;
 }
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
 
 function expectClose(actual: Float32Array, expected: ArrayLike<number>, what: string, bound = TOLERANCE): void {
   expectCloseWithin(actual, expected, what, bound);

@@ -2,7 +2,7 @@
 // keys arrive before the rotary embedding and are quantized that way; every output equals float64
 // attention over the reference-dequantized pre-RoPE keys (f16 residual) rotated by their positions
 // (test/reference/kivi.ts attendPreRope), with the post-RoPE queries as given.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
@@ -12,11 +12,12 @@ import { type KiviConfig, KiviMirror, type RopeSpec, attendPreRope, ropeRows } f
 import { referenceAttention } from './reference/attention.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose as expectCloseWithin, expectIdentical } from './helpers/outputs.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 const TOLERANCE = 1e-4;
 const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
-const open: KVCache[] = [];
+const open = disposedAfterEach<KVCache>();
 function preRopeCache(heads: Heads, config: KiviConfig, rope: RopeSpec, layers = 1, device = 'cpu'): KVCache {
   const cache = new KVCache({
     layers, ...heads, device: device as 'cpu', rope, policy: { store: { kind: 'kivi', ...config, preRope: true } },
@@ -24,9 +25,6 @@ function preRopeCache(heads: Heads, config: KiviConfig, rope: RopeSpec, layers =
   open.push(cache);
   return cache;
 }
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
 
 function expectClose(actual: Float32Array, expected: ArrayLike<number>, what: string, bound = TOLERANCE): void {
   expectCloseWithin(actual, expected, what, bound);

@@ -4,13 +4,14 @@
 // equals float64 attention over what a KIVI layer holds after receiving each kv head's kept tokens
 // in order (test/reference/kivi.ts, the flush rules), positions stay absolute, and the bytes are
 // the KIVI bytes of the kept count.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { type Tokens, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose } from './helpers/outputs.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { type KiviConfig, KiviMirror } from './reference/kivi.js';
 import { type ReferenceSelectSpec, type SelectShape, SelectMirror, pyramidPrefixBudget } from './reference/select.js';
 
@@ -25,10 +26,7 @@ const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 const GQA: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64 };
 const MHA: SelectShape = { layers: 3, qHeads: 4, kvHeads: 4, headDim: 32 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 function cacheOf(shape: SelectShape, select: ReferenceSelectSpec, kivi: KiviConfig, pageTokens = 16): KVCache {
   const cache = new KVCache({

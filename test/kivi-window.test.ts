@@ -5,7 +5,7 @@
 // what a plain KIVI layer holds, restricted to the positions the selection reference keeps
 // (test/reference/select.ts, the same trimming as over an f16 store); positions stay absolute;
 // the bytes are the KIVI bytes minus the pages wholly inside the hole.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
@@ -13,6 +13,7 @@ import { type Tokens, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose } from './helpers/outputs.js';
 import { resealed } from './helpers/saved.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { type KiviConfig, KiviMirror, kiviHeadBytes, kiviOutliers, quantizedKeyTokens, quantizedValueTokens, ropeRows, type RopeSpec } from './reference/kivi.js';
 import { type ReferenceSelectSpec, type SelectShape, SelectMirror } from './reference/select.js';
 
@@ -26,10 +27,7 @@ const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 const GQA: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64 };
 const MHA: SelectShape = { layers: 2, qHeads: 4, kvHeads: 4, headDim: 32 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 type Call = ['prefill' | 'step' | 'append', number];
 const steps = (count: number, n = 1): Call[] => Array.from({ length: count }, () => ['step', n]);

@@ -6,10 +6,11 @@
 // keys as stored, and a top-k by the float64 bound (test/reference/loading.ts). Plus page sizes 1
 // and larger than the dynamic part, f32 / f16 / bf16 stores, GQA and headDim 40, Quest pages that
 // straddle store pages, fork with diverging appends, and stats().bytes.index.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec, pageBounds } from '../lib/index.js';
 import { Random } from './helpers/random.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { type Dtype, roundTo } from './reference/half.js';
 import { checkTopK, groupRows, pageBound } from './reference/loading.js';
 
@@ -21,10 +22,7 @@ const ODD: Shape = { layers: 1, qHeads: 6, kvHeads: 3, headDim: 40 };
 
 interface Quest { sink: number; window: number; pageSize: number; pages: number }
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 /** A quest cache and the keys it stores (rounded to the store dtype), per layer and kv head. */
 class QuestRun {

@@ -4,12 +4,13 @@
 // set per kv head (flat: exact top-k; quest: top pages by the bound), the output equals float64
 // attention over exactly the loaded set, incremental indexing of tokens that leave the window,
 // stats, fork and errors. The index kinds (ivf, graph) are checked for recall here and in key-index.test.ts.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
 import { roundTo } from './reference/half.js';
 import { Random, relativeL2 } from './helpers/random.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { type LayerData, attentionOver, checkTopK, groupRows, groupScore, pageBound } from './reference/loading.js';
 
 // f32 store: the cache holds exactly the test's keys; outputs differ from float64 by f32 rounding.
@@ -21,10 +22,7 @@ interface Shape { layers: number; qHeads: number; kvHeads: number; headDim: numb
 const GQA: Shape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 const ODD: Shape = { layers: 1, qHeads: 3, kvHeads: 3, headDim: 19 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 /** A cache and the tokens it was given, per layer. */
 class Run {

@@ -3,7 +3,7 @@
 // the float64 reference does (test/reference/select.ts). Odd head size (72: SIMD tails), GQA
 // 8q/2kv, f16 and f32 stores, pages that tiles cross, and an H2O call whose rows see a kept
 // segment and a long tail together. The sums do not depend on the thread count.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type SelectSpec } from '../lib/index.js';
 import { roundTo } from './reference/half.js';
@@ -12,11 +12,9 @@ import {
 } from './reference/select.js';
 import { Random } from './helpers/random.js';
 import { randomTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 type Call = ['prefill' | 'step', number];
 

@@ -3,7 +3,7 @@
 // gives bit-identical outputs and positions on both (SnapKV saved before its prefill still selects
 // at it; H2O carries its accumulated scores; a KIVI layer keeps its codes). Damaged bytes give
 // ERR_CORRUPT, never a crash.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
 import { Random } from './helpers/random.js';
@@ -11,13 +11,11 @@ import { type Heads, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
 import { MASK_SIZE_AT, resealed } from './helpers/saved.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 function cacheOf(select: SelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache {
   const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 4, policy: { select }, ...extra });

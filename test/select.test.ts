@@ -2,7 +2,7 @@
 // keeps equal the float64 reference's (test/reference/select.ts) exactly after every call, and
 // every output equals reference attention over what the kv head kept when the call's queries
 // attended. Also budgets, stats bytes, fork, and the errors of policy.select.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
 import { referenceAttention } from './reference/attention.js';
@@ -14,6 +14,7 @@ import { Random, relativeL2 } from './helpers/random.js';
 import { LayerMirror, type Tokens, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { savedH2OScores } from './helpers/saved.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 // f16 store, f32 arithmetic over exactly representable stored values: errors are ~1e-6.
 const TOLERANCE = 1e-4;
@@ -22,10 +23,7 @@ const F16_BYTES = 2;
 const GQA: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64 };
 const MHA: SelectShape = { layers: 2, qHeads: 4, kvHeads: 4, headDim: 32 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 function cacheOf(shape: SelectShape, select: SelectSpec | ReferenceSelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache {
   const cache = new KVCache({ ...shape, device: 'cpu', pageTokens: 4, policy: { select: select as SelectSpec }, ...extra });

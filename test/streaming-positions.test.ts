@@ -1,17 +1,15 @@
 // StreamingLLM 'cache' positions (methods/streaming.md): the sink logits see the query rotated by
 // (its cache slot - its absolute position), the window logits the query as is; keys are never
 // re-rotated. Checked against a float64 reference that rotates the query and merges both parts.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache, KVSlimError } from '../lib/index.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { type Heads, randomTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 import { roundTo } from './reference/half.js';
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 type Style = 'adjacent' | 'half';
 

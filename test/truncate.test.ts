@@ -3,22 +3,20 @@
 // LayerMirror, rebuilt from the kept prefix), across page boundaries, for each dense store; forks
 // that share the truncated pages keep theirs; bytes fall with the tokens; save/load round-trips;
 // and every bad call is an error that leaves the cache as it was.
-import { afterEach, describe, expect, it } from 'vitest';
+import { describe, expect, it } from 'vitest';
 
 import { KVCache } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
 import { expectClose } from './helpers/outputs.js';
 import { Random } from './helpers/random.js';
 import { type Heads, LayerMirror, type Tokens, randomTokens, sliceTokens } from './helpers/tokens.js';
+import { disposedAfterEach } from './helpers/lifetime.js';
 
 const TOLERANCE = 2e-5;  // f32 accumulation, as cache.test.ts
 const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 const heads: Heads = { qHeads: 8, kvHeads: 2, headDim: 64 };
 
-const open: KVCache[] = [];
-afterEach(() => {
-  for (const cache of open.splice(0)) cache.dispose();
-});
+const open = disposedAfterEach<KVCache>();
 
 function cacheOf(store: 'f32' | 'f16' | 'bf16', extra: Record<string, unknown> = {}): KVCache {
   // pageTokens 16: truncation points fall inside pages, on their edges, and free whole pages.
