@@ -94,9 +94,9 @@ void attentionDecodeTiled(const AttentionArgs& args) {
       convertChunk(kernels, args, head, slice, count, paddedDim, blockKeys, b.keys.data(), b.values.data(),
                    args.olderHeads != nullptr ? &args.olderHeads[h] : nullptr);
       for (int32_t r = 0; r < rows; ++r) b.last[size_t(r)] = older + layout.lastToken(args.causal, head.tokens, r) - slice;
-      // Tiles of up to kMaxPrefillRows rows share the converted slice from L2.
-      for (int32_t first = 0; first < rows; first += kMaxPrefillRows) {
-        const int32_t tileRows = std::min(kMaxPrefillRows, rows - first);
+      // Tiles of up to kPrefillTileRows rows share the converted slice from L2.
+      for (int32_t first = 0; first < rows; first += kPrefillTileRows) {
+        const int32_t tileRows = std::min(kPrefillTileRows, rows - first);
         PrefillTile tile;
         tile.q = queries.data() + (size_t(h) * size_t(paddedRows) + size_t(first)) * size_t(paddedDim);
         tile.rows = tileRows;

@@ -106,7 +106,7 @@ void attentionPrefill(const AttentionArgs& args) {
   const int32_t dim = args.headDim;
   const int32_t paddedDim = paddedDimOf(kernels, dim);
   const int32_t registerRows = kernels.prefillRows;
-  const int32_t tileRows = kMaxPrefillRows;
+  const int32_t tileRows = kPrefillTileRows;
   const int32_t blockKeys = kernels.prefillBlockKeys;
   const int64_t tilesPerHead = (layout.rowsPerHead + tileRows - 1) / tileRows;
   // Rows padded to whole tiles so a register tile may read all of its query rows.
@@ -156,7 +156,7 @@ void attentionPrefill(const AttentionArgs& args) {
       const int64_t firstRow = (tilesPerHead - 1 - task / args.kvHeads) * tileRows;
       const size_t rowIndex = size_t(h) * size_t(paddedRows) + size_t(firstRow);
       const int32_t rows = int32_t(std::min<int64_t>(tileRows, layout.rowsPerHead - firstRow));
-      int64_t lastInChunk[kMaxPrefillRows];
+      int64_t lastInChunk[kPrefillTileRows];
       int64_t lastOfTile = -1;
       for (int32_t r = 0; r < rows; ++r) {
         lastInChunk[r] = last[rowIndex + size_t(r)] - chunkBegin;

@@ -62,7 +62,9 @@ struct MassTile {
 
 // Up to kMaxPrefillRows rows against f32 key blocks prepared by the driver: keys transposed per
 // block ([paddedDim, blockKeys]) and values row-major ([keys, paddedDim]), both zero-padded.
-constexpr int32_t kMaxPrefillRows = 64;
+// kPrefillTileRows is the tile the drivers take unless they have a reason to take more.
+constexpr int32_t kMaxPrefillRows = 128;
+constexpr int32_t kPrefillTileRows = 64;
 struct PrefillTile {
   const float* q;            // [rows rounded up to prefillRows, paddedDim], scaled, zero-padded
   int32_t rows;
