@@ -728,7 +728,7 @@ export function policiesTargets(record: PoliciesRecord | null): TargetResult[] {
   // H2O scores every prompt query (O(T^2), like the prefill). On the CPU the prompt's mass is
   // summed inside the prefill's attention, so the whole call's time over the full cache's is the
   // measure (select ms is only the eviction), at the target's 32K. Its share does not fall as the
-  // prompt grows: a tile's probabilities (64 rows x T floats) leave L2 past about 8K.
+  // prompt grows: a tile's probabilities (64-128 rows x T floats) leave L2 past a few thousand tokens.
   const long = record?.h2oLong ?? null;
   const L = tokenLabel(long?.tokens ?? plan.h2oLongTokens);
   const h2oValue = long?.overhead ?? null;
@@ -787,7 +787,7 @@ export function policiesNotes(record: PoliciesRecord): string[] {
       `at the probed FMA peak (${ms(record.causalPrefill.atPeakMs)} ms: no prefill is faster, so the share is an upper bound; a ` +
       `${tokenLabel(record.plan.tokens)} causal prefill itself takes about 40 s on 2 cores: the h2o line measures one); h2o: the whole ` +
       `prefill() at ${tokenLabel(record.plan.h2oLongTokens)} over the full cache's (line under the table), both growing as T^2; the mass ` +
-      `writes and reads back each probability (8 bytes next to 256 FMAs), which past about 8K tokens no longer stays in L2. On the CPU the prompt's attention mass ` +
+      `writes and reads back each probability (8 bytes next to 256 FMAs), which past 4K-8K tokens no longer stays in L2. On the CPU the prompt's attention mass ` +
       `is summed by the prefill's own attention kernel, so h2o's select ms is its eviction alone.`,
     `Rerun the section: ${record.reproduce}.`,
   ];

@@ -360,7 +360,7 @@ __attribute__((always_inline)) inline void prefetchBlockAhead(const PrefillTile&
 }
 
 // CAPTURE (attention mass): each block's probabilities are also copied to its slab of tile.probs
-// once softmax has made them. They are made in the L1 scratch all the same: past about 8K keys a
+// once softmax has made them. They are made in the L1 scratch all the same: past 4K-8K keys a
 // tile's slab is out of L2, and softmax's stores and reloads there stalled the kernel (a 16K
 // prompt on one thread: +17% over the plain prefill, +12% with the copy). The pending mass reads
 // each slab block (prefetched) just before the copy overwrites it, so the copy's stores hit.

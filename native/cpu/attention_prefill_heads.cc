@@ -9,7 +9,7 @@
 // rows are done, their final max and sum turn those into probabilities (massTile), added into
 // double column sums. That happens inside the slice's next tile: its kernel sums each block of
 // the slab (prefetched) just before overwriting it (PrefillTile::pending), so the slab, out of L2
-// past 8K keys, is read from memory once per tile instead of read for the sums and again for the
+// past 4K-8K keys, is read from memory once per tile instead of read for the sums and again for the
 // next capture's stores. A slice's tiles come in increasing length, so the next tile covers every
 // block of the previous one.
 // - The output is attentionPrefill's bit for bit: the same kernel over the same key blocks in the
