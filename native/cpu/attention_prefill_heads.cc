@@ -91,7 +91,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
   const int64_t blocks = paddedTokens / blockKeys;
   const bool withMass = args.mass != nullptr;
   // Tiles of kMaxPrefillRows rows stream each head's f32 keys and values (out of L2 past a few
-  // thousand tokens) half as often as tiles of kPrefillTileRows: 4K-32K prompts prefill 5-6%
+  // thousand tokens) half as often as tiles of kPrefillTileRows: 4K-32K prompts prefill 3-6%
   // faster (paired, 2 threads), H2O's too. The smaller tile where the larger would leave too few
   // tiles to balance the threads.
   int32_t tileRows = (layout.rowsPerHead + kMaxPrefillRows - 1) / kMaxPrefillRows >= kTilesPerThread * allowed ? kMaxPrefillRows
