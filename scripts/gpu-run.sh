@@ -2,10 +2,11 @@
 # On a GPU machine without network, from the repository root, with .gpu (scripts/gpu-pack.sh) and
 # dist beside it: unpacks node, the test dependencies and the CUDA addon, then runs the whole test
 # suite on the GPU (KVSLIM_TEST_DEVICE=cuda), the CUDA bench rows, the loading policies' decode
-# (scripts/gpu-loading.mjs) and KIVI's (scripts/gpu-kivi.mjs) on the GPU, the last two also with
+# (scripts/gpu-loading.mjs), KIVI's (scripts/gpu-kivi.mjs) and the selection policies' prefill
+# (scripts/gpu-policies.mjs) on the GPU, the loading and KIVI timings also with
 # .gpu/kvslim-base.node.xz when packed (an earlier build, for an A/B in the same session). Logs go
-# to $OUT (or ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT / LOADING_LIMIT / KIVI_LIMIT: seconds for
-# each part.
+# to $OUT (or ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT / LOADING_LIMIT / KIVI_LIMIT / POLICY_LIMIT:
+# seconds for each part.
 set -uo pipefail
 out="${OUT:-gpu-run-out}"
 mkdir -p "$out"
@@ -32,6 +33,9 @@ cat "$out/loading.log"
 timeout "${KIVI_LIMIT:-90}" node scripts/gpu-kivi.mjs 65536 262144 > "$out/kivi.log" 2>&1
 echo "kivi: $?"
 cat "$out/kivi.log"
+timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs 32768 > "$out/policies.log" 2>&1
+echo "policies: $?"
+cat "$out/policies.log"
 # A/B: the same two timings with an earlier build packed as .gpu/kvslim-base.node.xz, if any.
 if [ -f .gpu/kvslim-base.node.xz ]; then
   xz -dc .gpu/kvslim-base.node.xz > /tmp/kvslim-node/kvslim-base.node

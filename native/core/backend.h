@@ -21,6 +21,13 @@ struct DeviceRun {
   size_t bytes = 0;
 };
 
+// A copy inside backend memory (Backend::copyRuns).
+struct DeviceCopy {
+  void* target = nullptr;
+  const void* source = nullptr;
+  size_t bytes = 0;
+};
+
 class Backend {
  public:
   virtual ~Backend() = default;
@@ -36,6 +43,13 @@ class Backend {
   virtual Status download(void* hostDst, const void* src, size_t bytes) = 0;
   // Copy inside backend memory (copy-on-write of a shared page).
   virtual Status copy(void* dst, const void* src, size_t bytes) = 0;
+  // Many copies inside backend memory, none overlapping another's target, done when it returns: an
+  // eviction's kept rows, in one launch where the backend can (a GPU pays a synchronous round
+  // trip per copy()). The default copies run by run.
+  virtual Status copyRuns(const DeviceCopy* runs, int64_t count) {
+    for (int64_t i = 0; i < count; ++i) KVSLIM_RETURN_IF_ERROR(copy(runs[i].target, runs[i].source, runs[i].bytes));
+    return Status::ok();
+  }
   // Copies the runs, in order, into consecutive host memory at hostOut, in one transfer where the
   // backend can (a decode call's new keys of every kv head, for the host indexes). The default
   // downloads run by run.

@@ -84,7 +84,7 @@ Status PagedStore::ownPage(Segment* segment, size_t index) {
   return Status::ok();
 }
 
-Status PagedStore::copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count) {
+Status PagedStore::copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count, std::vector<DeviceCopy>* copies) {
   const int64_t pageTokens = shape_.pageTokens;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
   const size_t partBytes = pageBytes_ / 2;
@@ -105,8 +105,10 @@ Status PagedStore::copyRows(const Segment& src, int64_t srcRow, Segment* dst, in
                         size_t(from % pageTokens) * rowBytes;
     uint8_t* out = static_cast<uint8_t*>(dst->pages[size_t(dstRow / pageTokens)]->memory()) +
                    size_t(dstRow % pageTokens) * rowBytes;
-    KVSLIM_RETURN_IF_ERROR(backend_->copy(out, in, size_t(run) * rowBytes));
-    KVSLIM_RETURN_IF_ERROR(backend_->copy(out + partBytes, in + partBytes, size_t(run) * rowBytes));
+    // Queued, not copied: a page is owned before its first queued write, and ownPage's copy of a
+    // shared page reads a page that no queued copy writes.
+    copies->push_back(DeviceCopy{out, in, size_t(run) * rowBytes});
+    copies->push_back(DeviceCopy{out + partBytes, in + partBytes, size_t(run) * rowBytes});
     dst->count += run;
     done += run;
   }
@@ -118,6 +120,7 @@ Status PagedStore::keepTailRows(int32_t layer, int32_t h, const std::vector<int6
   // Built aside: on failure the head is unchanged.
   Segment kept = pages.kept;
   std::vector<int64_t> positions = pages.positions;
+  std::vector<DeviceCopy> copies;
   const int64_t first = tailFirstPosition(layer, h);
   for (size_t i = 0; i < tailIndices.size();) {
     // Consecutive indices copy as one run.
@@ -126,10 +129,11 @@ Status PagedStore::keepTailRows(int32_t layer, int32_t h, const std::vector<int6
     const int64_t begin = tailIndices[i];
     const int64_t count = int64_t(j - i);
     if (begin < 0 || begin + count > pages.tail.count) return Status(ErrorCode::Internal, "keepTailRows: index out of range");
-    KVSLIM_RETURN_IF_ERROR(copyRows(pages.tail, pages.tail.firstRow + begin, &kept, count));
+    KVSLIM_RETURN_IF_ERROR(copyRows(pages.tail, pages.tail.firstRow + begin, &kept, count, &copies));
     for (int64_t t = 0; t < count; ++t) positions.push_back(first + begin + t);
     i = j;
   }
+  KVSLIM_RETURN_IF_ERROR(backend_->copyRuns(copies.data(), int64_t(copies.size())));
   refreshPointers(&kept, pageBytes_ / 2);
   pages.kept = std::move(kept);
   pages.positions = std::move(positions);

@@ -122,8 +122,9 @@ class PagedStore {
   Status newPage(std::shared_ptr<Page>* out);
   // Makes page `index` of a segment private (copy-on-write) before a write into it.
   Status ownPage(Segment* segment, size_t index);
-  // Copies `count` rows from src (rows srcRow..) to the end of dst, in runs within pages.
-  Status copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count);
+  // Appends `count` rows from src (rows srcRow..) to the end of dst: allocates and owns dst's pages
+  // now, and adds the copies (runs within pages, keys and values) to `copies` for one copyRuns.
+  Status copyRows(const Segment& src, int64_t srcRow, Segment* dst, int64_t count, std::vector<DeviceCopy>* copies);
   static void refreshPointers(Segment* segment, size_t partBytes);
   // Appends `count` host rows (keys, values in store dtype) to the end of a segment.
   Status uploadRows(Segment* segment, const uint8_t* keys, const uint8_t* values, int64_t count);

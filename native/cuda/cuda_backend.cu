@@ -484,27 +484,34 @@ class CudaBackend final : public Backend {
   Status gather(const DeviceRun* runs, int64_t count, void* hostOut) override {
     if (count <= 0) return Status::ok();
     // The run table up, one kernel copying every run into the workspace, one copy down.
-    const size_t tableBytes = size_t(count) * sizeof(cuda::GatherRun);
-    std::lock_guard<std::mutex> lock(mutex_);
-    KVSLIM_RETURN_IF_ERROR(reserveStaging(tableBytes));
+    const size_t tableBytes = size_t(count) * sizeof(cuda::CopyRun);
     size_t total = 0;
-    for (int64_t i = 0; i < count; ++i) {
-      const cuda::GatherRun run{static_cast<const unsigned char*>(runs[i].source), static_cast<long long>(runs[i].bytes),
-                                static_cast<long long>(total)};
-      std::memcpy(staging_.data() + size_t(i) * sizeof(run), &run, sizeof(run));
-      total += runs[i].bytes;
-    }
+    for (int64_t i = 0; i < count; ++i) total += runs[i].bytes;
     if (total == 0) return Status::ok();
+    std::lock_guard<std::mutex> lock(mutex_);
     const size_t outOffset = alignUp(tableBytes);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(tableBytes));
     KVSLIM_RETURN_IF_ERROR(reserveWorkspace(outOffset + total));
     unsigned char* device = static_cast<unsigned char*>(workspace_);
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(device, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
-                                      "cudaMemcpyAsync (gather runs)"));
-    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchGather(reinterpret_cast<const cuda::GatherRun*>(device), count, device + outOffset, stream_),
-                                      "gather launch"));
+    size_t offset = 0;
+    for (int64_t i = 0; i < count; ++i) {
+      stageCopyRun(i, device + outOffset + offset, runs[i].source, runs[i].bytes);
+      offset += runs[i].bytes;
+    }
+    KVSLIM_RETURN_IF_ERROR(launchStagedCopies(count, "gather"));
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(hostOut, device + outOffset, total, cudaMemcpyDeviceToHost, stream_),
                                       "gather (kernel or copy)"));
     return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (gather)");
+  }
+
+  Status copyRuns(const DeviceCopy* runs, int64_t count) override {
+    if (count <= 0) return Status::ok();
+    // The copy table up and one kernel for every run, instead of a synchronous copy each.
+    std::lock_guard<std::mutex> lock(mutex_);
+    KVSLIM_RETURN_IF_ERROR(reserveStaging(size_t(count) * sizeof(cuda::CopyRun)));
+    for (int64_t i = 0; i < count; ++i) stageCopyRun(i, runs[i].target, runs[i].source, runs[i].bytes);
+    KVSLIM_RETURN_IF_ERROR(launchStagedCopies(count, "copy runs"));
+    return cudaStatus(cudaStreamSynchronize(stream_), "cudaStreamSynchronize (copy runs)");
   }
 
   Status attention(const AttentionArgs& args) override {
@@ -984,6 +991,24 @@ class CudaBackend final : public Backend {
   Status copyAndWait(void* dst, const void* src, size_t bytes, cudaMemcpyKind direction, const char* what) {
     KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(dst, src, bytes, direction, stream_), std::string("cudaMemcpyAsync (") + what + ")"));
     return cudaStatus(cudaStreamSynchronize(stream_), std::string("cudaStreamSynchronize (") + what + ")");
+  }
+
+  // Writes copy run i into the staging buffer's run table (mutex_ held).
+  void stageCopyRun(int64_t i, void* target, const void* source, size_t bytes) {
+    const cuda::CopyRun run{static_cast<const unsigned char*>(source), static_cast<unsigned char*>(target),
+                            static_cast<long long>(bytes)};
+    std::memcpy(staging_.data() + size_t(i) * sizeof(run), &run, sizeof(run));
+  }
+
+  // Uploads the staged table of `count` copy runs to the workspace's start and launches them
+  // (mutex_ held; the workspace holds the table and anything the runs write behind it).
+  Status launchStagedCopies(int64_t count, const char* what) {
+    const size_t tableBytes = size_t(count) * sizeof(cuda::CopyRun);
+    KVSLIM_RETURN_IF_ERROR(reserveWorkspace(tableBytes));
+    auto* table = static_cast<cuda::CopyRun*>(workspace_);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(table, staging_.data(), tableBytes, cudaMemcpyHostToDevice, stream_),
+                                      std::string("cudaMemcpyAsync (") + what + " table)"));
+    return cudaStatus(cuda::launchCopyRuns(table, count, stream_), std::string(what) + " launch");
   }
 
   // Grows the host staging buffer (mutex_ held).

@@ -1,17 +1,17 @@
-// Backend::gather on the GPU (gather.cu): the staged run table and the launcher.
+// Runs of device memory copied by one kernel (gather.cu): Backend::gather and Backend::copyRuns.
 #pragma once
 #include <cuda_runtime.h>
 
 namespace kvslim::cuda {
 
-// One run as staged in device memory: bytes from source to the gather buffer at offset.
-struct GatherRun {
+// One copy as staged in device memory: bytes from source to target, both device memory.
+struct CopyRun {
   const unsigned char* source;
+  unsigned char* target;
   long long bytes;
-  long long offset;
 };
 
-// runs: `count` staged runs in device memory; out: a device buffer of their total size. Only enqueues work.
-cudaError_t launchGather(const GatherRun* runs, long long count, unsigned char* out, cudaStream_t stream);
+// runs: `count` staged copies in device memory, no target overlapping another. Only enqueues work.
+cudaError_t launchCopyRuns(const CopyRun* runs, long long count, cudaStream_t stream);
 
 }  // namespace kvslim::cuda
