@@ -6,7 +6,8 @@
 # (scripts/gpu-policies.mjs) on the GPU, the loading and KIVI timings also with
 # .gpu/kvslim-base.node.xz when packed (an earlier build, for an A/B in the same session). Logs go
 # to $OUT (or ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT / LOADING_LIMIT / KIVI_LIMIT / POLICY_LIMIT:
-# seconds for each part.
+# seconds for each part. PARTS: the parts to run (default "test bench loading kivi policies");
+# POLICY_TOKENS: the prompt lengths of gpu-policies.mjs (default 32768).
 set -uo pipefail
 out="${OUT:-gpu-run-out}"
 mkdir -p "$out"
@@ -18,26 +19,38 @@ export PATH="/tmp/kvslim-node:$PATH"
 xz -dc .gpu/kvslim.node.xz > /tmp/kvslim-node/kvslim.node
 export KVSLIM_ADDON=/tmp/kvslim-node/kvslim.node
 nvidia-smi -L > "$out/nvidia-smi.txt" 2>&1
+parts=" ${PARTS:-test bench loading kivi policies} "
+part() { [[ "$parts" == *" $1 "* ]]; }
 node -e "import('./dist/lib/index.js').then(m => console.log(JSON.stringify(m.backends())))" 2>&1 | tee "$out/backends.txt"
-KVSLIM_TEST_DEVICE=cuda timeout "${TEST_LIMIT:-400}" node node_modules/vitest/vitest.mjs run > "$out/test-gpu.log" 2>&1
-status=$?
-echo "test:gpu: $status ($(sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E 'Tests +[0-9]' | tail -1))"
-sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E "FAIL" | head -20
-cases=decode-f16-4K-cuda,decode-f16-16K-cuda,decode-f32-64K-cuda,decode-f16-64K-cuda,decode-bf16-64K-cuda,prefill-f16-4K-cuda
-timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case "$cases" > "$out/bench.log" 2>&1
-echo "bench: $?"
-grep -E -- "-cuda " "$out/bench.log"
-timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs > "$out/loading.log" 2>&1
-echo "loading: $?"
-cat "$out/loading.log"
-timeout "${KIVI_LIMIT:-90}" node scripts/gpu-kivi.mjs 65536 262144 > "$out/kivi.log" 2>&1
-echo "kivi: $?"
-cat "$out/kivi.log"
-timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs 32768 > "$out/policies.log" 2>&1
-echo "policies: $?"
-cat "$out/policies.log"
-# A/B: the same two timings with an earlier build packed as .gpu/kvslim-base.node.xz, if any.
-if [ -f .gpu/kvslim-base.node.xz ]; then
+if part test; then
+  KVSLIM_TEST_DEVICE=cuda timeout "${TEST_LIMIT:-400}" node node_modules/vitest/vitest.mjs run > "$out/test-gpu.log" 2>&1
+  status=$?
+  echo "test:gpu: $status ($(sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E 'Tests +[0-9]' | tail -1))"
+  sed 's/\x1b\[[0-9;]*m//g' "$out/test-gpu.log" | grep -E "FAIL" | head -20
+fi
+if part bench; then
+  cases=decode-f16-4K-cuda,decode-f16-16K-cuda,decode-f32-64K-cuda,decode-f16-64K-cuda,decode-bf16-64K-cuda,prefill-f16-4K-cuda
+  timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case "$cases" > "$out/bench.log" 2>&1
+  echo "bench: $?"
+  grep -E -- "-cuda " "$out/bench.log"
+fi
+if part loading; then
+  timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs > "$out/loading.log" 2>&1
+  echo "loading: $?"
+  cat "$out/loading.log"
+fi
+if part kivi; then
+  timeout "${KIVI_LIMIT:-90}" node scripts/gpu-kivi.mjs 65536 262144 > "$out/kivi.log" 2>&1
+  echo "kivi: $?"
+  cat "$out/kivi.log"
+fi
+if part policies; then
+  timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs ${POLICY_TOKENS:-32768} > "$out/policies.log" 2>&1
+  echo "policies: $?"
+  cat "$out/policies.log"
+fi
+# A/B: the loading and KIVI timings with an earlier build packed as .gpu/kvslim-base.node.xz, if any.
+if [ -f .gpu/kvslim-base.node.xz ] && { part loading || part kivi; }; then
   xz -dc .gpu/kvslim-base.node.xz > /tmp/kvslim-node/kvslim-base.node
   echo "base build:"
   KVSLIM_ADDON=/tmp/kvslim-node/kvslim-base.node timeout "${LOADING_LIMIT:-120}" node scripts/gpu-loading.mjs 2>&1 | tee "$out/loading-base.log"

@@ -124,6 +124,45 @@ struct KvPacket<T, 1> {
   __device__ __forceinline__ void toFloat(float* out) const { out[0] = value; }
 };
 
+// Copies dimensions [first, first + CHUNK) of keys (or values) [firstKey, firstKey + KEYS) into a
+// shared tile of rows CHUNK + 4 floats apart (the padding puts the float4 reads of 8 consecutive
+// lanes, one row each, in distinct banks), widened to f32; tokens at or past keyEnd and dimensions
+// past headDim become 0, so they add nothing to dot products. THREADS: the block's threads, all of
+// which call it. Args is AttentionKernelArgs or ScoresKernelArgs.
+template <DType T, int KEYS, int CHUNK, int THREADS, class Args>
+__device__ __forceinline__ void stageRows(float* tile, const void* const* pages, const HeadSpan& span, const Args& args,
+                                          int firstKey, int keyEnd, int first) {
+  constexpr int kStride = CHUNK + 4;
+  if (args.vectorized) {
+    constexpr int kPackets = CHUNK / 8;
+    for (int i = threadIdx.x; i < KEYS * kPackets; i += THREADS) {
+      const int j = i / kPackets;
+      const int offset = (i - j * kPackets) * 8;
+      const int key = firstKey + j;
+      float values[8];
+      if (key < keyEnd && first + offset < args.headDim) {
+        KvPacket<T, 8> packet;
+        packet.load(kvRow(pages, span, key, args), first + offset);
+        packet.toFloat(values);
+      } else {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) values[e] = 0.0f;
+      }
+      float4* destination = reinterpret_cast<float4*>(tile + j * kStride + offset);
+      destination[0] = make_float4(values[0], values[1], values[2], values[3]);
+      destination[1] = make_float4(values[4], values[5], values[6], values[7]);
+    }
+  } else {
+    for (int i = threadIdx.x; i < KEYS * CHUNK; i += THREADS) {
+      const int j = i / CHUNK;
+      const int offset = i - j * CHUNK;
+      const int key = firstKey + j;
+      const bool present = key < keyEnd && first + offset < args.headDim;
+      tile[j * kStride + offset] = present ? loadElement<T>(kvRow(pages, span, key, args), first + offset) : 0.0f;
+    }
+  }
+}
+
 __device__ __forceinline__ float warpMax(float value) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset /= 2) value = fmaxf(value, __shfl_xor_sync(0xffffffffu, value, offset));

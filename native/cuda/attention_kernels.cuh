@@ -76,6 +76,11 @@ cudaError_t launchAttentionPrefill(const AttentionKernelArgs& args, cudaStream_t
 // Log-sum-exp merge of the split partials into out (and lse when set; only when args.splits > 1).
 cudaError_t launchMergeSplits(const AttentionKernelArgs& args, cudaStream_t stream);
 
+// H2O's attention mass of an attention call (lse_mass.cu), after its kernels (and split merge)
+// have written args.lse: mass[h * massStride + t] = sum over head h's rows of 2^(q.k_t * scale *
+// log2(e) - lse[row]) in double, for t < massStride (0 past a head's tokens).
+cudaError_t launchLseMass(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream);
+
 // Raw scores of one kv head (attention_scores.cu): out[r * tokens + t] = scale * dot(q[r], key t).
 struct ScoresKernelArgs {
   const float* q = nullptr;               // [rows, headDim], unscaled

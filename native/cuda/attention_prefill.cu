@@ -42,40 +42,10 @@ int prefillRowsPerBlock(int headDim) {
   return PrefillTiling<1024>::kRows;
 }
 
-// Copies dimensions [first, first + CHUNK) of keys [firstKey, firstKey + 32) into the tile as f32;
-// keys at or past keyEnd and dimensions past headDim become 0, so they add nothing to dot products.
 template <DType T, int CHUNK>
 __device__ __forceinline__ void stageTile(float* tile, const void* const* pages, const HeadSpan& span,
                                           const AttentionKernelArgs& args, int firstKey, int keyEnd, int first) {
-  constexpr int kStride = CHUNK + 4;
-  if (args.vectorized) {
-    constexpr int kPackets = CHUNK / 8;
-    for (int i = threadIdx.x; i < kTileKeys * kPackets; i += kPrefillThreads) {
-      const int j = i / kPackets;
-      const int offset = (i - j * kPackets) * 8;
-      const int key = firstKey + j;
-      float values[8];
-      if (key < keyEnd && first + offset < args.headDim) {
-        KvPacket<T, 8> packet;
-        packet.load(kvRow(pages, span, key, args), first + offset);
-        packet.toFloat(values);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) values[e] = 0.0f;
-      }
-      float4* destination = reinterpret_cast<float4*>(tile + j * kStride + offset);
-      destination[0] = make_float4(values[0], values[1], values[2], values[3]);
-      destination[1] = make_float4(values[4], values[5], values[6], values[7]);
-    }
-  } else {
-    for (int i = threadIdx.x; i < kTileKeys * CHUNK; i += kPrefillThreads) {
-      const int j = i / CHUNK;
-      const int offset = i - j * CHUNK;
-      const int key = firstKey + j;
-      const bool present = key < keyEnd && first + offset < args.headDim;
-      tile[j * kStride + offset] = present ? loadElement<T>(kvRow(pages, span, key, args), first + offset) : 0.0f;
-    }
-  }
+  stageRows<T, kTileKeys, CHUNK, kPrefillThreads>(tile, pages, span, args, firstKey, keyEnd, first);
 }
 
 // Two blocks per multiprocessor is what shared memory allows on sm_86/89 anyway; saying so lets

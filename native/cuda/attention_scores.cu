@@ -27,38 +27,9 @@ struct ScoresTiling {
   static_assert(sizeof(float) * (kRows * PADDED_DIM + kTileKeys * kTileStride) <= 48 * 1024, "static shared memory limit");
 };
 
-// Copies dimensions [first, first + kChunk) of keys [firstKey, firstKey + 32) into the tile as
-// f32; keys at or past keyEnd and dimensions past headDim become 0 (they add nothing to dots).
 template <DType T>
 __device__ __forceinline__ void stageKeys(float* tile, const ScoresKernelArgs& args, int firstKey, int keyEnd, int first) {
-  if (args.vectorized) {
-    constexpr int kPackets = kChunk / 8;
-    for (int i = threadIdx.x; i < kTileKeys * kPackets; i += kScoresThreads) {
-      const int j = i / kPackets;
-      const int offset = (i - j * kPackets) * 8;
-      const int key = firstKey + j;
-      float values[8];
-      if (key < keyEnd && first + offset < args.headDim) {
-        KvPacket<T, 8> packet;
-        packet.load(kvRow(args.keyPages, args.head, key, args), first + offset);
-        packet.toFloat(values);
-      } else {
-#pragma unroll
-        for (int e = 0; e < 8; ++e) values[e] = 0.0f;
-      }
-      float4* destination = reinterpret_cast<float4*>(tile + j * kTileStride + offset);
-      destination[0] = make_float4(values[0], values[1], values[2], values[3]);
-      destination[1] = make_float4(values[4], values[5], values[6], values[7]);
-    }
-  } else {
-    for (int i = threadIdx.x; i < kTileKeys * kChunk; i += kScoresThreads) {
-      const int j = i / kChunk;
-      const int offset = i - j * kChunk;
-      const int key = firstKey + j;
-      const bool present = key < keyEnd && first + offset < args.headDim;
-      tile[j * kTileStride + offset] = present ? loadElement<T>(kvRow(args.keyPages, args.head, key, args), first + offset) : 0.0f;
-    }
-  }
+  stageRows<T, kTileKeys, kChunk, kScoresThreads>(tile, args.keyPages, args.head, args, firstKey, keyEnd, first);
 }
 
 template <DType T, int PADDED_DIM>

@@ -186,10 +186,10 @@ Status checkArgs(const AttentionArgs& args) {
   KVSLIM_RETURN_IF_ERROR(checkHostPointers("attention", args.q, args.out, args.heads));
   KVSLIM_RETURN_IF_ERROR(checkPages(args.headDim, args.pageTokens, args.rowStride, args.kvType));
   for (int32_t h = 0; h < args.kvHeads; ++h) KVSLIM_RETURN_IF_ERROR(checkHeadView(h, args.heads[h], args.pageTokens, true));
-  // The mass comes from attentionMass here (fusesMass() is false), and core attends an older
-  // segment in a second call (joinsOlder() is false).
+  // Core attends an older segment in a second call (joinsOlder() is false), so a call with the
+  // mass (fusesMass()) holds one segment.
   KVSLIM_RETURN_IF_ERROR(checkAttentionOlder(args, false));
-  return checkAttentionMass(args, false);
+  return checkAttentionMass(args, true);
 }
 
 // The limits of the top-k ops' kernels (topKeys, topPages): kv heads on a grid dimension, a
@@ -541,8 +541,10 @@ class CudaBackend final : public Backend {
                                   : cuda::planAttentionPrefill(kernel, multiprocessors_);
     kernel.splits = plan.splits;
     kernel.splitTokens = plan.splitTokens;
+    // H2O's mass (args.mass): [kvHeads, massStride] doubles in the scratch, from the rows' lse.
+    const size_t massBytes = args.mass != nullptr ? size_t(args.kvHeads) * size_t(args.massStride) * sizeof(double) : 0;
     const WorkspaceLayout layout(size_t(args.kvHeads) * sizeof(HeadSpan), totalPages, totalPages,
-                                 size_t(args.n) * size_t(args.qHeads), args.headDim, plan.splits);
+                                 size_t(args.n) * size_t(args.qHeads), args.headDim, plan.splits, 0, massBytes);
 
     std::lock_guard<std::mutex> lock(mutex_);
     KVSLIM_RETURN_IF_ERROR(reserveStaging(layout.uploadBytes));
@@ -563,14 +565,21 @@ class CudaBackend final : public Backend {
     unsigned char* device = nullptr;
     KVSLIM_RETURN_IF_ERROR(uploadInputs(layout, kernel, &device));
     kernel.heads = reinterpret_cast<const HeadSpan*>(device + layout.heads);
-    if (args.lse != nullptr) kernel.lse = reinterpret_cast<float*>(device + layout.lse);
+    if (args.lse != nullptr || args.mass != nullptr) kernel.lse = reinterpret_cast<float*>(device + layout.lse);
     if (decode) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionDecode(kernel, stream_), "attention decode launch"));
     } else {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchAttentionPrefill(kernel, stream_), "attention prefill launch"));
     }
-    return finishAttention(kernel, layout, args.out, args.lse, "attention");
+    if (args.mass == nullptr) return finishAttention(kernel, layout, args.out, args.lse, "attention");
+    // The mass needs every row's final lse: after the merge of the splits.
+    KVSLIM_RETURN_IF_ERROR(mergeSplits(kernel, "attention"));
+    double* mass = reinterpret_cast<double*>(device + layout.scratch);
+    KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchLseMass(kernel, mass, args.massStride, stream_), "attention mass launch"));
+    const HostCopy massCopy{args.mass, mass, massBytes};
+    return copyBack(kernel, layout, args.out, args.lse, "attention", &massCopy);
   }
+  bool fusesMass() const override { return true; }
 
   Status attentionScores(const ScoresArgs& args) override {
     KVSLIM_RETURN_IF_ERROR(checkScoresArgs(args));
@@ -1087,13 +1096,23 @@ class CudaBackend final : public Backend {
     size_t bytes;
   };
 
-  // After the attention kernel: merges key splits, copies `extra` (when set), the output (and
-  // kernel.lse into hostLse when both are set) to the host and waits (mutex_ held).
+  // After the attention kernel: merges key splits, then copyBack (mutex_ held).
   Status finishAttention(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, float* hostLse,
                          const char* what, const HostCopy* extra = nullptr) {
-    if (kernel.splits > 1) {
-      KVSLIM_RETURN_IF_ERROR(cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch"));
-    }
+    KVSLIM_RETURN_IF_ERROR(mergeSplits(kernel, what));
+    return copyBack(kernel, layout, hostOut, hostLse, what, extra);
+  }
+
+  // Merges the key splits' partials into kernel.out and kernel.lse, when split (mutex_ held).
+  Status mergeSplits(const AttentionKernelArgs& kernel, const char* what) {
+    if (kernel.splits <= 1) return Status::ok();
+    return cudaStatus(cuda::launchMergeSplits(kernel, stream_), std::string(what) + " split merge launch");
+  }
+
+  // Copies `extra` (when set), the output (and kernel.lse into hostLse when both are set) to the
+  // host and waits (mutex_ held).
+  Status copyBack(const AttentionKernelArgs& kernel, const WorkspaceLayout& layout, float* hostOut, float* hostLse,
+                  const char* what, const HostCopy* extra = nullptr) {
     if (extra != nullptr) {
       KVSLIM_RETURN_IF_ERROR(cudaStatus(cudaMemcpyAsync(extra->host, extra->device, extra->bytes, cudaMemcpyDeviceToHost, stream_),
                                         std::string(what) + " (kernels or mass copy)"));
