@@ -5,7 +5,8 @@
 // the smallest accumulated score when its own is larger (ties keep the older token), or is evicted.
 // The mass comes from the call's own attention scores where the backend sums it within that one
 // call (SelectContext::mass; on the CPU every decode call, and every prefill over heads without
-// kept tokens); otherwise from attentionMass, a second read of the keys.
+// kept tokens; on CUDA every call over heads without kept tokens, from the call's lse); otherwise
+// from attentionMass, a separate op.
 //
 // Over a KIVI store (policy.store 'kivi') a layer stays dense until decoding starts, then moves
 // into the store in position order (KVCache::moveToKivi). The same rule goes on deciding, on the
