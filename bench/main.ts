@@ -343,7 +343,7 @@ async function main(): Promise<void> {
   let policies: PoliciesRecord | null = null;
   if (runsPolicies) {
     policies = runPolicies({
-      quick: args.quick, limits, say, status, reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only policies`,
+      quick: args.quick, cuda, limits, say, status, reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only policies`,
     });
   }
 

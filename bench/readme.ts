@@ -35,6 +35,7 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   } | null;
   policies?: {
     workload: { policies: { tokens: number } };
+    gpuPrefill?: { tokens: number; runs: number; rows: Array<{ kind: string; medianMs: number; selectMs: number; overhead: number }> } | null;
     rows: Array<{
       id: string; kind: string; fraction: number | null; status: string; layers?: number; bytesFraction?: number; selectMs?: number;
       decode?: { medianMs: number }; timeFraction?: number;
@@ -133,6 +134,13 @@ if (results.policies) {
         `${number(row.decode.medianMs, 2)} | ${number(row.timeFraction, 2)} | ${number(t1.relL2, 3)} | ${t1.needleHits}/${t1.needlePairs} | ` +
         `${number(t2.relL2, 3)} | ${t2.needleHits}/${t2.needlePairs} |`,
     );
+  }
+  const gpu = results.policies.gpuPrefill;
+  if (gpu) {
+    const [full, ...rest] = gpu.rows;
+    policyLines.push('', `On the GPU, one prefill() of a ${gpu.tokens / 1024}K-token prompt takes ${number(full.medianMs, 0)} ms with the full cache; ` +
+      rest.map((r) => `${r.kind} 1/8 adds ${number(r.overhead * 100, 1)}% (select ${number(r.selectMs, 1)} ms)`).join(', ') +
+      ` (medians of ${gpu.runs} interleaved runs).`);
   }
   policyLines.push('', 'Reproduce with `npm run bench -- --only policies`.');
 }

@@ -1,19 +1,18 @@
 // Attention mass driver (AttentionMassArgs, core/attention_args.h): the rows of one kv head in
-// tiles of kMaxDecodeRows. The keys the rows see are converted once to the prefill's transposed
+// tiles of up to kMassTileRows. The keys the rows see are converted once to the prefill's transposed
 // f32 blocks, and a tile's scores come from the register-tiled score tile (over very many keys,
 // from the SIMD score kernel on the pages, as attentionScores),
 // each row's causal softmax from the SIMD softmaxRow, and the probabilities go into double column
 // sums. Tiles are dealt round-robin to a number of slices fixed by the shape alone; a slice adds
 // its tiles in order into its own accumulator and the slices are added in slice order, so the
-// result is the same whatever the thread count and whichever thread ran which slice. Memory:
-// kMaxDecodeRows x tokens floats per thread and at most kAccumulatorBudget doubles of slices.
+// result is the same whatever the thread count and whichever thread ran which slice. Memory: a
+// tile's rows x tokens floats per thread and at most kAccumulatorBudget doubles of slices.
 // A single tile (a decode step's rows) takes sumFewRows instead: no f32 copy, parallel over keys.
 #include <algorithm>
 #include <cmath>
 #include <vector>
 
 #include "attention_plan.h"
-#include "huge_memory.h"
 #include "scratch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
@@ -23,6 +22,11 @@ namespace kvslim::cpu {
 namespace {
 
 constexpr int64_t kMaxSlices = 64;
+// Rows a tile scores against each transposed key block while the block is in L1: a tile streams
+// every key the rows see, so 8-row tiles read a 32K head's f32 keys (16 MiB) 16 times for SnapKV's
+// 128 rows. Fewer when the tile's probabilities would pass kTileProbsBudget floats (8 MiB).
+constexpr int64_t kMassTileRows = 32;
+constexpr int64_t kTileProbsBudget = int64_t(1) << 21;
 // Doubles the slice accumulators hold together (32 MiB); a wider result gets fewer slices.
 constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;
 // Floats of transposed keys a call may convert (256 MiB).
@@ -133,14 +137,16 @@ void attentionMass(const AttentionMassArgs& args) {
   const int64_t firstSeen = tail - args.after - args.n + 1;
   const bool perMember = args.pooling != MassPooling::None;
   const int64_t width = (perMember ? group : 1) * columns;
-  const int64_t tiles = (rows + kMaxDecodeRows - 1) / kMaxDecodeRows;
   const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
   std::vector<double> total(size_t(width), 0.0);
-  if (tiles == 1) {
+  if (rows <= kMaxDecodeRows) {
     sumFewRows(kernels, args, allowed, total.data());
     reduceMembers(args, total, group, perMember);
     return;
   }
+  // Rows per tile by the shape alone (the slices, and so the sums' order, must not follow the threads).
+  const int64_t tileRows = std::clamp<int64_t>(kTileProbsBudget / std::max<int64_t>(1, tokens), kMaxDecodeRows, kMassTileRows);
+  const int64_t tiles = (rows + tileRows - 1) / tileRows;
   const int64_t slices = std::max<int64_t>(1, std::min({tiles, kMaxSlices, kAccumulatorBudget / width}));
 
   std::vector<double> sums(size_t(slices) * size_t(width), 0.0);
@@ -170,25 +176,22 @@ void attentionMass(const AttentionMassArgs& args) {
     });
   }
   const int64_t stride = transposed ? paddedTokens : tokens;
-  // Per thread, allocated here: a worker must not throw (std::bad_alloc reaches the caller from here).
-  struct Scratch {
-    std::vector<float> q;      // [kMaxDecodeRows (rounded up to prefillRows), paddedDim]: the tile's rows, scaled
-    HugeArray<float> probs;    // [kMaxDecodeRows, stride]
-  };
-  const int32_t paddedRows = (kMaxDecodeRows + kernels.prefillRows - 1) / kernels.prefillRows * kernels.prefillRows;
-  std::vector<Scratch> scratch(static_cast<size_t>(threads));
-  for (Scratch& buffers : scratch) {
-    buffers.q.resize(size_t(paddedRows) * size_t(paddedDim));
-    buffers.probs.reserve(size_t(kMaxDecodeRows) * size_t(stride));
-  }
+  // Per thread, allocated here: a worker must not throw (std::bad_alloc reaches the caller from
+  // here). The probabilities ([tileRows, stride] per worker) live in this thread's grow-only
+  // scratch: fresh 2 MiB pages per call cost more than the scores (a 2K prompt's SnapKV choice
+  // spent most of its time zeroing them).
+  const int64_t paddedRows = (tileRows + kernels.prefillRows - 1) / kernels.prefillRows * kernels.prefillRows;
+  std::vector<std::vector<float>> queries(static_cast<size_t>(threads), std::vector<float>(size_t(paddedRows) * size_t(paddedDim)));
+  const size_t probsFloats = size_t(tileRows) * size_t(stride);
+  float* probsBase = scratchFloats(ScratchSlot::Values, size_t(threads) * probsFloats);
 
   pool.parallelFor(slices, threads, [&](int64_t slice, int32_t worker) {
-    std::vector<float>& q = scratch[size_t(worker)].q;
-    float* probs = scratch[size_t(worker)].probs.data();
+    std::vector<float>& q = queries[size_t(worker)];
+    float* probs = probsBase + size_t(worker) * probsFloats;
     double* sum = sums.data() + size_t(slice) * size_t(width);
     for (int64_t tile = slice; tile < tiles; tile += slices) {
-      const int64_t first = tile * kMaxDecodeRows;
-      const int32_t count = int32_t(std::min<int64_t>(kMaxDecodeRows, rows - first));
+      const int64_t first = tile * tileRows;
+      const int32_t count = int32_t(std::min<int64_t>(tileRows, rows - first));
       const float* from = args.q + size_t(first) * size_t(dim);
       // Tail scores up to what the tile's last (latest) query sees.
       const int64_t tileSeen = firstSeen + (first + count - 1) / group;
