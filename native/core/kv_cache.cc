@@ -475,6 +475,21 @@ Status KVCache::attendMerged(AttentionArgs first, const KVHeadView* older, int64
   if (backend_->joinsOlder(asked)) return attendOnce(first, massLayer);
   first.olderHeads = nullptr;
   first.olderQ = nullptr;
+  if (massLayer >= 0 && olderQ == first.q && olderPageTokens == first.pageTokens && first.causal) {
+    // H2O on a backend that sums the mass within one call but does not join (CUDA): the older
+    // tokens, then the others, as one view of row pointers. Older tokens precede every query, so
+    // the causal mask shows them to every row, as the merge would; the mass columns come in
+    // the order attendOnce promises. One call instead of two and a separate mass op per kv head.
+    const size_t heads = size_t(first.kvHeads);
+    GatheredHeads joined(heads, first.pageTokens, size_t(first.rowStride) * dtypeBytes(first.kvType));
+    for (size_t h = 0; h < heads; ++h) {
+      joined.add(h, older[h], 0, older[h].tokens);
+      joined.add(h, first.heads[h], 0, first.heads[h].tokens);
+    }
+    first.heads = joined.views();
+    first.pageTokens = 1;
+    return attendOnce(first, massLayer);
+  }
   const size_t rows = size_t(first.n) * size_t(first.qHeads);
   const size_t dim = size_t(first.headDim);
   std::vector<float> firstLse(rows), olderOut(rows * dim), olderLse(rows);

@@ -97,7 +97,8 @@ class KVCache {
   // out = attention over two disjoint token sets: `first` (its args as given, causal) and `older`
   // heads (tokens older than every query, so non-causal; queries olderQ, pages of olderPageTokens),
   // in one backend call when the backend joins them (Backend::joinsOlder), else two merged by
-  // log-sum-exp. massLayer >= 0: as attendOnce, in the one call only.
+  // log-sum-exp. massLayer >= 0: as attendOnce; a backend that does not join gets both segments
+  // as one view of row pointers instead, so that one call sums the mass.
   Status attendMerged(AttentionArgs first, const KVHeadView* older, int64_t olderPageTokens, const float* olderQ,
                       int32_t massLayer = -1);
   // One backend call; with massLayer >= 0 it also sums H2O's mass into mass_ for afterAttend.

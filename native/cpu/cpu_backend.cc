@@ -4,6 +4,7 @@
 #include <vector>
 
 #include "../core/backend.h"
+#include "../core/environment.h"
 #include "../core/index/key_index.h"
 #include "attention_plan.h"
 #include "page_pool.h"
@@ -58,7 +59,10 @@ class CpuBackend final : public Backend {
   // walk it in front of each head's keys, given the same queries for both (cpu::decodesTiled,
   // cpu::attentionPrefillHeads when the joined keys fit).
   bool joinsOlder(const AttentionArgs& args) const override {
-    return decodes(args) || (args.olderQ == args.q && (cpu::decodesTiled(args) || cpu::prefillHeadsFits(args)));
+    // KVSLIM_CPU_JOINS_OLDER=0 (read once): never, as CUDA; tests run core's paths for a backend
+    // that does not join on the CPU.
+    static const bool joins = environmentInteger("KVSLIM_CPU_JOINS_OLDER", 1, 0) != 0;
+    return joins && (decodes(args) || (args.olderQ == args.q && (cpu::decodesTiled(args) || cpu::prefillHeadsFits(args))));
   }
 
   Status attentionScores(const ScoresArgs& args) override {
