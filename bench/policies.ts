@@ -11,7 +11,7 @@ import { attentionProbabilities } from '../lib/eval/metrics.js';
 import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, prefillFlops, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
 import { gridValues } from './data.js';
-import { ms, num, Table, type TargetResult } from './report.js';
+import { gpuPrefillText, ms, num, Table, type TargetResult } from './report.js';
 import { EVICT_BYTES, elapsedMs, evictCaches, measure, type TimeStats, type TimingPlan } from './timing.js';
 
 /** Budgets: T / each of these tokens per kv head. */
@@ -748,14 +748,6 @@ export function runPolicies(context: PoliciesContext): PoliciesRecord {
     durationMs: Date.now() - startedAt,
     reproduce: context.reproduce,
   };
-}
-
-/** One line on the GPU's prefills: each selection's time over the full cache's, and its own time. */
-export function gpuPrefillText(long: LongPrefill): string {
-  const [full, ...rest] = long.rows;
-  return `on the GPU at ${tokenLabel(long.tokens)}: one prefill() of the whole prompt takes ${ms(full.medianMs)} ms with the full cache; ` +
-    rest.map((r) => `${r.kind} 1/8 ${percent(r.overhead)} (select ${ms(r.selectMs)} ms)`).join(', ') +
-    ` (medians of ${long.runs} interleaved runs)`;
 }
 
 /** The issue's targets, reported, not asserted. */

@@ -6,6 +6,8 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
+import { gpuPrefillText } from './report.js';
+
 interface ResultCase {
   id: string; kind: string; device: string; store?: string; tokens: number; status: string;
   time?: { medianMs: number; spreadLowMs: number; spreadHighMs: number };
@@ -136,12 +138,7 @@ if (results.policies) {
     );
   }
   const gpu = results.policies.gpuPrefill;
-  if (gpu) {
-    const [full, ...rest] = gpu.rows;
-    policyLines.push('', `On the GPU, one prefill() of a ${gpu.tokens / 1024}K-token prompt takes ${number(full.medianMs, 0)} ms with the full cache; ` +
-      rest.map((r) => `${r.kind} 1/8 adds ${number(r.overhead * 100, 1)}% (select ${number(r.selectMs, 1)} ms)`).join(', ') +
-      ` (medians of ${gpu.runs} interleaved runs).`);
-  }
+  if (gpu) policyLines.push('', `${gpuPrefillText(gpu)}.`);
   policyLines.push('', 'Reproduce with `npm run bench -- --only policies`.');
 }
 

@@ -112,6 +112,17 @@ export function ms(value: number): string {
   return value.toFixed(3);
 }
 
+/** The GPU's whole-prompt prefills of the policies section (PoliciesRecord.gpuPrefill), in one sentence. */
+export function gpuPrefillText(long: {
+  tokens: number; runs: number; rows: Array<{ kind: string; medianMs: number; selectMs: number; overhead: number }>;
+}): string {
+  const [full, ...rest] = long.rows;
+  const share = (overhead: number) => `${overhead >= 0 ? '+' : ''}${(overhead * 100).toFixed(1)}%`;
+  return `One prefill() of a whole ${long.tokens / 1024}K-token prompt on the GPU takes ${ms(full.medianMs)} ms with the full cache; ` +
+    rest.map((r) => `${r.kind} 1/8 ${share(r.overhead)} (select ${ms(r.selectMs)} ms)`).join(', ') +
+    ` (medians of ${long.runs} interleaved runs)`;
+}
+
 export function num(value: number | null | undefined, digits = 1): string {
   return value === null || value === undefined || !Number.isFinite(value) ? DASH : value.toFixed(digits);
 }
