@@ -140,24 +140,35 @@ Status PagedStore::keepTailRows(int32_t layer, int32_t h, const std::vector<int6
   return Status::ok();
 }
 
-Status PagedStore::overwriteKept(int32_t layer, int32_t h, int64_t slot, int64_t tailIndex) {
+Status PagedStore::overwriteKept(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndexOfSlot) {
   HeadPages& pages = head(layer, h);
-  if (slot < 0 || slot >= pages.kept.count || tailIndex < 0 || tailIndex >= pages.tail.count) {
-    return Status(ErrorCode::Internal, "overwriteKept: index out of range");
+  if (int64_t(tailIndexOfSlot.size()) > pages.kept.count) return Status(ErrorCode::Internal, "overwriteKept: more slots than kept tokens");
+  for (const int64_t tailIndex : tailIndexOfSlot) {
+    if (tailIndex >= pages.tail.count) return Status(ErrorCode::Internal, "overwriteKept: index out of range");
   }
   const int64_t pageTokens = shape_.pageTokens;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
   const size_t partBytes = pageBytes_ / 2;
-  const int64_t row = pages.kept.firstRow + slot;
-  KVSLIM_RETURN_IF_ERROR(ownPage(&pages.kept, size_t(row / pageTokens)));
+  const int64_t first = tailFirstPosition(layer, h);
+  // Every page written is owned before the copies are queued (as keepTailRows), then one copyRuns.
+  std::vector<DeviceCopy> copies;
+  for (size_t slot = 0; slot < tailIndexOfSlot.size(); ++slot) {
+    const int64_t tailIndex = tailIndexOfSlot[slot];
+    if (tailIndex < 0) continue;
+    const int64_t row = pages.kept.firstRow + int64_t(slot);
+    KVSLIM_RETURN_IF_ERROR(ownPage(&pages.kept, size_t(row / pageTokens)));
+    const int64_t from = pages.tail.firstRow + tailIndex;
+    const uint8_t* in = static_cast<const uint8_t*>(pages.tail.pages[size_t(from / pageTokens)]->memory()) +
+                        size_t(from % pageTokens) * rowBytes;
+    uint8_t* out = static_cast<uint8_t*>(pages.kept.pages[size_t(row / pageTokens)]->memory()) + size_t(row % pageTokens) * rowBytes;
+    copies.push_back(DeviceCopy{out, in, rowBytes});
+    copies.push_back(DeviceCopy{out + partBytes, in + partBytes, rowBytes});
+  }
   refreshPointers(&pages.kept, partBytes);
-  const int64_t from = pages.tail.firstRow + tailIndex;
-  const uint8_t* in = static_cast<const uint8_t*>(pages.tail.pages[size_t(from / pageTokens)]->memory()) +
-                      size_t(from % pageTokens) * rowBytes;
-  uint8_t* out = static_cast<uint8_t*>(pages.kept.pages[size_t(row / pageTokens)]->memory()) + size_t(row % pageTokens) * rowBytes;
-  KVSLIM_RETURN_IF_ERROR(backend_->copy(out, in, rowBytes));
-  KVSLIM_RETURN_IF_ERROR(backend_->copy(out + partBytes, in + partBytes, rowBytes));
-  pages.positions[size_t(slot)] = tailFirstPosition(layer, h) + tailIndex;
+  KVSLIM_RETURN_IF_ERROR(backend_->copyRuns(copies.data(), int64_t(copies.size())));
+  for (size_t slot = 0; slot < tailIndexOfSlot.size(); ++slot) {
+    if (tailIndexOfSlot[slot] >= 0) pages.positions[slot] = first + tailIndexOfSlot[slot];
+  }
   return Status::ok();
 }
 

@@ -344,9 +344,7 @@ class H2OPolicy final : public SelectPolicy {
     const std::vector<int64_t> winner = replaceLowest(
         &scores->kept, store.keptPositions(layer, h), [&](int64_t i) { return scores->tail[size_t(i)]; },
         store.tailFirstPosition(layer, h), fill, leaving);
-    for (size_t s = 0; s < winner.size(); ++s) {
-      if (winner[s] >= 0) KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(s), winner[s]));
-    }
+    KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, winner));
     store.dropTailFront(layer, h, leaving);
     scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
     return Status::ok();
