@@ -263,6 +263,8 @@ describe.runIf(onGpu)('CUDA: attention mass selection on long prompts keeps what
       store: 'f16', pageTokens: 64, select: { kind: 'h2o', budget: 256, recent: 64 }, calls: [3000, 500, ...Array<number>(20).fill(1)] },
     { name: 'h2o, f32, 8q/2kv/72, pages of 16, prompt 1500, then steps', heads: { qHeads: 8, kvHeads: 2, headDim: 72 }, layers: 1,
       store: 'f32', pageTokens: 16, select: { kind: 'h2o', budget: 128, recent: 32 }, calls: [1500, ...Array<number>(20).fill(1)] },
+    { name: 'h2o, bf16, 12q/6kv/100 (no 16-byte loads), pages of 32, prompt 1200, then 300, then steps', heads: { qHeads: 12, kvHeads: 6, headDim: 100 },
+      layers: 1, store: 'bf16', pageTokens: 32, select: { kind: 'h2o', budget: 160, recent: 48 }, calls: [1200, 300, ...Array<number>(10).fill(1)] },
   ] as const;
 
   /** SnapKV's float64 votes of one kv head over the prefix: window softmax sums, pooled, averaged over the group. */

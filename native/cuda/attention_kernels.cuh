@@ -80,6 +80,10 @@ cudaError_t launchMergeSplits(const AttentionKernelArgs& args, cudaStream_t stre
 // have written args.lse: mass[h * massStride + t] = sum over head h's rows of 2^(q.k_t * scale *
 // log2(e) - lse[row]) in double, for t < massStride (0 past a head's tokens).
 cudaError_t launchLseMass(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream);
+// The same on the tensor cores (lse_mass_tf32.cu): f16/bf16 keys, headDim <= 128, compute
+// capability 8.0 or later (lseMassTf32Fits); launchLseMass runs it when KVSLIM_CUDA_TF32_MASS=1.
+bool lseMassTf32Fits(const AttentionKernelArgs& args);
+cudaError_t launchLseMassTf32(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream);
 
 // Raw scores of one kv head (attention_scores.cu): out[r * tokens + t] = scale * dot(q[r], key t).
 struct ScoresKernelArgs {

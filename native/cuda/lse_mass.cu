@@ -5,6 +5,7 @@
 // query rows that see them in tiles of 4 warps x ROWS rows. A lane scores its two keys against its
 // warp's rows and adds each probability to a double; the four warps' sums are added in warp order,
 // so every column sums in an order that depends on the shape alone, without atomics.
+#include "../core/environment.h"
 #include "attention_device.cuh"
 
 namespace kvslim::cuda {
@@ -151,6 +152,9 @@ cudaError_t launchMassShape(const AttentionKernelArgs& args, double* mass, long 
 
 cudaError_t launchLseMass(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
   if (massStride <= 0) return cudaSuccess;  // no token: no column
+  // The tensor-core kernel (lse_mass_tf32.cu) only when asked: no GPU has run it yet.
+  static const bool tf32 = environmentInteger("KVSLIM_CUDA_TF32_MASS", 0, 0) == 1;
+  if (tf32 && lseMassTf32Fits(args)) return launchLseMassTf32(args, mass, massStride, stream);
   switch (args.kvType) {
     case DType::F16: return launchMassShape<DType::F16>(args, mass, massStride, stream);
     case DType::BF16: return launchMassShape<DType::BF16>(args, mass, massStride, stream);
