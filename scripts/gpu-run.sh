@@ -3,8 +3,9 @@
 # dist beside it: unpacks node, the test dependencies and the CUDA addon, then runs the whole test
 # suite on the GPU (KVSLIM_TEST_DEVICE=cuda), the CUDA bench rows, the loading policies' decode
 # (scripts/gpu-loading.mjs), KIVI's (scripts/gpu-kivi.mjs) and the selection policies' prefill
-# (scripts/gpu-policies.mjs) on the GPU, the tensor-core mass (part tf32: H2O's tests and prefill
-# timing again with KVSLIM_CUDA_TF32_MASS=1, native/cuda/lse_mass_tf32.cu), the loading and KIVI timings also with
+# (scripts/gpu-policies.mjs) on the GPU, the tensor-core kernels (part tf32: the GPU tests and
+# prefill timings again with KVSLIM_CUDA_TF32_MASS=1 and KVSLIM_CUDA_TF32_PREFILL=1:
+# native/cuda/lse_mass_tf32.cu, attention_prefill_tf32.cu), the loading and KIVI timings also with
 # .gpu/kvslim-base.node.xz when packed (an earlier build, for an A/B in the same session). Logs go
 # to $OUT (or ./gpu-run-out). TEST_LIMIT / BENCH_LIMIT / LOADING_LIMIT / KIVI_LIMIT / POLICY_LIMIT:
 # seconds for each part (TF32_LIMIT: the tf32 part). PARTS: the parts to run (default "test bench
@@ -52,13 +53,20 @@ if part policies; then
   cat "$out/policies.log"
 fi
 if part tf32; then
-  KVSLIM_CUDA_TF32_MASS=1 KVSLIM_TEST_DEVICE=cuda timeout "${TF32_LIMIT:-200}" node node_modules/vitest/vitest.mjs run \
-    test/gpu.test.ts test/select.test.ts test/joined-segments.test.ts test/select-long.test.ts > "$out/test-tf32.log" 2>&1
+  # The tensor-core kernels, off by default until this passes: the GPU-vs-CPU and selection tests
+  # with both, then the prefill timings with the mass alone and with both (the full row shows the prefill).
+  export_tf32="KVSLIM_CUDA_TF32_MASS=1 KVSLIM_CUDA_TF32_PREFILL=1"
+  env $export_tf32 KVSLIM_TEST_DEVICE=cuda timeout "${TF32_LIMIT:-200}" node node_modules/vitest/vitest.mjs run \
+    test/gpu.test.ts test/attention.test.ts test/prefill-drivers.test.ts test/select.test.ts test/joined-segments.test.ts \
+    test/select-long.test.ts > "$out/test-tf32.log" 2>&1
   echo "test:tf32: $? ($(sed 's/\x1b\[[0-9;]*m//g' "$out/test-tf32.log" | grep -E 'Tests +[0-9]' | tail -1))"
   sed 's/\x1b\[[0-9;]*m//g' "$out/test-tf32.log" | grep -E "FAIL|AssertionError" | head -20
-  KVSLIM_CUDA_TF32_MASS=1 timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs ${POLICY_TOKENS:-32768} > "$out/policies-tf32.log" 2>&1
-  echo "policies (tf32 mass): $?"
-  cat "$out/policies-tf32.log"
+  KVSLIM_CUDA_TF32_MASS=1 timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs ${POLICY_TOKENS:-32768} > "$out/policies-tf32-mass.log" 2>&1
+  echo "policies (tf32 mass): $?"; cat "$out/policies-tf32-mass.log"
+  env $export_tf32 timeout "${POLICY_LIMIT:-90}" node scripts/gpu-policies.mjs ${POLICY_TOKENS:-32768} > "$out/policies-tf32.log" 2>&1
+  echo "policies (tf32 mass and prefill): $?"; cat "$out/policies-tf32.log"
+  env $export_tf32 timeout "${BENCH_LIMIT:-150}" node dist/bench/main.js --case prefill-f16-4K-cuda > "$out/bench-tf32.log" 2>&1
+  echo "bench (tf32): $?"; grep -E -- "-cuda " "$out/bench-tf32.log"
 fi
 # A/B: the loading and KIVI timings with an earlier build packed as .gpu/kvslim-base.node.xz, if any.
 if [ -f .gpu/kvslim-base.node.xz ] && { part loading || part kivi; }; then

@@ -72,6 +72,13 @@ cudaError_t launchAttentionDecode(const AttentionKernelArgs& args, cudaStream_t 
 // Prefill: many rows per kv head, K/V tiles staged in shared memory (compute-bound).
 SplitPlan planAttentionPrefill(const AttentionKernelArgs& args, int multiprocessors);
 cudaError_t launchAttentionPrefill(const AttentionKernelArgs& args, cudaStream_t stream);
+// Query rows one prefill block covers for a head size (the row tiles are ceil(rowsPerHead / it)).
+int prefillRowsPerBlock(int headDim);
+// The same prefill on the tensor cores (attention_prefill_tf32.cu): f16/bf16 K/V, headDim <= 128,
+// compute capability 8.0 or later (attentionPrefillTf32Fits); launchAttentionPrefill runs it when
+// KVSLIM_CUDA_TF32_PREFILL=1.
+bool attentionPrefillTf32Fits(const AttentionKernelArgs& args);
+cudaError_t launchAttentionPrefillTf32(const AttentionKernelArgs& args, cudaStream_t stream);
 
 // Log-sum-exp merge of the split partials into out (and lse when set; only when args.splits > 1).
 cudaError_t launchMergeSplits(const AttentionKernelArgs& args, cudaStream_t stream);

@@ -5,6 +5,7 @@
 // broadcast reads), the warp runs the online softmax of each row with shuffles, and then every
 // lane accumulates the output dimensions lane, lane + 32, ... of those rows from the
 // probabilities and the value tile. The [n, T] score matrix never exists.
+#include "../core/environment.h"
 #include "attention_device.cuh"
 
 namespace kvslim::cuda {
@@ -32,15 +33,6 @@ struct PrefillTiling {
   static constexpr size_t kSharedBytes =
       sizeof(float) * (size_t(kRows) * PADDED_DIM + size_t(kTileKeys) * kTileStride + size_t(kRows) * kTileKeys);
 };
-
-// Rows per block for a head size, on the host (must match the PADDED_DIM launchPrefillShape picks).
-int prefillRowsPerBlock(int headDim) {
-  if (headDim <= 64) return PrefillTiling<64>::kRows;
-  if (headDim <= 128) return PrefillTiling<128>::kRows;
-  if (headDim <= 256) return PrefillTiling<256>::kRows;
-  if (headDim <= 512) return PrefillTiling<512>::kRows;
-  return PrefillTiling<1024>::kRows;
-}
 
 template <DType T, int CHUNK>
 __device__ __forceinline__ void stageTile(float* tile, const void* const* pages, const HeadSpan& span,
@@ -224,6 +216,15 @@ cudaError_t launchPrefillShape(const AttentionKernelArgs& args, cudaStream_t str
 
 }  // namespace
 
+// Must match the PADDED_DIM launchPrefillShape picks.
+int prefillRowsPerBlock(int headDim) {
+  if (headDim <= 64) return PrefillTiling<64>::kRows;
+  if (headDim <= 128) return PrefillTiling<128>::kRows;
+  if (headDim <= 256) return PrefillTiling<256>::kRows;
+  if (headDim <= 512) return PrefillTiling<512>::kRows;
+  return PrefillTiling<1024>::kRows;
+}
+
 SplitPlan planAttentionPrefill(const AttentionKernelArgs& args, int multiprocessors) {
   const int rows = prefillRowsPerBlock(args.headDim);
   const long long rowTiles = (args.rowsPerHead + rows - 1) / rows;
@@ -231,6 +232,9 @@ SplitPlan planAttentionPrefill(const AttentionKernelArgs& args, int multiprocess
 }
 
 cudaError_t launchAttentionPrefill(const AttentionKernelArgs& args, cudaStream_t stream) {
+  // The tensor-core kernel (attention_prefill_tf32.cu) only when asked: no GPU has run it yet.
+  static const bool tf32 = environmentInteger("KVSLIM_CUDA_TF32_PREFILL", 0, 0) == 1;
+  if (tf32 && attentionPrefillTf32Fits(args)) return launchAttentionPrefillTf32(args, stream);
   switch (args.kvType) {
     case DType::F16: return launchPrefillShape<DType::F16>(args, stream);
     case DType::BF16: return launchPrefillShape<DType::BF16>(args, stream);

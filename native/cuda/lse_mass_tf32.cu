@@ -4,13 +4,13 @@
 // MMA's rows) and keeps their fragments in registers, while the query rows that see the keys stream
 // through shared memory 32 at a time (four 8-row MMA columns).
 //
-// Exact enough to choose the same tokens: f16 and bf16 keys are TF32 numbers as they are (11 and 8
-// significant bits), and each scaled query is split into a TF32 high part and a TF32 remainder,
-// q = hi + lo to within 2^-22 relative, so q.k = hi.k + lo.k takes two MMAs whose products are
-// exact and whose sums are f32 (f32 keys, which would need a third, stay on lse_mass.cu's kernel).
+// Exact enough to choose the same tokens (tf32_mma.cuh): each scaled query is split into two TF32
+// parts, q.k = hi.k + lo.k in two MMAs, f16/bf16 keys enter as they are (f32 keys, which would need
+// a third MMA, stay on lse_mass.cu's kernel).
 // Each probability goes into a double per (lane, key); the four lanes that hold a key's rows are
 // added in lane order, so every column sums in an order fixed by the shape, without atomics.
 #include "attention_device.cuh"
+#include "tf32_mma.cuh"
 
 namespace kvslim::cuda {
 
@@ -32,35 +32,6 @@ struct Tf32Tiling {
   static constexpr size_t kSharedBytes =
       sizeof(float) * (size_t(kKeys) * kPitch + 2 * size_t(kRows) * kPitch + size_t(kRows)) + sizeof(int) * kRows;
 };
-
-// TF32 arithmetic exists from compute capability 8.0; below, these are never launched (lseMassTf32Fits).
-#if !defined(__CUDA_ARCH__) || __CUDA_ARCH__ >= 800
-#define KVSLIM_TF32_MMA 1
-#endif
-
-__device__ __forceinline__ unsigned toTf32(float value) {
-#ifdef KVSLIM_TF32_MMA
-  unsigned bits;
-  asm("cvt.rna.tf32.f32 %0, %1;" : "=r"(bits) : "f"(value));
-  return bits;
-#else
-  return __float_as_uint(value);
-#endif
-}
-
-// c += a * b for one 16x8x8 tile: a holds rows (g, g + 8) x columns (t, t + 4) of a 16x8 tile,
-// b rows (t, t + 4) x column g of an 8x8 tile, c rows (g, g + 8) x columns (2t, 2t + 1), where
-// g = lane / 4 and t = lane % 4 (the PTX ISA's fragment layout for .tf32 m16n8k8).
-__device__ __forceinline__ void mmaTf32(float (&c)[4], const unsigned (&a)[4], unsigned b0, unsigned b1) {
-#ifdef KVSLIM_TF32_MMA
-  asm volatile(
-      "mma.sync.aligned.m16n8k8.row.col.f32.tf32.tf32.f32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
-      : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
-      : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
-#else
-  __trap();
-#endif
-}
 
 template <DType T, int PADDED_DIM>
 __global__ void __launch_bounds__(kThreads) lseMassTf32Kernel(const AttentionKernelArgs args, double* mass, long long massStride) {
@@ -110,9 +81,9 @@ __global__ void __launch_bounds__(kThreads) lseMassTf32Kernel(const AttentionKer
         const float q = r < blockRows && d < dim
                             ? args.q[static_cast<size_t>(queryIndex(args, head, rowBase + r)) * dim + d] * args.scaleLog2e
                             : 0.0f;
-        const unsigned high = toTf32(q);
-        queryHigh[r * kPitch + d] = high;
-        queryLow[r * kPitch + d] = toTf32(q - __uint_as_float(high));  // exact difference, rounded to TF32
+        const Tf32Pair split = splitTf32(q);
+        queryHigh[r * kPitch + d] = split.hi;
+        queryLow[r * kPitch + d] = split.lo;
       }
       if (threadIdx.x < kRows) {
         const int r = threadIdx.x;
@@ -183,19 +154,11 @@ cudaError_t launchTf32Shape(const AttentionKernelArgs& args, double* mass, long 
   return launchTf32Kernel<T, 128>(args, mass, massStride, stream);
 }
 
-bool tensorCoresPresent() {
-  static const bool present = [] {
-    int device = 0, major = 0;
-    return cudaGetDevice(&device) == cudaSuccess &&
-           cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device) == cudaSuccess && major >= 8;
-  }();
-  return present;
-}
-
 }  // namespace
 
 bool lseMassTf32Fits(const AttentionKernelArgs& args) {
-  return (args.kvType == DType::F16 || args.kvType == DType::BF16) && args.headDim <= 128 && tensorCoresPresent();
+  static const bool present = tensorCoresPresent(Tf32Tiling<128>::kSharedBytes);
+  return (args.kvType == DType::F16 || args.kvType == DType::BF16) && args.headDim <= 128 && present;
 }
 
 cudaError_t launchLseMassTf32(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
