@@ -175,4 +175,15 @@ __device__ __forceinline__ float warpSum(float value) {
   return value;
 }
 
+// Launches KERNEL with `shared` bytes of dynamic shared memory. Above 48 KiB a kernel must opt in:
+// once per kernel (device 0 is the only device used); an opt-in the device cannot grant fails
+// here instead of at launch.
+template <auto KERNEL, class... Args>
+cudaError_t launchWithShared(dim3 grid, int threads, size_t shared, cudaStream_t stream, const Args&... args) {
+  static const cudaError_t optIn = cudaFuncSetAttribute(KERNEL, cudaFuncAttributeMaxDynamicSharedMemorySize, int(shared));
+  if (optIn != cudaSuccess) return optIn;
+  KERNEL<<<grid, threads, shared, stream>>>(args...);
+  return cudaGetLastError();
+}
+
 }  // namespace kvslim::cuda

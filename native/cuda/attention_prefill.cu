@@ -193,16 +193,10 @@ __global__ void __launch_bounds__(kPrefillThreads, 2) attentionPrefillKernel(con
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchPrefillKernel(const AttentionKernelArgs& args, cudaStream_t stream) {
-  constexpr size_t kShared = PrefillTiling<PADDED_DIM>::kSharedBytes;
-  // Above 48 KiB a kernel must opt in; once per kernel (device 0 is the only device used). An
-  // opt-in the device cannot grant fails here instead of at launch.
-  static const cudaError_t optIn =
-      cudaFuncSetAttribute(attentionPrefillKernel<T, PADDED_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kShared));
-  if (optIn != cudaSuccess) return optIn;
   const int rowTiles = (args.rowsPerHead + PrefillTiling<PADDED_DIM>::kRows - 1) / PrefillTiling<PADDED_DIM>::kRows;
   const dim3 grid(rowTiles, args.kvHeads, args.splits);
-  attentionPrefillKernel<T, PADDED_DIM><<<grid, kPrefillThreads, kShared, stream>>>(args);
-  return cudaGetLastError();
+  return launchWithShared<attentionPrefillKernel<T, PADDED_DIM>>(grid, kPrefillThreads, PrefillTiling<PADDED_DIM>::kSharedBytes,
+                                                                 stream, args);
 }
 
 template <DType T>

@@ -208,15 +208,10 @@ __global__ void __launch_bounds__(kThreads) attentionPrefillTf32Kernel(const Att
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchTf32Kernel(const AttentionKernelArgs& args, cudaStream_t stream) {
-  constexpr size_t kShared = Tf32PrefillTiling<PADDED_DIM>::kSharedBytes;
-  // Above 48 KiB a kernel must opt in, once.
-  static const cudaError_t optIn =
-      cudaFuncSetAttribute(attentionPrefillTf32Kernel<T, PADDED_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kShared));
-  if (optIn != cudaSuccess) return optIn;
   const int rowTiles = (args.rowsPerHead + kRows - 1) / kRows;
   const dim3 grid(rowTiles, args.kvHeads, args.splits);
-  attentionPrefillTf32Kernel<T, PADDED_DIM><<<grid, kThreads, kShared, stream>>>(args);
-  return cudaGetLastError();
+  return launchWithShared<attentionPrefillTf32Kernel<T, PADDED_DIM>>(grid, kThreads, Tf32PrefillTiling<PADDED_DIM>::kSharedBytes,
+                                                                     stream, args);
 }
 
 template <DType T>

@@ -127,16 +127,11 @@ __global__ void __launch_bounds__(kMassThreads) lseMassKernel(const AttentionKer
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchMassKernel(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
-  constexpr size_t kShared = MassTiling<PADDED_DIM>::kSharedBytes;
-  // Above 48 KiB a kernel must opt in, once (as the prefill).
-  static const cudaError_t optIn =
-      cudaFuncSetAttribute(lseMassKernel<T, PADDED_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kShared));
-  if (optIn != cudaSuccess) return optIn;
   const long long keyBlocks = (massStride + kMassKeys - 1) / kMassKeys;
   if (keyBlocks < 1 || keyBlocks > 0x7fffffffLL || args.kvHeads < 1 || args.kvHeads > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(keyBlocks), static_cast<unsigned>(args.kvHeads));
-  lseMassKernel<T, PADDED_DIM><<<grid, kMassThreads, kShared, stream>>>(args, mass, massStride);
-  return cudaGetLastError();
+  return launchWithShared<lseMassKernel<T, PADDED_DIM>>(grid, kMassThreads, MassTiling<PADDED_DIM>::kSharedBytes, stream, args,
+                                                        mass, massStride);
 }
 
 template <DType T>

@@ -136,16 +136,11 @@ __global__ void __launch_bounds__(kThreads) lseMassTf32Kernel(const AttentionKer
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchTf32Kernel(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
-  constexpr size_t kShared = Tf32Tiling<PADDED_DIM>::kSharedBytes;
-  // Above 48 KiB a kernel must opt in, once (as the prefill).
-  static const cudaError_t optIn =
-      cudaFuncSetAttribute(lseMassTf32Kernel<T, PADDED_DIM>, cudaFuncAttributeMaxDynamicSharedMemorySize, int(kShared));
-  if (optIn != cudaSuccess) return optIn;
   const long long keyBlocks = (massStride + kKeys - 1) / kKeys;
   if (keyBlocks < 1 || keyBlocks > 0x7fffffffLL || args.kvHeads < 1 || args.kvHeads > 65535) return cudaErrorInvalidValue;
   const dim3 grid(static_cast<unsigned>(keyBlocks), static_cast<unsigned>(args.kvHeads));
-  lseMassTf32Kernel<T, PADDED_DIM><<<grid, kThreads, kShared, stream>>>(args, mass, massStride);
-  return cudaGetLastError();
+  return launchWithShared<lseMassTf32Kernel<T, PADDED_DIM>>(grid, kThreads, Tf32Tiling<PADDED_DIM>::kSharedBytes, stream, args,
+                                                            mass, massStride);
 }
 
 template <DType T>
