@@ -175,6 +175,15 @@ __device__ __forceinline__ float warpSum(float value) {
   return value;
 }
 
+// The grid of an attention-mass kernel (lse_mass.cu, lse_mass_tf32.cu): a block per `keys` mass
+// columns and kv head. False when no launch can cover it.
+inline bool massGrid(long long massStride, int keys, int kvHeads, dim3* grid) {
+  const long long keyBlocks = (massStride + keys - 1) / keys;
+  if (keyBlocks < 1 || keyBlocks > 0x7fffffffLL || kvHeads < 1 || kvHeads > 65535) return false;
+  *grid = dim3(static_cast<unsigned>(keyBlocks), static_cast<unsigned>(kvHeads));
+  return true;
+}
+
 // Launches KERNEL with `shared` bytes of dynamic shared memory. Above 48 KiB a kernel must opt in:
 // once per kernel (device 0 is the only device used); an opt-in the device cannot grant fails
 // here instead of at launch.

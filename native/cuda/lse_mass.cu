@@ -127,9 +127,8 @@ __global__ void __launch_bounds__(kMassThreads) lseMassKernel(const AttentionKer
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchMassKernel(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
-  const long long keyBlocks = (massStride + kMassKeys - 1) / kMassKeys;
-  if (keyBlocks < 1 || keyBlocks > 0x7fffffffLL || args.kvHeads < 1 || args.kvHeads > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(keyBlocks), static_cast<unsigned>(args.kvHeads));
+  dim3 grid;
+  if (!massGrid(massStride, kMassKeys, args.kvHeads, &grid)) return cudaErrorInvalidValue;
   return launchWithShared<lseMassKernel<T, PADDED_DIM>>(grid, kMassThreads, MassTiling<PADDED_DIM>::kSharedBytes, stream, args,
                                                         mass, massStride);
 }

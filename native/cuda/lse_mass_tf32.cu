@@ -136,9 +136,8 @@ __global__ void __launch_bounds__(kThreads) lseMassTf32Kernel(const AttentionKer
 
 template <DType T, int PADDED_DIM>
 cudaError_t launchTf32Kernel(const AttentionKernelArgs& args, double* mass, long long massStride, cudaStream_t stream) {
-  const long long keyBlocks = (massStride + kKeys - 1) / kKeys;
-  if (keyBlocks < 1 || keyBlocks > 0x7fffffffLL || args.kvHeads < 1 || args.kvHeads > 65535) return cudaErrorInvalidValue;
-  const dim3 grid(static_cast<unsigned>(keyBlocks), static_cast<unsigned>(args.kvHeads));
+  dim3 grid;
+  if (!massGrid(massStride, kKeys, args.kvHeads, &grid)) return cudaErrorInvalidValue;
   return launchWithShared<lseMassTf32Kernel<T, PADDED_DIM>>(grid, kThreads, Tf32Tiling<PADDED_DIM>::kSharedBytes, stream, args,
                                                             mass, massStride);
 }
