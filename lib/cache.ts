@@ -284,7 +284,10 @@ export class KVCache {
     };
   }
 
-  /** The cache as bytes (config, tokens in stored form, checksum); see {@link KVCache.load}. */
+  /**
+   * The cache as bytes (config, tokens in stored form, the policy's state, checksum); see
+   * {@link KVCache.load}: the loaded cache goes on exactly as this one would.
+   */
   save(): Buffer {
     return this.#idle('save').save();
   }

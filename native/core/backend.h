@@ -128,6 +128,10 @@ class BackendBuffer {
     KVSLIM_RETURN_IF_ERROR(allocate(bytes));
     return backend_.upload(data_, hostSrc, bytes);
   }
+  // Bytes [offset, offset + bytes) back to the host.
+  Status download(void* hostDst, size_t offset, size_t bytes) const {
+    return backend_.download(hostDst, static_cast<const uint8_t*>(data_) + offset, bytes);
+  }
 
  private:
   Backend& backend_;

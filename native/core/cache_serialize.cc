@@ -9,8 +9,12 @@
 //   i32 kind | i64 sink, window, pageSize, pages, topK, trainQueries, blockSize, blocks
 //   | i32 reprTopK, queryWindow | f64 questionWeight, temperature
 //   | i32 index kind, lists, probes, degree, beam, neighbors, threads | u64 seed.
-//   Indexes are not saved: a loaded cache indexes its tokens again at its first decode call (the
-//   graph from its keys alone, ActQKV with fresh statistics).
+//   Version 5 holds no index: a loaded cache indexes its tokens again at its first decode call
+//   (the graph from its keys alone, ActQKV with fresh statistics). Quest and the flat scan, whose
+//   choices follow from the keys alone, still save as version 5, byte for byte as before.
+//   | (version 8: a loading policy with state, ivf, graph and actqkv; version 5's fields) u64
+//   stateBytes | the policy's state (SelectPolicy::saveState: its indexes, statistics and extents,
+//   checked against the restored store on load, after the payload).
 //   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | (version 7) i64 holeBegin, holeEnd | key group
@@ -24,6 +28,7 @@
 #include <new>
 #include <string>
 
+#include "byte_io.h"
 #include "kv_cache.h"
 #include "shape_checks.h"
 
@@ -31,48 +36,16 @@ namespace kvslim {
 
 namespace {
 constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
-constexpr uint32_t kVersion = 7;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
+constexpr uint32_t kVersion = 8;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
                                   // 5: loading policies; 6: eviction policies; 7: window policies over KIVI
-                                  // (6 + i32 kiviPreRope after the rope style, and each KIVI head's hole)
+                                  // (6 + i32 kiviPreRope after the rope style, and each KIVI head's hole);
+                                  // 8: loading policies with their state (5 + the state)
 
 uint64_t fnv1a(const uint8_t* data, size_t size) {
   uint64_t hash = 14695981039346656037ull;  // FNV-1a 64 offset basis
   for (size_t i = 0; i < size; ++i) hash = (hash ^ data[i]) * 1099511628211ull;
   return hash;
 }
-
-class Writer {
- public:
-  explicit Writer(std::vector<uint8_t>* out) : out_(out) {}
-  template <typename T>
-  void put(const T& value) {
-    const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
-    out_->insert(out_->end(), bytes, bytes + sizeof(T));
-  }
-
- private:
-  std::vector<uint8_t>* out_;
-};
-
-class Reader {
- public:
-  Reader(const uint8_t* data, size_t size) : data_(data), size_(size) {}
-  template <typename T>
-  bool get(T* value) {
-    if (size_ - offset_ < sizeof(T)) return false;
-    std::memcpy(value, data_ + offset_, sizeof(T));
-    offset_ += sizeof(T);
-    return true;
-  }
-  size_t offset() const { return offset_; }
-  // Moves past bytes the caller read itself (it checked they exist).
-  void skip(size_t bytes) { offset_ += bytes; }
-
- private:
-  const uint8_t* data_;
-  size_t size_;
-  size_t offset_ = 0;
-};
 
 Status corrupt(const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); }
 
@@ -111,7 +84,7 @@ bool finiteRows(const uint8_t* bytes, size_t count, DType type) {
 }
 
 // The loading policy of a version 5 header; create() checks its values (ERR_OPTION -> corrupt).
-Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select) {
+Status readLoadingPolicy(ByteReader* reader, int32_t storeKind, SelectConfig* select) {
   int32_t kind = 0, indexKind = 0;
   IndexOptions& index = select->index;
   bool complete = reader->get(&kind);
@@ -138,7 +111,7 @@ Status readLoadingPolicy(Reader* reader, int32_t storeKind, SelectConfig* select
 
 // One KIVI head's image as readKiviHead reads it back.
 void putKiviHead(const KiviStore::HeadImage& image, bool holes, std::vector<uint8_t>* out) {
-  Writer writer(out);
+  ByteWriter writer(out);
   writer.put(image.quantizedKeys);
   writer.put(image.quantizedValues);
   if (holes) {
@@ -243,13 +216,16 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
   const bool loading = policy_ && policy_->loads();
   const bool evicting = policy_ && !loading;
   try {
+    std::vector<uint8_t> state;
+    if (loading) KVSLIM_RETURN_IF_ERROR(policy_->saveState(config_.layers, &state));
     out->clear();
-    Writer writer(out);
+    ByteWriter writer(out);
     out->resize(sizeof(kMagic));
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
     const bool preRope = kivi() && config_.kiviPreRope;
     const bool outliers = kivi() && config_.kiviOutliers > 0.0;
-    writer.put(kiviHoles() ? uint32_t(7) : evicting ? uint32_t(6) : loading ? uint32_t(5) : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
+    writer.put(kiviHoles() ? uint32_t(7) : evicting ? uint32_t(6) : loading ? uint32_t(state.empty() ? 5 : 8)
+                                                                            : preRope ? uint32_t(4) : outliers ? uint32_t(3) : uint32_t(2));
     writer.put(config_.layers);
     writer.put(config_.qHeads);
     writer.put(config_.kvHeads);
@@ -275,6 +251,10 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
         writer.put(value);
       }
       writer.put(index.seed);
+      if (!state.empty()) {
+        writer.put(uint64_t(state.size()));
+        out->insert(out->end(), state.begin(), state.end());
+      }
     }
     if (outliers || preRope) writer.put(config_.kiviOutliers);
     if (preRope) {
@@ -313,7 +293,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
 
 Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> backend, int32_t threads,
                      std::unique_ptr<KVCache>* out) {
-  Reader reader(data, size);
+  ByteReader reader(data, size);
   if (size < 8 || std::memcmp(data, kMagic, 8) != 0) return corrupt("the buffer does not start with KVSLIM01");
   uint64_t skipMagic;
   reader.get(&skipMagic);
@@ -335,7 +315,15 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (version == 3 && (storeKind != 1 || !(config.kiviOutliers > 0.0 && config.kiviOutliers <= 1.0))) {
     return corrupt("the KIVI outlier fraction is out of range");
   }
-  if (version == 5) KVSLIM_RETURN_IF_ERROR(readLoadingPolicy(&reader, storeKind, &config.select));
+  // Version 8: the loading policy's state, taken back once the store holds the saved tokens.
+  uint64_t stateBytes = 0;
+  size_t stateOffset = 0;
+  if (version == 5 || version == 8) KVSLIM_RETURN_IF_ERROR(readLoadingPolicy(&reader, storeKind, &config.select));
+  if (version == 8) {
+    if (!reader.get(&stateBytes) || stateBytes > size - reader.offset()) return corrupt("the policy state is truncated");
+    stateOffset = reader.offset();
+    reader.skip(size_t(stateBytes));
+  }
   if (version == 4) {
     int32_t preRope = 0, ropeStyle = 0;
     if (!reader.get(&preRope) || !reader.get(&config.rope.theta) || !reader.get(&ropeStyle)) {
@@ -361,7 +349,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
   if (!valid.isOk()) return corrupt(valid.message());
   if (config.pageTokens <= 0 || config.pageTokens > (1 << 20)) return corrupt("pageTokens out of range");
   if (!(config.scale > 0.0f) || !std::isfinite(config.scale)) return corrupt("scale must be positive and finite");
-  if (version >= 6) return loadEvicting(data, size, reader.offset(), config, std::move(backend), out, version == 7);
+  if (version == 6 || version == 7) return loadEvicting(data, size, reader.offset(), config, std::move(backend), out, version == 7);
   if (config.storeKind == StoreKind::Kivi) return loadKivi(data, size, reader.offset(), config, std::move(backend), out);
   std::vector<int64_t> tokens(size_t(config.layers));
   const size_t rowBytes = size_t(config.headDim) * dtypeBytes(config.storeType);
@@ -408,6 +396,10 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
       if (appended.code() == ErrorCode::Value) return corrupt(appended.message());
       KVSLIM_RETURN_IF_ERROR(appended);
     }
+    if (version == 8) {
+      RestoredStores restored{cache->store_, std::vector<int64_t>(size_t(config.layers), -1), config.qHeads, config.threads};
+      KVSLIM_RETURN_IF_ERROR(cache->policy_->loadState(data + stateOffset, size_t(stateBytes), restored, config.layers));
+    }
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in load()");
   }
@@ -416,7 +408,7 @@ Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> 
 }
 
 Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
-  Writer writer(out);
+  ByteWriter writer(out);
   const SelectConfig& s = config_.select;
   writer.put(config_.kiviOutliers);
   writer.put(config_.rope.theta);
@@ -433,7 +425,7 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
   writer.put(uint64_t(s.retrieval.size()));
   out->insert(out->end(), s.retrieval.begin(), s.retrieval.end());
   std::vector<uint8_t> state;
-  policy_->saveState(config_.layers, &state);
+  KVSLIM_RETURN_IF_ERROR(policy_->saveState(config_.layers, &state));
   writer.put(uint64_t(state.size()));
   out->insert(out->end(), state.begin(), state.end());
   for (int32_t layer = 0; layer < config_.layers; ++layer) writer.put(tokens(layer));
@@ -475,7 +467,7 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
   // The checksum first: everything after it is then as saved, and only bounds need checking.
   if (size < offset + 8) return corrupt("the header is truncated");
   KVSLIM_RETURN_IF_ERROR(checkHash(data, size));
-  Reader reader(data + offset, size - 8 - offset);
+  ByteReader reader(data + offset, size - 8 - offset);
   SelectConfig& s = config.select;
   int32_t ropeStyle = 0, kind = 0, pooling = 0, cachePositions = 0, preRope = 0;
   uint64_t maskBytes = 0, stateBytes = 0;
@@ -515,7 +507,7 @@ Status KVCache::loadEvicting(const uint8_t* data, size_t size, size_t offset, Ca
   if (!reader.get(&stateBytes) || stateBytes > size) return corrupt("the policy state is truncated");
   const size_t stateOffset = offset + reader.offset();
   if (size - 8 - stateOffset < stateBytes) return corrupt("the policy state is truncated");
-  Reader payload(data + stateOffset + stateBytes, size - 8 - stateOffset - size_t(stateBytes));
+  ByteReader payload(data + stateOffset + stateBytes, size - 8 - stateOffset - size_t(stateBytes));
 
   std::unique_ptr<KVCache> cache;
   const Status created = create(config, std::move(backend), &cache);
@@ -618,7 +610,7 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
   KVSLIM_RETURN_IF_ERROR(created);
   const KiviFormat& format = cache->kivi_.shape().format;
   const size_t rowBytes = size_t(config.headDim) * 2;
-  Reader reader(data + offset, size - offset);
+  ByteReader reader(data + offset, size - offset);
   std::vector<int64_t> tokens(size_t(config.layers));
   for (int64_t& count : tokens) {
     if (!reader.get(&count)) return corrupt("the token counts are truncated");

@@ -38,6 +38,7 @@
 #include <thread>
 #include <vector>
 
+#include "../byte_io.h"
 #include "../vector_ops.h"
 #include "key_index.h"
 #include "key_rows.h"
@@ -233,6 +234,56 @@ class GraphIndex final : public KeyIndex {
 
   std::unique_ptr<KeyIndex> clone() const override { return std::make_unique<GraphIndex>(*this); }
   const IndexOptions& options() const override { return options_; }
+
+  // Structure: i32 degree, u32 entry, u32 out-degree [count], u32 links [count, degree] (kNone
+  // past each key's out-degree), u32 parent [count] (kNone: none). The norms follow from the keys.
+  void saveStructure(std::vector<uint8_t>* out) const override {
+    ByteWriter writer(out);
+    writer.put(options_.degree);
+    writer.put(entry_);
+    writer.putArray(linkCounts_.data(), size_t(count_));
+    writer.putArray(links_.data(), size_t(count_) * size_t(options_.degree));
+    writer.putArray(parents_.data(), size_t(count_));
+  }
+
+  Status restore(const float* keys, int64_t n, const uint8_t* data, size_t size) override {
+    const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: a graph index's " + what); };
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0, options_));
+    ByteReader reader(data, size);
+    int32_t degree = 0;
+    uint32_t entry = 0;
+    if (!reader.get(&degree) || !reader.get(&entry)) return corrupt("structure is truncated");
+    if (degree != options_.degree) return corrupt("degree differs from the policy's");
+    if (n > 0 ? entry >= uint64_t(n) : entry != 0) return corrupt("entry is out of range");
+    try {
+      GraphIndex restored(options_);
+      restored.appendKeys(keys, n);
+      std::vector<uint32_t> counts, links, parents;
+      if (!reader.getArray(&counts, uint64_t(n)) || !reader.getArray(&links, uint64_t(n) * uint64_t(degree)) ||
+          !reader.getArray(&parents, uint64_t(n)) || !reader.done()) {
+        return corrupt("structure is truncated or too long");
+      }
+      for (int64_t node = 0; node < n; ++node) {
+        const uint32_t count = counts[size_t(node)];
+        if (count > uint32_t(degree)) return corrupt("out-degree exceeds the degree");
+        const uint32_t* own = links.data() + size_t(node) * size_t(degree);
+        for (int32_t j = 0; j < degree; ++j) {
+          if (uint32_t(j) < count ? own[j] >= uint64_t(n) : own[j] != kNone) return corrupt("link is out of range");
+        }
+        const uint32_t parent = parents[size_t(node)];
+        if (parent != kNone && parent >= uint64_t(n)) return corrupt("parent is out of range");
+      }
+      // Into appendKeys' arrays, which keep a build's spare capacity for the decode appends.
+      std::copy(counts.begin(), counts.end(), restored.linkCounts_.begin());
+      std::copy(links.begin(), links.end(), restored.links_.begin());
+      std::copy(parents.begin(), parents.end(), restored.parents_.begin());
+      restored.entry_ = entry;
+      *this = std::move(restored);
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory restoring a graph index of " + std::to_string(n) + " keys");
+    }
+    return Status::ok();
+  }
 
  private:
   // Key `id` as an f32 query row.

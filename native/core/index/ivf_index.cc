@@ -26,6 +26,7 @@
 #include <thread>
 #include <vector>
 
+#include "../byte_io.h"
 #include "../vector_ops.h"
 #include "key_index.h"
 #include "key_rows.h"
@@ -216,6 +217,60 @@ class IvfIndex final : public KeyIndex {
 
   std::unique_ptr<KeyIndex> clone() const override { return std::make_unique<IvfIndex>(*this); }
   const IndexOptions& options() const override { return options_; }
+
+  // Structure: i32 requested lists, i32 lists (0: empty), f32 centroids [lists, dim], u32 list of
+  // each key [count]. Each key's list is saved, not assigned again: assignment by a centroid dot
+  // product could round a near tie the other way in a batch of another size.
+  void saveStructure(std::vector<uint8_t>* out) const override {
+    ByteWriter writer(out);
+    writer.put(requestedLists_);
+    writer.put(int32_t(lists_.size()));
+    writer.putArray(centroids_);
+    std::vector<uint32_t> listOf(size_t(count_), 0);
+    for (size_t c = 0; c < lists_.size(); ++c)
+      for (const uint32_t id : lists_[c].ids) listOf[id] = uint32_t(c);
+    writer.putArray(listOf);
+  }
+
+  Status restore(const float* keys, int64_t n, const uint8_t* data, size_t size) override {
+    const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: an ivf index's " + what); };
+    KVSLIM_RETURN_IF_ERROR(checkKeys(keys, n, 0, options_));
+    ByteReader reader(data, size);
+    int32_t requested = 0, lists = 0;
+    if (!reader.get(&requested) || !reader.get(&lists)) return corrupt("structure is truncated");
+    if (requested < 0 || requested > (1 << 24) || requested != requestedLists_) return corrupt("requested list count differs from the policy's");
+    if (lists < 0 || lists > n || (lists == 0) != (n == 0)) return corrupt("list count is out of range");
+    try {
+      IvfIndex restored(options_);
+      restored.requestedLists_ = requested;
+      restored.options_.lists = lists == 0 ? requested : lists;
+      std::vector<uint32_t> listOf;
+      if (!reader.getArray(&restored.centroids_, uint64_t(lists) * uint64_t(options_.dim)) || !reader.getArray(&listOf, uint64_t(n)) ||
+          !reader.done()) {
+        return corrupt("structure is truncated or too long");
+      }
+      for (const float value : restored.centroids_) {
+        if (!std::isfinite(value)) return corrupt("centroid is not finite");
+      }
+      for (const uint32_t c : listOf) {
+        if (c >= uint32_t(lists)) return corrupt("key list is out of range");
+      }
+      if (lists > 0) {
+        computeHalfNorms(restored.centroids_.data(), lists, options_.dim, &restored.halfNorms_);
+        restored.lists_.assign(size_t(lists), InvertedList{{}, KeyRows(options_.dim, options_.halfKeys)});
+        for (int64_t i = 0; i < n; ++i) {
+          InvertedList& list = restored.lists_[listOf[size_t(i)]];
+          list.ids.push_back(uint32_t(i));
+          list.keys.append(keys + i * options_.dim, 1);
+        }
+        restored.count_ = n;
+      }
+      *this = std::move(restored);
+    } catch (const std::bad_alloc&) {
+      return Status(ErrorCode::OutOfMemory, "out of host memory restoring an ivf index of " + std::to_string(n) + " keys");
+    }
+    return Status::ok();
+  }
 
  private:
   // lists = 0 means round(4 * sqrt(n)); never more lists than keys (an empty list is pure overhead).

@@ -52,6 +52,11 @@ Status KeyIndex::search(const float* queries, int32_t rows, int64_t k, const Sea
   return Status::ok();
 }
 
+Status KeyIndex::restore(const float* keys, int64_t n, const uint8_t* data, size_t size) {
+  if (size != 0) return Status(ErrorCode::Corrupt, "cannot load cache: a flat index has no saved structure");
+  return build(keys, n, nullptr, 0);
+}
+
 Status KeyIndex::checkKeys(const float* keys, int64_t n, int64_t existing, const IndexOptions& options) {
   if (n < 0) return Status(ErrorCode::Shape, "key count must be >= 0, but is " + std::to_string(n));
   if (n > 0 && keys == nullptr) return Status(ErrorCode::Shape, "keys is null but the key count is " + std::to_string(n));

@@ -53,6 +53,14 @@ class KeyIndex {
   virtual size_t bytes() const = 0;  // keys plus structure, host memory
   virtual std::unique_ptr<KeyIndex> clone() const = 0;
   virtual const IndexOptions& options() const = 0;
+  // save()/load(): what a search depends on beyond the keys (ivf: the centroids and each key's
+  // list; graph: the links, the spanning-tree parents and the entry), as flat bytes. The flat
+  // index has none.
+  virtual void saveStructure(std::vector<uint8_t>* out) const {}
+  // Makes this empty index the one saveStructure() described, over its keys [n, dim] (ids 0..n-1
+  // as they were): the same searches, the same later adds. ERR_CORRUPT when the bytes do not
+  // describe an index of n keys (nothing a search or add reads is left unchecked).
+  virtual Status restore(const float* keys, int64_t n, const uint8_t* data, size_t size);
 
  protected:
   // search() once its arguments hold (queries set, rows >= 1, k >= 1, the index not empty); out

@@ -57,6 +57,7 @@ constexpr int64_t kWarmupWindows = 4;  // deviation from the code's 1000 (see ab
 constexpr double kCountCap = 1000;     // n, the windows the running statistics weigh, is capped
 constexpr size_t kHistory = 100;       // entropy samples kept per layer
 constexpr int64_t kBlockGranule = 64;  // representatives are allocated in steps of this many blocks
+constexpr int64_t kMaxSavedCount = int64_t(1) << 50;  // bound on loaded query counts and budgets (no overflow later)
 
 // One kv head's final representatives in backend memory: reprs [capacity, headDim] in the store's
 // dtype (as the reference code keeps them in the model's), then norms [capacity] doubles. The
@@ -74,6 +75,16 @@ class ReprBuffer {
   double* norms() const { return reinterpret_cast<double*>(static_cast<char*>(memory_.data()) + normsOffset(capacity_)); }
   int64_t capacity() const { return capacity_; }
   size_t rowBytes() const { return size_t(dim_) * dtypeBytes(type_); }
+  // Representatives [0, count) as f32 values (appended) and their norms, read back (save()).
+  Status read(int64_t count, std::vector<float>* reprs, std::vector<double>* norms) const {
+    std::vector<uint8_t> rows(size_t(count) * rowBytes());
+    norms->resize(size_t(count));
+    if (count == 0) return Status::ok();
+    KVSLIM_RETURN_IF_ERROR(memory_.download(rows.data(), 0, rows.size()));
+    KVSLIM_RETURN_IF_ERROR(memory_.download(norms->data(), normsOffset(capacity_), norms->size() * sizeof(double)));
+    for (size_t i = 0; i < size_t(count) * size_t(dim_); ++i) reprs->push_back(loadElement(rows.data(), type_, i));
+    return Status::ok();
+  }
 
  private:
   size_t normsOffset(int64_t capacity) const { return (size_t(capacity) * rowBytes() + 7) / 8 * 8; }
@@ -142,6 +153,151 @@ class ActQKVPolicy final : public LoadingPolicy {
     }
     for (const auto& samples : history_) bytes += samples.size() * sizeof(double);
     return bytes;
+  }
+
+  // State: the index extents; per layer its query state (ring, counts, statistics, running sums,
+  // probe) and entropy history; per (layer, kv head) u8 1 and its blocks (count, the final
+  // representatives as f32 values and their norms, the newest one, its candidate keys) where it has
+  // indexed, else u8 0; then the step's layer and remaining budget. Arrays are counted. Everything
+  // the next call reads is here, so a loaded cache chooses as this one would (a rebuild would
+  // start from fresh statistics and a zero probe).
+  Status saveState(int32_t, std::vector<uint8_t>* out) const override {
+    ByteWriter writer(out);
+    saveIndexed(&writer);
+    for (size_t layer = 0; layer < queries_.size(); ++layer) {
+      const LayerQueries& lq = queries_[layer];
+      writer.putArray(lq.ring);
+      for (const int64_t value : {lq.count, lq.pending, lq.windows}) writer.put(value);
+      writer.putArray(lq.mu);
+      writer.putArray(lq.s2);
+      writer.put(lq.s2Floor);
+      writer.putArray(lq.bias);
+      writer.putArray(lq.weighted);
+      writer.put(lq.biasTotal);
+      writer.put(lq.sumsWindows);
+      writer.putArray(lq.probe);
+      writer.put(uint8_t(lq.probeValid ? 1 : 0));
+      writer.putArray(history_[layer]);
+    }
+    std::vector<float> reprs;
+    std::vector<double> norms;
+    for (const std::shared_ptr<HeadBlocks>& shared : heads_) {
+      writer.put(uint8_t(shared ? 1 : 0));
+      if (!shared) continue;
+      const HeadBlocks& head = *shared;
+      reprs.clear();
+      if (head.buffer) KVSLIM_RETURN_IF_ERROR(head.buffer->read(head.stored, &reprs, &norms));
+      else norms.clear();
+      reprs.insert(reprs.end(), head.staged.begin(), head.staged.end());
+      norms.insert(norms.end(), head.stagedNorms.begin(), head.stagedNorms.end());
+      writer.put(head.blocks);
+      writer.putArray(reprs);
+      writer.putArray(norms);
+      writer.putArray(head.last);
+      writer.put(head.lastNorm);
+      writer.putArray(head.candScores);
+      writer.putArray(head.candKeys);
+      writer.putArray(head.candPositions);
+    }
+    writer.put(lastLayer_);
+    writer.put(remaining_);
+    return Status::ok();
+  }
+
+  // Checks every count and extent against the restored store and this policy's options, and
+  // every value that was a key, a query or a representative for finiteness; representatives go
+  // back as staged ones (the next call uploads them).
+  Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) override {
+    const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: the actqkv " + what); };
+    const size_t dim = size_t(dim_);
+    const size_t width = size_t(restored.qHeads) * dim;
+    const DType type = restored.store.shape().storeType;
+    const auto finite = [](const auto& values) {
+      for (const auto value : values)
+        if (!std::isfinite(value)) return false;
+      return true;
+    };
+    // Representatives and the newest one are the store dtype's numbers (represent() rounds them).
+    const auto representable = [type](const std::vector<float>& values) {
+      for (const float value : values) {
+        uint8_t element[4];
+        storeElement(element, type, 0, value);
+        if (!std::isfinite(value) || loadElement(element, type, 0) != value) return false;
+      }
+      return true;
+    };
+    ByteReader reader(data, size);
+    KVSLIM_RETURN_IF_ERROR(loadIndexed(&reader, restored));
+    std::vector<LayerQueries> queries(queries_.size());
+    std::vector<std::vector<double>> history(history_.size());
+    for (size_t layer = 0; layer < queries.size(); ++layer) {
+      LayerQueries& lq = queries[layer];
+      const uint64_t ringFloats = uint64_t(queryWindow_) * width;
+      uint8_t probeValid = 0;
+      if (!reader.getArrayUpTo(&lq.ring, ringFloats) || !reader.get(&lq.count) || !reader.get(&lq.pending) || !reader.get(&lq.windows) ||
+          !reader.getArrayUpTo(&lq.mu, width) || !reader.getArrayUpTo(&lq.s2, width) || !reader.get(&lq.s2Floor) ||
+          !reader.getArrayUpTo(&lq.bias, uint64_t(queryWindow_)) || !reader.getArrayUpTo(&lq.weighted, width) ||
+          !reader.get(&lq.biasTotal) || !reader.get(&lq.sumsWindows) || !reader.getArrayUpTo(&lq.probe, width) ||
+          !reader.get(&probeValid) || !reader.getArrayUpTo(&history[layer], kHistory)) {
+        return corrupt("query state is truncated or too long");
+      }
+      // Windows complete every queryWindow queries; the running sums and the probe are whole or absent.
+      const bool counts = lq.count >= 0 && lq.count <= kMaxSavedCount && lq.pending == lq.count % queryWindow_ &&
+                          lq.windows == lq.count / queryWindow_;
+      const bool sizes = (lq.ring.empty() ? lq.count == 0 : lq.ring.size() == ringFloats) &&
+                         lq.mu.size() == (lq.windows > 0 ? width : 0) && lq.s2.size() == lq.mu.size() &&
+                         (lq.sumsWindows == -1 ? lq.bias.empty() && lq.weighted.empty()
+                                               : lq.sumsWindows >= 0 && lq.sumsWindows <= lq.windows &&
+                                                     lq.bias.size() == uint64_t(queryWindow_) && lq.weighted.size() == width) &&
+                         (lq.probe.empty() || lq.probe.size() == width) && probeValid <= 1 && (probeValid == 0 || !lq.probe.empty());
+      if (!counts || !sizes) return corrupt("query state is inconsistent");
+      if (!finite(lq.ring) || !finite(lq.mu) || !finite(lq.s2) || !std::isfinite(lq.s2Floor) || !finite(lq.probe) || !finite(history[layer])) {
+        return corrupt("query state is not finite");
+      }
+      lq.probeValid = probeValid == 1;
+    }
+    std::vector<std::shared_ptr<HeadBlocks>> heads(heads_.size());
+    for (size_t i = 0; i < heads.size(); ++i) {
+      const int64_t indexed = indexed_[i];
+      uint8_t present = 0;
+      if (!reader.get(&present) || present > 1) return corrupt("block state is truncated");
+      // index() gives a head its blocks with its first key.
+      if (present != (indexed > sink_ ? 1 : 0)) return corrupt("block state does not match the index extent");
+      if (present == 0) continue;
+      auto head = std::make_shared<HeadBlocks>();
+      const int64_t blocks = (indexed - sink_ + blockSize_ - 1) / blockSize_;
+      const int64_t newest = sink_ + (blocks - 1) * blockSize_;  // the newest block's first position
+      const uint64_t maxCandidates = uint64_t(std::min<int64_t>(reprTopK_, indexed - newest));
+      if (!reader.get(&head->blocks) || head->blocks != blocks || !reader.getArray(&head->staged, uint64_t(blocks - 1) * dim) ||
+          !reader.getArray(&head->stagedNorms, uint64_t(blocks - 1)) || !reader.getArray(&head->last, dim) || !reader.get(&head->lastNorm) ||
+          !reader.getArrayUpTo(&head->candScores, maxCandidates) || head->candScores.empty() ||
+          !reader.getArray(&head->candKeys, head->candScores.size() * dim) || !reader.getArray(&head->candPositions, head->candScores.size())) {
+        return corrupt("block state does not match its head");
+      }
+      std::vector<int64_t> positions = head->candPositions;
+      std::sort(positions.begin(), positions.end());
+      if (positions.front() < newest || positions.back() >= indexed || std::adjacent_find(positions.begin(), positions.end()) != positions.end()) {
+        return corrupt("candidate positions are out of range");
+      }
+      bool norms = std::isfinite(head->lastNorm) && head->lastNorm >= 0;
+      for (const double norm : head->stagedNorms) norms = norms && std::isfinite(norm) && norm >= 0;
+      if (!norms || !representable(head->staged) || !representable(head->last) || !finite(head->candKeys) || !finite(head->candScores)) {
+        return corrupt("block representatives or candidates are not finite");
+      }
+      heads[i] = std::move(head);
+    }
+    int32_t lastLayer = 0;
+    int64_t remaining = 0;
+    if (!reader.get(&lastLayer) || !reader.get(&remaining) || !reader.done()) return corrupt("state is truncated or too long");
+    if (lastLayer != INT32_MAX && (lastLayer < 0 || lastLayer >= layers)) return corrupt("step layer is out of range");
+    if (remaining < -kMaxSavedCount || remaining > kMaxSavedCount) return corrupt("step budget is out of range");
+    queries_ = std::move(queries);
+    history_ = std::move(history);
+    heads_ = std::move(heads);
+    lastLayer_ = lastLayer;
+    remaining_ = remaining;
+    reprType_ = type;
+    return Status::ok();
   }
 
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool prefill) override {

@@ -224,7 +224,7 @@ class H2OPolicy final : public SelectPolicy {
   // State, per layer and kv head: a dense layer's u64 kept, kept scores, u64 tail, tail scores;
   // a KIVI layer's u64 tokens, scores per index, u64 flagged, the flagged indexes (u64,
   // ascending). Scores are f64.
-  void saveState(int32_t, std::vector<uint8_t>* out) const override {
+  Status saveState(int32_t, std::vector<uint8_t>* out) const override {
     auto put = [out](const auto& value) {
       const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
       out->insert(out->end(), bytes, bytes + sizeof(value));
@@ -246,6 +246,7 @@ class H2OPolicy final : public SelectPolicy {
       put(uint64_t(scores.tail.size()));
       for (const double score : scores.tail) put(score);
     }
+    return Status::ok();
   }
   Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) override {
     const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); };

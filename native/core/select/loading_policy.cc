@@ -14,6 +14,22 @@ int64_t LoadingPolicy::dynamicEnd(const SelectContext& context, int32_t layer) c
   return std::max(sink_, context.store.tokens(layer) - window_);
 }
 
+void LoadingPolicy::saveIndexed(ByteWriter* writer) const { writer->putArray(indexed_); }
+
+Status LoadingPolicy::loadIndexed(ByteReader* reader, const RestoredStores& restored) {
+  std::vector<int64_t> indexed;
+  if (!reader->getArray(&indexed, uint64_t(indexed_.size()))) return Status(ErrorCode::Corrupt, "cannot load cache: the index extents are truncated");
+  for (size_t i = 0; i < indexed.size(); ++i) {
+    const int32_t layer = int32_t(i / size_t(kvHeads_));
+    const int64_t end = std::max(sink_, restored.store.tokens(layer) - window_);
+    if (indexed[i] < sink_ || indexed[i] > end) {
+      return Status(ErrorCode::Corrupt, "cannot load cache: an index extent is out of range");
+    }
+  }
+  indexed_ = std::move(indexed);
+  return Status::ok();
+}
+
 Status LoadingPolicy::forEachHead(SelectContext& context, const std::function<Status(int32_t)>& body) {
   if (!hostOnly()) {
     for (int32_t h = 0; h < kvHeads_; ++h) KVSLIM_RETURN_IF_ERROR(body(h));

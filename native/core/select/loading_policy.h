@@ -7,6 +7,7 @@
 #include <functional>
 #include <vector>
 
+#include "../byte_io.h"
 #include "select_policy.h"
 
 namespace kvslim {
@@ -48,6 +49,11 @@ class LoadingPolicy : public SelectPolicy {
   // index(); a policy whose backend op serves every head at once (quest) overrides it.
   virtual Status catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n);
   int64_t dynamicEnd(const SelectContext& context, int32_t layer) const;
+  // save()/load() of what every loading policy holds: how far each head's index reaches (i64
+  // per (layer, kv head)). loadIndexed takes each back only in [sink, max(sink, tokens - window)]
+  // of its restored layer.
+  void saveIndexed(ByteWriter* writer) const;
+  Status loadIndexed(ByteReader* reader, const RestoredStores& restored);
 
   int64_t sink_, window_;
   int32_t kvHeads_;

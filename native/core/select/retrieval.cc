@@ -31,6 +31,60 @@ class RetrievalPolicy final : public LoadingPolicy {
   // A fork shares the indexes (copy-on-write).
   std::unique_ptr<SelectPolicy> clone() const override { return std::make_unique<RetrievalPolicy>(*this); }
 
+  // State (ivf, graph; flat has none): the index extents, then per (layer, kv head) u8 1 and the
+  // index's size (i64) and structure (counted bytes) where it has an index, else u8 0. Its keys
+  // are the store's, read back on load: the loaded index searches and grows as this one would,
+  // where rebuilding it would lose the graph's training queries and the ivf's first centroids.
+  Status saveState(int32_t, std::vector<uint8_t>* out) const override {
+    if (options_.kind == IndexKind::Flat) return Status::ok();
+    ByteWriter writer(out);
+    saveIndexed(&writer);
+    std::vector<uint8_t> structure;
+    for (const std::shared_ptr<KeyIndex>& index : indexes_) {
+      writer.put(uint8_t(index ? 1 : 0));
+      if (!index) continue;
+      structure.clear();
+      index->saveStructure(&structure);
+      writer.put(index->size());
+      writer.putArray(structure);
+    }
+    return Status::ok();
+  }
+
+  Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) override {
+    const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); };
+    if (options_.kind == IndexKind::Flat) return size == 0 ? Status::ok() : corrupt("unexpected policy state");
+    ByteReader reader(data, size);
+    KVSLIM_RETURN_IF_ERROR(loadIndexed(&reader, restored));
+    std::vector<std::shared_ptr<KeyIndex>> indexes(indexes_.size());
+    std::vector<uint8_t> structure;
+    std::vector<float> keys;
+    for (size_t i = 0; i < indexes.size(); ++i) {
+      const int32_t layer = int32_t(i / size_t(kvHeads_)), h = int32_t(i % size_t(kvHeads_));
+      const int64_t indexed = indexed_[i] - sink_;
+      uint8_t present = 0;
+      int64_t count = 0;
+      if (!reader.get(&present) || present > 1) return corrupt("the retrieval state is truncated");
+      // A head reaches past its sinks only through its index (an index may be empty: a failed build).
+      if (present == 0) {
+        if (indexed != 0) return corrupt("a retrieval head lacks its index");
+        continue;
+      }
+      if (!reader.get(&count) || count != indexed || !reader.getArrayUpTo(&structure, size - reader.offset())) {
+        return corrupt("a retrieval index does not match its head");
+      }
+      keys.clear();
+      KVSLIM_RETURN_IF_ERROR(readKeys(restored.store, layer, h, sink_, count, &keys));
+      std::unique_ptr<KeyIndex> index;
+      KVSLIM_RETURN_IF_ERROR(makeKeyIndex(indexOptions(restored.store, restored.threads), &index));
+      KVSLIM_RETURN_IF_ERROR(index->restore(keys.data(), count, structure.data(), structure.size()));
+      indexes[i] = std::move(index);
+    }
+    if (!reader.done()) return corrupt("the retrieval state has trailing bytes");
+    indexes_ = std::move(indexes);
+    return Status::ok();
+  }
+
   size_t indexBytes() const override {
     size_t bytes = 0;
     for (const auto& index : indexes_) bytes += index ? index->bytes() : 0;
@@ -49,16 +103,8 @@ class RetrievalPolicy final : public LoadingPolicy {
       if (index.use_count() > 1) index = index->clone();  // another fork still reads it
       return index->add(keys.data(), count);
     }
-    IndexOptions options = options_;
-    options.dim = context.headDim;
-    // The kv heads build in parallel already (hostParallel): each build gets its share of the
-    // threads instead of all of them (nested threads oversubscribe the cores).
-    const int32_t threads = context.threads > 0 ? context.threads : int32_t(std::max(1u, std::thread::hardware_concurrency()));
-    options.threads = std::max(1, threads / kvHeads_);
-    // Keys read from an f16 store are f16 values: the index keeps them so, exactly, in half the bytes.
-    options.halfKeys = context.store.shape().storeType == DType::F16;
     std::unique_ptr<KeyIndex> created;
-    KVSLIM_RETURN_IF_ERROR(makeKeyIndex(options, &created));
+    KVSLIM_RETURN_IF_ERROR(makeKeyIndex(indexOptions(context.store, context.threads), &created));
     index = std::move(created);
     // Training queries: an even sample of the prefill call's query rows of this kv head's group.
     std::vector<float> training;
@@ -118,6 +164,18 @@ class RetrievalPolicy final : public LoadingPolicy {
   }
 
  private:
+  // The options of one head's index: each build gets its share of the threads (the kv heads build
+  // in parallel already, and nested threads oversubscribe the cores); keys read from an f16 store
+  // are f16 values, which the index keeps so, exactly, in half the bytes.
+  IndexOptions indexOptions(const PagedStore& store, int32_t threads) const {
+    IndexOptions options = options_;
+    options.dim = store.shape().headDim;
+    const int32_t available = threads > 0 ? threads : int32_t(std::max(1u, std::thread::hardware_concurrency()));
+    options.threads = std::max(1, available / kvHeads_);
+    options.halfKeys = store.shape().storeType == DType::F16;
+    return options;
+  }
+
   IndexOptions options_;
   int64_t topK_, trainQueries_;
   std::vector<std::shared_ptr<KeyIndex>> indexes_;  // [layers * kvHeads]; empty for flat; shared by forks

@@ -73,6 +73,8 @@ struct LoadPlan;
 struct RestoredStores {
   const PagedStore& store;
   std::vector<int64_t> kiviTokens;
+  int32_t qHeads = 0;   // the cache's (a loading policy's query state is [qHeads, headDim] per row)
+  int32_t threads = 0;  // the cache's thread count (0: the machine's), for indexes built later
 };
 
 class SelectPolicy {
@@ -118,9 +120,10 @@ class SelectPolicy {
   // The cache dropped the flagged rows of a KIVI layer: the indexes close up.
   virtual void compactKivi(int32_t layer) {}
 
-  // save()/load(): the policy's state beyond the store (SnapKV's decided layers, H2O's scores) as
-  // flat bytes; loadState checks them against the restored stores (ERR_CORRUPT on any mismatch).
-  virtual void saveState(int32_t layers, std::vector<uint8_t>* out) const {}
+  // save()/load(): the policy's state beyond the store (SnapKV's decided layers, H2O's scores, a
+  // loading policy's indexes) as flat bytes; loadState checks them against the restored stores
+  // (ERR_CORRUPT on any mismatch). saveState may read backend memory (ActQKV's representatives).
+  virtual Status saveState(int32_t layers, std::vector<uint8_t>* out) const { return Status::ok(); }
   virtual Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) {
     return size == 0 ? Status::ok() : Status(ErrorCode::Corrupt, "cannot load cache: unexpected policy state");
   }

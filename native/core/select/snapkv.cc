@@ -60,8 +60,9 @@ class SnapKVPolicy final : public SelectPolicy {
   bool settled(int32_t layer) const override { return !decided_.empty() && decided_[size_t(layer)] != 0; }
 
   // State: one byte per layer, 1 once it selected.
-  void saveState(int32_t layers, std::vector<uint8_t>* out) const override {
+  Status saveState(int32_t layers, std::vector<uint8_t>* out) const override {
     for (int32_t layer = 0; layer < layers; ++layer) out->push_back(settled(layer) ? 1 : 0);
+    return Status::ok();
   }
   Status loadState(const uint8_t* data, size_t size, const RestoredStores&, int32_t layers) override {
     if (size != size_t(layers)) return Status(ErrorCode::Corrupt, "cannot load cache: the snapkv state has the wrong size");
