@@ -48,6 +48,27 @@ export interface CallOptions {
   out?: Float32Array;
 }
 
+/** Options of {@link KVCache.load} and {@link KVCache.loadAsync}. */
+export interface LoadOptions {
+  /** Where the loaded cache lives (default 'auto': CUDA when it is available). */
+  device?: Device;
+  /** Worker threads of the loaded cache's calls (default: the machine's). */
+  threads?: number;
+}
+
+// load()/loadAsync() arguments, checked on the calling thread.
+function loadArguments(bytes: unknown, options: LoadOptions): { device: 'cpu' | 'cuda'; threads: number } {
+  if (!(bytes instanceof Uint8Array)) {
+    throw optionError('Expected a Buffer or Uint8Array for KVCache.load');
+  }
+  const o = plainObject('KVCache.load options', options);
+  knownKeys('KVCache.load', o, ['device', 'threads']);
+  const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
+  const device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
+  const threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
+  return { device, threads };
+}
+
 // The store part of createCache's options.
 function nativeStore(store: ResolvedPolicy['store']) {
   if (store.kind === 'kivi') {
@@ -292,17 +313,30 @@ export class KVCache {
     return this.#idle('save').save();
   }
 
+  /**
+   * {@link save} off the event loop (a long cache takes a while to copy and checksum). Queued
+   * after the cache's pending async calls; calls made meanwhile wait for it.
+   */
+  saveAsync(): Promise<Buffer> {
+    return this.#enqueue((native) => native.saveAsync());
+  }
+
   /** A cache from {@link save} output. Malformed or damaged bytes throw `ERR_CORRUPT`. */
-  static load(bytes: Uint8Array, options: { device?: Device; threads?: number } = {}): KVCache {
-    if (!(bytes instanceof Uint8Array)) {
-      throw optionError('Expected a Buffer or Uint8Array for KVCache.load');
-    }
-    const o = plainObject('KVCache.load options', options);
-    knownKeys('KVCache.load', o, ['device', 'threads']);
-    const requested = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
-    const device = requested === 'auto' ? (addon.backends().cuda.available ? 'cuda' : 'cpu') : requested;
-    const threads = o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024);
-    const native = addon.loadCache(bytes, device, threads);
+  static load(bytes: Uint8Array, options: LoadOptions = {}): KVCache {
+    const { device, threads } = loadArguments(bytes, options);
+    return KVCache.#loaded(addon.loadCache(bytes, device, threads), device, threads);
+  }
+
+  /**
+   * {@link load} off the event loop; rejects with `ERR_CORRUPT` for malformed or damaged bytes.
+   * Keep `bytes` unchanged until the promise settles.
+   */
+  static loadAsync(bytes: Uint8Array, options: LoadOptions = {}): Promise<KVCache> {
+    const { device, threads } = loadArguments(bytes, options);
+    return addon.loadCacheAsync(bytes, device, threads).then((native) => KVCache.#loaded(native, device, threads));
+  }
+
+  static #loaded(native: NativeCache, device: 'cpu' | 'cuda', threads: number): KVCache {
     const config = native.config();  // the native side owns the save format
     return new KVCache(
       {
@@ -377,7 +411,7 @@ export class KVCache {
     return native;
   }
 
-  #enqueue(run: (native: NativeCache) => Promise<Float32Array>): Promise<Float32Array> {
+  #enqueue<T>(run: (native: NativeCache) => Promise<T>): Promise<T> {
     this.#live('async call');
     // Errors get the stack of the call site, not of the native completion callback.
     const callSite = new Error();

@@ -60,6 +60,7 @@ export interface NativeCache {
   fork(): NativeCache;
   stats(): NativeStats;
   save(): Buffer;
+  saveAsync(): Promise<Buffer>;
   tokens(layer: number): number;
   truncate(layer: number, tokens: number): void;
   positions(layer: number, kvHead: number, loaded?: boolean): Float64Array;
@@ -110,6 +111,7 @@ interface Addon {
     scales: Float32Array; zeros: Float32Array;
   }): Float32Array;
   loadCache(buffer: Uint8Array, device: string, threads: number): NativeCache;
+  loadCacheAsync(buffer: Uint8Array, device: string, threads: number): Promise<NativeCache>;
   probeBandwidth(megabytes: number, threads: number, repeats: number): number;
   probeFmaPeak(threads: number, repeats: number): number;
 }

@@ -205,17 +205,29 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   return CacheWrap::wrap(env, std::move(cache));
 }
 
-Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  if (!info[0].IsTypedArray() || info[0].As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
+// loadCache / loadCacheAsync arguments: (bytes: Uint8Array, device, threads).
+Napi::Uint8Array loadBytesArg(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_uint8_array) {
     throwStatus(env, Status(ErrorCode::Option, "load expects a Buffer or Uint8Array"));
   }
-  Napi::Uint8Array bytes = info[0].As<Napi::Uint8Array>();
+  return value.As<Napi::Uint8Array>();
+}
+
+Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
   std::shared_ptr<Backend> backend = backendFor(env, info[1].As<Napi::String>());
   const int32_t threads = intArg(env, info[2], "threads");
   std::unique_ptr<KVCache> cache;
   throwIfError(env, KVCache::load(bytes.Data(), bytes.ElementLength(), backend, threads, &cache));
   return CacheWrap::wrap(env, std::move(cache));
+}
+
+Napi::Value loadCacheAsyncFn(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
+  std::shared_ptr<Backend> backend = backendFor(env, info[1].As<Napi::String>());
+  return queueLoad(env, bytes, std::move(backend), intArg(env, info[2], "threads"));
 }
 
 Napi::Value probeBandwidthFn(const Napi::CallbackInfo& info) {
@@ -246,6 +258,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("attentionScores", Napi::Function::New(env, attentionScoresFn));
   exports.Set("createCache", Napi::Function::New(env, createCacheFn));
   exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
+  exports.Set("loadCacheAsync", Napi::Function::New(env, loadCacheAsyncFn));
   exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
   exports.Set("probeFmaPeak", Napi::Function::New(env, probeFmaPeakFn));
   exports.Set("NativeKeyIndex", KeyIndexWrap::define(env));

@@ -1,7 +1,10 @@
 #include "async_ops.h"
 
+#include <new>
 #include <string>
+#include <vector>
 
+#include "cache_wrap.h"
 #include "convert.h"
 #include "errors.h"
 
@@ -73,7 +76,97 @@ class CacheOpWorker final : public Napi::AsyncWorker {
   std::vector<Napi::ObjectReference> arrays_;
 };
 
+// save() on a worker thread; the Buffer takes the bytes without a copy.
+class SaveWorker final : public Napi::AsyncWorker {
+ public:
+  SaveWorker(Napi::Env env, const Napi::Object& holder, KVCache& cache)
+      : Napi::AsyncWorker(env, "kvslim.save"), deferred_(Napi::Promise::Deferred::New(env)), cache_(cache) {
+    holder_ = Napi::Persistent(holder);
+  }
+  Napi::Promise promise() const { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      status_ = cache_.save(&bytes_);
+    } catch (const std::bad_alloc&) {
+      status_ = Status(ErrorCode::OutOfMemory, "out of host memory in save()");
+    }
+  }
+  void OnOK() override {
+    cache_.leave();
+    if (status_.isOk()) {
+      deferred_.Resolve(bufferOf(Env(), std::move(bytes_)));
+    } else {
+      deferred_.Reject(makeError(Env(), status_));
+    }
+  }
+  void OnError(const Napi::Error& error) override {
+    cache_.leave();
+    deferred_.Reject(error.Value());
+  }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  KVCache& cache_;
+  Napi::ObjectReference holder_;
+  std::vector<uint8_t> bytes_;
+  Status status_;
+};
+
+// KVCache::load() on a worker thread, over the caller's bytes (referenced until it ends).
+class LoadWorker final : public Napi::AsyncWorker {
+ public:
+  LoadWorker(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads)
+      : Napi::AsyncWorker(env, "kvslim.load"),
+        deferred_(Napi::Promise::Deferred::New(env)),
+        data_(bytes.Data()),
+        size_(bytes.ElementLength()),
+        backend_(std::move(backend)),
+        threads_(threads) {
+    bytes_ = Napi::Persistent(static_cast<Napi::Object>(bytes));
+  }
+  Napi::Promise promise() const { return deferred_.Promise(); }
+  void Execute() override {
+    try {
+      status_ = KVCache::load(data_, size_, backend_, threads_, &cache_);
+    } catch (const std::bad_alloc&) {
+      status_ = Status(ErrorCode::OutOfMemory, "out of host memory in load()");
+    }
+  }
+  void OnOK() override {
+    if (status_.isOk()) {
+      deferred_.Resolve(CacheWrap::wrap(Env(), std::move(cache_)));
+    } else {
+      deferred_.Reject(makeError(Env(), status_));
+    }
+  }
+  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
+
+ private:
+  Napi::Promise::Deferred deferred_;
+  const uint8_t* data_;
+  size_t size_;
+  std::shared_ptr<Backend> backend_;
+  int32_t threads_;
+  Napi::ObjectReference bytes_;
+  std::unique_ptr<KVCache> cache_;
+  Status status_;
+};
+
 }  // namespace
+
+Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache) {
+  auto* worker = new SaveWorker(env, holder, cache);  // deleted by node-addon-api
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value queueLoad(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads) {
+  auto* worker = new LoadWorker(env, bytes, std::move(backend), threads);  // deleted by node-addon-api
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
 
 Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp op) {
   Napi::Env env = info.Env();

@@ -3,6 +3,8 @@
 #pragma once
 #include <napi.h>
 
+#include <memory>
+
 #include "../core/kv_cache.h"
 
 namespace kvslim::napi {
@@ -12,5 +14,13 @@ enum class CacheOp { Attend, Step, Prefill };
 // Arguments as the sync methods take them: (layer, q, [k, v,] dtype). Returns a Promise of the
 // output Float32Array; the cache must already be entered (tryEnter) by the caller.
 Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp op);
+
+// save() off the event loop: a Promise of the Buffer. The cache must already be entered
+// (tryEnter); `holder` (the wrapper) is referenced until the call ends.
+Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache);
+
+// KVCache::load() off the event loop: a Promise of a NativeCache. `bytes` is referenced until the
+// call ends (the caller must not change it meanwhile).
+Napi::Value queueLoad(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads);
 
 }  // namespace kvslim::napi

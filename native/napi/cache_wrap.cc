@@ -34,7 +34,8 @@ Napi::Function CacheWrap::define(Napi::Env env) {
                       InstanceMethod<&CacheWrap::stepAsync>("stepAsync"),
                       InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
                       InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
-                      InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::tokens>("tokens"),
+                      InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::saveAsync>("saveAsync"),
+                      InstanceMethod<&CacheWrap::tokens>("tokens"),
                       InstanceMethod<&CacheWrap::truncate>("truncate"),
                       InstanceMethod<&CacheWrap::positions>("positions"),
                       InstanceMethod<&CacheWrap::config>("config"),
@@ -275,7 +276,17 @@ Napi::Value CacheWrap::save(const Napi::CallbackInfo& info) {
   BusyGuard guard(env, cache);
   std::vector<uint8_t> bytes;
   throwIfError(env, cache.save(&bytes));
-  return Napi::Buffer<uint8_t>::Copy(env, bytes.data(), bytes.size());
+  return bufferOf(env, std::move(bytes));
+}
+
+Napi::Value CacheWrap::saveAsync(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  KVCache& cache = live(env);
+  if (!cache.tryEnter()) {
+    throwStatus(env, Status(ErrorCode::Busy, "the cache is running another async call; calls on one cache run in order "
+                                             "through the KVCache wrapper"));
+  }
+  return queueSave(env, info.This().As<Napi::Object>(), cache);
 }
 
 Napi::Value CacheWrap::dispose(const Napi::CallbackInfo& info) {

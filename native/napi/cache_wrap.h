@@ -32,6 +32,7 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
   Napi::Value fork(const Napi::CallbackInfo& info);
   Napi::Value stats(const Napi::CallbackInfo& info);
   Napi::Value save(const Napi::CallbackInfo& info);
+  Napi::Value saveAsync(const Napi::CallbackInfo& info);
   Napi::Value tokens(const Napi::CallbackInfo& info);
   Napi::Value truncate(const Napi::CallbackInfo& info);
   Napi::Value positions(const Napi::CallbackInfo& info);

@@ -98,4 +98,10 @@ std::string stringField(Napi::Env env, const Napi::Object& object, const char* n
   return value.As<Napi::String>();
 }
 
+Napi::Buffer<uint8_t> bufferOf(Napi::Env env, std::vector<uint8_t> bytes) {
+  auto* owned = new std::vector<uint8_t>(std::move(bytes));
+  return Napi::Buffer<uint8_t>::NewOrCopy(env, owned->data(), owned->size(),
+                                          [](Napi::Env, uint8_t*, std::vector<uint8_t>* hint) { delete hint; }, owned);
+}
+
 }  // namespace kvslim::napi

@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <string>
+#include <vector>
 
 #include "../core/dtype.h"
 #include "../core/tensor_convert.h"
@@ -26,5 +27,9 @@ double numberField(Napi::Env env, const Napi::Object& object, const char* name);
 bool boolField(Napi::Env env, const Napi::Object& object, const char* name);
 std::string stringField(Napi::Env env, const Napi::Object& object, const char* name);
 int32_t intArg(Napi::Env env, const Napi::Value& value, const char* argument);
+
+// A Buffer over `bytes` without copying them (freed with the Buffer), or a copy where the runtime
+// allows no external buffers.
+Napi::Buffer<uint8_t> bufferOf(Napi::Env env, std::vector<uint8_t> bytes);
 
 }  // namespace kvslim::napi
