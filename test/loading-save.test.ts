@@ -12,7 +12,7 @@ import { type Heads, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
 import { resealed } from './helpers/saved.js';
-import { disposedAfterEach } from './helpers/lifetime.js';
+import { disposedAfterEach, held } from './helpers/lifetime.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 // Header of versions 5 and 8 (cache_serialize.cc): the loading policy's fields end here; version 8's
@@ -22,17 +22,9 @@ const STATE_AT = STATE_SIZE_AT + 8;
 
 const open = disposedAfterEach<KVCache>();
 
-function cacheOf(select: SelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache {
-  const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 4, ...extra, policy: { ...extra.policy, select } });
-  open.push(cache);
-  return cache;
-}
-
-function load(bytes: Buffer): KVCache {
-  const cache = KVCache.load(bytes, { device: 'cpu' });
-  open.push(cache);
-  return cache;
-}
+const cacheOf = (select: SelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache =>
+  held(open, new KVCache({ ...GQA, device: 'cpu', pageTokens: 4, ...extra, policy: { ...extra.policy, select } }));
+const load = (bytes: Buffer): KVCache => held(open, KVCache.load(bytes, { device: 'cpu' }));
 
 type Op = ['prefill' | 'step' | 'append' | 'attend', number];
 const steps = (count: number): Op[] => Array.from({ length: count }, () => ['step', 1]);

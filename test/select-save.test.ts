@@ -11,7 +11,7 @@ import { type Heads, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
 import { MASK_SIZE_AT, resealed } from './helpers/saved.js';
-import { disposedAfterEach } from './helpers/lifetime.js';
+import { disposedAfterEach, held } from './helpers/lifetime.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 
@@ -23,11 +23,7 @@ function cacheOf(select: SelectSpec, extra: Partial<KVCacheOptions> = {}): KVCac
   return cache;
 }
 
-function load(bytes: Buffer): KVCache {
-  const cache = KVCache.load(bytes, { device: 'cpu' });
-  open.push(cache);
-  return cache;
-}
+const load = (bytes: Buffer): KVCache => held(open, KVCache.load(bytes, { device: 'cpu' }));
 
 type Op = ['prefill' | 'step' | 'append', number];
 

@@ -12,12 +12,46 @@ namespace kvslim::napi {
 
 namespace {
 
-class CacheOpWorker final : public Napi::AsyncWorker {
+// A worker that settles a promise: Execute() sets status_; the promise resolves with result()
+// when it is ok and rejects with its KVSlimError otherwise. `entered`: a cache the caller entered
+// (tryEnter) for the call, left when it ends; null for none.
+class PromiseWorker : public Napi::AsyncWorker {
+ public:
+  PromiseWorker(Napi::Env env, const char* name, KVCache* entered)
+      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)), entered_(entered) {}
+  Napi::Promise promise() const { return deferred_.Promise(); }
+
+ protected:
+  // The resolved value (on the JS thread, once Execute() succeeded).
+  virtual Napi::Value result(Napi::Env env) = 0;
+  Status status_;
+
+ private:
+  void OnOK() override {
+    leave();
+    if (status_.isOk()) {
+      deferred_.Resolve(result(Env()));
+    } else {
+      deferred_.Reject(makeError(Env(), status_));
+    }
+  }
+  void OnError(const Napi::Error& error) override {
+    leave();
+    deferred_.Reject(error.Value());
+  }
+  void leave() {
+    if (entered_ != nullptr) entered_->leave();
+  }
+
+  Napi::Promise::Deferred deferred_;
+  KVCache* entered_;
+};
+
+class CacheOpWorker final : public PromiseWorker {
  public:
   CacheOpWorker(Napi::Env env, KVCache& cache, CacheOp op, int32_t layer, HostTensor q, HostTensor k, HostTensor v,
                 Napi::Float32Array out)
-      : Napi::AsyncWorker(env, "kvslim.cache"),
-        deferred_(Napi::Promise::Deferred::New(env)),
+      : PromiseWorker(env, "kvslim.cache", &cache),
         cache_(cache),
         op_(op),
         layer_(layer),
@@ -37,8 +71,6 @@ class CacheOpWorker final : public Napi::AsyncWorker {
     }
   }
 
-  Napi::Promise promise() const { return deferred_.Promise(); }
-
   void Execute() override {
     switch (op_) {
       case CacheOp::Attend: status_ = cache_.attend(layer_, q_, outData_, outCount_); break;
@@ -47,43 +79,26 @@ class CacheOpWorker final : public Napi::AsyncWorker {
     }
   }
 
-  void OnOK() override {
-    cache_.leave();
-    Napi::Env env = Env();
-    if (status_.isOk()) {
-      deferred_.Resolve(out_.Value());
-    } else {
-      deferred_.Reject(makeError(env, status_));
-    }
-  }
-
-  void OnError(const Napi::Error& error) override {
-    cache_.leave();
-    deferred_.Reject(error.Value());
-  }
-
  private:
-  Napi::Promise::Deferred deferred_;
+  Napi::Value result(Napi::Env) override { return out_.Value(); }
+
   KVCache& cache_;
   CacheOp op_;
   int32_t layer_;
   HostTensor q_, k_, v_;
   float* outData_;
   size_t outCount_;
-  Status status_;
   Napi::Reference<Napi::Float32Array> out_;
   Napi::ObjectReference holder_;
   std::vector<Napi::ObjectReference> arrays_;
 };
 
 // save() on a worker thread; the Buffer takes the bytes without a copy.
-class SaveWorker final : public Napi::AsyncWorker {
+class SaveWorker final : public PromiseWorker {
  public:
-  SaveWorker(Napi::Env env, const Napi::Object& holder, KVCache& cache)
-      : Napi::AsyncWorker(env, "kvslim.save"), deferred_(Napi::Promise::Deferred::New(env)), cache_(cache) {
+  SaveWorker(Napi::Env env, const Napi::Object& holder, KVCache& cache) : PromiseWorker(env, "kvslim.save", &cache), cache_(cache) {
     holder_ = Napi::Persistent(holder);
   }
-  Napi::Promise promise() const { return deferred_.Promise(); }
   void Execute() override {
     try {
       status_ = cache_.save(&bytes_);
@@ -91,40 +106,26 @@ class SaveWorker final : public Napi::AsyncWorker {
       status_ = Status(ErrorCode::OutOfMemory, "out of host memory in save()");
     }
   }
-  void OnOK() override {
-    cache_.leave();
-    if (status_.isOk()) {
-      deferred_.Resolve(bufferOf(Env(), std::move(bytes_)));
-    } else {
-      deferred_.Reject(makeError(Env(), status_));
-    }
-  }
-  void OnError(const Napi::Error& error) override {
-    cache_.leave();
-    deferred_.Reject(error.Value());
-  }
 
  private:
-  Napi::Promise::Deferred deferred_;
+  Napi::Value result(Napi::Env env) override { return bufferOf(env, std::move(bytes_)); }
+
   KVCache& cache_;
   Napi::ObjectReference holder_;
   std::vector<uint8_t> bytes_;
-  Status status_;
 };
 
 // KVCache::load() on a worker thread, over the caller's bytes (referenced until it ends).
-class LoadWorker final : public Napi::AsyncWorker {
+class LoadWorker final : public PromiseWorker {
  public:
   LoadWorker(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads)
-      : Napi::AsyncWorker(env, "kvslim.load"),
-        deferred_(Napi::Promise::Deferred::New(env)),
+      : PromiseWorker(env, "kvslim.load", nullptr),
         data_(bytes.Data()),
         size_(bytes.ElementLength()),
         backend_(std::move(backend)),
         threads_(threads) {
     bytes_ = Napi::Persistent(static_cast<Napi::Object>(bytes));
   }
-  Napi::Promise promise() const { return deferred_.Promise(); }
   void Execute() override {
     try {
       status_ = KVCache::load(data_, size_, backend_, threads_, &cache_);
@@ -132,29 +133,30 @@ class LoadWorker final : public Napi::AsyncWorker {
       status_ = Status(ErrorCode::OutOfMemory, "out of host memory in load()");
     }
   }
-  void OnOK() override {
-    if (status_.isOk()) {
-      deferred_.Resolve(CacheWrap::wrap(Env(), std::move(cache_)));
-    } else {
-      deferred_.Reject(makeError(Env(), status_));
-    }
-  }
-  void OnError(const Napi::Error& error) override { deferred_.Reject(error.Value()); }
 
  private:
-  Napi::Promise::Deferred deferred_;
+  Napi::Value result(Napi::Env env) override { return CacheWrap::wrap(env, std::move(cache_)); }
+
   const uint8_t* data_;
   size_t size_;
   std::shared_ptr<Backend> backend_;
   int32_t threads_;
   Napi::ObjectReference bytes_;
   std::unique_ptr<KVCache> cache_;
-  Status status_;
 };
+
+// Marks the cache busy for an async call (ERR_BUSY while another one runs).
+void enterAsync(Napi::Env env, KVCache& cache) {
+  if (!cache.tryEnter()) {
+    throwStatus(env, Status(ErrorCode::Busy, "the cache is running another async call; calls on one cache run in order "
+                                             "through the KVCache wrapper"));
+  }
+}
 
 }  // namespace
 
 Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache) {
+  enterAsync(env, cache);
   auto* worker = new SaveWorker(env, holder, cache);  // deleted by node-addon-api
   Napi::Promise promise = worker->promise();
   worker->Queue();
@@ -180,10 +182,7 @@ Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp
     v = tensorArg(env, info[3], dtype, "v");
   }
   Napi::Float32Array out = outputArg(env, info[withKV ? 5 : 3], q.count);
-  if (!cache.tryEnter()) {
-    throwStatus(env, Status(ErrorCode::Busy, "the cache is running another async call; calls on one cache run in order "
-                                             "through the KVCache wrapper"));
-  }
+  enterAsync(env, cache);
   auto* worker = new CacheOpWorker(env, cache, op, layer, q, k, v, out);  // deleted by node-addon-api
   worker->hold(info);
   Napi::Promise promise = worker->promise();

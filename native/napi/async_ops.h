@@ -12,11 +12,11 @@ namespace kvslim::napi {
 enum class CacheOp { Attend, Step, Prefill };
 
 // Arguments as the sync methods take them: (layer, q, [k, v,] dtype). Returns a Promise of the
-// output Float32Array; the cache must already be entered (tryEnter) by the caller.
+// output Float32Array. Enters the cache (ERR_BUSY while another async call runs).
 Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp op);
 
-// save() off the event loop: a Promise of the Buffer. The cache must already be entered
-// (tryEnter); `holder` (the wrapper) is referenced until the call ends.
+// save() off the event loop: a Promise of the Buffer. Enters the cache (ERR_BUSY while another
+// async call runs); `holder` (the wrapper) is referenced until the call ends.
 Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache);
 
 // KVCache::load() off the event loop: a Promise of a NativeCache. `bytes` is referenced until the

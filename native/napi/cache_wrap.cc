@@ -280,13 +280,7 @@ Napi::Value CacheWrap::save(const Napi::CallbackInfo& info) {
 }
 
 Napi::Value CacheWrap::saveAsync(const Napi::CallbackInfo& info) {
-  Napi::Env env = info.Env();
-  KVCache& cache = live(env);
-  if (!cache.tryEnter()) {
-    throwStatus(env, Status(ErrorCode::Busy, "the cache is running another async call; calls on one cache run in order "
-                                             "through the KVCache wrapper"));
-  }
-  return queueSave(env, info.This().As<Napi::Object>(), cache);
+  return queueSave(info.Env(), info.This().As<Napi::Object>(), live(info.Env()));
 }
 
 Napi::Value CacheWrap::dispose(const Napi::CallbackInfo& info) {
