@@ -20,8 +20,13 @@ export interface InferenceServerOptions {
   tokenizer: Tokenizer;
   /** Most key/value bytes one session may hold (default 4 MiB); a request may ask for less. */
   sessionBudgetBytes?: number;
-  /** Sessions kept at most (default 64); the least recently used idle one is dropped first. */
+  /** Live sessions kept at most (default 64); beyond it the least recently used idle one is parked or dropped. */
   maxSessions?: number;
+  /**
+   * Bytes of saved caches kept for parked sessions (default 64 MiB; 0: drop instead). A request
+   * naming a parked session loads it back and goes on exactly where it stopped.
+   */
+  parkBytes?: number;
   /** Largest request body accepted (default 64 KiB). */
   maxBodyBytes?: number;
 }
@@ -149,13 +154,13 @@ function sendEvent(res: ServerResponse, event: string, data: unknown): Promise<v
  * session's cache.
  */
 export function createInferenceServer(options: InferenceServerOptions): Server {
-  const { model, tokenizer, sessionBudgetBytes = 4 << 20, maxSessions = 64, maxBodyBytes = 64 << 10 } = options;
-  const sessions = new SessionStore(model, { maxSessions, budgetBytes: sessionBudgetBytes });
+  const { model, tokenizer, sessionBudgetBytes = 4 << 20, maxSessions = 64, maxBodyBytes = 64 << 10, parkBytes = 64 << 20 } = options;
+  const sessions = new SessionStore(model, { maxSessions, budgetBytes: sessionBudgetBytes, parkBytes });
   const { seqLen } = model.config;
 
   /** The session a request runs on: existing, forked or new (new ones are registered only once they can run). */
-  function resolveSession(request: GenerateRequest): { session: Session; created: boolean } {
-    const existing = request.session === undefined ? undefined : sessions.get(request.session);
+  async function resolveSession(request: GenerateRequest): Promise<{ session: Session; created: boolean }> {
+    const existing = request.session === undefined ? undefined : await sessions.resume(request.session);
     if (existing !== undefined) {
       if (request.fork !== undefined) {
         throw new RequestError(409, 'ERR_CONFLICT', `Session '${existing.id}' already exists; fork creates a new session`);
@@ -173,7 +178,7 @@ export function createInferenceServer(options: InferenceServerOptions): Server {
       return { session: existing, created: false };
     }
     if (request.fork !== undefined) {
-      const source = sessions.get(request.fork);
+      const source = await sessions.resume(request.fork);
       if (source === undefined) throw new RequestError(404, 'ERR_NOT_FOUND', `No session '${request.fork}' to fork`);
       if (request.policy !== undefined || request.budgetBytes !== undefined) {
         throw new RequestError(409, 'ERR_CONFLICT', 'A fork keeps the policy and budget of its source session');
@@ -185,7 +190,7 @@ export function createInferenceServer(options: InferenceServerOptions): Server {
 
   async function handleGenerate(req: IncomingMessage, res: ServerResponse): Promise<void> {
     const request = parseGenerateRequest(await readBody(req, maxBodyBytes), seqLen);
-    const { session, created } = resolveSession(request);
+    const { session, created } = await resolveSession(request);
     let registered = !created;
     try {
       // A session's first prompt starts a sequence (BOS, dummy-prefix space); later turns are
@@ -293,8 +298,8 @@ export function createInferenceServer(options: InferenceServerOptions): Server {
       if (url.pathname === '/stats') {
         if (req.method !== 'GET') throw new RequestError(405, 'ERR_METHOD', `Use GET for /stats, not ${req.method}`);
         return sendJson(res, 200, {
-          model: model.config, budgetBytes: sessions.budgetBytes, maxSessions,
-          sessions: sessions.list().map((session) => session.describe()),
+          model: model.config, budgetBytes: sessions.budgetBytes, maxSessions, parkBytes,
+          sessions: sessions.list().map((session) => session.describe()), parked: sessions.parked(),
         });
       }
       const match = /^\/sessions\/([^/]+)$/.exec(url.pathname);
@@ -330,7 +335,8 @@ shows every session's cache, DELETE /sessions/:id frees one.
   --host <address>       default 127.0.0.1
   --port <n>             default 8080 (0: any free port)
   --budget <bytes>       most key/value bytes per session (default 4194304)
-  --max-sessions <n>     sessions kept at most (default 64)
+  --max-sessions <n>     live sessions kept at most (default 64)
+  --park <bytes>         saved caches kept for sessions beyond it (default 67108864; 0: drop them)
   --help                 this text
 `;
 
@@ -340,7 +346,7 @@ function main(argv: string[]): void {
     options: {
       model: { type: 'string' }, tokenizer: { type: 'string' }, host: { type: 'string', default: '127.0.0.1' },
       port: { type: 'string', default: '8080' }, budget: { type: 'string', default: String(4 << 20) },
-      'max-sessions': { type: 'string', default: '64' }, help: { type: 'boolean' },
+      'max-sessions': { type: 'string', default: '64' }, park: { type: 'string', default: String(64 << 20) }, help: { type: 'boolean' },
     },
   });
   if (values.help || values.model === undefined || values.tokenizer === undefined) {
@@ -351,16 +357,17 @@ function main(argv: string[]): void {
   const port = Number(values.port);
   const budget = Number(values.budget);
   const maxSessions = Number(values['max-sessions']);
+  const parkBytes = Number(values.park);
   const valid = Number.isInteger(port) && port >= 0 && port <= 65535 && Number.isSafeInteger(budget) && budget >= 1 &&
-    Number.isInteger(maxSessions) && maxSessions >= 1;
+    Number.isInteger(maxSessions) && maxSessions >= 1 && Number.isSafeInteger(parkBytes) && parkBytes >= 0;
   if (!valid) {
-    process.stderr.write(`server: --port must be 0-65535, --budget and --max-sessions positive integers\n\n${usage}`);
+    process.stderr.write(`server: --port must be 0-65535, --budget and --max-sessions positive integers, --park an integer >= 0\n\n${usage}`);
     process.exitCode = 2;
     return;
   }
   const model = new Llama2(readCheckpoint(values.model));
   const tokenizer = Tokenizer.read(values.tokenizer, model.config.vocabSize);
-  const server = createInferenceServer({ model, tokenizer, sessionBudgetBytes: budget, maxSessions });
+  const server = createInferenceServer({ model, tokenizer, sessionBudgetBytes: budget, maxSessions, parkBytes });
   server.listen(port, values.host, () => {
     const address = server.address();
     const where = typeof address === 'object' && address !== null ? `http://${values.host}:${address.port}` : String(address);

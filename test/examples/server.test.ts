@@ -57,8 +57,8 @@ describe.skipIf(!present)('example server', () => {
     await new Promise((done) => server?.close(done));
   });
 
-  async function post(body: unknown, path = '/generate') {
-    const response = await fetch(`${base}${path}`, {
+  async function post(body: unknown, path = '/generate', at = base) {
+    const response = await fetch(`${at}${path}`, {
       method: 'POST', body: typeof body === 'string' ? body : JSON.stringify(body),
       headers: { 'Content-Type': 'application/json' }, signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS),
     });
@@ -67,12 +67,13 @@ describe.skipIf(!present)('example server', () => {
     return { status: response.status, events: isStream ? parseEvents(text) : [], json: isStream ? null : JSON.parse(text) };
   }
 
-  async function stats() {
-    const response = await fetch(`${base}/stats`, { signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
+  async function stats(at = base) {
+    const response = await fetch(`${at}/stats`, { signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
     expect(response.status).toBe(200);
     return (await response.json()) as {
       sessions: Array<{ id: string; parent: string | null; tokens: number; turns: number; busy: boolean;
         stats: { tokens: { seen: number }; bytes: { kv: number; shared: number } } }>;
+      parked: Array<{ id: string; bytes: number }>;
     };
   }
 
@@ -222,5 +223,44 @@ describe.skipIf(!present)('example server', () => {
     const id = response.events[0].data.session as string;
     expect(id).toMatch(/^[0-9a-f-]{36}$/);
     expect((await stats()).sessions.find((s) => s.id === id)?.turns).toBe(1);
+  });
+
+  it('parks the least recently used idle session beyond maxSessions (saveAsync) and resumes it exactly (loadAsync)', async () => {
+    for (const parkBytes of [1 << 20, 0]) {
+      const small = createInferenceServer({ model, tokenizer, sessionBudgetBytes: 1 << 20, maxSessions: 2, parkBytes });
+      await new Promise<void>((listening) => small.listen(0, '127.0.0.1', listening));
+      const at = `http://127.0.0.1:${(small.address() as AddressInfo).port}`;
+      try {
+        const prompt1 = tokenizer.encode('Once upon a time');
+        const first = await post({ session: 'a', prompt: 'Once upon a time', maxTokens: 10 }, '/generate', at);
+        await post({ session: 'b', prompt: 'The cat', maxTokens: 4 }, '/generate', at);
+        await post({ session: 'c', prompt: 'A dog', maxTokens: 4 }, '/generate', at);  // 'a' leaves the live sessions
+        const afterThird = await stats(at);
+        expect(afterThird.sessions.map((s) => s.id)).toEqual(['b', 'c']);
+        expect(afterThird.parked.map((p) => p.id)).toEqual(parkBytes > 0 ? ['a'] : []);
+        const second = await post({ session: 'a', prompt: ' One day', maxTokens: 8 }, '/generate', at);
+        if (parkBytes === 0) {
+          // Dropped: the id starts a new session.
+          expect(second.events[0]).toMatchObject({ event: 'start', data: { session: 'a', position: 0 } });
+          continue;
+        }
+        // Resumed: the turn continues the saved sequence, token for token as if it had stayed live.
+        const turn1 = tokenIds(first.events);
+        expect(second.events[0]).toMatchObject({ event: 'start', data: { session: 'a', position: prompt1.length + turn1.length - 1 } });
+        const prompt2 = tokenizer.encode(' One day', { bos: false, prefixSpace: false });
+        expect(tokenIds(second.events)).toEqual(greedyAfter([...prompt1, ...turn1, ...prompt2], 8));
+        const afterResume = await stats(at);
+        expect(afterResume.sessions.map((s) => s.id)).toEqual(['c', 'a']);
+        expect(afterResume.sessions.find((s) => s.id === 'a')?.turns).toBe(2);
+        expect(afterResume.parked.map((p) => p.id)).toEqual(['b']);
+        // DELETE reaches a parked session too.
+        const deleted = await fetch(`${at}/sessions/b`, { method: 'DELETE', signal: AbortSignal.timeout(REQUEST_TIMEOUT_MS) });
+        expect(deleted.status).toBe(204);
+        expect((await stats(at)).parked).toEqual([]);
+      } finally {
+        small.closeAllConnections();
+        await new Promise((closed) => small.close(closed));
+      }
+    }
   });
 });
