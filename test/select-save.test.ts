@@ -10,7 +10,7 @@ import { Random } from './helpers/random.js';
 import { type Heads, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
-import { MASK_SIZE_AT, resealed } from './helpers/saved.js';
+import { MASK_SIZE_AT, loadEveryDamagedByte, resealed } from './helpers/saved.js';
 import { disposedAfterEach, held } from './helpers/lifetime.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
@@ -168,4 +168,34 @@ describe('load() of a damaged eviction-policy cache: ERR_CORRUPT', () => {
     expectError(() => load(resealed(h2o, (v) => v.setFloat64(firstScore, -1, true))), 'ERR_CORRUPT', /h2o score/);
     expectError(() => load(resealed(h2o, (v) => v.setBigUint64(firstScore - 8, 99n, true))), 'ERR_CORRUPT', /h2o/);
   });
+
+  // Every byte past the fixed header fields changed (the checksum resealed): the policy fields,
+  // state, counts, positions and rows of a small cache. ERR_CORRUPT or a cache that works.
+  const SMALL = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 16 };
+  const small: Array<[string, SelectSpec, Partial<KVCacheOptions>]> = [
+    ['streaming', { kind: 'streaming', sink: 2, window: 5 }, {}],
+    ['snapkv', { kind: 'snapkv', budget: 8, window: 3 }, {}],
+    ['h2o', { kind: 'h2o', budget: 8, recent: 3 }, {}],
+    ['h2o over KIVI-2', { kind: 'h2o', budget: 8, recent: 3 }, { policy: { store: { kind: 'kivi', bits: 2, group: 16, residual: 16 } } }],
+    ['duo over KIVI-4', { kind: 'duo', heads: [[1, 0], [0, 1]], sink: 2, window: 5 }, { policy: { store: { kind: 'kivi', bits: 4, group: 16, residual: 16 } } }],
+  ];
+  for (const [name, select, extra] of small) {
+    it(`${name}: every byte changed`, () => {
+      const cache = held(open, new KVCache({ ...SMALL, device: 'cpu', pageTokens: 4, ...extra, policy: { ...extra.policy, select } }));
+      const random = new Random(31);
+      for (let layer = 0; layer < SMALL.layers; layer++) {
+        const t = randomTokens(random, SMALL, 14);
+        cache.prefill(layer, t.q, t.k, t.v);
+        const s = randomTokens(random, SMALL, 1);
+        cache.step(layer, s.q, s.k, s.v);
+      }
+      const saved = cache.save();
+      const t = randomTokens(random, SMALL, 1);
+      const { refused, loaded } = loadEveryDamagedByte(saved, KIND_AT, saved.length - 8, (loadedCache) => {
+        for (let layer = 0; layer < SMALL.layers; layer++) expect(loadedCache.step(layer, t.q, t.k, t.v).every(Number.isFinite)).toBe(true);
+      });
+      expect(refused, 'some damage is refused').toBeGreaterThan(0);
+      expect(loaded, 'some damage loads (a changed key or score)').toBeGreaterThan(0);
+    });
+  }
 });

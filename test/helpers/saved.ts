@@ -1,5 +1,8 @@
 // Editing saved caches past their checksum, for the load() corruption tests, and reading the
 // policy state they carry.
+import { expect } from 'vitest';
+
+import { KVCache, KVSlimError } from '../../lib/index.js';
 
 /**
  * The trailing checksum of KVSLIM01 saves: standard FNV-1a 64, as native/core/cache_serialize.cc
@@ -81,4 +84,34 @@ export function savedH2OScores(saved: Buffer, layers: number, kvHeads: number): 
     return scores;
   };
   return Array.from({ length: layers * kvHeads }, () => ({ kept: take(), tail: take() }));
+}
+
+/**
+ * Every byte of saved[from, to) changed in turn (one bit flipped, the checksum resealed) and
+ * loaded: a refusal must be a KVSlimError ERR_CORRUPT; a cache that loads is handed to `use`
+ * (which must see finite outputs or a KVSlimError) and disposed. Counts both outcomes.
+ */
+export function loadEveryDamagedByte(saved: Buffer, from: number, to: number, use: (cache: KVCache) => void): { refused: number; loaded: number } {
+  let refused = 0, loaded = 0;
+  for (let at = from; at < to; at++) {
+    const damaged = resealed(saved, (view) => view.setUint8(at, view.getUint8(at) ^ (at % 2 === 0 ? 0x80 : 0x01)));
+    let cache: KVCache;
+    try {
+      cache = KVCache.load(damaged, { device: 'cpu' });
+    } catch (error) {
+      expect(error, `byte ${at}`).toBeInstanceOf(KVSlimError);
+      expect((error as KVSlimError).code, `byte ${at}: ${(error as Error).message}`).toBe('ERR_CORRUPT');
+      refused++;
+      continue;
+    }
+    loaded++;
+    try {
+      use(cache);
+    } catch (error) {
+      expect(error, `byte ${at}`).toBeInstanceOf(KVSlimError);
+    } finally {
+      cache.dispose();
+    }
+  }
+  return { refused, loaded };
 }
