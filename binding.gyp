@@ -68,6 +68,7 @@
         "native/core/index/graph_index.cc",
         "native/core/attention_op.cc",
         "native/core/kv_cache.cc",
+        "native/core/kv_cache_batch.cc",
         "native/core/cache_serialize.cc",
         "native/cpu/kernels_scalar.cc",
         "native/cpu/simd_level.cc",

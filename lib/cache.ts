@@ -209,6 +209,36 @@ export class KVCache {
     return this.#idle('step').step(layer, q, k, v, dtype, out);
   }
 
+  /**
+   * One decode step of many caches in one call (a server's batch of sequences): cache i appends
+   * token i of `k`, `v` (`[n, kvHeads, headDim]`) and attends with token i of `q`
+   * (`[n, qHeads, headDim]`); row i of the result (`[n, qHeads, headDim]`) is what
+   * `caches[i].step(layer, ...)` would return, bit for bit. The caches must be distinct, of one
+   * shape and on one device. Every input is checked before any cache changes. On the CPU, with at
+   * least as many caches as threads, the caches step in parallel, one thread each: a batch of
+   * short sequences keeps every core busy without a thread hand-off per cache and layer.
+   */
+  static stepBatch(caches: readonly KVCache[], layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
+    if (!Array.isArray(caches) || caches.length === 0) throw optionError('Expected a non-empty array of KVCache for stepBatch');
+    caches.forEach((cache, i) => {
+      if (!(cache instanceof KVCache)) throw optionError(`Expected caches[${i}] to be a KVCache but received ${describe(cache)}`);
+    });
+    const [first] = caches;
+    const dtype = first.#checkStep(layer, q, k, v, options);
+    if (q.length !== caches.length * first.qHeads * first.headDim) {
+      throw new KVSlimError('ERR_SHAPE', `Expected q to hold one token per cache (${caches.length} x ${first.qHeads} x ${first.headDim} elements) but received ${q.length}`);
+    }
+    caches.forEach((cache, i) => {
+      if (cache.qHeads !== first.qHeads || cache.kvHeads !== first.kvHeads || cache.headDim !== first.headDim) {
+        throw new KVSlimError('ERR_SHAPE', `Expected caches[${i}] to have the shape of caches[0] (qHeads, kvHeads, headDim)`);
+      }
+      cache.#checkLayer(layer);
+    });
+    const natives = caches.map((cache) => cache.#idle('stepBatch'));
+    const out = outputArray(options?.out, q.length, { q, k, v });
+    return addon.stepBatch(natives, layer, q, k, v, dtype, out);
+  }
+
   /** Like step, for the prompt: timed as prefill, and query-aware policies observe q. */
   prefill(layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
     const dtype = this.#checkStep(layer, q, k, v, options);

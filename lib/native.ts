@@ -112,6 +112,9 @@ interface Addon {
   }): Float32Array;
   loadCache(buffer: Uint8Array, device: string, threads: number): NativeCache;
   loadCacheAsync(buffer: Uint8Array, device: string, threads: number): Promise<NativeCache>;
+  stepBatch(
+    caches: NativeCache[], layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array,
+  ): Float32Array;
   probeBandwidth(megabytes: number, threads: number, repeats: number): number;
   probeFmaPeak(threads: number, repeats: number): number;
 }

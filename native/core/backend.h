@@ -103,6 +103,9 @@ class Backend {
   virtual void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) {
     for (int64_t i = 0; i < tasks; ++i) task(i);
   }
+  // Threads hostParallel runs on (1: it runs tasks one after another). A backend call made from
+  // inside a hostParallel task runs on that task's thread alone.
+  virtual int32_t hostThreads() const { return 1; }
 };
 
 // Owns one allocation in a backend's memory (RAII).

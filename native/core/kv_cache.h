@@ -39,6 +39,12 @@ class KVCache {
   // append + attend; q is checked before anything is appended.
   Status step(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
               size_t outCount);
+  // One decode step of each cache of a batch (kv_cache_batch.cc): caches[i] steps with token i
+  // of q [n, qHeads, headDim], k, v [n, kvHeads, headDim] into row i of out, as its step() would.
+  // Every input is checked first (distinct caches of one shape and device, finite values), so a
+  // refused batch changes no cache; the caller has entered every cache (tryEnter).
+  static Status stepBatch(const std::vector<KVCache*>& caches, int32_t layer, const HostTensor& q, const HostTensor& k,
+                          const HostTensor& v, float* out, size_t outCount);
   // Like step, timed as prefill (the generation stage).
   Status prefill(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                  size_t outCount);

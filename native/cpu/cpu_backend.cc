@@ -124,6 +124,7 @@ class CpuBackend final : public Backend {
   void hostParallel(int64_t tasks, int32_t threads, const std::function<void(int64_t)>& task) override {
     cpu::globalPool().parallelFor(tasks, threads, [&task](int64_t index, int32_t) { task(index); });
   }
+  int32_t hostThreads() const override { return cpu::globalPool().size(); }
 
  private:
   // Few rows per kv head: memory-bound, so the decode driver reads the pages directly.

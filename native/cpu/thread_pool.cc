@@ -41,8 +41,17 @@ ThreadPool::~ThreadPool() {
   for (std::thread& worker : workers_) worker.join();
 }
 
+namespace {
+// True on a thread while it runs a pool task: a parallelFor inside a task (a batch's cache step
+// on each of its threads) runs inline there instead of waiting for the job the thread is part of.
+thread_local bool insideTask = false;
+}  // namespace
+
 void ThreadPool::runTasks(int32_t worker) {
+  const bool outer = insideTask;
+  insideTask = true;
   for (int64_t index = next_.fetch_add(1); index < tasks_; index = next_.fetch_add(1)) (*task_)(index, worker);
+  insideTask = outer;
 }
 
 void ThreadPool::workerLoop(int32_t worker) {
@@ -69,7 +78,7 @@ void ThreadPool::parallelFor(int64_t tasks, int32_t maxThreads,
   if (tasks <= 0) return;
   int32_t participants = maxThreads > 0 && maxThreads < size() ? maxThreads : size();
   if (int64_t(participants) > tasks) participants = int32_t(tasks);
-  if (participants == 1) {
+  if (participants == 1 || insideTask) {
     for (int64_t index = 0; index < tasks; ++index) task(index, 0);
     return;
   }

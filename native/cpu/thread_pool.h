@@ -24,7 +24,8 @@ class ThreadPool {
   int32_t size() const { return int32_t(workers_.size()) + 1; }
 
   // Runs task(index, worker) for index in [0, tasks) on at most maxThreads threads (0 = all);
-  // worker is in [0, threads used) so callers can give each thread its own scratch.
+  // worker is in [0, threads used) so callers can give each thread its own scratch. Called from
+  // inside a task, it runs every index on the calling thread (worker 0).
   void parallelFor(int64_t tasks, int32_t maxThreads, const std::function<void(int64_t, int32_t)>& task);
 
  private:

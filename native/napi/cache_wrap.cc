@@ -1,6 +1,9 @@
 #include "cache_wrap.h"
 
 #include <algorithm>
+#include <string>
+#include <unordered_set>
+#include <vector>
 
 #include "addon_data.h"
 #include "async_ops.h"
@@ -99,6 +102,36 @@ Napi::Value CacheWrap::appendAndAttend(const Napi::CallbackInfo& info, CacheOp o
   const Status status = op == CacheOp::Prefill ? cache.prefill(layer, q, k, v, out.Data(), out.ElementLength())
                                                : cache.step(layer, q, k, v, out.Data(), out.ElementLength());
   throwIfError(env, status);
+  return out;
+}
+
+Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  if (!info[0].IsArray()) throwStatus(env, Status(ErrorCode::Option, "stepBatch expects an array of caches"));
+  const Napi::Array list = info[0].As<Napi::Array>();
+  const Napi::FunctionReference& constructor = addonData(env).cacheConstructor;
+  std::vector<KVCache*> caches;
+  for (uint32_t i = 0; i < list.Length(); ++i) {
+    const Napi::Value item = list.Get(i);
+    if (!item.IsObject() || !item.As<Napi::Object>().InstanceOf(constructor.Value())) {
+      throwStatus(env, Status(ErrorCode::Option, "caches[" + std::to_string(i) + "] is not a cache"));
+    }
+    caches.push_back(&CacheWrap::Unwrap(item.As<Napi::Object>())->live(env));
+  }
+  const int32_t layer = intArg(env, info[1], "layer");
+  const DType dtype = parseDtype(env, info[5], "dtype");
+  const HostTensor q = tensorArg(env, info[2], dtype, "q");
+  const HostTensor k = tensorArg(env, info[3], dtype, "k");
+  const HostTensor v = tensorArg(env, info[4], dtype, "v");
+  Napi::Float32Array out = outputArg(env, info[6], q.count);
+  // Every cache entered for the call; the guards leave them on every path (a duplicate is refused
+  // by stepBatch, so a cache is entered once).
+  std::vector<std::unique_ptr<BusyGuard>> guards;
+  std::unordered_set<KVCache*> entered;
+  for (KVCache* cache : caches) {
+    if (entered.insert(cache).second) guards.push_back(std::make_unique<BusyGuard>(env, *cache));
+  }
+  throwIfError(env, KVCache::stepBatch(caches, layer, q, k, v, out.Data(), out.ElementLength()));
   return out;
 }
 

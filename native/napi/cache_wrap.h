@@ -20,6 +20,10 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
   // The cache, or ERR_DISPOSED.
   KVCache& live(Napi::Env env);
 
+  // stepBatch(caches: NativeCache[], layer, q, k, v, dtype, out?): KVCache::stepBatch over the
+  // caches (each entered for the call: ERR_BUSY while one runs an async call).
+  static Napi::Value stepBatch(const Napi::CallbackInfo& info);
+
  private:
   Napi::Value append(const Napi::CallbackInfo& info);
   Napi::Value attend(const Napi::CallbackInfo& info);
