@@ -87,22 +87,36 @@ Napi::Value CacheWrap::attend(const Napi::CallbackInfo& info) {
   return out;
 }
 
-// step and prefill take the same arguments (layer, q, k, v, dtype, out?) and differ in the stage
-// they are timed as.
+namespace {
+// The arguments (layer, q, k, v, dtype, out?) of step, prefill and stepBatch, from info[first] on.
+struct StepArgs {
+  int32_t layer;
+  HostTensor q, k, v;
+  Napi::Float32Array out;
+};
+StepArgs stepArgs(const Napi::CallbackInfo& info, size_t first) {
+  Napi::Env env = info.Env();
+  StepArgs args;
+  args.layer = intArg(env, info[first], "layer");
+  const DType dtype = parseDtype(env, info[first + 4], "dtype");
+  args.q = tensorArg(env, info[first + 1], dtype, "q");
+  args.k = tensorArg(env, info[first + 2], dtype, "k");
+  args.v = tensorArg(env, info[first + 3], dtype, "v");
+  args.out = outputArg(env, info[first + 5], args.q.count);
+  return args;
+}
+}  // namespace
+
+// step and prefill take the same arguments and differ in the stage they are timed as.
 Napi::Value CacheWrap::appendAndAttend(const Napi::CallbackInfo& info, CacheOp op) {
   Napi::Env env = info.Env();
   KVCache& cache = live(env);
-  const int32_t layer = intArg(env, info[0], "layer");
-  const DType dtype = parseDtype(env, info[4], "dtype");
-  const HostTensor q = tensorArg(env, info[1], dtype, "q");
-  const HostTensor k = tensorArg(env, info[2], dtype, "k");
-  const HostTensor v = tensorArg(env, info[3], dtype, "v");
-  Napi::Float32Array out = outputArg(env, info[5], q.count);
+  StepArgs a = stepArgs(info, 0);
   BusyGuard guard(env, cache);
-  const Status status = op == CacheOp::Prefill ? cache.prefill(layer, q, k, v, out.Data(), out.ElementLength())
-                                               : cache.step(layer, q, k, v, out.Data(), out.ElementLength());
+  const Status status = op == CacheOp::Prefill ? cache.prefill(a.layer, a.q, a.k, a.v, a.out.Data(), a.out.ElementLength())
+                                               : cache.step(a.layer, a.q, a.k, a.v, a.out.Data(), a.out.ElementLength());
   throwIfError(env, status);
-  return out;
+  return a.out;
 }
 
 Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
@@ -118,12 +132,7 @@ Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
     }
     caches.push_back(&CacheWrap::Unwrap(item.As<Napi::Object>())->live(env));
   }
-  const int32_t layer = intArg(env, info[1], "layer");
-  const DType dtype = parseDtype(env, info[5], "dtype");
-  const HostTensor q = tensorArg(env, info[2], dtype, "q");
-  const HostTensor k = tensorArg(env, info[3], dtype, "k");
-  const HostTensor v = tensorArg(env, info[4], dtype, "v");
-  Napi::Float32Array out = outputArg(env, info[6], q.count);
+  StepArgs a = stepArgs(info, 1);
   // Every cache entered for the call; the guards leave them on every path (a duplicate is refused
   // by stepBatch, so a cache is entered once).
   std::vector<std::unique_ptr<BusyGuard>> guards;
@@ -131,8 +140,8 @@ Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
   for (KVCache* cache : caches) {
     if (entered.insert(cache).second) guards.push_back(std::make_unique<BusyGuard>(env, *cache));
   }
-  throwIfError(env, KVCache::stepBatch(caches, layer, q, k, v, out.Data(), out.ElementLength()));
-  return out;
+  throwIfError(env, KVCache::stepBatch(caches, a.layer, a.q, a.k, a.v, a.out.Data(), a.out.ElementLength()));
+  return a.out;
 }
 
 Napi::Value CacheWrap::step(const Napi::CallbackInfo& info) { return appendAndAttend(info, CacheOp::Step); }
