@@ -21,10 +21,12 @@ const STATE_SIZE_AT = 192;
 const STATE_AT = STATE_SIZE_AT + 8;
 
 const open = disposedAfterEach<KVCache>();
+// `npm run test:gpu` (KVSLIM_TEST_DEVICE=cuda) runs the exactness checks on caches living on the GPU.
+const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
 const cacheOf = (select: SelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache =>
-  held(open, new KVCache({ ...GQA, device: 'cpu', pageTokens: 4, ...extra, policy: { ...extra.policy, select } }));
-const load = (bytes: Buffer): KVCache => held(open, KVCache.load(bytes, { device: 'cpu' }));
+  held(open, new KVCache({ ...GQA, device: DEVICE, pageTokens: 4, ...extra, policy: { ...extra.policy, select } }));
+const load = (bytes: Buffer): KVCache => held(open, KVCache.load(bytes, { device: DEVICE }));
 
 type Op = ['prefill' | 'step' | 'append' | 'attend', number];
 const steps = (count: number): Op[] => Array.from({ length: count }, () => ['step', 1]);

@@ -12,9 +12,11 @@ import { disposedAfterEach } from './helpers/lifetime.js';
 
 const SHAPE: Heads & { layers: number } = { layers: 2, qHeads: 6, kvHeads: 3, headDim: 32 };
 const open = disposedAfterEach<KVCache>();
+// `npm run test:gpu` (KVSLIM_TEST_DEVICE=cuda): caches on the GPU.
+const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
 function filled(policy: PolicySpec | undefined, seed: number): KVCache {
-  const cache = new KVCache({ ...SHAPE, device: 'cpu', pageTokens: 8, policy });
+  const cache = new KVCache({ ...SHAPE, device: DEVICE, pageTokens: 8, policy });
   open.push(cache);
   const random = new Random(seed);
   for (let layer = 0; layer < SHAPE.layers; layer++) {
@@ -48,9 +50,9 @@ describe('saveAsync() / KVCache.loadAsync()', () => {
       const bytes = await cache.saveAsync();
       expect(Buffer.isBuffer(bytes)).toBe(true);
       expect(bytes.equals(cache.save())).toBe(true);
-      const loaded = await KVCache.loadAsync(bytes, { device: 'cpu' });
+      const loaded = await KVCache.loadAsync(bytes, { device: DEVICE });
       open.push(loaded);
-      const control = KVCache.load(bytes, { device: 'cpu' });
+      const control = KVCache.load(bytes, { device: DEVICE });
       open.push(control);
       expect(loaded.policy).toEqual(control.policy);
       expect(loaded.save().equals(bytes)).toBe(true);
@@ -70,7 +72,7 @@ describe('saveAsync() / KVCache.loadAsync()', () => {
     expectError(() => cache.save(), 'ERR_BUSY', /save/);
     expectError(() => cache.append(0, t.k, t.v), 'ERR_BUSY');
     await stepped;
-    const loaded = KVCache.load(await saved, { device: 'cpu' });
+    const loaded = KVCache.load(await saved, { device: DEVICE });
     open.push(loaded);
     expect(loaded.tokens(0), 'the step queued before the save is in it').toBe(before + 1);
     expect(loaded.tokens(1)).toBe(cache.tokens(1));
@@ -81,7 +83,7 @@ describe('saveAsync() / KVCache.loadAsync()', () => {
     const saved = cache.saveAsync();
     cache.dispose();
     expect(cache.disposed).toBe(true);
-    const loaded = KVCache.load(await saved, { device: 'cpu' });
+    const loaded = KVCache.load(await saved, { device: DEVICE });
     open.push(loaded);
     expect(loaded.tokens(0)).toBe(73);
     expectError(() => cache.saveAsync(), 'ERR_DISPOSED');
@@ -91,10 +93,10 @@ describe('saveAsync() / KVCache.loadAsync()', () => {
     expectError(() => KVCache.loadAsync([1, 2, 3] as unknown as Uint8Array), 'ERR_OPTION', /Buffer or Uint8Array/);
     expectError(() => KVCache.loadAsync(new Uint8Array(8), { device: 'tpu' as 'cpu' }), 'ERR_OPTION', /device/);
     expectError(() => KVCache.loadAsync(new Uint8Array(8), { threads: 0 }), 'ERR_OPTION', /threads/);
-    await expectRejection(KVCache.loadAsync(new Uint8Array(64), { device: 'cpu' }), 'ERR_CORRUPT', /KVSLIM02/);
+    await expectRejection(KVCache.loadAsync(new Uint8Array(64), { device: DEVICE }), 'ERR_CORRUPT', /KVSLIM02/);
     const bytes = filled(undefined, 9).save();
     bytes[bytes.length - 20] ^= 1;
-    await expectRejection(KVCache.loadAsync(bytes, { device: 'cpu' }), 'ERR_CORRUPT', /checksum/);
-    await expectRejection(KVCache.loadAsync(bytes.subarray(0, 100), { device: 'cpu' }), 'ERR_CORRUPT');
+    await expectRejection(KVCache.loadAsync(bytes, { device: DEVICE }), 'ERR_CORRUPT', /checksum/);
+    await expectRejection(KVCache.loadAsync(bytes.subarray(0, 100), { device: DEVICE }), 'ERR_CORRUPT');
   });
 });

@@ -14,10 +14,12 @@ import { disposedAfterEach, held } from './helpers/lifetime.js';
 
 const SHAPE: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 const open = disposedAfterEach<KVCache>();
+// `npm run test:gpu` (KVSLIM_TEST_DEVICE=cuda): the same on the GPU (where the caches step one after another).
+const DEVICE = process.env.KVSLIM_TEST_DEVICE === 'cuda' ? 'cuda' : 'cpu';
 
 /** A cache of the batch: its own policy and prompt length (prefilled, so query-aware policies chose). */
 function member(policy: PolicySpec | undefined, tokens: number, random: Random): KVCache {
-  const cache = held(open, new KVCache({ ...SHAPE, device: 'cpu', pageTokens: 8, policy }));
+  const cache = held(open, new KVCache({ ...SHAPE, device: DEVICE, pageTokens: 8, policy }));
   for (let layer = 0; layer < SHAPE.layers; layer++) {
     const t = randomTokens(random, SHAPE, tokens);
     cache.prefill(layer, t.q, t.k, t.v);
@@ -87,7 +89,7 @@ describe('KVCache.stepBatch', () => {
     expectError(() => KVCache.stepBatch(caches.slice(0, 2), 0, t.q, t.k, t.v), 'ERR_SHAPE', /one token per cache/);
     expectError(() => KVCache.stepBatch(caches, 0, t.q, t.k.subarray(kvRow), t.v), 'ERR_SHAPE');
     expectError(() => KVCache.stepBatch(caches, 2, t.q, t.k, t.v), 'ERR_SHAPE', /layer/);
-    const other = held(open, new KVCache({ ...SHAPE, kvHeads: 4, device: 'cpu' }));
+    const other = held(open, new KVCache({ ...SHAPE, kvHeads: 4, device: DEVICE }));
     expectError(() => KVCache.stepBatch([caches[0], other, caches[2]], 0, t.q, t.k, t.v), 'ERR_SHAPE', /caches\[1\]/);
     // A NaN in the last cache's token, or a key an f16 store cannot hold: no cache took its token.
     const nan = Float32Array.from(t.k);
