@@ -17,6 +17,7 @@ import { gridValues } from './data.js';
 import { kiviAboveLimit, kiviFailures, kiviNotes, kiviPlan, type KiviRecord, kiviTargets, runKivi } from './kivi.js';
 import { policiesFailures, policiesNotes, type PoliciesRecord, policiesTargets, runPolicies } from './policies.js';
 import { retrievalFailures, retrievalNotes, type RetrievalRecord, retrievalTargets, runRetrieval } from './retrieval.js';
+import { runServing, servingFailures, servingNotes, type ServingRecord } from './serving.js';
 import {
   type BaselineResult, baselineLine, type CaseResult, caseLine, decodeTable, prefillTable, type TargetResult,
   targetLines, writeJson,
@@ -41,7 +42,7 @@ section (several minutes; its index builds dominate).
 
 Options:
   --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K, retrieval at 16K (smoke test)
-  --only <kind>      decode | prefill | kivi | policies | retrieval: run one part
+  --only <kind>      decode | prefill | kivi | policies | retrieval | serving: run one part
   --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI, policies or retrieval section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
@@ -56,7 +57,7 @@ class UsageError extends Error {}
 
 interface Args {
   quick: boolean;
-  only: CaseKind | 'kivi' | 'policies' | 'retrieval' | null;
+  only: CaseKind | 'kivi' | 'policies' | 'retrieval' | 'serving' | null;
   cases: string[];
   json: string | null;
   list: boolean;
@@ -76,8 +77,8 @@ function parseArgs(argv: string[]): Args {
       case '--quick': args.quick = true; break;
       case '--only': {
         const kind = value();
-        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies' && kind !== 'retrieval') {
-          throw new UsageError(`--only takes decode, prefill, kivi, policies or retrieval, not '${kind}'`);
+        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies' && kind !== 'retrieval' && kind !== 'serving') {
+          throw new UsageError(`--only takes decode, prefill, kivi, policies, retrieval or serving, not '${kind}'`);
         }
         args.only = kind;
         break;
@@ -181,6 +182,7 @@ async function main(): Promise<void> {
   const runsKivi = args.cases.length === 0 && (args.only === null || args.only === 'kivi');
   const runsPolicies = args.cases.length === 0 && (args.only === null || args.only === 'policies');
   const runsRetrieval = args.cases.length === 0 && (args.only === null || args.only === 'retrieval');
+  const runsServing = args.cases.length === 0 && (args.only === null || args.only === 'serving');
   const complete = !args.quick && args.only === null && args.cases.length === 0;
   const command = `npm run bench${argv.length > 0 ? ` -- ${argv.join(' ')}` : ''}`;
   const reproduce = (id: string) => `npm run bench -- ${args.quick ? '--quick ' : ''}--case ${id}`;
@@ -354,6 +356,8 @@ async function main(): Promise<void> {
     });
   }
 
+  const serving: ServingRecord | null = runsServing ? runServing({ quick: args.quick, say, status }) : null;
+
   // The limits again, after the cases: a shared or throttled machine shows here as drift, and the
   // fractions above (against the first probe) are then only as good as that drift allows.
   status('probing the machine limits again...');
@@ -403,13 +407,14 @@ async function main(): Promise<void> {
     ...(kivi === null ? [] : kiviNotes(kivi)),
     ...(policies === null ? [] : policiesNotes(policies)),
     ...(retrieval === null ? [] : retrievalNotes(retrieval)),
+    ...(serving === null ? [] : servingNotes(serving)),
   ];
   say();
   say('Notes');
   for (const note of notes) say(`  ${note}`);
 
   const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies),
-    ...retrievalFailures(retrieval)];
+    ...retrievalFailures(retrieval), ...servingFailures(serving)];
   const durationMs = Date.now() - startedAt;
   const root = packageRoot();
   const stamp = new Date(startedAt).toISOString().replace(/\.\d+Z$/, 'Z').replace(/:/g, '-');
@@ -452,6 +457,7 @@ async function main(): Promise<void> {
     kivi,
     policies,
     retrieval,
+    serving,
     targets,
   };
   for (const path of paths) writeJson(path, json);
@@ -461,7 +467,8 @@ async function main(): Promise<void> {
     : ` + ${policies.rows.length + policies.prefillRows.length} policy row(s) (${(policies.durationMs / 1000).toFixed(1)} s)`;
   const retrievalRows = retrieval === null ? ''
     : ` + ${retrieval.index.length + retrieval.decode.length} retrieval row(s) (${(retrieval.durationMs / 1000).toFixed(1)} s)`;
-  say(`${results.length} case(s)${kiviRows}${policyRows}${retrievalRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
+  const servingRows = serving === null ? '' : ` + ${serving.batches.length + (serving.park === null ? 0 : 1)} serving row(s)`;
+  say(`${results.length} case(s)${kiviRows}${policyRows}${retrievalRows}${servingRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
   say(`Reproduce: ${command}`);
   if (failed.length > 0) {
     say(`Failed: ${failed.join(', ')}`);
