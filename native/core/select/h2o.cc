@@ -14,12 +14,12 @@
 // and its row stays quantized until the cache compacts the layer (KVCache::compactKivi).
 #include <algorithm>
 #include <cmath>
-#include <cstring>
 #include <deque>
 #include <functional>
 #include <string>
 #include <vector>
 
+#include "../byte_io.h"
 #include "select_policy.h"
 
 namespace kvslim {
@@ -225,38 +225,28 @@ class H2OPolicy final : public SelectPolicy {
   // a KIVI layer's u64 tokens, scores per index, u64 flagged, the flagged indexes (u64,
   // ascending). Scores are f64.
   Status saveState(int32_t, std::vector<uint8_t>* out) const override {
-    auto put = [out](const auto& value) {
-      const auto* bytes = reinterpret_cast<const uint8_t*>(&value);
-      out->insert(out->end(), bytes, bytes + sizeof(value));
-    };
+    ByteWriter writer(out);
     for (size_t i = 0; i < scores_.size(); ++i) {
       if (kiviLayer_[i / size_t(kvHeads_)] != 0) {
         const KiviHead& head = kivi_[i];
-        put(uint64_t(head.scores.size()));
-        for (const double score : head.scores) put(score);
-        put(uint64_t(std::count(head.evicted.begin(), head.evicted.end(), uint8_t(1))));
+        writer.putArray(head.scores);
+        writer.put(uint64_t(std::count(head.evicted.begin(), head.evicted.end(), uint8_t(1))));
         for (size_t t = 0; t < head.evicted.size(); ++t) {
-          if (head.evicted[t] != 0) put(uint64_t(t));
+          if (head.evicted[t] != 0) writer.put(uint64_t(t));
         }
         continue;
       }
       const HeadScores& scores = scores_[i];
-      put(uint64_t(scores.kept.size()));
-      for (const double score : scores.kept) put(score);
-      put(uint64_t(scores.tail.size()));
-      for (const double score : scores.tail) put(score);
+      writer.putArray(scores.kept);
+      writer.put(uint64_t(scores.tail.size()));
+      for (const double score : scores.tail) writer.put(score);
     }
     return Status::ok();
   }
   Status loadState(const uint8_t* data, size_t size, const RestoredStores& restored, int32_t layers) override {
     const auto corrupt = [](const std::string& what) { return Status(ErrorCode::Corrupt, "cannot load cache: " + what); };
-    size_t offset = 0;
-    auto take = [&](auto* value) {
-      if (size - offset < sizeof(*value)) return false;
-      std::memcpy(value, data + offset, sizeof(*value));
-      offset += sizeof(*value);
-      return true;
-    };
+    ByteReader reader(data, size);
+    auto take = [&](auto* value) { return reader.get(value); };
     auto takeScore = [&](double* score) {
       if (!take(score)) return corrupt("the h2o state is truncated");
       if (!(*score >= 0.0) || !std::isfinite(*score)) return corrupt("an h2o score is negative or not finite");
@@ -311,7 +301,7 @@ class H2OPolicy final : public SelectPolicy {
         }
       }
     }
-    if (offset != size) return corrupt("the h2o state has trailing bytes");
+    if (!reader.done()) return corrupt("the h2o state has trailing bytes");
     scores_ = std::move(loaded);
     kivi_ = std::move(loadedKivi);
     kiviLayer_ = std::move(kiviLayer);
