@@ -56,6 +56,14 @@ export interface LoadOptions {
   threads?: number;
 }
 
+// An async call's error with the stack of its call site, not of the native completion callback.
+function withCallSite(error: unknown, callSite: Error): unknown {
+  if (error instanceof Error && callSite.stack) {
+    error.stack = `${error.name}: ${error.message}\n${callSite.stack.split('\n').slice(1).join('\n')}`;
+  }
+  return error;
+}
+
 // load()/loadAsync() arguments, checked on the calling thread.
 function loadArguments(bytes: unknown, options: LoadOptions): { device: 'cpu' | 'cuda'; threads: number } {
   if (!(bytes instanceof Uint8Array)) {
@@ -219,9 +227,47 @@ export class KVCache {
    * short sequences keeps every core busy without a thread hand-off per cache and layer.
    */
   static stepBatch(caches: readonly KVCache[], layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Float32Array {
+    const { dtype, out } = KVCache.#checkBatch(caches, layer, q, k, v, options);
+    const natives = caches.map((cache) => cache.#idle('stepBatch'));
+    return addon.stepBatch(natives, layer, q, k, v, dtype, out);
+  }
+
+  /**
+   * {@link stepBatch} off the event loop. It runs once every cache's earlier async calls are done,
+   * and each cache's later calls wait for it (sync calls meanwhile throw `ERR_BUSY`). Keep the
+   * arrays unchanged until the promise settles.
+   */
+  static stepBatchAsync(caches: readonly KVCache[], layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
+    const { dtype, out } = KVCache.#checkBatch(caches, layer, q, k, v, options);
+    for (const cache of caches) cache.#live('stepBatchAsync');
+    const callSite = new Error();
+    for (const cache of caches) cache.#pending++;
+    const done = () => {
+      for (const cache of caches) cache.#pending--;
+    };
+    const result = Promise.all(caches.map((cache) => cache.#tail))
+      .then(() => addon.stepBatchAsync(caches.map((cache) => cache.#queued()), layer, q, k, v, dtype, out))
+      .then(
+        (value) => {
+          done();
+          return value;
+        },
+        (error: unknown) => {
+          done();
+          throw withCallSite(error, callSite);
+        },
+      );
+    const settled = result.catch(() => undefined);
+    for (const cache of caches) cache.#tail = settled;
+    return result;
+  }
+
+  // stepBatch's arguments, checked on the calling thread: distinct caches of one shape, one token each.
+  static #checkBatch(caches: readonly KVCache[], layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions) {
     if (!Array.isArray(caches) || caches.length === 0) throw optionError('Expected a non-empty array of KVCache for stepBatch');
     caches.forEach((cache, i) => {
       if (!(cache instanceof KVCache)) throw optionError(`Expected caches[${i}] to be a KVCache but received ${describe(cache)}`);
+      if (caches.indexOf(cache) !== i) throw optionError(`caches[${i}] appears twice in the batch`);
     });
     const [first] = caches;
     const dtype = first.#checkStep(layer, q, k, v, options);
@@ -234,9 +280,7 @@ export class KVCache {
       }
       cache.#checkLayer(layer);
     });
-    const natives = caches.map((cache) => cache.#idle('stepBatch'));
-    const out = outputArray(options?.out, q.length, { q, k, v });
-    return addon.stepBatch(natives, layer, q, k, v, dtype, out);
+    return { dtype, out: outputArray(options?.out, q.length, { q, k, v }) };
   }
 
   /** Like step, for the prompt: timed as prefill, and query-aware policies observe q. */
@@ -454,10 +498,7 @@ export class KVCache {
       },
       (error: unknown) => {
         this.#pending--;
-        if (error instanceof Error && callSite.stack) {
-          error.stack = `${error.name}: ${error.message}\n${callSite.stack.split('\n').slice(1).join('\n')}`;
-        }
-        throw error;
+        throw withCallSite(error, callSite);
       },
     );
     this.#tail = result.catch(() => undefined);

@@ -115,6 +115,9 @@ interface Addon {
   stepBatch(
     caches: NativeCache[], layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array,
   ): Float32Array;
+  stepBatchAsync(
+    caches: NativeCache[], layer: number, q: NativeTensor, k: NativeTensor, v: NativeTensor, dtype: NativeDtype, out?: Float32Array,
+  ): Promise<Float32Array>;
   probeBandwidth(megabytes: number, threads: number, repeats: number): number;
   probeFmaPeak(threads: number, repeats: number): number;
 }

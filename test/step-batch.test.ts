@@ -78,6 +78,33 @@ describe('KVCache.stepBatch', () => {
     });
   });
 
+  it('stepBatchAsync: the same rows, in order with each cache\'s async calls, sync calls refused meanwhile', async () => {
+    const random = new Random(21);
+    const caches = [0, 1, 2].map((i) => member(undefined, 20 + i, random));
+    const controls = caches.map((cache) => held(open, cache.fork()));
+    const before = randomTokens(random, SHAPE, 1), t = batchTokens(random, 3), after = randomTokens(random, SHAPE, 1);
+    // A step queued on cache 0 before the batch runs first; one queued after runs after it.
+    const first = caches[0].stepAsync(0, before.q, before.k, before.v);
+    const batch = KVCache.stepBatchAsync(caches, 0, t.q, t.k, t.v);
+    const last = caches[2].stepAsync(0, after.q, after.k, after.v);
+    expectError(() => caches[1].step(0, after.q, after.k, after.v), 'ERR_BUSY');
+    expectError(() => KVCache.stepBatch(caches, 0, t.q, t.k, t.v), 'ERR_BUSY');
+    const [firstOut, rows, lastOut] = await Promise.all([first, batch, last]);
+    expectIdentical(firstOut, controls[0].step(0, before.q, before.k, before.v), 'the step before the batch');
+    controls.forEach((control, i) => {
+      const expected = control.step(0, t.q.subarray(i * qRow, (i + 1) * qRow), t.k.subarray(i * kvRow, (i + 1) * kvRow), t.v.subarray(i * kvRow, (i + 1) * kvRow));
+      expectIdentical(rows.subarray(i * qRow, (i + 1) * qRow), expected, `batch row ${i}`);
+    });
+    expectIdentical(lastOut, controls[2].step(0, after.q, after.k, after.v), 'the step after the batch');
+    caches.forEach((cache, i) => expect(cache.save().equals(controls[i].save()), `cache ${i}`).toBe(true));
+    // A refused batch rejects (a NaN) and leaves the caches usable.
+    const nan = Float32Array.from(t.k);
+    nan[0] = Number.NaN;
+    const error = await KVCache.stepBatchAsync(caches, 1, t.q, nan, t.v).then(() => null, (e: unknown) => e);
+    expect((error as { code?: string })?.code).toBe('ERR_VALUE');
+    expect(KVCache.stepBatch(caches, 1, t.q, t.k, t.v)).toHaveLength(3 * qRow);
+  });
+
   it('refuses a bad batch without changing any cache', () => {
     const random = new Random(9);
     const caches = [0, 1, 2].map((i) => member(undefined, 12 + i, random));

@@ -260,6 +260,7 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("loadCache", Napi::Function::New(env, loadCacheFn));
   exports.Set("loadCacheAsync", Napi::Function::New(env, loadCacheAsyncFn));
   exports.Set("stepBatch", Napi::Function::New(env, CacheWrap::stepBatch));
+  exports.Set("stepBatchAsync", Napi::Function::New(env, CacheWrap::stepBatchAsync));
   exports.Set("probeBandwidth", Napi::Function::New(env, probeBandwidthFn));
   exports.Set("probeFmaPeak", Napi::Function::New(env, probeFmaPeakFn));
   exports.Set("NativeKeyIndex", KeyIndexWrap::define(env));

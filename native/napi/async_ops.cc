@@ -1,5 +1,6 @@
 #include "async_ops.h"
 
+#include <algorithm>
 #include <new>
 #include <string>
 #include <vector>
@@ -13,12 +14,12 @@ namespace kvslim::napi {
 namespace {
 
 // A worker that settles a promise: Execute() sets status_; the promise resolves with result()
-// when it is ok and rejects with its KVSlimError otherwise. `entered`: a cache the caller entered
-// (tryEnter) for the call, left when it ends; null for none.
+// when it is ok and rejects with its KVSlimError otherwise. `entered`: the caches the caller
+// entered (tryEnter) for the call, left when it ends.
 class PromiseWorker : public Napi::AsyncWorker {
  public:
-  PromiseWorker(Napi::Env env, const char* name, KVCache* entered)
-      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)), entered_(entered) {}
+  PromiseWorker(Napi::Env env, const char* name, std::vector<KVCache*> entered)
+      : Napi::AsyncWorker(env, name), deferred_(Napi::Promise::Deferred::New(env)), entered_(std::move(entered)) {}
   Napi::Promise promise() const { return deferred_.Promise(); }
 
  protected:
@@ -40,18 +41,18 @@ class PromiseWorker : public Napi::AsyncWorker {
     deferred_.Reject(error.Value());
   }
   void leave() {
-    if (entered_ != nullptr) entered_->leave();
+    for (KVCache* cache : entered_) cache->leave();
   }
 
   Napi::Promise::Deferred deferred_;
-  KVCache* entered_;
+  std::vector<KVCache*> entered_;
 };
 
 class CacheOpWorker final : public PromiseWorker {
  public:
   CacheOpWorker(Napi::Env env, KVCache& cache, CacheOp op, int32_t layer, HostTensor q, HostTensor k, HostTensor v,
                 Napi::Float32Array out)
-      : PromiseWorker(env, "kvslim.cache", &cache),
+      : PromiseWorker(env, "kvslim.cache", {&cache}),
         cache_(cache),
         op_(op),
         layer_(layer),
@@ -96,7 +97,7 @@ class CacheOpWorker final : public PromiseWorker {
 // save() on a worker thread; the Buffer takes the bytes without a copy.
 class SaveWorker final : public PromiseWorker {
  public:
-  SaveWorker(Napi::Env env, const Napi::Object& holder, KVCache& cache) : PromiseWorker(env, "kvslim.save", &cache), cache_(cache) {
+  SaveWorker(Napi::Env env, const Napi::Object& holder, KVCache& cache) : PromiseWorker(env, "kvslim.save", {&cache}), cache_(cache) {
     holder_ = Napi::Persistent(holder);
   }
   void Execute() override {
@@ -119,7 +120,7 @@ class SaveWorker final : public PromiseWorker {
 class LoadWorker final : public PromiseWorker {
  public:
   LoadWorker(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads)
-      : PromiseWorker(env, "kvslim.load", nullptr),
+      : PromiseWorker(env, "kvslim.load", {}),
         data_(bytes.Data()),
         size_(bytes.ElementLength()),
         backend_(std::move(backend)),
@@ -145,6 +146,32 @@ class LoadWorker final : public PromiseWorker {
   std::unique_ptr<KVCache> cache_;
 };
 
+// KVCache::stepBatch on a worker thread; every cache entered, every array referenced until it ends.
+class BatchWorker final : public PromiseWorker {
+ public:
+  BatchWorker(Napi::Env env, const Napi::CallbackInfo& info, std::vector<KVCache*> entered, std::vector<KVCache*> caches, int32_t layer,
+              HostTensor q, HostTensor k, HostTensor v, Napi::Float32Array out)
+      : PromiseWorker(env, "kvslim.stepBatch", std::move(entered)), caches_(std::move(caches)), layer_(layer), q_(q), k_(k), v_(v),
+        outData_(out.Data()), outCount_(out.ElementLength()) {
+    out_ = Napi::Persistent(out);
+    for (size_t i = 0; i < info.Length(); ++i) {
+      if (info[i].IsObject()) held_.push_back(Napi::Persistent(info[i].As<Napi::Object>()));
+    }
+  }
+  void Execute() override { status_ = KVCache::stepBatch(caches_, layer_, q_, k_, v_, outData_, outCount_); }
+
+ private:
+  Napi::Value result(Napi::Env) override { return out_.Value(); }
+
+  std::vector<KVCache*> caches_;
+  int32_t layer_;
+  HostTensor q_, k_, v_;
+  float* outData_;
+  size_t outCount_;
+  Napi::Reference<Napi::Float32Array> out_;
+  std::vector<Napi::ObjectReference> held_;  // the caches' array (so their wrappers) and the tensors
+};
+
 // Marks the cache busy for an async call (ERR_BUSY while another one runs).
 void enterAsync(Napi::Env env, KVCache& cache) {
   if (!cache.tryEnter()) {
@@ -165,6 +192,25 @@ Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache)
 
 Napi::Value queueLoad(Napi::Env env, const Napi::Uint8Array& bytes, std::shared_ptr<Backend> backend, int32_t threads) {
   auto* worker = new LoadWorker(env, bytes, std::move(backend), threads);  // deleted by node-addon-api
+  Napi::Promise promise = worker->promise();
+  worker->Queue();
+  return promise;
+}
+
+Napi::Value queueStepBatch(const Napi::CallbackInfo& info, std::vector<KVCache*> caches, int32_t layer, HostTensor q, HostTensor k,
+                           HostTensor v, Napi::Float32Array out) {
+  Napi::Env env = info.Env();
+  // Every cache entered, or none: a busy one leaves those entered before it.
+  std::vector<KVCache*> entered;
+  for (KVCache* cache : caches) {
+    if (std::find(entered.begin(), entered.end(), cache) != entered.end()) continue;  // a duplicate: stepBatch refuses it
+    if (!cache->tryEnter()) {
+      for (KVCache* done : entered) done->leave();
+      throwStatus(env, Status(ErrorCode::Busy, "a cache of the batch is running another async call"));
+    }
+    entered.push_back(cache);
+  }
+  auto* worker = new BatchWorker(env, info, std::move(entered), std::move(caches), layer, q, k, v, out);  // deleted by node-addon-api
   Napi::Promise promise = worker->promise();
   worker->Queue();
   return promise;

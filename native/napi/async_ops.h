@@ -4,6 +4,7 @@
 #include <napi.h>
 
 #include <memory>
+#include <vector>
 
 #include "../core/kv_cache.h"
 
@@ -18,6 +19,11 @@ Napi::Value queueCacheOp(const Napi::CallbackInfo& info, KVCache& cache, CacheOp
 // save() off the event loop: a Promise of the Buffer. Enters the cache (ERR_BUSY while another
 // async call runs); `holder` (the wrapper) is referenced until the call ends.
 Napi::Value queueSave(Napi::Env env, const Napi::Object& holder, KVCache& cache);
+
+// KVCache::stepBatch off the event loop: a Promise of `out`. Enters every cache (ERR_BUSY, and
+// none entered, while one runs another async call); the call's arrays are referenced until it ends.
+Napi::Value queueStepBatch(const Napi::CallbackInfo& info, std::vector<KVCache*> caches, int32_t layer, HostTensor q, HostTensor k,
+                           HostTensor v, Napi::Float32Array out);
 
 // KVCache::load() off the event loop: a Promise of a NativeCache. `bytes` is referenced until the
 // call ends (the caller must not change it meanwhile).

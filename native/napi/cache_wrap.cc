@@ -119,7 +119,8 @@ Napi::Value CacheWrap::appendAndAttend(const Napi::CallbackInfo& info, CacheOp o
   return a.out;
 }
 
-Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
+// stepBatch's caches (info[0]: an array of NativeCache, each live).
+static std::vector<KVCache*> batchCaches(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsArray()) throwStatus(env, Status(ErrorCode::Option, "stepBatch expects an array of caches"));
   const Napi::Array list = info[0].As<Napi::Array>();
@@ -132,6 +133,18 @@ Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
     }
     caches.push_back(&CacheWrap::Unwrap(item.As<Napi::Object>())->live(env));
   }
+  return caches;
+}
+
+Napi::Value CacheWrap::stepBatchAsync(const Napi::CallbackInfo& info) {
+  std::vector<KVCache*> caches = batchCaches(info);
+  StepArgs a = stepArgs(info, 1);
+  return queueStepBatch(info, std::move(caches), a.layer, a.q, a.k, a.v, a.out);
+}
+
+Napi::Value CacheWrap::stepBatch(const Napi::CallbackInfo& info) {
+  Napi::Env env = info.Env();
+  std::vector<KVCache*> caches = batchCaches(info);
   StepArgs a = stepArgs(info, 1);
   // Every cache entered for the call; the guards leave them on every path (a duplicate is refused
   // by stepBatch, so a cache is entered once).

@@ -23,6 +23,8 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
   // stepBatch(caches: NativeCache[], layer, q, k, v, dtype, out?): KVCache::stepBatch over the
   // caches (each entered for the call: ERR_BUSY while one runs an async call).
   static Napi::Value stepBatch(const Napi::CallbackInfo& info);
+  // The same off the event loop (a Promise of out).
+  static Napi::Value stepBatchAsync(const Napi::CallbackInfo& info);
 
  private:
   Napi::Value append(const Napi::CallbackInfo& info);
