@@ -239,27 +239,7 @@ export class KVCache {
    */
   static stepBatchAsync(caches: readonly KVCache[], layer: number, q: Tensor, k: Tensor, v: Tensor, options?: CallOptions): Promise<Float32Array> {
     const { dtype, out } = KVCache.#checkBatch(caches, layer, q, k, v, options);
-    for (const cache of caches) cache.#live('stepBatchAsync');
-    const callSite = new Error();
-    for (const cache of caches) cache.#pending++;
-    const done = () => {
-      for (const cache of caches) cache.#pending--;
-    };
-    const result = Promise.all(caches.map((cache) => cache.#tail))
-      .then(() => addon.stepBatchAsync(caches.map((cache) => cache.#queued()), layer, q, k, v, dtype, out))
-      .then(
-        (value) => {
-          done();
-          return value;
-        },
-        (error: unknown) => {
-          done();
-          throw withCallSite(error, callSite);
-        },
-      );
-    const settled = result.catch(() => undefined);
-    for (const cache of caches) cache.#tail = settled;
-    return result;
+    return KVCache.#queue(caches, 'stepBatchAsync', (natives) => addon.stepBatchAsync(natives, layer, q, k, v, dtype, out));
   }
 
   // stepBatch's arguments, checked on the calling thread: distinct caches of one shape, one token each.
@@ -486,22 +466,35 @@ export class KVCache {
   }
 
   #enqueue<T>(run: (native: NativeCache) => Promise<T>): Promise<T> {
-    this.#live('async call');
+    return KVCache.#queue([this], 'async call', ([native]) => run(native));
+  }
+
+  /**
+   * Queues an async call on every cache of `caches`: it runs once each cache's earlier async calls
+   * are done, and each cache's later ones wait for it. A call queued before dispose() still runs:
+   * dispose() releases a cache once its queue drains.
+   */
+  static #queue<T>(caches: readonly KVCache[], method: string, run: (natives: NativeCache[]) => Promise<T>): Promise<T> {
+    for (const cache of caches) cache.#live(method);
     // Errors get the stack of the call site, not of the native completion callback.
     const callSite = new Error();
-    this.#pending++;
-    // A call queued before dispose() still runs: dispose() releases the cache once the queue drains.
-    const result = this.#tail.then(() => run(this.#queued())).then(
-      (out) => {
-        this.#pending--;
-        return out;
+    for (const cache of caches) cache.#pending++;
+    const settle = () => {
+      for (const cache of caches) cache.#pending--;
+    };
+    const ready = caches.length === 1 ? caches[0].#tail : Promise.all(caches.map((cache) => cache.#tail));
+    const result = ready.then(() => run(caches.map((cache) => cache.#queued()))).then(
+      (value) => {
+        settle();
+        return value;
       },
       (error: unknown) => {
-        this.#pending--;
+        settle();
         throw withCallSite(error, callSite);
       },
     );
-    this.#tail = result.catch(() => undefined);
+    const tail = result.catch(() => undefined);
+    for (const cache of caches) cache.#tail = tail;
     return result;
   }
 

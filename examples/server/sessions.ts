@@ -232,7 +232,9 @@ export class SessionStore {
         if (this.#parkedBytes <= (this.#options.parkBytes ?? 0)) break;
         if (old.size > 0) this.#unpark(id);
       }
-    }, () => this.#unpark(session.id));  // a failed save drops the session
+    }, () => {
+      if (this.#parked.get(session.id) === parked) this.#unpark(session.id);  // a failed save drops the session
+    });
   }
 
   // Forgets a parked session; false when there is none.
