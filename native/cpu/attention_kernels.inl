@@ -383,8 +383,10 @@ void prefillTileRows(const PrefillTile& tile) {
     }
     const float* keys = tile.keysTransposed + size_t(blockBegin / BLOCK) * size_t(dim) * BLOCK;
     const float* values = tile.values + size_t(blockBegin) * size_t(dim);
-    int32_t count = BLOCK;
-    if (blockBegin + count > tile.keyEnd) count = int32_t(tile.keyEnd - blockBegin);
+    // Every block is whole, the keys past tile.keyEnd masked like any key past a row's last: a
+    // partial last block (its length set by the tile's last row) took its tail through scalar exp2
+    // and sums, so a row's bits depended on the tile it was in, and so on the thread count.
+    constexpr int32_t count = BLOCK;
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const int64_t* lastToken = tile.lastToken + first;
