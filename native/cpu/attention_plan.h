@@ -107,6 +107,8 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
                   int64_t count, int32_t paddedDim, int32_t blockKeys, float* keysTransposed, float* values,
                   const KVHeadView* older = nullptr);
 // Writes a finished row's output (acc / sum) and, when asked, its lse (log2 units).
+void finishRowTo(float* out, float* lse, int32_t dim, float max, float sum, const float* acc);
+// The same at the row's place in args.out and args.lse.
 void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,
                const float* acc);
 

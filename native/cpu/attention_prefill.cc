@@ -60,13 +60,16 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   }
 }
 
+void finishRowTo(float* out, float* lse, int32_t dim, float max, float sum, const float* acc) {
+  const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
+  for (int32_t d = 0; d < dim; ++d) out[d] = acc[d] * inverse;
+  if (lse != nullptr) *lse = sum > 0.0f ? max + std::log2(sum) : -INFINITY;
+}
+
 void finishRow(const AttentionArgs& args, const RowLayout& layout, int32_t kvHead, int64_t row, float max, float sum,
                const float* acc) {
-  const float inverse = sum > 0.0f ? 1.0f / sum : 0.0f;
   const int64_t index = layout.queryIndex(kvHead, row);
-  float* out = args.out + index * args.headDim;
-  for (int32_t d = 0; d < args.headDim; ++d) out[d] = acc[d] * inverse;
-  if (args.lse != nullptr) args.lse[index] = sum > 0.0f ? max + std::log2(sum) : -INFINITY;
+  finishRowTo(args.out + index * args.headDim, args.lse != nullptr ? args.lse + index : nullptr, args.headDim, max, sum, acc);
 }
 
 void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KVHeadView& head, int64_t first, int64_t count,
