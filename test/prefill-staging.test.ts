@@ -1,9 +1,10 @@
-// On one thread the head-by-head prefill stages the query rows and outputs head-major on 2 MiB
-// pages (native/cpu/attention_prefill_heads.cc, StagedRows); on more it reads and writes the
-// caller's rows tile by tile. Both run the same kernel on the same scaled rows, so a cache on one
-// thread must give the bits of the same cache on three, and both the float64 reference. Shapes:
-// GQA groups of 4, 3 and 5 (rows per head not a multiple of the register tile), head sizes with
-// padding (48, 100, 40), a prompt over an earlier one, f32 and f16 stores, and H2O's prompt mass.
+// The head-by-head prefill (native/cpu/attention_prefill_heads.cc) sizes its row tiles by the
+// thread count and stages the query rows and outputs head-major (StagedRows). Rows never interact
+// and every key block is whole, so a cache on one thread must give the bits of the same cache on
+// three, and both the float64 reference (prefill-drivers.test.ts compares staged and unstaged
+// rows). Shapes: GQA groups of 4, 3 and 5 (rows per head not a multiple of the register tile),
+// head sizes with padding (48, 100, 40), a prompt over an earlier one, f32 and f16 stores, and
+// H2O's prompt mass.
 import { afterEach, beforeAll, describe, expect, it } from 'vitest';
 
 import { KVCache, backends, setThreads } from '../lib/index.js';
@@ -34,7 +35,7 @@ const CASES: Case[] = [
   { qHeads: 4, kvHeads: 1, headDim: 128, prompts: [70, 1, 520], store: 'f32' },
 ];
 
-describe('one-thread prefill (staged rows)', () => {
+describe('prefill on one thread and on three', () => {
   const open = disposedAfterEach<KVCache>();
   const original = backends().cpu.threads;
   beforeAll(() => {

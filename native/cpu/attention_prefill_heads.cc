@@ -20,13 +20,13 @@
 // - An older segment (AttentionArgs::olderHeads: a policy's kept tokens, seen by every row) is
 //   joined in front of the head's keys, so kept and tail tokens are one softmax (and one mass,
 //   kept columns first) instead of two calls merged by log-sum-exp and a second pass for the mass.
-// - On one thread, queries and outputs are staged head-major on 2 MiB pages (StagedRows) when they
-//   fit kStagingBudget. A tile's rows are 2 KiB pieces of q and out ([n, qHeads, dim]) 16 KiB apart
-//   at 32 q heads: on the caller's 4 KiB pages, read and written tile by tile between the kernel's
-//   passes, they took 15% of a one-thread 4K-token prefill (page walks: on 2 MiB pages, a fifth of
-//   that). Staged, in one pass in position order each way, one-thread prefills of 512 and 4K
-//   tokens ran 10-13% faster (paired). On two threads the same staging measured no faster at 4K
-//   and 3% slower at 512 tokens (two more parallel passes), so there the rows go as they are.
+// - Queries and outputs are staged head-major on 2 MiB pages (StagedRows) when they fit
+//   kStagingBudget. A tile's rows are 2 KiB pieces of q and out ([n, qHeads, dim]) 16 KiB apart at
+//   32 q heads: on the caller's 4 KiB pages, read and written tile by tile between the kernel's
+//   passes (which evict the page tables from the caches), they took 15% of a one-thread 4K-token
+//   prefill in page walks. Staged, in one pass in position order each way: one thread 10-14%
+//   faster at 4K tokens, two threads 3-5% at 1K-4K and 6-8% at 8K, the same at 512 (paired,
+//   alternating calls in one process).
 // - Memory: one kv head's keys and values as f32 (prefillHeadsFits); with the mass, per thread, one
 //   tile's probabilities (tile rows x tokens floats, block by block so a block's rows are adjacent;
 //   the tile shrinks to stay within kProbsBudget); the staged rows, twice the size of q at most.
@@ -49,7 +49,8 @@ constexpr int64_t kAccumulatorBudget = int64_t(1) << 22;  // doubles of slice ac
 constexpr int64_t kProbsBudget = int64_t(1) << 22;        // floats of one thread's tile probabilities (16 MiB)
 constexpr int64_t kHeadBudget = int64_t(1) << 26;         // floats of one head's f32 keys and values (256 MiB)
 constexpr int64_t kTilesPerThread = 8;                    // fewest tiles per thread per head for the larger tile
-constexpr int64_t kStagingBudget = int64_t(1) << 24;      // floats of staged queries, and of outputs (64 MiB each)
+constexpr int64_t kStagingBudget = int64_t(1) << 25;      // floats of staged queries, and of outputs (128 MiB each)
+constexpr int64_t kStagingPositions = 64;                 // positions per staging task
 
 // Tokens of a kv head's joined keys: its older segment's (AttentionArgs::olderHeads), then its own.
 int64_t olderTokensOf(const AttentionArgs& args, int32_t h) { return args.olderHeads != nullptr ? args.olderHeads[h].tokens : 0; }
@@ -77,7 +78,8 @@ struct TileBuffers {
 };
 
 // Every head's query rows, scaled, and their outputs, head-major on 2 MiB pages (ScratchSlot
-// Queries and Accumulators); empty (q == nullptr) on more than one thread or over kStagingBudget.
+// Queries and Accumulators, kept for the thread's next call); empty (q == nullptr) over
+// kStagingBudget.
 struct StagedRows {
   float* q = nullptr;    // [kvHeads, paddedRows, paddedDim]: zero past dim and past rowsPerHead
   float* out = nullptr;  // [kvHeads, rowsPerHead, dim]
@@ -87,22 +89,33 @@ struct StagedRows {
   }
 };
 
+// Runs body(p) for every position p, in tasks of kStagingPositions positions.
+template <class Body>
+void forEachPosition(int64_t positions, int32_t threads, const Body& body) {
+  globalPool().parallelFor((positions + kStagingPositions - 1) / kStagingPositions, threads, [&](int64_t task, int32_t) {
+    const int64_t end = std::min(positions, (task + 1) * kStagingPositions);
+    for (int64_t p = task * kStagingPositions; p < end; ++p) body(p);
+  });
+}
+
 StagedRows stageRows(const AttentionArgs& args, const RowLayout& layout, int32_t paddedDim, int64_t paddedRows, float factor,
                      int32_t threads) {
   StagedRows staged;
   const int32_t dim = args.headDim;
-  if (threads > 1 || int64_t(args.kvHeads) * paddedRows * paddedDim > kStagingBudget) return staged;
+  // KVSLIM_PREFILL_STAGING_FLOATS (read once) replaces the budget: tests compare 0 (unstaged).
+  static const int64_t budget = environmentInteger("KVSLIM_PREFILL_STAGING_FLOATS", kStagingBudget, 0);
+  if (int64_t(args.kvHeads) * paddedRows * paddedDim > budget) return staged;
   staged.paddedRows = paddedRows;
   staged.q = scratchFloats(ScratchSlot::Queries, size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim));
   staged.out = scratchFloats(ScratchSlot::Accumulators, size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
-  for (int64_t p = 0; p < args.n; ++p) {
+  forEachPosition(args.n, threads, [&](int64_t p) {
     for (int32_t qh = 0; qh < args.qHeads; ++qh) {
       const float* src = args.q + (size_t(p) * size_t(args.qHeads) + size_t(qh)) * size_t(dim);
       float* dst = staged.qOf(qh / layout.group, p * layout.group + qh % layout.group, paddedDim);
       for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
       std::fill(dst + dim, dst + paddedDim, 0.0f);
     }
-  }
+  });
   // A register tile reads whole groups of rows: the rows past a head's last are zeros.
   for (int32_t h = 0; h < args.kvHeads; ++h) {
     std::fill(staged.qOf(h, layout.rowsPerHead, paddedDim), staged.qOf(h, paddedRows, paddedDim), 0.0f);
@@ -111,15 +124,15 @@ StagedRows stageRows(const AttentionArgs& args, const RowLayout& layout, int32_t
 }
 
 // args.out from the staged outputs, in position order.
-void unstageOutputs(const AttentionArgs& args, const RowLayout& layout, const StagedRows& staged) {
+void unstageOutputs(const AttentionArgs& args, const RowLayout& layout, const StagedRows& staged, int32_t threads) {
   const size_t dim = size_t(args.headDim);
-  for (int64_t p = 0; p < args.n; ++p) {
+  forEachPosition(args.n, threads, [&](int64_t p) {
     for (int32_t qh = 0; qh < args.qHeads; ++qh) {
       const int64_t row = p * layout.group + qh % layout.group;
       const float* src = staged.out + (size_t(qh / layout.group) * size_t(layout.rowsPerHead) + size_t(row)) * dim;
       std::copy(src, src + dim, args.out + (size_t(p) * size_t(args.qHeads) + size_t(qh)) * dim);
     }
-  }
+  });
 }
 
 }  // namespace
@@ -284,7 +297,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
       for (int64_t j = 0; j < joined; ++j) mass[j] += part[j];
     }
   }
-  if (staged.out != nullptr) unstageOutputs(args, layout, staged);
+  if (staged.out != nullptr) unstageOutputs(args, layout, staged, allowed);
 }
 
 }  // namespace kvslim::cpu
