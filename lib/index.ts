@@ -5,6 +5,7 @@
  */
 export { attention, attentionScores, type AttentionOptions, type AttentionScoresOptions } from './attention.js';
 export { backends, setThreads, type Backends, type Device } from './backends.js';
+export { hostMemory, releaseHostMemory, type HostMemory } from './host-memory.js';
 export { KVCache, type CallOptions, type KVCacheOptions, type LoadOptions } from './cache.js';
 export { KVSlimError, type KVSlimErrorCode } from './errors.js';
 export {

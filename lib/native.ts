@@ -88,6 +88,8 @@ interface Addon {
   simdError(): string | null;
   backends(): NativeBackends;
   setThreads(threads: number): void;
+  hostMemory(): { pagesMapped: number; pagesIdle: number; scratch: number };
+  releaseHostMemory(): number;
   attention(options: {
     q: NativeTensor; k: NativeTensor; v: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number;
     headDim: number; causal: boolean; scale: number; device: string; threads: number; out?: Float32Array;

@@ -106,6 +106,17 @@ class Backend {
   // Threads hostParallel runs on (1: it runs tasks one after another). A backend call made from
   // inside a hostParallel task runs on that task's thread alone.
   virtual int32_t hostThreads() const { return 1; }
+
+  // Memory kept between calls for reuse: the page pool's mappings (of which `pagesIdle` hold no
+  // cache's page) and the drivers' scratch. releaseKept() gives back what no cache and no running
+  // call holds, and returns the bytes given back. The defaults keep nothing.
+  struct KeptMemory {
+    size_t pagesMapped = 0;
+    size_t pagesIdle = 0;
+    size_t scratch = 0;
+  };
+  virtual KeptMemory keptMemory() { return {}; }
+  virtual size_t releaseKept() { return 0; }
 };
 
 // Owns one allocation in a backend's memory (RAII).

@@ -125,6 +125,7 @@ void sumFewRows(const KernelTable& kernels, const AttentionMassArgs& args, int32
 }  // namespace
 
 void attentionMass(const AttentionMassArgs& args) {
+  const ScratchLease lease;
   const int64_t columns = args.columns;
   std::fill(args.out, args.out + columns, 0.0);
   if (args.n == 0 || columns == 0) return;
@@ -164,7 +165,7 @@ void attentionMass(const AttentionMassArgs& args) {
   float* keys = nullptr;
   if (transposed) {
     // The prefill's key scratch (this thread's; the prefill that preceded this call is done with it).
-    keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
+    keys = scratchFloats(lease, ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
     std::fill(keys, keys + size_t(paddedTokens) * size_t(paddedDim), 0.0f);
     const KeyBlocks layout{args.pageTokens, size_t(args.rowStride) * dtypeBytes(args.kvType), args.kvType, dim, paddedDim, blockKeys};
     const int64_t chunk = int64_t(blockKeys) * 64;  // whole blocks: no two chunks write one block
@@ -183,7 +184,7 @@ void attentionMass(const AttentionMassArgs& args) {
   const int64_t paddedRows = (tileRows + kernels.prefillRows - 1) / kernels.prefillRows * kernels.prefillRows;
   std::vector<std::vector<float>> queries(static_cast<size_t>(threads), std::vector<float>(size_t(paddedRows) * size_t(paddedDim)));
   const size_t probsFloats = size_t(tileRows) * size_t(stride);
-  float* probsBase = scratchFloats(ScratchSlot::Values, size_t(threads) * probsFloats);
+  float* probsBase = scratchFloats(lease, ScratchSlot::Values, size_t(threads) * probsFloats);
 
   pool.parallelFor(slices, threads, [&](int64_t slice, int32_t worker) {
     std::vector<float>& q = queries[size_t(worker)];

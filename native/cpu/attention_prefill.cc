@@ -102,6 +102,7 @@ void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KV
 }
 
 void attentionPrefill(const AttentionArgs& args) {
+  const ScratchLease lease;
   const KernelTable& kernels = activeKernels();
   ThreadPool& pool = globalPool();
   const int32_t threads = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
@@ -116,8 +117,8 @@ void attentionPrefill(const AttentionArgs& args) {
   const int64_t paddedRows = tilesPerHead * tileRows;
 
   const size_t stateFloats = size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim);
-  float* queries = scratchFloats(ScratchSlot::Queries, stateFloats);
-  float* accs = scratchFloats(ScratchSlot::Accumulators, stateFloats);
+  float* queries = scratchFloats(lease, ScratchSlot::Queries, stateFloats);
+  float* accs = scratchFloats(lease, ScratchSlot::Accumulators, stateFloats);
   std::vector<float> maxes(size_t(args.kvHeads) * size_t(paddedRows), kNoScoreYet);
   std::vector<float> sums(maxes.size(), 0.0f);
   std::vector<int64_t> last(maxes.size(), -1);
@@ -141,8 +142,8 @@ void attentionPrefill(const AttentionArgs& args) {
 
   const int64_t chunkKeys = std::min<int64_t>(kChunkKeys, (maxTokens + blockKeys - 1) / blockKeys * blockKeys);
   const size_t chunkFloats = size_t(chunkKeys) * size_t(paddedDim);
-  float* keyChunk = scratchFloats(ScratchSlot::Keys, size_t(args.kvHeads) * chunkFloats);
-  float* valueChunk = scratchFloats(ScratchSlot::Values, size_t(args.kvHeads) * chunkFloats);
+  float* keyChunk = scratchFloats(lease, ScratchSlot::Keys, size_t(args.kvHeads) * chunkFloats);
+  float* valueChunk = scratchFloats(lease, ScratchSlot::Values, size_t(args.kvHeads) * chunkFloats);
   std::vector<float> scratch(size_t(threads) * size_t(registerRows) * size_t(blockKeys));
 
   for (int64_t chunkBegin = 0; chunkBegin < maxTokens; chunkBegin += chunkKeys) {

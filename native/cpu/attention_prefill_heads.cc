@@ -98,16 +98,16 @@ void forEachPosition(int64_t positions, int32_t threads, const Body& body) {
   });
 }
 
-StagedRows stageRows(const AttentionArgs& args, const RowLayout& layout, int32_t paddedDim, int64_t paddedRows, float factor,
-                     int32_t threads) {
+StagedRows stageRows(const ScratchLease& lease, const AttentionArgs& args, const RowLayout& layout, int32_t paddedDim,
+                     int64_t paddedRows, float factor, int32_t threads) {
   StagedRows staged;
   const int32_t dim = args.headDim;
   // KVSLIM_PREFILL_STAGING_FLOATS (read once) replaces the budget: tests compare 0 (unstaged).
   static const int64_t budget = environmentInteger("KVSLIM_PREFILL_STAGING_FLOATS", kStagingBudget, 0);
   if (int64_t(args.kvHeads) * paddedRows * paddedDim > budget) return staged;
   staged.paddedRows = paddedRows;
-  staged.q = scratchFloats(ScratchSlot::Queries, size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim));
-  staged.out = scratchFloats(ScratchSlot::Accumulators, size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
+  staged.q = scratchFloats(lease, ScratchSlot::Queries, size_t(args.kvHeads) * size_t(paddedRows) * size_t(paddedDim));
+  staged.out = scratchFloats(lease, ScratchSlot::Accumulators, size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
   forEachPosition(args.n, threads, [&](int64_t p) {
     for (int32_t qh = 0; qh < args.qHeads; ++qh) {
       const float* src = args.q + (size_t(p) * size_t(args.qHeads) + size_t(qh)) * size_t(dim);
@@ -146,6 +146,7 @@ bool prefillHeadsFits(const AttentionArgs& args) {
 }
 
 void attentionPrefillHeads(const AttentionArgs& args) {
+  const ScratchLease lease;
   const KernelTable& kernels = activeKernels();
   ThreadPool& pool = globalPool();
   const int32_t allowed = args.threads > 0 ? std::min(args.threads, pool.size()) : pool.size();
@@ -174,7 +175,7 @@ void attentionPrefillHeads(const AttentionArgs& args) {
 
   const float factor = args.scale * kLog2e;
   const int64_t paddedRows = (layout.rowsPerHead + registerRows - 1) / registerRows * registerRows;
-  const StagedRows staged = stageRows(args, layout, paddedDim, paddedRows, factor, allowed);
+  const StagedRows staged = stageRows(lease, args, layout, paddedDim, paddedRows, factor, allowed);
 
   std::vector<TileBuffers> buffers(static_cast<size_t>(threads));
   for (TileBuffers& b : buffers) {
@@ -191,8 +192,8 @@ void attentionPrefillHeads(const AttentionArgs& args) {
     b.doneSum.resize(size_t(tileRows));
     b.doneLast.resize(size_t(tileRows));
   }
-  float* keys = scratchFloats(ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
-  float* values = scratchFloats(ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
+  float* keys = scratchFloats(lease, ScratchSlot::Keys, size_t(paddedTokens) * size_t(paddedDim));
+  float* values = scratchFloats(lease, ScratchSlot::Values, size_t(paddedTokens) * size_t(paddedDim));
   const size_t columnFloats = size_t(slices) * size_t(paddedTokens);
   HugeArray<double> columnSums;
   columnSums.reserve(columnFloats);

@@ -47,6 +47,7 @@ void attentionScores(const ScoresArgs& args) {
 }
 
 Status topKeys(const TopKeysArgs& args) {
+  const ScratchLease lease;
   std::vector<uint32_t> best;
   for (int32_t h = 0; h < args.kvHeads; ++h) {
     const int64_t tokens = args.heads[h].tokens;
@@ -58,7 +59,7 @@ Status topKeys(const TopKeysArgs& args) {
     // On per-thread scratch: a fresh multi-MiB buffer per head and step costs page faults.
     float* scores = nullptr;
     try {
-      scores = scratchFloats(ScratchSlot::Keys, size_t(args.rows) * size_t(tokens));
+      scores = scratchFloats(lease, ScratchSlot::Keys, size_t(args.rows) * size_t(tokens));
     } catch (const std::bad_alloc&) {
       return Status(ErrorCode::OutOfMemory, "out of host memory for the flat scan's scores");
     }

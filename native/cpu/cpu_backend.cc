@@ -8,6 +8,7 @@
 #include "../core/index/key_index.h"
 #include "attention_plan.h"
 #include "page_pool.h"
+#include "scratch.h"
 #include "thread_pool.h"
 
 namespace kvslim {
@@ -125,6 +126,9 @@ class CpuBackend final : public Backend {
     cpu::globalPool().parallelFor(tasks, threads, [&task](int64_t index, int32_t) { task(index); });
   }
   int32_t hostThreads() const override { return cpu::globalPool().size(); }
+
+  KeptMemory keptMemory() override { return {pages_.mappedBytes(), pages_.idleBytes(), cpu::scratchBytes()}; }
+  size_t releaseKept() override { return pages_.releaseIdle() + cpu::releaseScratch(); }
 
  private:
   // Few rows per kv head: memory-bound, so the decode driver reads the pages directly.

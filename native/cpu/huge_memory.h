@@ -52,6 +52,7 @@ class HugeArray {
     mappedBytes_ = 0;
   }
   T* data() const { return data_; }
+  size_t mappedBytes() const { return mappedBytes_; }
 
  private:
   T* data_ = nullptr;

@@ -47,14 +47,45 @@ void PagePool::release(void* block) {
   freeBlocks_[slab.blockBytes].insert(static_cast<char*>(block));
   freeBytes_ += slab.blockBytes;
   if (--slab.used > 0 || freeBytes_ <= kKeepFreeBytes) return;
-  // An idle slab while much memory is idle: unmap it and forget its blocks.
+  // An idle slab while much memory is idle: unmap it.
+  unmapSlab(found);
+}
+
+std::map<char*, PagePool::Slab>::iterator PagePool::unmapSlab(std::map<char*, Slab>::iterator found) {
+  const Slab& slab = found->second;
   char* base = found->first;
   char* end = base + slab.blocks * slab.blockBytes;
   std::set<char*>& blocks = freeBlocks_[slab.blockBytes];
   blocks.erase(blocks.lower_bound(base), blocks.lower_bound(end));
   freeBytes_ -= slab.blocks * slab.blockBytes;
   unmapHuge(base, slab.mappedBytes);
-  slabs_.erase(found);
+  return slabs_.erase(found);
+}
+
+size_t PagePool::mappedBytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t total = 0;
+  for (const auto& [base, slab] : slabs_) total += slab.mappedBytes;
+  return total;
+}
+
+size_t PagePool::idleBytes() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  return freeBytes_;
+}
+
+size_t PagePool::releaseIdle() {
+  std::lock_guard<std::mutex> lock(mutex_);
+  size_t released = 0;
+  for (auto it = slabs_.begin(); it != slabs_.end();) {
+    if (it->second.used > 0) {
+      ++it;
+      continue;
+    }
+    released += it->second.mappedBytes;
+    it = unmapSlab(it);
+  }
+  return released;
 }
 
 }  // namespace kvslim::cpu

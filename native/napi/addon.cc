@@ -71,6 +71,18 @@ Napi::Value backendsFn(const Napi::CallbackInfo& info) {
   return result;
 }
 
+Napi::Object keptMemoryObject(Napi::Env env, const Backend::KeptMemory& kept) {
+  Napi::Object result = Napi::Object::New(env);
+  result.Set("pagesMapped", double(kept.pagesMapped));
+  result.Set("pagesIdle", double(kept.pagesIdle));
+  result.Set("scratch", double(kept.scratch));
+  return result;
+}
+
+Napi::Value hostMemoryFn(const Napi::CallbackInfo& info) { return keptMemoryObject(info.Env(), cpuBackend()->keptMemory()); }
+
+Napi::Value releaseHostMemoryFn(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(cpuBackend()->releaseKept())); }
+
 Napi::Value setThreadsFn(const Napi::CallbackInfo& info) {
   const int32_t threads = intArg(info.Env(), info[0], "threads");
   if (threads < 1 || threads > 1024) {
@@ -254,6 +266,8 @@ Napi::Object init(Napi::Env env, Napi::Object exports) {
   exports.Set("simdError", Napi::Function::New(env, simdErrorFn));
   exports.Set("backends", Napi::Function::New(env, backendsFn));
   exports.Set("setThreads", Napi::Function::New(env, setThreadsFn));
+  exports.Set("hostMemory", Napi::Function::New(env, hostMemoryFn));
+  exports.Set("releaseHostMemory", Napi::Function::New(env, releaseHostMemoryFn));
   exports.Set("attention", Napi::Function::New(env, attentionFn));
   exports.Set("attentionScores", Napi::Function::New(env, attentionScoresFn));
   exports.Set("createCache", Napi::Function::New(env, createCacheFn));
