@@ -1,13 +1,13 @@
 // An example inference server on kvslim: a llama2.c model, one KVCache per session.
 //   POST /generate        {prompt, maxTokens?, policy?, session?, fork?, temperature?, seed?, budgetBytes?}
 //                         streams the sampled tokens as server-sent events (start, token..., done)
-//   GET  /stats           every session's state and its cache's live stats()
+//   GET  /stats           every session's state and its cache's live stats(), and kvslim's hostMemory()
 //   DELETE /sessions/:id  frees a session's cache
 // Run: node dist/examples/server/server.js --model stories260K.bin --tokenizer tok512.bin [--port 8080]
 import { createServer, type IncomingMessage, type Server, type ServerResponse } from 'node:http';
 import { parseArgs } from 'node:util';
 
-import { KVSlimError, type PolicySpec } from '../../lib/index.js';
+import { hostMemory, KVSlimError, type PolicySpec } from '../../lib/index.js';
 import { readCheckpoint } from '../../lib/models/llama2c/checkpoint.js';
 import { type FinishReason, generate, runsAsScript } from '../../lib/models/llama2c/generate.js';
 import { Llama2 } from '../../lib/models/llama2c/model.js';
@@ -299,7 +299,7 @@ export function createInferenceServer(options: InferenceServerOptions): Server {
         if (req.method !== 'GET') throw new RequestError(405, 'ERR_METHOD', `Use GET for /stats, not ${req.method}`);
         return sendJson(res, 200, {
           model: model.config, budgetBytes: sessions.budgetBytes, maxSessions, parkBytes,
-          sessions: sessions.list().map((session) => session.describe()), parked: sessions.parked(),
+          sessions: sessions.list().map((session) => session.describe()), parked: sessions.parked(), hostMemory: hostMemory(),
         });
       }
       const match = /^\/sessions\/([^/]+)$/.exec(url.pathname);

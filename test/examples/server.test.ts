@@ -74,6 +74,7 @@ describe.skipIf(!present)('example server', () => {
       sessions: Array<{ id: string; parent: string | null; tokens: number; turns: number; busy: boolean;
         stats: { tokens: { seen: number }; bytes: { kv: number; shared: number } } }>;
       parked: Array<{ id: string; bytes: number }>;
+      hostMemory: { pagesMapped: number; pagesIdle: number; scratch: number };
     };
   }
 
@@ -106,7 +107,10 @@ describe.skipIf(!present)('example server', () => {
     const turn2 = tokenIds(second.events);
     expect(turn2).toEqual(greedyAfter([...prompt1, ...turn1, ...prompt2], 12));
 
-    const session = (await stats()).sessions.find((s) => s.id === 'chat');
+    const after = await stats();
+    const session = after.sessions.find((s) => s.id === 'chat');
+    // The session's pages come from kvslim's page pool.
+    expect(after.hostMemory.pagesMapped - after.hostMemory.pagesIdle).toBeGreaterThan(0);
     const expectedTokens = prompt1.length + turn1.length + prompt2.length + turn2.length - 1; // the last sampled token is pending
     expect(session).toMatchObject({ turns: 2, busy: false, tokens: expectedTokens });
     expect(session?.stats.tokens.seen).toBe(expectedTokens);
