@@ -370,6 +370,10 @@ void prefillTileRows(const PrefillTile& tile) {
   constexpr int32_t ROWS = V::kPrefillRows;
   constexpr int32_t BLOCK = 2 * V::W;
   const int32_t dim = tile.paddedDim;
+  // tile.aheadLines, a share per (block, register tile) step.
+  const int64_t steps = (tile.keyEnd - tile.keyBegin + BLOCK - 1) / BLOCK * ((tile.rows + ROWS - 1) / ROWS);
+  const int64_t aheadEach = steps > 0 ? (tile.aheadCount + steps - 1) / steps : 0;
+  int64_t aheadNext = 0;
   MassWeights pending{};  // read only behind tile.pending
   int64_t pendingBlock = 0;  // the pending mass's next block
   if (CAPTURE && tile.pending != nullptr) pending = massWeights<V>(*tile.pending);
@@ -388,6 +392,8 @@ void prefillTileRows(const PrefillTile& tile) {
     // and sums, so a row's bits depended on the tile it was in, and so on the thread count.
     constexpr int32_t count = BLOCK;
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
+      const int64_t aheadEnd = aheadNext + aheadEach < tile.aheadCount ? aheadNext + aheadEach : tile.aheadCount;
+      for (; aheadNext < aheadEnd; ++aheadNext) prefetchStream(tile.aheadLines[aheadNext]);
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const int64_t* lastToken = tile.lastToken + first;
       int64_t lastOfSubTile = lastToken[0];

@@ -88,6 +88,10 @@ struct PrefillTile {
   // from memory once per tile and the capture's stores then hit the cache; its blocks past this
   // tile's keys are summed after them.
   const MassTile* pending = nullptr;
+  // Optional: cache lines the caller reads next (the tiled decode driver's next slice of pages),
+  // prefetched into L2 a share per register tile, so their reads overlap this tile's math.
+  const void* const* aheadLines = nullptr;
+  int64_t aheadCount = 0;
 };
 
 // Scores of `rows` query rows against keys [0, keyEnd) converted to transposed blocks as for
