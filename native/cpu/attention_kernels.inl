@@ -359,6 +359,66 @@ __attribute__((always_inline)) inline void prefetchBlockAhead(const PrefillTile&
   }
 }
 
+// The prefill register tile's halves over one block of 2W keys, for RR rows (q rows dim apart;
+// rows past the real ones are zeros or padding and their results unused).
+// Scores: s0[r], s1[r] = q_r . keys of the block (transposed: channel d at keys + d * 2W).
+template <class V, int32_t RR>
+inline void tileScores(const float* q, const float* keys, int32_t dim, typename V::R* s0, typename V::R* s1) {
+  using R = typename V::R;
+  constexpr int32_t BLOCK = 2 * V::W;
+  R a0[RR], a1[RR];
+  for (int32_t r = 0; r < RR; ++r) { a0[r] = V::zero(); a1[r] = V::zero(); }
+  for (int32_t d = 0; d < dim; ++d) {
+    const R k0 = V::load(keys + d * BLOCK);
+    const R k1 = V::load(keys + d * BLOCK + V::W);
+    for (int32_t r = 0; r < RR; ++r) {
+      const R qd = V::set1(q[r * dim + d]);
+      a0[r] = V::fmadd(qd, k0, a0[r]);
+      a1[r] = V::fmadd(qd, k1, a1[r]);
+    }
+  }
+  for (int32_t r = 0; r < RR; ++r) { s0[r] = a0[r]; s1[r] = a1[r]; }
+}
+
+// Values: acc[r] += sum over the block's keys j of p(r, j) v_j for the first `rows` of RR rows
+// (probabilities at probs + r * 2W, values as rows of dim floats).
+template <class V, int32_t RR>
+inline void tileValues(const float* probs, const float* values, int32_t dim, int32_t rows, float* acc) {
+  using R = typename V::R;
+  constexpr int32_t BLOCK = 2 * V::W;
+  // Two value chunks per pass: 2 x RR independent FMA chains hide the FMA latency.
+  int32_t c = 0;
+  for (; c + 2 * V::W <= dim; c += 2 * V::W) {
+    R out0[RR], out1[RR];
+    for (int32_t r = 0; r < RR; ++r) {
+      out0[r] = r < rows ? V::load(acc + r * dim + c) : V::zero();
+      out1[r] = r < rows ? V::load(acc + r * dim + c + V::W) : V::zero();
+    }
+    for (int32_t j = 0; j < BLOCK; ++j) {
+      const R v0 = V::load(values + size_t(j) * size_t(dim) + c);
+      const R v1 = V::load(values + size_t(j) * size_t(dim) + c + V::W);
+      for (int32_t r = 0; r < RR; ++r) {
+        const R p = V::set1(probs[r * BLOCK + j]);
+        out0[r] = V::fmadd(p, v0, out0[r]);
+        out1[r] = V::fmadd(p, v1, out1[r]);
+      }
+    }
+    for (int32_t r = 0; r < rows; ++r) {
+      V::store(acc + r * dim + c, out0[r]);
+      V::store(acc + r * dim + c + V::W, out1[r]);
+    }
+  }
+  for (; c < dim; c += V::W) {
+    R out[RR];
+    for (int32_t r = 0; r < RR; ++r) out[r] = r < rows ? V::load(acc + r * dim + c) : V::zero();
+    for (int32_t j = 0; j < BLOCK; ++j) {
+      const R v = V::load(values + size_t(j) * size_t(dim) + c);
+      for (int32_t r = 0; r < RR; ++r) out[r] = V::fmadd(V::set1(probs[r * BLOCK + j]), v, out[r]);
+    }
+    for (int32_t r = 0; r < rows; ++r) V::store(acc + r * dim + c, out[r]);
+  }
+}
+
 // CAPTURE (attention mass): each block's probabilities are also copied to its slab of tile.probs
 // once softmax has made them. They are made in the L1 scratch all the same: past 4K-8K keys a
 // tile's slab is out of L2, and softmax's stores and reloads there stalled the kernel (a 16K
@@ -402,16 +462,14 @@ void prefillTileRows(const PrefillTile& tile) {
       const float* q = tile.q + size_t(first) * size_t(dim);
       float* scores = tile.scratch;
       SoftmaxState state = {tile.state.max + first, tile.state.sum + first, tile.state.acc + size_t(first) * size_t(dim)};
+      // A last register tile of at most half the rows (a tiled decode's 20 rows: 8 + 8 + 4) runs
+      // half-height: the same arithmetic per row, none for rows that are not there.
+      const bool half = rows <= ROWS / 2;
       R s0[ROWS], s1[ROWS];
-      for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
-      for (int32_t d = 0; d < dim; ++d) {
-        const R k0 = V::load(keys + d * BLOCK);
-        const R k1 = V::load(keys + d * BLOCK + V::W);
-        for (int32_t r = 0; r < ROWS; ++r) {
-          const R qd = V::set1(q[r * dim + d]);
-          s0[r] = V::fmadd(qd, k0, s0[r]);
-          s1[r] = V::fmadd(qd, k1, s1[r]);
-        }
+      if (half) {
+        tileScores<V, ROWS / 2>(q, keys, dim, s0, s1);
+      } else {
+        tileScores<V, ROWS>(q, keys, dim, s0, s1);
       }
       prefetchBlockAhead<V, CAPTURE>(tile, pending, blockBegin + 2 * BLOCK, first / ROWS);
       for (int32_t r = 0; r < rows; ++r) {
@@ -428,36 +486,10 @@ void prefillTileRows(const PrefillTile& tile) {
         for (int32_t i = 0; i < rows * BLOCK; i += V::W) V::store(slab + i, V::load(scores + i));
         for (int32_t r = 0; r < rows; ++r) tile.blockMax[size_t(blockBegin / BLOCK) * size_t(tile.blockMaxStride) + size_t(first + r)] = state.max[r];
       }
-      // Two value chunks per pass: 2 x ROWS independent FMA chains hide the FMA latency.
-      int32_t c = 0;
-      for (; c + 2 * V::W <= dim; c += 2 * V::W) {
-        R out0[ROWS], out1[ROWS];
-        for (int32_t r = 0; r < ROWS; ++r) {
-          out0[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
-          out1[r] = r < rows ? V::load(state.acc + r * dim + c + V::W) : V::zero();
-        }
-        for (int32_t j = 0; j < count; ++j) {
-          const R v0 = V::load(values + size_t(j) * size_t(dim) + c);
-          const R v1 = V::load(values + size_t(j) * size_t(dim) + c + V::W);
-          for (int32_t r = 0; r < ROWS; ++r) {
-            const R p = V::set1(scores[r * BLOCK + j]);
-            out0[r] = V::fmadd(p, v0, out0[r]);
-            out1[r] = V::fmadd(p, v1, out1[r]);
-          }
-        }
-        for (int32_t r = 0; r < rows; ++r) {
-          V::store(state.acc + r * dim + c, out0[r]);
-          V::store(state.acc + r * dim + c + V::W, out1[r]);
-        }
-      }
-      for (; c < dim; c += V::W) {
-        R out[ROWS];
-        for (int32_t r = 0; r < ROWS; ++r) out[r] = r < rows ? V::load(state.acc + r * dim + c) : V::zero();
-        for (int32_t j = 0; j < count; ++j) {
-          const R v = V::load(values + size_t(j) * size_t(dim) + c);
-          for (int32_t r = 0; r < ROWS; ++r) out[r] = V::fmadd(V::set1(scores[r * BLOCK + j]), v, out[r]);
-        }
-        for (int32_t r = 0; r < rows; ++r) V::store(state.acc + r * dim + c, out[r]);
+      if (half) {
+        tileValues<V, ROWS / 2>(scores, values, dim, rows, state.acc);
+      } else {
+        tileValues<V, ROWS>(scores, values, dim, rows, state.acc);
       }
     }
   }
@@ -571,16 +603,14 @@ void scoreTile(const ScoreTile& tile) {
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const float* q = tile.q + size_t(first) * size_t(dim);
+      // A last register tile of at most half the rows (a tiled decode's 20 rows: 8 + 8 + 4) runs
+      // half-height: the same arithmetic per row, none for rows that are not there.
+      const bool half = rows <= ROWS / 2;
       R s0[ROWS], s1[ROWS];
-      for (int32_t r = 0; r < ROWS; ++r) { s0[r] = V::zero(); s1[r] = V::zero(); }
-      for (int32_t d = 0; d < dim; ++d) {
-        const R k0 = V::load(keys + d * BLOCK);
-        const R k1 = V::load(keys + d * BLOCK + V::W);
-        for (int32_t r = 0; r < ROWS; ++r) {
-          const R qd = V::set1(q[r * dim + d]);
-          s0[r] = V::fmadd(qd, k0, s0[r]);
-          s1[r] = V::fmadd(qd, k1, s1[r]);
-        }
+      if (half) {
+        tileScores<V, ROWS / 2>(q, keys, dim, s0, s1);
+      } else {
+        tileScores<V, ROWS>(q, keys, dim, s0, s1);
       }
       for (int32_t r = 0; r < rows; ++r) {
         float* out = tile.out + size_t(first + r) * size_t(tile.outStride) + size_t(blockBegin);
