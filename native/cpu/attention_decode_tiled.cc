@@ -50,9 +50,8 @@ int64_t sliceLines(const AttentionArgs& args, const KVHeadView& head, const KVHe
     const KVHeadView& view = inOlder ? *older : head;
     const int64_t pageTokens = inOlder ? args.olderPageTokens : args.pageTokens;
     const int64_t token = view.firstRow + (inOlder ? i : i - olderTokens);
-    const size_t offset = size_t(token % pageTokens) * rowBytes;
-    add(static_cast<const uint8_t*>(view.keyPages[token / pageTokens]) + offset);
-    add(static_cast<const uint8_t*>(view.valuePages[token / pageTokens]) + offset);
+    add(pageRow(view.keyPages, pageTokens, rowBytes, token));
+    add(pageRow(view.valuePages, pageTokens, rowBytes, token));
   }
   return n;
 }

@@ -87,6 +87,11 @@ inline int32_t paddedDimOf(const KernelTable& kernels, int32_t dim) {
   return (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
 }
 
+// Row `token` (firstRow included) of a view's pages of pageTokens rows, rowBytes apart.
+inline const uint8_t* pageRow(const void* const* pages, int64_t pageTokens, size_t rowBytes, int64_t token) {
+  return static_cast<const uint8_t*>(pages[token / pageTokens]) + size_t(token % pageTokens) * rowBytes;
+}
+
 // Where a paged head's key rows are, and the transposed f32 block layout the prefill and score
 // tiles read (blocks of [paddedDim, blockKeys]).
 struct KeyBlocks {

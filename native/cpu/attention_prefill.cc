@@ -43,7 +43,7 @@ void convertChunk(const KernelTable& kernels, const AttentionArgs& args, const K
   const auto segment = [&](const KVHeadView& view, int64_t pageTokens, int64_t from, int64_t n, int64_t at) {
     for (int64_t j = 0; j < n; ++j) {
       const int64_t token = view.firstRow + from + j;
-      const void* value = static_cast<const uint8_t*>(view.valuePages[token / pageTokens]) + size_t(token % pageTokens) * rowBytes;
+      const void* value = pageRow(view.valuePages, pageTokens, rowBytes, token);
       float* row = values + size_t(at + j) * size_t(paddedDim);
       kernels.toFloat32(value, args.kvType, row, dim);
       std::fill(row + dim, row + paddedDim, 0.0f);
@@ -77,8 +77,7 @@ void transposeKeys(const KernelTable& kernels, const KeyBlocks& layout, const KV
   float keyRow[1024];  // headDim <= 1024
   const auto rowOf = [&](int64_t j) {
     const int64_t token = head.firstRow + first + j;
-    return static_cast<const void*>(static_cast<const uint8_t*>(head.keyPages[token / layout.pageTokens]) +
-                                    size_t(token % layout.pageTokens) * layout.rowBytes);
+    return static_cast<const void*>(pageRow(head.keyPages, layout.pageTokens, layout.rowBytes, token));
   };
   // Whole blocks through the register transpose; a partial first or last block key by key (the
   // lanes outside [at, at + count) belong to the caller).
