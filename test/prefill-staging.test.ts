@@ -38,10 +38,7 @@ const CASES: Case[] = [
 describe('prefill on one thread and on three', () => {
   const open = disposedAfterEach<KVCache>();
   const original = backends().cpu.threads;
-  beforeAll(() => {
-    ensureCompiled();
-    setThreads(3);
-  });
+  beforeAll(() => ensureCompiled());
   afterEach(() => setThreads(original));
 
   it.each(CASES.map((c) => [`${c.qHeads}/${c.kvHeads} d${c.headDim} prompts ${c.prompts.join('+')} ${c.store}`, c] as const))(

@@ -603,11 +603,9 @@ void scoreTile(const ScoreTile& tile) {
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const float* q = tile.q + size_t(first) * size_t(dim);
-      // A last register tile of at most half the rows (a tiled decode's 20 rows: 8 + 8 + 4) runs
-      // half-height: the same arithmetic per row, none for rows that are not there.
-      const bool half = rows <= ROWS / 2;
+      // As in prefillTileRows: a last register tile of at most half the rows runs half-height.
       R s0[ROWS], s1[ROWS];
-      if (half) {
+      if (rows <= ROWS / 2) {
         tileScores<V, ROWS / 2>(q, keys, dim, s0, s1);
       } else {
         tileScores<V, ROWS>(q, keys, dim, s0, s1);

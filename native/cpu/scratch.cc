@@ -38,16 +38,13 @@ struct ThreadScratch {
     std::lock_guard<std::mutex> lock(registry().mutex);
     registry().threads.erase(this);
   }
-  // Frees every buffer; the caller holds inUse (or is this thread between leases).
+  // Frees every buffer and returns their bytes; the caller holds inUse (or is this thread between leases).
   size_t freeAll() {
-    size_t freed = 0;
     for (size_t i = 0; i < size_t(ScratchSlot::Count); ++i) {
-      freed += buffers[i].mappedBytes() + oversized[i].mappedBytes();
       buffers[i].release();
       oversized[i].release();
     }
-    bytes = 0;
-    return freed;
+    return bytes.exchange(0);  // recount() keeps it equal to the buffers' mapped bytes
   }
   void recount() {
     size_t total = 0;
