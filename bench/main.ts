@@ -14,6 +14,7 @@ import {
   QUERY_STRIDE, runDecode, runPrefill, TOKEN_STRIDE, tokenLabel, TOLERANCE,
 } from './cases.js';
 import { gridValues } from './data.js';
+import { headsFailures, headsNotes, type HeadsRecord, headsTargets, runHeads } from './heads.js';
 import { kiviAboveLimit, kiviFailures, kiviNotes, kiviPlan, type KiviRecord, kiviTargets, runKivi } from './kivi.js';
 import { policiesFailures, policiesNotes, type PoliciesRecord, policiesTargets, runPolicies } from './policies.js';
 import { retrievalFailures, retrievalNotes, type RetrievalRecord, retrievalTargets, runRetrieval } from './retrieval.js';
@@ -37,12 +38,14 @@ needle hits for the question's turn and a second turn, plus a 2K whole-prompt pr
 timing what selection adds. Then retrieval (RetrievalAttention): recall@100, keys scanned and latency of
 the flat / ivf / graph key indexes beside Quest and hnswlib on 64K and 256K keys of one kv head, and
 decode with each of them and ActQKV at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
-hits). Takes about three minutes on 2 cores (KIVI and policies about one each) plus the retrieval
+hits). Then head scoring: scoreHeads on a 32K workload whose kv heads half attend locally and half retrieve
+needles, and a DuoAttention cache driven by the scores (kept tokens vs the truth, needle hits, output
+error of the streamed heads, decode time). Takes about three minutes on 2 cores (KIVI and policies about one each) plus the retrieval
 section (several minutes; its index builds dominate).
 
 Options:
-  --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K, retrieval at 16K (smoke test)
-  --only <kind>      decode | prefill | kivi | policies | retrieval | serving: run one part
+  --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K, heads at 4K, retrieval at 16K (smoke test)
+  --only <kind>      decode | prefill | kivi | policies | heads | retrieval | serving: run one part
   --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI, policies or retrieval section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
@@ -57,7 +60,7 @@ class UsageError extends Error {}
 
 interface Args {
   quick: boolean;
-  only: CaseKind | 'kivi' | 'policies' | 'retrieval' | 'serving' | null;
+  only: CaseKind | 'kivi' | 'policies' | 'heads' | 'retrieval' | 'serving' | null;
   cases: string[];
   json: string | null;
   list: boolean;
@@ -77,8 +80,8 @@ function parseArgs(argv: string[]): Args {
       case '--quick': args.quick = true; break;
       case '--only': {
         const kind = value();
-        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies' && kind !== 'retrieval' && kind !== 'serving') {
-          throw new UsageError(`--only takes decode, prefill, kivi, policies, retrieval or serving, not '${kind}'`);
+        if (kind !== 'decode' && kind !== 'prefill' && kind !== 'kivi' && kind !== 'policies' && kind !== 'heads' && kind !== 'retrieval' && kind !== 'serving') {
+          throw new UsageError(`--only takes decode, prefill, kivi, policies, heads, retrieval or serving, not '${kind}'`);
         }
         args.only = kind;
         break;
@@ -181,6 +184,7 @@ async function main(): Promise<void> {
   // The KIVI section has no case ids: it runs in full runs and with --only kivi, not with --case.
   const runsKivi = args.cases.length === 0 && (args.only === null || args.only === 'kivi');
   const runsPolicies = args.cases.length === 0 && (args.only === null || args.only === 'policies');
+  const runsHeads = args.cases.length === 0 && (args.only === null || args.only === 'heads');
   const runsRetrieval = args.cases.length === 0 && (args.only === null || args.only === 'retrieval');
   const runsServing = args.cases.length === 0 && (args.only === null || args.only === 'serving');
   const complete = !args.quick && args.only === null && args.cases.length === 0;
@@ -349,6 +353,9 @@ async function main(): Promise<void> {
     });
   }
 
+  const heads: HeadsRecord | null = runsHeads
+    ? runHeads({ quick: args.quick, say, status, reproduce: `npm run bench -- ${args.quick ? '--quick ' : ''}--only heads` }) : null;
+
   let retrieval: RetrievalRecord | null = null;
   if (runsRetrieval) {
     retrieval = await runRetrieval({
@@ -382,6 +389,7 @@ async function main(): Promise<void> {
   });
   targets.push(...kiviTargets(kivi));
   targets.push(...policiesTargets(policies));
+  targets.push(...headsTargets(heads));
   targets.push(...retrievalTargets(retrieval));
   say();
   say(`Targets (reported, not asserted)${complete ? '' : ' - partial run: cases not in it show "not measured"'}`);
@@ -406,6 +414,7 @@ async function main(): Promise<void> {
     `Rerun one row: npm run bench -- --case <id>${args.quick ? ' (with --quick for the quick matrix)' : ''}.`,
     ...(kivi === null ? [] : kiviNotes(kivi)),
     ...(policies === null ? [] : policiesNotes(policies)),
+    ...(heads === null ? [] : headsNotes(heads)),
     ...(retrieval === null ? [] : retrievalNotes(retrieval)),
     ...(serving === null ? [] : servingNotes(serving)),
   ];
@@ -413,7 +422,7 @@ async function main(): Promise<void> {
   say('Notes');
   for (const note of notes) say(`  ${note}`);
 
-  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies),
+  const failed = [...results.filter((r) => r.status !== 'ok').map((r) => `${r.id} (${r.status})`), ...kiviFailures(kivi), ...policiesFailures(policies), ...headsFailures(heads),
     ...retrievalFailures(retrieval), ...servingFailures(serving)];
   const durationMs = Date.now() - startedAt;
   const root = packageRoot();
@@ -456,6 +465,7 @@ async function main(): Promise<void> {
     cases: results,
     kivi,
     policies,
+    heads,
     retrieval,
     serving,
     targets,
@@ -465,10 +475,11 @@ async function main(): Promise<void> {
   const kiviRows = kivi === null ? '' : ` + ${kivi.decode.length + kivi.quality.rows.length} KIVI row(s) (${(kivi.durationMs / 1000).toFixed(1)} s)`;
   const policyRows = policies === null ? ''
     : ` + ${policies.rows.length + policies.prefillRows.length} policy row(s) (${(policies.durationMs / 1000).toFixed(1)} s)`;
+  const headRows = heads === null ? '' : ` + ${heads.rows.length} head-scoring row(s) (${(heads.durationMs / 1000).toFixed(1)} s)`;
   const retrievalRows = retrieval === null ? ''
     : ` + ${retrieval.index.length + retrieval.decode.length} retrieval row(s) (${(retrieval.durationMs / 1000).toFixed(1)} s)`;
   const servingRows = serving === null ? '' : ` + ${serving.batches.length + (serving.park === null ? 0 : 1)} serving row(s)`;
-  say(`${results.length} case(s)${kiviRows}${policyRows}${retrievalRows}${servingRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
+  say(`${results.length} case(s)${kiviRows}${policyRows}${headRows}${retrievalRows}${servingRows}, ${failed.length} failed, ${(durationMs / 1000).toFixed(1)} s. JSON: ${paths.map(shortPath).join(', ')}`);
   say(`Reproduce: ${command}`);
   if (failed.length > 0) {
     say(`Failed: ${failed.join(', ')}`);

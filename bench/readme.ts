@@ -1,5 +1,5 @@
 // Writes the headline table of bench/results/latest.json into README.md between the
-// <!-- bench-table --> markers (and the KIVI, policies and retrieval tables between theirs), so the
+// <!-- bench-table --> markers (and the KIVI, policies, heads and retrieval tables between theirs), so the
 // README shows measured numbers, never typed ones.
 // Usage: npm run bench:readme [-- <results.json>]
 import { readFileSync, writeFileSync } from 'node:fs';
@@ -42,6 +42,16 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
       id: string; kind: string; fraction: number | null; status: string; layers?: number; bytesFraction?: number; selectMs?: number;
       decode?: { medianMs: number }; timeFraction?: number;
       turns?: Array<{ relL2: number; mass: number; needleHits: number; needlePairs: number }>;
+    }>;
+  } | null;
+  heads?: {
+    workload: { tokens: number; layers: number; probes: number };
+    duo: { sink: number; window: number; retrievalRatio: number };
+    scores: { scoreMs: number; lowestRetrieving: number; highestLocal: number; orderedPairs: number };
+    rows: Array<{
+      kind: string; status: string; kept?: number[][]; keptAsTruth?: boolean; bytesFraction?: number; decode?: { medianMs: number };
+      timeFraction?: number; needleHits?: number; needlePairs?: number; localHits?: number; localPairs?: number;
+      worstStreamedRelL2?: number | null; worstRetrievalRelL2?: number | null;
     }>;
   } | null;
   retrieval?: {
@@ -142,6 +152,37 @@ if (results.policies) {
   policyLines.push('', 'Reproduce with `npm run bench -- --only policies`.');
 }
 
+// The head-scoring section's table (bench/heads.ts), when the run had it.
+const headLines: string[] = [];
+if (results.heads) {
+  const h = results.heads;
+  const scientific = (x: number | null | undefined) => (typeof x === 'number' ? x.toExponential(1) : '–');
+  const kept = (rows: number[][] | undefined) => {
+    const counts = new Map<number, number>();
+    for (const n of (rows ?? []).flat()) counts.set(n, (counts.get(n) ?? 0) + 1);
+    return [...counts].sort((a, b) => b[0] - a[0]).map(([n, c]) => `${c} × ${n}`).join(', ');
+  };
+  headLines.push(
+    `Measured ${results.createdAt} on ${results.machine.cpuModel} (${results.machine.cores} cores). ` +
+    `Head scoring on ${h.workload.tokens / 1024}K tokens × ${h.workload.layers} layers (32q/8kv/128, f16) in which half the kv heads retrieve ` +
+      `needles far back and half attend to their last tokens: \`scoreHeads\` (${number(h.scores.scoreMs / 1000, 1)} s, from the last ` +
+      `${h.workload.probes} rows' Q/K/V) scores the retrieving kv heads ${scientific(h.scores.lowestRetrieving)} and up, the local ones ` +
+      `${scientific(h.scores.highestLocal)} at most (${number(h.scores.orderedPairs * 100, 0)}% of pairs in order); \`duo\` keeps the top ` +
+      `${h.duo.retrievalRatio * 100}% whole and the rest sink ${h.duo.sink} + window ${h.duo.window}; \`duo-inverted\` negates the scores:`, '',
+    '| cache | kept tokens (kv heads × tokens) | as truth | bytes / full | decode ms | time / full | needle hits | local hits | worst rel. L2, streamed heads | worst rel. L2, whole heads |',
+    '| --- | --- | :---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |',
+  );
+  for (const row of h.rows) {
+    if (row.status !== 'ok') continue;
+    headLines.push(
+      `| ${row.kind} | ${kept(row.kept)} | ${row.keptAsTruth === undefined ? '–' : row.keptAsTruth ? 'yes' : 'no'} | ${number(row.bytesFraction, 3)} | ` +
+        `${number(row.decode?.medianMs, 2)} | ${number(row.timeFraction, 2)} | ${row.needleHits}/${row.needlePairs} | ${row.localHits}/${row.localPairs} | ` +
+        `${scientific(row.worstStreamedRelL2)} | ${scientific(row.worstRetrievalRelL2)} |`,
+    );
+  }
+  headLines.push('', 'Reproduce with `npm run bench -- --only heads`.');
+}
+
 // The retrieval section's tables (bench/retrieval.ts), when the run had it.
 const retrievalLines: string[] = [];
 if (results.retrieval) {
@@ -194,7 +235,8 @@ function section(text: string, name: string, body: string[]): string {
 if (results.cases.length > 0) readme = section(readme, 'bench-table', lines);
 if (kiviLines.length > 0) readme = section(readme, 'bench-kivi', kiviLines);
 if (policyLines.length > 0) readme = section(readme, 'bench-policies', policyLines);
+if (headLines.length > 0) readme = section(readme, 'bench-heads', headLines);
 if (retrievalLines.length > 0) readme = section(readme, 'bench-retrieval', retrievalLines);
 writeFileSync(readmePath, readme);
-const written = (results.cases.length > 0 ? lines.length : 0) + kiviLines.length + policyLines.length + retrievalLines.length;
+const written = (results.cases.length > 0 ? lines.length : 0) + kiviLines.length + policyLines.length + headLines.length + retrievalLines.length;
 console.log(`README.md: wrote ${written} lines from ${resultsPath}`);

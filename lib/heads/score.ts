@@ -104,11 +104,12 @@ export function scoreHeads(input: Trace | readonly HeadScoreLayer[], options?: S
  * gate (a gate α* >= 0.5 iff E >= λ). Combining scores across calls (traces): average the
  * detailed `deviation` / `copy` arrays, not the scores, whose copy offset depends on the call.
  *
- * Cost per layer: one `attention()` call for the probes' outputs, plus the probes' scores
- * `q · k` over every key in float64 JavaScript (the argmax and the distant mass need each
- * probability; the addon exposes no score op), four probes per key read:
- * O(m · qHeads · T · headDim), about 1e9 multiply-adds a second on one core (a 32K-token layer
- * with 32 query heads of 128 and 64 probes takes ~9 s). Offline work; `headProbe` prompts are short.
+ * Cost per layer: one `attention()` call for the probes' outputs and one `attentionScores()`
+ * call per kv head for their scores (native), then, in JavaScript, each probe's softmax over
+ * every key and its streamed output over sink ∪ recent (the argmax and the distant mass need each
+ * probability): O(m · qHeads · T) exponentials, a 32K-token layer with 32 query heads of 128 and
+ * 64 probes in about 4 s on one core (`npm run bench -- --only heads`). Offline work; `headProbe`
+ * prompts are short.
  * Errors: `ERR_SHAPE` naming the tensor (`layers[i].k`), `ERR_OPTION` naming the option,
  * `ERR_DTYPE`, `ERR_VALUE` for non-finite elements (from `attention()`).
  */
