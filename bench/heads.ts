@@ -122,7 +122,7 @@ const headsTable = new Table([
 
 interface Workload {
   T: number;
-  layers: HeadScoreLayer[];  // q: the PROBES probe rows only
+  layers: Array<HeadScoreLayer & { q: Float32Array }>;  // q: the PROBES probe rows only
   k: Float32Array[];
   v: Float32Array[];
   /** `[layer][qHead][probe]`: the position each probe query targets. */
@@ -199,7 +199,7 @@ function fill(cache: KVCache, w: Workload): Float32Array[] {
     for (let r = 0; r < PROBES; r++) {
       const t = prompt + r;
       const token = (x: Float32Array) => x.subarray(t * TOKEN_STRIDE, (t + 1) * TOKEN_STRIDE);
-      cache.step(l, layer.q.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE) as Float32Array, token(w.k[l]), token(w.v[l]),
+      cache.step(l, layer.q.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE), token(w.k[l]), token(w.v[l]),
         { out: out.subarray(r * QUERY_STRIDE, (r + 1) * QUERY_STRIDE) });
     }
     return out;
@@ -216,9 +216,8 @@ function headRelL2(outputs: Float32Array, reference: Float32Array, h: number): n
   return relativeL2Error(pick(outputs), pick(reference));
 }
 
-/** Kept tokens, hits and per-head errors of one cache after the probes. */
-function quality(row: HeadsRow, cache: KVCache, w: Workload, outputs: Float32Array[], reference: Float32Array[] | null, scores: Float32Array[][]): void {
-  let needleHits = 0, needlePairs = 0, localHits = 0, localPairs = 0;
+/** Kept tokens, bytes and per-head output errors of one cache after the probes. */
+function keptAndErrors(row: HeadsRow, cache: KVCache, w: Workload, outputs: Float32Array[], reference: Float32Array[] | null): void {
   let worstStreamed: number | null = null, worstRetrieval: number | null = null;
   row.kept = [];
   // The full cache is the reference: no truth to keep, no error against itself.
@@ -226,37 +225,55 @@ function quality(row: HeadsRow, cache: KVCache, w: Workload, outputs: Float32Arr
   for (let l = 0; l < LAYERS; l++) {
     const kept: number[] = [];
     for (let kvHead = 0; kvHead < KV; kvHead++) {
-      const positions = cache.positions(l, kvHead);
-      kept.push(positions.length);
-      const whole = positions.length === w.T;
-      if (reference !== null && positions.length !== (w.retrieving[l * KV + kvHead] ? w.T : SINK + WINDOW)) row.keptAsTruth = false;
+      const tokens = cache.positions(l, kvHead).length;
+      kept.push(tokens);
+      if (reference === null) continue;
+      if (tokens !== (w.retrieving[l * KV + kvHead] ? w.T : SINK + WINDOW)) row.keptAsTruth = false;
       for (let member = 0; member < GROUP; member++) {
-        const h = kvHead * GROUP + member;
-        // Exact probabilities are monotone in the scores: the argmax over the kept tokens is the scores'.
-        const s = scores[l][kvHead];
-        const retrieves = RETRIEVING[l].includes(kvHead) && (kvHead !== PARTIAL[l] || member === 0);
-        for (let r = 0; r < PROBES; r++) {
-          const t = w.T - PROBES + r;
-          const base = (r * GROUP + member) * w.T;
-          let best = -1, bestScore = -Infinity;
-          for (const p of positions) {
-            if (p > t) break;
-            if (s[base + p] > bestScore) { bestScore = s[base + p]; best = p; }
-          }
-          const hit = best === w.targets[l][h][r];
-          if (retrieves) { needlePairs++; if (hit) needleHits++; } else { localPairs++; if (hit) localHits++; }
-        }
-        if (reference === null) continue;
-        const error = headRelL2(outputs[l], reference[l], h);
-        if (whole) worstRetrieval = Math.max(worstRetrieval ?? 0, error);
+        const error = headRelL2(outputs[l], reference[l], kvHead * GROUP + member);
+        if (tokens === w.T) worstRetrieval = Math.max(worstRetrieval ?? 0, error);
         else worstStreamed = Math.max(worstStreamed ?? 0, error);
       }
     }
     row.kept.push(kept);
   }
-  Object.assign(row, { needleHits, needlePairs, localHits, localPairs, worstStreamedRelL2: worstStreamed, worstRetrievalRelL2: worstRetrieval });
+  Object.assign(row, { worstStreamedRelL2: worstStreamed, worstRetrievalRelL2: worstRetrieval });
   const stats = cache.stats();
   row.bytesFraction = stats.bytes.kv / stats.bytes.fullF16;
+}
+
+/**
+ * Needle and local hits of every cache: a probe hits when its exact attention over the tokens its
+ * kv head keeps peaks at its target. Probabilities are monotone in the scores, so that is the
+ * scores' argmax over the kept tokens; the probes' scores come per (layer, kv head) into one buffer.
+ */
+function countHits(rows: HeadsRow[], caches: Array<KVCache | null>, w: Workload): void {
+  const scores = new Float32Array(PROBES * GROUP * w.T);
+  const hits = rows.map(() => ({ needleHits: 0, needlePairs: 0, localHits: 0, localPairs: 0 }));
+  for (let l = 0; l < LAYERS; l++) {
+    for (let kvHead = 0; kvHead < KV; kvHead++) {
+      attentionScores({ q: w.layers[l].q, k: w.k[l], qHeads: Q, kvHeads: KV, headDim: D, kvHead, scale: SCALE, device: 'cpu', out: scores });
+      caches.forEach((cache, i) => {
+        if (cache === null) return;
+        const positions = cache.positions(l, kvHead);
+        for (let member = 0; member < GROUP; member++) {
+          const h = kvHead * GROUP + member;
+          const retrieves = RETRIEVING[l].includes(kvHead) && (kvHead !== PARTIAL[l] || member === 0);
+          for (let r = 0; r < PROBES; r++) {
+            const t = w.T - PROBES + r, base = (r * GROUP + member) * w.T;
+            let best = -1, bestScore = -Infinity;
+            for (const p of positions) {
+              if (p > t) break;
+              if (scores[base + p] > bestScore) { bestScore = scores[base + p]; best = p; }
+            }
+            const hit = best === w.targets[l][h][r] ? 1 : 0;
+            if (retrieves) { hits[i].needlePairs++; hits[i].needleHits += hit; } else { hits[i].localPairs++; hits[i].localHits += hit; }
+          }
+        }
+      });
+    }
+  }
+  caches.forEach((cache, i) => { if (cache !== null) Object.assign(rows[i], hits[i]); });
 }
 
 function keptText(kept: number[][] | undefined): string {
@@ -319,12 +336,8 @@ export function runHeads(context: HeadsContext): HeadsRecord {
   say(`  scores (scoreHeads, ${ms(scoreMs)} ms for ${LAYERS} layers): retrieving kv heads ${lowestRetrieving.toExponential(2)} and up, ` +
     `local ones ${highestLocal.toExponential(2)} at most; ${(ordered * 100).toFixed(0)}% of (retrieving, local) pairs in order.`);
 
-  // The probes' scores against every key, per layer and kv head ([PROBES, GROUP, T]): which kept token each probe's attention peaks at.
-  const probeScores = w.layers.map((layer, l) => Array.from({ length: KV }, (_, kvHead) => attentionScores({
-    q: layer.q as Float32Array, k: w.k[l], qHeads: Q, kvHeads: KV, headDim: D, kvHead, scale: SCALE, device: 'cpu',
-  })));
   const exact = w.layers.map((layer, l) => attention({
-    q: layer.q as Float32Array, k: w.k[l], v: w.v[l], qHeads: Q, kvHeads: KV, headDim: D, causal: true, scale: SCALE, device: 'cpu',
+    q: layer.q, k: w.k[l], v: w.v[l], qHeads: Q, kvHeads: KV, headDim: D, causal: true, scale: SCALE, device: 'cpu',
   }));
 
   say(headsTable.header());
@@ -348,7 +361,7 @@ export function runHeads(context: HeadsContext): HeadsRecord {
         policy: { store: { kind: 'f16' }, ...(spec.select === null ? {} : { select: spec.select as never }) },
       });
       const outputs = fill(cache, w);
-      quality(row, cache, w, outputs, reference, probeScores);
+      keptAndErrors(row, cache, w, outputs, reference);
       if (reference === null) {
         reference = outputs;
         const relL2Error = Math.max(...outputs.map((out, l) => relativeL2Error(out, exact[l])));
@@ -363,8 +376,11 @@ export function runHeads(context: HeadsContext): HeadsRecord {
     if (row.status !== 'ok') cache?.dispose();
   }
 
+  status('counting needle hits under each cache\'s selection...');
+  countHits(rows, caches, w);
+
   // Cold decode of the last probe's query over every layer, each duo run right after a full one.
-  const q = w.layers[0].q.subarray((PROBES - 1) * QUERY_STRIDE) as Float32Array;
+  const q = w.layers[0].q.subarray((PROBES - 1) * QUERY_STRIDE);
   const full = caches[0];
   const out = new Float32Array(QUERY_STRIDE);
   const timed = (cache: KVCache) => {

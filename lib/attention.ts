@@ -84,6 +84,11 @@ export interface AttentionScoresOptions {
   dtype?: Dtype;
   device?: Device;
   threads?: number;
+  /**
+   * Write the scores here (`n * heads * T` floats, no overlap with q/k) instead of a new array: a
+   * tool that scores head after head reuses one buffer instead of faulting in fresh pages each call.
+   */
+  out?: Float32Array;
 }
 
 /**
@@ -93,7 +98,7 @@ export interface AttentionScoresOptions {
  */
 export function attentionScores(options: AttentionScoresOptions): Float32Array {
   const o = plainObject('attentionScores options', options);
-  knownKeys('attentionScores', o, ['q', 'k', 'qHeads', 'kvHeads', 'headDim', 'kvHead', 'scale', 'dtype', 'device', 'threads']);
+  knownKeys('attentionScores', o, ['q', 'k', 'qHeads', 'kvHeads', 'headDim', 'kvHead', 'scale', 'dtype', 'device', 'threads', 'out']);
   const qHeads = positiveInteger('qHeads', o.qHeads);
   const kvHeads = positiveInteger('kvHeads', o.kvHeads);
   const headDim = positiveInteger('headDim', o.headDim, 1024);
@@ -118,5 +123,6 @@ export function attentionScores(options: AttentionScoresOptions): Float32Array {
     device: o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const),
     threads: o.threads === undefined ? 0 : positiveInteger('threads', o.threads, 1024),
     outCount: n * heads * tokens,
+    out: outputArray(o.out, n * heads * tokens, { q, k }, 'n x heads x T'),
   });
 }

@@ -96,7 +96,7 @@ interface Addon {
   }): Float32Array;
   attentionScores(options: {
     q: NativeTensor; k: NativeTensor; dtype: NativeDtype; qHeads: number; kvHeads: number; headDim: number;
-    kvHead: number; scale: number; device: string; threads: number; outCount: number;
+    kvHead: number; scale: number; device: string; threads: number; outCount: number; out?: Float32Array;
   }): Float32Array;
   createCache(options: {
     layers: number; qHeads: number; kvHeads: number; headDim: number; store: NativeDtype; pageTokens: number;

@@ -99,13 +99,15 @@ export function rowsOf(name: string, tensor: NativeTensor, heads: number, headDi
  * The caller's output array, checked: a Float32Array of `count` elements that shares no memory
  * with the inputs (the kernels read inputs while they write the output).
  */
-export function outputArray(out: unknown, count: number, inputs: Record<string, Tensor>): Float32Array | undefined {
+export function outputArray(
+  out: unknown, count: number, inputs: Record<string, Tensor>, shape = 'n x qHeads x headDim',
+): Float32Array | undefined {
   if (out === undefined) return undefined;
   if (!(out instanceof Float32Array)) {
     throw new KVSlimError('ERR_DTYPE', `Expected a Float32Array for out but received ${describe(out)}`);
   }
   if (out.length !== count) {
-    throw new KVSlimError('ERR_SHAPE', `Expected out to hold n x qHeads x headDim = ${count} elements but received ${out.length}`);
+    throw new KVSlimError('ERR_SHAPE', `Expected out to hold ${shape} = ${count} elements but received ${out.length}`);
   }
   for (const [name, input] of Object.entries(inputs)) {
     const overlaps = input.buffer === out.buffer &&

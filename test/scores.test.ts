@@ -31,6 +31,14 @@ describe('attentionScores', () => {
     { n: 9, T: 2100, qHeads: 4, kvHeads: 4, D: 100 },
     // Over 1 MiB of f32 keys per head: the kernel prefetches rows ahead.
     { n: 2, T: 4500, qHeads: 4, kvHeads: 2, D: 72 },
+    // Over 16 rows per kv head (n x group): the register-tiled path over transposed key blocks.
+    // 17 rows, padded channels (100), a partial last key block, two chunks of 2048 keys:
+    { n: 17, T: 2100, qHeads: 4, kvHeads: 4, D: 100 },
+    // 2 row tiles of 128 (the second partial), GQA, one token:
+    { n: 45, T: 1, qHeads: 8, kvHeads: 2, D: 64 },
+    // MQA: 32 rows of one kv head from a single query; odd T over three chunks, odd dims:
+    { n: 1, T: 4133, qHeads: 32, kvHeads: 1, D: 24 },
+    { n: 70, T: 333, qHeads: 8, kvHeads: 2, D: 128 },
   ];
   for (const [index, s] of shapes.entries()) {
     it(`n ${s.n}, T ${s.T}, ${s.qHeads}/${s.kvHeads}/${s.D}`, () => {
@@ -50,6 +58,19 @@ describe('attentionScores', () => {
     });
   }
 
+  it('writes into out when given: the same array back, the same scores', () => {
+    const random = new Random(7790);
+    const [n, T, qHeads, kvHeads, D] = [20, 300, 8, 2, 32];
+    const q = random.tensor(n * qHeads * D), k = random.tensor(T * kvHeads * D);
+    for (const kvHead of [undefined, 1]) {
+      const fresh = attentionScores({ q, k, qHeads, kvHeads, headDim: D, kvHead, device: 'cpu' });
+      const out = new Float32Array(fresh.length).fill(Number.NaN);
+      const returned = attentionScores({ q, k, qHeads, kvHeads, headDim: D, kvHead, device: 'cpu', out });
+      expect(returned).toBe(out);
+      expect(Array.from(out)).toEqual(Array.from(fresh));
+    }
+  });
+
   it('rejects bad input with coded errors', () => {
     const q = new Float32Array(2 * 4 * 8).fill(0.5), k = new Float32Array(3 * 2 * 8).fill(0.25);
     const expectCode = (call: () => unknown, code: string) => {
@@ -64,5 +85,12 @@ describe('attentionScores', () => {
     const bad = Float32Array.from(k);
     bad[5] = Number.NaN;
     expectCode(() => attentionScores({ q, k: bad, qHeads: 4, kvHeads: 2, headDim: 8 }), 'ERR_VALUE');
+    // out: 2 x 4 x 3 floats (all heads), 2 x 2 x 3 (one kv head's group); a Float32Array; no shared memory.
+    expectCode(() => attentionScores({ q, k, qHeads: 4, kvHeads: 2, headDim: 8, out: new Float32Array(23) }), 'ERR_SHAPE');
+    expectCode(() => attentionScores({ q, k, qHeads: 4, kvHeads: 2, headDim: 8, kvHead: 0, out: new Float32Array(24) }), 'ERR_SHAPE');
+    expectCode(() => attentionScores({ q, k, qHeads: 4, kvHeads: 2, headDim: 8, out: new Float64Array(24) as never }), 'ERR_DTYPE');
+    const shared = new Float32Array(q.length + 24);
+    shared.set(q);
+    expectCode(() => attentionScores({ q: shared.subarray(0, q.length), k, qHeads: 4, kvHeads: 2, headDim: 8, out: shared.subarray(q.length - 1, q.length + 23) }), 'ERR_OPTION');
   });
 });

@@ -108,8 +108,8 @@ export function scoreHeads(input: Trace | readonly HeadScoreLayer[], options?: S
  * call per kv head for their scores (native), then, in JavaScript, each probe's softmax over
  * every key and its streamed output over sink ∪ recent (the argmax and the distant mass need each
  * probability): O(m · qHeads · T) exponentials, a 32K-token layer with 32 query heads of 128 and
- * 64 probes in about 4 s on one core (`npm run bench -- --only heads`). Offline work; `headProbe`
- * prompts are short.
+ * 64 probes in about 1.3 s on 2 cores (`npm run bench -- --only heads`). Offline work;
+ * `headProbe` prompts are short.
  * Errors: `ERR_SHAPE` naming the tensor (`layers[i].k`), `ERR_OPTION` naming the option,
  * `ERR_DTYPE`, `ERR_VALUE` for non-finite elements (from `attention()`).
  */
@@ -277,13 +277,14 @@ function scoreLayer(layer: CheckedLayer, index: number, params: Params, result: 
   const group = qHeads / kvHeads;
   const streamed = new Float64Array(D);
   let copySteps = 0;
-  let scores: Float32Array = new Float32Array(0);
+  // One buffer for every kv head's scores: fresh pages per call cost more than the scores.
+  const scores = new Float32Array(m * group * T);
   for (let h = 0; h < qHeads; h++) {
     const kvHead = Math.floor(h / group), member = h % group;
     const kvOffset = kvHead * D;
     // The probes' scores q.k * scale against every key, natively, once per kv head: [m, group, T].
     if (member === 0) {
-      scores = attentionScores({ q: probeQ, k, qHeads, kvHeads, headDim: D, kvHead, scale, device: params.device });
+      attentionScores({ q: probeQ, k, qHeads, kvHeads, headDim: D, kvHead, scale, device: params.device, out: scores });
     }
     let deviationSum = 0, massSum = 0, hits = 0, steps = 0, previous = -1;
     {

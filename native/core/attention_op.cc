@@ -114,7 +114,10 @@ Status runScores(Backend& backend, const ScoresOp& op, float* out, size_t outCou
       keyBase = keyBuffer.data();
     }
     std::vector<float> rows(size_t(n) * size_t(group) * size_t(op.headDim));
-    std::vector<float> scores(size_t(n) * size_t(group) * size_t(tokens));
+    // One kv head's scores are out's layout ([n, group, T]): written there directly. All heads go
+    // through a head's buffer, copied to their place in [n, qHeads, T].
+    const bool direct = lastHead - firstHead == 1;
+    std::vector<float> scores(direct ? 0 : size_t(n) * size_t(group) * size_t(tokens));
     for (int32_t h = firstHead; h < lastHead; ++h) {
       // The group's query rows, (position, member) order.
       for (int64_t i = 0; i < n; ++i)
@@ -133,9 +136,10 @@ Status runScores(Backend& backend, const ScoresOp& op, float* out, size_t outCou
       args.head.valuePages = &page;
       args.head.tokens = tokens;
       args.scale = op.scale > 0.0f ? op.scale : 1.0f / std::sqrt(float(op.headDim));
-      args.out = scores.data();
+      args.out = direct ? out : scores.data();
       args.threads = op.threads;
       KVSLIM_RETURN_IF_ERROR(backend.attentionScores(args));
+      if (direct) continue;
       for (int64_t i = 0; i < n; ++i)
         for (int32_t g = 0; g < group; ++g)
           std::copy(scores.begin() + (i * group + g) * tokens, scores.begin() + (i * group + g + 1) * tokens,

@@ -180,7 +180,7 @@ Napi::Value attentionScoresFn(const Napi::CallbackInfo& info) {
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
   const double count = numberField(env, options, "outCount");
   if (count < 1 || count > 4.0e9) throwStatus(env, Status(ErrorCode::Shape, "the scores would hold more than 4e9 values"));
-  Napi::Float32Array out = Napi::Float32Array::New(env, size_t(count));
+  Napi::Float32Array out = outputArg(env, options.Get("out"), size_t(count), "n x heads x T");
   throwIfError(env, runScores(*backend, op, out.Data(), out.ElementLength()));
   return out;
 }

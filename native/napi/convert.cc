@@ -46,14 +46,14 @@ HostTensor tensorArg(Napi::Env env, const Napi::Value& value, DType dtype, const
   return tensor;
 }
 
-Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t count) {
+Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t count, const char* shape) {
   if (value.IsUndefined() || value.IsNull()) return Napi::Float32Array::New(env, count);
   if (!value.IsTypedArray() || value.As<Napi::TypedArray>().TypedArrayType() != napi_float32_array) {
     fail(env, ErrorCode::Dtype, "out must be a Float32Array");
   }
   Napi::Float32Array out = value.As<Napi::Float32Array>();
   if (out.ElementLength() != count) {
-    fail(env, ErrorCode::Shape, "out must hold " + std::to_string(count) + " elements (n x qHeads x headDim), but holds " +
+    fail(env, ErrorCode::Shape, "out must hold " + std::to_string(count) + " elements (" + shape + "), but holds " +
                                     std::to_string(out.ElementLength()));
   }
   if (out.ArrayBuffer().IsDetached()) fail(env, ErrorCode::Shape, "out is detached");

@@ -19,7 +19,7 @@ HostTensor tensorArg(Napi::Env env, const Napi::Value& value, DType dtype, const
 
 // The output array: `value` when it is a Float32Array of exactly `count` elements (reused by the
 // caller across calls), a new one when it is undefined; anything else is an error naming `out`.
-Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t count);
+Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t count, const char* shape = "n x qHeads x headDim");
 
 // Required fields of an options object, with type checks.
 int32_t intField(Napi::Env env, const Napi::Object& object, const char* name);
