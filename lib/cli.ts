@@ -2,7 +2,8 @@
 // The `kvslim` command line. `kvslim trace` runs a llama2.c checkpoint over a prompt (the runner of
 // lib/models/llama2c, loaded only for this command) and writes what each attention layer saw as a
 // safetensors trace (lib/trace/trace.ts). `kvslim eval` replays a workload or trace through cache
-// policies (lib/eval); `kvslim inspect` lists a safetensors file.
+// policies (lib/eval); `kvslim score-heads` classifies a trace's kv heads for DuoAttention
+// (lib/heads); `kvslim inspect` lists a safetensors file.
 import { spawnSync } from 'node:child_process';
 import { existsSync, realpathSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
@@ -14,10 +15,13 @@ import type { Report } from './eval/report.js';
 import type { PolicySpec } from './policy.js';
 import type { TraceLayer } from './trace/trace.js';
 
-const traceUsage = `kvslim trace --model <model.bin> --tokenizer <tokenizer.bin> --prompt <text> [options]
+const traceUsage = `kvslim trace --model <model.bin> --tokenizer <tokenizer.bin> (--prompt <text> | --probe <length>) [options]
   --model <path>        llama2.c checkpoint (legacy format)
   --tokenizer <path>    its tokenizer.bin
   --prompt <text>       the text to run (BOS and a dummy-prefix space are added, as llama2.c does)
+  --probe <length>      instead of a prompt, the retrieval-head probe: BOS, then a random segment of
+                        <length> token ids twice (headProbe); kvslim score-heads scores its copies
+  --seed <n>            the probe's seed (default 1)
   --out <path>          where to write the trace (default trace.safetensors)
   --steps <n>           greedy tokens to generate and record after the prompt (default 0)
   --store f32|f16|bf16  how the cache stores keys and values while tracing (default f32)
@@ -25,7 +29,8 @@ const traceUsage = `kvslim trace --model <model.bin> --tokenizer <tokenizer.bin>
 
 The trace holds, per layer i: layers.{i}.q [n, heads, headDim], layers.{i}.k and layers.{i}.v
 [n, kvHeads, headDim] (q and k post-RoPE), layers.{i}.out like q; little-endian f32. Its
-__metadata__ holds format, config (shapes, RoPE, model facts) and tokens (the n token ids).
+__metadata__ holds format, config (shapes, RoPE, model facts) and tokens (the n token ids), and
+probe ({ length, seed, firstId, bos }) for a --probe trace.
 `;
 
 const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <spec>]... [options]
@@ -50,6 +55,26 @@ Prints a table per run: compression ratio (bytes / full f16), attention output e
 attention (relative L2, cosine), needle hit rate (policy and exact), prefill and decode times.
 `;
 
+const scoreHeadsUsage = `kvslim score-heads --trace <file> [options]
+  --trace <file>        a kvslim trace (kvslim trace); each layer's last --probes query rows are scored
+  --sink <n>            sink tokens of the streaming alternative (default 64)
+  --window <n>          recent tokens of the streaming alternative (default 256): score with the
+                        sink and window you will deploy, on a trace longer than both
+  --probes <n>          probe queries per layer (default 64)
+  --copy-segment <n>    the trace ends with a segment of n tokens said twice: score copying exactly
+                        (default: the trace's probe length when kvslim trace --probe wrote it, else
+                        the sequential-copy proxy)
+  --ratio <r>           share of kv heads kept whole, ranked across layers (duo's retrievalRatio;
+                        default 0.5 with GQA, 0.25 without)
+  --device cpu|cuda     where the probes' full attention is computed (default cpu)
+  --json <path>         write the scores, the details and the mask as JSON (kvslim-head-scores/1)
+
+Prints per layer and kv head the score, E (output deviation when the head keeps only sink +
+window, max over its query heads), M (attention mass outside them), R (copy score) and the role at
+--ratio: retrieval (keeps every token) or streaming (sink + window). A cache uses them as
+policy: { select: { kind: 'duo', heads: <json>.scores, sink, window, retrievalRatio: <json>.retrievalRatio } }.
+`;
+
 const inspectUsage = `kvslim inspect <file.safetensors>
   Lists the tensors (name, dtype, shape, bytes) and the __metadata__ of a safetensors file.
 `;
@@ -64,23 +89,22 @@ const benchUsage = `kvslim bench [bench options]
 const usage = `Usage: kvslim <command> [options]
 
 Commands:
-  trace      run a llama2.c model over a prompt; write each layer's Q/K/V as a safetensors trace
-  eval       evaluate cache policies on a workload or trace (SCBench-style report)
-  inspect    list the tensors and metadata of a safetensors file
-  bench      run the benchmark (npm run bench)
-  help       this text (also --help); kvslim <command> --help for one command
-
-Planned, not available yet: score-heads
+  trace        run a llama2.c model over a prompt; write each layer's Q/K/V as a safetensors trace
+  eval         evaluate cache policies on a workload or trace (SCBench-style report)
+  score-heads  classify a trace's kv heads as retrieval or streaming heads (DuoAttention)
+  inspect      list the tensors and metadata of a safetensors file
+  bench        run the benchmark (npm run bench)
+  help         this text (also --help); kvslim <command> --help for one command
 
 ${traceUsage}
 ${evalUsage}
+${scoreHeadsUsage}
 ${inspectUsage}
 ${benchUsage}`;
 
-const planned = new Set(['score-heads']);
 /** Help text per command. */
 const commandUsage: Record<string, string> = {
-  trace: traceUsage, eval: evalUsage, evaluate: evalUsage, inspect: inspectUsage, bench: benchUsage,
+  trace: traceUsage, eval: evalUsage, evaluate: evalUsage, 'score-heads': scoreHeadsUsage, inspect: inspectUsage, bench: benchUsage,
 };
 
 /** Writes the trace of one prompt (plus `steps` greedy tokens); resolves to the exit status. */
@@ -88,29 +112,37 @@ async function trace(argv: string[]): Promise<number> {
   const { values } = parseArgs({
     args: argv,
     options: {
-      model: { type: 'string' }, tokenizer: { type: 'string' }, prompt: { type: 'string' },
-      out: { type: 'string', default: 'trace.safetensors' }, steps: { type: 'string', default: '0' },
+      model: { type: 'string' }, tokenizer: { type: 'string' }, prompt: { type: 'string' }, probe: { type: 'string' },
+      seed: { type: 'string' }, out: { type: 'string', default: 'trace.safetensors' }, steps: { type: 'string', default: '0' },
       store: { type: 'string', default: 'f32' }, 'no-out': { type: 'boolean', default: false },
     },
   });
   const { model: modelPath, tokenizer: tokenizerPath, prompt } = values;
-  if (modelPath === undefined || tokenizerPath === undefined || prompt === undefined) {
-    throw new UsageError('trace needs --model, --tokenizer and --prompt');
+  if (modelPath === undefined || tokenizerPath === undefined || (prompt === undefined) === (values.probe === undefined)) {
+    throw new UsageError('trace needs --model, --tokenizer and one of --prompt or --probe');
   }
   const steps = Number(values.steps);
   if (!Number.isInteger(steps) || steps < 0) throw new UsageError(`--steps must be an integer >= 0, not '${values.steps}'`);
+  const probeLength = nonNegativeInteger('--probe', values.probe, 1);
+  const seed = nonNegativeInteger('--seed', values.seed, 0);
+  if (seed !== undefined && probeLength === undefined) throw new UsageError('--seed applies to --probe');
+  // The probe is scored as the end of the prompt: generated tokens after it would move it.
+  if (probeLength !== undefined && steps > 0) throw new UsageError('--steps does not apply to --probe (the probe must end the trace)');
   const store = values.store;
   if (store !== 'f32' && store !== 'f16' && store !== 'bf16') throw new UsageError(`--store must be f32, f16 or bf16, not '${store}'`);
 
   // The runner (and the native addon behind it) load only when a trace is asked for.
-  const [{ readCheckpoint }, { Llama2 }, { Tokenizer }, { argmax }, { writeTrace }] = await Promise.all([
+  const [{ readCheckpoint }, { Llama2 }, { Tokenizer }, { argmax }, { writeTrace }, { headProbe }] = await Promise.all([
     import('./models/llama2c/checkpoint.js'), import('./models/llama2c/model.js'),
     import('./models/llama2c/tokenizer.js'), import('./models/llama2c/sampler.js'), import('./trace/trace.js'),
+    import('./heads/probe.js'),
   ]);
   const model = new Llama2(readCheckpoint(modelPath));
   const { config } = model;
   const tokenizer = Tokenizer.read(tokenizerPath, config.vocabSize);
-  const tokens = tokenizer.encode(prompt);
+  // llama2.c's ids 0-2 are <unk>, <s> (BOS) and </s>: the probe draws past them.
+  const probe = probeLength === undefined ? undefined : { length: probeLength, seed: seed ?? 1, firstId: 3, bos: 1 };
+  const tokens = probe === undefined ? tokenizer.encode(prompt as string) : Array.from(headProbe({ ...probe, vocab: config.vocabSize }));
   const promptTokens = tokens.length;
   if (promptTokens + steps > config.seqLen) {
     throw new KVSlimError('ERR_SHAPE', `The prompt (${promptTokens} tokens) and --steps ${steps} exceed the model's context of ${config.seqLen}`);
@@ -152,7 +184,7 @@ async function trace(argv: string[]): Promise<number> {
     },
     tokens,
     promptTokens,
-    prompt,
+    ...(probe === undefined ? { prompt } : { probe }),
   });
   process.stdout.write(`wrote ${values.out}: ${config.layers} layers x ${tokens.length} tokens (${promptTokens} prompt + ${steps} generated)\n`);
   return 0;
@@ -266,6 +298,100 @@ async function evalCommand(argv: string[]): Promise<number> {
   return 0;
 }
 
+/** A probability or share in [0, 1] given on the command line. */
+function fraction(flag: string, text: string | undefined): number | undefined {
+  if (text === undefined) return undefined;
+  const value = Number(text);
+  if (text.trim() === '' || !(value >= 0 && value <= 1)) throw new UsageError(`${flag} must be a number in [0, 1], not '${text}'`);
+  return value;
+}
+
+/** Scores a trace's kv heads (scoreHeadsDetailed); prints a table, writes JSON; resolves to the exit status. */
+async function scoreHeadsCommand(argv: string[]): Promise<number> {
+  const { values } = parseArgs({
+    args: argv,
+    options: {
+      trace: { type: 'string' }, sink: { type: 'string' }, window: { type: 'string' }, probes: { type: 'string' },
+      'copy-segment': { type: 'string' }, ratio: { type: 'string' }, device: { type: 'string', default: 'cpu' }, json: { type: 'string' },
+    },
+  });
+  if (values.trace === undefined) throw new UsageError('score-heads needs --trace');
+  const sink = nonNegativeInteger('--sink', values.sink, 0) ?? 64;
+  const window = nonNegativeInteger('--window', values.window, 1) ?? 256;
+  const probes = nonNegativeInteger('--probes', values.probes, 1) ?? 64;
+  const ratio = fraction('--ratio', values.ratio);
+  const device = values.device;
+  if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, not '${device}'`);
+
+  const [{ readTrace }, { scoreHeadsDetailed }, { duoMask }] = await Promise.all([
+    import('./trace/trace.js'), import('./heads/score.js'), import('./select.js'),
+  ]);
+  const trace = readTrace(values.trace);
+  const { layers, qHeads, kvHeads, headDim } = trace.meta.config;
+  // A --probe trace names its segment; an explicit --copy-segment wins.
+  const probe = trace.meta.probe as { length?: unknown } | undefined;
+  const recorded = typeof probe?.length === 'number' && Number.isInteger(probe.length) && probe.length > 0 ? probe.length : undefined;
+  const copySegment = nonNegativeInteger('--copy-segment', values['copy-segment'], 1) ?? recorded;
+  const T = trace.layers[0]?.k.length / (kvHeads * headDim);
+  const interactive = process.stderr.isTTY === true;
+  const started = performance.now();
+  const result = scoreHeadsDetailed(trace, {
+    sink, window, probes, copySegment, device,
+    onProgress: ({ layer, layers: total }) => {
+      const seconds = ((performance.now() - started) / 1000).toFixed(1);
+      process.stderr.write(`${interactive ? '\r\x1b[K' : ''}kvslim score-heads: layer ${layer + 1}/${total} (${seconds} s)${interactive ? '' : '\n'}`);
+    },
+  });
+  if (interactive) process.stderr.write('\r\x1b[K');
+  const group = qHeads / kvHeads;
+  const retrievalRatio = ratio ?? (group > 1 ? 0.5 : 0.25);
+  const mask = duoMask({ kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio }, layers, kvHeads, group > 1);
+
+  const lines: string[] = [];
+  lines.push(`${values.trace}: ${layers} layers, ${qHeads} q / ${kvHeads} kv heads of ${headDim}, ${T} tokens; sink ${sink}, window ${window}, ` +
+    `${result.probes[0]} probes per layer, copy score ${copySegment === undefined ? 'by the sequential-copy proxy' : `on the repeated ${copySegment}-token segment`}`);
+  if (T - 1 < sink + window) {
+    lines.push(`warning: every probe sees at most ${T} tokens, all inside sink + window (${sink + window}): no head has distant tokens, ` +
+      'so every M is 0 and every E rounding only. Score with a longer trace, or the smaller sink and window you will deploy.');
+  }
+  const header = ['layer', 'kv head', 'score', 'E', 'M', 'R', 'role'];
+  const rows: string[][] = [];
+  const max = (values: Float32Array, layer: number, kvHead: number) => {
+    let best = 0;
+    for (let g = 0; g < group; g++) best = Math.max(best, values[layer * qHeads + kvHead * group + g]);
+    return best;
+  };
+  const small = (x: number) => (x === 0 ? '0' : x < 1e-3 ? x.toExponential(2) : x.toFixed(4));
+  for (let layer = 0; layer < layers; layer++) {
+    for (let kvHead = 0; kvHead < kvHeads; kvHead++) {
+      const index = layer * kvHeads + kvHead;
+      rows.push([String(layer), String(kvHead), small(result.scores[index]), small(max(result.deviation, layer, kvHead)),
+        small(max(result.distantMass, layer, kvHead)), max(result.copy, layer, kvHead).toFixed(2), mask[index] ? 'retrieval' : 'streaming']);
+    }
+  }
+  const widths = header.map((title, column) => Math.max(title.length, ...rows.map((row) => row[column].length)));
+  const line = (cells: string[]) => cells.map((cell, column) => (column === 6 ? cell : cell.padStart(widths[column]))).join('  ').trimEnd();
+  lines.push(line(header), ...rows.map(line));
+  const kept = mask.reduce((sum, m) => sum + m, 0);
+  lines.push(`${kept} of ${layers * kvHeads} kv heads are retrieval heads at ratio ${retrievalRatio} (${result.copyHeads.reduce((sum, c) => sum + c, 0)} copy heads ranked first) ` +
+    `(${((performance.now() - started) / 1000).toFixed(1)} s)`);
+  process.stdout.write(`${lines.join('\n')}\n`);
+  if (values.json !== undefined) {
+    const perLayer = (values: ArrayLike<number>, width: number) =>
+      Array.from({ length: layers }, (_, layer) => Array.from({ length: width }, (_, i) => values[layer * width + i]));
+    const record = {
+      format: 'kvslim-head-scores/1', trace: values.trace, layers, qHeads, kvHeads, headDim, tokens: T, sink, window,
+      probes: result.probes, copyMode: result.copyMode, copySegment: copySegment ?? null, retrievalRatio,
+      scores: perLayer(result.scores, kvHeads), retrieval: perLayer(mask, kvHeads).map((row) => row.map((m) => m === 1)),
+      deviation: perLayer(result.deviation, qHeads), distantMass: perLayer(result.distantMass, qHeads), copy: perLayer(result.copy, qHeads),
+    };
+    // One field per line, each array on its line.
+    writeFileSync(values.json, `{\n${Object.entries(record).map(([key, value]) => `  ${JSON.stringify(key)}: ${JSON.stringify(value)}`).join(',\n')}\n}\n`);
+    process.stdout.write(`wrote ${values.json}\n`);
+  }
+  return 0;
+}
+
 /** Lists a safetensors file's tensors and metadata; resolves to the exit status. */
 async function inspect(argv: string[]): Promise<number> {
   const { positionals } = parseArgs({ args: argv, options: {}, allowPositionals: true });
@@ -302,7 +428,7 @@ async function bench(argv: string[]): Promise<number> {
 }
 
 const commands: Record<string, (argv: string[]) => Promise<number>> = {
-  trace, eval: evalCommand, evaluate: evalCommand, inspect, bench,
+  trace, eval: evalCommand, evaluate: evalCommand, 'score-heads': scoreHeadsCommand, inspect, bench,
 };
 
 /** Runs the CLI on `argv` (without node and the script); resolves to the exit status. */
@@ -319,10 +445,6 @@ export async function main(argv: string[]): Promise<number> {
         return 0;
       }
       return await commands[command](rest);
-    }
-    if (planned.has(command)) {
-      process.stderr.write(`kvslim ${command}: not available yet\n`);
-      return 2;
     }
     throw new UsageError(`unknown command '${command}'`);
   } catch (error) {

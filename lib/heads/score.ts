@@ -40,6 +40,8 @@ export interface ScoreHeadsOptions {
   copySegment?: number;
   /** Where the full-attention outputs are computed (default `auto`). */
   device?: Device;
+  /** Called after each layer is scored (a long trace takes about a second per 32K-token layer). */
+  onProgress?: (progress: { layer: number; layers: number }) => void;
 }
 
 /** Per-head details of {@link scoreHeadsDetailed}. Per-query-head arrays are `[layers, qHeads]`. */
@@ -69,7 +71,7 @@ export const COPY_THRESHOLD = 0.1;
 /** The ε of the deviation's denominator. */
 const EPSILON = 1e-12;
 
-const scoreKeys = ['qHeads', 'kvHeads', 'headDim', 'dtype', 'scale', 'sink', 'window', 'probes', 'copySegment', 'device'] as const;
+const scoreKeys = ['qHeads', 'kvHeads', 'headDim', 'dtype', 'scale', 'sink', 'window', 'probes', 'copySegment', 'device', 'onProgress'] as const;
 
 /**
  * Retrieval-head scores `[layers, kvHeads]` from recorded Q/K/V (a {@link Trace} or an array of
@@ -127,6 +129,10 @@ export function scoreHeadsDetailed(input: Trace | readonly HeadScoreLayer[], opt
   const copySegment = o.copySegment === undefined ? null : positiveInteger('copySegment', o.copySegment);
   const scale = o.scale === undefined ? 1 / Math.sqrt(headDim) : positiveNumber('scale', o.scale);
   const device = o.device === undefined ? 'auto' : oneOf('device', o.device, ['auto', 'cpu', 'cuda'] as const);
+  if (o.onProgress !== undefined && typeof o.onProgress !== 'function') {
+    throw optionError(`Expected a function for onProgress but received ${describe(o.onProgress)}`);
+  }
+  const onProgress = o.onProgress as ScoreHeadsOptions['onProgress'];
 
   // Check every layer before any work: a bad layer 7 should not cost the scoring of layers 0-6.
   const checked = layers.map((layer, i) => checkLayer(layer, i, shape, o.dtype, copySegment));
@@ -144,7 +150,10 @@ export function scoreHeadsDetailed(input: Trace | readonly HeadScoreLayer[], opt
     copySteps: [],
   };
   const params = { qHeads, kvHeads, headDim, scale, sink, window, probes, copySegment, device };
-  checked.forEach((layer, i) => scoreLayer(layer, i, params, result));
+  checked.forEach((layer, i) => {
+    scoreLayer(layer, i, params, result);
+    onProgress?.({ layer: i, layers: count });
+  });
 
   // Per kv head: the max over its query heads; copy heads offset above every other head.
   const group = qHeads / kvHeads;

@@ -1,13 +1,13 @@
 // Q/K/V traces (lib/trace/trace.ts) and the `kvslim trace` command (lib/cli.ts): round trips,
 // malformed traces, and a trace of the real stories260K model replayed through a fresh cache.
-import { existsSync, mkdtempSync, rmSync } from 'node:fs';
+import { existsSync, mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join, resolve } from 'node:path';
 
 import { afterAll, describe, expect, it, vi } from 'vitest';
 
 import { main } from '../../lib/cli.js';
-import { KVCache } from '../../lib/index.js';
+import { headProbe, KVCache, scoreHeadsDetailed } from '../../lib/index.js';
 import { readSafetensors, writeSafetensors } from '../../lib/trace/safetensors.js';
 import { encodeTrace, readTrace, type TraceLayer, type TraceMeta, writeTrace } from '../../lib/trace/trace.js';
 import { Random } from '../helpers/random.js';
@@ -141,6 +141,29 @@ describe.skipIf(!present)('kvslim trace', () => {
     }
   });
 
+  it('traces the retrieval-head probe (--probe), which score-heads scores on its repeated segment', async () => {
+    const path = join(dir, 'probe.safetensors');
+    const result = run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, '--probe', '100', '--seed', '7', '--out', path]);
+    expect(await result.status).toBe(0);
+    expect(result.output()).toMatch(/5 layers x 201 tokens \(201 prompt \+ 0 generated\)/);
+    const trace = readTrace(path);
+    expect(trace.meta.probe).toEqual({ length: 100, seed: 7, firstId: 3, bos: 1 });
+    expect(trace.meta.prompt).toBeUndefined();
+    // BOS, then headProbe's segment twice, drawn past llama2.c's special ids 0-2.
+    expect(trace.meta.tokens).toEqual(Array.from(headProbe({ length: 100, seed: 7, firstId: 3, bos: 1, vocab: 512 })));
+    expect(trace.meta.tokens.slice(1, 101)).toEqual(trace.meta.tokens.slice(101));
+    expect(Math.min(...trace.meta.tokens.slice(1))).toBeGreaterThanOrEqual(3);
+
+    const json = join(dir, 'probe-heads.json');
+    const scored = run(['score-heads', '--trace', path, '--sink', '4', '--window', '16', '--probes', '32', '--json', json]);
+    expect(await scored.status).toBe(0);
+    expect(scored.output()).toMatch(/201 tokens; sink 4, window 16, 32 probes per layer, copy score on the repeated 100-token segment/);
+    const record = JSON.parse(readFileSync(json, 'utf8')) as { scores: number[][]; copyMode: string; copySegment: number };
+    expect(record).toMatchObject({ copyMode: 'segment', copySegment: 100 });
+    const detailed = scoreHeadsDetailed(trace, { sink: 4, window: 16, probes: 32, copySegment: 100, device: 'cpu' });
+    expect(record.scores.flat()).toEqual(Array.from(detailed.scores));
+  });
+
   it('leaves out the outputs with --no-out', async () => {
     const path = join(dir, 'no-out.safetensors');
     expect(await run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, '--prompt', 'Hi', '--out', path, '--no-out']).status).toBe(0);
@@ -150,9 +173,9 @@ describe.skipIf(!present)('kvslim trace', () => {
   it('answers help, usage errors and planned commands with the documented statuses', async () => {
     expect(await run(['--help']).status).toBe(0);
     expect(await run([]).status).toBe(2);
-    const planned = run(['score-heads']);
-    expect(await planned.status).toBe(2);
-    expect(planned.output()).toBe('kvslim score-heads: not available yet\n');
+    const noTrace = run(['score-heads']);
+    expect(await noTrace.status).toBe(2);
+    expect(noTrace.output()).toMatch(/^kvslim: score-heads needs --trace\n\nkvslim score-heads --trace <file>/);
     const benchHelp = run(['bench', '--help']);
     expect(await benchHelp.status).toBe(0);
     expect(benchHelp.output()).toMatch(/^kvslim bench/);
@@ -160,6 +183,19 @@ describe.skipIf(!present)('kvslim trace', () => {
     expect(await run(['trace', '--model', modelPath]).status).toBe(2);
     expect(await run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, '--prompt', 'x', '--steps', '-1']).status).toBe(2);
     expect(await run(['trace', '--bogus']).status).toBe(2);
+    // One of --prompt and --probe; --seed only with --probe; no --steps after a probe.
+    const usage: Array<[string[], RegExp]> = [
+      [['--prompt', 'x', '--probe', '10'], /one of --prompt or --probe/],
+      [[], /one of --prompt or --probe/],
+      [['--probe', '0'], /--probe must be an integer >= 1, not '0'/],
+      [['--probe', '10', '--steps', '2'], /--steps does not apply to --probe/],
+      [['--prompt', 'x', '--seed', '3'], /--seed applies to --probe/],
+    ];
+    for (const [extra, message] of usage) {
+      const result = run(['trace', '--model', modelPath, '--tokenizer', tokenizerPath, ...extra]);
+      expect(await result.status, extra.join(' ')).toBe(2);
+      expect(result.output(), extra.join(' ')).toMatch(message);
+    }
     const corrupt = run(['trace', '--model', tokenizerPath, '--tokenizer', tokenizerPath, '--prompt', 'x', '--out', join(dir, 'x')]);
     expect(await corrupt.status).toBe(1);
     expect(corrupt.output()).toMatch(/ERR_CORRUPT/);

@@ -1,0 +1,163 @@
+// `kvslim score-heads` (lib/cli.ts): a synthetic trace whose kv heads either attend locally or
+// retrieve needles far back, scored by the command; the table, the JSON (equal to
+// scoreHeadsDetailed's and usable as duo's heads), the ratio, the warning for a trace too short to
+// have distant tokens, and coded failures.
+import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
+import { tmpdir } from 'node:os';
+import { join } from 'node:path';
+
+import { afterAll, describe, expect, it, vi } from 'vitest';
+
+import { main } from '../lib/cli.js';
+import { KVCache, scoreHeadsDetailed } from '../lib/index.js';
+import { readTrace, type TraceLayer, writeTrace } from '../lib/trace/trace.js';
+import { Random } from './helpers/random.js';
+
+const dir = mkdtempSync(join(tmpdir(), 'kvslim-heads-cli-'));
+afterAll(() => rmSync(dir, { recursive: true, force: true }));
+
+const shape = { layers: 2, qHeads: 8, kvHeads: 4, headDim: 32 };
+const T = 1024;
+const SINK = 4, WINDOW = 64, PROBES = 32;
+/** `[layer][kvHead]`: 1 where the kv head's query heads retrieve needles (two per layer). */
+const RETRIEVING = [[0, 1, 0, 1], [1, 0, 1, 0]];
+
+/**
+ * Keys N(0, 1) scaled to norm √D; a local query head's row t asks 6·k_t (its own key), a
+ * retrieving one 6·k_needle with the needle in [SINK, t - 2·WINDOW): far outside sink ∪ recent.
+ */
+function needleTrace(path: string): void {
+  const { layers, qHeads, kvHeads, headDim: D } = shape;
+  const random = new Random(91);
+  const group = qHeads / kvHeads;
+  const traceLayers: TraceLayer[] = [];
+  for (let layer = 0; layer < layers; layer++) {
+    const k = random.tensor(T * kvHeads * D), v = random.tensor(T * kvHeads * D);
+    for (let row = 0; row < T * kvHeads; row++) {
+      const x = k.subarray(row * D, (row + 1) * D);
+      const norm = Math.hypot(...x);
+      for (let d = 0; d < D; d++) x[d] *= Math.sqrt(D) / norm;
+    }
+    const q = random.tensor(T * qHeads * D, 0.1);
+    for (let h = 0; h < qHeads; h++) {
+      const kvHead = Math.floor(h / group);
+      for (let t = 0; t < T; t++) {
+        const far = RETRIEVING[layer][kvHead] === 1 && t > 2 * WINDOW + SINK;
+        const target = far ? SINK + random.integer(t - 2 * WINDOW - SINK) : t;
+        for (let d = 0; d < D; d++) q[(t * qHeads + h) * D + d] += 6 * k[(target * kvHeads + kvHead) * D + d];
+      }
+    }
+    traceLayers.push({ q, k, v });
+  }
+  writeTrace(path, traceLayers, { config: shape, tokens: Array.from({ length: T }, (_, i) => i % 500) });
+}
+
+const tracePath = join(dir, 'needles.safetensors');
+needleTrace(tracePath);
+
+async function run(argv: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
+  let stdout = '', stderr = '';
+  const text = (chunk: string | Uint8Array) => (typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString());
+  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk) => ((stdout += text(chunk)), true));
+  const err = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => ((stderr += text(chunk)), true));
+  try {
+    return { status: await main(argv), stdout, stderr };
+  } finally {
+    out.mockRestore();
+    err.mockRestore();
+  }
+}
+
+/** The table's rows: [layer, kvHead, role]. */
+function roles(stdout: string): Array<[number, number, string]> {
+  return [...stdout.matchAll(/^\s+(\d+)\s+(\d+)\s+\S+\s+\S+\s+\S+\s+\S+\s+(retrieval|streaming)$/gm)]
+    .map((m) => [Number(m[1]), Number(m[2]), m[3]]);
+}
+
+describe('kvslim score-heads', () => {
+  it('marks the retrieving kv heads retrieval, writes scoreHeadsDetailed\'s numbers as JSON, reports progress', async () => {
+    const json = join(dir, 'heads.json');
+    const result = await run(['score-heads', '--trace', tracePath, '--sink', String(SINK), '--window', String(WINDOW),
+      '--probes', String(PROBES), '--json', json]);
+    expect(result.status, result.stderr).toBe(0);
+    expect(result.stdout).toMatch(/2 layers, 8 q \/ 4 kv heads of 32, 1024 tokens; sink 4, window 64, 32 probes per layer, copy score by the sequential-copy proxy/);
+    expect(result.stderr).toMatch(/kvslim score-heads: layer 2\/2/);
+    expect(roles(result.stdout)).toEqual(RETRIEVING.flatMap((row, layer) => row.map((r, kvHead) => [layer, kvHead, r ? 'retrieval' : 'streaming'])));
+    expect(result.stdout).toMatch(/4 of 8 kv heads are retrieval heads at ratio 0\.5/);
+
+    const record = JSON.parse(readFileSync(json, 'utf8'));
+    const detailed = scoreHeadsDetailed(readTrace(tracePath), { sink: SINK, window: WINDOW, probes: PROBES, device: 'cpu' });
+    expect(record).toMatchObject({
+      format: 'kvslim-head-scores/1', layers: 2, qHeads: 8, kvHeads: 4, headDim: 32, tokens: T, sink: SINK, window: WINDOW,
+      probes: [PROBES, PROBES], copyMode: 'proxy', copySegment: null, retrievalRatio: 0.5,
+    });
+    expect(record.scores.flat()).toEqual(Array.from(detailed.scores));
+    expect(record.deviation.flat()).toEqual(Array.from(detailed.deviation));
+    expect(record.distantMass.flat()).toEqual(Array.from(detailed.distantMass));
+    expect(record.retrieval).toEqual(RETRIEVING.map((row) => row.map((r) => r === 1)));
+
+    // The JSON drives a DuoAttention cache: the retrieval heads keep every token, the others sink + window.
+    const cache = new KVCache({
+      ...shape, policy: { select: { kind: 'duo', heads: record.scores, sink: record.sink, window: record.window, retrievalRatio: record.retrievalRatio } },
+    });
+    try {
+      const tokens = new Float32Array(300 * shape.kvHeads * shape.headDim).fill(0.25);
+      for (let layer = 0; layer < 2; layer++) cache.append(layer, tokens, tokens);
+      expect(cache.stats().layers.map((l) => l.tokensKept)).toEqual(RETRIEVING.map((row) => row.map((r) => (r ? 300 : SINK + WINDOW))));
+    } finally {
+      cache.dispose();
+    }
+  });
+
+  it('keeps the top --ratio of kv heads across layers', async () => {
+    const result = await run(['score-heads', '--trace', tracePath, '--sink', '4', '--window', '64', '--probes', '16', '--ratio', '0.25']);
+    expect(result.status, result.stderr).toBe(0);
+    expect(roles(result.stdout).filter(([, , role]) => role === 'retrieval')).toHaveLength(2);
+    expect(result.stdout).toMatch(/2 of 8 kv heads are retrieval heads at ratio 0\.25/);
+  });
+
+  it('warns when sink + window cover the whole trace (no distant mass; E only rounding)', async () => {
+    const result = await run(['score-heads', '--trace', tracePath, '--probes', '8', '--sink', '64', '--window', '2000']);
+    expect(result.status, result.stderr).toBe(0);
+    expect(result.stdout).toMatch(/warning: every probe sees at most 1024 tokens, all inside sink \+ window \(2064\)/);
+    const rows = [...result.stdout.matchAll(/^\s+\d+\s+\d+\s+(\S+)\s+(\S+)\s+(\S+)\s+\S+\s+(?:retrieval|streaming)$/gm)];
+    expect(rows).toHaveLength(8);
+    for (const [, score, deviation, mass] of rows) {
+      expect(mass).toBe('0');
+      expect(Number(deviation)).toBeLessThan(1e-9);
+      expect(Number(score)).toBeLessThan(1e-9);
+    }
+  });
+
+  it('rejects bad arguments with status 2 and a message naming the argument; bad files with status 1', async () => {
+    const cases: Array<[string[], RegExp]> = [
+      [['score-heads'], /score-heads needs --trace/],
+      [['score-heads', '--trace', tracePath, '--ratio', '1.5'], /--ratio must be a number in \[0, 1\], not '1\.5'/],
+      [['score-heads', '--trace', tracePath, '--ratio', ''], /--ratio must be a number in \[0, 1\]/],
+      [['score-heads', '--trace', tracePath, '--device', 'gpu'], /--device must be cpu or cuda, not 'gpu'/],
+      [['score-heads', '--trace', tracePath, '--sink=-1'], /--sink must be an integer >= 0, not '-1'/],
+      [['score-heads', '--trace', tracePath, '--window', '0'], /--window must be an integer >= 1, not '0'/],
+      [['score-heads', '--trace', tracePath, '--copy-segment', 'x'], /--copy-segment must be an integer >= 1, not 'x'/],
+      [['score-heads', 'extra', '--trace', tracePath], /Unexpected argument 'extra'/],
+      [['score-heads', '--trace', tracePath, '--frobnicate'], /Unknown option '--frobnicate'/],
+    ];
+    for (const [argv, message] of cases) {
+      const result = await run(argv);
+      expect(result.status, argv.join(' ')).toBe(2);
+      expect(result.stderr, argv.join(' ')).toMatch(message);
+      expect(result.stderr, argv.join(' ')).toMatch(/kvslim score-heads --trace <file>/);  // the command's usage
+    }
+    const missing = await run(['score-heads', '--trace', join(dir, 'missing.safetensors')]);
+    expect(missing.status).toBe(1);
+    expect(missing.stderr).toMatch(/ENOENT/);
+    const junk = join(dir, 'junk.safetensors');
+    writeFileSync(junk, Buffer.from('not a safetensors file at all'));
+    const corrupt = await run(['score-heads', '--trace', junk]);
+    expect(corrupt.status).toBe(1);
+    expect(corrupt.stderr).toMatch(/\[ERR_CORRUPT\]/);
+    // A copy segment longer than the trace allows is scoreHeads' own ERR_OPTION.
+    const long = await run(['score-heads', '--trace', tracePath, '--copy-segment', '4000']);
+    expect(long.status).toBe(1);
+    expect(long.stderr).toMatch(/\[ERR_OPTION\]: .*copySegment/);
+  });
+});
