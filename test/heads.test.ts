@@ -347,6 +347,7 @@ describe('scoreHeads: errors', () => {
       [() => scoreHeads([good], { ...shape, scale: 0 }), 'ERR_OPTION', /scale/],
       [() => scoreHeads([good], { ...shape, device: 'tpu' as never }), 'ERR_OPTION', /device/],
       [() => scoreHeads([good], { ...shape, windows: 4 } as never), 'ERR_OPTION', /scoreHeads\.windows/],
+      [() => scoreHeads([good], { ...shape, onProgress: 3 as never }), 'ERR_OPTION', /function for onProgress/],
       [() => scoreHeads('trace' as never, shape), 'ERR_OPTION', /Trace or an array/],
       [() => scoreHeads({ meta: { config: { layers: 1, ...shape } }, layers: [good] } as never, { headDim: 16 }), 'ERR_OPTION', /headDim/],
       [() => scoreHeads([{ ...good, v: good.v.map((x, i) => (i === 5 ? Number.NaN : x)) }], shape), 'ERR_VALUE', /finite/],
@@ -362,6 +363,18 @@ describe('scoreHeads: errors', () => {
       expect((error as KVSlimError).code, (error as Error).message).toBe(code);
       expect((error as Error).message).toMatch(message);
     }
+  });
+});
+
+describe('scoreHeads progress', () => {
+  it('reports each layer once it is scored, in order', () => {
+    const seen: string[] = [];
+    const scores = scoreHeads(mha.layers, {
+      qHeads: mha.qHeads, kvHeads: mha.kvHeads, headDim: mha.headDim, ...options,
+      onProgress: ({ layer, layers }) => seen.push(`${layer}/${layers}`),
+    });
+    expect(seen).toEqual(['0/2', '1/2']);
+    expect(Array.from(scores)).toEqual(Array.from(scoreHeads(mha.layers, { qHeads: mha.qHeads, kvHeads: mha.kvHeads, headDim: mha.headDim, ...options })));
   });
 });
 
