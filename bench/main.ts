@@ -35,18 +35,20 @@ speed-up, compression) and KIVI quality on keys with outlier channels (output er
 rate, keys-per-token ablation). Then the selection policies (streaming, snapkv, pyramidkv, duo) on a
 32K needle prompt at budgets T/4-T/16: bytes kept, decode time, output error, attention mass and
 needle hits for the question's turn and a second turn, plus a 2K whole-prompt prefill (with h2o)
-timing what selection adds. Then retrieval (RetrievalAttention): recall@100, keys scanned and latency of
-the flat / ivf / graph key indexes beside Quest and hnswlib on 64K and 256K keys of one kv head, and
-decode with each of them and ActQKV at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
-hits). Then head scoring: scoreHeads on a 32K workload whose kv heads half attend locally and half retrieve
-needles, and a DuoAttention cache driven by the scores (kept tokens vs the truth, needle hits, output
-error of the streamed heads, decode time). Takes about three minutes on 2 cores (KIVI and policies about one each) plus the retrieval
-section (several minutes; its index builds dominate).
+timing what selection adds. Then head scoring: scoreHeads on a 32K workload whose kv heads half attend
+locally and half retrieve needles, and a DuoAttention cache driven by the scores (kept tokens vs the
+truth, needle hits, output error of the streamed heads, decode time). Then retrieval
+(RetrievalAttention): recall@100, keys scanned and latency of the flat / ivf / graph key indexes
+beside Quest and hnswlib on 64K and 256K keys of one kv head, and decode with each of them and
+ActQKV at 64K and 256K over 4 needle turns (speed-up vs the full f16 cache, output error, needle
+hits). Then serving (stepBatch, parking sessions). A full run
+takes 12-17 minutes on 2 cores: the decode and prefill cases about 4, KIVI 2-3, policies 3-5 (two
+32K-token prefills per cache for H2O), heads under 1, retrieval 5-6 (its index builds dominate).
 
 Options:
   --quick            decode at 4K, a 1K prefill, KIVI at 4K only, policies at 4K/1K, heads at 4K, retrieval at 16K (smoke test)
   --only <kind>      decode | prefill | kivi | policies | heads | retrieval | serving: run one part
-  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI, policies or retrieval section)
+  --case <id>[,...]  run only these cases (repeatable), e.g. --case decode-f16-64K (no KIVI, policies, heads or retrieval section)
   --list             print the case ids of the matrix and exit
   --json <path>      write the JSON record there instead of bench/results/
   -h, --help         print this help
