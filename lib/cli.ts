@@ -5,7 +5,7 @@
 // policies (lib/eval); `kvslim score-heads` classifies a trace's kv heads for DuoAttention
 // (lib/heads); `kvslim inspect` lists a safetensors file.
 import { spawnSync } from 'node:child_process';
-import { existsSync, realpathSync, writeFileSync } from 'node:fs';
+import { existsSync, readFileSync, realpathSync, writeFileSync } from 'node:fs';
 import { basename, dirname, join } from 'node:path';
 import { fileURLToPath } from 'node:url';
 import { parseArgs } from 'node:util';
@@ -39,7 +39,9 @@ const evalUsage = `kvslim eval [--workload <name> | --trace <file>] [--policy <s
   --policy <spec>       a policy to evaluate (repeatable; default full): full, f32, f16, bf16,
                         kivi2, kivi4, kivi8, streaming:<budget>, snapkv:<budget>,
                         pyramidkv:<budget>, h2o:<budget>, quest:<pages>, flat:<topK>,
-                        ivf:<topK>, graph:<topK>, actqkv:<blocks>
+                        ivf:<topK>, graph:<topK>, actqkv:<blocks>, duo:<heads.json>
+                        (DuoAttention with the scores, sink, window and ratio that
+                        kvslim score-heads --json wrote)
                         (full selection with that store), <selection>/<store> as reports
                         name them (snapkv:1024/kivi2: SnapKV's kept tokens in 2-bit KIVI),
                         or a PolicySpec as JSON, e.g.
@@ -197,9 +199,30 @@ const policyShorthands: Record<string, PolicySpec> = {
   kivi2: { store: { kind: 'kivi', bits: 2 } }, kivi4: { store: { kind: 'kivi', bits: 4 } }, kivi8: { store: { kind: 'kivi', bits: 8 } },
 };
 
+/** `duo:<file>`: DuoAttention from a kvslim score-heads --json file (kvslim-head-scores/1). */
+function duoFromScores(path: string): PolicySpec {
+  let record: Record<string, unknown>;
+  try {
+    record = JSON.parse(readFileSync(path, 'utf8')) as Record<string, unknown>;
+  } catch (error) {
+    throw new UsageError(`--policy duo:${path}: ${(error as Error).message}`);
+  }
+  if (record === null || typeof record !== 'object' || record.format !== 'kvslim-head-scores/1') {
+    throw new UsageError(`--policy duo:${path}: not a kvslim score-heads file (format kvslim-head-scores/1)`);
+  }
+  // The policy checks the scores, sink, window and ratio (and their count against the cache's shape).
+  return {
+    select: {
+      kind: 'duo', heads: record.scores as number[][], sink: record.sink as number, window: record.window as number,
+      retrievalRatio: record.retrievalRatio as number,
+    },
+  };
+}
+
 /** A `--policy` argument: a shorthand or a PolicySpec as JSON (checked by evaluate before any work). */
 function parsePolicy(text: string): PolicySpec {
   if (Object.hasOwn(policyShorthands, text)) return policyShorthands[text];
+  if (text.startsWith('duo:')) return duoFromScores(text.slice('duo:'.length));
   // <selection>:<budget>: streaming keeps 4 sinks + (budget - 4) recent tokens.
   // quest:<pages>, flat|ivf|graph:<topK> (retrieval), actqkv:<blocks per layer>.
   const loading = /^(quest|flat|ivf|graph|actqkv):(\d+)$/.exec(text);

@@ -49,7 +49,8 @@ function needleTrace(path: string): void {
     }
     traceLayers.push({ q, k, v });
   }
-  writeTrace(path, traceLayers, { config: shape, tokens: Array.from({ length: T }, (_, i) => i % 500) });
+  // The last 4 rows are kvslim eval's query turns.
+  writeTrace(path, traceLayers, { config: shape, tokens: Array.from({ length: T }, (_, i) => i % 500), promptTokens: T - 4 });
 }
 
 const tracePath = join(dir, 'needles.safetensors');
@@ -106,6 +107,28 @@ describe('kvslim score-heads', () => {
       expect(cache.stats().layers.map((l) => l.tokensKept)).toEqual(RETRIEVING.map((row) => row.map((r) => (r ? 300 : SINK + WINDOW))));
     } finally {
       cache.dispose();
+    }
+  });
+
+  it('feeds kvslim eval: --policy duo:<heads.json> evaluates DuoAttention with those scores', async () => {
+    const json = join(dir, 'eval-heads.json');
+    expect((await run(['score-heads', '--trace', tracePath, '--sink', '4', '--window', '64', '--probes', '16', '--json', json])).status).toBe(0);
+    const result = await run(['eval', '--trace', tracePath, '--policy', 'full', '--policy', `duo:${json}`, '--turns', '2']);
+    expect(result.status, result.stderr).toBe(0);
+    // Half the kv heads keep all 1020 context tokens, half sink 4 + window 64: about (1020 + 68) / 2 of them.
+    const duo = /duo:4\+64\s+multi-turn\s+(\d\.\d+)/.exec(result.stdout);
+    expect(duo, result.stdout).not.toBeNull();
+    expect(Number(duo![1])).toBeCloseTo(0.53, 1);
+    const bad: Array<[string, RegExp]> = [
+      [`duo:${join(dir, 'missing.json')}`, /--policy duo:.*missing\.json: ENOENT/],
+      [`duo:${tracePath}`, /--policy duo:.*: /],
+    ];
+    writeFileSync(join(dir, 'other.json'), '{"format":"something-else"}');
+    bad.push([`duo:${join(dir, 'other.json')}`, /not a kvslim score-heads file/]);
+    for (const [policy, message] of bad) {
+      const failed = await run(['eval', '--trace', tracePath, '--policy', policy]);
+      expect(failed.status, policy).toBe(2);
+      expect(failed.stderr, policy).toMatch(message);
     }
   });
 
