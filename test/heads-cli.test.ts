@@ -6,12 +6,12 @@ import { mkdtempSync, readFileSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { afterAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 
-import { main } from '../lib/cli.js';
 import { KVCache, scoreHeadsDetailed } from '../lib/index.js';
 import { readTrace, type TraceLayer, writeTrace } from '../lib/trace/trace.js';
 import { Random } from './helpers/random.js';
+import { runCli } from './helpers/cli.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kvslim-heads-cli-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
@@ -56,18 +56,7 @@ function needleTrace(path: string): void {
 const tracePath = join(dir, 'needles.safetensors');
 needleTrace(tracePath);
 
-async function run(argv: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
-  let stdout = '', stderr = '';
-  const text = (chunk: string | Uint8Array) => (typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString());
-  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk) => ((stdout += text(chunk)), true));
-  const err = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => ((stderr += text(chunk)), true));
-  try {
-    return { status: await main(argv), stdout, stderr };
-  } finally {
-    out.mockRestore();
-    err.mockRestore();
-  }
-}
+const run = runCli;
 
 /** The table's rows: [layer, kvHead, role]. */
 function roles(stdout: string): Array<[number, number, string]> {

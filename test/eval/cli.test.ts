@@ -3,31 +3,20 @@ import { mkdtempSync, readFileSync, rmSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
-import { afterAll, describe, expect, it, vi } from 'vitest';
+import { afterAll, describe, expect, it } from 'vitest';
 
-import { main } from '../../lib/cli.js';
 import { writeSafetensors } from '../../lib/trace/safetensors.js';
 import { writeTrace } from '../../lib/trace/trace.js';
+import { runCli } from '../helpers/cli.js';
 
 const dir = mkdtempSync(join(tmpdir(), 'kvslim-eval-'));
 afterAll(() => rmSync(dir, { recursive: true, force: true }));
 
-async function run(argv: string[]): Promise<{ status: number; stdout: string; stderr: string }> {
-  let stdout = '', stderr = '';
-  const text = (chunk: string | Uint8Array) => (typeof chunk === 'string' ? chunk : Buffer.from(chunk).toString());
-  const out = vi.spyOn(process.stdout, 'write').mockImplementation((chunk) => ((stdout += text(chunk)), true));
-  const err = vi.spyOn(process.stderr, 'write').mockImplementation((chunk) => ((stderr += text(chunk)), true));
-  try {
-    return { status: await main(argv), stdout, stderr };
-  } finally {
-    out.mockRestore();
-    err.mockRestore();
-  }
-}
+const run = runCli;
 
 describe('kvslim eval', () => {
   it('prints help for each command', async () => {
-    for (const command of ['eval', 'inspect', 'trace']) {
+    for (const command of ['eval', 'inspect', 'trace', 'score-heads']) {
       const result = await run([command, '--help']);
       expect(result.status).toBe(0);
       expect(result.stdout).toContain(`kvslim ${command}`);
