@@ -84,8 +84,9 @@ const inspectUsage = `kvslim inspect <file.safetensors>
 const benchUsage = `kvslim bench [bench options]
   Runs the benchmark (the same as npm run bench): decode and prefill attention of a Llama-3-8B
   layer against this machine's measured memory bandwidth and FMA peak, and a plain-JS baseline,
-  then KIVI-8/4/2 decode and quality beside the f16 cache.
-  Its own options (--quick, --only decode|prefill|kivi, --case <id>, --json <path>) follow: kvslim bench --quick.
+  then KIVI, the selection policies, head scoring, retrieval and serving (12-17 min on 2 cores).
+  Its own options (--quick, --only decode|prefill|kivi|policies|heads|retrieval|serving, --case <id>,
+  --json <path>, --help) follow: kvslim bench --quick.
 `;
 
 const usage = `Usage: kvslim <command> [options]
