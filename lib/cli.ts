@@ -344,10 +344,11 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   const window = nonNegativeInteger('--window', values.window, 1) ?? 256;
   const probes = nonNegativeInteger('--probes', values.probes, 1) ?? 64;
   const ratio = fraction('--ratio', values.ratio);
+  const explicitSegment = nonNegativeInteger('--copy-segment', values['copy-segment'], 1);
   const device = values.device;
   if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, not '${device}'`);
 
-  const [{ readTrace }, { scoreHeadsDetailed }, { duoMask }] = await Promise.all([
+  const [{ readTrace }, { scoreHeadsDetailed }, { defaultRetrievalRatio, duoMask }] = await Promise.all([
     import('./trace/trace.js'), import('./heads/score.js'), import('./select.js'),
   ]);
   const trace = readTrace(values.trace);
@@ -355,8 +356,8 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   // A --probe trace names its segment; an explicit --copy-segment wins.
   const probe = trace.meta.probe as { length?: unknown } | undefined;
   const recorded = typeof probe?.length === 'number' && Number.isInteger(probe.length) && probe.length > 0 ? probe.length : undefined;
-  const copySegment = nonNegativeInteger('--copy-segment', values['copy-segment'], 1) ?? recorded;
-  const T = trace.layers[0]?.k.length / (kvHeads * headDim);
+  const copySegment = explicitSegment ?? recorded;
+  const T = trace.layers[0].k.length / (kvHeads * headDim);
   const interactive = process.stderr.isTTY === true;
   const started = performance.now();
   const result = scoreHeadsDetailed(trace, {
@@ -368,7 +369,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   });
   if (interactive) process.stderr.write('\r\x1b[K');
   const group = qHeads / kvHeads;
-  const retrievalRatio = ratio ?? (group > 1 ? 0.5 : 0.25);
+  const retrievalRatio = ratio ?? defaultRetrievalRatio(group > 1);
   const mask = duoMask({ kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio }, layers, kvHeads, group > 1);
 
   const lines: string[] = [];

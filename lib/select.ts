@@ -279,6 +279,11 @@ export function resolveSelect(select: unknown): ResolvedSelect {
   }
 }
 
+/** Duo's share of retrieval heads when scores come without one: half with GQA, a quarter without (methods/duoattention.md). */
+export function defaultRetrievalRatio(gqa: boolean): number {
+  return gqa ? 0.5 : 0.25;
+}
+
 /**
  * The duo retrieval mask `[layers * kvHeads]` for a cache shape: the given mask, or the top
  * `retrievalRatio` of the scores ranked across all layers (ties: the lower index).
@@ -291,7 +296,7 @@ export function duoMask(select: Extract<ResolvedSelect, { kind: 'duo' }>, layers
   }
   if (select.mask !== null) return select.mask;
   const scores = select.scores as Float64Array;
-  const ratio = select.retrievalRatio ?? (gqa ? 0.5 : 0.25);
+  const ratio = select.retrievalRatio ?? defaultRetrievalRatio(gqa);
   const retrieval = Math.round(ratio * count);
   const order = Array.from({ length: count }, (_, i) => i).sort((a, b) => scores[b] - scores[a] || a - b);
   const mask = new Uint8Array(count);
