@@ -11,7 +11,7 @@ import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
 import { gridValues } from './data.js';
 import { ms, num, Table, type TargetResult } from './report.js';
-import { elapsedMs, evictCaches, measure, type TimeStats, type TimingPlan } from './timing.js';
+import { elapsedMs, evictCaches, measure, summarizeSamples, type TimeStats, type TimingPlan } from './timing.js';
 
 const { qHeads: Q, kvHeads: KV, headDim: D } = MODEL;
 const GROUP = Q / KV;
@@ -395,12 +395,14 @@ export function runHeads(context: HeadsContext): HeadsRecord {
       const cache = caches[i];
       if (i === 0 || cache === null) return;
       status(`${row.kind}: timing decode (cold) beside the full cache...`);
+      const first = fullSamples.length;
       row.decode = measure(plan.decode, () => {
         fullSamples.push(timed(full));
         return timed(cache);
       });
+      fullSamples.splice(first, plan.decode.warmupRuns);  // the full runs beside this row's warm-up runs
     });
-    rows[0].decode = measure({ warmupRuns: 0, minRuns: fullSamples.length, maxRuns: fullSamples.length, minTotalMs: 0 }, () => fullSamples.shift()!);
+    rows[0].decode = summarizeSamples(fullSamples);
     for (const row of rows) if (row.decode) row.timeFraction = row.decode.medianMs / rows[0].decode.medianMs;
   }
   for (const cache of caches) cache?.dispose();

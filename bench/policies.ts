@@ -12,7 +12,7 @@ import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, prefillFlops, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
 import { gridValues } from './data.js';
 import { gpuPrefillText, ms, num, Table, type TargetResult } from './report.js';
-import { EVICT_BYTES, elapsedMs, evictCaches, measure, type TimeStats, type TimingPlan } from './timing.js';
+import { EVICT_BYTES, elapsedMs, evictCaches, measure, summarizeSamples, type TimeStats, type TimingPlan } from './timing.js';
 
 /** Budgets: T / each of these tokens per kv head. */
 export const POLICY_FRACTIONS = [4, 8, 16] as const;
@@ -436,12 +436,6 @@ function turnQuality(cache: KVCache, layers: number, w: Workload, turn: number, 
     needle, relL2: relL2 / layers, mass: mass / pairs, needleHits: hits, needlePairs: pairs, hitRate: hits / pairs,
     needleKept: kept / (layers * MODEL.kvHeads),
   };
-}
-
-/** Samples taken elsewhere (interleaved runs), summarized as measure() does. */
-function summarizeSamples(samples: number[]): TimeStats {
-  let i = 0;
-  return measure({ warmupRuns: 0, minRuns: samples.length, maxRuns: samples.length, minTotalMs: 0 }, () => samples[i++]);
 }
 
 /**

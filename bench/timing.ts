@@ -51,6 +51,11 @@ export function measure(plan: TimingPlan, once: () => number): TimeStats {
   return summarize(samples, plan.warmupRuns);
 }
 
+/** Samples taken elsewhere (interleaved runs), summarized as measure() does. */
+export function summarizeSamples(samples: number[]): TimeStats {
+  return summarize(samples, 0);
+}
+
 function summarize(samples: number[], warmupRuns: number): TimeStats {
   const sorted = [...samples].sort((a, b) => a - b);
   const p10Ms = quantile(sorted, 0.1), p90Ms = quantile(sorted, 0.9);
