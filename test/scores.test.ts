@@ -39,6 +39,9 @@ describe('attentionScores', () => {
     // MQA: 32 rows of one kv head from a single query; odd T over three chunks, odd dims:
     { n: 1, T: 4133, qHeads: 32, kvHeads: 1, D: 24 },
     { n: 70, T: 333, qHeads: 8, kvHeads: 2, D: 128 },
+    // No padding at all (channels a multiple of the vector width, whole blocks): the key buffer is
+    // reused between chunks without zeroing.
+    { n: 5, T: 2080, qHeads: 8, kvHeads: 2, D: 64 },
   ];
   for (const [index, s] of shapes.entries()) {
     it(`n ${s.n}, T ${s.T}, ${s.qHeads}/${s.kvHeads}/${s.D}`, () => {

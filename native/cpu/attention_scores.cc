@@ -46,7 +46,9 @@ void attentionScoresTiled(const KernelTable& kernels, const ScoresArgs& args, in
     float* tile = keys + keyFloats;
     const int64_t begin = chunk * kChunkTokens, count = std::min(kChunkTokens, tokens - begin);
     const int64_t padded = (count + blockKeys - 1) / blockKeys * blockKeys;
-    std::fill(keys, keys + size_t(padded) * size_t(paddedDim), 0.0f);  // the padding lanes and channels
+    // transposeKeys writes channels [0, dim) of keys [0, count): zero the buffer only when it has
+    // padding (channels past dim, or lanes past a partial last block).
+    if (paddedDim != dim || padded != count) std::fill(keys, keys + size_t(padded) * size_t(paddedDim), 0.0f);
     transposeKeys(kernels, layout, args.head, begin, count, 0, keys);
     for (int64_t first = 0; first < args.rows; first += kTileRows) {
       const int32_t rows = int32_t(std::min<int64_t>(kTileRows, args.rows - first));
