@@ -11,14 +11,12 @@ import {
   type ReferenceSelectSpec, type SelectShape, SelectMirror, duoRetrievalMask, pool1d, pyramidPrefixBudget, topIndices,
 } from './reference/select.js';
 import { Random, relativeL2 } from './helpers/random.js';
-import { LayerMirror, type Tokens, randomTokens } from './helpers/tokens.js';
+import { LayerMirror, randomTokens } from './helpers/tokens.js';
 import { expectError } from './helpers/errors.js';
 import { savedH2OScores } from './helpers/saved.js';
 import { disposedAfterEach } from './helpers/lifetime.js';
+import { type Op, Pair, SELECT_TOLERANCE as TOLERANCE, selectCache } from './helpers/select-pair.js';
 
-// f16 store, f32 arithmetic over exactly representable stored values: errors are ~1e-6.
-const TOLERANCE = 1e-4;
-const F16_BYTES = 2;
 
 const GQA: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 64 };
 const MHA: SelectShape = { layers: 2, qHeads: 4, kvHeads: 4, headDim: 32 };
@@ -26,119 +24,8 @@ const MHA: SelectShape = { layers: 2, qHeads: 4, kvHeads: 4, headDim: 32 };
 const open = disposedAfterEach<KVCache>();
 
 function cacheOf(shape: SelectShape, select: SelectSpec | ReferenceSelectSpec, extra: Partial<KVCacheOptions> = {}): KVCache {
-  const cache = new KVCache({ ...shape, device: 'cpu', pageTokens: 4, policy: { select: select as SelectSpec }, ...extra });
-  open.push(cache);
-  return cache;
+  return selectCache(open, shape, select, extra);
 }
-
-type Op = ['prefill' | 'step' | 'append' | 'attend', number];
-
-/** A cache and its reference, driven by the same calls on every layer. */
-class Pair {
-  readonly cache: KVCache;
-  readonly mirror: SelectMirror;
-  readonly shape: SelectShape;
-  readonly random: Random;
-  /** Outputs of the last call per layer (cache, reference). */
-  last: Array<{ actual: Float32Array; expected: Float64Array }> = [];
-  /** Tokens of the last call per layer. */
-  lastTokens: Tokens[] = [];
-
-  constructor(shape: SelectShape, select: ReferenceSelectSpec, seed: number, pageTokens = 4, cache?: KVCache, mirror?: SelectMirror) {
-    this.shape = shape;
-    this.random = new Random(seed);
-    this.cache = cache ?? cacheOf(shape, select, { pageTokens });
-    this.mirror = mirror ?? new SelectMirror(shape, select);
-  }
-
-  fork(seed: number): Pair {
-    const child = this.cache.fork();
-    open.push(child);
-    return new Pair(this.shape, { kind: 'full' }, seed, 4, child, this.mirror.fork());
-  }
-
-  tokens(n: number): Tokens {
-    return randomTokens(this.random, this.shape, n);
-  }
-
-  /** Runs one call on every layer (fresh tokens per layer); checks outputs and positions. */
-  run(op: Op, label = ''): void {
-    const [kind, n] = op;
-    this.last = [];
-    this.lastTokens = [];
-    for (let layer = 0; layer < this.shape.layers; layer++) {
-      const t = this.tokens(n);
-      this.lastTokens.push(t);
-      let actual: Float32Array | null = null;
-      let expected: Float64Array | null = null;
-      if (kind === 'append') {
-        this.cache.append(layer, t.k, t.v);
-        this.mirror.append(layer, t.k, t.v);
-      } else if (kind === 'attend') {
-        actual = this.cache.attend(layer, t.q);
-        expected = this.mirror.attend(layer, t.q);
-      } else {
-        actual = this.cache[kind](layer, t.q, t.k, t.v);
-        expected = this.mirror[kind](layer, t.q, t.k, t.v);
-      }
-      if (actual !== null && expected !== null) {
-        const error = relativeL2(actual, expected);
-        expect(error, `${label} ${kind}(${n}) layer ${layer}: output vs reference`).toBeLessThanOrEqual(TOLERANCE);
-        this.last.push({ actual, expected });
-      }
-    }
-    this.expectPositions(`${label} after ${kind}(${n})`);
-  }
-
-  runAll(ops: Op[], label = ''): void {
-    for (const op of ops) this.run(op, label);
-  }
-
-  expectPositions(label: string): void {
-    for (let layer = 0; layer < this.shape.layers; layer++) {
-      const T = this.mirror.tokens(layer);
-      expect(this.cache.tokens(layer), `${label}: tokens(${layer})`).toBe(T);
-      for (let h = 0; h < this.shape.kvHeads; h++) {
-        const positions = this.cache.positions(layer, h);
-        expect(positions).toBeInstanceOf(Float64Array);
-        expect(Array.from(positions), `${label}: positions(${layer}, ${h})`).toEqual(this.mirror.positions(layer, h));
-      }
-      // Never more heads than kvHeads.
-      expectError(() => this.cache.positions(layer, this.shape.kvHeads), 'ERR_SHAPE', /kvHead/);
-    }
-  }
-
-  /** stats(): tokens kept per head and layer, bytes of the kept tokens to the byte. */
-  expectStats(label = ''): void {
-    const { layers, kvHeads, headDim } = this.shape;
-    const stats = this.cache.stats();
-    let keptRows = 0;
-    let seen = 0;
-    let keptMean = 0;
-    for (let layer = 0; layer < layers; layer++) {
-      const T = this.mirror.tokens(layer);
-      seen += T / layers;
-      const perHead = Array.from({ length: kvHeads }, (_, h) => this.mirror.positions(layer, h).length);
-      expect(stats.layers[layer].tokensKept, `${label}: layers[${layer}].tokensKept`).toEqual(perHead);
-      const rowsKept = perHead.reduce((a, b) => a + b, 0);
-      expect(stats.layers[layer].bytes, `${label}: layers[${layer}].bytes`).toBe(rowsKept * headDim * 2 * F16_BYTES);
-      keptRows += rowsKept;
-      keptMean += rowsKept / kvHeads / layers;
-    }
-    const fullRows = Array.from({ length: layers }, (_, l) => this.mirror.tokens(l)).reduce((a, b) => a + b, 0) * kvHeads;
-    expect(stats.bytes.kv, `${label}: bytes.kv`).toBe(keptRows * headDim * 2 * F16_BYTES);
-    expect(stats.bytes.fullF16, `${label}: bytes.fullF16`).toBe(fullRows * headDim * 2 * F16_BYTES);
-    // Dropped by exactly the evicted tokens' bytes.
-    expect(stats.bytes.fullF16 - stats.bytes.kv).toBe((fullRows - keptRows) * headDim * 2 * F16_BYTES);
-    expect(stats.tokens.seen).toBeCloseTo(seen, 9);
-    expect(stats.tokens.kept).toBeCloseTo(keptMean, 9);
-  }
-
-  keptCounts(layer: number): number[] {
-    return Array.from({ length: this.shape.kvHeads }, (_, h) => this.cache.positions(layer, h).length);
-  }
-}
-
 
 /** Every kept position is one the layer has seen, ascending, no duplicates. */
 function expectSubsetOfSeen(pair: Pair): void {
@@ -196,7 +83,7 @@ describe('streaming: sinks + the last window', () => {
     ['GQA, no sinks, window 9', GQA, 4, { kind: 'streaming', sink: 0, window: 9 }],
   ] as Array<[string, SelectShape, number, ReferenceSelectSpec]>) {
     it(`${name}: positions and outputs equal the reference after every call`, () => {
-      const pair = new Pair(shape, select, 11 + pageTokens, pageTokens);
+      const pair = new Pair(open, shape, select, 11 + pageTokens, pageTokens);
       pair.runAll(plan, name);
       expectSubsetOfSeen(pair);
       pair.expectStats(name);
@@ -303,7 +190,7 @@ describe('snapkv: the observation window votes once, at the end of the first pre
   ];
   for (const [name, shape, pageTokens, select, plan] of cases) {
     it(`${name}: positions per kv head and outputs equal the reference`, () => {
-      const pair = new Pair(shape, select, 21 + pageTokens + plan.length, pageTokens);
+      const pair = new Pair(open, shape, select, 21 + pageTokens + plan.length, pageTokens);
       // The deciding prefill attends over everything (selection runs after its attention).
       const [first, ...rest] = plan;
       pair.run(first, name);
@@ -324,7 +211,7 @@ describe('snapkv: the observation window votes once, at the end of the first pre
 
   it('budgets: every kv head keeps budget tokens after the decision, decisions differ per kv head, decode appends', () => {
     const budget = 32, window = 8;
-    const pair = new Pair(GQA, { kind: 'snapkv', budget, window }, 31);
+    const pair = new Pair(open, GQA, { kind: 'snapkv', budget, window }, 31);
     pair.run(['prefill', 120]);
     let differ = false;
     for (let l = 0; l < GQA.layers; l++) {
@@ -343,7 +230,7 @@ describe('snapkv: the observation window votes once, at the end of the first pre
   });
 
   it('a prompt that fits (budget - w >= prefix) keeps everything', () => {
-    const pair = new Pair(MHA, { kind: 'snapkv', budget: 40, window: 8 }, 32);
+    const pair = new Pair(open, MHA, { kind: 'snapkv', budget: 40, window: 8 }, 32);
     pair.runAll([['prefill', 40], ['prefill', 30], ...steps(2)]);
     for (let l = 0; l < MHA.layers; l++) for (let h = 0; h < MHA.kvHeads; h++) expect(pair.cache.positions(l, h).length).toBe(72);
     pair.expectStats();
@@ -361,7 +248,7 @@ describe('pyramidkv: per-layer budgets', () => {
     ['fallback to uniform (beta 2: min < w)', { kind: 'pyramidkv', budget: 20, window: 8, beta: 2 }, 100],
   ] as Array<[string, ReferenceSelectSpec & { budget: number; window: number }, number]>) {
     it(`${name}: positions equal the reference, layer budgets sum to the uniform total`, () => {
-      const pair = new Pair(shape, select, 41 + prompt);
+      const pair = new Pair(open, shape, select, 41 + prompt);
       pair.runAll([['prefill', prompt], ...steps(3), ['attend', 2]], name);
       pair.expectStats(name);
       const w = select.window;
@@ -382,10 +269,10 @@ describe('pyramidkv: per-layer budgets', () => {
 
   it('one layer: the uniform budget (snapkv)', () => {
     const one: SelectShape = { ...shape, layers: 1 };
-    const pair = new Pair(one, { kind: 'pyramidkv', budget: 24, window: 4 }, 45);
+    const pair = new Pair(open, one, { kind: 'pyramidkv', budget: 24, window: 4 }, 45);
     pair.runAll([['prefill', 80], ...steps(2)]);
     expect(pair.keptCounts(0)).toEqual([26, 26]);
-    const snap = new Pair(one, { kind: 'snapkv', budget: 24, window: 4 }, 45);
+    const snap = new Pair(open, one, { kind: 'snapkv', budget: 24, window: 4 }, 45);
     snap.runAll([['prefill', 80], ...steps(2)]);
     for (let h = 0; h < 2; h++) expect(Array.from(pair.cache.positions(0, h))).toEqual(Array.from(snap.cache.positions(0, h)));
   });
@@ -405,7 +292,7 @@ describe('h2o: heavy hitters + recent window', () => {
   ];
   for (const [name, shape, pageTokens, select, plan] of cases) {
     it(`${name}: positions and outputs equal the reference after every call`, () => {
-      const pair = new Pair(shape, select, 51 + pageTokens + plan.length, pageTokens);
+      const pair = new Pair(open, shape, select, 51 + pageTokens + plan.length, pageTokens);
       let T = 0;
       for (const op of plan) {
         pair.run(op, name);
@@ -425,7 +312,7 @@ describe('h2o: heavy hitters + recent window', () => {
   // over kept tokens and tail together) against float64 softmax sums: a wrong temperature or a row
   // that misses a token changes scores long before it changes which tokens are kept.
   it('accumulated scores equal the float64 reference after every call', () => {
-    const pair = new Pair(GQA, { kind: 'h2o', budget: 24, recent: 8 }, 71, 4);
+    const pair = new Pair(open, GQA, { kind: 'h2o', budget: 24, recent: 8 }, 71, 4);
     const plan: Op[] = [['prefill', 30], ...steps(12), ['prefill', 20], ...steps(12), ['attend', 3], ['step', 2]];
     let T = 0;
     for (const op of plan) {
@@ -469,7 +356,7 @@ describe('h2o: heavy hitters + recent window', () => {
   });
 
   it('the kv heads of a GQA cache decide separately', () => {
-    const pair = new Pair(GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
+    const pair = new Pair(open, GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
     pair.runAll([['prefill', 60], ...steps(10)]);
     for (let l = 0; l < GQA.layers; l++) {
       const heads = [0, 1].map((h) => Array.from(pair.cache.positions(l, h)).join());
@@ -489,7 +376,7 @@ describe('duo: retrieval heads keep everything, streaming heads sinks + window',
   ];
   for (const [name, shape, select] of cases) {
     it(`${name}: positions per head and outputs equal the reference`, () => {
-      const pair = new Pair(shape, select, 61 + name.length);
+      const pair = new Pair(open, shape, select, 61 + name.length);
       pair.runAll([['prefill', 40], ...steps(12), ['prefill', 30], ['append', 4], ['attend', 5], ...steps(3)], name);
       expectSubsetOfSeen(pair);
       pair.expectStats(name);
@@ -515,7 +402,7 @@ describe('fork() after compression', () => {
   ];
   for (const [name, select, plan] of cases) {
     it(`${name}: pages shared, then parent and child diverge and both match their references`, () => {
-      const parent = new Pair(GQA, select, 71);
+      const parent = new Pair(open, GQA, select, 71);
       parent.runAll(plan, `${name} parent`);
       const child = parent.fork(72);
       expect(child.cache.stats().bytes.shared).toBeGreaterThan(0);
@@ -568,7 +455,7 @@ describe('errors', () => {
       [{ kind: 'duo', heads: [true, false], sink: 4, window: 8 }, [['prefill', 30]], 8],
     ];
     for (const [select, plan, inOrder] of cases) {
-      const pair = new Pair(shape, select, 81);
+      const pair = new Pair(open, shape, select, 81);
       pair.runAll(plan, select.kind);
       const q = pair.tokens(inOrder + 1).q;
       expectError(() => pair.cache.attend(0, q), 'ERR_SHAPE', /quer/);
