@@ -144,7 +144,7 @@ function describeBackends(info: Backends): string {
   const cuda = info.cuda === null ? 'not built'
     : info.cuda.available ? `${info.cuda.name} (compute ${info.cuda.computeCapability}, ${info.cuda.devices} device(s))`
       : `unavailable (${info.cuda.reason})`;
-  return `cpu ${simd}, ${cpu.threads} threads; cuda ${cuda}`;
+  return `cpu ${simd}, ${cpu.threads} threads, prefetch to ${cpu.prefetch.toUpperCase()}; cuda ${cuda}`;
 }
 
 const GB = 1e9;
@@ -446,7 +446,10 @@ async function main(): Promise<void> {
       memoryBytes: os.totalmem(), platform: os.platform(), arch: os.arch(), osRelease: os.release(),
       node: process.version, v8: process.versions.v8,
     },
-    kvslim: { backends: info, env: { KVSLIM_SIMD: process.env.KVSLIM_SIMD ?? null, KVSLIM_THREADS: process.env.KVSLIM_THREADS ?? null } },
+    kvslim: {
+      backends: info,
+      env: Object.fromEntries(['KVSLIM_SIMD', 'KVSLIM_THREADS', 'KVSLIM_PREFETCH'].map((name) => [name, process.env[name] ?? null])),
+    },
     limits: { ...limits, probe, probeMs, after: limitsAfter, drift: maxDrift },
     model: MODEL,
     method: {

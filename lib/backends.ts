@@ -6,8 +6,9 @@ export type Device = 'auto' | 'cpu' | 'cuda';
 
 /**
  * What this build and machine offer: the CPU SIMD level in use (`KVSLIM_SIMD` can force a lower
- * one), the thread-pool size, and whether CUDA was compiled in and a GPU answered (`reason` says
- * why not). `cuda` is null when the addon was built without CUDA.
+ * one), the thread-pool size, the CPU vendor and where the kernels prefetch streamed KV (`l1` on
+ * AMD, `l2` elsewhere; `KVSLIM_PREFETCH` overrides), and whether CUDA was compiled in and a GPU
+ * answered (`reason` says why not). `cuda` is null when the addon was built without CUDA.
  */
 export interface Backends {
   cpu: NativeBackends['cpu'];

@@ -75,7 +75,10 @@ export interface NativeCache {
 }
 
 export interface NativeBackends {
-  cpu: { simd: 'scalar' | 'avx2' | 'avx512'; avx2: boolean; avx512: boolean; forced: string | null; threads: number };
+  cpu: {
+    simd: 'scalar' | 'avx2' | 'avx512'; avx2: boolean; avx512: boolean; forced: string | null; threads: number;
+    vendor: string; prefetch: 'l1' | 'l2';
+  };
   cuda: {
     built: boolean; available: boolean; reason: string; devices: number; name: string;
     computeCapability: string; memoryBytes: number; runtimeVersion: number; driverVersion: number;

@@ -184,8 +184,8 @@ let workDir = '';
 let inputPath = '';
 const prepared: Prepared[] = [];
 
-function runChild(simd: string): ChildResult {
-  const env: NodeJS.ProcessEnv = { ...process.env, KVSLIM_SIMD: simd };
+function runChild(simd: string, extra: NodeJS.ProcessEnv = {}): ChildResult {
+  const env: NodeJS.ProcessEnv = { ...process.env, KVSLIM_SIMD: simd, ...extra };
   const stdout = execFileSync(process.execPath, [child, inputPath], { env, encoding: 'utf8', timeout: 60_000 });
   return JSON.parse(stdout.trim().split('\n').at(-1) ?? '') as ChildResult;
 }
@@ -261,5 +261,37 @@ describe('SIMD levels agree', () => {
     expect(result.importError?.code).toBe('ERR_OPTION');
     expect(result.importError?.message).toMatch(/KVSLIM_SIMD/);
     expect(result.importError?.message).toMatch(/bogus/);
+  });
+});
+
+// KVSLIM_PREFETCH only moves where the kernels' prefetches put streamed KV: the same level gives
+// the same bits either way.
+describe('KVSLIM_PREFETCH', () => {
+  const best = cpu.avx512 ? 'avx512' : cpu.avx2 ? 'avx2' : 'scalar';
+
+  it('l1 and l2: reported by backends(), outputs bit for bit the same', () => {
+    const l1 = runChild(best, { KVSLIM_PREFETCH: 'l1' });
+    const l2 = runChild(best, { KVSLIM_PREFETCH: 'l2' });
+    expect(l1.backends?.cpu.prefetch).toBe('l1');
+    expect(l2.backends?.cpu.prefetch).toBe('l2');
+    const a = outputsOf(l1), b = outputsOf(l2);
+    expect(a).toHaveLength(cases.length);
+    a.forEach((output, i) => {
+      expect(relativeL2(output, prepared[i].expected), `${cases[i].label} vs reference`).toBeLessThanOrEqual(REFERENCE_TOLERANCE);
+      expect(Buffer.from(output.buffer).equals(Buffer.from(b[i].buffer)), `${cases[i].label}: l1 vs l2`).toBe(true);
+    });
+  });
+
+  it('unset or auto: L1 on AMD (and Hygon), L2 on other vendors', () => {
+    const expected = cpu.vendor === 'AuthenticAMD' || cpu.vendor === 'HygonGenuine' ? 'l1' : 'l2';
+    expect(runChild(best, { KVSLIM_PREFETCH: 'auto' }).backends?.cpu.prefetch).toBe(expected);
+    if (process.env.KVSLIM_PREFETCH === undefined) expect(cpu.prefetch).toBe(expected);
+  });
+
+  it('KVSLIM_PREFETCH=l3 makes the import fail with ERR_OPTION', () => {
+    const result = runChild(best, { KVSLIM_PREFETCH: 'l3' });
+    expect(result.outputs).toBeUndefined();
+    expect(result.importError?.code).toBe('ERR_OPTION');
+    expect(result.importError?.message).toMatch(/KVSLIM_PREFETCH must be l1, l2 or auto, but received 'l3'/);
   });
 });

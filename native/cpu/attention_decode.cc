@@ -126,6 +126,7 @@ void attentionDecode(const AttentionArgs& args) {
   // Not zeroed: softmaxRow reads only what the kernel wrote (each row's visible tokens).
   std::unique_ptr<float[]> captured(args.mass != nullptr ? new float[size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(width)] : nullptr);
   const size_t rowBytes = size_t(dim) * dtypeBytes(args.kvType);
+  const bool toL1 = streamPrefetchToL1();  // the kernels' choice (kernel_table.h)
 
   const int64_t tasks = int64_t(args.kvHeads) * rowGroups * splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
@@ -181,8 +182,13 @@ void attentionDecode(const AttentionArgs& args) {
         const auto* key = static_cast<const uint8_t*>(rest.keyPages[at / args.pageTokens]) + offset;
         const auto* value = static_cast<const uint8_t*>(rest.valuePages[at / args.pageTokens]) + offset;
         for (size_t line = 0; line < rowBytes; line += 64) {
-          __builtin_prefetch(key + line, 0, 2);
-          __builtin_prefetch(value + line, 0, 2);
+          if (toL1) {
+            __builtin_prefetch(key + line, 0, 3);
+            __builtin_prefetch(value + line, 0, 3);
+          } else {
+            __builtin_prefetch(key + line, 0, 2);
+            __builtin_prefetch(value + line, 0, 2);
+          }
         }
       }
     }

@@ -4,10 +4,22 @@
 
 inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
-// Software prefetch of a streamed line (decode, score scans, KIVI), into L2 (prefetcht1). With
-// the non-temporal hint (prefetchnta) an Intel Xeon (Granite Rapids class) stalled on the
-// prefetches themselves: a 64K-token f16 decode read 7 GB/s instead of 19 of its 28.
-inline void prefetchStream(const void* line) { __builtin_prefetch(line, 0, 2); }
+// Software prefetch of a streamed line (decode, score scans, KIVI): into L1 (prefetcht0) or L2
+// (prefetcht1), as streamPrefetchToL1() chose for this CPU (kernel_table.h); a kernel reads the
+// choice once per call. With the non-temporal hint (prefetchnta) an Intel Xeon (Granite Rapids
+// class) stalled on the prefetches themselves: a 64K-token f16 decode read 7 GB/s instead of 19
+// of its 28.
+inline void prefetchStream(const void* line, bool toL1) {
+  if (toL1) {
+    __builtin_prefetch(line, 0, 3);
+  } else {
+    __builtin_prefetch(line, 0, 2);
+  }
+}
+
+// Into L2 (prefetcht1) whatever the CPU: the prefill's blocks ahead and its next slice (the
+// T0 hint made no difference to the prefill on the AMD VM where it made decode faster).
+inline void prefetchL2(const void* line) { __builtin_prefetch(line, 0, 2); }
 
 // Stored dtype is a template parameter so the hot loops carry no per-load switch.
 template <class V, DType T>
@@ -26,9 +38,9 @@ inline float loadScalar(const void* row, int offset) {
 
 // Asks for rows of the next block while this one computes: decode is a pure stream, and one
 // thread's demand misses alone reach only a fraction of the memory bandwidth.
-inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes) {
+inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes, bool toL1) {
   for (int32_t j = 0; j < count; ++j)
-    for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(rows[j] + offset);
+    for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(rows[j] + offset, toL1);
 }
 
 // Online softmax over a block of `count` scores per row: updates max/sum, rescales the row's
@@ -118,6 +130,7 @@ void decodeRangeRows(const DecodeRange& range) {
   const int32_t tailBegin = chunks * V::W;
   const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
   const size_t rowBytes = size_t(dim) * (T == DType::F32 ? 4 : 2);
+  const bool toL1 = streamPrefetchToL1();
   SoftmaxState state = range.state;
   for (int32_t r = 0; r < ROWS; ++r) {
     state.max[r] = kNoScoreYet;
@@ -168,8 +181,8 @@ void decodeRangeRows(const DecodeRange& range) {
       // flight stay within what the core can track.
       if (j0 < nextCount) {
         const int32_t ahead = nextCount - j0 < TOKENS ? nextCount - j0 : TOKENS;
-        prefetchRows(nextKeyRows + j0, ahead, rowBytes);
-        prefetchRows(nextValueRows + j0, ahead, rowBytes);
+        prefetchRows(nextKeyRows + j0, ahead, rowBytes, toL1);
+        prefetchRows(nextValueRows + j0, ahead, rowBytes, toL1);
       }
       // A short last group repeats its first token (its partial sums are ignored): the chunk loop
       // stays branch-free with the row pointers in registers.
@@ -346,8 +359,8 @@ __attribute__((always_inline)) inline void prefetchBlockAhead(const PrefillTile&
     const int64_t each = (lines + subTiles - 1) / subTiles;
     const int64_t to = (subTile + 1) * each < lines ? (subTile + 1) * each : lines;
     for (int64_t l = subTile * each; l < to; ++l) {
-      prefetchStream(keys + l * 16);
-      prefetchStream(values + l * 16);
+      prefetchL2(keys + l * 16);
+      prefetchL2(values + l * 16);
     }
   }
   if (CAPTURE && tile.pending != nullptr && aheadBegin / BLOCK < pending.blocks) {
@@ -355,7 +368,7 @@ __attribute__((always_inline)) inline void prefetchBlockAhead(const PrefillTile&
     const int64_t lines = tile.pending->blockStride / 16;
     const int64_t each = (lines + subTiles - 1) / subTiles;
     const int64_t to = (subTile + 1) * each < lines ? (subTile + 1) * each : lines;
-    for (int64_t l = subTile * each; l < to; ++l) prefetchStream(slab + l * 16);
+    for (int64_t l = subTile * each; l < to; ++l) prefetchL2(slab + l * 16);
   }
 }
 
@@ -453,7 +466,7 @@ void prefillTileRows(const PrefillTile& tile) {
     constexpr int32_t count = BLOCK;
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int64_t aheadEnd = aheadNext + aheadEach < tile.aheadCount ? aheadNext + aheadEach : tile.aheadCount;
-      for (; aheadNext < aheadEnd; ++aheadNext) prefetchStream(tile.aheadLines[aheadNext]);
+      for (; aheadNext < aheadEnd; ++aheadNext) prefetchL2(tile.aheadLines[aheadNext]);
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const int64_t* lastToken = tile.lastToken + first;
       int64_t lastOfSubTile = lastToken[0];
@@ -632,6 +645,7 @@ void scoreRangeRows(const ScoreRange& range) {
   const int32_t tailBegin = chunks * V::W;
   const size_t strideBytes = size_t(range.rowStride) * (T == DType::F32 ? 4 : 2);
   const size_t rowBytes = size_t(dim) * (T == DType::F32 ? 4 : 2);
+  const bool toL1 = streamPrefetchToL1();
   int64_t page = range.rowBegin / range.pageTokens;
   int64_t slot = range.rowBegin % range.pageTokens;
   // A second walk kScoreAhead rows ahead prefetches: the keys stream from memory, and page
@@ -644,7 +658,7 @@ void scoreRangeRows(const ScoreRange& range) {
     const int32_t tokens = int32_t(range.rowEnd - row0 < TOKENS ? range.rowEnd - row0 : TOKENS);
     for (int32_t t = 0; range.prefetch && t < TOKENS && ahead < range.rowEnd; ++t, ++ahead) {
       const uint8_t* row = static_cast<const uint8_t*>(range.keyPages[aheadPage]) + size_t(aheadSlot) * strideBytes;
-      for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(row + offset);
+      for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(row + offset, toL1);
       if (++aheadSlot == range.pageTokens) { aheadSlot = 0; ++aheadPage; }
     }
     const uint8_t* keys[TOKENS];

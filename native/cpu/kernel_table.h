@@ -191,6 +191,13 @@ struct KernelTable {
   void (*softmaxRow)(float* row, int64_t visible, int64_t total);
 };
 
+// Where the kernels' software prefetches of streamed KV (decode, KIVI decode, score scans) put the
+// lines: into L1 (prefetcht0) when true, else L2 (prefetcht1). L1 on AMD: on a Zen 5 EPYC VM the
+// T1 prefetches left a 64K-token f16 decode 12-15% slower than T0 (the hint that reaches L2 only
+// there), on one thread and two; L2 elsewhere, as measured on Intel Xeon VMs (Granite Rapids
+// class). KVSLIM_PREFETCH=l1|l2 overrides (simd_level.cc).
+bool streamPrefetchToL1();
+
 const KernelTable* scalarKernels();
 const KernelTable* avx2Kernels();    // nullptr when not built for this architecture
 const KernelTable* avx512Kernels();  // nullptr when not built for this architecture

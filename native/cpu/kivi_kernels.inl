@@ -165,6 +165,7 @@ void kiviDecodeRows(const KiviRange& range) {
   const size_t keyGroupBytes = format.keyGroupBytes();
   const size_t valueBytes = format.valueTokenBytes();
   const size_t valueCodeBytes = format.valueCodeBytes();
+  const bool toL1 = streamPrefetchToL1();
 
   float* qs = range.scratch;                                    // [ROWS, dim]: q~ of the current key group
   float* valueScales = qs + size_t(ROWS) * size_t(dim);         // [kKiviBlock, 2 * channelGroups]: s then m
@@ -233,7 +234,7 @@ void kiviDecodeRows(const KiviRange& range) {
           const int64_t nextPage = (g + 1) / range.keyGroupsPerPage;
           if (g + 1 < head.quantizedKeys / group && head.keyPageHeld(nextPage)) {
             const uint8_t* next = static_cast<const uint8_t*>(head.keyPage(nextPage)) + size_t((g + 1) % range.keyGroupsPerPage) * keyGroupBytes;
-            for (size_t offset = 0; offset < keyGroupBytes; offset += 64) prefetchStream(next + offset);
+            for (size_t offset = 0; offset < keyGroupBytes; offset += 64) prefetchStream(next + offset, toL1);
           }
           const auto* scales = reinterpret_cast<const uint16_t*>(record + format.keyGroupCodeBytes());
           const uint16_t* mins = scales + dim;
@@ -326,7 +327,7 @@ void kiviDecodeRows(const KiviRange& range) {
     if (blockBegin + kKiviBlock < head.quantizedValues && valueSlot + kKiviBlock <= range.valueTokensPerPage &&
         head.valuePageHeld(valuePage)) {
       const uint8_t* next = static_cast<const uint8_t*>(head.valuePage(valuePage)) + size_t(valueSlot) * valueBytes;
-      for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) prefetchStream(next + offset);
+      for (size_t offset = 0; offset < kKiviBlock * valueBytes; offset += 64) prefetchStream(next + offset, toL1);
     }
     // o += p x^ with x^ = code * s + m unpacked once per chunk for all rows. A pass of all CHUNKS
     // chunks (every pass but a short last one) runs without a bound check per chunk.

@@ -1,6 +1,7 @@
 #include "simd_level.h"
 
 #include <cstdlib>
+#include <cstring>
 
 #if (defined(__x86_64__) || defined(_M_X64)) && defined(__GNUC__)
 #include <cpuid.h>
@@ -22,6 +23,15 @@ SimdInfo detect() {
   SimdInfo info;
 #ifdef KVSLIM_X86
   unsigned eax, ebx, ecx, edx;
+  if (__get_cpuid(0, &eax, &ebx, &ecx, &edx)) {
+    char vendor[13];
+    std::memcpy(vendor, &ebx, 4);
+    std::memcpy(vendor + 4, &edx, 4);
+    std::memcpy(vendor + 8, &ecx, 4);
+    vendor[12] = '\0';
+    info.vendor = vendor;
+  }
+  info.prefetchToL1 = info.vendor == "AuthenticAMD" || info.vendor == "HygonGenuine";
   if (!__get_cpuid(1, &eax, &ebx, &ecx, &edx)) return info;
   const bool osxsave = ecx & (1u << 27), fma = ecx & (1u << 12), f16c = ecx & (1u << 29);
   if (!osxsave) return info;
@@ -65,6 +75,17 @@ Selection select() {
     }
   }
   selection.info.active = selection.table->name;
+  const char* prefetch = std::getenv("KVSLIM_PREFETCH");
+  if (prefetch != nullptr && *prefetch != '\0') {
+    const std::string level = prefetch;
+    selection.info.prefetchForcedBy = level;
+    if (level == "l1" || level == "l2") {
+      selection.info.prefetchToL1 = level == "l1";
+    } else if (level != "auto" && selection.status.isOk()) {
+      selection.status = Status(ErrorCode::Option, "KVSLIM_PREFETCH must be l1, l2 or auto, but received '" + level +
+                                                   "'; using " + (selection.info.prefetchToL1 ? "l1" : "l2"));
+    }
+  }
   return selection;
 }
 
@@ -76,6 +97,7 @@ const Selection& selection() {
 }  // namespace
 
 const KernelTable& activeKernels() { return *selection().table; }
+bool streamPrefetchToL1() { return selection().info.prefetchToL1; }
 const SimdInfo& simdInfo() { return selection().info; }
 Status simdStatus() { return selection().status; }
 

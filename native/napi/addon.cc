@@ -53,6 +53,8 @@ Napi::Value backendsFn(const Napi::CallbackInfo& info) {
   cpuInfo.Set("avx512", simd.avx512);
   cpuInfo.Set("forced", simd.forcedBy.empty() ? env.Null() : Napi::String::New(env, simd.forcedBy));
   cpuInfo.Set("threads", cpu::globalPoolSize());
+  cpuInfo.Set("vendor", simd.vendor);
+  cpuInfo.Set("prefetch", simd.prefetchToL1 ? "l1" : "l2");
   const CudaInfo cuda = cudaInfo();
   Napi::Object cudaObject = Napi::Object::New(env);
   cudaObject.Set("built", cuda.built);
