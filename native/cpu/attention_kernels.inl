@@ -9,7 +9,7 @@ inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 // choice once per call. With the non-temporal hint (prefetchnta) an Intel Xeon (Granite Rapids
 // class) stalled on the prefetches themselves: a 64K-token f16 decode read 7 GB/s instead of 19
 // of its 28.
-inline void prefetchStream(const void* line, bool toL1) {
+__attribute__((always_inline)) inline void prefetchStream(const void* line, bool toL1) {
   if (toL1) {
     __builtin_prefetch(line, 0, 3);
   } else {
@@ -19,7 +19,7 @@ inline void prefetchStream(const void* line, bool toL1) {
 
 // Into L2 (prefetcht1) whatever the CPU: the prefill's blocks ahead and its next slice (the
 // T0 hint made no difference to the prefill on the AMD VM where it made decode faster).
-inline void prefetchL2(const void* line) { __builtin_prefetch(line, 0, 2); }
+__attribute__((always_inline)) inline void prefetchL2(const void* line) { __builtin_prefetch(line, 0, 2); }
 
 // Stored dtype is a template parameter so the hot loops carry no per-load switch.
 template <class V, DType T>
@@ -38,7 +38,8 @@ inline float loadScalar(const void* row, int offset) {
 
 // Asks for rows of the next block while this one computes: decode is a pure stream, and one
 // thread's demand misses alone reach only a fraction of the memory bandwidth.
-inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes, bool toL1) {
+// always_inline: see prefetchBlockAhead (GCC deletes the calls of an out-of-line prefetch helper).
+__attribute__((always_inline)) inline void prefetchRows(const uint8_t* const* rows, int32_t count, size_t rowBytes, bool toL1) {
   for (int32_t j = 0; j < count; ++j)
     for (size_t offset = 0; offset < rowBytes; offset += 64) prefetchStream(rows[j] + offset, toL1);
 }
