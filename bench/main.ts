@@ -144,7 +144,7 @@ function describeBackends(info: Backends): string {
   const cuda = info.cuda === null ? 'not built'
     : info.cuda.available ? `${info.cuda.name} (compute ${info.cuda.computeCapability}, ${info.cuda.devices} device(s))`
       : `unavailable (${info.cuda.reason})`;
-  return `cpu ${simd}, ${cpu.threads} threads, prefetch to ${cpu.prefetch.toUpperCase()}; cuda ${cuda}`;
+  return `cpu ${simd}, ${cpu.threads} threads, prefetch into ${cpu.prefetch.toUpperCase()}; cuda ${cuda}`;
 }
 
 const GB = 1e9;

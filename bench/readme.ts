@@ -19,7 +19,7 @@ const root = resolve(dirname(fileURLToPath(import.meta.url)), '..', '..');
 const resultsPath = resolve(process.argv[2] ?? join(root, 'bench', 'results', 'latest.json'));
 const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   createdAt: string; machine: { cpuModel: string; cores: number; node: string };
-  kvslim: { backends: { cpu: { simd: string; threads: number } } };
+  kvslim: { backends: { cpu: { simd: string; threads: number; prefetch?: string } } };
   limits: { readBytesPerSecond: number; fmaFlopsPerSecond: number; after?: { readBytesPerSecond: number; fmaFlopsPerSecond: number } };
   cases: ResultCase[];
   kivi?: {
@@ -71,9 +71,10 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
 const number = (value: unknown, digits: number): string => (typeof value === 'number' ? value.toFixed(digits) : 'n/a');
 const lines: string[] = [];
 const limits = results.limits;
+const cpu = results.kvslim.backends.cpu;
 lines.push(
   `Measured ${results.createdAt} on ${results.machine.cpuModel} (${results.machine.cores} cores, ` +
-    `${results.kvslim.backends.cpu.simd}, ${results.kvslim.backends.cpu.threads} threads), Node ${results.machine.node}; ` +
+    `${cpu.simd}, ${cpu.threads} threads${cpu.prefetch ? `, prefetch into ${cpu.prefetch.toUpperCase()}` : ''}), Node ${results.machine.node}; ` +
     `read bandwidth ${number(limits.readBytesPerSecond / 1e9, 1)} GB/s and f32 FMA peak ${number(limits.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s ` +
     `probed in the same run${limits.after ? ` (after the cases: ${number(limits.after.readBytesPerSecond / 1e9, 1)} GB/s, ${number(limits.after.fmaFlopsPerSecond / 1e9, 0)} GFLOP/s)` : ''}.`,
   '',
