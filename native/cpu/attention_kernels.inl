@@ -17,8 +17,8 @@ __attribute__((always_inline)) inline void prefetchStream(const void* line, bool
   }
 }
 
-// Into L2 (prefetcht1) whatever the CPU: the prefill's blocks ahead and its next slice (the
-// T0 hint made no difference to the prefill on the AMD VM where it made decode faster).
+// Into L2 (prefetcht1) whatever the CPU: the prefill's key blocks ahead and the H2O slab (the T0
+// hint made no difference to the prefill on the AMD VM where it made decode faster).
 __attribute__((always_inline)) inline void prefetchL2(const void* line) { __builtin_prefetch(line, 0, 2); }
 
 // Stored dtype is a template parameter so the hot loops carry no per-load switch.
@@ -447,6 +447,9 @@ void prefillTileRows(const PrefillTile& tile) {
   // tile.aheadLines, a share per (block, register tile) step.
   const int64_t steps = (tile.keyEnd - tile.keyBegin + BLOCK - 1) / BLOCK * ((tile.rows + ROWS - 1) / ROWS);
   const int64_t aheadEach = steps > 0 ? (tile.aheadCount + steps - 1) / steps : 0;
+  // The tiled decode's next slice streams from memory as a decode's keys do (the L1 hint on AMD:
+  // 5 queries over 64K tokens 9% faster there).
+  const bool aheadToL1 = tile.aheadCount > 0 && streamPrefetchToL1();
   int64_t aheadNext = 0;
   MassWeights pending{};  // read only behind tile.pending
   int64_t pendingBlock = 0;  // the pending mass's next block
@@ -467,7 +470,7 @@ void prefillTileRows(const PrefillTile& tile) {
     constexpr int32_t count = BLOCK;
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int64_t aheadEnd = aheadNext + aheadEach < tile.aheadCount ? aheadNext + aheadEach : tile.aheadCount;
-      for (; aheadNext < aheadEnd; ++aheadNext) prefetchL2(tile.aheadLines[aheadNext]);
+      for (; aheadNext < aheadEnd; ++aheadNext) prefetchStream(tile.aheadLines[aheadNext], aheadToL1);
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const int64_t* lastToken = tile.lastToken + first;
       int64_t lastOfSubTile = lastToken[0];

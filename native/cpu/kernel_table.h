@@ -191,12 +191,12 @@ struct KernelTable {
   void (*softmaxRow)(float* row, int64_t visible, int64_t total);
 };
 
-// Where the kernels' software prefetches of streamed KV (decode, KIVI decode, score scans) put the
-// lines: into L1 (prefetcht0) when true, else L2 (prefetcht1). L1 on AMD: on a Zen 5 EPYC VM the
-// T1 prefetches (which fill only L2 there) left a 64K-token f16 decode 10-17% slower than T0, on
-// one thread and two. L2 elsewhere: the hint the kernels were tuned with on Intel Xeon VMs
-// (Granite Rapids class), where T0 has not been measured. KVSLIM_PREFETCH=l1|l2 overrides
-// (simd_level.cc).
+// Where the kernels' software prefetches of streamed KV (decode, tiled decode, KIVI decode, score
+// scans) put the lines: into L1 (prefetcht0) when true, else L2 (prefetcht1). L1 on AMD: on a
+// Zen 5 EPYC VM the T1 prefetches (which fill only L2 there) left a 64K-token f16 decode 10-17%
+// slower than T0, on one thread and two. L2 elsewhere: the hint the kernels were tuned with on
+// Intel Xeon VMs (Granite Rapids class), where T0 has not been measured. KVSLIM_PREFETCH=l1|l2
+// overrides (simd_level.cc).
 bool streamPrefetchToL1();
 
 const KernelTable* scalarKernels();
