@@ -88,9 +88,10 @@ void dotMatrix(const float* queries, int32_t rows, int32_t dim, const K* keys, i
 }
 
 // Every cache line of one key (a graph scan jumps around memory: the hardware prefetcher cannot
-// guess the next key, and a key spans several lines).
+// guess the next key, and a key spans several lines). always_inline: GCC deletes the calls of an
+// out-of-line function whose only effect is prefetching (attention_kernels.inl).
 template <class K>
-inline void prefetchKey(const K* key, int32_t dim) {
+__attribute__((always_inline)) inline void prefetchKey(const K* key, int32_t dim) {
   for (int32_t i = 0; i < dim; i += int32_t(64 / sizeof(K))) __builtin_prefetch(key + i);
 }
 
