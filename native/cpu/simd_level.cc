@@ -78,7 +78,6 @@ Selection select() {
   const char* prefetch = std::getenv("KVSLIM_PREFETCH");
   if (prefetch != nullptr && *prefetch != '\0') {
     const std::string level = prefetch;
-    selection.info.prefetchForcedBy = level;
     if (level == "l1" || level == "l2") {
       selection.info.prefetchToL1 = level == "l1";
     } else if (level != "auto" && selection.status.isOk()) {

@@ -14,8 +14,7 @@ struct SimdInfo {
   std::string active;   // name of the table in use
   std::string forcedBy; // value of KVSLIM_SIMD, empty when not set
   std::string vendor;   // cpuid's vendor string, e.g. "AuthenticAMD" (empty off x86)
-  bool prefetchToL1 = false;      // streamed KV prefetched into L1 (see streamPrefetchToL1)
-  std::string prefetchForcedBy;   // value of KVSLIM_PREFETCH, empty when not set
+  bool prefetchToL1 = false;  // streamed KV prefetched into L1 (see streamPrefetchToL1)
 };
 
 // The active table. Throws nothing: an unusable KVSLIM_SIMD value is reported by simdStatus().
