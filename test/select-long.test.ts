@@ -13,6 +13,7 @@ import {
 import { Random } from './helpers/random.js';
 import { randomTokens } from './helpers/tokens.js';
 import { disposedAfterEach } from './helpers/lifetime.js';
+import { savedH2OScores } from './helpers/saved.js';
 
 const open = disposedAfterEach<KVCache>();
 
@@ -44,6 +45,11 @@ const cases: Case[] = [
   { name: 'h2o, f32, budget 160, recent 40, pages of 16, prompts of 1000 + 1000 (kept + a long tail), one thread', shape: GQA72,
     store: 'f32', pageTokens: 16, select: { kind: 'h2o', budget: 160, recent: 40 }, calls: [['prefill', 1000], ['prefill', 1000], ...steps(5)],
     threads: 1 },
+  // 24000 rows of one kv head: more row tiles than slices, so most tiles' mass is summed inside the
+  // next tile's kernel (three tiles a slice), the head's last tile shorter than the one it sums.
+  { name: 'h2o, f16, 16q/1kv d24, budget 300, recent 60, prompt 1500: tile mass summed inside the next tile',
+    shape: { layers: 1, qHeads: 16, kvHeads: 1, headDim: 24 }, store: 'f16', pageTokens: 64,
+    select: { kind: 'h2o', budget: 300, recent: 60 }, calls: [['prefill', 1500], ...steps(2)] },
   // Decode steps over more than one 4096-key chunk of the few-rows mass (the kept / tail boundary inside the second).
   { name: 'h2o, f16, budget 4400, recent 200, d16, prompts of 2500 + 2500, steps over two key chunks',
     shape: { layers: 1, qHeads: 2, kvHeads: 1, headDim: 16 }, store: 'f16', pageTokens: 32,
@@ -88,6 +94,11 @@ class KeptMirror {
     const T = state.keys[h].length;
     const recent = Array.from({ length: T - state.tailStart[h] }, (_, i) => state.tailStart[h] + i);
     return [...[...state.heavy[h]].sort((a, b) => a - b), ...recent];
+  }
+
+  /** H2O: the accumulated attention of a position the cache still holds. */
+  h2oScore(layer: number, h: number, position: number): number {
+    return this.#layers[layer].score[h][position];
   }
 
   /** prefill() or step(): append, attend (what the policy reads), run the policy. */
@@ -195,6 +206,37 @@ class KeptMirror {
   }
 }
 
+/**
+ * H2O's accumulated scores (save() carries them as f64) against the reference's: a long prompt's
+ * mass comes from many row tiles, each summed inside the next tile's kernel, so a row counted twice
+ * or missed shows here even where it does not change which tokens are kept.
+ */
+function expectH2OScores(cache: KVCache, mirror: KeptMirror, shape: SelectShape, call: string): void {
+  const saved = savedH2OScores(cache.save(), shape.layers, shape.kvHeads);
+  for (let layer = 0; layer < shape.layers; layer++) {
+    for (let h = 0; h < shape.kvHeads; h++) {
+      const { kept, tail } = saved[layer * shape.kvHeads + h];
+      const positions = mirror.positions(layer, h);
+      const tailStart = positions.length - tail.length;
+      const close = (actual: number, position: number, what: string) => {
+        const expected = mirror.h2oScore(layer, h, position);
+        expect(Math.abs(actual - expected), `${call} layer ${layer} kv head ${h} ${what} (position ${position}): ${actual} vs ${expected}`)
+          .toBeLessThanOrEqual(1e-6 + 1e-5 * Math.abs(expected));
+      };
+      tail.forEach((score, j) => close(score, positions[tailStart + j], `tail ${j}`));
+      // Kept slots come in no particular order: compare sorted scores.
+      const expectedKept = positions.slice(0, tailStart).map((p) => mirror.h2oScore(layer, h, p)).sort((a, b) => a - b);
+      const sortedKept = [...kept].sort((a, b) => a - b);
+      expect(sortedKept.length).toBe(expectedKept.length);
+      sortedKept.forEach((score, i) => {
+        const expected = expectedKept[i];
+        expect(Math.abs(score - expected), `${call} layer ${layer} kv head ${h} kept ${i}: ${score} vs ${expected}`)
+          .toBeLessThanOrEqual(1e-6 + 1e-5 * Math.abs(expected));
+      });
+    }
+  }
+}
+
 describe('selection on long prompts: kept positions equal the float64 reference', () => {
   it('the lean reference keeps what SelectMirror keeps (short prompts)', () => {
     const shape: SelectShape = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 24 };
@@ -258,6 +300,7 @@ describe('selection on long prompts: kept positions equal the float64 reference'
             expect(Array.from(cache.positions(layer, h)), `${kind}(${n}) layer ${layer} kv head ${h}`).toEqual(mirror.positions(layer, h));
           }
         }
+        if (c.select.kind === 'h2o') expectH2OScores(cache, mirror, c.shape, `${kind}(${n})`);
       }
     });
   }
