@@ -12,7 +12,7 @@ import { relativeL2Error } from './baseline.js';
 import { APPEND_CHUNK_TOKENS, MODEL, prefillFlops, QUERY_STRIDE, TOKEN_STRIDE, tokenLabel, TOLERANCE } from './cases.js';
 import { gridValues } from './data.js';
 import { gpuPrefillText, ms, num, Table, type TargetResult } from './report.js';
-import { EVICT_BYTES, elapsedMs, evictCaches, measure, summarizeSamples, type TimeStats, type TimingPlan } from './timing.js';
+import { EVICT_BYTES, elapsedMs, evictCaches, interleavedOrder, measure, summarizeSamples, type TimeStats, type TimingPlan } from './timing.js';
 
 /** Budgets: T / each of these tokens per kv head. */
 export const POLICY_FRACTIONS = [4, 8, 16] as const;
@@ -68,14 +68,14 @@ export interface PoliciesPlan {
   gpuRuns: number;
 }
 
-/** The full section: the policy table at 32K, the prefill table at 2K, H2O's prompt again at 32K (the target's length; two runs of
- * about 40 s each per cache on 2 cores); `quick`: 4K, 1K, 2K. */
+/** The full section: the policy table at 32K, the prefill table at 2K, H2O's prompt again at 32K (the target's length; three runs of
+ * about 30 s each per cache on 2 cores, a median that one disturbed run cannot move); `quick`: 4K, 1K, 2K. */
 export function policiesPlan(quick: boolean): PoliciesPlan {
   return quick
     ? { tokens: 4096, prefillTokens: 1024, fractions: POLICY_FRACTIONS, prefillRuns: 3, decode: { warmupRuns: 1, minRuns: 9, maxRuns: 9, minTotalMs: 0 },
       h2oLongTokens: 2048, h2oLongRuns: 3, gpuRuns: 3 }
     : { tokens: 32768, prefillTokens: 2048, fractions: POLICY_FRACTIONS, prefillRuns: 7, decode: { warmupRuns: 2, minRuns: 15, maxRuns: 15, minTotalMs: 0 },
-      h2oLongTokens: 32768, h2oLongRuns: 2, gpuRuns: 5 };
+      h2oLongTokens: 32768, h2oLongRuns: 3, gpuRuns: 5 };
 }
 
 /** <policy>+kivi2: the policy's selection over the 2-bit KIVI store (snapkv quantizes what it kept; streaming and duo leave a hole per head). */
@@ -280,8 +280,8 @@ interface Workload {
 /**
  * Selection's share of a longer prompt's prefill: H2O's mass costs a fixed share of each tile's
  * work plus per-call costs that a longer prompt spreads thinner, so the prefill table's 2K share
- * overstates what 32K pays. The kinds alternate, a fresh cache per run (budget 1/8); null when a
- * run fails.
+ * overstates what 32K pays. The kinds alternate, in reverse order every other run (interleavedOrder),
+ * a fresh cache per run (budget 1/8); null when a run fails.
  */
 function runLongPrefill(context: PoliciesContext, device: LongPrefill['device'], kinds: LongPrefill['rows'][number]['kind'][],
                         tokens: number, runs: number): LongPrefill | null {
@@ -296,7 +296,7 @@ function runLongPrefill(context: PoliciesContext, device: LongPrefill['device'],
   try {
     // A GPU's first call loads modules and grows its workspace: one untimed round first.
     for (let run = device === 'cpu' ? 0 : -1; run < runs; run++) {
-      specs.forEach((select, i) => {
+      interleavedOrder(specs.map((select, i) => ({ select, i })), run).forEach(({ select, i }) => {
         context.status(`${where}: ${select.kind} prefill, run ${run + 1} of ${runs}...`);
         const cache = newCache(select, 1, undefined, device);
         try {
@@ -595,7 +595,7 @@ function selfReference(row: PolicyRow): void {
 
 /**
  * The prefill table: the whole prompt (every token with its query) in one prefill() call. Runs are
- * interleaved across rows (run 1 of every row, then run 2, ...) so drift hits all rows alike; the
+ * interleaved across rows (run 1 of every row, then run 2 in reverse order, ...) so drift hits all rows alike; the
  * cache of each row's first run then plays the two turns.
  */
 function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workload): PolicyRow[] {
@@ -608,7 +608,7 @@ function runPrefillRows(context: PoliciesContext, plan: PoliciesPlan, w: Workloa
   }));
   try {
     for (let run = 0; run < plan.prefillRuns; run++) {
-      for (const entry of entries) {
+      for (const entry of interleavedOrder(entries, run)) {
         if (entry.row.status !== 'ok') continue;
         status(`${entry.row.id}: whole-prompt prefill, run ${run + 1} of ${plan.prefillRuns}...`);
         let cache: KVCache | null = null;

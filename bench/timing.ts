@@ -51,6 +51,14 @@ export function measure(plan: TimingPlan, once: () => number): TimeStats {
   return summarize(samples, plan.warmupRuns);
 }
 
+/**
+ * The order of interleaved run `run`: `items` as they are on even runs, reversed on odd ones
+ * (A B, B A, A B, ...), so a drift over the runs lands on every item alike instead of on the later.
+ */
+export function interleavedOrder<T>(items: readonly T[], run: number): T[] {
+  return run % 2 === 0 ? [...items] : [...items].reverse();
+}
+
 /** Samples taken elsewhere (interleaved runs), summarized as measure() does. */
 export function summarizeSamples(samples: number[]): TimeStats {
   return summarize(samples, 0);

@@ -1,11 +1,12 @@
-// The bench's cold-cache eviction size: twice the last-level cache read from sysfs, within bounds.
+// The bench's timing helpers: the cold-cache eviction size (twice the last-level cache read from sysfs,
+// within bounds) and the order of interleaved runs.
 import { mkdirSync, mkdtempSync, rmSync, writeFileSync } from 'node:fs';
 import { tmpdir } from 'node:os';
 import { join } from 'node:path';
 
 import { afterAll, describe, expect, it } from 'vitest';
 
-import { evictBytes, lastLevelCacheBytes } from '../bench/timing.js';
+import { evictBytes, interleavedOrder, lastLevelCacheBytes } from '../bench/timing.js';
 
 const MiB = 2 ** 20;
 const root = mkdtempSync(join(tmpdir(), 'kvslim-cache-'));
@@ -41,5 +42,16 @@ describe('bench eviction size', () => {
     expect(evictBytes(480 * MiB, 64 * GiB)).toBe(960 * MiB);
     expect(evictBytes(480 * MiB, 4 * GiB)).toBe(512 * MiB);
     expect(evictBytes(null, 256 * MiB)).toBe(64 * MiB);
+  });
+});
+
+describe('bench interleaved runs', () => {
+  it('alternates the order, so every item is as often first as last, and leaves its input alone', () => {
+    const items = ['full', 'snapkv', 'h2o'];
+    const runs = [0, 1, 2, 3].map((run) => interleavedOrder(items, run));
+    expect(runs).toEqual([items, ['h2o', 'snapkv', 'full'], items, ['h2o', 'snapkv', 'full']]);
+    expect(items).toEqual(['full', 'snapkv', 'h2o']);
+    // The mean position over an even number of runs is the middle for every item.
+    for (const item of items) expect(runs.reduce((sum, order) => sum + order.indexOf(item), 0) / runs.length).toBe(1);
   });
 });
