@@ -289,45 +289,60 @@ MassWeights massWeights(const MassTile& tile) {
   return w;
 }
 
-// Blocks [from, to) of a tile's mass. Block outside, rows inside: a block's sums over the tile's
-// rows stay in registers (f32, two sets for alternate rows so two FMA chains run), then go into
-// the double columns once. A row's weight is computed again only when its running max moved
-// (rarely, after the first blocks); blocks must come in order.
+// Rows [rowBegin, rowEnd) of a tile's block `block` into `sums` (the block's keys, f32): the full
+// rows through registers (two sets for alternate rows so two FMA chains run), a row that sees part
+// of the block through `sums` directly. A row's weight is computed again only when its running max
+// moved (rarely, after the first blocks), so each row must meet its blocks in order.
 template <class V>
-void massBlocks(const MassTile& tile, MassWeights& w, int64_t from, int64_t to) {
+inline void massRows(const MassTile& tile, MassWeights& w, int64_t block, int32_t rowBegin, int32_t rowEnd, float* sums) {
   using R = typename V::R;
   constexpr int32_t BLOCK = 2 * V::W;
-  for (int64_t block = from; block < to; ++block) {
-    const int64_t blockBegin = block * BLOCK;
-    const float* slab = tile.probs + size_t(block) * size_t(tile.blockStride);
-    const float* maxes = tile.blockMax + size_t(block) * size_t(tile.rowsPadded);
-    R even0 = V::zero(), even1 = V::zero(), odd0 = V::zero(), odd1 = V::zero();
-    alignas(64) float sums[BLOCK] = {};
-    for (int32_t r = 0; r < tile.rows; ++r) {
-      const int64_t seen = tile.lastToken[r] + 1 - blockBegin;
-      if (seen <= 0) continue;
-      if (maxes[r] != w.max[r]) {
-        w.max[r] = maxes[r];
-        w.weight[r] = float(std::exp2(double(maxes[r]) - double(tile.finalMax[r])) / double(tile.finalSum[r]));
-      }
-      const float* p = slab + size_t(r) * BLOCK;
-      if (seen >= BLOCK) {
-        const R weight = V::set1(w.weight[r]);
-        if (r % 2 == 0) {
-          even0 = V::fmadd(V::load(p), weight, even0);
-          even1 = V::fmadd(V::load(p + V::W), weight, even1);
-        } else {
-          odd0 = V::fmadd(V::load(p), weight, odd0);
-          odd1 = V::fmadd(V::load(p + V::W), weight, odd1);
-        }
-      } else {
-        for (int32_t j = 0; j < seen; ++j) sums[j] += p[j] * w.weight[r];
-      }
+  const int64_t blockBegin = block * BLOCK;
+  const float* slab = tile.probs + size_t(block) * size_t(tile.blockStride);
+  const float* maxes = tile.blockMax + size_t(block) * size_t(tile.rowsPadded);
+  R even0 = V::zero(), even1 = V::zero(), odd0 = V::zero(), odd1 = V::zero();
+  for (int32_t r = rowBegin; r < rowEnd; ++r) {
+    const int64_t seen = tile.lastToken[r] + 1 - blockBegin;
+    if (seen <= 0) continue;
+    if (maxes[r] != w.max[r]) {
+      w.max[r] = maxes[r];
+      w.weight[r] = float(std::exp2(double(maxes[r]) - double(tile.finalMax[r])) / double(tile.finalSum[r]));
     }
-    V::store(sums, V::add(V::add(even0, odd0), V::load(sums)));
-    V::store(sums + V::W, V::add(V::add(even1, odd1), V::load(sums + V::W)));
-    const int32_t count = w.end - blockBegin < BLOCK ? int32_t(w.end - blockBegin) : BLOCK;
-    for (int32_t j = 0; j < count; ++j) tile.out[blockBegin + j] += double(sums[j]);
+    const float* p = slab + size_t(r) * BLOCK;
+    if (seen >= BLOCK) {
+      const R weight = V::set1(w.weight[r]);
+      if (r % 2 == 0) {
+        even0 = V::fmadd(V::load(p), weight, even0);
+        even1 = V::fmadd(V::load(p + V::W), weight, even1);
+      } else {
+        odd0 = V::fmadd(V::load(p), weight, odd0);
+        odd1 = V::fmadd(V::load(p + V::W), weight, odd1);
+      }
+    } else {
+      for (int32_t j = 0; j < seen; ++j) sums[j] += p[j] * w.weight[r];
+    }
+  }
+  V::store(sums, V::add(V::add(even0, odd0), V::load(sums)));
+  V::store(sums + V::W, V::add(V::add(even1, odd1), V::load(sums + V::W)));
+}
+
+// A block's sums into the tile's double columns.
+template <class V>
+inline void massFlush(const MassTile& tile, const MassWeights& w, int64_t block, const float* sums) {
+  constexpr int32_t BLOCK = 2 * V::W;
+  const int64_t blockBegin = block * BLOCK;
+  const int32_t count = w.end - blockBegin < BLOCK ? int32_t(w.end - blockBegin) : BLOCK;
+  for (int32_t j = 0; j < count; ++j) tile.out[blockBegin + j] += double(sums[j]);
+}
+
+// Blocks [from, to) of a tile's mass, every row of a block before the next block.
+template <class V>
+void massBlocks(const MassTile& tile, MassWeights& w, int64_t from, int64_t to) {
+  constexpr int32_t BLOCK = 2 * V::W;
+  for (int64_t block = from; block < to; ++block) {
+    alignas(64) float sums[BLOCK] = {};
+    massRows<V>(tile, w, block, 0, tile.rows, sums);
+    massFlush<V>(tile, w, block, sums);
   }
 }
 
@@ -437,7 +452,9 @@ inline void tileValues(const float* probs, const float* values, int32_t dim, int
 // once softmax has made them. They are made in the L1 scratch all the same: past 4K-8K keys a
 // tile's slab is out of L2, and softmax's stores and reloads there stalled the kernel (a 16K
 // prompt on one thread: +17% over the plain prefill, +12% with the copy). The pending mass reads
-// each slab block (prefetched) just before the copy overwrites it, so the copy's stores hit.
+// each slab block (prefetched) just before the copy overwrites it, so the copy's stores hit: each
+// register tile sums the pending rows of its own slab rows first, scalar work that the core runs
+// beside the FMAs (summed in one piece before each block, it cost the FMAs its time).
 template <class V, bool CAPTURE>
 void prefillTileRows(const PrefillTile& tile) {
   using R = typename V::R;
@@ -457,10 +474,14 @@ void prefillTileRows(const PrefillTile& tile) {
   // Key block outside, register tiles of ROWS rows inside: each block of keys and values (f32,
   // a few KiB) is read from L1 by every sub-tile instead of streaming the chunk once per 8 rows.
   for (int64_t blockBegin = tile.keyBegin; blockBegin < tile.keyEnd; blockBegin += BLOCK) {
-    if (CAPTURE && tile.pending != nullptr && pendingBlock < pending.blocks) {
-      const int64_t through = blockBegin / BLOCK + 1 < pending.blocks ? blockBegin / BLOCK + 1 : pending.blocks;
-      massBlocks<V>(*tile.pending, pending, pendingBlock, through);
-      pendingBlock = through;
+    const int64_t block = blockBegin / BLOCK;
+    // The pending mass's blocks before this one (none when the tile starts at key 0), then this
+    // one's rows, shared among the register tiles below.
+    const bool massHere = CAPTURE && tile.pending != nullptr && block < pending.blocks;
+    alignas(64) float massSums[BLOCK];
+    if (massHere) {
+      if (pendingBlock < block) massBlocks<V>(*tile.pending, pending, pendingBlock, block);
+      for (int32_t j = 0; j < BLOCK; ++j) massSums[j] = 0.0f;
     }
     const float* keys = tile.keysTransposed + size_t(blockBegin / BLOCK) * size_t(dim) * BLOCK;
     const float* values = tile.values + size_t(blockBegin) * size_t(dim);
@@ -471,6 +492,13 @@ void prefillTileRows(const PrefillTile& tile) {
     for (int32_t first = 0; first < tile.rows; first += ROWS) {
       const int64_t aheadEnd = aheadNext + aheadEach < tile.aheadCount ? aheadNext + aheadEach : tile.aheadCount;
       for (; aheadNext < aheadEnd; ++aheadNext) prefetchStream(tile.aheadLines[aheadNext], aheadToL1);
+      if (massHere) {
+        // The pending rows whose slab this register tile is about to overwrite (the last register
+        // tile: every row left): scalar work that runs beside the kernel's FMAs.
+        const int32_t pendingRows = tile.pending->rows;
+        const int32_t to = first + ROWS >= tile.rows || first + ROWS > pendingRows ? pendingRows : first + ROWS;
+        if (first < to) massRows<V>(*tile.pending, pending, block, first, to, massSums);
+      }
       const int32_t rows = tile.rows - first < ROWS ? tile.rows - first : ROWS;
       const int64_t* lastToken = tile.lastToken + first;
       int64_t lastOfSubTile = lastToken[0];
@@ -508,6 +536,10 @@ void prefillTileRows(const PrefillTile& tile) {
       } else {
         tileValues<V, ROWS>(scores, values, dim, rows, state.acc);
       }
+    }
+    if (massHere) {
+      massFlush<V>(*tile.pending, pending, block, massSums);
+      pendingBlock = block + 1;
     }
   }
   if (CAPTURE && tile.pending != nullptr) massBlocks<V>(*tile.pending, pending, pendingBlock, pending.blocks);

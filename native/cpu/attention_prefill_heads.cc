@@ -7,8 +7,8 @@
 // second QK^T, about half of the prefill's FLOPs. Here each tile keeps its unnormalised
 // probabilities exp2(s - running max) and the running max after every key block. Once the tile's
 // rows are done, their final max and sum turn those into probabilities (massTile), added into
-// double column sums. That happens inside the slice's next tile: its kernel sums each block of
-// the slab (prefetched) just before overwriting it (PrefillTile::pending), so the slab, out of L2
+// double column sums. That happens inside the slice's next tile: its kernel's register tiles sum
+// their rows of each slab block (prefetched) just before overwriting them (PrefillTile::pending), so the slab, out of L2
 // past 4K-8K keys, is read from memory once per tile instead of read for the sums and again for the
 // next capture's stores. A slice's tiles come in increasing length, so the next tile covers every
 // block of the previous one.
