@@ -483,7 +483,7 @@ void prefillTileRows(const PrefillTile& tile) {
       if (pendingBlock < block) massBlocks<V>(*tile.pending, pending, pendingBlock, block);
       for (int32_t j = 0; j < BLOCK; ++j) massSums[j] = 0.0f;
     }
-    const float* keys = tile.keysTransposed + size_t(blockBegin / BLOCK) * size_t(dim) * BLOCK;
+    const float* keys = tile.keysTransposed + size_t(block) * size_t(dim) * BLOCK;
     const float* values = tile.values + size_t(blockBegin) * size_t(dim);
     // Every block is whole, the keys past tile.keyEnd masked like any key past a row's last: a
     // partial last block (its length set by the tile's last row) took its tail through scalar exp2
@@ -527,9 +527,9 @@ void prefillTileRows(const PrefillTile& tile) {
       }
       softmaxBlock<V>(scores, BLOCK, rows, count, state, dim, dim);
       if (CAPTURE) {
-        float* slab = tile.probs + size_t(blockBegin / BLOCK) * size_t(tile.probsBlockStride) + size_t(first) * BLOCK;
+        float* slab = tile.probs + size_t(block) * size_t(tile.probsBlockStride) + size_t(first) * BLOCK;
         for (int32_t i = 0; i < rows * BLOCK; i += V::W) V::store(slab + i, V::load(scores + i));
-        for (int32_t r = 0; r < rows; ++r) tile.blockMax[size_t(blockBegin / BLOCK) * size_t(tile.blockMaxStride) + size_t(first + r)] = state.max[r];
+        for (int32_t r = 0; r < rows; ++r) tile.blockMax[size_t(block) * size_t(tile.blockMaxStride) + size_t(first + r)] = state.max[r];
       }
       if (half) {
         tileValues<V, ROWS / 2>(scores, values, dim, rows, state.acc);
