@@ -5,6 +5,7 @@
 #include <memory>
 
 #include "attention_plan.h"
+#include "prefetch.h"
 #include "simd_level.h"
 #include "thread_pool.h"
 
@@ -182,13 +183,8 @@ void attentionDecode(const AttentionArgs& args) {
         const auto* key = static_cast<const uint8_t*>(rest.keyPages[at / args.pageTokens]) + offset;
         const auto* value = static_cast<const uint8_t*>(rest.valuePages[at / args.pageTokens]) + offset;
         for (size_t line = 0; line < rowBytes; line += 64) {
-          if (toL1) {
-            __builtin_prefetch(key + line, 0, 3);
-            __builtin_prefetch(value + line, 0, 3);
-          } else {
-            __builtin_prefetch(key + line, 0, 2);
-            __builtin_prefetch(value + line, 0, 2);
-          }
+          prefetchStream(key + line, toL1);
+          prefetchStream(value + line, toL1);
         }
       }
     }

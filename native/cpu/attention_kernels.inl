@@ -4,23 +4,6 @@
 
 inline float scalarExp2(float x) { return x < -126.0f ? 0.0f : std::exp2(x); }
 
-// Software prefetch of a streamed line (decode, score scans, KIVI): into L1 (prefetcht0) or L2
-// (prefetcht1), as streamPrefetchToL1() chose for this CPU (kernel_table.h); a kernel reads the
-// choice once per call. With the non-temporal hint (prefetchnta) an Intel Xeon (Granite Rapids
-// class) stalled on the prefetches themselves: a 64K-token f16 decode read 7 GB/s instead of 19
-// of its 28.
-__attribute__((always_inline)) inline void prefetchStream(const void* line, bool toL1) {
-  if (toL1) {
-    __builtin_prefetch(line, 0, 3);
-  } else {
-    __builtin_prefetch(line, 0, 2);
-  }
-}
-
-// Into L2 (prefetcht1) whatever the CPU: the prefill's key blocks ahead and the H2O slab (the T0
-// hint made no difference to the prefill on the AMD VM where it made decode faster).
-__attribute__((always_inline)) inline void prefetchL2(const void* line) { __builtin_prefetch(line, 0, 2); }
-
 // Stored dtype is a template parameter so the hot loops carry no per-load switch.
 template <class V, DType T>
 inline typename V::R loadRow(const void* row, int offset) {

@@ -6,6 +6,7 @@
 
 #include "../core/dtype.h"
 #include "kernel_table.h"
+#include "prefetch.h"
 
 #if defined(__x86_64__) || defined(_M_X64)
 #include <immintrin.h>

@@ -5,6 +5,7 @@
 
 #include "../core/dtype.h"
 #include "kernel_table.h"
+#include "prefetch.h"
 
 namespace kvslim::cpu {
 namespace {
