@@ -33,48 +33,67 @@ DecodePlan planDecode(int64_t maxTokens, int32_t kvHeads, int64_t rowGroups, int
   return plan;
 }
 
-// Queries scaled once by scale * log2(e) so the kernels use exp2 (the same rounding as prefill:
-// decoding token by token must give what one prefill gives).
-Floats scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale) {
+// The same rounding as prefill's scaling: decoding token by token must give what one prefill gives.
+void scaleRows(const RowLayout& layout, const float* q, int32_t dim, float scale, int32_t h, int64_t firstRow, int32_t rows,
+               float* dst) {
   const float factor = scale * kLog2e;
-  Floats scaled = uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(dim));
-  for (int32_t h = 0; h < layout.kvHeads; ++h) {
-    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
-      const float* src = q + layout.queryIndex(h, row) * dim;
-      float* dst = scaled.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(dim);
-      for (int32_t d = 0; d < dim; ++d) dst[d] = src[d] * factor;
-    }
+  for (int32_t r = 0; r < rows; ++r) {
+    const float* src = q + layout.queryIndex(h, firstRow + r) * dim;
+    for (int32_t d = 0; d < dim; ++d) dst[size_t(r) * size_t(dim) + size_t(d)] = src[d] * factor;
   }
-  return scaled;
 }
 
-void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse) {
-  const int32_t dim = partials.dim;
-  for (int32_t h = 0; h < layout.kvHeads; ++h) {
-    for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
-      const size_t first = partials.index(layout, h, row, 0);
-      float globalMax = partials.maxes[first];
-      for (int64_t s = 1; s < partials.splits; ++s) globalMax = std::max(globalMax, partials.maxes[first + s]);
-      float* o = out + layout.queryIndex(h, row) * dim;
-      float total = 0.0f;
-      if (partials.splits == 1) {
-        // What the loop below computes for one split (weight exp2(0) = 1), without its exp2.
-        total = partials.sums[first];
-        std::copy(partials.accs.get() + first * size_t(dim), partials.accs.get() + (first + 1) * size_t(dim), o);
-      } else {
-        std::fill(o, o + dim, 0.0f);
-        for (int64_t s = 0; s < partials.splits; ++s) {
-          const float weight = std::exp2(partials.maxes[first + s] - globalMax);
-          total += partials.sums[first + s] * weight;
-          const float* acc = partials.accs.get() + (first + s) * size_t(dim);
-          for (int32_t d = 0; d < dim; ++d) o[d] += acc[d] * weight;
-        }
-      }
-      const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
-      for (int32_t d = 0; d < dim; ++d) o[d] *= inverse;
-      if (lse != nullptr) lse[layout.queryIndex(h, row)] = total > 0.0f ? globalMax + std::log2(total) : -INFINITY;
+SplitPartials::SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim, int64_t groupRows)
+    : layout_(layout), splits_(splits), dim_(dim), groupRows_(groupRows) {
+  if (splits_ == 1) return;
+  const size_t entries = size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits);
+  maxes_ = uninitialisedFloats(entries);
+  sums_ = uninitialisedFloats(entries);
+  accs_ = uninitialisedFloats(entries * size_t(dim));
+  const size_t groups = size_t(layout.kvHeads) * size_t((layout.rowsPerHead + groupRows - 1) / groupRows);
+  arrived_.reset(new std::atomic<int64_t>[groups]);
+  for (size_t g = 0; g < groups; ++g) arrived_[g].store(0, std::memory_order_relaxed);
+}
+
+void SplitPartials::finish(int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state, float* out,
+                           float* lse, int32_t accStride) {
+  const size_t stride = size_t(accStride > 0 ? accStride : dim_);
+  if (splits_ == 1) {
+    for (int32_t r = 0; r < rows; ++r) {
+      const int64_t at = layout_.queryIndex(h, firstRow + r);
+      finishRowTo(out + at * dim_, lse != nullptr ? lse + at : nullptr, dim_, state.max[r], state.sum[r],
+                  state.acc + size_t(r) * stride);
     }
+    return;
   }
+  for (int32_t r = 0; r < rows; ++r) {
+    const size_t at = index(h, firstRow + r, split);
+    maxes_[at] = state.max[r];
+    sums_[at] = state.sum[r];
+    std::copy(state.acc + size_t(r) * stride, state.acc + size_t(r) * stride + size_t(dim_), accs_.get() + at * size_t(dim_));
+  }
+  // acq_rel: the last arrival sees every other split's stores (each arrival released its own).
+  const size_t group = size_t(h) * size_t((layout_.rowsPerHead + groupRows_ - 1) / groupRows_) + size_t(firstRow / groupRows_);
+  if (arrived_[group].fetch_add(1, std::memory_order_acq_rel) != splits_ - 1) return;
+  for (int32_t r = 0; r < rows; ++r) mergeRow(h, firstRow + r, out, lse);
+}
+
+void SplitPartials::mergeRow(int32_t h, int64_t row, float* out, float* lse) const {
+  const size_t first = index(h, row, 0);
+  float globalMax = maxes_[first];
+  for (int64_t s = 1; s < splits_; ++s) globalMax = std::max(globalMax, maxes_[first + s]);
+  float* o = out + layout_.queryIndex(h, row) * dim_;
+  float total = 0.0f;
+  std::fill(o, o + dim_, 0.0f);
+  for (int64_t s = 0; s < splits_; ++s) {
+    const float weight = std::exp2(maxes_[first + s] - globalMax);
+    total += sums_[first + s] * weight;
+    const float* acc = accs_.get() + (first + s) * size_t(dim_);
+    for (int32_t d = 0; d < dim_; ++d) o[d] += acc[d] * weight;
+  }
+  const float inverse = total > 0.0f ? 1.0f / total : 0.0f;
+  for (int32_t d = 0; d < dim_; ++d) o[d] *= inverse;
+  if (lse != nullptr) lse[layout_.queryIndex(h, row)] = total > 0.0f ? globalMax + std::log2(total) : -INFINITY;
 }
 
 void massFromScores(const RowLayout& layout, bool causal, const int64_t* older, const int64_t* tokens, double* mass,
@@ -116,11 +135,12 @@ void attentionDecode(const AttentionArgs& args) {
   }
   const DecodePlan plan = planDecode(maxWalk, args.kvHeads, rowGroups, args.threads, 1);
   const int64_t splits = plan.splits;
-  const Floats scaled = scaledRows(layout, args.q, dim, args.scale);
-  const Floats olderScaled = withOlder && args.olderQ != args.q ? scaledRows(layout, args.olderQ, dim, args.scale) : Floats();
-  SplitPartials partials(layout, splits, dim);
-  // Per worker: the kernel's rows, and a second set for the far side of a seam (the kernel zeroes its rows).
-  const size_t workerFloats = 2 * kMaxDecodeRows * size_t(dim);
+  const bool olderQueries = withOlder && args.olderQ != args.q;
+  SplitPartials partials(layout, splits, dim, kMaxDecodeRows);
+  // Per worker: the kernel's rows, and a second set for the far side of a seam (the kernel zeroes
+  // its rows); then the task's scaled queries, and the older segment's when they differ.
+  const size_t rowsFloats = kMaxDecodeRows * size_t(dim);
+  const size_t workerFloats = (olderQueries ? 4 : 3) * rowsFloats;
   const Floats workerAcc = uninitialisedFloats(size_t(plan.threads) * workerFloats);
   // With the mass (H2O's decode steps), every row's scores are kept: older tokens, then the rest.
   const int64_t width = maxOlder + maxTokens;
@@ -141,6 +161,10 @@ void attentionDecode(const AttentionArgs& args) {
     const int64_t begin = std::min(split * plan.splitTokens, walk), end = std::min(begin + plan.splitTokens, walk);
     float rowMax[2][kMaxDecodeRows], rowSum[2][kMaxDecodeRows];
     float* rowAcc = workerAcc.get() + size_t(worker) * workerFloats;
+    float* queries = rowAcc + 2 * rowsFloats;
+    scaleRows(layout, args.q, dim, args.scale, h, firstRow, rows, queries);
+    float* olderRowQueries = olderQueries ? queries + rowsFloats : queries;
+    if (olderQueries) scaleRows(layout, args.olderQ, dim, args.scale, h, firstRow, rows, olderRowQueries);
     // Tokens [from, to) of one segment into state `side`.
     const auto run = [&](bool older, int64_t from, int64_t to, int side) {
       const KVHeadView& head = older ? args.olderHeads[h] : args.heads[h];
@@ -151,8 +175,7 @@ void attentionDecode(const AttentionArgs& args) {
         last[r] = head.firstRow + (older ? head.tokens - 1 : layout.lastToken(args.causal, head.tokens, firstRow + r));
       }
       DecodeRange range;
-      const float* queries = older && olderScaled ? olderScaled.get() : scaled.get();
-      range.q = queries + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+      range.q = older ? olderRowQueries : queries;
       range.rows = rows;
       range.lastToken = last;
       range.headDim = dim;
@@ -163,7 +186,7 @@ void attentionDecode(const AttentionArgs& args) {
       range.rowStride = args.rowStride;
       range.tokenBegin = head.firstRow + from;
       range.tokenEnd = head.firstRow + to;
-      range.state = {rowMax[side], rowSum[side], rowAcc + size_t(side) * kMaxDecodeRows * size_t(dim)};
+      range.state = {rowMax[side], rowSum[side], rowAcc + size_t(side) * rowsFloats};
       if (captured) {
         range.scoresOut = captured.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(width) +
                           size_t((older ? 0 : olderTokens) + from);
@@ -193,7 +216,7 @@ void attentionDecode(const AttentionArgs& args) {
     if (olderSide && restSide) {
       // The two sides merged by log-sum-exp (an empty side's max is kNoScoreYet: weight 0).
       float* acc = rowAcc;
-      const float* other = rowAcc + kMaxDecodeRows * size_t(dim);
+      const float* other = rowAcc + rowsFloats;
       for (int32_t r = 0; r < rows; ++r) {
         const float high = std::max(rowMax[0][r], rowMax[1][r]);
         const float a = std::exp2(rowMax[0][r] - high), b = std::exp2(rowMax[1][r] - high);
@@ -202,9 +225,8 @@ void attentionDecode(const AttentionArgs& args) {
         for (int32_t d = 0; d < dim; ++d) acc[size_t(r) * dim + d] = acc[size_t(r) * dim + d] * a + other[size_t(r) * dim + d] * b;
       }
     }
-    partials.store(layout, h, firstRow, rows, split, {rowMax[0], rowSum[0], rowAcc});
+    partials.finish(h, firstRow, rows, split, {rowMax[0], rowSum[0], rowAcc}, args.out, args.lse);
   });
-  mergeSplits(layout, partials, args.out, args.lse);
   if (captured) {
     std::vector<int64_t> older, tokens;
     for (int32_t h = 0; h < args.kvHeads; ++h) {

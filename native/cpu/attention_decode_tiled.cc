@@ -2,7 +2,7 @@
 // kMaxTiledDecodeRows: a speculative step's draft tokens, a small chunk of a prompt). The decode
 // kernel would read every key once per group of 8 rows, and the prefill drivers convert every
 // head whole to f32 first, which at a long cache costs 8x the one-row step (32K tokens, 5 queries:
-// 56 ms against 6.8). Here flash-decoding's key splits (planDecode, SplitPartials, mergeSplits)
+// 56 ms against 6.8). Here flash-decoding's key splits (planDecode, SplitPartials)
 // are walked a slice at a time: the slice's keys and values become f32 in the worker's L2-sized
 // buffers (convertChunk), and the prefill kernel's register tiles run every row of the head
 // against them. Each key is read from memory once, for all rows. An older segment (a policy's
@@ -101,7 +101,7 @@ void attentionDecodeTiled(const AttentionArgs& args) {
     // Two rows (key, value) a token, each at most ceil(bytes / 64) + 1 lines.
     b.ahead.resize(size_t(kSliceKeys) * 2 * ((size_t(dim) * dtypeBytes(args.kvType) + 63) / 64 + 1));
   }
-  SplitPartials partials(layout, plan.splits, dim);
+  SplitPartials partials(layout, plan.splits, dim, rows);
 
   const int64_t tasks = int64_t(args.kvHeads) * plan.splits;
   globalPool().parallelFor(tasks, plan.threads, [&](int64_t task, int32_t worker) {
@@ -148,9 +148,8 @@ void attentionDecodeTiled(const AttentionArgs& args) {
         if (tile.keyEnd > 0) kernels.prefillTile(tile);
       }
     }
-    partials.store(layout, h, 0, rows, split, {b.maxes.data(), b.sums.data(), b.acc.data()}, paddedDim);
+    partials.finish(h, 0, rows, split, {b.maxes.data(), b.sums.data(), b.acc.data()}, args.out, args.lse, paddedDim);
   });
-  mergeSplits(layout, partials, args.out, args.lse);
 }
 
 }  // namespace kvslim::cpu

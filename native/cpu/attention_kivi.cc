@@ -22,10 +22,11 @@ void attentionKivi(const KiviAttentionArgs& args) {
   for (int32_t h = 0; h < args.kvHeads; ++h) maxTokens = std::max(maxTokens, args.heads[h].tokens - kiviSkip(args.heads[h]).length);
   // Splits start at multiples of 32 tokens: a kernel sub-block never straddles a key group.
   const DecodePlan plan = planDecode(maxTokens, args.kvHeads, rowGroups, args.threads, 32);
-  const Floats scaled = scaledRows(layout, args.q, dim, args.scale);
-  SplitPartials partials(layout, plan.splits, dim);
-  const size_t scratchFloats = kiviScratchFloats(dim);
-  std::vector<float> workerAcc(size_t(plan.threads) * (kMaxDecodeRows * size_t(dim) + scratchFloats));
+  SplitPartials partials(layout, plan.splits, dim, kMaxDecodeRows);
+  // Per worker: the kernel's rows, the task's scaled queries, the kernel's scratch.
+  const size_t rowsFloats = kMaxDecodeRows * size_t(dim);
+  const size_t workerFloats = 2 * rowsFloats + kiviScratchFloats(dim);
+  const Floats workerAcc = uninitialisedFloats(size_t(plan.threads) * workerFloats);
   // Not zeroed: massFromScores reads only what the kernel wrote (each row's visible tokens).
   const int64_t width = maxTokens;
   const Floats captured = args.mass != nullptr ? uninitialisedFloats(size_t(args.kvHeads) * size_t(layout.rowsPerHead) * size_t(width))
@@ -61,9 +62,11 @@ void attentionKivi(const KiviAttentionArgs& args) {
     int64_t last[kMaxDecodeRows];
     for (int32_t r = 0; r < rows; ++r) last[r] = layout.lastToken(args.causal, head.tokens, firstRow + r);
     float rowMax[kMaxDecodeRows], rowSum[kMaxDecodeRows];
-    float* rowAcc = workerAcc.data() + size_t(worker) * (kMaxDecodeRows * size_t(dim) + scratchFloats);
+    float* rowAcc = workerAcc.get() + size_t(worker) * workerFloats;
+    float* queries = rowAcc + rowsFloats;
+    scaleRows(layout, args.q, dim, args.scale, h, firstRow, rows, queries);
     KiviRange range;
-    range.q = scaled.get() + (size_t(h) * size_t(layout.rowsPerHead) + size_t(firstRow)) * size_t(dim);
+    range.q = queries;
     range.rows = rows;
     range.lastToken = last;
     range.format = args.format;
@@ -76,7 +79,7 @@ void attentionKivi(const KiviAttentionArgs& args) {
     range.tokenBegin = skip.token(std::min(split * plan.splitTokens, walkTokens));
     range.tokenEnd = skip.token(std::min((split + 1) * plan.splitTokens, walkTokens));
     range.state = {rowMax, rowSum, rowAcc};
-    range.scratch = rowAcc + kMaxDecodeRows * size_t(dim);
+    range.scratch = queries + rowsFloats;
     if (args.preRope) {
       range.ropeFrequencies = ropeFrequencies.data();
       range.ropeWithin = ropeWithin.data();
@@ -90,9 +93,8 @@ void attentionKivi(const KiviAttentionArgs& args) {
       range.scoresStride = width;
     }
     kernels.kiviDecodeRange(range);
-    partials.store(layout, h, firstRow, rows, split, {rowMax, rowSum, rowAcc});
+    partials.finish(h, firstRow, rows, split, {rowMax, rowSum, rowAcc}, args.out, nullptr);
   });
-  mergeSplits(layout, partials, args.out, nullptr);
   if (captured) {
     std::vector<int64_t> tokens;
     for (int32_t h = 0; h < args.kvHeads; ++h) tokens.push_back(args.heads[h].tokens);

@@ -2,6 +2,7 @@
 // each row's causal window ends.
 #pragma once
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <memory>
 #include <vector>
@@ -48,40 +49,39 @@ inline int64_t lastToken(const AttentionArgs& args, int64_t tokens, int32_t posi
 using Floats = std::unique_ptr<float[]>;
 inline Floats uninitialisedFloats(size_t count) { return Floats(new float[count]); }
 
-// Flash-decoding partial states of every (kv head, row, split), in the base-2 log domain. Every
-// task stores all of its rows (store()), so every entry is written before mergeSplits reads it.
-struct SplitPartials {
-  int64_t splits;
-  int32_t dim;
-  Floats maxes, sums, accs;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim)
-  SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim)
-      : splits(splits),
-        dim(dim),
-        maxes(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits))),
-        sums(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits))),
-        accs(uninitialisedFloats(size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits) * size_t(dim))) {}
-  size_t index(const RowLayout& layout, int32_t h, int64_t row, int64_t split) const {
-    return (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(splits) + size_t(split);
+// Flash-decoding partial states of every (kv head, row, split), in the base-2 log domain, and
+// their merge. The task that finishes the last split of a row group merges that group's rows into
+// the output (with one split a task writes its rows' outputs directly): no serial pass over every
+// row follows the parallel one, and the partial states are read on the core that wrote the last.
+class SplitPartials {
+ public:
+  // Tasks cover rows [g * groupRows, (g + 1) * groupRows) of a kv head, every split of each.
+  SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim, int64_t groupRows);
+  // Split `split` of rows [firstRow, firstRow + rows) of kv head h is done: its softmax state
+  // (acc rows accStride apart, dim by default). Once every split of the group is in, the rows'
+  // outputs go to out ([n, qHeads, dim]) and, when lse is set ([n, qHeads]), log2 of each row's
+  // softmax denominator (-inf when the row saw no key). Safe to call from concurrent tasks.
+  void finish(int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state, float* out, float* lse,
+              int32_t accStride = 0);
+
+ private:
+  size_t index(int32_t h, int64_t row, int64_t split) const {
+    return (size_t(h) * size_t(layout_.rowsPerHead) + size_t(row)) * size_t(splits_) + size_t(split);
   }
-  // Keeps the softmax state of `rows` rows from firstRow (acc rows accStride apart, headDim by
-  // default) as split `split`.
-  void store(const RowLayout& layout, int32_t h, int64_t firstRow, int32_t rows, int64_t split, const SoftmaxState& state,
-             int32_t accStride = 0) {
-    const size_t stride = size_t(accStride > 0 ? accStride : dim);
-    for (int32_t r = 0; r < rows; ++r) {
-      const size_t at = index(layout, h, firstRow + r, split);
-      maxes[at] = state.max[r];
-      sums[at] = state.sum[r];
-      std::copy(state.acc + size_t(r) * stride, state.acc + size_t(r) * stride + size_t(dim), accs.get() + at * size_t(dim));
-    }
-  }
+  void mergeRow(int32_t h, int64_t row, float* out, float* lse) const;
+
+  RowLayout layout_;
+  int64_t splits_;
+  int32_t dim_;
+  int64_t groupRows_;
+  Floats maxes_, sums_, accs_;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim); only with several splits
+  std::unique_ptr<std::atomic<int64_t>[]> arrived_;  // splits stored so far, per (kv head, row group)
 };
 
-// q scaled by scale * log2(e) (the kernels use exp2), rows ordered [kvHeads, rowsPerHead, dim].
-Floats scaledRows(const RowLayout& layout, const float* q, int32_t dim, float scale);
-// Log-sum-exp merge of the splits of every row into out ([n, qHeads, dim]); lse (optional, [n, qHeads])
-// receives log2 of each row's softmax denominator (-inf when the row saw no key).
-void mergeSplits(const RowLayout& layout, const SplitPartials& partials, float* out, float* lse);
+// Rows [firstRow, firstRow + rows) of kv head h of q, scaled by scale * log2(e) (the kernels use
+// exp2) into dst ([rows, dim]).
+void scaleRows(const RowLayout& layout, const float* q, int32_t dim, float scale, int32_t h, int64_t firstRow, int32_t rows,
+               float* dst);
 // headDim rounded up to whole vectors: the row length of the f32 query, key and value copies.
 inline int32_t paddedDimOf(const KernelTable& kernels, int32_t dim) {
   return (dim + kernels.vectorWidth - 1) / kernels.vectorWidth * kernels.vectorWidth;
