@@ -90,11 +90,14 @@ class KVCache {
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
-  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill);
+  // The attention of checked queries. `scored`: the policy scores the call's queries after it
+  // (step and prefill; H2O adds their attention mass, computed by this call). attend() changes
+  // nothing, so it computes no mass.
+  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill, bool scored);
   // A loading policy's call: static part + loaded tokens, merged by log-sum-exp. *done is false
   // when the policy attends this call densely (prefill, or queries outside the window).
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
-  Status attendKivi(int32_t layer, const float* q, int64_t n, float* out);
+  Status attendKivi(int32_t layer, const float* q, int64_t n, float* out, bool scored);
   // A window policy over the KIVI store: each windowed head's hole grows to [sink, tokens -
   // max(window, n)) (n: the call's tokens before it attends, 0 after).
   Status growHoles(int32_t layer, int64_t n);
