@@ -53,7 +53,12 @@ class CpuBackend final : public Backend {
     return Status::ok();
   }
 
-  bool fusesMass() const override { return true; }
+  bool fusesMass() const override {
+    // KVSLIM_CPU_FUSES_MASS=0 (read once): never, as a backend that cannot; tests run core's path
+    // for one (H2O's mass by attentionMass after the call) on the CPU.
+    static const bool fuses = environmentInteger("KVSLIM_CPU_FUSES_MASS", 1, 0) != 0;
+    return fuses;
+  }
   bool fusesKiviMass() const override { return true; }
   // The decode driver splits keys anyway: the older segment is more splits of the same merge. The
   // tiled decode driver, and a prefill (or a few queries with the mass) that runs head by head,

@@ -14,7 +14,6 @@
 // and its row stays quantized until the cache compacts the layer (KVCache::compactKivi).
 #include <algorithm>
 #include <cmath>
-#include <deque>
 #include <functional>
 #include <string>
 #include <vector>
@@ -32,6 +31,15 @@ namespace {
 // per slot the candidate that holds it at the end (-1: its own token still does); the slots'
 // scores follow. One candidate (a decode step) scans for the lowest slot; more use a heap (a
 // prompt's prefill sends thousands of candidates past a large heavy set).
+// The slot a candidate meets: the lowest score, then the oldest position.
+size_t lowestSlot(const std::vector<double>& scores, const std::vector<int64_t>& positions) {
+  size_t lowest = 0;
+  for (size_t s = 1; s < scores.size(); ++s) {
+    if (scores[s] < scores[lowest] || (scores[s] == scores[lowest] && positions[s] < positions[lowest])) lowest = s;
+  }
+  return lowest;
+}
+
 std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, const std::vector<int64_t>& positions,
                                    const std::function<double(int64_t)>& candidate, int64_t firstPosition, int64_t first,
                                    int64_t end) {
@@ -39,10 +47,7 @@ std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, const std::v
   std::vector<int64_t> winner(scores.size(), -1);
   if (scores.empty() || first >= end) return winner;
   if (end - first == 1) {
-    size_t lowest = 0;
-    for (size_t s = 1; s < scores.size(); ++s) {
-      if (scores[s] < scores[lowest] || (scores[s] == scores[lowest] && positions[s] < positions[lowest])) lowest = s;
-    }
+    const size_t lowest = lowestSlot(scores, positions);
     const double score = candidate(first);
     if (score > scores[lowest]) {
       scores[lowest] = score;
@@ -77,6 +82,31 @@ std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, const std::v
   return winner;
 }
 
+// A head's tail scores, oldest first: a vector whose front advances as tokens leave (compacted
+// once half of it is behind the front), so a call's mass adds over contiguous doubles.
+class TailScores {
+ public:
+  size_t size() const { return values_.size() - front_; }
+  double& operator[](size_t i) { return values_[front_ + i]; }
+  double operator[](size_t i) const { return values_[front_ + i]; }
+  double* data() { return values_.data() + front_; }
+  const double* begin() const { return values_.data() + front_; }
+  const double* end() const { return values_.data() + values_.size(); }
+  void resize(size_t count) { values_.resize(front_ + count, 0.0); }
+  void push_back(double score) { values_.push_back(score); }
+  void dropFront(size_t count) {
+    front_ += count;
+    if (front_ > values_.size() / 2) {
+      values_.erase(values_.begin(), values_.begin() + std::ptrdiff_t(front_));
+      front_ = 0;
+    }
+  }
+
+ private:
+  std::vector<double> values_;
+  size_t front_ = 0;
+};
+
 class H2OPolicy final : public SelectPolicy {
  public:
   H2OPolicy(const SelectConfig& config, int32_t layers, int32_t kvHeads)
@@ -84,37 +114,61 @@ class H2OPolicy final : public SelectPolicy {
         scores_(size_t(layers) * size_t(kvHeads)), kivi_(size_t(layers) * size_t(kvHeads)),
         kiviLayer_(size_t(layers), 0), evicted_(size_t(layers), 0) {}
 
+  // The call's mass is added to every head's scores and each head finds its lowest heavy hitter
+  // on the host threads (a decode step: 2 x budget doubles a head), then the store changes head
+  // by head.
   Status afterAppend(SelectContext& context, int32_t layer, const float* q, int64_t n, bool) override {
-    std::vector<double> mass;
-    for (int32_t h = 0; h < kvHeads_; ++h) {
-      HeadScores& scores = scores_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
-      scores.tail.resize(size_t(context.store.tailTokens(layer, h)), 0.0);
-      if (int64_t(scores.kept.size()) != context.store.keptTokens(layer, h)) {
-        return Status(ErrorCode::Internal, "h2o: the scores of kv head " + std::to_string(h) + " do not match its kept tokens");
+    const bool scored = q != nullptr && n > 0;
+    const double* mass = context.mass;
+    int64_t massStride = context.massStride;
+    std::vector<double> separate;
+    if (scored && mass == nullptr) {
+      // The backend did not sum the call's mass within its attention: attentionMass per head (a
+      // backend op, so not on the host threads).
+      for (int32_t h = 0; h < kvHeads_; ++h) {
+        massStride = std::max(massStride, context.store.keptTokens(layer, h) + context.store.tailTokens(layer, h));
       }
-      if (q != nullptr && n > 0 && context.mass != nullptr) {
-        // Summed by the call's attention: kept token j is column j, tail token j column kept + j.
-        const size_t kept = scores.kept.size();
-        if (int64_t(kept + scores.tail.size()) > context.massStride) {
-          return Status(ErrorCode::Internal, "h2o: the attention mass of kv head " + std::to_string(h) + " is too short");
-        }
-        const double* columns = context.mass + size_t(h) * size_t(context.massStride);
-        for (size_t j = 0; j < kept; ++j) scores.kept[j] += columns[j];
-        for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += columns[kept + j];
-      } else if (q != nullptr && n > 0) {
+      separate.assign(size_t(kvHeads_) * size_t(massStride), 0.0);
+      for (int32_t h = 0; h < kvHeads_; ++h) {
         // The call's rows summed per token by the backend: no rows x tokens matrix, however long the prefill.
         const std::vector<float> rows = groupRows(q, n, context.qHeads, context.kvHeads, h, context.headDim);
         AttentionMassArgs args;
         KVSLIM_RETURN_IF_ERROR(headMassArgs(context, layer, h, rows.data(), n, 0, &args));
-        const size_t kept = scores.kept.size();
-        mass.resize(kept + scores.tail.size());
-        args.columns = int64_t(mass.size());
-        args.out = mass.data();
+        args.columns = context.store.keptTokens(layer, h) + context.store.tailTokens(layer, h);
+        args.out = separate.data() + size_t(h) * size_t(massStride);
         KVSLIM_RETURN_IF_ERROR(context.backend.attentionMass(args));
-        for (size_t j = 0; j < kept; ++j) scores.kept[j] += mass[j];
-        for (size_t j = 0; j < scores.tail.size(); ++j) scores.tail[j] += mass[kept + j];
       }
-      KVSLIM_RETURN_IF_ERROR(evict(context.store, layer, h, &scores));
+      mass = separate.data();
+    }
+    std::vector<int64_t> lowest(size_t(kvHeads_), -1);
+    KVSLIM_RETURN_IF_ERROR(forEachHeadOnHost(context.backend, kvHeads_, context.threads, [&](int32_t h) {
+      HeadScores& scores = scores_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      scores.tail.resize(size_t(context.store.tailTokens(layer, h)));
+      const size_t kept = scores.kept.size();
+      if (int64_t(kept) != context.store.keptTokens(layer, h)) {
+        return Status(ErrorCode::Internal, "h2o: the scores of kv head " + std::to_string(h) + " do not match its kept tokens");
+      }
+      if (scored) {
+        // Kept token j is column j, tail token j column kept + j.
+        if (int64_t(kept + scores.tail.size()) > massStride) {
+          return Status(ErrorCode::Internal, "h2o: the attention mass of kv head " + std::to_string(h) + " is too short");
+        }
+        const double* columns = mass + size_t(h) * size_t(massStride);
+        for (size_t j = 0; j < kept; ++j) scores.kept[j] += columns[j];
+        double* tail = scores.tail.data();
+        for (size_t j = 0; j < scores.tail.size(); ++j) tail[j] += columns[kept + j];
+      }
+      // A decode step's one candidate against a full heavy set: the lowest slot (lowest score,
+      // then oldest), as replaceLowest finds it.
+      if (int64_t(scores.tail.size()) - recent_ == 1 && int64_t(kept) >= heavy_ && kept > 0) {
+        lowest[size_t(h)] = int64_t(lowestSlot(scores.kept, context.store.keptPositions(layer, h)));
+      }
+      return Status::ok();
+    }));
+    for (int32_t h = 0; h < kvHeads_; ++h) {
+      HeadScores& scores = scores_[size_t(layer) * size_t(kvHeads_) + size_t(h)];
+      KVSLIM_RETURN_IF_ERROR(lowest[size_t(h)] >= 0 ? replaceOne(context.store, layer, h, size_t(lowest[size_t(h)]), &scores)
+                                                    : evict(context.store, layer, h, &scores));
     }
     return Status::ok();
   }
@@ -312,7 +366,7 @@ class H2OPolicy final : public SelectPolicy {
  private:
   struct HeadScores {
     std::vector<double> kept;  // per kept slot
-    std::deque<double> tail;   // per tail token, oldest first
+    TailScores tail;           // per tail token, oldest first
   };
   // A head of a layer in the KIVI store: per KIVI index, its score and whether it was evicted.
   struct KiviHead {
@@ -337,7 +391,20 @@ class H2OPolicy final : public SelectPolicy {
         store.tailFirstPosition(layer, h), fill, leaving);
     KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, winner));
     store.dropTailFront(layer, h, leaving);
-    scores->tail.erase(scores->tail.begin(), scores->tail.begin() + std::ptrdiff_t(leaving));
+    scores->tail.dropFront(size_t(leaving));
+    return Status::ok();
+  }
+
+  // The oldest tail token leaves: it replaces kept slot `lowest` when its score is larger.
+  Status replaceOne(PagedStore& store, int32_t layer, int32_t h, size_t lowest, HeadScores* scores) {
+    if (scores->tail[0] > scores->kept[lowest]) {
+      std::vector<int64_t> winner(lowest + 1, -1);
+      winner[lowest] = 0;
+      KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, winner));
+      scores->kept[lowest] = scores->tail[0];
+    }
+    store.dropTailFront(layer, h, 1);
+    scores->tail.dropFront(1);
     return Status::ok();
   }
 

@@ -35,16 +35,7 @@ Status LoadingPolicy::forEachHead(SelectContext& context, const std::function<St
     for (int32_t h = 0; h < kvHeads_; ++h) KVSLIM_RETURN_IF_ERROR(body(h));
     return Status::ok();
   }
-  std::vector<Status> results(static_cast<size_t>(kvHeads_));
-  context.backend.hostParallel(kvHeads_, context.threads, [&](int64_t h) {
-    try {
-      results[size_t(h)] = body(int32_t(h));
-    } catch (const std::bad_alloc&) {
-      results[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory in a loading policy");
-    }
-  });
-  for (const Status& result : results) KVSLIM_RETURN_IF_ERROR(result);
-  return Status::ok();
+  return forEachHeadOnHost(context.backend, kvHeads_, context.threads, body);
 }
 
 Status LoadingPolicy::catchUp(SelectContext& context, int32_t layer, const float* q, int64_t n) {

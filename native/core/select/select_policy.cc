@@ -188,6 +188,19 @@ std::vector<float> groupRows(const float* q, int64_t n, int32_t qHeads, int32_t 
   return rows;
 }
 
+Status forEachHeadOnHost(Backend& backend, int32_t kvHeads, int32_t threads, const std::function<Status(int32_t)>& body) {
+  std::vector<Status> results(static_cast<size_t>(kvHeads));
+  backend.hostParallel(kvHeads, threads, [&](int64_t h) {
+    try {
+      results[size_t(h)] = body(int32_t(h));
+    } catch (const std::bad_alloc&) {
+      results[size_t(h)] = Status(ErrorCode::OutOfMemory, "out of host memory in a selection policy's work on kv head " + std::to_string(h));
+    }
+  });
+  for (const Status& result : results) KVSLIM_RETURN_IF_ERROR(result);
+  return Status::ok();
+}
+
 Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t first, int64_t count, std::vector<float>* out) {
   const DType type = store.shape().storeType;
   const size_t elements = size_t(count) * size_t(store.shape().headDim);

@@ -3,6 +3,7 @@
 // chosen tail tokens, overwrite a kept slot), so eviction never copies the cache.
 #pragma once
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -184,6 +185,10 @@ Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, 
 // Every windowed head of a layer (windowOf) trimmed to its sinks and the last max(window, n)
 // tokens: n = the call's tokens before it attends, 0 after.
 Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t layer, int64_t n);
+
+// body(h) for every kv head on the backend's host threads (Backend::hostParallel: host work on
+// one head's state; the store may be read, not changed), out of memory included; the first error.
+Status forEachHeadOnHost(Backend& backend, int32_t kvHeads, int32_t threads, const std::function<Status(int32_t)>& body);
 
 // The attention mass op (Backend::attentionMass) over one kv head's kept then tail tokens for
 // query rows built by groupRows() ([n * group, headDim]); query i is the tail token
