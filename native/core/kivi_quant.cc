@@ -179,9 +179,11 @@ void dequantizeChannelGroups(const uint32_t* codes, const uint16_t* scales, cons
   for (int32_t c = 0; c < channels; ++c) {
     const float s = f16ToFloat(scales[c]), m = f16ToFloat(mins[c]);
     const uint32_t* in = codes + size_t(c) * size_t(words);
-    for (int32_t t = 0; t < tokens; ++t) {
-      const uint32_t code = (in[t / perWord] >> ((t % perWord) * bits)) & mask;
-      x[size_t(t) * rowStride + size_t(c)] = float(code) * s + m;
+    // A word at a time: its codes in order, lowest bits first.
+    for (int32_t w = 0; w * perWord < tokens; ++w) {
+      uint32_t word = in[w];
+      const int32_t first = w * perWord, end = std::min(tokens, first + perWord);
+      for (int32_t t = first; t < end; ++t, word >>= bits) x[size_t(t) * rowStride + size_t(c)] = float(word & mask) * s + m;
     }
   }
 }
@@ -190,9 +192,21 @@ void dequantizeTokenGroups(const uint32_t* codes, const uint16_t* scales, const 
                            int32_t group, int32_t bits, float* row) {
   const uint32_t mask = (1u << bits) - 1u;
   const int32_t perWord = 32 / bits;
-  for (int32_t c = 0; c < channels; ++c) {
-    const uint32_t code = (codes[c / perWord] >> ((c % perWord) * bits)) & mask;
-    row[c] = float(code) * f16ToFloat(scales[c / group]) + f16ToFloat(mins[c / group]);
+  // A word at a time, lowest bits first; each group's scale and min converted once.
+  int32_t groupIndex = -1, groupEnd = 0;
+  float s = 0.0f, m = 0.0f;
+  for (int32_t w = 0; w * perWord < channels; ++w) {
+    uint32_t word = codes[w];
+    const int32_t first = w * perWord, end = std::min(channels, first + perWord);
+    for (int32_t c = first; c < end; ++c, word >>= bits) {
+      if (c == groupEnd) {
+        ++groupIndex;
+        groupEnd += group;
+        s = f16ToFloat(scales[groupIndex]);
+        m = f16ToFloat(mins[groupIndex]);
+      }
+      row[c] = float(word & mask) * s + m;
+    }
   }
 }
 
