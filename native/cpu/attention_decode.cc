@@ -109,9 +109,7 @@ void massFromScores(const RowLayout& layout, bool causal, const int64_t* older, 
     for (int64_t row = 0; row < layout.rowsPerHead; ++row) {
       float* scores = captured + (size_t(h) * size_t(layout.rowsPerHead) + size_t(row)) * size_t(width);
       const int64_t visible = std::max<int64_t>(0, before + layout.lastToken(causal, tokens[h], row) + 1);
-      for (int64_t t = 0; t < visible; ++t) scores[t] *= kLn2;
-      kernels.softmaxRow(scores, visible, total);
-      for (int64_t t = 0; t < total; ++t) sums[t] += double(scores[t]);
+      kernels.softmaxInto(scores, visible, kLn2, sums, visible);
     }
   });
 }

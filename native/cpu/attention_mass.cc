@@ -211,10 +211,8 @@ void attentionMass(const AttentionMassArgs& args) {
         const int64_t row = first + r;
         const int64_t visible = kept + firstSeen + row / group;
         float* p = probs + size_t(r) * size_t(stride);
-        kernels.softmaxRow(p, visible, visible);
         double* into = sum + (perMember ? size_t(row % group) * size_t(columns) : 0);
-        const int64_t end = std::min(visible, columns);
-        for (int64_t t = 0; t < end; ++t) into[t] += double(p[t]);
+        kernels.softmaxInto(p, visible, 1.0f, into, std::min(visible, columns));
       }
     }
   });

@@ -189,6 +189,10 @@ struct KernelTable {
   void (*boxBound)(const float* queries, int32_t rows, int32_t dim, const float* lo, const float* hi, int64_t pages,
                    float* out);
   void (*softmaxRow)(float* row, int64_t visible, int64_t total);
+  // An attention mass's row: row[0, visible) times `unit` (1, or ln 2 for scores in log2 units),
+  // softmaxRow over them in place, then the first `count` probabilities (count <= visible) added
+  // to sums in double.
+  void (*softmaxInto)(float* row, int64_t visible, float unit, double* sums, int64_t count);
 };
 
 // Where the kernels' software prefetches of streamed KV (decode, tiled decode, KIVI decode, score

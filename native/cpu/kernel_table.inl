@@ -26,5 +26,6 @@ KernelTable makeTable() {
   table.dotsF64 = &dotsF64;
   table.boxBound = &boxBound<V>;
   table.softmaxRow = &softmaxRow<V>;
+  table.softmaxInto = &softmaxInto<V>;
   return table;
 }

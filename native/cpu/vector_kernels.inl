@@ -226,3 +226,15 @@ void softmaxRow(float* row, int64_t visible, int64_t total) {
   for (; i < visible; ++i) row[i] *= inverse;
   for (i = visible; i < total; ++i) row[i] = 0.0f;
 }
+
+// Written as the drivers wrote it (a scaling pass, softmaxRow, an accumulating pass), so the sums
+// are the same bits; here the passes are compiled for the ISA, and a row's zeros past `visible`
+// are neither written nor added.
+template <class V>
+void softmaxInto(float* row, int64_t visible, float unit, double* sums, int64_t count) {
+  if (unit != 1.0f) {
+    for (int64_t i = 0; i < visible; ++i) row[i] *= unit;
+  }
+  softmaxRow<V>(row, visible, visible);
+  for (int64_t i = 0; i < count; ++i) sums[i] += double(row[i]);
+}
