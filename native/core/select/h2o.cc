@@ -25,12 +25,6 @@ namespace kvslim {
 
 namespace {
 
-// The heavy-hitter rule on scores alone. Slots (scores, positions of their tokens) hold the heavy
-// set; candidates (scores[first, end), candidate i at position firstPosition + i, newer than every
-// slot) replace the lowest slot (lowest score, then oldest) when their score is larger. Returns
-// per slot the candidate that holds it at the end (-1: its own token still does); the slots'
-// scores follow. One candidate (a decode step) scans for the lowest slot; more use a heap (a
-// prompt's prefill sends thousands of candidates past a large heavy set).
 // The slot a candidate meets: the lowest score, then the oldest position.
 size_t lowestSlot(const std::vector<double>& scores, const std::vector<int64_t>& positions) {
   size_t lowest = 0;
@@ -40,6 +34,12 @@ size_t lowestSlot(const std::vector<double>& scores, const std::vector<int64_t>&
   return lowest;
 }
 
+// The heavy-hitter rule on scores alone. Slots (scores, positions of their tokens) hold the heavy
+// set; candidates (scores[first, end), candidate i at position firstPosition + i, newer than every
+// slot) replace the lowest slot (lowest score, then oldest) when their score is larger. Returns
+// per slot the candidate that holds it at the end (-1: its own token still does); the slots'
+// scores follow. One candidate (a decode step) scans for the lowest slot; more use a heap (a
+// prompt's prefill sends thousands of candidates past a large heavy set).
 std::vector<int64_t> replaceLowest(std::vector<double>* slotScores, const std::vector<int64_t>& positions,
                                    const std::function<double(int64_t)>& candidate, int64_t firstPosition, int64_t first,
                                    int64_t end) {
