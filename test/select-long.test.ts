@@ -218,21 +218,19 @@ function expectH2OScores(cache: KVCache, mirror: KeptMirror, shape: SelectShape,
       const { kept, tail } = saved[layer * shape.kvHeads + h];
       const positions = mirror.positions(layer, h);
       const tailStart = positions.length - tail.length;
-      const close = (actual: number, position: number, what: string) => {
-        const expected = mirror.h2oScore(layer, h, position);
-        expect(Math.abs(actual - expected), `${call} layer ${layer} kv head ${h} ${what} (position ${position}): ${actual} vs ${expected}`)
+      const close = (actual: number, expected: number, what: string) => {
+        expect(Math.abs(actual - expected), `${call} layer ${layer} kv head ${h} ${what}: ${actual} vs ${expected}`)
           .toBeLessThanOrEqual(1e-6 + 1e-5 * Math.abs(expected));
       };
-      tail.forEach((score, j) => close(score, positions[tailStart + j], `tail ${j}`));
+      tail.forEach((score, j) => {
+        const position = positions[tailStart + j];
+        close(score, mirror.h2oScore(layer, h, position), `tail ${j} (position ${position})`);
+      });
       // Kept slots come in no particular order: compare sorted scores.
       const expectedKept = positions.slice(0, tailStart).map((p) => mirror.h2oScore(layer, h, p)).sort((a, b) => a - b);
       const sortedKept = [...kept].sort((a, b) => a - b);
       expect(sortedKept.length).toBe(expectedKept.length);
-      sortedKept.forEach((score, i) => {
-        const expected = expectedKept[i];
-        expect(Math.abs(score - expected), `${call} layer ${layer} kv head ${h} kept ${i}: ${score} vs ${expected}`)
-          .toBeLessThanOrEqual(1e-6 + 1e-5 * Math.abs(expected));
-      });
+      sortedKept.forEach((score, i) => close(score, expectedKept[i], `kept ${i}`));
     }
   }
 }
