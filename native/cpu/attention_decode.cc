@@ -44,13 +44,17 @@ void scaleRows(const RowLayout& layout, const float* q, int32_t dim, float scale
 }
 
 SplitPartials::SplitPartials(const RowLayout& layout, int64_t splits, int32_t dim, int64_t groupRows)
-    : layout_(layout), splits_(splits), dim_(dim), groupRows_(groupRows) {
+    : layout_(layout),
+      splits_(splits),
+      dim_(dim),
+      groupRows_(groupRows),
+      groupsPerHead_((layout.rowsPerHead + groupRows - 1) / groupRows) {
   if (splits_ == 1) return;
   const size_t entries = size_t(layout.kvHeads) * size_t(layout.rowsPerHead) * size_t(splits);
   maxes_ = uninitialisedFloats(entries);
   sums_ = uninitialisedFloats(entries);
   accs_ = uninitialisedFloats(entries * size_t(dim));
-  const size_t groups = size_t(layout.kvHeads) * size_t((layout.rowsPerHead + groupRows - 1) / groupRows);
+  const size_t groups = size_t(layout.kvHeads) * size_t(groupsPerHead_);
   arrived_.reset(new std::atomic<int64_t>[groups]);
   for (size_t g = 0; g < groups; ++g) arrived_[g].store(0, std::memory_order_relaxed);
 }
@@ -73,7 +77,7 @@ void SplitPartials::finish(int32_t h, int64_t firstRow, int32_t rows, int64_t sp
     std::copy(state.acc + size_t(r) * stride, state.acc + size_t(r) * stride + size_t(dim_), accs_.get() + at * size_t(dim_));
   }
   // acq_rel: the last arrival sees every other split's stores (each arrival released its own).
-  const size_t group = size_t(h) * size_t((layout_.rowsPerHead + groupRows_ - 1) / groupRows_) + size_t(firstRow / groupRows_);
+  const size_t group = size_t(h) * size_t(groupsPerHead_) + size_t(firstRow / groupRows_);
   if (arrived_[group].fetch_add(1, std::memory_order_acq_rel) != splits_ - 1) return;
   for (int32_t r = 0; r < rows; ++r) mergeRow(h, firstRow + r, out, lse);
 }

@@ -74,6 +74,7 @@ class SplitPartials {
   int64_t splits_;
   int32_t dim_;
   int64_t groupRows_;
+  int64_t groupsPerHead_;
   Floats maxes_, sums_, accs_;  // [kvHeads, rowsPerHead, splits] x (1, 1, dim); only with several splits
   std::unique_ptr<std::atomic<int64_t>[]> arrived_;  // splits stored so far, per (kv head, row group)
 };

@@ -8,9 +8,9 @@
 // probabilities exp2(s - running max) and the running max after every key block. Once the tile's
 // rows are done, their final max and sum turn those into probabilities (massTile), added into
 // double column sums. That happens inside the slice's next tile: its kernel's register tiles sum
-// their rows of each slab block (prefetched) just before overwriting them (PrefillTile::pending), so the slab, out of L2
-// past 4K-8K keys, is read from memory once per tile instead of read for the sums and again for the
-// next capture's stores. A slice's tiles come in increasing length, so the next tile covers every
+// their rows of each slab block (prefetched) just before overwriting them (PrefillTile::pending),
+// so the slab, out of L2 past 4K-8K keys, is read from memory once per tile instead of read for the
+// sums and again for the next capture's stores. A slice's tiles come in increasing length, so the next tile covers every
 // block of the previous one.
 // - The output is attentionPrefill's bit for bit: the same kernel over the same key blocks in the
 //   same order, and rows never interact in it.
