@@ -140,11 +140,14 @@ Status PagedStore::keepTailRows(int32_t layer, int32_t h, const std::vector<int6
   return Status::ok();
 }
 
-Status PagedStore::overwriteKept(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndexOfSlot) {
+Status PagedStore::overwriteKept(int32_t layer, int32_t h, int64_t firstSlot, const int64_t* tailIndexOfSlot,
+                                 int64_t count) {
   HeadPages& pages = head(layer, h);
-  if (int64_t(tailIndexOfSlot.size()) > pages.kept.count) return Status(ErrorCode::Internal, "overwriteKept: more slots than kept tokens");
-  for (const int64_t tailIndex : tailIndexOfSlot) {
-    if (tailIndex >= pages.tail.count) return Status(ErrorCode::Internal, "overwriteKept: index out of range");
+  if (firstSlot < 0 || count < 0 || firstSlot + count > pages.kept.count) {
+    return Status(ErrorCode::Internal, "overwriteKept: slots out of range");
+  }
+  for (int64_t s = 0; s < count; ++s) {
+    if (tailIndexOfSlot[s] >= pages.tail.count) return Status(ErrorCode::Internal, "overwriteKept: index out of range");
   }
   const int64_t pageTokens = shape_.pageTokens;
   const size_t rowBytes = size_t(shape_.headDim) * dtypeBytes(shape_.storeType);
@@ -152,10 +155,10 @@ Status PagedStore::overwriteKept(int32_t layer, int32_t h, const std::vector<int
   const int64_t first = tailFirstPosition(layer, h);
   // Every page written is owned before the copies are queued (as keepTailRows), then one copyRuns.
   std::vector<DeviceCopy> copies;
-  for (size_t slot = 0; slot < tailIndexOfSlot.size(); ++slot) {
-    const int64_t tailIndex = tailIndexOfSlot[slot];
+  for (int64_t s = 0; s < count; ++s) {
+    const int64_t tailIndex = tailIndexOfSlot[s];
     if (tailIndex < 0) continue;
-    const int64_t row = pages.kept.firstRow + int64_t(slot);
+    const int64_t row = pages.kept.firstRow + firstSlot + s;
     KVSLIM_RETURN_IF_ERROR(ownPage(&pages.kept, size_t(row / pageTokens)));
     const int64_t from = pages.tail.firstRow + tailIndex;
     const uint8_t* in = static_cast<const uint8_t*>(pages.tail.pages[size_t(from / pageTokens)]->memory()) +
@@ -166,8 +169,8 @@ Status PagedStore::overwriteKept(int32_t layer, int32_t h, const std::vector<int
   }
   refreshPointers(&pages.kept, partBytes);
   KVSLIM_RETURN_IF_ERROR(backend_->copyRuns(copies.data(), int64_t(copies.size())));
-  for (size_t slot = 0; slot < tailIndexOfSlot.size(); ++slot) {
-    if (tailIndexOfSlot[slot] >= 0) pages.positions[slot] = first + tailIndexOfSlot[slot];
+  for (int64_t s = 0; s < count; ++s) {
+    if (tailIndexOfSlot[s] >= 0) pages.positions[size_t(firstSlot + s)] = first + tailIndexOfSlot[s];
   }
   return Status::ok();
 }

@@ -69,9 +69,9 @@ class PagedStore {
   void dropTailFront(int32_t layer, int32_t h, int64_t count);
   // Copies the tail tokens at these indices (ascending) to the end of the kept segment.
   Status keepTailRows(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndices);
-  // Overwrites each kept slot s with tail token tailIndexOfSlot[s] (its key, value and position)
-  // where that is >= 0, in one copyRuns; slots past the vector's end stay.
-  Status overwriteKept(int32_t layer, int32_t h, const std::vector<int64_t>& tailIndexOfSlot);
+  // Overwrites kept slot firstSlot + s, for s < count, with tail token tailIndexOfSlot[s] (its key,
+  // value and position) where that is >= 0, in one copyRuns; the other slots stay.
+  Status overwriteKept(int32_t layer, int32_t h, int64_t firstSlot, const int64_t* tailIndexOfSlot, int64_t count);
 
   const PagedStoreShape& shape() const { return shape_; }
   size_t bytesPerPage() const { return pageBytes_; }

@@ -389,7 +389,7 @@ class H2OPolicy final : public SelectPolicy {
     const std::vector<int64_t> winner = replaceLowest(
         &scores->kept, store.keptPositions(layer, h), [&](int64_t i) { return scores->tail[size_t(i)]; },
         store.tailFirstPosition(layer, h), fill, leaving);
-    KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, winner));
+    KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, 0, winner.data(), int64_t(winner.size())));
     store.dropTailFront(layer, h, leaving);
     scores->tail.dropFront(size_t(leaving));
     return Status::ok();
@@ -398,9 +398,8 @@ class H2OPolicy final : public SelectPolicy {
   // The oldest tail token leaves: it replaces kept slot `lowest` when its score is larger.
   Status replaceOne(PagedStore& store, int32_t layer, int32_t h, size_t lowest, HeadScores* scores) {
     if (scores->tail[0] > scores->kept[lowest]) {
-      std::vector<int64_t> winner(lowest + 1, -1);
-      winner[lowest] = 0;
-      KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, winner));
+      const int64_t oldestTailToken = 0;
+      KVSLIM_RETURN_IF_ERROR(store.overwriteKept(layer, h, int64_t(lowest), &oldestTailToken, 1));
       scores->kept[lowest] = scores->tail[0];
     }
     store.dropTailFront(layer, h, 1);
