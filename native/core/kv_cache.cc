@@ -372,7 +372,7 @@ Status KVCache::flushLayer(int32_t layer) {
   return flushed;
 }
 
-Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill, bool scored) {
+Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* out, Call call) {
   massLayer_ = -1;
   const int64_t tokens = this->tokens(layer);
   if (n > tokens) {
@@ -394,11 +394,11 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
       kept += double(kiviKept(layer, h));
     }
     lastLoadedTokens_ = kept / config_.kvHeads;
-    return attendKivi(layer, q, n, out, scored);
+    return attendKivi(layer, q, n, out, call);
   }
   if (policy_ && policy_->loads()) {
     bool done = false;
-    if (!prefill) KVSLIM_RETURN_IF_ERROR(attendLoaded(layer, q, n, out, &done));
+    if (call != Call::Prefill) KVSLIM_RETURN_IF_ERROR(attendLoaded(layer, q, n, out, &done));
     if (done) return Status::ok();
     for (int32_t h = 0; h < config_.kvHeads; ++h) loaded_[size_t(layer) * size_t(config_.kvHeads) + size_t(h)].clear();
   }
@@ -422,7 +422,7 @@ Status KVCache::attendChecked(int32_t layer, const float* q, int64_t n, float* o
   AttentionArgs args = denseArgs(q, n, out, tails.data());
   // H2O: the attention sums each token's mass from the scores it computes anyway, where the
   // backend can in one call; otherwise H2O asks attentionMass.
-  const int32_t massLayer = scored && policy_ && policy_->wantsMass() && backend_->fusesMass() ? layer : -1;
+  const int32_t massLayer = call != Call::Read && policy_ && policy_->wantsMass() && backend_->fusesMass() ? layer : -1;
   if (!anyKept) return attendOnce(args, massLayer);
   // Tail (causal) and kept segment (older than every query), merged by log-sum-exp.
   std::vector<float> rotated;
@@ -694,7 +694,7 @@ Status KVCache::compactKivi(int32_t layer) {
   return Status::ok();
 }
 
-Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out, bool scored) {
+Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out, Call call) {
   std::vector<KiviHeadView> heads(size_t(config_.kvHeads));
   const bool evicting = policy_ && policy_->evictsInKivi();
   for (int32_t h = 0; h < config_.kvHeads; ++h) {
@@ -721,7 +721,7 @@ Status KVCache::attendKivi(int32_t layer, const float* q, int64_t n, float* out,
   args.threads = config_.threads;
   args.preRope = config_.kiviPreRope;
   if (args.preRope) args.rope = config_.rope;
-  if (!evicting || !scored) return backend_->kiviAttention(args);
+  if (!evicting || call == Call::Read) return backend_->kiviAttention(args);
   // H2O: the call's mass, in query chunks whose captured scores (rows x tokens floats) stay
   // within 64 MiB; query i of a chunk sees what query first + i of the call sees.
   // KVSLIM_KIVI_MASS_FLOATS (read once) replaces the budget: tests chunk short prompts with a small one.
@@ -763,7 +763,7 @@ Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t ou
     std::vector<float> converted;
     const float* query = nullptr;
     KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
-    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out, false, false));
+    KVSLIM_RETURN_IF_ERROR(attendChecked(layer, query, n, out, Call::Read));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in attend");
   }
@@ -772,7 +772,7 @@ Status KVCache::attend(int32_t layer, const HostTensor& q, float* out, size_t ou
 }
 
 Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v,
-                                float* out, size_t outCount, Stage stage) {
+                                float* out, size_t outCount, Call call) {
   KVSLIM_RETURN_IF_ERROR(checkLayer(layer));
   int64_t n = 0, kvN = 0;
   KVSLIM_RETURN_IF_ERROR(checkQuery(q, outCount, &n));
@@ -789,26 +789,26 @@ Status KVCache::appendAndAttend(int32_t layer, const HostTensor& q, const HostTe
     KVSLIM_RETURN_IF_ERROR(queryAsFloat32(q, &converted, &query));
     KVSLIM_RETURN_IF_ERROR(stageTokens(layer, k, v, n));
     // KIVI: the call attends its own tokens at full precision, then they are flushed.
-    const Status attended = attendChecked(layer, query, n, out, stage == Stage::Prefill, true);
+    const Status attended = attendChecked(layer, query, n, out, call);
     const Status flushed = flushLayer(layer);
     KVSLIM_RETURN_IF_ERROR(attended);
     KVSLIM_RETURN_IF_ERROR(flushed);
-    KVSLIM_RETURN_IF_ERROR(afterAttend(layer, query, n, stage == Stage::Prefill));
+    KVSLIM_RETURN_IF_ERROR(afterAttend(layer, query, n, call == Call::Prefill));
   } catch (const std::bad_alloc&) {
     return Status(ErrorCode::OutOfMemory, "out of host memory in step/prefill");
   }
-  (stage == Stage::Prefill ? times_.prefillMs : times_.decodeMs) += millisecondsSince(start);
+  (call == Call::Prefill ? times_.prefillMs : times_.decodeMs) += millisecondsSince(start);
   return Status::ok();
 }
 
 Status KVCache::step(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                      size_t outCount) {
-  return appendAndAttend(layer, q, k, v, out, outCount, Stage::Decode);
+  return appendAndAttend(layer, q, k, v, out, outCount, Call::Decode);
 }
 
 Status KVCache::prefill(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
                         size_t outCount) {
-  return appendAndAttend(layer, q, k, v, out, outCount, Stage::Prefill);
+  return appendAndAttend(layer, q, k, v, out, outCount, Call::Prefill);
 }
 
 std::unique_ptr<KVCache> KVCache::fork() const {

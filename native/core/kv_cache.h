@@ -90,14 +90,16 @@ class KVCache {
   Status checkLayer(int32_t layer) const;
   Status checkKV(const HostTensor& k, const HostTensor& v, int64_t* n) const;
   Status checkQuery(const HostTensor& q, size_t outCount, int64_t* n) const;
-  // The attention of checked queries. `scored`: the policy scores the call's queries after it
-  // (step and prefill; H2O adds their attention mass, computed by this call). attend() changes
-  // nothing, so it computes no mass.
-  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out, bool prefill, bool scored);
+  // What an attention call is. attend() only reads (it changes nothing, so it computes no H2O
+  // mass); a decode step and a prefill append first, and the policy scores their queries after
+  // (H2O adds their attention mass, computed by the call).
+  enum class Call { Read, Decode, Prefill };
+  // The attention of checked queries.
+  Status attendChecked(int32_t layer, const float* q, int64_t n, float* out, Call call);
   // A loading policy's call: static part + loaded tokens, merged by log-sum-exp. *done is false
   // when the policy attends this call densely (prefill, or queries outside the window).
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
-  Status attendKivi(int32_t layer, const float* q, int64_t n, float* out, bool scored);
+  Status attendKivi(int32_t layer, const float* q, int64_t n, float* out, Call call);
   // A window policy over the KIVI store: each windowed head's hole grows to [sink, tokens -
   // max(window, n)) (n: the call's tokens before it attends, 0 after).
   Status growHoles(int32_t layer, int64_t n);
@@ -120,9 +122,8 @@ class KVCache {
   SelectContext selectContext();
   // The selection policy after n tokens attended (q may be null for a plain append).
   Status afterAttend(int32_t layer, const float* q, int64_t n, bool prefill);
-  enum class Stage { Prefill, Decode };
   Status appendAndAttend(int32_t layer, const HostTensor& q, const HostTensor& k, const HostTensor& v, float* out,
-                         size_t outCount, Stage stage);
+                         size_t outCount, Call call);
 
   CacheConfig config_;
   std::shared_ptr<Backend> backend_;
