@@ -491,6 +491,11 @@ describe('KVCache.load: damaged bytes (ERR_CORRUPT, never a crash)', () => {
     ['quantizedKeys 8 (not a multiple of group)', (view) => view.setBigInt64(72, 8n, true)],
     ['quantizedKeys 80 (more than the tokens)', (view) => view.setBigInt64(72, 80n, true)],
     ['quantizedValues -1', (view) => view.setBigInt64(80, -1n, true)],
+    // A residual that is a valid option, but not the one the counts were flushed with (64 keys and
+    // 38 values of 70 tokens at 32): the payload's size still matches, and a later flush's row
+    // arithmetic went negative (std::length_error killed the process).
+    ['residual 96 (the counts were flushed at 32)', (view) => view.setBigInt64(56, 96n, true)],
+    ['residual 48 (the counts were flushed at 32)', (view) => view.setBigInt64(56, 48n, true)],
     ['an f16 Inf key scale', (view) => view.setUint16(88 + 256, 0x7c00, true)],
     ['an f16 NaN value minimum', (view) => view.setUint16(88 + 2048 + 16 + 4, 0x7e00, true)],
     ['an f16 Inf residual key', (view) => view.setUint16(88 + 2048 + 38 * 32, 0x7c00, true)],

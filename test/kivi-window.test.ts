@@ -322,6 +322,9 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
       const error = expectError(() => KVCache.load(resealed(saved, edit), { device: DEVICE }), 'ERR_CORRUPT');
       expect(error.message, what).toMatch(/hole/);
     }
+    // The header's residual (at 56), changed to another valid one: the heads' quantized counts no longer match it.
+    const residual = expectError(() => KVCache.load(resealed(saved, (view) => view.setBigInt64(56, 64n, true)), { device: DEVICE }), 'ERR_CORRUPT');
+    expect(residual.message).toMatch(/quantized token counts/);
   });
 
   it('attend() with more queries than the window keeps in order: ERR_SHAPE, and the cache is unchanged', () => {

@@ -131,6 +131,13 @@ void putKiviHead(const KiviStore::HeadImage& image, bool holes, std::vector<uint
   }
 }
 
+// The quantized counts of a KIVI head of `count` tokens as every call leaves them (KiviStore::flush,
+// KiviStore::imageOf): keys in whole residuals, values all but the last `residual`. Other counts
+// would send a later flush's row arithmetic negative.
+bool flushedCounts(int64_t count, int64_t keys, int64_t values, int64_t residual) {
+  return keys == count / residual * residual && values == std::max<int64_t>(0, count - residual);
+}
+
 // One KIVI head's image at data[*position, end): i64 quantizedKeys, quantizedValues | key group
 // records | value token records | f16 residual keys | f16 residual values, for a layer of `count`
 // tokens. Checks counts, sizes, that every f16 number is finite and that outlier indices stay
@@ -143,9 +150,8 @@ Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t cou
   if (end < position || end - position < 16) return corrupt("the KIVI payload is truncated");
   std::memcpy(&image.quantizedKeys, data + position, 8);
   std::memcpy(&image.quantizedValues, data + position + 8, 8);
-  if (image.quantizedKeys < 0 || image.quantizedKeys > count || image.quantizedKeys % format.group != 0 ||
-      image.quantizedValues < 0 || image.quantizedValues > count) {
-    return corrupt("a KIVI head's quantized token counts are out of range");
+  if (!flushedCounts(count, image.quantizedKeys, image.quantizedValues, store.shape().residual)) {
+    return corrupt("a KIVI head's quantized token counts do not match its token count and residual");
   }
   position += 16;
   image.hole = {};
@@ -646,8 +652,8 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
       if (size - position < 16 + 8) return corrupt("the KIVI payload is truncated");
       std::memcpy(&keys, data + position, 8);
       std::memcpy(&values, data + position + 8, 8);
-      if (keys < 0 || keys > count || keys % format.group != 0 || values < 0 || values > count) {
-        return corrupt("a KIVI head's quantized token counts are out of range");
+      if (!flushedCounts(count, keys, values, config.kiviResidual)) {
+        return corrupt("a KIVI head's quantized token counts do not match its token count and residual");
       }
       // Every head of a layer holds the same rows (the kernels rely on one ring size per layer).
       if (h > 0 && (keys != layerKeys || values != layerValues)) return corrupt("the kv heads of a layer disagree");
