@@ -391,6 +391,20 @@ export class KVCache {
   }
 
   static #loaded(native: NativeCache, device: 'cpu' | 'cuda', threads: number): KVCache {
+    try {
+      return KVCache.#fromConfig(native, device, threads);
+    } catch (error) {
+      native.dispose();
+      // Saved options that the native loader accepts but the typed API does not (a damaged index
+      // seed past 2^31 - 1, say) are damage too, not the caller's option.
+      if (error instanceof KVSlimError && error.code === 'ERR_OPTION') {
+        throw new KVSlimError('ERR_CORRUPT', `cannot load cache: a saved option is out of range (${error.message})`, { cause: error });
+      }
+      throw error;
+    }
+  }
+
+  static #fromConfig(native: NativeCache, device: 'cpu' | 'cuda', threads: number): KVCache {
     const config = native.config();  // the native side owns the save format
     return new KVCache(
       {

@@ -6,11 +6,12 @@
 // stats, fork and errors. The index kinds (ivf, graph) are checked for recall here and in key-index.test.ts.
 import { describe, expect, it } from 'vitest';
 
-import { KVCache, type SelectSpec } from '../lib/index.js';
+import { KVCache, KVSlimError, type SelectSpec } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
 import { roundTo } from './reference/half.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { disposedAfterEach } from './helpers/lifetime.js';
+import { resealed } from './helpers/saved.js';
 import { type LayerData, attentionOver, checkTopK, groupRows, groupScore, pageBound } from './reference/loading.js';
 
 // f32 store: the cache holds exactly the test's keys; outputs differ from float64 by f32 rounding.
@@ -433,5 +434,16 @@ describe('loading policies: fork, stats and errors', () => {
     const flipped = Buffer.from(bytes);
     flipped.writeInt32LE(7, kindAt);  // a valid kind, but the checksum no longer matches
     expectError(() => KVCache.load(flipped, { device: 'cpu' }), 'ERR_CORRUPT', /checksum/);
+  });
+
+  it('load() refuses a saved option that the typed API refuses (an index seed past 2^31 - 1) with ERR_CORRUPT', () => {
+    const run = new Run(ODD, { kind: 'retrieval', index: 'graph', topK: 8, sink: 1, window: 4, seed: 77 }, 64);
+    run.prefill(40);
+    const bytes = run.cache.save();
+    // After the policy kind: 8 x i64, 2 x i32, 2 x f64, the index kind and 6 x i32, then the u64 seed.
+    const seedAt = 64 + 4 + 8 * 8 + 2 * 4 + 2 * 8 + 4 + 6 * 4;
+    expect(bytes.readBigUInt64LE(seedAt)).toBe(77n);
+    const error = expectError(() => KVCache.load(resealed(bytes, (view) => view.setBigUint64(seedAt, 1n << 40n, true)), { device: 'cpu' }), 'ERR_CORRUPT', /seed/);
+    expect(error.cause).toBeInstanceOf(KVSlimError);
   });
 });
