@@ -87,31 +87,38 @@ export function savedH2OScores(saved: Buffer, layers: number, kvHeads: number): 
 }
 
 /**
+ * Loads one damaged save: a refusal must be a KVSlimError ERR_CORRUPT; a cache that loads is handed
+ * to `use` (which must see finite outputs or a KVSlimError) and disposed. `label` names the damage
+ * in failures.
+ */
+export function loadDamaged(damaged: Buffer, label: string, use: (cache: KVCache) => void): 'refused' | 'loaded' {
+  let cache: KVCache;
+  try {
+    cache = KVCache.load(damaged, { device: 'cpu' });
+  } catch (error) {
+    expect(error, label).toBeInstanceOf(KVSlimError);
+    expect((error as KVSlimError).code, `${label}: ${(error as Error).message}`).toBe('ERR_CORRUPT');
+    return 'refused';
+  }
+  try {
+    use(cache);
+  } catch (error) {
+    expect(error, label).toBeInstanceOf(KVSlimError);
+  } finally {
+    cache.dispose();
+  }
+  return 'loaded';
+}
+
+/**
  * Every byte of saved[from, to) changed in turn (one bit flipped, the checksum resealed) and
- * loaded: a refusal must be a KVSlimError ERR_CORRUPT; a cache that loads is handed to `use`
- * (which must see finite outputs or a KVSlimError) and disposed. Counts both outcomes.
+ * loaded by loadDamaged. Counts both outcomes.
  */
 export function loadEveryDamagedByte(saved: Buffer, from: number, to: number, use: (cache: KVCache) => void): { refused: number; loaded: number } {
-  let refused = 0, loaded = 0;
+  const counts = { refused: 0, loaded: 0 };
   for (let at = from; at < to; at++) {
     const damaged = resealed(saved, (view) => view.setUint8(at, view.getUint8(at) ^ (at % 2 === 0 ? 0x80 : 0x01)));
-    let cache: KVCache;
-    try {
-      cache = KVCache.load(damaged, { device: 'cpu' });
-    } catch (error) {
-      expect(error, `byte ${at}`).toBeInstanceOf(KVSlimError);
-      expect((error as KVSlimError).code, `byte ${at}: ${(error as Error).message}`).toBe('ERR_CORRUPT');
-      refused++;
-      continue;
-    }
-    loaded++;
-    try {
-      use(cache);
-    } catch (error) {
-      expect(error, `byte ${at}`).toBeInstanceOf(KVSlimError);
-    } finally {
-      cache.dispose();
-    }
+    counts[loadDamaged(damaged, `byte ${at}`, use)]++;
   }
-  return { refused, loaded };
+  return counts;
 }
