@@ -225,6 +225,17 @@ Status KiviStore::flush(int32_t layer) {
   if (head(layer, 0).quantizedKeys == keysQuantized && head(layer, 0).quantizedValues == valuesQuantized) {
     return Status::ok();
   }
+  // Every head holds its quantized rows and the rest in its residual buffers. Counts that disagree
+  // (a state no call leaves) would send the row arithmetic below negative: an error, not an abort.
+  for (int32_t h = 0; h < shape_.kvHeads; ++h) {
+    const HeadState& state = head(layer, h);
+    if (state.quantizedKeys > keysQuantized || state.quantizedValues > valuesQuantized ||
+        state.keys.count != tokens - state.quantizedKeys || state.values.count != tokens - state.quantizedValues) {
+      return Status(ErrorCode::Internal, "KIVI layer " + std::to_string(layer) + " kv head " + std::to_string(h) +
+                                             ": its quantized and residual token counts disagree with its " +
+                                             std::to_string(tokens) + " tokens");
+    }
+  }
   // Phase 1 quantizes every head on the backend's host threads (host mirrors only), then
   // allocates (new records, unshared residuals) aside; phase 2 only moves rows.
   const size_t heads = size_t(shape_.kvHeads);
