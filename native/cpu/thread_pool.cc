@@ -3,6 +3,7 @@
 #include <algorithm>
 #include <chrono>
 #include <memory>
+#include <utility>
 
 namespace kvslim::cpu {
 
@@ -50,7 +51,13 @@ thread_local bool insideTask = false;
 void ThreadPool::runTasks(int32_t worker) {
   const bool outer = insideTask;
   insideTask = true;
-  for (int64_t index = next_.fetch_add(1); index < tasks_; index = next_.fetch_add(1)) (*task_)(index, worker);
+  try {
+    for (int64_t index = next_.fetch_add(1); index < tasks_; index = next_.fetch_add(1)) (*task_)(index, worker);
+  } catch (...) {
+    next_.store(tasks_);  // no thread starts another index
+    std::lock_guard<std::mutex> lock(stateMutex_);
+    if (!error_) error_ = std::current_exception();
+  }
   insideTask = outer;
 }
 
@@ -98,6 +105,7 @@ void ThreadPool::parallelFor(int64_t tasks, int32_t maxThreads,
   std::unique_lock<std::mutex> lock(stateMutex_);
   done_.wait(lock, [&] { return pending_ == 0; });
   task_ = nullptr;
+  if (error_) std::rethrow_exception(std::exchange(error_, nullptr));
 }
 
 namespace {

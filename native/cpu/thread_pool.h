@@ -6,6 +6,7 @@
 #pragma once
 #include <atomic>
 #include <condition_variable>
+#include <exception>
 #include <cstdint>
 #include <functional>
 #include <mutex>
@@ -25,7 +26,10 @@ class ThreadPool {
 
   // Runs task(index, worker) for index in [0, tasks) on at most maxThreads threads (0 = all);
   // worker is in [0, threads used) so callers can give each thread its own scratch. Called from
-  // inside a task, it runs every index on the calling thread (worker 0).
+  // inside a task, it runs every index on the calling thread (worker 0). Tasks report failures
+  // through their own state; an exception one throws anyway (a bug) stops the job from handing out
+  // more indices and is rethrown here, on the calling thread, once every thread has left the job
+  // (thrown on a worker it would abort the process).
   void parallelFor(int64_t tasks, int32_t maxThreads, const std::function<void(int64_t, int32_t)>& task);
 
  private:
@@ -44,6 +48,7 @@ class ThreadPool {
   std::atomic<int32_t> pending_{0};
   std::atomic<bool> stopping_{false};
   std::atomic<int64_t> next_{0};
+  std::exception_ptr error_;  // the job's first escaped exception (under stateMutex_)
 };
 
 // Threads for `tasks` independent tasks: the caller's limit (0 = the whole pool), at most one per

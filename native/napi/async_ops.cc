@@ -36,9 +36,11 @@ class PromiseWorker : public Napi::AsyncWorker {
       deferred_.Reject(makeError(Env(), status_));
     }
   }
+  // Execute() turns its failures into status_; node-addon-api routes here a std::exception that
+  // escaped it (a bug), rejected as guarded() throws one on the JS thread.
   void OnError(const Napi::Error& error) override {
     leave();
-    deferred_.Reject(error.Value());
+    deferred_.Reject(makeError(Env(), Status(ErrorCode::Internal, "internal error (a C++ exception): " + error.Message())));
   }
   void leave() {
     for (KVCache* cache : entered_) cache->leave();

@@ -31,18 +31,22 @@ class BusyGuard {
 
 Napi::Function CacheWrap::define(Napi::Env env) {
   return DefineClass(env, "NativeCache",
-                     {InstanceMethod<&CacheWrap::append>("append"), InstanceMethod<&CacheWrap::attend>("attend"),
-                      InstanceMethod<&CacheWrap::step>("step"), InstanceMethod<&CacheWrap::prefill>("prefill"),
-                      InstanceMethod<&CacheWrap::attendAsync>("attendAsync"),
-                      InstanceMethod<&CacheWrap::stepAsync>("stepAsync"),
-                      InstanceMethod<&CacheWrap::prefillAsync>("prefillAsync"),
-                      InstanceMethod<&CacheWrap::fork>("fork"), InstanceMethod<&CacheWrap::stats>("stats"),
-                      InstanceMethod<&CacheWrap::save>("save"), InstanceMethod<&CacheWrap::saveAsync>("saveAsync"),
-                      InstanceMethod<&CacheWrap::tokens>("tokens"),
-                      InstanceMethod<&CacheWrap::truncate>("truncate"),
-                      InstanceMethod<&CacheWrap::positions>("positions"),
-                      InstanceMethod<&CacheWrap::config>("config"),
-                      InstanceMethod<&CacheWrap::dispose>("dispose")});
+                     {InstanceMethod<&CacheWrap::guard<&CacheWrap::append>>("append"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::attend>>("attend"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::step>>("step"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::prefill>>("prefill"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::attendAsync>>("attendAsync"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::stepAsync>>("stepAsync"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::prefillAsync>>("prefillAsync"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::fork>>("fork"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::stats>>("stats"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::save>>("save"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::saveAsync>>("saveAsync"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::tokens>>("tokens"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::truncate>>("truncate"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::positions>>("positions"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::config>>("config"),
+                      InstanceMethod<&CacheWrap::guard<&CacheWrap::dispose>>("dispose")});
 }
 
 Napi::Object CacheWrap::wrap(Napi::Env env, std::unique_ptr<KVCache> cache) {

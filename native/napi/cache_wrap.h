@@ -6,6 +6,7 @@
 
 #include "../core/kv_cache.h"
 #include "async_ops.h"
+#include "errors.h"
 
 namespace kvslim::napi {
 
@@ -27,6 +28,11 @@ class CacheWrap : public Napi::ObjectWrap<CacheWrap> {
   static Napi::Value stepBatchAsync(const Napi::CallbackInfo& info);
 
  private:
+  // A method's callback: Method under guarded() (errors.h).
+  template <Napi::Value (CacheWrap::*Method)(const Napi::CallbackInfo&)>
+  Napi::Value guard(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] { return (this->*Method)(info); });
+  }
   Napi::Value append(const Napi::CallbackInfo& info);
   Napi::Value attend(const Napi::CallbackInfo& info);
   Napi::Value appendAndAttend(const Napi::CallbackInfo& info, CacheOp op);

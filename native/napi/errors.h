@@ -4,6 +4,10 @@
 #pragma once
 #include <napi.h>
 
+#include <exception>
+#include <new>
+#include <string>
+
 #include "../core/status.h"
 
 namespace kvslim::napi {
@@ -15,6 +19,29 @@ Napi::Value makeError(Napi::Env env, const Status& status);
 [[noreturn]] void throwStatus(Napi::Env env, const Status& status);
 inline void throwIfError(Napi::Env env, const Status& status) {
   if (!status.isOk()) throwStatus(env, status);
+}
+
+// call() with a C++ exception that escaped the core turned into a KVSlimError: ERR_INTERNAL naming
+// it (the core reports failures as Status, so such an exception is a bug), ERR_OUT_OF_MEMORY for
+// std::bad_alloc. node-addon-api passes on only Napi::Error; anything else reaching N-API would
+// abort the process.
+template <class Call>
+Napi::Value guarded(Napi::Env env, const Call& call) {
+  try {
+    return call();
+  } catch (const Napi::Error&) {
+    throw;
+  } catch (const std::bad_alloc&) {
+    throwStatus(env, Status(ErrorCode::OutOfMemory, "out of host memory"));
+  } catch (const std::exception& error) {
+    throwStatus(env, Status(ErrorCode::Internal, std::string("internal error (a C++ exception): ") + error.what()));
+  }
+}
+
+// A JS function's callback: Fn under guarded().
+template <Napi::Value (*Fn)(const Napi::CallbackInfo&)>
+Napi::Value guardedFn(const Napi::CallbackInfo& info) {
+  return guarded(info.Env(), [&] { return Fn(info); });
 }
 
 }  // namespace kvslim::napi

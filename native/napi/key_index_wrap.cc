@@ -57,12 +57,21 @@ IndexOptions parseIndexOptions(Napi::Env env, const Napi::Object& object, const 
 
 Napi::Function KeyIndexWrap::define(Napi::Env env) {
   return DefineClass(env, "NativeKeyIndex",
-                     {InstanceMethod<&KeyIndexWrap::add>("add"), InstanceMethod<&KeyIndexWrap::search>("search"),
-                      InstanceMethod<&KeyIndexWrap::size>("size"), InstanceMethod<&KeyIndexWrap::bytes>("bytes"),
-                      InstanceMethod<&KeyIndexWrap::dispose>("dispose")});
+                     {InstanceMethod<&KeyIndexWrap::guard<&KeyIndexWrap::add>>("add"),
+                      InstanceMethod<&KeyIndexWrap::guard<&KeyIndexWrap::search>>("search"),
+                      InstanceMethod<&KeyIndexWrap::guard<&KeyIndexWrap::size>>("size"),
+                      InstanceMethod<&KeyIndexWrap::guard<&KeyIndexWrap::bytes>>("bytes"),
+                      InstanceMethod<&KeyIndexWrap::guard<&KeyIndexWrap::dispose>>("dispose")});
 }
 
 KeyIndexWrap::KeyIndexWrap(const Napi::CallbackInfo& info) : Napi::ObjectWrap<KeyIndexWrap>(info) {
+  guarded(info.Env(), [&] {
+    build(info);
+    return info.Env().Undefined();
+  });
+}
+
+void KeyIndexWrap::build(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "index options must be an object"));
   const IndexOptions options = parseIndexOptions(env, info[0].As<Napi::Object>(), "");

@@ -6,6 +6,7 @@
 #include <memory>
 
 #include "../core/index/key_index.h"
+#include "errors.h"
 
 namespace kvslim::napi {
 
@@ -23,6 +24,13 @@ class KeyIndexWrap : public Napi::ObjectWrap<KeyIndexWrap> {
   explicit KeyIndexWrap(const Napi::CallbackInfo& info);
 
  private:
+  // A method's callback: Method under guarded() (errors.h).
+  template <Napi::Value (KeyIndexWrap::*Method)(const Napi::CallbackInfo&)>
+  Napi::Value guard(const Napi::CallbackInfo& info) {
+    return guarded(info.Env(), [&] { return (this->*Method)(info); });
+  }
+  // The constructor's work: the index built over the given keys.
+  void build(const Napi::CallbackInfo& info);
   KeyIndex& live(Napi::Env env);
   Napi::Value add(const Napi::CallbackInfo& info);
   Napi::Value search(const Napi::CallbackInfo& info);

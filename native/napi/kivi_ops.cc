@@ -81,8 +81,8 @@ Napi::Value dequantizeFn(const Napi::CallbackInfo& info) {
 }  // namespace
 
 void registerKiviOps(Napi::Env env, Napi::Object exports) {
-  exports.Set("quantize", Napi::Function::New(env, quantizeFn));
-  exports.Set("dequantize", Napi::Function::New(env, dequantizeFn));
+  exports.Set("quantize", Napi::Function::New(env, guardedFn<quantizeFn>));
+  exports.Set("dequantize", Napi::Function::New(env, guardedFn<dequantizeFn>));
 }
 
 }  // namespace kvslim::napi
