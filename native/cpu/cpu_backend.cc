@@ -1,6 +1,10 @@
 // The CPU backend: pages in host memory, attention through the SIMD drivers.
+#include <atomic>
+#include <chrono>
 #include <cstring>
 #include <new>
+#include <stdexcept>
+#include <thread>
 #include <vector>
 
 #include "../core/backend.h"
@@ -12,6 +16,22 @@
 #include "thread_pool.h"
 
 namespace kvslim {
+
+namespace {
+// KVSLIM_TEST_THROW_IN_TASK=n (read once; tests only): the first n attention calls throw a
+// std::logic_error from a thread-pool task on a worker thread, the route by which a bug's C++
+// exception would leave the core. It must reach JavaScript as ERR_INTERNAL and leave the pool
+// working. The calling thread's tasks wait 10 ms each so that a worker takes one (none does in a
+// one-thread pool or a nested job: then nothing is thrown).
+void throwInTaskForTests() {
+  static std::atomic<int64_t> left{environmentInteger("KVSLIM_TEST_THROW_IN_TASK", 0, 0)};
+  if (left.load(std::memory_order_relaxed) <= 0 || left.fetch_sub(1) <= 0) return;
+  cpu::globalPool().parallelFor(64, 0, [](int64_t, int32_t worker) {
+    if (worker != 0) throw std::logic_error("KVSLIM_TEST_THROW_IN_TASK");
+    std::this_thread::sleep_for(std::chrono::milliseconds(10));
+  });
+}
+}  // namespace
 
 namespace {
 
@@ -40,6 +60,7 @@ class CpuBackend final : public Backend {
     // while a head's keys fit the budget, else in chunks of every head.
     KVSLIM_RETURN_IF_ERROR(checkAttentionOlder(args, joinsOlder(args)));
     KVSLIM_RETURN_IF_ERROR(checkAttentionMass(args, true));
+    throwInTaskForTests();
     if (decodes(args)) {
       cpu::attentionDecode(args);
     } else if (cpu::decodesTiled(args)) {
