@@ -97,6 +97,31 @@ describe('save() / load() with an eviction policy: the loaded cache goes on exac
     });
   }
 
+  it('a streaming cache that has seen 2^39 tokens saves what it holds (save reserved for every token seen)', () => {
+    const select: SelectSpec = { kind: 'streaming', sink: 2, window: 12 };
+    const random = new Random(17);
+    const original = cacheOf(select);
+    drive([original], random, [['prefill', 1237]]);
+    // Both layers' token counts (i64, consecutive) set to 2^39 + 1237 (load takes up to 2^40): a
+    // valid state (sinks at 0 and 1, the window at the end), as after a very long stream.
+    const pattern = Buffer.alloc(16);
+    pattern.writeBigInt64LE(1237n, 0);
+    pattern.writeBigInt64LE(1237n, 8);
+    const at = original.save().indexOf(pattern);
+    expect(at).toBeGreaterThan(0);
+    const seen = 2 ** 39 + 1237;
+    const long = load(resealed(original.save(), (view) => {
+      view.setBigInt64(at, BigInt(seen), true);
+      view.setBigInt64(at + 8, BigInt(seen), true);
+    }));
+    expect(long.tokens(0)).toBe(seen);
+    expect(Array.from(long.positions(1, 1))).toEqual([0, 1, ...Array.from({ length: 12 }, (_, i) => seen - 12 + i)]);
+    drive([long], random, steps(2));
+    const again = load(long.save());
+    expectSameState(long, [again], 'saved after 2^39 tokens');
+    expect(again.save().length).toBe(original.save().length);
+  });
+
   it('snapkv over a KIVI store: a quantized layer keeps its codes, an f16 layer still selects later', () => {
     const select: SelectSpec = { kind: 'snapkv', budget: 40, window: 4 };
     const original = cacheOf(select, { pageTokens: 16, policy: { select, store: { kind: 'kivi', bits: 2, group: 32, residual: 32 } } });

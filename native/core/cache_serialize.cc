@@ -229,11 +229,24 @@ Status KVCache::save(std::vector<uint8_t>* out) const {
   try {
     std::vector<uint8_t> state;
     if (loading) KVSLIM_RETURN_IF_ERROR(policy_->saveState(config_.layers, &state));
-    // At most every token's keys and values in the store's dtype, positions, state and headers:
-    // one reservation, so the payload is written once (no regrowth copies).
+    // What the cache holds, bounded from above: the rows (or KIVI records and residual rows) and
+    // per held token 24 bytes of position, score and flag, plus headers and the state. One
+    // reservation, so the payload is written once (no regrowth copies). Held, not seen: a
+    // streaming cache that has seen billions of tokens holds a few thousand per head.
     size_t estimate = 4096 + state.size();
+    const size_t keyValueBytes = 2 * size_t(config_.headDim) * dtypeBytes(config_.storeType);
     for (int32_t layer = 0; layer < config_.layers; ++layer) {
-      estimate += size_t(tokens(layer)) * size_t(config_.kvHeads) * (2 * size_t(config_.headDim) * dtypeBytes(config_.storeType) + 8);
+      estimate += 64 * (size_t(config_.kvHeads) + 1);
+      if (inKivi(layer)) {
+        const KiviLayerBytes bytes = kivi_.layerBytes(layer);
+        estimate += size_t(bytes.quantized + bytes.residual);
+        // A window policy's hole holds nothing.
+        for (int32_t h = 0; h < config_.kvHeads; ++h) estimate += size_t(kivi_.tokens(layer) - kivi_.hole(layer, h).size()) * 24;
+        continue;
+      }
+      for (int32_t h = 0; h < config_.kvHeads; ++h) {
+        estimate += size_t(store_.keptTokens(layer, h) + store_.tailTokens(layer, h)) * (keyValueBytes + 24);
+      }
     }
     out->clear();
     out->shrink_to_fit();
