@@ -131,11 +131,11 @@ void putKiviHead(const KiviStore::HeadImage& image, bool holes, std::vector<uint
   }
 }
 
-// The quantized counts of a KIVI head of `count` tokens as every call leaves them (KiviStore::flush,
-// KiviStore::imageOf): keys in whole residuals, values all but the last `residual`. Other counts
-// would send a later flush's row arithmetic negative.
-bool flushedCounts(int64_t count, int64_t keys, int64_t values, int64_t residual) {
-  return keys == count / residual * residual && values == std::max<int64_t>(0, count - residual);
+// Whether a saved KIVI head of `count` tokens holds the quantized counts every call leaves
+// (KiviStore::flushedCounts). Other counts would send a later flush's row arithmetic negative.
+bool flushedCounts(const KiviStore& store, int64_t count, int64_t keys, int64_t values) {
+  const KiviStore::QuantizedCounts expected = store.flushedCounts(count);
+  return keys == expected.keys && values == expected.values;
 }
 
 // One KIVI head's image at data[*position, end): i64 quantizedKeys, quantizedValues | key group
@@ -150,7 +150,7 @@ Status readKiviHead(const uint8_t* data, size_t end, size_t* cursor, int64_t cou
   if (end < position || end - position < 16) return corrupt("the KIVI payload is truncated");
   std::memcpy(&image.quantizedKeys, data + position, 8);
   std::memcpy(&image.quantizedValues, data + position + 8, 8);
-  if (!flushedCounts(count, image.quantizedKeys, image.quantizedValues, store.shape().residual)) {
+  if (!flushedCounts(store, count, image.quantizedKeys, image.quantizedValues)) {
     return corrupt("a KIVI head's quantized token counts do not match its token count and residual");
   }
   position += 16;
@@ -665,7 +665,7 @@ Status KVCache::loadKivi(const uint8_t* data, size_t size, size_t offset, const 
       if (size - position < 16 + 8) return corrupt("the KIVI payload is truncated");
       std::memcpy(&keys, data + position, 8);
       std::memcpy(&values, data + position + 8, 8);
-      if (!flushedCounts(count, keys, values, config.kiviResidual)) {
+      if (!flushedCounts(cache->kivi_, count, keys, values)) {
         return corrupt("a KIVI head's quantized token counts do not match its token count and residual");
       }
       // Every head of a layer holds the same rows (the kernels rely on one ring size per layer).

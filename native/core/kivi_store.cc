@@ -220,8 +220,8 @@ Status KiviStore::flush(int32_t layer) {
   const KiviFormat& format = shape_.format;
   const int64_t R = shape_.residual;
   const int64_t tokens = layerTokens_[size_t(layer)];
-  const int64_t keysQuantized = tokens / R * R;
-  const int64_t valuesQuantized = std::max<int64_t>(0, tokens - R);
+  const QuantizedCounts flushed = flushedCounts(tokens);
+  const int64_t keysQuantized = flushed.keys, valuesQuantized = flushed.values;
   if (head(layer, 0).quantizedKeys == keysQuantized && head(layer, 0).quantizedValues == valuesQuantized) {
     return Status::ok();
   }
@@ -316,8 +316,9 @@ Status KiviStore::imageOf(const uint16_t* keys, const uint16_t* values, int64_t 
                           int64_t keepTokens) const {
   const KiviFormat& format = shape_.format;
   const size_t dim = size_t(format.headDim);
-  out->quantizedKeys = n / shape_.residual * shape_.residual;
-  out->quantizedValues = std::max<int64_t>(0, n - shape_.residual);
+  const QuantizedCounts counts = flushedCounts(n);
+  out->quantizedKeys = counts.keys;
+  out->quantizedValues = counts.values;
   int64_t keptKeyGroups = 0, keptValueTokens = 0;
   if (keep != nullptr) {
     // The records both images quantize for the first keepTokens tokens, copied.

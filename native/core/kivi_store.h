@@ -54,6 +54,14 @@ class KiviStore {
   // Quantizes what the canonical state keeps no longer in f16. On failure (out of memory) the
   // layer keeps more rows in f16; it stays consistent and the next flush retries.
   Status flush(int32_t layer);
+  // The quantized counts a flush leaves a layer of `tokens` tokens at: keys in whole residuals,
+  // values all but the last `residual` (the canonical state; load checks saved heads against it).
+  struct QuantizedCounts {
+    int64_t keys, values;
+  };
+  QuantizedCounts flushedCounts(int64_t tokens) const {
+    return {tokens / shape_.residual * shape_.residual, std::max<int64_t>(0, tokens - shape_.residual)};
+  }
 
   KiviStore fork() const { return *this; }
 
