@@ -31,9 +31,6 @@ void throwInTaskForTests() {
     std::this_thread::sleep_for(std::chrono::milliseconds(10));
   });
 }
-}  // namespace
-
-namespace {
 
 class CpuBackend final : public Backend {
  public:

@@ -40,7 +40,7 @@ class PromiseWorker : public Napi::AsyncWorker {
   // escaped it (a bug), rejected as guarded() throws one on the JS thread.
   void OnError(const Napi::Error& error) override {
     leave();
-    deferred_.Reject(makeError(Env(), Status(ErrorCode::Internal, "internal error (a C++ exception): " + error.Message())));
+    deferred_.Reject(makeError(Env(), escapedException(error.Message())));
   }
   void leave() {
     for (KVCache* cache : entered_) cache->leave();

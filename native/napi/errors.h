@@ -21,10 +21,15 @@ inline void throwIfError(Napi::Env env, const Status& status) {
   if (!status.isOk()) throwStatus(env, status);
 }
 
-// call() with a C++ exception that escaped the core turned into a KVSlimError: ERR_INTERNAL naming
-// it (the core reports failures as Status, so such an exception is a bug), ERR_OUT_OF_MEMORY for
-// std::bad_alloc. node-addon-api passes on only Napi::Error; anything else reaching N-API would
-// abort the process.
+// The ERR_INTERNAL status of a C++ exception that escaped the core (the core reports failures as
+// Status, so such an exception is a bug); `what` is its message.
+inline Status escapedException(const std::string& what) {
+  return Status(ErrorCode::Internal, "internal error (a C++ exception): " + what);
+}
+
+// call() with a C++ exception that escaped the core turned into a KVSlimError (escapedException;
+// ERR_OUT_OF_MEMORY for std::bad_alloc). node-addon-api passes on only Napi::Error; anything else
+// reaching N-API would abort the process.
 template <class Call>
 Napi::Value guarded(Napi::Env env, const Call& call) {
   try {
@@ -34,7 +39,7 @@ Napi::Value guarded(Napi::Env env, const Call& call) {
   } catch (const std::bad_alloc&) {
     throwStatus(env, Status(ErrorCode::OutOfMemory, "out of host memory"));
   } catch (const std::exception& error) {
-    throwStatus(env, Status(ErrorCode::Internal, std::string("internal error (a C++ exception): ") + error.what()));
+    throwStatus(env, escapedException(error.what()));
   }
 }
 
