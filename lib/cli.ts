@@ -74,7 +74,9 @@ const scoreHeadsUsage = `kvslim score-heads --trace <file> [options]
 Prints per layer and kv head the score, E (output deviation when the head keeps only sink +
 window, max over its query heads), M (attention mass outside them), R (copy score) and the role at
 --ratio: retrieval (keeps every token) or streaming (sink + window). A cache uses them as
-policy: { select: { kind: 'duo', heads: <json>.scores, sink, window, retrievalRatio: <json>.retrievalRatio } }.
+policy: { select: { kind: 'duo', heads: <json>.scores, copyHeads: <json>.copyHeads, sink, window,
+retrievalRatio: <json>.retrievalRatio } } (--policy duo:<json>). Copy heads (R > 0.1) are retrieval
+heads whatever the ratio.
 `;
 
 const inspectUsage = `kvslim inspect <file.safetensors>
@@ -216,6 +218,7 @@ function duoFromScores(path: string): PolicySpec {
     select: {
       kind: 'duo', heads: record.scores as number[][], sink: record.sink as number, window: record.window as number,
       retrievalRatio: record.retrievalRatio as number,
+      ...(record.copyHeads === undefined ? {} : { copyHeads: record.copyHeads as boolean[][] }),
     },
   };
 }
@@ -370,7 +373,9 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   if (interactive) process.stderr.write('\r\x1b[K');
   const group = qHeads / kvHeads;
   const retrievalRatio = ratio ?? defaultRetrievalRatio(group > 1);
-  const mask = duoMask({ kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio }, layers, kvHeads, group > 1);
+  const mask = duoMask({
+    kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio, threshold: null, copyHeads: result.copyHeads, rows: null,
+  }, layers, kvHeads, group > 1);
 
   const lines: string[] = [];
   lines.push(`${values.trace}: ${layers} layers, ${qHeads} q / ${kvHeads} kv heads of ${headDim}, ${T} tokens; sink ${sink}, window ${window}, ` +
@@ -398,7 +403,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   const line = (cells: string[]) => cells.map((cell, column) => (column === 6 ? cell : cell.padStart(widths[column]))).join('  ').trimEnd();
   lines.push(line(header), ...rows.map(line));
   const kept = mask.reduce((sum, m) => sum + m, 0);
-  lines.push(`${kept} of ${layers * kvHeads} kv heads are retrieval heads at ratio ${retrievalRatio} (${result.copyHeads.reduce((sum, c) => sum + c, 0)} copy heads ranked first) ` +
+  lines.push(`${kept} of ${layers * kvHeads} kv heads are retrieval heads at ratio ${retrievalRatio} (${result.copyHeads.reduce((sum, c) => sum + c, 0)} copy heads, kept whatever the ratio) ` +
     `(${((performance.now() - started) / 1000).toFixed(1)} s)`);
   process.stdout.write(`${lines.join('\n')}\n`);
   if (values.json !== undefined) {
@@ -407,7 +412,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
     const record = {
       format: 'kvslim-head-scores/1', trace: values.trace, layers, qHeads, kvHeads, headDim, tokens: T, sink, window,
       probes: result.probes, copyMode: result.copyMode, copySegment: copySegment ?? null, retrievalRatio,
-      scores: perLayer(result.scores, kvHeads), retrieval: perLayer(mask, kvHeads).map((row) => row.map((m) => m === 1)),
+      scores: perLayer(result.scores, kvHeads), copyHeads: perLayer(result.copyHeads, kvHeads).map((row) => row.map((c) => c === 1)), retrieval: perLayer(mask, kvHeads).map((row) => row.map((m) => m === 1)),
       deviation: perLayer(result.deviation, qHeads), distantMass: perLayer(result.distantMass, qHeads), copy: perLayer(result.copy, qHeads),
     };
     // One field per line, each array on its line.

@@ -29,8 +29,12 @@ export interface H2OSpec { kind: 'h2o'; budget: number; recent?: number }
 /**
  * DuoAttention heads: retrieval heads keep everything, streaming heads `sink` + `window`.
  * `heads`: a mask (booleans or a Uint8Array, `[layers][kvHeads]` or flat) of retrieval heads, or
- * scores (numbers or a Float32Array, e.g. from scoreHeads()) of which the top `retrievalRatio`
- * (default 0.5 with GQA, 0.25 without) become retrieval heads.
+ * scores (numbers or a Float32Array, e.g. from scoreHeads()), of which either the top
+ * `retrievalRatio` (default 0.5 with GQA, 0.25 without) become retrieval heads, ranked across all
+ * layers, or, with `threshold` τ, those whose score clipped to [0, 1] is at least τ (Duo's gates:
+ * τ = 0.5). `copyHeads` (a mask, e.g. scoreHeadsDetailed()'s) are retrieval heads whatever their
+ * rank (methods/duoattention.md: "always OR with R > 0.1"). A streaming head attends to every
+ * token of a prefill block longer than `window`, as streaming does, and is trimmed after it.
  */
 export interface DuoSpec {
   kind: 'duo';
@@ -38,6 +42,8 @@ export interface DuoSpec {
   sink?: number;
   window?: number;
   retrievalRatio?: number;
+  threshold?: number;
+  copyHeads?: ArrayLike<number> | ArrayLike<boolean> | Array<ArrayLike<number> | ArrayLike<boolean>>;
 }
 /**
  * Loading policies keep every token and read a few per decode call: the first `sink` tokens and the
@@ -94,7 +100,12 @@ export type ResolvedSelect =
   | { kind: 'streaming'; sink: number; window: number; positions: 'absolute' | 'cache' }
   | { kind: 'snapkv' | 'pyramidkv'; budget: number; window: number; kernel: number; pooling: 'max' | 'avg'; beta: number }
   | { kind: 'h2o'; budget: number; recent: number }
-  | { kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null; retrievalRatio: number | null }
+  | {
+    kind: 'duo'; sink: number; window: number; mask: Uint8Array | null; scores: Float64Array | null;
+    retrievalRatio: number | null; threshold: number | null; copyHeads: Uint8Array | null;
+    /** Entries per row when `heads` (and `copyHeads`) came as `[layers][kvHeads]`, checked against the cache's shape. */
+    rows: number[] | null;
+  }
   | { kind: 'quest'; sink: number; window: number; pageSize: number; pages: number }
   | { kind: 'retrieval'; sink: number; window: number; index: ResolvedIndex; topK: number; trainQueries: number }
   | {
@@ -118,41 +129,100 @@ function nonNegativeInteger(name: string, value: unknown, fallback: number): num
   return value;
 }
 
-function flatten(name: string, heads: unknown): { values: Array<number | boolean>; typed: 'mask' | 'scores' | null } {
-  if (heads instanceof Uint8Array) return { values: Array.from(heads), typed: 'mask' };
-  if (heads instanceof Float32Array || heads instanceof Float64Array) return { values: Array.from(heads), typed: 'scores' };
+// Duo's heads (or copyHeads) as one flat list, row by row when given as `[layers][kvHeads]`; a
+// Uint8Array (flat or a row) is a mask, a Float32Array or Float64Array scores.
+interface FlatHeads { values: Array<number | boolean>; typed: 'mask' | 'scores' | null; rows: number[] | null }
+
+function flatten(name: string, heads: unknown): FlatHeads {
+  if (heads instanceof Uint8Array) return { values: Array.from(heads), typed: 'mask', rows: null };
+  if (heads instanceof Float32Array || heads instanceof Float64Array) return { values: Array.from(heads), typed: 'scores', rows: null };
   if (!Array.isArray(heads)) throw optionError(`Expected an array, Uint8Array or Float32Array for ${name} but received ${describe(heads)}`);
-  const values: Array<number | boolean> = [];
-  for (const entry of heads) {
-    if (Array.isArray(entry) || ArrayBuffer.isView(entry)) values.push(...Array.from(entry as ArrayLike<number | boolean>));
-    else values.push(entry as number | boolean);
+  const nested = heads.map((entry) => Array.isArray(entry) || ArrayBuffer.isView(entry));
+  if (!nested.every((n) => n === nested[0])) {
+    throw optionError(`Expected ${name} to be flat or one row per layer, not a mix of rows and entries (entry ${nested.indexOf(!nested[0])})`);
   }
-  return { values, typed: null };
+  if (!nested[0]) return { values: heads as Array<number | boolean>, typed: null, rows: null };
+  const kinds = new Set<'mask' | 'scores' | null>();
+  const values: Array<number | boolean> = [];
+  const rows: number[] = [];
+  heads.forEach((row: unknown, layer) => {
+    if (ArrayBuffer.isView(row) && !(row instanceof Uint8Array || row instanceof Float32Array || row instanceof Float64Array)) {
+      throw optionError(`Expected ${name}[${layer}] to be an array, Uint8Array or Float32Array but received ${describe(row)}`);
+    }
+    kinds.add(row instanceof Uint8Array ? 'mask' : ArrayBuffer.isView(row) ? 'scores' : null);
+    const entries = Array.from(row as ArrayLike<number | boolean>);
+    for (const entry of entries) {
+      if (Array.isArray(entry) || ArrayBuffer.isView(entry)) throw optionError(`Expected ${name}[${layer}] to hold numbers or booleans, not nested arrays`);
+    }
+    values.push(...entries);
+    rows.push(entries.length);
+  });
+  kinds.delete(null);
+  if (kinds.size > 1) throw optionError(`Expected ${name} rows to be all masks (Uint8Array) or all scores, not both`);
+  return { values, typed: kinds.size === 1 ? [...kinds][0] : null, rows };
+}
+
+// A flat mask (0/1 bytes) from checked entries: booleans, or 0s and 1s of a Uint8Array.
+function maskOf(name: string, flat: FlatHeads, what: string): Uint8Array {
+  if (flat.typed === 'mask') {
+    const bad = flat.values.findIndex((v) => v !== 0 && v !== 1);
+    if (bad >= 0) throw optionError(`Expected a Uint8Array mask of 0s and 1s for ${name} but entry ${bad} is ${describe(flat.values[bad])}`);
+  } else if (flat.typed === 'scores' || !flat.values.every((v) => typeof v === 'boolean')) {
+    throw optionError(`Expected ${name} to be ${what}`);
+  }
+  return Uint8Array.from(flat.values, (v) => (v ? 1 : 0));
+}
+
+function sameRows(a: number[] | null, b: number[] | null): boolean {
+  return a === null || b === null || (a.length === b.length && a.every((n, i) => n === b[i]));
 }
 
 function resolveDuo(s: Record<string, unknown>): ResolvedSelect {
-  knownKeys('policy.select', s, ['kind', 'heads', 'sink', 'window', 'retrievalRatio']);
+  knownKeys('policy.select', s, ['kind', 'heads', 'sink', 'window', 'retrievalRatio', 'threshold', 'copyHeads']);
   const sink = nonNegativeInteger('policy.select.sink', s.sink, 64);
   const window = optionalPositiveInteger('policy.select.window', s.window, 256, MAX_TOKENS);
-  const { values, typed } = flatten('policy.select.heads', s.heads);
-  if (values.length === 0) throw optionError('Expected policy.select.heads to hold one entry per (layer, kv head)');
+  const flat = flatten('policy.select.heads', s.heads);
+  const { values, typed } = flat;
+  if (values.length === 0) throw optionError(`Expected policy.select.heads to hold one entry per (layer, kv head) but received ${describe(s.heads)}`);
   const booleans = values.every((v) => typeof v === 'boolean');
   const numbers = values.every((v) => typeof v === 'number' && Number.isFinite(v));
-  if (!booleans && !numbers) throw optionError('Expected policy.select.heads to hold only booleans (a mask) or only finite numbers (scores)');
-  const isMask = typed === 'mask' || booleans;
-  if (isMask) {
-    if (s.retrievalRatio !== undefined) throw optionError('policy.select.retrievalRatio applies to scores, not to a mask of heads');
-    if (typed === 'mask' && values.some((v) => v !== 0 && v !== 1)) throw optionError('Expected a Uint8Array mask of 0s and 1s for policy.select.heads');
-    return { kind: 'duo', sink, window, mask: Uint8Array.from(values, (v) => (v ? 1 : 0)), scores: null, retrievalRatio: null };
+  if (!booleans && !numbers) {
+    const bad = values.findIndex((v) => typeof v !== typeof values[0] || (typeof v === 'number' && !Number.isFinite(v)));
+    throw optionError('Expected policy.select.heads to hold only booleans (a mask) or only finite numbers (scores), ' +
+      `but entry ${Math.max(0, bad)} is ${describe(values[Math.max(0, bad)])}`);
   }
-  let ratio: number | null = null;
+  const none = { retrievalRatio: null, threshold: null, copyHeads: null, rows: flat.rows };
+  if (typed === 'mask' || booleans) {
+    for (const option of ['retrievalRatio', 'threshold', 'copyHeads']) {
+      if (s[option] !== undefined) throw optionError(`policy.select.${option} applies to scores, not to a mask of heads`);
+    }
+    return { kind: 'duo', sink, window, mask: maskOf('policy.select.heads', flat, 'a mask'), scores: null, ...none };
+  }
+  if (s.retrievalRatio !== undefined && s.threshold !== undefined) {
+    throw optionError('policy.select.retrievalRatio and policy.select.threshold are two ways to choose heads from scores: give one');
+  }
+  let ratio: number | null = null, threshold: number | null = null, copyHeads: Uint8Array | null = null;
   if (s.retrievalRatio !== undefined) {
     if (typeof s.retrievalRatio !== 'number' || !(s.retrievalRatio >= 0 && s.retrievalRatio <= 1)) {
       throw optionError(`Expected a number in [0, 1] for policy.select.retrievalRatio but received ${describe(s.retrievalRatio)}`);
     }
     ratio = s.retrievalRatio;
   }
-  return { kind: 'duo', sink, window, mask: null, scores: Float64Array.from(values as number[]), retrievalRatio: ratio };
+  if (s.threshold !== undefined) {
+    if (typeof s.threshold !== 'number' || !(s.threshold >= 0 && s.threshold <= 1)) {
+      throw optionError(`Expected a number in [0, 1] for policy.select.threshold but received ${describe(s.threshold)}`);
+    }
+    threshold = s.threshold;
+  }
+  if (s.copyHeads !== undefined) {
+    const copies = flatten('policy.select.copyHeads', s.copyHeads);
+    copyHeads = maskOf('policy.select.copyHeads', copies, 'a mask (booleans or a Uint8Array of 0s and 1s)');
+    if (copyHeads.length !== values.length || !sameRows(flat.rows, copies.rows)) {
+      throw optionError(`Expected policy.select.copyHeads to have the shape of policy.select.heads (${values.length} entries) ` +
+        `but it holds ${copyHeads.length}${copies.rows === null ? '' : ` in rows of ${copies.rows.join(', ')}`}`);
+    }
+  }
+  return { kind: 'duo', sink, window, mask: null, scores: Float64Array.from(values as number[]), retrievalRatio: ratio, threshold, copyHeads, rows: flat.rows };
 }
 
 function finiteNumber(name: string, value: unknown, fallback: number, min: number): number {
@@ -285,8 +355,9 @@ export function defaultRetrievalRatio(gqa: boolean): number {
 }
 
 /**
- * The duo retrieval mask `[layers * kvHeads]` for a cache shape: the given mask, or the top
- * `retrievalRatio` of the scores ranked across all layers (ties: the lower index).
+ * The duo retrieval mask `[layers * kvHeads]` for a cache shape: the given mask, or from the scores
+ * those at or above `threshold` after clipping to [0, 1], or the top `retrievalRatio` ranked across
+ * all layers (ties: the lower index); `copyHeads` are added to either.
  */
 export function duoMask(select: Extract<ResolvedSelect, { kind: 'duo' }>, layers: number, kvHeads: number, gqa: boolean): Uint8Array {
   const count = layers * kvHeads;
@@ -294,12 +365,21 @@ export function duoMask(select: Extract<ResolvedSelect, { kind: 'duo' }>, layers
   if (given === null || given.length !== count) {
     throw optionError(`Expected policy.select.heads to hold layers x kvHeads = ${count} entries but it holds ${given?.length ?? 0}`);
   }
+  if (select.rows !== null && (select.rows.length !== layers || select.rows.some((n) => n !== kvHeads))) {
+    throw optionError(`Expected policy.select.heads to hold ${layers} rows (layers) of ${kvHeads} (kv heads) but its rows hold ${select.rows.join(', ')}`);
+  }
   if (select.mask !== null) return select.mask;
   const scores = select.scores as Float64Array;
-  const ratio = select.retrievalRatio ?? defaultRetrievalRatio(gqa);
-  const retrieval = Math.round(ratio * count);
-  const order = Array.from({ length: count }, (_, i) => i).sort((a, b) => scores[b] - scores[a] || a - b);
   const mask = new Uint8Array(count);
-  for (const index of order.slice(0, retrieval)) mask[index] = 1;
+  if (select.threshold !== null) {
+    const threshold = select.threshold;
+    scores.forEach((score, index) => { mask[index] = Math.min(1, Math.max(0, score)) >= threshold ? 1 : 0; });
+  } else {
+    const ratio = select.retrievalRatio ?? defaultRetrievalRatio(gqa);
+    const retrieval = Math.round(ratio * count);
+    const order = Array.from({ length: count }, (_, i) => i).sort((a, b) => scores[b] - scores[a] || a - b);
+    for (const index of order.slice(0, retrieval)) mask[index] = 1;
+  }
+  select.copyHeads?.forEach((copy, index) => { mask[index] |= copy; });
   return mask;
 }

@@ -84,6 +84,7 @@ describe('kvslim score-heads', () => {
     expect(record.scores.flat()).toEqual(Array.from(detailed.scores));
     expect(record.deviation.flat()).toEqual(Array.from(detailed.deviation));
     expect(record.distantMass.flat()).toEqual(Array.from(detailed.distantMass));
+    expect(record.copyHeads.flat()).toEqual(Array.from(detailed.copyHeads, (c) => c === 1));
     expect(record.retrieval).toEqual(RETRIEVING.map((row) => row.map((r) => r === 1)));
 
     // The JSON drives a DuoAttention cache: the retrieval heads keep every token, the others sink + window.

@@ -67,6 +67,11 @@ describe('reference helpers', () => {
     expect(Array.from(duoRetrievalMask(Uint8Array.from([0, 1, 1, 0]), shape))).toEqual([0, 1, 1, 0]);
     expect(Array.from(duoRetrievalMask([0.5, 0.9, 0.5, 0.1], shape))).toEqual([1, 1, 0, 0]);
     expect(Array.from(duoRetrievalMask([0.5, 0.9, 0.5, 0.1], { ...shape, qHeads: 2 }))).toEqual([0, 1, 0, 0]);
+    // Per-layer Uint8Array rows are a mask too (not scores whose top half would be [1, 0, 1, 0]).
+    expect(Array.from(duoRetrievalMask([Uint8Array.from([1, 1]), Uint8Array.from([0, 1])], shape))).toEqual([1, 1, 0, 1]);
+    // threshold: scores clipped to [0, 1], then >= 0.5; copy heads added to either rule.
+    expect(Array.from(duoRetrievalMask([0.5, 1.7, 0.49, -2], shape, undefined, 0.5))).toEqual([1, 1, 0, 0]);
+    expect(Array.from(duoRetrievalMask([0.5, 0.9, 0.5, 0.1], shape, 0.25, undefined, [false, false, true, true]))).toEqual([0, 1, 1, 1]);
   });
 });
 
@@ -373,6 +378,11 @@ describe('duo: retrieval heads keep everything, streaming heads sinks + window',
     ['MHA, scores (default ratio 0.25: 2 of 8)', MHA, { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.7, 0.2, 0.05, 0.9, 0.0], sink: 2, window: 8 }],
     ['GQA, Float32Array scores with ties (default ratio 0.5: 2 of 4)', GQA, { kind: 'duo', heads: Float32Array.from([0.5, 0.2, 0.5, 0.5]), sink: 3, window: 12 }],
     ['GQA, scores with retrievalRatio 0.25', GQA, { kind: 'duo', heads: [0.4, 0.1, 0.3, 0.9], retrievalRatio: 0.25, sink: 1, window: 7 }],
+    ['GQA, per-layer Uint8Array rows: a mask, not scores', GQA, { kind: 'duo', heads: [Uint8Array.from([1, 1]), Uint8Array.from([0, 1])], sink: 2, window: 9 }],
+    ['MHA, per-layer Float32Array rows: scores', MHA, { kind: 'duo', heads: [Float32Array.from([0.3, 0.1, 0.8, 0.2]), Float32Array.from([0.9, 0, 0.4, 0.5])], sink: 2, window: 9 }],
+    ['GQA, threshold 0.5 over scores clipped to [0, 1] (Duo gates)', GQA, { kind: 'duo', heads: [0.5, 1.7, 0.49, -2], threshold: 0.5, sink: 2, window: 8 }],
+    ['MHA, copy heads kept past retrievalRatio 0.25 (3 copies + top 2)', MHA,
+      { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.6, 0.2, 0.05, 0.9, 0.0], copyHeads: [[false, false, true, false], [true, true, false, false]], sink: 2, window: 8 }],
   ];
   for (const [name, shape, select] of cases) {
     it(`${name}: positions per head and outputs equal the reference`, () => {
@@ -494,6 +504,21 @@ describe('errors', () => {
       [{ kind: 'duo', heads: [1, 2, 3, NaN] }, /policy\.select\.heads/],
       [{ kind: 'duo', heads: [true, false, true, false], retrievalRatio: 0.5 }, /policy\.select\.retrievalRatio/],
       [{ kind: 'duo', heads: [1, 2, 3, 4], retrievalRatio: 1.5 }, /policy\.select\.retrievalRatio/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], retrievalRatio: 0.5, threshold: 0.5 }, /retrievalRatio and policy\.select\.threshold/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], threshold: -0.1 }, /policy\.select\.threshold but received -0\.1/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], threshold: NaN }, /policy\.select\.threshold/],
+      [{ kind: 'duo', heads: [true, false, true, false], threshold: 0.5 }, /policy\.select\.threshold applies to scores/],
+      [{ kind: 'duo', heads: [true, false, true, false], copyHeads: [true, false, false, false] }, /policy\.select\.copyHeads applies to scores/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], copyHeads: [true, false, false] }, /policy\.select\.copyHeads to have the shape/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], copyHeads: [1, 0, 0, 0] }, /policy\.select\.copyHeads to be a mask/],
+      [{ kind: 'duo', heads: [1, 2, 3, 4], copyHeads: Uint8Array.from([0, 2, 0, 0]) }, /policy\.select\.copyHeads but entry 1 is 2/],
+      [{ kind: 'duo', heads: [[1, 2], [3, 4]], copyHeads: [[true], [false, false, true]] }, /policy\.select\.copyHeads to have the shape/],
+      // Rows must be [layers][kvHeads]: ragged rows with the right total would put heads in the wrong layers.
+      [{ kind: 'duo', heads: [[true], [true, false, false]] }, /policy\.select\.heads to hold 2 rows \(layers\) of 2 \(kv heads\) but its rows hold 1, 3/],
+      [{ kind: 'duo', heads: [[0.1, 0.2], 0.3, 0.4] }, /policy\.select\.heads to be flat or one row per layer/],
+      [{ kind: 'duo', heads: [Uint8Array.from([1, 0]), Float32Array.from([0.5, 0.1])] }, /all masks \(Uint8Array\) or all scores/],
+      [{ kind: 'duo', heads: [Int32Array.from([1, 0]), Int32Array.from([0, 1])] }, /policy\.select\.heads\[0\] to be an array, Uint8Array or Float32Array/],
+      [{ kind: 'duo', heads: [Uint8Array.from([1, 0]), Uint8Array.from([0, 1])], retrievalRatio: 0.5 }, /retrievalRatio applies to scores/],
       [{ kind: 'duo', heads: [1, 2, 3, 4], window: 0 }, /policy\.select\.window/],
       [{ kind: 'duo', heads: [1, 2, 3, 4], sink: 1.5 }, /policy\.select\.sink/],
       [{ kind: 'quest' }, /policy\.select\.pages/],

@@ -8,7 +8,11 @@ import { mulberry32 } from '../random.js';
 
 /** Options of {@link headProbe}. */
 export interface HeadProbeOptions {
-  /** Tokens in the random segment L (default 256); the probe holds it twice. */
+  /**
+   * Tokens in the random segment L; the probe holds it twice. Default 640: with scoreHeads'
+   * default sink 64 and window 256 the copied token is 639 back, past sink + window, and the probe
+   * is 4 (sink + window) long (methods/duoattention.md: T >= 4(S+W)).
+   */
   length?: number;
   /** Vocabulary size: ids are drawn from `[firstId, vocab)`. */
   vocab: number;
@@ -22,6 +26,8 @@ export interface HeadProbeOptions {
 
 
 const probeKeys = ['length', 'vocab', 'firstId', 'seed', 'bos'] as const;
+/** headProbe's default segment: 2 (64 + 256), twice scoreHeads' default sink + window. */
+export const DEFAULT_PROBE_LENGTH = 640;
 const MAX_ID = 2 ** 31 - 1;
 
 function tokenId(name: string, value: unknown): number {
@@ -48,7 +54,7 @@ function tokenId(name: string, value: unknown): number {
 export function headProbe(options: HeadProbeOptions): Int32Array {
   const o = plainObject('headProbe options', options);
   knownKeys('headProbe', o, probeKeys);
-  const length = o.length === undefined ? 256 : positiveInteger('length', o.length, 2 ** 24);
+  const length = o.length === undefined ? DEFAULT_PROBE_LENGTH : positiveInteger('length', o.length, 2 ** 24);
   if (o.vocab === undefined) throw optionError('headProbe: vocab is required (the model\'s vocabulary size)');
   const vocab = positiveInteger('vocab', o.vocab);
   const firstId = o.firstId === undefined ? 0 : tokenId('firstId', o.firstId);

@@ -101,7 +101,8 @@ export function scoreHeads(input: Trace | readonly HeadScoreLayer[], options?: S
  * Per kv head κ (query heads `G(κ)`; a kv head may stream only if all its query heads can):
  * `E_κ = max_{h ∈ G(κ)} E_h`, `copy_κ = [max_{h ∈ G(κ)} R_h > 0.1]`, and
  * `score_κ = E_κ + copy_κ * (1 + max_{all layers, κ'} E_κ')`, so copy heads rank above every
- * other head (always OR with R > 0.1) and, within each class, heads rank by deviation. Without
+ * other head and, within each class, heads rank by deviation; `copyHeads` holds `copy_κ`, which
+ * duo's `copyHeads` keeps whole even past its `retrievalRatio` (always OR with R > 0.1). Without
  * copy heads the score is the plain deviation energy E_κ, the training-free analogue of Duo's
  * gate (a gate α* >= 0.5 iff E >= λ). Combining scores across calls (traces): average the
  * detailed `deviation` / `copy` arrays, not the scores, whose copy offset depends on the call.

@@ -36,6 +36,8 @@ export type ReferenceSelectSpec =
       sink?: number;
       window?: number;
       retrievalRatio?: number;
+      threshold?: number;
+      copyHeads?: ArrayLike<number> | ArrayLike<boolean> | Array<ArrayLike<number> | ArrayLike<boolean>>;
     };
 
 /** A spec with the documented defaults applied. */
@@ -64,43 +66,57 @@ export function resolveReferenceSpec(spec: ReferenceSelectSpec, shape: SelectSha
     case 'duo':
       return {
         kind: 'duo', sink: spec.sink ?? 64, window: spec.window ?? 256,
-        retrieval: duoRetrievalMask(spec.heads, shape, spec.retrievalRatio),
+        retrieval: duoRetrievalMask(spec.heads, shape, spec.retrievalRatio, spec.threshold, spec.copyHeads),
       };
   }
 }
 
 /**
- * Duo retrieval heads, flat `[layers * kvHeads]`: a mask (booleans or a Uint8Array) as given, or
- * the top round(ratio * count) scores (ties: the lower index); ratio 0.5 with GQA, 0.25 without.
+ * Duo retrieval heads, flat `[layers * kvHeads]`: a mask (booleans, or Uint8Arrays flat or per
+ * layer) as given; or from scores those whose score clipped to [0, 1] is at least `threshold`,
+ * else the top round(ratio * count) scores (ties: the lower index; ratio 0.5 with GQA, 0.25
+ * without); then every head of `copyHeads` added.
  */
 export function duoRetrievalMask(
   heads: ArrayLike<number> | ArrayLike<boolean> | Array<ArrayLike<number> | ArrayLike<boolean>>,
   shape: SelectShape,
   ratio?: number,
+  threshold?: number,
+  copyHeads?: ArrayLike<number> | ArrayLike<boolean> | Array<ArrayLike<number> | ArrayLike<boolean>>,
 ): Uint8Array {
-  const flat: Array<number | boolean> = [];
-  for (let i = 0; i < heads.length; i++) {
-    const entry = heads[i] as unknown;
-    if (typeof entry === 'object' && entry !== null) flat.push(...Array.from(entry as ArrayLike<number | boolean>));
-    else flat.push(entry as number | boolean);
-  }
+  const flatOf = (list: typeof heads): Array<number | boolean> => {
+    const flat: Array<number | boolean> = [];
+    for (let i = 0; i < list.length; i++) {
+      const entry = list[i] as unknown;
+      if (typeof entry === 'object' && entry !== null) flat.push(...Array.from(entry as ArrayLike<number | boolean>));
+      else flat.push(entry as number | boolean);
+    }
+    return flat;
+  };
+  const flat = flatOf(heads);
   const count = shape.layers * shape.kvHeads;
   if (flat.length !== count) throw new Error(`duo heads: ${flat.length} entries for ${count} heads`);
-  const isMask = heads instanceof Uint8Array || flat.every((x) => typeof x === 'boolean');
+  const rowsAreMasks = Array.from(heads as ArrayLike<unknown>).every((row) => row instanceof Uint8Array);
+  const isMask = heads instanceof Uint8Array || (heads.length > 0 && rowsAreMasks) || flat.every((x) => typeof x === 'boolean');
   if (isMask) return Uint8Array.from(flat, (x) => (x ? 1 : 0));
   const scores = flat as number[];
-  const retrieval = Math.round((ratio ?? (shape.qHeads > shape.kvHeads ? 0.5 : 0.25)) * count);
   const mask = new Uint8Array(count);
-  const taken = new Set<number>();
-  for (let r = 0; r < retrieval; r++) {
-    // The largest remaining score; the first (lowest index) among equals.
-    let best = -1;
-    for (let i = 0; i < count; i++) {
-      if (!taken.has(i) && (best < 0 || scores[i] > scores[best])) best = i;
+  if (threshold !== undefined) {
+    for (let i = 0; i < count; i++) mask[i] = Math.min(1, Math.max(0, scores[i])) >= threshold ? 1 : 0;
+  } else {
+    const retrieval = Math.round((ratio ?? (shape.qHeads > shape.kvHeads ? 0.5 : 0.25)) * count);
+    const taken = new Set<number>();
+    for (let r = 0; r < retrieval; r++) {
+      // The largest remaining score; the first (lowest index) among equals.
+      let best = -1;
+      for (let i = 0; i < count; i++) {
+        if (!taken.has(i) && (best < 0 || scores[i] > scores[best])) best = i;
+      }
+      taken.add(best);
+      mask[best] = 1;
     }
-    taken.add(best);
-    mask[best] = 1;
   }
+  if (copyHeads !== undefined) flatOf(copyHeads).forEach((copy, i) => { if (copy) mask[i] = 1; });
   return mask;
 }
 
