@@ -8,7 +8,7 @@ import { KVCache, type KVCacheOptions, type SelectSpec } from '../lib/index.js';
 import { referenceAttention } from './reference/attention.js';
 import { roundTo } from './reference/half.js';
 import {
-  type ReferenceSelectSpec, type SelectShape, SelectMirror, duoRetrievalMask, pool1d, pyramidPrefixBudget, topIndices,
+  type ReferenceSelectSpec, type SelectShape, SelectMirror, duoRetrievalMask, pool1d, pyramidPrefixBudget, roundHalfEven, topIndices,
 } from './reference/select.js';
 import { Random, relativeL2 } from './helpers/random.js';
 import { LayerMirror, randomTokens } from './helpers/tokens.js';
@@ -53,8 +53,19 @@ describe('reference helpers', () => {
     expect(Array.from(pool1d(votes, 1, 'avg'))).toEqual(Array.from(votes));
     // Ties: the lower index first; the result ascending.
     expect(topIndices(Float64Array.from([1, 3, 3, 2, 3]), 2)).toEqual([1, 2]);
-    // m = 40 - 4 = 36, min = 4.5, max = 67.5; four layers: 67.5 - l * 21, truncated.
-    expect([0, 1, 2, 3].map((l) => pyramidPrefixBudget(40, 8, 4, l, 200, 4))).toEqual([67, 46, 25, 4]);
+    // m = 40 - 4 = 36, min = 4.5, max = 67.5; four layers: 67.5 - l * 21 rounded half to even
+    // (kvpress's round), 68 + 46 + 26 + 4 = 4 x 36: the uniform total (truncation kept 142).
+    expect([0, 1, 2, 3].map((l) => pyramidPrefixBudget(40, 8, 4, l, 200, 4))).toEqual([68, 46, 26, 4]);
+    expect([0.5, 1.5, 2.5, 3.5, 2.4, 2.6].map(roundHalfEven)).toEqual([0, 2, 2, 4, 2, 3]);
+    // Five layers, beta 3, m = 100: 166.67, 133.33, 100, 66.67, 33.33 -> 167, 133, 100, 67, 33 (sum 500).
+    expect([0, 1, 2, 3, 4].map((l) => pyramidPrefixBudget(108, 3, 5, l, 1000, 8))).toEqual([167, 133, 100, 67, 33]);
+    // Every layer count and beta: the total is the uniform one.
+    for (let layers = 2; layers <= 40; layers++) {
+      for (const beta of [1.5, 3, 7, 20, 33.3]) {
+        const total = Array.from({ length: layers }, (_, l) => pyramidPrefixBudget(2048, beta, layers, l, 16000, 32)).reduce((a, b) => a + b, 0);
+        expect(total, `${layers} layers, beta ${beta}`).toBe(layers * (2048 - 32));
+      }
+    }
     // beta 20: min = 32 / 20 = 1.6 < w = 8, so the uniform m.
     expect([0, 3].map((l) => pyramidPrefixBudget(40, 20, 4, l, 200, 8))).toEqual([32, 32]);
     expect(pyramidPrefixBudget(40, 8, 1, 0, 200, 4)).toBe(36);
@@ -246,7 +257,7 @@ describe('snapkv: the observation window votes once, at the end of the first pre
 describe('pyramidkv: per-layer budgets', () => {
   const shape: SelectShape = { layers: 4, qHeads: 8, kvHeads: 2, headDim: 32 };
   for (const [name, select, prompt] of [
-    ['budget 40, window 4, beta 8, prompt 200 (67/46/25/4 prefix tokens)', { kind: 'pyramidkv', budget: 40, window: 4, beta: 8 }, 200],
+    ['budget 40, window 4, beta 8, prompt 200 (68/46/26/4 prefix tokens)', { kind: 'pyramidkv', budget: 40, window: 4, beta: 8 }, 200],
     ['default beta 20 with budget 40, window 8: min < w, uniform', { kind: 'pyramidkv', budget: 40, window: 8 }, 200],
     ['budget 40, window 8, max clamped to L - w (prompt 56)', { kind: 'pyramidkv', budget: 40, window: 8, beta: 20 }, 56],
     ['budget 30, window 6, beta 4, avg k3 (min >= w)', { kind: 'pyramidkv', budget: 30, window: 6, beta: 4, kernel: 3, pooling: 'avg' }, 120],
@@ -265,12 +276,27 @@ describe('pyramidkv: per-layer budgets', () => {
         expect(pair.keptCounts(l), `layer ${l}`).toEqual([kept, kept]);
         total += kept - 3;
       }
-      // The total equals the uniform total up to one token per layer (truncation).
-      const uniform = shape.layers * select.budget;
-      expect(total).toBeLessThanOrEqual(uniform);
-      expect(total).toBeGreaterThanOrEqual(uniform - shape.layers);
+      // The total equals the uniform total (methods/snapkv.md).
+      expect(total).toBe(shape.layers * select.budget);
     });
   }
+
+  it('five layers, shares of thirds: rounded to the nearest, the middle layer keeps the mean, the total the uniform one', () => {
+    const five: SelectShape = { ...shape, layers: 5 };
+    const select = { kind: 'pyramidkv', budget: 36, window: 6, beta: 3 } as const;
+    const pair = new Pair(open, five, select, 47);
+    pair.runAll([['prefill', 150], ...steps(2)], 'five layers');
+    pair.expectStats('five layers');
+    // m = 30, min = 10, max = 50: 50, 40, 30, 20, 10 exactly; beta 3.5 gives thirds below.
+    const kept = range(0, 5).map((l) => pair.keptCounts(l)[0] - 2);
+    expect(kept).toEqual([56, 46, 36, 26, 16]);
+    const thirds = new Pair(open, five, { ...select, beta: 4.5 }, 48);
+    thirds.runAll([['prefill', 150], ...steps(2)], 'beta 4.5');
+    // min = 30 / 4.5 = 6.67, max = 53.33, step 11.67: 53.33, 41.67, 30, 18.33, 6.67 -> 53, 42, 30, 18, 7.
+    const keptThirds = range(0, 5).map((l) => thirds.keptCounts(l)[0] - 2 - 6);
+    expect(keptThirds).toEqual([53, 42, 30, 18, 7]);
+    expect(keptThirds.reduce((a, b) => a + b, 0)).toBe(5 * 30);
+  });
 
   it('one layer: the uniform budget (snapkv)', () => {
     const one: SelectShape = { ...shape, layers: 1 };

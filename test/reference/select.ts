@@ -135,7 +135,20 @@ export function pyramidPrefixBudget(budget: number, beta: number, layers: number
     low = 2 * m - high;
   }
   if (!(L >= high && high >= low && low >= w)) return m;
-  return Math.trunc(high - (layer * (high - low)) / (layers - 1));
+  // kvpress: round(max - layer * steps), Python's round (half to even). The shares are symmetric
+  // about m, so rounding the lower half and mirroring it keeps the total at layers x m exactly.
+  const share = (l: number) => roundHalfEven(high - (l * (high - low)) / (layers - 1));
+  const mirror = layers - 1 - layer;
+  if (mirror === layer) return m;
+  return layer < mirror ? share(layer) : 2 * m - share(mirror);
+}
+
+/** Python's round(): to the nearest integer, halves to the even one. */
+export function roundHalfEven(x: number): number {
+  const floor = Math.floor(x);
+  const fraction = x - floor;
+  if (fraction !== 0.5) return Math.round(x);
+  return floor % 2 === 0 ? floor : floor + 1;
 }
 
 /** Stride-1 pooling with odd kernel k and padding k/2: max ignores padding; avg sums in-range / k. */

@@ -5,6 +5,7 @@
 // tokens (ties: the lower index) plus the window. PyramidKV gives layer l an arithmetic share of
 // the same total budget, large at the bottom. Decode tokens are appended afterwards, never evicted.
 #include <algorithm>
+#include <cmath>
 #include <string>
 #include <vector>
 
@@ -74,17 +75,23 @@ class SnapKVPolicy final : public SelectPolicy {
   }
 
  private:
-  // Prefix tokens layer `layer` keeps: budget - window (SnapKV), or PyramidKV's arithmetic share.
+  // Prefix tokens layer `layer` keeps: budget - window (SnapKV), or PyramidKV's arithmetic share,
+  // rounded half to even as kvpress rounds it. The sequence is symmetric about the (whole) mean, so
+  // the upper half is taken as the mirror of the lower: the layers then keep exactly the uniform
+  // total whatever the floating-point rounding of the shares (methods/snapkv.md).
   int64_t prefixBudget(int32_t layers, int32_t layer, int64_t length, int64_t window) const {
-    const double mean = double(config_.budget - window);
-    if (config_.kind != SelectKind::PyramidKV || layers < 2) return int64_t(mean);
-    double low = mean / config_.beta, high = 2 * mean - low;
+    const int64_t mean = config_.budget - window;
+    if (config_.kind != SelectKind::PyramidKV || layers < 2) return mean;
+    double low = double(mean) / config_.beta, high = 2.0 * double(mean) - low;
     if (high > double(length - window)) {
       high = double(length - window);
-      low = 2 * mean - high;
+      low = 2.0 * double(mean) - high;
     }
-    if (!(double(length) >= high && high >= low && low >= double(window))) return int64_t(mean);
-    return int64_t(high - double(layer) * (high - low) / double(layers - 1));
+    if (!(double(length) >= high && high >= low && low >= double(window))) return mean;
+    const auto share = [&](int32_t l) { return int64_t(std::nearbyint(high - double(l) * (high - low) / double(layers - 1))); };
+    const int32_t mirror = layers - 1 - layer;
+    if (mirror == layer) return mean;
+    return layer < mirror ? share(layer) : 2 * mean - share(mirror);
   }
 
   SelectConfig config_;
