@@ -42,9 +42,11 @@ export type StoreSpec = { kind: 'f32' } | { kind: 'f16' } | { kind: 'bf16' } | K
  * A cache policy; omitted parts default to `{ kind: 'full' }` and `{ kind: 'f16' }`. With the KIVI
  * store, `select` may be snapkv or pyramidkv (the kept tokens are quantized after the selection),
  * streaming or duo (every token is quantized; the window evicts one run per head, which the store
- * skips and whose whole pages it releases) or h2o (a layer is quantized when decoding starts;
- * later evictions are masked until `residual` of them per head are dropped by requantizing what
- * stays); the loading policies need a dense store.
+ * skips and whose whole pages it releases) or h2o (a layer is quantized at its first call with
+ * queries, its prompt's prefill() or a step(); later evictions are masked, and the layer is
+ * compacted, requantizing what stays, once max(`residual`, `budget` / 8) of them per head are
+ * flagged, or from half that in turn with the other layers); the loading policies need a dense
+ * store.
  */
 export interface PolicySpec {
   select?: SelectSpec;

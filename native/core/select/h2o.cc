@@ -8,8 +8,9 @@
 // kept tokens; on CUDA every call over heads without kept tokens, from the call's lse); otherwise
 // from attentionMass, a separate op.
 //
-// Over a KIVI store (policy.store 'kivi') a layer stays dense until decoding starts, then moves
-// into the store in position order (KVCache::moveToKivi). The same rule goes on deciding, on the
+// Over a KIVI store (policy.store 'kivi') a layer stays dense until its first call with queries
+// (its prompt's prefill, or a step), then moves into the store in position order
+// (KVCache::moveToKivi). The same rule goes on deciding, on the
 // mass of the quantized attention: a token evicted after the move is flagged (attention masks it)
 // and its row stays quantized until the cache compacts the layer (KVCache::compactKivi).
 #include <algorithm>

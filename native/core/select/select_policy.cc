@@ -42,12 +42,17 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
                                              : optionError(std::string(name) + " must be a positive integer, but received " +
                                                            std::to_string(value));
   };
+  auto nonNegative = [&](const char* name, int64_t value) {
+    return value >= 0 && value <= kMaxTokens ? Status::ok()
+                                             : optionError(std::string(name) + " must be an integer >= 0, but received " +
+                                                           std::to_string(value));
+  };
   switch (config.kind) {
     case SelectKind::Full:
       return Status::ok();
     case SelectKind::Streaming:
     case SelectKind::Duo:
-      if (config.sink < 0 || config.sink > kMaxTokens) return optionError("sink must be an integer >= 0");
+      KVSLIM_RETURN_IF_ERROR(nonNegative("sink", config.sink));
       KVSLIM_RETURN_IF_ERROR(positive("window", config.window));
       if (config.kind == SelectKind::Streaming) {
         *out = makeStreamingPolicy(config);
@@ -70,7 +75,9 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
       if (config.kernel < 1 || config.kernel % 2 == 0 || config.kernel > 1023) {
         return optionError("kernel must be an odd integer in [1, 1023], but received " + std::to_string(config.kernel));
       }
-      if (!(config.beta >= 1.0) || !std::isfinite(config.beta)) return optionError("beta must be a finite number >= 1");
+      if (!(config.beta >= 1.0) || !std::isfinite(config.beta)) {
+        return optionError("beta must be a finite number >= 1, but received " + std::to_string(config.beta));
+      }
       *out = makeSnapKVPolicy(config);
       return Status::ok();
     case SelectKind::H2O:
@@ -85,7 +92,7 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
     case SelectKind::Quest:
     case SelectKind::Retrieval:
     case SelectKind::ActQKV:
-      if (config.sink < 0 || config.sink > kMaxTokens) return optionError("sink must be an integer >= 0");
+      KVSLIM_RETURN_IF_ERROR(nonNegative("sink", config.sink));
       KVSLIM_RETURN_IF_ERROR(positive("window", config.window));
       if (config.kind == SelectKind::Quest) {
         KVSLIM_RETURN_IF_ERROR(positive("pageSize", config.pageSize));
@@ -108,16 +115,16 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
         }
         KVSLIM_RETURN_IF_ERROR(positive("queryWindow", config.queryWindow));
         if (!(config.questionWeight >= 0) || !std::isfinite(config.questionWeight)) {
-          return optionError("questionWeight must be a finite number >= 0");
+          return optionError("questionWeight must be a finite number >= 0, but received " + std::to_string(config.questionWeight));
         }
         if (!(config.temperature > 0) || !std::isfinite(config.temperature)) {
-          return optionError("temperature must be a finite number > 0");
+          return optionError("temperature must be a finite number > 0, but received " + std::to_string(config.temperature));
         }
         *out = makeActQKVPolicy(config, layers, kvHeads, headDim);
       }
       return Status::ok();
   }
-  return optionError("kind is unknown");
+  return optionError("kind " + std::to_string(int(config.kind)) + " is unknown");
 }
 
 Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, int64_t keep) {

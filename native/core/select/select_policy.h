@@ -102,10 +102,11 @@ class SelectPolicy {
   virtual bool windowed() const { return false; }
   virtual bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const { return false; }
 
-  // H2O over a KIVI store. When decoding starts a layer moves into the store, its tokens in
-  // position order becoming KIVI indexes 0..; from then on the policy evicts by flagging indexes
-  // (evictedFlags: attention masks them) instead of removing rows, and the cache drops the flagged
-  // rows when it compacts the layer. Every kv head of a layer flags as many tokens.
+  // H2O over a KIVI store. At its first call with queries (prefill or step) a layer moves into the
+  // store, its tokens in position order becoming KIVI indexes 0..; from then on the policy evicts
+  // by flagging indexes (evictedFlags: attention masks them) instead of removing rows, and the
+  // cache drops the flagged rows when it compacts the layer. Every kv head of a layer flags as
+  // many tokens.
   virtual bool evictsInKivi() const { return false; }
   // The move: per kv head, the dense store's tokens in KIVI index order (kept slot s as s, tail
   // token j as keptTokens + j).
