@@ -71,6 +71,7 @@ describe('reference helpers', () => {
     expect(pyramidPrefixBudget(40, 8, 1, 0, 200, 4)).toBe(36);
     // max clamped to L - w = 40: min = 24 >= w.
     expect([0, 1].map((l) => pyramidPrefixBudget(40, 20, 2, l, 48, 8))).toEqual([40, 24]);
+    expect([0, 1, 2, 3].map((l) => pyramidPrefixBudget(40, 20, 4, l, 64, 8))).toEqual([56, 40, 24, 8]);
     // min < w: the uniform budget.
     expect(pyramidPrefixBudget(40, 4, 3, 0, 200, 16)).toBe(24);
     const shape = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 8 };
@@ -260,6 +261,8 @@ describe('pyramidkv: per-layer budgets', () => {
     ['budget 40, window 4, beta 8, prompt 200 (68/46/26/4 prefix tokens)', { kind: 'pyramidkv', budget: 40, window: 4, beta: 8 }, 200],
     ['default beta 20 with budget 40, window 8: min < w, uniform', { kind: 'pyramidkv', budget: 40, window: 8 }, 200],
     ['budget 40, window 8, max clamped to L - w (prompt 56)', { kind: 'pyramidkv', budget: 40, window: 8, beta: 20 }, 56],
+    // max = 62.4 lies between L - w = 56 and L = 64: clamped to 56 (min 8 = w: 56/40/24/8), not left at 62.4 (min < w: uniform).
+    ['budget 40, window 8, max between L - w and L (prompt 64)', { kind: 'pyramidkv', budget: 40, window: 8, beta: 20 }, 64],
     ['budget 30, window 6, beta 4, avg k3 (min >= w)', { kind: 'pyramidkv', budget: 30, window: 6, beta: 4, kernel: 3, pooling: 'avg' }, 120],
     ['fallback to uniform (beta 2: min < w)', { kind: 'pyramidkv', budget: 20, window: 8, beta: 2 }, 100],
   ] as Array<[string, ReferenceSelectSpec & { budget: number; window: number }, number]>) {
@@ -381,6 +384,25 @@ describe('h2o: heavy hitters + recent window', () => {
       expect(Array.from(cache.positions(0, 0))).toEqual([0, 1, 2]);
       cache.step(0, q, token(0), token(1));  // token 2 leaves the window with mass 1.5 > 0: token 0 (older) goes
       expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 3]);
+    } finally {
+      cache.dispose();
+    }
+  });
+
+  it('a leaving token whose mass ties the lowest heavy hitter\'s is the one evicted (ties keep the older token)', () => {
+    const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: 4, policy: { select: { kind: 'h2o', budget: 3, recent: 1 } } });
+    try {
+      const rng = new Random(62);
+      const token = (x: number) => Float32Array.from([x, rng.normal() * 1e-3, rng.normal() * 1e-3, rng.normal() * 1e-3]);
+      const q = Float32Array.from([100, 0, 0, 0]);
+      const cold = () => token(-100);  // scores about -5000 against q: probability exactly 0, mass 0
+      const k01 = new Float32Array([...cold(), ...cold()]);
+      cache.append(0, k01, k01.map(() => rng.normal()));
+      cache.step(0, q, token(0), token(1));  // token 2 takes every query's mass; tokens 0 and 1 are the heavy set
+      cache.step(0, q, cold(), token(1));    // token 2 leaves the window with mass 2 > 0: token 0 (older of the zeros) goes
+      expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 3]);
+      cache.step(0, q, cold(), token(1));    // token 3 leaves with mass 0, tying token 1's: the older, token 1, stays
+      expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 4]);
     } finally {
       cache.dispose();
     }
