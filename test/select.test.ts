@@ -389,24 +389,31 @@ describe('h2o: heavy hitters + recent window', () => {
     }
   });
 
-  it('a leaving token whose mass ties the lowest heavy hitter\'s is the one evicted (ties keep the older token)', () => {
-    const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: 4, policy: { select: { kind: 'h2o', budget: 3, recent: 1 } } });
-    try {
-      const rng = new Random(62);
-      const token = (x: number) => Float32Array.from([x, rng.normal() * 1e-3, rng.normal() * 1e-3, rng.normal() * 1e-3]);
-      const q = Float32Array.from([100, 0, 0, 0]);
-      const cold = () => token(-100);  // scores about -5000 against q: probability exactly 0, mass 0
-      const k01 = new Float32Array([...cold(), ...cold()]);
-      cache.append(0, k01, k01.map(() => rng.normal()));
-      cache.step(0, q, token(0), token(1));  // token 2 takes every query's mass; tokens 0 and 1 are the heavy set
-      cache.step(0, q, cold(), token(1));    // token 2 leaves the window with mass 2 > 0: token 0 (older of the zeros) goes
-      expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 3]);
-      cache.step(0, q, cold(), token(1));    // token 3 leaves with mass 0, tying token 1's: the older, token 1, stays
-      expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 4]);
-    } finally {
-      cache.dispose();
-    }
-  });
+  // Ties at exactly zero mass: keys that score about -5000 against every query get probability 0 in
+  // f32. Over the KIVI store the same decisions are taken by its own code path (flags, from the
+  // first call with queries on).
+  for (const store of [{ kind: 'f16' }, { kind: 'kivi', bits: 8, group: 32, residual: 32 }] as const) {
+    it(`${store.kind}: ties keep the older token, whether the lowest heavy hitter or the leaving token`, () => {
+      const dim = 32;
+      const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: dim, policy: { select: { kind: 'h2o', budget: 3, recent: 1 }, store } });
+      try {
+        const rng = new Random(62);
+        const token = (x: number) => Float32Array.from({ length: dim }, (_, i) => (i === 0 ? x : rng.normal() * 1e-3));
+        const q = Float32Array.from({ length: dim }, (_, i) => (i === 0 ? 100 : 0));
+        const cold = () => token(-100);
+        const values = () => Float32Array.from({ length: dim }, () => rng.normal());
+        cache.append(0, new Float32Array([...cold(), ...cold()]), new Float32Array([...values(), ...values()]));
+        cache.step(0, q, token(0), values());  // token 2 takes every query's mass; tokens 0 and 1 (mass 0) are the heavy set
+        expect(Array.from(cache.positions(0, 0))).toEqual([0, 1, 2]);
+        cache.step(0, q, cold(), values());    // token 2 leaves with mass 2 > 0: of the two zeros the older, token 0, goes
+        expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 3]);
+        cache.step(0, q, cold(), values());    // token 3 leaves with mass 0, tying token 1's: the older, token 1, stays
+        expect(Array.from(cache.positions(0, 0))).toEqual([1, 2, 4]);
+      } finally {
+        cache.dispose();
+      }
+    });
+  }
 
   it('the kv heads of a GQA cache decide separately', () => {
     const pair = new Pair(open, GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
@@ -426,6 +433,9 @@ describe('duo: retrieval heads keep everything, streaming heads sinks + window',
     ['MHA, scores (default ratio 0.25: 2 of 8)', MHA, { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.7, 0.2, 0.05, 0.9, 0.0], sink: 2, window: 8 }],
     ['GQA, Float32Array scores with ties (default ratio 0.5: 2 of 4)', GQA, { kind: 'duo', heads: Float32Array.from([0.5, 0.2, 0.5, 0.5]), sink: 3, window: 12 }],
     ['GQA, scores with retrievalRatio 0.25', GQA, { kind: 'duo', heads: [0.4, 0.1, 0.3, 0.9], retrievalRatio: 0.25, sink: 1, window: 7 }],
+    // ratio x heads not whole: rounded to the nearest (3.6 -> 4, 2.4 -> 2), neither floored nor raised.
+    ['MHA, retrievalRatio 0.45 of 8: 4 retrieval heads', MHA, { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.6, 0.2, 0.05, 0.9, 0.0], retrievalRatio: 0.45, sink: 2, window: 8 }],
+    ['MHA, retrievalRatio 0.3 of 8: 2 retrieval heads', MHA, { kind: 'duo', heads: [0.1, 0.7, 0.3, 0.6, 0.2, 0.05, 0.9, 0.0], retrievalRatio: 0.3, sink: 2, window: 8 }],
     ['GQA, per-layer Uint8Array rows: a mask, not scores', GQA, { kind: 'duo', heads: [Uint8Array.from([1, 1]), Uint8Array.from([0, 1])], sink: 2, window: 9 }],
     ['MHA, per-layer Float32Array rows: scores', MHA, { kind: 'duo', heads: [Float32Array.from([0.3, 0.1, 0.8, 0.2]), Float32Array.from([0.9, 0, 0.4, 0.5])], sink: 2, window: 9 }],
     ['GQA, threshold 0.5 over scores clipped to [0, 1] (Duo gates)', GQA, { kind: 'duo', heads: [0.5, 1.7, 0.49, -2], threshold: 0.5, sink: 2, window: 8 }],
