@@ -271,6 +271,30 @@ describe('scoreHeads: copy scores', () => {
     expect(proxy.copySteps).toEqual([PROBES - 1]);
   });
 
+  it('R > 0.1 is strict: exactly 1 copy in 10 steps (0.1 stored as f32) is not a copy head, 2 in 10 are', () => {
+    // One head: key j is 10 e_j; query t points at its own key, except at the copy steps, where it
+    // points at t - L + 1 (the first copy's next token). The last 10 of 20 tokens are the probes.
+    const L = 10, T = 2 * L, D = T;
+    const unit = (j: number) => Float32Array.from({ length: D }, (_, i) => (i === j ? 10 : 0));
+    const layer = (copies: number[]) => {
+      const k = new Float32Array(T * D), q = new Float32Array(T * D), v = new Random(5).tensor(T * D);
+      for (let t = 0; t < T; t++) {
+        k.set(unit(t), t * D);
+        q.set(unit(copies.includes(t) ? t - L + 1 : t), t * D);
+      }
+      return { q, k, v };
+    };
+    const score = (copies: number[]) =>
+      scoreHeadsDetailed([layer(copies)], { qHeads: 1, kvHeads: 1, headDim: D, sink: 0, window: 4, probes: L, copySegment: L, device: 'cpu' });
+    const one = score([15]);
+    expect(one.copySteps).toEqual([L]);
+    expect(one.copy[0]).toBe(Math.fround(0.1));
+    expect(Array.from(one.copyHeads)).toEqual([0]);
+    const two = score([13, 17]);
+    expect(two.copy[0]).toBe(Math.fround(0.2));
+    expect(Array.from(two.copyHeads)).toEqual([1]);
+  });
+
   it('a copy head is forced above a non-copy head of larger deviation', () => {
     // Head 0 copies sequentially from 1000 tokens back but every value is the same vector, so its
     // deviation is ~0; head 1 retrieves random needles (deviation ≈ 2).

@@ -415,6 +415,27 @@ describe('h2o: heavy hitters + recent window', () => {
     });
   }
 
+  it('many tokens leaving in one call: a later winner displaces the older of two equal earlier winners', () => {
+    // Keys and queries 100 in one channel: q.k / 4 = 2500 on a match, 0 otherwise, so every
+    // probability is exactly 0 or 1 / matches and the scores are exact. Heavy 3, recent 13.
+    const dim = 16;
+    const unit = (channel: number) => Float32Array.from({ length: dim }, (_, i) => (i === channel ? 100 : 0));
+    const tokens = (...channels: number[]) => new Float32Array(channels.flatMap((c) => Array.from(unit(c))));
+    const values = (n: number) => new Float32Array(n * dim).fill(0.5);
+    const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: dim, pageTokens: 4, policy: { select: { kind: 'h2o', budget: 16, recent: 13 } } });
+    try {
+      cache.append(0, tokens(15, 15, 15), values(3));                       // tokens 0-2: score 0
+      for (let c = 0; c < 5; c++) cache.step(0, unit(c), unit(c), values(1)); // tokens 3-7 (c0..c4): 1 each from their own query
+      for (const target of [0, 1, 3, 4, 4]) cache.step(0, unit(target), unit(14), values(1));  // c0..c4 end at 2, 2, 1, 2, 3
+      // Eight more: tokens 0-7 leave the window in one call. 0-2 fill the heavy set; c0, c1, c2 beat
+      // them; c3 (2) beats c2 (1); c4 (3) beats the lowest of c0, c1, c3 (all 2): the oldest, c0.
+      cache.append(0, tokens(14, 14, 14, 14, 14, 14, 14, 14), values(8));
+      expect(Array.from(cache.positions(0, 0))).toEqual([4, 6, 7, ...range(8, 21)]);
+    } finally {
+      cache.dispose();
+    }
+  });
+
   it('the kv heads of a GQA cache decide separately', () => {
     const pair = new Pair(open, GQA, { kind: 'h2o', budget: 30, recent: 4 }, 57);
     pair.runAll([['prefill', 60], ...steps(10)]);

@@ -168,7 +168,8 @@ export function scoreHeadsDetailed(input: Trace | readonly HeadScoreLayer[], opt
     }
     energy[index] = e;
     maxEnergy = Math.max(maxEnergy, e);
-    result.copyHeads[index] = r > COPY_THRESHOLD ? 1 : 0;
+    // R is stored as f32: 1 hit in 10 steps reads 0.10000000149, which must not pass R > 0.1.
+    result.copyHeads[index] = r > Math.fround(COPY_THRESHOLD) ? 1 : 0;
   }
   for (let index = 0; index < count * kvHeads; index++) {
     result.scores[index] = energy[index] + (result.copyHeads[index] ? 1 + maxEnergy : 0);
