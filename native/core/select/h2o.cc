@@ -10,9 +10,9 @@
 //
 // Over a KIVI store (policy.store 'kivi') a layer stays dense until its first call with queries
 // (its prompt's prefill, or a step), then moves into the store in position order
-// (KVCache::moveToKivi). The same rule goes on deciding, on the
-// mass of the quantized attention: a token evicted after the move is flagged (attention masks it)
-// and its row stays quantized until the cache compacts the layer (KVCache::compactKivi).
+// (KVCache::moveToKivi). The same rule goes on deciding, on the mass of the quantized attention:
+// a token evicted after the move is flagged (attention masks it) and its row stays quantized
+// until the cache compacts the layer (KVCache::compactKivi).
 #include <algorithm>
 #include <cmath>
 #include <functional>
