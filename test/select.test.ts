@@ -415,6 +415,22 @@ describe('h2o: heavy hitters + recent window', () => {
     });
   }
 
+  it('one candidate left after filling the heavy set: a tie keeps the older token', () => {
+    // Appends carry no queries: every mass is 0. Heavy 2, recent 1.
+    const dim = 8;
+    const cache = new KVCache({ layers: 1, qHeads: 1, kvHeads: 1, headDim: dim, policy: { select: { kind: 'h2o', budget: 3, recent: 1 } } });
+    try {
+      const rng = new Random(63);
+      const rows = (n: number) => Float32Array.from({ length: n * dim }, () => rng.normal());
+      cache.append(0, rows(2), rows(2));  // token 0 leaves the window into the heavy set
+      expect(Array.from(cache.positions(0, 0))).toEqual([0, 1]);
+      cache.append(0, rows(2), rows(2));  // tokens 1 and 2 leave: 1 fills the free slot, 2 ties token 0 at 0 and goes
+      expect(Array.from(cache.positions(0, 0))).toEqual([0, 1, 3]);
+    } finally {
+      cache.dispose();
+    }
+  });
+
   it('many tokens leaving in one call: a later winner displaces the older of two equal earlier winners', () => {
     // Keys and queries 100 in one channel: q.k / 4 = 2500 on a match, 0 otherwise, so every
     // probability is exactly 0 or 1 / matches and the scores are exact. Heavy 3, recent 13.
