@@ -68,15 +68,17 @@ const scoreHeadsUsage = `kvslim score-heads --trace <file> [options]
                         the sequential-copy proxy)
   --ratio <r>           share of kv heads kept whole, ranked across layers (duo's retrievalRatio;
                         default 0.5 with GQA, 0.25 without)
+  --threshold <t>       instead of --ratio: keep whole the kv heads whose score, clipped to [0, 1],
+                        is at least t (duo's threshold; Duo's gates use 0.5)
   --device cpu|cuda     where the probes' full attention is computed (default cpu)
   --json <path>         write the scores, the details and the mask as JSON (kvslim-head-scores/1)
 
 Prints per layer and kv head the score, E (output deviation when the head keeps only sink +
 window, max over its query heads), M (attention mass outside them), R (copy score) and the role at
---ratio: retrieval (keeps every token) or streaming (sink + window). A cache uses them as
-policy: { select: { kind: 'duo', heads: <json>.scores, copyHeads: <json>.copyHeads, sink, window,
-retrievalRatio: <json>.retrievalRatio } } (--policy duo:<json>). Copy heads (R > 0.1) are retrieval
-heads whatever the ratio.
+--ratio or --threshold: retrieval (keeps every token) or streaming (sink + window). A cache uses
+them as policy: { select: { kind: 'duo', heads: <json>.scores, copyHeads: <json>.copyHeads, sink,
+window, retrievalRatio: <json>.retrievalRatio } } (or threshold: <json>.threshold; --policy
+duo:<json> does this). Copy heads (R > 0.1) are retrieval heads whatever the ratio or threshold.
 `;
 
 const inspectUsage = `kvslim inspect <file.safetensors>
@@ -217,7 +219,7 @@ function duoFromScores(path: string): PolicySpec {
   return {
     select: {
       kind: 'duo', heads: record.scores as number[][], sink: record.sink as number, window: record.window as number,
-      retrievalRatio: record.retrievalRatio as number,
+      ...(typeof record.threshold === 'number' ? { threshold: record.threshold } : { retrievalRatio: record.retrievalRatio as number }),
       ...(record.copyHeads === undefined ? {} : { copyHeads: record.copyHeads as boolean[][] }),
     },
   };
@@ -339,7 +341,8 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
     args: argv,
     options: {
       trace: { type: 'string' }, sink: { type: 'string' }, window: { type: 'string' }, probes: { type: 'string' },
-      'copy-segment': { type: 'string' }, ratio: { type: 'string' }, device: { type: 'string', default: 'cpu' }, json: { type: 'string' },
+      'copy-segment': { type: 'string' }, ratio: { type: 'string' }, threshold: { type: 'string' }, device: { type: 'string', default: 'cpu' },
+      json: { type: 'string' },
     },
   });
   if (values.trace === undefined) throw new UsageError('score-heads needs --trace');
@@ -347,6 +350,8 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   const window = nonNegativeInteger('--window', values.window, 1) ?? 256;
   const probes = nonNegativeInteger('--probes', values.probes, 1) ?? 64;
   const ratio = fraction('--ratio', values.ratio);
+  const threshold = fraction('--threshold', values.threshold);
+  if (ratio !== undefined && threshold !== undefined) throw new UsageError('give --ratio or --threshold, not both');
   const explicitSegment = nonNegativeInteger('--copy-segment', values['copy-segment'], 1);
   const device = values.device;
   if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, not '${device}'`);
@@ -372,10 +377,12 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   });
   if (interactive) process.stderr.write('\r\x1b[K');
   const group = qHeads / kvHeads;
-  const retrievalRatio = ratio ?? defaultRetrievalRatio(group > 1);
+  const retrievalRatio = threshold === undefined ? ratio ?? defaultRetrievalRatio(group > 1) : null;
   const mask = duoMask({
-    kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio, threshold: null, copyHeads: result.copyHeads, rows: null,
+    kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio, threshold: threshold ?? null,
+    copyHeads: result.copyHeads, rows: null,
   }, layers, kvHeads, group > 1);
+  const rule = threshold === undefined ? `at ratio ${retrievalRatio}` : `at threshold ${threshold}`;
 
   const lines: string[] = [];
   lines.push(`${values.trace}: ${layers} layers, ${qHeads} q / ${kvHeads} kv heads of ${headDim}, ${T} tokens; sink ${sink}, window ${window}, ` +
@@ -403,7 +410,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   const line = (cells: string[]) => cells.map((cell, column) => (column === 6 ? cell : cell.padStart(widths[column]))).join('  ').trimEnd();
   lines.push(line(header), ...rows.map(line));
   const kept = mask.reduce((sum, m) => sum + m, 0);
-  lines.push(`${kept} of ${layers * kvHeads} kv heads are retrieval heads at ratio ${retrievalRatio} (${result.copyHeads.reduce((sum, c) => sum + c, 0)} copy heads, kept whatever the ratio) ` +
+  lines.push(`${kept} of ${layers * kvHeads} kv heads are retrieval heads ${rule} (${result.copyHeads.reduce((sum, c) => sum + c, 0)} copy heads, kept whatever the rule) ` +
     `(${((performance.now() - started) / 1000).toFixed(1)} s)`);
   process.stdout.write(`${lines.join('\n')}\n`);
   if (values.json !== undefined) {
@@ -411,7 +418,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
       Array.from({ length: layers }, (_, layer) => Array.from({ length: width }, (_, i) => values[layer * width + i]));
     const record = {
       format: 'kvslim-head-scores/1', trace: values.trace, layers, qHeads, kvHeads, headDim, tokens: T, sink, window,
-      probes: result.probes, copyMode: result.copyMode, copySegment: copySegment ?? null, retrievalRatio,
+      probes: result.probes, copyMode: result.copyMode, copySegment: copySegment ?? null, retrievalRatio, threshold: threshold ?? null,
       scores: perLayer(result.scores, kvHeads), copyHeads: perLayer(result.copyHeads, kvHeads).map((row) => row.map((c) => c === 1)), retrieval: perLayer(mask, kvHeads).map((row) => row.map((m) => m === 1)),
       deviation: perLayer(result.deviation, qHeads), distantMass: perLayer(result.distantMass, qHeads), copy: perLayer(result.copy, qHeads),
     };

@@ -129,6 +129,25 @@ describe('kvslim score-heads', () => {
     expect(result.stdout).toMatch(/2 of 8 kv heads are retrieval heads at ratio 0\.25/);
   });
 
+  it('--threshold keeps whole the kv heads whose clipped score reaches it; the JSON carries it to duo', async () => {
+    const json = join(dir, 'threshold.json');
+    const result = await run(['score-heads', '--trace', tracePath, '--sink', '4', '--window', '64', '--probes', '16', '--threshold', '0.5', '--json', json]);
+    expect(result.status, result.stderr).toBe(0);
+    const record = JSON.parse(readFileSync(json, 'utf8'));
+    expect(record).toMatchObject({ threshold: 0.5, retrievalRatio: null });
+    const expected = (record.scores as number[][]).flat().map((score, i) => Math.min(1, Math.max(0, score)) >= 0.5 || record.copyHeads.flat()[i]);
+    // The retrieving heads of this trace score about 1 and the local ones about 0: the threshold splits them.
+    expect(expected).toEqual(RETRIEVING.flat().map((r) => r === 1));
+    expect(roles(result.stdout).map(([, , role]) => role === 'retrieval')).toEqual(expected);
+    expect(record.retrieval.flat()).toEqual(expected);
+    expect(result.stdout).toMatch(/4 of 8 kv heads are retrieval heads at threshold 0\.5/);
+    const evaluated = await run(['eval', '--trace', tracePath, '--policy', `duo:${json}`, '--turns', '1']);
+    expect(evaluated.status, evaluated.stderr).toBe(0);
+    const both = await run(['score-heads', '--trace', tracePath, '--ratio', '0.5', '--threshold', '0.5']);
+    expect(both.status).toBe(2);
+    expect(both.stderr).toMatch(/--ratio or --threshold, not both/);
+  });
+
   it('warns when sink + window cover the whole trace (no distant mass; E only rounding)', async () => {
     const result = await run(['score-heads', '--trace', tracePath, '--probes', '8', '--sink', '64', '--window', '2000']);
     expect(result.status, result.stderr).toBe(0);
