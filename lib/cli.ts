@@ -13,6 +13,7 @@ import { parseArgs } from 'node:util';
 import { KVSlimError } from './errors.js';
 import type { Report } from './eval/report.js';
 import type { PolicySpec } from './policy.js';
+import type { ResolvedSelect } from './select.js';
 import type { TraceLayer } from './trace/trace.js';
 
 const traceUsage = `kvslim trace --model <model.bin> --tokenizer <tokenizer.bin> (--prompt <text> | --probe <length>) [options]
@@ -356,7 +357,7 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   const device = values.device;
   if (device !== 'cpu' && device !== 'cuda') throw new UsageError(`--device must be cpu or cuda, not '${device}'`);
 
-  const [{ readTrace }, { scoreHeadsDetailed }, { defaultRetrievalRatio, duoMask }] = await Promise.all([
+  const [{ readTrace }, { scoreHeadsDetailed }, { defaultRetrievalRatio, duoMask, resolveSelect }] = await Promise.all([
     import('./trace/trace.js'), import('./heads/score.js'), import('./select.js'),
   ]);
   const trace = readTrace(values.trace);
@@ -378,10 +379,12 @@ async function scoreHeadsCommand(argv: string[]): Promise<number> {
   if (interactive) process.stderr.write('\r\x1b[K');
   const group = qHeads / kvHeads;
   const retrievalRatio = threshold === undefined ? ratio ?? defaultRetrievalRatio(group > 1) : null;
-  const mask = duoMask({
-    kind: 'duo', sink, window, mask: null, scores: Float64Array.from(result.scores), retrievalRatio, threshold: threshold ?? null,
-    copyHeads: result.copyHeads, rows: null,
-  }, layers, kvHeads, group > 1);
+  // The choice a duo cache makes from this JSON (--policy duo:<file>), through the same option checks.
+  const choice = resolveSelect({
+    kind: 'duo', heads: result.scores, copyHeads: result.copyHeads, sink, window,
+    ...(threshold === undefined ? { retrievalRatio } : { threshold }),
+  }) as Extract<ResolvedSelect, { kind: 'duo' }>;
+  const mask = duoMask(choice, layers, kvHeads, group > 1);
   const rule = threshold === undefined ? `at ratio ${retrievalRatio}` : `at threshold ${threshold}`;
 
   const lines: string[] = [];

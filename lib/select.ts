@@ -175,6 +175,13 @@ function maskOf(name: string, flat: FlatHeads, what: string): Uint8Array {
   return Uint8Array.from(flat.values, (v) => (v ? 1 : 0));
 }
 
+// An optional number in [0, 1] (null when absent).
+function unitFraction(name: string, value: unknown): number | null {
+  if (value === undefined) return null;
+  if (typeof value !== 'number' || !(value >= 0 && value <= 1)) throw optionError(`Expected a number in [0, 1] for ${name} but received ${describe(value)}`);
+  return value;
+}
+
 function sameRows(a: number[] | null, b: number[] | null): boolean {
   return a === null || b === null || (a.length === b.length && a.every((n, i) => n === b[i]));
 }
@@ -203,19 +210,9 @@ function resolveDuo(s: Record<string, unknown>): ResolvedSelect {
   if (s.retrievalRatio !== undefined && s.threshold !== undefined) {
     throw optionError('policy.select.retrievalRatio and policy.select.threshold are two ways to choose heads from scores: give one');
   }
-  let ratio: number | null = null, threshold: number | null = null, copyHeads: Uint8Array | null = null;
-  if (s.retrievalRatio !== undefined) {
-    if (typeof s.retrievalRatio !== 'number' || !(s.retrievalRatio >= 0 && s.retrievalRatio <= 1)) {
-      throw optionError(`Expected a number in [0, 1] for policy.select.retrievalRatio but received ${describe(s.retrievalRatio)}`);
-    }
-    ratio = s.retrievalRatio;
-  }
-  if (s.threshold !== undefined) {
-    if (typeof s.threshold !== 'number' || !(s.threshold >= 0 && s.threshold <= 1)) {
-      throw optionError(`Expected a number in [0, 1] for policy.select.threshold but received ${describe(s.threshold)}`);
-    }
-    threshold = s.threshold;
-  }
+  const ratio = unitFraction('policy.select.retrievalRatio', s.retrievalRatio);
+  const threshold = unitFraction('policy.select.threshold', s.threshold);
+  let copyHeads: Uint8Array | null = null;
   if (s.copyHeads !== undefined) {
     const copies = flatten('policy.select.copyHeads', s.copyHeads);
     copyHeads = maskOf('policy.select.copyHeads', copies, 'a mask (booleans or a Uint8Array of 0s and 1s)');
