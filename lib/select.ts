@@ -33,10 +33,11 @@ export interface H2OSpec { kind: 'h2o'; budget: number; recent?: number }
  * `retrievalRatio` (default 0.5 with GQA, 0.25 without) become retrieval heads, ranked across all
  * layers, or, with `threshold` τ, those whose score clipped to [0, 1] is at least τ (Duo's gates:
  * τ = 0.5). `copyHeads` (a mask, e.g. scoreHeadsDetailed()'s) are retrieval heads whatever their
- * rank (methods/duoattention.md: "always OR with R > 0.1"). A streaming head follows streaming's
- * block rule: a block of n tokens attends over the sinks and the last max(`window`, n) tokens
- * including itself (densely within a block longer than `window`; Duo's prefill uses block-sparse
- * sink + local attention there), then is trimmed to `window`.
+ * rank (methods/duoattention.md: "always OR with R > 0.1"). A streaming head's call of n tokens
+ * attends over the sinks, the `window` - 1 tokens before it and the call itself (densely), then is
+ * trimmed to `window`: every query sees at least the last `window` tokens counting itself, and a
+ * chunked prefill keeps the cached window at each chunk's start, as Duo's deployment does (the
+ * cached sink + recent tokens plus the chunk, causal; a first prefill is dense).
  */
 export interface DuoSpec {
   kind: 'duo';

@@ -495,6 +495,47 @@ describe('duo: retrieval heads keep everything, streaming heads sinks + window',
       }
     });
   }
+
+  // Duo's chunked prefill (duo_attn/patch/llama.py, the static cache's forward): a chunk attends over
+  // the cached sinks + recent tokens and the chunk itself, causal, and is trimmed after. Written
+  // independently of the mirror: query p of a chunk sees positions < sink, the last window - 1
+  // positions before the chunk, and the chunk up to p. Streaming (evict_for_space) would leave the
+  // chunk's first query the sinks and itself alone.
+  it('a chunk after the first attends over the cached window (window - 1 before it) and densely within itself', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 32 };
+    const sink = 3, window = 10;
+    const cache = cacheOf(shape, { kind: 'duo', heads: [true, false], sink, window });
+    const random = new Random(17);
+    const keys: Float64Array[] = [], values: Float64Array[] = [];
+    let T = 0;
+    for (const n of [40, 25, 6, 1, 12]) {
+      const t = randomTokens(random, shape, n);
+      keys.push(roundTo(t.k, 'f16'));
+      values.push(roundTo(t.v, 'f16'));
+      const k = concatRows(keys), v = concatRows(values);
+      const out = cache.prefill(0, t.q, t.k, t.v);
+      const width = shape.kvHeads * shape.headDim, row = shape.qHeads * shape.headDim;
+      for (let i = 0; i < n; i++) {
+        const p = T + i;
+        // kv head 0 retrieves (every position up to p), kv head 1 streams.
+        const visible = [range(0, p + 1), range(0, p + 1).filter((j) => j < sink || j >= T - (window - 1))];
+        const group = shape.qHeads / shape.kvHeads;
+        for (let h = 0; h < shape.kvHeads; h++) {
+          const seen = visible[h];
+          const head = (x: Float64Array) => concatRows(seen.map((j) => x.subarray(j * width + h * shape.headDim, j * width + (h + 1) * shape.headDim)));
+          const expected = referenceAttention({
+            q: t.q.subarray(i * row + h * group * shape.headDim, i * row + (h + 1) * group * shape.headDim), k: head(k), v: head(v),
+            qHeads: group, kvHeads: 1, headDim: shape.headDim,
+          });
+          const actual = out.subarray(i * row + h * group * shape.headDim, i * row + (h + 1) * group * shape.headDim);
+          expect(relativeL2(actual, expected), `chunk of ${n}, query ${p}, kv head ${h}`).toBeLessThanOrEqual(TOLERANCE);
+        }
+      }
+      T += n;
+      expect(Array.from(cache.positions(0, 1)), `after the chunk of ${n}`).toEqual([...range(0, sink), ...range(T - window, T)]);
+      expect(Array.from(cache.positions(0, 0))).toEqual(range(0, T));
+    }
+  });
 });
 
 // ---------------------------------------------------------------------------------------------

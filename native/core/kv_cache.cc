@@ -281,7 +281,7 @@ Status KVCache::growHoles(int32_t layer, int64_t n) {
   for (int32_t h = 0; h < config_.kvHeads; ++h) {
     int64_t sink = 0, window = 0;
     if (!policy_->windowOf(layer, h, &sink, &window)) continue;
-    const int64_t end = tokens - std::max(window, n);
+    const int64_t end = tokens - policy_->attendWindow(window, n);
     if (end > sink) KVSLIM_RETURN_IF_ERROR(kivi_.setHole(layer, h, sink, end));
   }
   return Status::ok();

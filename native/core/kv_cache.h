@@ -101,7 +101,7 @@ class KVCache {
   Status attendLoaded(int32_t layer, const float* q, int64_t n, float* out, bool* done);
   Status attendKivi(int32_t layer, const float* q, int64_t n, float* out, Call call);
   // A window policy over the KIVI store: each windowed head's hole grows to [sink, tokens -
-  // max(window, n)) (n: the call's tokens before it attends, 0 after).
+  // attendWindow(window, n)) (n: the call's tokens before it attends, 0 after).
   Status growHoles(int32_t layer, int64_t n);
   // Tokens a KIVI head keeps: all but its hole.
   int64_t kiviKept(int32_t layer, int32_t head) const;

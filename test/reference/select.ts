@@ -258,13 +258,13 @@ export class SelectMirror {
   /** append(): tokens without queries (h2o: score 0). */
   append(layer: number, k: ArrayLike<number>, v: ArrayLike<number>): void {
     const n = this.#appendTokens(layer, k, v);
-    this.#trimWindows(layer, Math.max(n, this.#window()));
+    this.#trimWindows(layer, this.#attendWindow(n));
     this.#after(layer, null, n, false);
   }
 
   #call(layer: number, q: ArrayLike<number>, k: ArrayLike<number>, v: ArrayLike<number>, prefill: boolean): Float64Array {
     const n = this.#appendTokens(layer, k, v);
-    this.#trimWindows(layer, Math.max(n, this.#window()));
+    this.#trimWindows(layer, this.#attendWindow(n));
     const { out, probs } = this.#attention(layer, q);
     this.#after(layer, { q, probs }, n, prefill);
     return out;
@@ -272,6 +272,15 @@ export class SelectMirror {
 
   #window(): number {
     return this.spec.kind === 'streaming' || this.spec.kind === 'duo' ? this.spec.window : 0;
+  }
+
+  /**
+   * Recent positions a windowed head keeps while a call of n tokens attends. Streaming
+   * (evict_for_space): the last max(window, n). Duo (its chunked prefill: cached sinks + recent
+   * plus the chunk): the last window - 1 + n, so each query sees at least `window` counting itself.
+   */
+  #attendWindow(n: number): number {
+    return this.spec.kind === 'duo' && n > 1 ? this.#window() - 1 + n : Math.max(n, this.#window());
   }
 
   #appendTokens(layer: number, k: ArrayLike<number>, v: ArrayLike<number>): number {

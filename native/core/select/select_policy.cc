@@ -147,7 +147,7 @@ Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t l
   for (int32_t h = 0; h < context.kvHeads; ++h) {
     int64_t sink = 0, window = 0;
     if (!policy.windowOf(layer, h, &sink, &window)) continue;
-    KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink, std::max(window, n)));
+    KVSLIM_RETURN_IF_ERROR(trimWindow(context.store, layer, h, sink, policy.attendWindow(window, n)));
   }
   return Status::ok();
 }

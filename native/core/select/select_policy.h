@@ -2,6 +2,7 @@
 // cache. A policy acts through PagedStore's eviction primitives (drop the oldest tail tokens, keep
 // chosen tail tokens, overwrite a kept slot), so eviction never copies the cache.
 #pragma once
+#include <algorithm>
 #include <cstdint>
 #include <functional>
 #include <memory>
@@ -96,11 +97,15 @@ class SelectPolicy {
   // cache then asks the attention to sum it where the backend can (SelectContext::mass).
   virtual bool wantsMass() const { return false; }
   // Streaming and duo keep, per (layer, kv head), the first `sink` tokens and the last `window`
-  // (a call of n tokens keeps max(window, n) while it attends; trimWindows). False for heads that
-  // keep every token (duo's retrieval heads) and for every other policy. A KIVI store holds such
-  // a choice as a hole in the head (KiviStore::setHole) instead of evicting from pages.
+  // (a call of n tokens keeps attendWindow(window, n) while it attends; trimWindows). False for
+  // heads that keep every token (duo's retrieval heads) and for every other policy. A KIVI store
+  // holds such a choice as a hole in the head (KiviStore::setHole) instead of evicting from pages.
   virtual bool windowed() const { return false; }
   virtual bool windowOf(int32_t layer, int32_t head, int64_t* sink, int64_t* window) const { return false; }
+  // The recent tokens a windowed head keeps while a call of n tokens attends (n = 0: between
+  // calls), its own tokens included. Streaming: max(window, n), the reference's evict_for_space,
+  // so a block's first queries see fewer than `window` (duo overrides it).
+  virtual int64_t attendWindow(int64_t window, int64_t n) const { return std::max(window, n); }
 
   // H2O over a KIVI store. At its first call with queries (prefill or step) a layer moves into the
   // store, its tokens in position order becoming KIVI indexes 0..; from then on the policy evicts
@@ -183,8 +188,8 @@ Status readKeys(const PagedStore& store, int32_t layer, int32_t head, int64_t fi
 // Shared by streaming and duo: keeps the sinks and the last `keep` tail tokens of one head
 // (tail tokens at positions below `sink` become kept sinks instead of being evicted).
 Status trimWindow(PagedStore& store, int32_t layer, int32_t head, int64_t sink, int64_t keep);
-// Every windowed head of a layer (windowOf) trimmed to its sinks and the last max(window, n)
-// tokens: n = the call's tokens before it attends, 0 after.
+// Every windowed head of a layer (windowOf) trimmed to its sinks and the last
+// attendWindow(window, n) tokens: n = the call's tokens before it attends, 0 after.
 Status trimWindows(SelectContext& context, const SelectPolicy& policy, int32_t layer, int64_t n);
 
 // body(h) for every kv head on the backend's host threads (Backend::hostParallel: host work on
