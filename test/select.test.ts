@@ -565,6 +565,41 @@ describe('fork() after compression', () => {
   }
 });
 
+// Rows written after a fork that differ between the sides (the fork tests above write the same
+// prompt tokens on both): each side must copy a shared kept page before it writes to it.
+describe('fork(): parent and child write shared kept pages in turn, and each still reads only its own rows', () => {
+  /** Alternating steps (child first), every output and position checked against each side's own reference. */
+  function alternate(parent: Pair, child: Pair, count: number): void {
+    for (let i = 0; i < count; i++) {
+      child.run(['step', 1], `child step ${i}`);
+      parent.run(['step', 1], `parent step ${i}`);
+    }
+    const more: Op[] = [['attend', 2], ['step', 3], ['attend', 1]];
+    child.runAll(more, 'child');
+    parent.runAll(more, 'parent');
+  }
+
+  it('h2o filling its heavy set: the first tokens of the fork fill slots of a kept page both sides share', () => {
+    // budget 20, recent 2 (18 heavy), pages of 4. After prefill(7) 5 heavy slots are kept: the
+    // second kept page holds one row and is shared by the fork. Two shared prompt tokens fill rows
+    // 5 and 6, then each side's own first step fills row 7 of that page: each must own its copy.
+    const parent = new Pair(open, GQA, { kind: 'h2o', budget: 20, recent: 2 }, 301);
+    parent.run(['prefill', 7], 'parent');
+    const child = parent.fork(302);
+    alternate(parent, child, 8);
+  });
+
+  it('h2o with a full heavy set: each side replaces slots of kept pages both sides share', () => {
+    // budget 12, recent 4 (8 heavy): append(12) (no queries: every score 0) fills the two kept
+    // pages, shared by the fork. Then each side's own queries decide which tokens leaving its
+    // window replace which slots (overwriteKept): the sides choose differently, page by page.
+    const parent = new Pair(open, GQA, { kind: 'h2o', budget: 12, recent: 4 }, 303);
+    parent.run(['append', 12], 'parent');
+    const child = parent.fork(304);
+    alternate(parent, child, 12);
+  });
+});
+
 // ---------------------------------------------------------------------------------------------
 describe('async calls run the same policy', () => {
   for (const select of [
