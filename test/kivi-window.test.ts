@@ -317,11 +317,21 @@ describe('streaming and duo over a KIVI store: a hole per head, skipped by atten
       ['a hole not starting at the sink', (view) => view.setBigInt64(at, 8n, true)],
       ['a hole past the tokens', (view) => view.setBigInt64(at + 8, BigInt(T + 100), true)],
       ['a reversed hole', (view) => { view.setBigInt64(at, 300n, true); view.setBigInt64(at + 8, 200n, true); }],
+      ['a reversed hole starting at the sink', (view) => view.setBigInt64(at + 8, 2n, true)],
     ];
     for (const [what, edit] of edits) {
       const error = expectError(() => KVCache.load(resealed(saved, edit), { device: DEVICE }), 'ERR_CORRUPT');
       expect(error.message, what).toMatch(/hole/);
     }
+    // A layer payload starts with its token count, its KIVI tokens and the tokens moved into KIVI
+    // (T, T, 0 here). A token count above the KIVI tokens would put tokens before a window layer's KIVI part.
+    const counts = Buffer.alloc(24);
+    counts.writeBigInt64LE(BigInt(T), 0);
+    counts.writeBigInt64LE(BigInt(T), 8);
+    const countsAt = saved.indexOf(counts);
+    expect(countsAt).toBeGreaterThan(0);
+    const before = resealed(saved, (view) => view.setBigInt64(countsAt, BigInt(T + 5), true));
+    expectError(() => KVCache.load(before, { device: DEVICE }), 'ERR_CORRUPT', /moved tokens/);
     // The header's residual (at 56), changed to another valid one: the heads' quantized counts no longer match it.
     const residual = expectError(() => KVCache.load(resealed(saved, (view) => view.setBigInt64(56, 64n, true)), { device: DEVICE }), 'ERR_CORRUPT');
     expect(residual.message).toMatch(/quantized token counts/);

@@ -12,7 +12,6 @@ import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
 import { MASK_SIZE_AT, loadEveryDamagedByte, resealed } from './helpers/saved.js';
 import { disposedAfterEach, held } from './helpers/lifetime.js';
-import { type SelectShape } from './reference/select.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 
@@ -224,52 +223,4 @@ describe('load() of a damaged eviction-policy cache: ERR_CORRUPT', () => {
       expect(loaded, 'some damage loads (a changed key or score)').toBeGreaterThan(0);
     });
   }
-});
-
-describe('load() of damaged window-policy KIVI layers (valid checksum): ERR_CORRUPT', () => {
-  /** A 1-layer duo cache over KIVI (head 1 streaming, sink 4, window 30) after a prefill of 600, saved. */
-  function duoKiviSave() {
-    const shape: SelectShape = { layers: 1, qHeads: 4, kvHeads: 4, headDim: 32 };
-    const cache = new KVCache({
-      ...shape, device: 'cpu', pageTokens: 16,
-      policy: { select: { kind: 'duo', heads: [[true, false, true, false]], sink: 4, window: 30 }, store: { kind: 'kivi', bits: 2, group: 16, residual: 16 } },
-    });
-    open.push(cache);
-    const random = new Random(61);
-    const t = randomTokens(random, shape, 600);
-    cache.prefill(0, t.q, t.k, t.v);
-    const saved = cache.save();
-    // The unedited save loads.
-    const loaded = KVCache.load(saved, { device: 'cpu' });
-    open.push(loaded);
-    expect(Array.from(loaded.positions(0, 1))).toEqual(Array.from(cache.positions(0, 1)));
-    return { saved, T: cache.tokens(0) };
-  }
-
-  it('a reversed hole that starts at the sink (begin > end) is refused', () => {
-    const { saved, T } = duoKiviSave();
-    // Head 1 (streaming): its hole [4, T - 30) as two i64.
-    const pattern = Buffer.alloc(16);
-    pattern.writeBigInt64LE(4n, 0);
-    pattern.writeBigInt64LE(BigInt(T - 30), 8);
-    const at = saved.indexOf(pattern);
-    expect(at).toBeGreaterThan(0);
-    // [4, 2): the begin is the sink, the end lies before it.
-    const reversed = resealed(saved, (view) => view.setBigInt64(at + 8, 2n, true));
-    expectError(() => KVCache.load(reversed, { device: 'cpu' }), 'ERR_CORRUPT', /hole/);
-  });
-
-  it('a window policy\'s KIVI layer with tokens before it (a layer token count above its KIVI tokens) is refused', () => {
-    const { saved, T } = duoKiviSave();
-    // The payload starts with the layer's token count, then the layer's KIVI tokens and moved
-    // count: T, T, 0. The first raised by 5: the KIVI layer would start at position 5.
-    const counts = Buffer.alloc(24);
-    counts.writeBigInt64LE(BigInt(T), 0);
-    counts.writeBigInt64LE(BigInt(T), 8);
-    counts.writeBigInt64LE(0n, 16);
-    const countsAt = saved.indexOf(counts);
-    expect(countsAt).toBeGreaterThan(0);
-    const offset = resealed(saved, (view) => view.setBigInt64(countsAt, BigInt(T + 5), true));
-    expectError(() => KVCache.load(offset, { device: 'cpu' }), 'ERR_CORRUPT', /moved tokens/);
-  });
 });
