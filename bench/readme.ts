@@ -6,7 +6,7 @@ import { readFileSync, writeFileSync } from 'node:fs';
 import { dirname, join, resolve } from 'node:path';
 import { fileURLToPath } from 'node:url';
 
-import { gpuPrefillText } from './report.js';
+import { gpuPrefillText, targetGoalText, targetValueText, type TargetResult } from './report.js';
 
 interface ResultCase {
   id: string; kind: string; device: string; store?: string; tokens: number; status: string;
@@ -22,6 +22,7 @@ const results = JSON.parse(readFileSync(resultsPath, 'utf8')) as {
   kvslim: { backends: { cpu: { simd: string; threads: number; prefetch?: string } } };
   limits: { readBytesPerSecond: number; fmaFlopsPerSecond: number; after?: { readBytesPerSecond: number; fmaFlopsPerSecond: number } };
   cases: ResultCase[];
+  targets?: TargetResult[];
   kivi?: {
     decode: Array<{
       id: string; bits: number; tokens: number; status: string; time?: { medianMs: number }; bytesRead?: number;
@@ -223,6 +224,21 @@ if (results.retrieval) {
   retrievalLines.push('', 'Reproduce with `npm run bench -- --only retrieval`.');
 }
 
+// Every target of the issues beside what this run measured: the README's verdicts come from the
+// same record as its tables.
+const targetRows: string[] = [];
+if (results.targets !== undefined && results.targets.length > 0) {
+  const met = results.targets.filter((t) => t.verdict === 'met').length;
+  targetRows.push(
+    `Targets of the issues, as the run of ${results.createdAt} measured them (${met} of ${results.targets.length} met):`,
+    '', '| target | measured | goal | verdict |', '| --- | ---: | ---: | --- |',
+    ...results.targets.map((t) => {
+      const text = (s: string) => s.replace('<=', '≤').replace('>=', '≥').replace(/(\d)x$/, '$1×');
+      return `| ${t.name} | ${text(targetValueText(t))} | ${text(targetGoalText(t))} | ${t.verdict} |`;
+    }),
+  );
+}
+
 const readmePath = join(root, 'README.md');
 let readme = readFileSync(readmePath, 'utf8');
 /** Replaces the text between `<!-- name -->` and `<!-- /name -->`. */
@@ -234,10 +250,11 @@ function section(text: string, name: string, body: string[]): string {
 }
 // A partial run (e.g. --only retrieval) has no cases: leave the headline table as it is.
 if (results.cases.length > 0) readme = section(readme, 'bench-table', lines);
+if (targetRows.length > 0) readme = section(readme, 'bench-targets', targetRows);
 if (kiviLines.length > 0) readme = section(readme, 'bench-kivi', kiviLines);
 if (policyLines.length > 0) readme = section(readme, 'bench-policies', policyLines);
 if (headLines.length > 0) readme = section(readme, 'bench-heads', headLines);
 if (retrievalLines.length > 0) readme = section(readme, 'bench-retrieval', retrievalLines);
 writeFileSync(readmePath, readme);
-const written = (results.cases.length > 0 ? lines.length : 0) + kiviLines.length + policyLines.length + headLines.length + retrievalLines.length;
+const written = (results.cases.length > 0 ? lines.length : 0) + targetRows.length + kiviLines.length + policyLines.length + headLines.length + retrievalLines.length;
 console.log(`README.md: wrote ${written} lines from ${resultsPath}`);

@@ -178,16 +178,25 @@ export function baselineLine(result: BaselineResult): string {
   ]);
 }
 
+/** A target's measured figure in its unit ('-' when not measured). */
+export function targetValueText(t: TargetResult): string {
+  if (t.value === null) return DASH;
+  // Ratios near their goal (1.25x) need two decimals to show which side they fall on.
+  if (t.unit === 'x') return `${t.value.toFixed(t.value >= 100 ? 0 : t.value >= 10 ? 1 : 2)}x`;
+  if (t.unit === 'percent') return `${Math.abs(t.value) < 1e-3 && t.value !== 0 ? (t.value * 100).toPrecision(2) : (t.value * 100).toFixed(1)}%`;
+  return t.value.toFixed(2);
+}
+
+/** A target's goal, e.g. ">= 0.85", "<= 5%". */
+export function targetGoalText(t: TargetResult): string {
+  const sign = t.atMost ? '<=' : '>=';
+  return t.unit === 'x' ? `${sign} ${t.target}x` : t.unit === 'percent' ? `${sign} ${t.target * 100}%` : `${sign} ${t.target.toFixed(2)}`;
+}
+
 /** The headline: each target, the figure this run measured, and whether it is met. */
 export function targetLines(targets: TargetResult[]): string[] {
   const width = Math.max(...targets.map((t) => t.name.length));
-  return targets.map((t) => {
-    const value = t.value === null ? DASH : t.unit === 'x' ? speedup(t.value)
-      : t.unit === 'percent' ? `${(t.value * 100).toFixed(1)}%` : t.value.toFixed(2);
-    const sign = t.atMost ? '<=' : '>=';
-    const goal = t.unit === 'x' ? `${sign} ${t.target}x` : t.unit === 'percent' ? `${sign} ${t.target * 100}%` : `${sign} ${t.target.toFixed(2)}`;
-    return `  ${t.name.padEnd(width)}  ${value.padStart(7)}   target ${goal.padEnd(7)}  ${t.verdict}`;
-  });
+  return targets.map((t) => `  ${t.name.padEnd(width)}  ${targetValueText(t).padStart(7)}   target ${targetGoalText(t).padEnd(7)}  ${t.verdict}`);
 }
 
 export function writeJson(path: string, record: unknown): void {
