@@ -73,6 +73,8 @@ class Pair {
   readonly records: StepRecord[] = [];
   /** Rewrites a layer's fresh keys in place before they are used (structured data). */
   keyHook: ((layer: number, k: Float32Array) => void) | null = null;
+  /** Rewrites a layer's fresh queries in place before they are used. */
+  queryHook: ((layer: number, q: Float32Array) => void) | null = null;
 
   constructor(
     readonly shape: ActQKVShape, readonly options: ActQKVOptions, readonly store: Store, seed: number,
@@ -107,6 +109,7 @@ class Pair {
     for (let layer = 0; layer < this.shape.layers; layer++) {
       const t = randomTokens(this.random, this.shape, n);
       this.keyHook?.(layer, t.k);
+      this.queryHook?.(layer, t.q);
       const actual = this.cache.prefill(layer, t.q, t.k, t.v);
       this.reference.appendKeys(layer, this.#store(layer, t.k, t.v));
       this.reference.addQueries(layer, t.q);
@@ -128,14 +131,15 @@ class Pair {
     }
   }
 
-  /** One decode step on every layer: step(), or append() then attend() of one token. */
-  decode(kind: 'step' | 'append+attend', label: string): StepRecord {
+  /** One decode step on every layer: step() of n tokens, or append() then attend() of one token. */
+  decode(kind: 'step' | 'append+attend', label: string, n = 1): StepRecord {
     const { layers, kvHeads } = this.shape;
     const { sink, window } = this.options;
     const record: StepRecord = { choices: [] };
     for (let layer = 0; layer < layers; layer++) {
-      const t = randomTokens(this.random, this.shape, 1);
+      const t = randomTokens(this.random, this.shape, kind === 'step' ? n : 1);
       this.keyHook?.(layer, t.k);
+      this.queryHook?.(layer, t.q);
       let actual: Float32Array;
       let choice: ActQKVChoice | null;
       if (kind === 'step') {
@@ -292,6 +296,49 @@ describe('actqkv: loads what the reference chooses', () => {
     const tokens = pairs[0].cache.tokens(0);
     const blocks = Math.ceil((tokens - options.window - options.sink) / options.blockSize);
     expect(full - half).toBe(shape.layers * shape.kvHeads * blocks * shape.headDim * 2);
+  });
+
+  it('decode calls of several queries: the question term is the call\'s last query', () => {
+    // questionWeight 4: the current query outweighs the probe, so the first query of a call would choose other blocks.
+    const [, shape, options, store] = CASES[0];
+    const pair = new Pair(shape, options, store, 53);
+    pair.prefill(40);
+    for (let s = 0; s < 24; s++) pair.decode('step', `step of ${1 + (s % 4)} ${s}`, 1 + (s % 4));
+  });
+
+  it('a query window that completes exactly at the end of a call: the next query takes the oldest one\'s place in the probe', () => {
+    // The prefill holds exactly queryWindow queries: the probe's running sums are made over a
+    // full ring, and the first decode query must replace the ring's oldest row in them.
+    const shape = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 7 };
+    const options = { sink: 2, window: 4, blockSize: 2, blocks: 2, reprTopK: 2, queryWindow: 12, questionWeight: 0.5, temperature: 0.1 };
+    const pair = new Pair(shape, options, 'f32', 61);
+    pair.prefill(options.queryWindow);
+    for (let s = 0; s < 30; s++) pair.decode(s % 4 === 1 ? 'append+attend' : 'step', `step ${s}`);
+  });
+
+  it('keys that tie against the probe: a block keeps its earliest reprTopK keys as its representative', () => {
+    // Queries along channel 0 only and every key with channel 0 = 1, but 2 for one key per block
+    // (its last in even blocks, its first in odd ones): the keys indexed by one call score one of
+    // two values against the probe, so the tie rule (the earlier key is kept; of the tied lowest,
+    // the later one is replaced) decides which keys make the representative. The other channels
+    // differ, so the representatives, hence the block choices, depend on it.
+    const shape = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 6 };
+    const options = { sink: 2, window: 6, blockSize: 4, blocks: 2, reprTopK: 2, queryWindow: 4, questionWeight: 1, temperature: 0.1 };
+    const pair = new Pair(shape, options, 'f32', 19);
+    // Channel 0 of the queries positive, so that the probes and the queries add up instead of cancelling in u.
+    pair.queryHook = (_, q) => {
+      for (let i = 0; i < q.length; i++) q[i] = i % shape.headDim === 0 ? Math.abs(q[i]) + 0.5 : 0;
+    };
+    pair.keyHook = (layer, k) => {
+      const first = pair.keys[layer].length;  // the call's first position
+      for (let i = 0; i < k.length; i += shape.headDim) {
+        const offset = first + Math.floor(i / (shape.kvHeads * shape.headDim)) - options.sink;
+        const block = Math.floor(offset / options.blockSize);
+        k[i] = offset % options.blockSize === (block % 2 === 0 ? options.blockSize - 1 : 0) ? 2 : 1;
+      }
+    };
+    pair.prefill(80);
+    for (let s = 0; s < 40; s++) pair.decode(s % 5 === 2 ? 'append+attend' : 'step', `step ${s}`);
   });
 
   it('new keys past 4 MiB at one decode call (read head by head, not in one gather), then more steps', () => {

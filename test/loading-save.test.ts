@@ -94,6 +94,47 @@ describe('save() / load() with a loading policy: the loaded cache goes on exactl
     });
   }
 
+  it('the saved graph enters at its busiest hub: the key that is the best key of the most training (prefill) query rows', () => {
+    const select: SelectSpec = { kind: 'retrieval', index: 'graph', topK: 4, sink: 1, window: 3, neighbors: 5 };
+    const cache = cacheOf(select, { policy: { store: { kind: 'f32' } } });
+    const random = new Random(29);
+    const prompt = 60;
+    const tokens = Array.from({ length: GQA.layers }, () => randomTokens(random, GQA, prompt));
+    tokens.forEach((t, layer) => cache.prefill(layer, t.q, t.k, t.v));
+    const saved = cache.save();
+    // Retrieval state: u64 count + i64 extent per (layer, kv head), then per head u8 present, i64
+    // size, u64 bytes and the graph structure (i32 degree, u32 entry, ...).
+    let at = STATE_AT + 8 + 8 * GQA.layers * GQA.kvHeads;
+    const { qHeads, kvHeads, headDim } = GQA;
+    const group = qHeads / kvHeads;
+    for (let layer = 0; layer < GQA.layers; layer++) {
+      for (let h = 0; h < kvHeads; h++) {
+        expect(saved[at], `layer ${layer} head ${h}: present`).toBe(1);
+        const keys = Number(saved.readBigInt64LE(at + 1));
+        expect(keys).toBe(prompt - 1 - 3);
+        const entry = saved.readUInt32LE(at + 17 + 4);
+        // Float64 reference: every query row of the group (fewer than trainQueries) votes for its best key (ties: the lower id).
+        const { q, k } = tokens[layer];
+        const votes = new Array<number>(keys).fill(0);
+        for (let row = 0; row < prompt * group; row++) {
+          const qHead = Math.floor(row / group) * qHeads + h * group + (row % group);  // rows ordered (position, member)
+          const query = q.subarray(qHead * headDim, (qHead + 1) * headDim);
+          let best = 0, bestScore = -Infinity;
+          for (let id = 0; id < keys; id++) {
+            const key = k.subarray(((1 + id) * kvHeads + h) * headDim, ((1 + id) * kvHeads + h + 1) * headDim);
+            let score = 0;
+            for (let d = 0; d < headDim; d++) score += query[d] * key[d];
+            if (score > bestScore) bestScore = score, best = id;
+          }
+          votes[best]++;
+        }
+        const busiest = votes.indexOf(Math.max(...votes));
+        expect(entry, `layer ${layer} head ${h}: entry (votes ${votes[entry]} vs ${votes[busiest]})`).toBe(busiest);
+        at += 1 + 8 + 8 + Number(saved.readBigUInt64LE(at + 9));
+      }
+    }
+  });
+
   it('a version 5 save of a graph cache (no state) still loads, and indexes again from its keys', () => {
     const select: SelectSpec = { kind: 'retrieval', index: 'graph', topK: 5, sink: 1, window: 5, degree: 4 };
     const original = cacheOf(select);
@@ -155,6 +196,41 @@ describe('load() of damaged loading-policy state (a valid checksum): ERR_CORRUPT
     // The state's size beyond the buffer, or shorter than the state.
     expectError(() => load(resealed(a, (view) => view.setBigUint64(STATE_SIZE_AT, 1n << 40n, true))), 'ERR_CORRUPT', /state is truncated/);
     expectError(() => load(resealed(a, (view) => view.setBigUint64(STATE_SIZE_AT, view.getBigUint64(STATE_SIZE_AT, true) - 8n, true))), 'ERR_CORRUPT');
+  });
+
+  it('named damage: a retrieval head without its index, a graph parent past the keys, an ivf of another requested list count, an extent below the sinks, ActQKV candidates past the extent and a step layer past the layers', () => {
+    const g = graph();
+    const stateBytes = (saved: Buffer) => Number(saved.readBigUInt64LE(STATE_SIZE_AT));
+    // Head 0 of the graph state (u8 present, i64 size, u64 bytes, structure) saved as absent
+    // while its extent still reaches past the sinks: its tokens would have no index to search.
+    const head0 = STATE_AT + 8 + 8 * SMALL.layers * SMALL.kvHeads;
+    expect(Number(g.readBigInt64LE(STATE_AT + 8))).toBeGreaterThan(1);
+    const removed = 8 + 8 + Number(g.readBigUInt64LE(head0 + 1 + 8));
+    const absent = Buffer.concat([g.subarray(0, head0), Buffer.from([0]), g.subarray(head0 + 1 + removed)]);
+    expectError(() => load(resealed(absent, (view) => view.setBigUint64(STATE_SIZE_AT, BigInt(stateBytes(g) - removed), true))),
+      'ERR_CORRUPT', /a retrieval head lacks its index/);
+
+    // The graph structure ends with the parents (u32 per key): one past the keys is out of range.
+    const structureEnd = head0 + 1 + 8 + 8 + Number(g.readBigUInt64LE(head0 + 1 + 8));
+    const keys = Number(g.readBigInt64LE(head0 + 1));
+    expectError(() => load(resealed(g, (view) => view.setUint32(structureEnd - 4, keys, true))), 'ERR_CORRUPT', /parent is out of range/);
+
+    const v = ivf();
+    // The ivf structure starts with the requested list count (3), which must be the policy's.
+    const ivfStructure = head0 + 1 + 8 + 8;
+    expect(v.readInt32LE(ivfStructure)).toBe(3);
+    expectError(() => load(resealed(v, (view) => view.setInt32(ivfStructure, 2, true))), 'ERR_CORRUPT', /requested list count/);
+
+    const a = actqkv();
+    // An extent below the sinks (sink 1) is out of range, as one past the dynamic part is.
+    expectError(() => load(resealed(a, (view) => view.setBigInt64(STATE_AT + 8, 0n, true))), 'ERR_CORRUPT', /an index extent is out of range/);
+    // The state ends with the last head's candidate positions (u64 count, i64 each), the i32 step layer and the i64 budget.
+    const end = STATE_AT + stateBytes(a) - 12;
+    expect([1, 2].some((m) => a.readBigUInt64LE(end - 8 * m - 8) === BigInt(m)), 'candidate positions before the step layer').toBe(true);
+    const extent = a.readBigInt64LE(STATE_AT + 8 * (SMALL.layers * SMALL.kvHeads));  // the last head's
+    expectError(() => load(resealed(a, (view) => view.setBigInt64(end - 8, extent, true))), 'ERR_CORRUPT', /candidate positions are out of range/);
+    expectError(() => load(resealed(a, (view) => view.setInt32(end, SMALL.layers, true))), 'ERR_CORRUPT', /step layer is out of range/);
+    expectError(() => load(resealed(a, (view) => view.setInt32(end, -1, true))), 'ERR_CORRUPT', /step layer is out of range/);
   });
 
   // Every byte of the state, changed (its checksum resealed): a refusal must be ERR_CORRUPT, and a

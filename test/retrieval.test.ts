@@ -6,7 +6,7 @@
 // stats, fork and errors. The index kinds (ivf, graph) are checked for recall here and in key-index.test.ts.
 import { describe, expect, it } from 'vitest';
 
-import { KVCache, KVSlimError, type SelectSpec } from '../lib/index.js';
+import { KVCache, KVSlimError, type SelectSpec, createKeyIndex } from '../lib/index.js';
 import { expectError } from './helpers/errors.js';
 import { roundTo } from './reference/half.js';
 import { Random, relativeL2 } from './helpers/random.js';
@@ -261,7 +261,66 @@ describe('retrieval ivf and graph inside a cache', () => {
   }
 });
 
+describe('retrieval graph: training on the prefill queries', () => {
+  it('the graph is built from an even sample of trainQueries of the prefill call\'s query rows: the same searches as a standalone index given them', () => {
+    // A sparse graph searched with a small beam: what it finds depends on the training queries.
+    const shape: Shape = { layers: 1, qHeads: 4, kvHeads: 2, headDim: 16 };
+    const sink = 2, window = 6, topK = 6, trainQueries = 50, prompt = 400;
+    const graph = { degree: 4, neighbors: 8, beam: 8 };
+    const run = new Run(shape, { kind: 'retrieval', index: 'graph', topK, sink, window, trainQueries, ...graph }, 91);
+    run.prefill(prompt);
+    const { qHeads, kvHeads, headDim } = shape;
+    const asRows = (rows: Float64Array[]) => {
+      const out = new Float32Array(rows.length * headDim);
+      rows.forEach((row, i) => out.set(row, i * headDim));
+      return out;
+    };
+    const indexes = Array.from({ length: kvHeads }, (_, h) => {
+      // The group's rows ordered (position, member); row floor(i * available / trainQueries) for i < trainQueries.
+      const rows = groupRows(run.lastQ[0], prompt, qHeads, kvHeads, h, headDim);
+      const training = Array.from({ length: trainQueries }, (_, i) => rows[Math.floor((i * rows.length) / trainQueries)]);
+      const keys = new Float32Array((prompt - window - sink) * headDim);
+      for (let p = sink; p < prompt - window; p++) keys.set(run.data[0].keys[p][h], (p - sink) * headDim);
+      return createKeyIndex({ kind: 'graph', dim: headDim, keys, queries: asRows(training), ...graph });
+    });
+    for (let trial = 0; trial < 8; trial++) {
+      const q = run.random.tensor(qHeads * headDim);
+      run.cache.attend(0, q);
+      for (let h = 0; h < kvHeads; h++) {
+        const found = Array.from(indexes[h].search(asRows(groupRows(q, 1, qHeads, kvHeads, h, headDim)), topK).ids);
+        const expected = found.map((id) => sink + id).sort((a, b) => a - b);
+        expect(run.loaded(0)[h].slice(sink, -window), `trial ${trial} head ${h}`).toEqual(expected);
+      }
+    }
+    for (const index of indexes) index.dispose();
+  });
+});
+
 describe('loading policies: fork, stats and errors', () => {
+  it('a decode call that fills the static part exactly (sink + window tokens) attends densely, then loading starts: every index kind and quest', () => {
+    const sink = 2, window = 6, topK = 3;
+    for (const select of [
+      { kind: 'retrieval', index: 'flat', topK, sink, window },
+      { kind: 'retrieval', index: 'ivf', topK, sink, window, lists: 2 },
+      { kind: 'retrieval', index: 'graph', topK, sink, window },
+      { kind: 'quest', pages: 2, pageSize: 2, sink, window },
+    ] as SelectSpec[]) {
+      const run = new Run(GQA, select, 15);
+      run.prefill(sink + window - 3);
+      for (let T = sink + window - 2; T <= sink + window + 5; T++) {
+        run.step();
+        expect(run.cache.tokens(0)).toBe(T);
+        for (let h = 0; h < GQA.kvHeads; h++) {
+          const loaded = run.loaded(1)[h];
+          const label = `${select.kind} ${'index' in select ? select.index : ''} at ${T} tokens, head ${h}`;
+          if (T <= sink + window) expect(loaded, label).toEqual(range(0, T));
+          else if (select.kind === 'retrieval') expect(loaded.length, label).toBe(sink + Math.min(topK, T - sink - window) + window);
+        }
+        run.expectOutputOverLoaded();
+      }
+    }
+  });
+
   it('a fork makes the same choices and outputs as its parent', () => {
     for (const select of [
       { kind: 'retrieval', index: 'graph', topK: 8, sink: 2, window: 8 },
@@ -343,6 +402,36 @@ describe('loading policies: fork, stats and errors', () => {
     }
     const keys = half.tokens(0) - 2 - 8;  // the indexed (dynamic) part per kv head and layer
     expect(wide.stats().bytes.index - half.stats().bytes.index).toBe(GQA.layers * kvHeads * keys * headDim * 2);
+  });
+
+  for (const index of ['graph', 'ivf'] as const) it(`${index} over a bf16 store keeps f32 keys (f16 would round keys below its normal range): the choices and index bytes of an f32 store of the same values`, () => {
+    const select = { kind: 'retrieval', index, topK: 8, sink: 2, window: 8 } as SelectSpec;
+    const make = (store: 'bf16' | 'f32') => {
+      const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind: store } } });
+      open.push(cache);
+      return cache;
+    };
+    const [bfloat, wide] = [make('bf16'), make('f32')];
+    const random = new Random(18);
+    // bf16 values; the keys mostly below 2^-14, where f16 holds fewer bits than bf16.
+    const bf16 = (n: number, scale = 1) => Float32Array.from(roundTo(random.tensor(n, scale), 'bf16'));
+    const { qHeads, kvHeads, headDim } = GQA;
+    for (let layer = 0; layer < GQA.layers; layer++) {
+      const [q, k, v] = [bf16(170 * qHeads * headDim), bf16(170 * kvHeads * headDim, 1e-5), bf16(170 * kvHeads * headDim)];
+      bfloat.prefill(layer, q, k, v);
+      wide.prefill(layer, q, k, v);
+    }
+    for (let s = 0; s < 5; s++) {
+      for (let layer = 0; layer < GQA.layers; layer++) {
+        const [q, k, v] = [bf16(qHeads * headDim), bf16(kvHeads * headDim, 1e-5), bf16(kvHeads * headDim)];
+        const a = bfloat.step(layer, q, k, v), b = wide.step(layer, q, k, v);
+        for (let h = 0; h < kvHeads; h++) {
+          expect(Array.from(bfloat.loadedPositions(layer, h)), `step ${s} layer ${layer} head ${h}`).toEqual(Array.from(wide.loadedPositions(layer, h)));
+        }
+        expect(relativeL2(a, b)).toBeLessThan(1e-6);
+      }
+    }
+    expect(bfloat.stats().bytes.index).toBe(wide.stats().bytes.index);
   });
 
   it('keeps every token: bytes and kept counts are the full cache, loaded counts are the static part + k', () => {
