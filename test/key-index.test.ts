@@ -89,6 +89,24 @@ describe('ivf index', () => {
     }
   });
 
+  it('asked for more keys than its probed lists hold, probes further lists: k distinct ids whenever the index holds k keys', () => {
+    const random = new Random(9);
+    const dim = 16;
+    const keys = clusteredKeys(random, 2000, dim);
+    const index = createKeyIndex({ kind: 'ivf', dim, keys, lists: 50 });
+    for (const k of [100, 400, 2000]) {
+      const q = random.tensor(2 * dim);
+      const hits = index.search(q, k, { probes: 1 });
+      expect(hits.ids.length, `k ${k}`).toBe(k);
+      expect(new Set(hits.ids).size, `k ${k}`).toBe(k);
+      expect(hits.scanned).toBeGreaterThanOrEqual(k);
+    }
+    // k = every key: every list is scanned, the exact top-k.
+    const q = random.tensor(dim);
+    const all = Array.from(index.search(q, 2000, { probes: 1 }).ids);
+    expect(checkTopK(all, Array.from({ length: 2000 }, (_, i) => i), (i) => maxDot(q, dim, keys, i), 2000, 1e-4)).toBeNull();
+  });
+
   it('reaches bounded recall at moderate probes, also after incremental adds', () => {
     const random = new Random(4);
     const dim = 48;
@@ -103,6 +121,26 @@ describe('ivf index', () => {
       for (const id of index.search(q, 10, { probes: 16 }).ids) if (exact.has(id)) found++;
     }
     expect(found / (queries.length * 10)).toBeGreaterThan(0.8);
+  });
+});
+
+describe('ties', () => {
+  it('equal scores rank the lower id first: flat, and ivf scanning every list, return exactly the float64 order', () => {
+    const random = new Random(8);
+    const dim = 8, n = 600;
+    // Small integers: every dot product is exact in f32 whatever the summation order, so tied
+    // keys score the same bits, and ties are common (also at the k-th place).
+    const integers = (count: number) => Float32Array.from({ length: count }, () => random.integer(5) - 2);
+    const keys = integers(n * dim);
+    const flat = createKeyIndex({ kind: 'flat', dim, keys });
+    const ivf = createKeyIndex({ kind: 'ivf', dim, keys, lists: 12 });
+    for (let trial = 0; trial < 10; trial++) {
+      const q = integers((1 + (trial % 3)) * dim);
+      const k = 5 + 7 * trial;
+      const expected = exactTop(q, dim, keys, k);
+      expect(Array.from(flat.search(q, k).ids), `flat trial ${trial}`).toEqual(expected);
+      expect(Array.from(ivf.search(q, k, { probes: 12 }).ids), `ivf trial ${trial}`).toEqual(expected);
+    }
   });
 });
 
@@ -162,6 +200,21 @@ describe('graph index', () => {
       expect(Array.from(c.scores)).toEqual(Array.from(r.scores));
     });
   }
+
+  it('a beam smaller than k still returns k keys (the search widens its beam to k)', () => {
+    const random = new Random(10);
+    const dim = 16;
+    const keys = clusteredKeys(random, 1500, dim);
+    const index = createKeyIndex({ kind: 'graph', dim, keys, beam: 8 });
+    for (const [k, beam] of [[40, 8], [200, 16], [60, 59]] as const) {
+      const q = random.tensor(2 * dim);
+      const hits = index.search(q, k, { beam });
+      expect(hits.ids.length, `k ${k} beam ${beam}`).toBe(k);
+      expect(new Set(hits.ids).size).toBe(k);
+      for (let i = 0; i < k; i++) expect(hits.scores[i]).toBeCloseTo(maxDot(q, dim, keys, hits.ids[i]), 3);
+    }
+    expect(index.search(random.tensor(dim), 30).ids.length).toBe(30);  // the index's own beam of 8
+  });
 
   it('builds without training queries (keys as queries)', () => {
     const random = new Random(6);
