@@ -253,6 +253,8 @@ describe('h2o over a KIVI store: heavy hitters chosen on the quantized attention
       { kind: 'h2o', budget: 30, recent: 6 }, { bits: 4, group: 16, residual: 16 }, [['prefill', 1], ...steps(70)]],
     ['GQA, 2 bits, a budget above R (kept tokens span several key groups)', GQA, { kind: 'h2o', budget: 150, recent: 40 },
       { bits: 2, group: 32, residual: 32 }, [['prefill', 260], ...steps(70)]],
+    ['GQA, 4 bits, dense-and-sparse outliers: compactions requantize the rows read with their outlier corrections', GQA,
+      { kind: 'h2o', budget: 64, recent: 16 }, { bits: 4, group: 32, residual: 32, outliers: 0.02 }, [['prefill', 150], ...steps(60)]],
   ];
   for (const [label, shape, spec, config, ops] of cases) {
     it(label, () => {

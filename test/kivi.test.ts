@@ -263,6 +263,34 @@ describe('quantize: arithmetic corners', () => {
     }
   });
 
+  it('a group minimum of zero is the first zero of the group (-0 before +0), also where a later lane of the scan meets +0 first', () => {
+    const random = new Random(1202);
+    for (const axis of ['channel', 'token'] as const) {
+      for (const bits of BITS) {
+        const tokens = 64, channels = 64, group = 32;
+        const x = random.tensor(tokens * channels).map((value) => Math.fround(Math.abs(value) + 0.01));
+        const probe = { axis, bits, group, tokens, channels };
+        // Per group: -0 at a random member, then +0 at a later member whose index mod 8 (its lane in
+        // the 8-lane min scan of a token group) is lower, so a lane-order reduction would see +0 first.
+        // (Only this order: the reference's Math.min gives -0 whichever zero comes first.)
+        const members = new Map<number, number[]>();
+        for (let i = 0; i < tokens * channels; i++) {
+          const g = codeLocation(probe, Math.floor(i / channels), i % channels).group;
+          members.set(g, [...(members.get(g) ?? []), i]);
+        }
+        for (const list of members.values()) {
+          const first = 8 * random.integer(2) + 1 + random.integer(7);  // lane 1..7, member < 16
+          const later = first - (first % 8) + 8 + random.integer(first % 8);  // a lower lane, member < 24
+          x[list[first]] = -0;
+          x[list[later]] = 0;
+        }
+        const q = quantize({ x, channels, axis, bits, group });
+        expectSameQuantized(q, referenceQuantize({ x, channels, axis, bits, group }), `axis ${axis}, bits ${bits}`);
+        for (const zero of q.zeros) expect(Object.is(zero, -0), `axis ${axis}, bits ${bits}`).toBe(true);
+      }
+    }
+  });
+
   it('codes clamp at 0 and at 2^bits - 1 where f16 rounding of z and s overshoots', () => {
     const random = new Random(1201);
     for (const axis of ['channel', 'token'] as const) {
@@ -458,6 +486,20 @@ describe('dequantize: bad input', () => {
     expectError(() => dequantize({ ...q, tokens: 96 }), 'ERR_SHAPE');
     expectError(() => dequantize({ ...q, tokens: 48 }), 'ERR_SHAPE');
     expectError(() => dequantize({ ...q, axis: 'token', group: 64 }), 'ERR_SHAPE');
+  });
+
+  it('scales or zeros that are not f16 values (ERR_VALUE)', () => {
+    const random = new Random(1601);
+    for (const field of ['scales', 'zeros'] as const) {
+      for (let trial = 0; trial < 4; trial++) {
+        const values = q[field].slice();
+        const at = random.integer(values.length);
+        // Between two f16 neighbours: f32 holds it, f16 does not.
+        values[at] = Math.fround(values[at] * (1 + 2 ** -13) + (values[at] === 0 ? 2 ** -20 : 0));
+        expect(f16Round(values[at]), `${field} trial ${trial}`).not.toBe(values[at]);
+        expectError(() => dequantize({ ...q, [field]: values }), 'ERR_VALUE', /f16/);
+      }
+    }
   });
 
   it('arrays of the wrong type (ERR_DTYPE); bad axis, bits or group (ERR_OPTION)', () => {
