@@ -1,5 +1,6 @@
 #include "kivi_ops.h"
 
+#include <cmath>
 #include <string>
 
 #include "dtype.h"
@@ -98,12 +99,14 @@ Status dequantizeMatrix(const QuantizedMatrix& q, std::vector<float>* out) {
   if (q.scales.size() != groups || q.mins.size() != groups) {
     return Status(ErrorCode::Shape, "scales and zeros must hold " + std::to_string(groups) + " values each");
   }
-  // Scales and mins go back to f16 (what they are); a value that is not an f16 number is refused.
+  // Scales and mins go back to f16 (what they are); a value that is not a finite f16 number is
+  // refused (infinities survive the f16 round trip, and would dequantize to infinities and NaN).
   std::vector<uint16_t> scales(groups), mins(groups);
   for (size_t i = 0; i < groups; ++i) {
     scales[i] = floatToF16(q.scales[i]);
     mins[i] = floatToF16(q.mins[i]);
-    if (f16ToFloat(scales[i]) != q.scales[i] || f16ToFloat(mins[i]) != q.mins[i]) {
+    if (!std::isfinite(q.scales[i]) || !std::isfinite(q.mins[i]) || f16ToFloat(scales[i]) != q.scales[i] ||
+        f16ToFloat(mins[i]) != q.mins[i]) {
       return Status(ErrorCode::Value, "scales and zeros must be finite f16 values (as quantize() returns them)");
     }
   }
