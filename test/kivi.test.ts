@@ -263,30 +263,35 @@ describe('quantize: arithmetic corners', () => {
     }
   });
 
-  it('a group minimum of zero is the first zero of the group (-0 before +0), also where a later lane of the scan meets +0 first', () => {
+  it('a group minimum of zero is stored as +0, whichever zero comes first, also where a later lane of the scan meets the other zero first', () => {
     const random = new Random(1202);
     for (const axis of ['channel', 'token'] as const) {
       for (const bits of BITS) {
-        const tokens = 64, channels = 64, group = 32;
-        const x = random.tensor(tokens * channels).map((value) => Math.fround(Math.abs(value) + 0.01));
-        const probe = { axis, bits, group, tokens, channels };
-        // Per group: -0 at a random member, then +0 at a later member whose index mod 8 (its lane in
-        // the 8-lane min scan of a token group) is lower, so a lane-order reduction would see +0 first.
-        // (Only this order: the reference's Math.min gives -0 whichever zero comes first.)
-        const members = new Map<number, number[]>();
-        for (let i = 0; i < tokens * channels; i++) {
-          const g = codeLocation(probe, Math.floor(i / channels), i % channels).group;
-          members.set(g, [...(members.get(g) ?? []), i]);
+        for (const [firstZero, laterZero] of [[-0, 0], [0, -0]]) {
+          const tokens = 64, channels = 64, group = 32;
+          const x = random.tensor(tokens * channels).map((value) => Math.fround(Math.abs(value) + 0.01));
+          const probe = { axis, bits, group, tokens, channels };
+          // Per group: one zero at a random member, then the other at a later member whose index
+          // mod 8 (its lane in the 8-lane min scan of a token group) is lower, so a lane-order
+          // reduction meets the later zero first.
+          const members = new Map<number, number[]>();
+          for (let i = 0; i < tokens * channels; i++) {
+            const g = codeLocation(probe, Math.floor(i / channels), i % channels).group;
+            members.set(g, [...(members.get(g) ?? []), i]);
+          }
+          for (const list of members.values()) {
+            const first = 8 * random.integer(2) + 1 + random.integer(7);  // lane 1..7, member < 16
+            const later = first - (first % 8) + 8 + random.integer(first % 8);  // a lower lane, member < 24
+            x[list[first]] = firstZero;
+            x[list[later]] = laterZero;
+          }
+          const what = `axis ${axis}, bits ${bits}, ${Object.is(firstZero, -0) ? '-0' : '+0'} first`;
+          const q = quantize({ x, channels, axis, bits, group });
+          expectSameQuantized(q, referenceQuantize({ x, channels, axis, bits, group }), what);
+          for (const zero of q.zeros) expect(Object.is(zero, 0), what).toBe(true);
+          // Either zero dequantizes every code alike: the stored sign changes no value.
+          expectSameFloats(dequantize(q), dequantize({ ...q, zeros: q.zeros.map(() => -0) }), `${what}: dequantize with -0`);
         }
-        for (const list of members.values()) {
-          const first = 8 * random.integer(2) + 1 + random.integer(7);  // lane 1..7, member < 16
-          const later = first - (first % 8) + 8 + random.integer(first % 8);  // a lower lane, member < 24
-          x[list[first]] = -0;
-          x[list[later]] = 0;
-        }
-        const q = quantize({ x, channels, axis, bits, group });
-        expectSameQuantized(q, referenceQuantize({ x, channels, axis, bits, group }), `axis ${axis}, bits ${bits}`);
-        for (const zero of q.zeros) expect(Object.is(zero, -0), `axis ${axis}, bits ${bits}`).toBe(true);
       }
     }
   });
@@ -488,7 +493,7 @@ describe('dequantize: bad input', () => {
     expectError(() => dequantize({ ...q, axis: 'token', group: 64 }), 'ERR_SHAPE');
   });
 
-  it('scales or zeros that are not f16 values (ERR_VALUE)', () => {
+  it('scales or zeros that are not finite f16 values (ERR_VALUE)', () => {
     const random = new Random(1601);
     for (const field of ['scales', 'zeros'] as const) {
       for (let trial = 0; trial < 4; trial++) {
@@ -498,6 +503,12 @@ describe('dequantize: bad input', () => {
         values[at] = Math.fround(values[at] * (1 + 2 ** -13) + (values[at] === 0 ? 2 ** -20 : 0));
         expect(f16Round(values[at]), `${field} trial ${trial}`).not.toBe(values[at]);
         expectError(() => dequantize({ ...q, [field]: values }), 'ERR_VALUE', /f16/);
+      }
+      // Infinities are f16 values too, but would dequantize to infinities and NaN.
+      for (const bad of [Infinity, -Infinity, NaN]) {
+        const values = q[field].slice();
+        values[random.integer(values.length)] = bad;
+        expectError(() => dequantize({ ...q, [field]: values }), 'ERR_VALUE', /finite f16/);
       }
     }
   });

@@ -18,11 +18,13 @@ struct GroupParams {
 };
 
 // s = (max - min) / (2^bits - 1) and min, both rounded to f16. A constant group (or one whose
-// scale underflows f16) gets s = 1: codes are 0 and x^ = min, never 0/0.
+// scale underflows f16) gets s = 1: codes are 0 and x^ = min, never 0/0. A zero minimum is stored
+// as +0 (lo + 0 turns -0 into +0), so the bits do not depend on which zero a scan met first;
+// either zero dequantizes every code to the same value.
 bool groupParams(float lo, float hi, int32_t bits, GroupParams* out) {
   const float levels = float((1u << bits) - 1u);
   out->scale = floatToF16((hi - lo) / levels);
-  out->min = floatToF16(lo);
+  out->min = floatToF16(lo + 0.0f);
   if ((out->scale & 0x7fffu) == 0) out->scale = floatToF16(1.0f);
   out->scaleValue = f16ToFloat(out->scale);
   out->minValue = f16ToFloat(out->min);
@@ -38,16 +40,6 @@ inline uint32_t encode(float x, float minValue, float scaleValue, float maxCode)
   t = t < maxCode ? t : maxCode;
   const int32_t whole = int32_t(t);
   return uint32_t(whole) + (t - float(whole) >= 0.5f ? 1u : 0u);
-}
-
-// The first of the values equal to `extreme` (a sequential scan keeps the first of equal values;
-// only +0 and -0 differ among them).
-float firstEqual(const float* x, int32_t count, float extreme) {
-  if (extreme != 0.0f) return extreme;
-  for (int32_t i = 0; i < count; ++i) {
-    if (x[i] == extreme) return x[i];
-  }
-  return extreme;
 }
 
 }  // namespace
@@ -150,8 +142,6 @@ bool quantizeTokenGroups(const float* row, int32_t channels, int32_t group, int3
         lo = low[j] < lo ? low[j] : lo;
         hi = high[j] > hi ? high[j] : hi;
       }
-      lo = firstEqual(x, group, lo);
-      hi = firstEqual(x, group, hi);
     }
     GroupParams p;
     if (!groupParams(lo, hi, bits, &p)) return false;

@@ -60,7 +60,7 @@ export function quantizeGroup(
     }
   }
   let scale = f16Round(Math.fround(Math.fround(max - min) / top));
-  const zero = f16Round(min);
+  const zero = f16Round(min) + 0; // a zero minimum is +0, whichever zero came first (-0 + 0 is +0)
   if (scale === 0) scale = 1; // constant group: codes 0, x^ = z, no 0/0 (pitfall 4)
   const codes = new Int32Array(values.length);
   for (let i = 0; i < values.length; i++) {
