@@ -373,65 +373,47 @@ describe('loading policies: fork, stats and errors', () => {
     }
   });
 
-  for (const index of ['graph', 'ivf'] as const) it(`${index} over an f16 store keeps f16 keys: the same choices as over an f32 store of the same values, half the key bytes`, () => {
+  // A cache over a 16-bit store and one over f32 holding the same values (rounded to the store's
+  // type): the index must make the same choices; its key bytes are what each test checks.
+  const sameChoicesAsF32 = (index: 'graph' | 'ivf', store: 'f16' | 'bf16', seed: number, keyScale: number) => {
     const select = { kind: 'retrieval', index, topK: 8, sink: 2, window: 8 } as SelectSpec;
-    const make = (store: 'f16' | 'f32') => {
-      const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind: store } } });
+    const make = (kind: 'f16' | 'bf16' | 'f32') => {
+      const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind } } });
       open.push(cache);
       return cache;
     };
-    const [half, wide] = [make('f16'), make('f32')];
-    const random = new Random(17);
-    // f16 values, so both stores hold exactly the same numbers.
-    const f16 = (n: number) => Float32Array.from(roundTo(random.tensor(n), 'f16'));
+    const [narrow, wide] = [make(store), make('f32')];
+    const random = new Random(seed);
+    const values = (n: number, scale = 1) => Float32Array.from(roundTo(random.tensor(n, scale), store));
     const { qHeads, kvHeads, headDim } = GQA;
     for (let layer = 0; layer < GQA.layers; layer++) {
-      const [q, k, v] = [f16(170 * qHeads * headDim), f16(170 * kvHeads * headDim), f16(170 * kvHeads * headDim)];
-      half.prefill(layer, q, k, v);
+      const [q, k, v] = [values(170 * qHeads * headDim), values(170 * kvHeads * headDim, keyScale), values(170 * kvHeads * headDim)];
+      narrow.prefill(layer, q, k, v);
       wide.prefill(layer, q, k, v);
     }
     for (let s = 0; s < 5; s++) {
       for (let layer = 0; layer < GQA.layers; layer++) {
-        const [q, k, v] = [f16(qHeads * headDim), f16(kvHeads * headDim), f16(kvHeads * headDim)];
-        const a = half.step(layer, q, k, v), b = wide.step(layer, q, k, v);
+        const [q, k, v] = [values(qHeads * headDim), values(kvHeads * headDim, keyScale), values(kvHeads * headDim)];
+        const a = narrow.step(layer, q, k, v), b = wide.step(layer, q, k, v);
         for (let h = 0; h < kvHeads; h++) {
-          expect(Array.from(half.loadedPositions(layer, h)), `step ${s} layer ${layer} head ${h}`).toEqual(Array.from(wide.loadedPositions(layer, h)));
+          expect(Array.from(narrow.loadedPositions(layer, h)), `${store} step ${s} layer ${layer} head ${h}`).toEqual(Array.from(wide.loadedPositions(layer, h)));
         }
         expect(relativeL2(a, b)).toBeLessThan(1e-6);
       }
     }
-    const keys = half.tokens(0) - 2 - 8;  // the indexed (dynamic) part per kv head and layer
-    expect(wide.stats().bytes.index - half.stats().bytes.index).toBe(GQA.layers * kvHeads * keys * headDim * 2);
+    return { narrow, wide };
+  };
+
+  for (const index of ['graph', 'ivf'] as const) it(`${index} over an f16 store keeps f16 keys: the same choices as over an f32 store of the same values, half the key bytes`, () => {
+    const { narrow, wide } = sameChoicesAsF32(index, 'f16', 17, 1);
+    const keys = narrow.tokens(0) - 2 - 8;  // the indexed (dynamic) part per kv head and layer
+    expect(wide.stats().bytes.index - narrow.stats().bytes.index).toBe(GQA.layers * GQA.kvHeads * keys * GQA.headDim * 2);
   });
 
   for (const index of ['graph', 'ivf'] as const) it(`${index} over a bf16 store keeps f32 keys (f16 would round keys below its normal range): the choices and index bytes of an f32 store of the same values`, () => {
-    const select = { kind: 'retrieval', index, topK: 8, sink: 2, window: 8 } as SelectSpec;
-    const make = (store: 'bf16' | 'f32') => {
-      const cache = new KVCache({ ...GQA, device: 'cpu', pageTokens: 8, policy: { select, store: { kind: store } } });
-      open.push(cache);
-      return cache;
-    };
-    const [bfloat, wide] = [make('bf16'), make('f32')];
-    const random = new Random(18);
-    // bf16 values; the keys mostly below 2^-14, where f16 holds fewer bits than bf16.
-    const bf16 = (n: number, scale = 1) => Float32Array.from(roundTo(random.tensor(n, scale), 'bf16'));
-    const { qHeads, kvHeads, headDim } = GQA;
-    for (let layer = 0; layer < GQA.layers; layer++) {
-      const [q, k, v] = [bf16(170 * qHeads * headDim), bf16(170 * kvHeads * headDim, 1e-5), bf16(170 * kvHeads * headDim)];
-      bfloat.prefill(layer, q, k, v);
-      wide.prefill(layer, q, k, v);
-    }
-    for (let s = 0; s < 5; s++) {
-      for (let layer = 0; layer < GQA.layers; layer++) {
-        const [q, k, v] = [bf16(qHeads * headDim), bf16(kvHeads * headDim, 1e-5), bf16(kvHeads * headDim)];
-        const a = bfloat.step(layer, q, k, v), b = wide.step(layer, q, k, v);
-        for (let h = 0; h < kvHeads; h++) {
-          expect(Array.from(bfloat.loadedPositions(layer, h)), `step ${s} layer ${layer} head ${h}`).toEqual(Array.from(wide.loadedPositions(layer, h)));
-        }
-        expect(relativeL2(a, b)).toBeLessThan(1e-6);
-      }
-    }
-    expect(bfloat.stats().bytes.index).toBe(wide.stats().bytes.index);
+    // Keys mostly below 2^-14, where f16 holds fewer bits than bf16.
+    const { narrow, wide } = sameChoicesAsF32(index, 'bf16', 18, 1e-5);
+    expect(narrow.stats().bytes.index).toBe(wide.stats().bytes.index);
   });
 
   it('keeps every token: bytes and kept counts are the full cache, loaded counts are the static part + k', () => {
