@@ -13,6 +13,7 @@ import { expectError } from './helpers/errors.js';
 import { expectIdentical } from './helpers/outputs.js';
 import { loadEveryDamagedByte, resealed } from './helpers/saved.js';
 import { disposedAfterEach, held } from './helpers/lifetime.js';
+import { dot, groupRows } from './reference/loading.js';
 
 const GQA: Heads & { layers: number } = { layers: 2, qHeads: 8, kvHeads: 2, headDim: 32 };
 // Header of versions 5 and 8 (cache_serialize.cc): the loading policy's fields end here; version 8's
@@ -106,7 +107,6 @@ describe('save() / load() with a loading policy: the loaded cache goes on exactl
     // size, u64 bytes and the graph structure (i32 degree, u32 entry, ...).
     let at = STATE_AT + 8 + 8 * GQA.layers * GQA.kvHeads;
     const { qHeads, kvHeads, headDim } = GQA;
-    const group = qHeads / kvHeads;
     for (let layer = 0; layer < GQA.layers; layer++) {
       for (let h = 0; h < kvHeads; h++) {
         expect(saved[at], `layer ${layer} head ${h}: present`).toBe(1);
@@ -116,14 +116,10 @@ describe('save() / load() with a loading policy: the loaded cache goes on exactl
         // Float64 reference: every query row of the group (fewer than trainQueries) votes for its best key (ties: the lower id).
         const { q, k } = tokens[layer];
         const votes = new Array<number>(keys).fill(0);
-        for (let row = 0; row < prompt * group; row++) {
-          const qHead = Math.floor(row / group) * qHeads + h * group + (row % group);  // rows ordered (position, member)
-          const query = q.subarray(qHead * headDim, (qHead + 1) * headDim);
+        for (const query of groupRows(q, prompt, qHeads, kvHeads, h, headDim)) {
           let best = 0, bestScore = -Infinity;
           for (let id = 0; id < keys; id++) {
-            const key = k.subarray(((1 + id) * kvHeads + h) * headDim, ((1 + id) * kvHeads + h + 1) * headDim);
-            let score = 0;
-            for (let d = 0; d < headDim; d++) score += query[d] * key[d];
+            const score = dot(query, k.subarray(((1 + id) * kvHeads + h) * headDim, ((1 + id) * kvHeads + h + 1) * headDim));
             if (score > bestScore) bestScore = score, best = id;
           }
           votes[best]++;
