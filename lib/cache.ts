@@ -326,7 +326,7 @@ export class KVCache {
    */
   positions(layer: number, kvHead: number): Float64Array {
     this.#checkHead(layer, kvHead);
-    return this.#live('positions').positions(layer, kvHead, false);
+    return this.#idle('positions').positions(layer, kvHead, false);
   }
 
   /**
@@ -336,7 +336,7 @@ export class KVCache {
    */
   loadedPositions(layer: number, kvHead: number): Float64Array {
     this.#checkHead(layer, kvHead);
-    return this.#live('loadedPositions').positions(layer, kvHead, true);
+    return this.#idle('loadedPositions').positions(layer, kvHead, true);
   }
 
   #checkHead(layer: number, kvHead: number): void {

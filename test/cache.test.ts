@@ -499,6 +499,10 @@ describe('KVCache async calls', () => {
       ['fork', () => cache.fork()],
       ['stats', () => cache.stats()],
       ['save', () => cache.save()],
+      // Read-only, but they read what the pending call changes: refused at once, not only once its
+      // worker has started.
+      ['positions', () => cache.positions(0, 0)],
+      ['loadedPositions', () => cache.loadedPositions(0, 0)],
     ];
     for (const [name, call] of calls) {
       let thrown: unknown;
