@@ -227,6 +227,14 @@ describe('graph index', () => {
 });
 
 describe('pageBounds (Quest)', () => {
+  it('pages of 16 keys by default', () => {
+    const random = new Random(16);
+    const keys = random.tensor(40 * 3), queries = random.tensor(2 * 3);
+    const bounds = pageBounds({ keys, queries, dim: 3 });
+    expect(bounds).toHaveLength(3);
+    expect(bounds).toEqual(pageBounds({ keys, queries, dim: 3, pageSize: 16 }));
+  });
+
   for (const [dim, pageSize, n, rows] of [[1, 4, 10, 1], [7, 16, 101, 3], [128, 16, 256, 4], [33, 5, 52, 2]] as const) {
     it(`is an upper bound of every page's best score and equals the float64 bound (dim ${dim}, page ${pageSize}, ${n} keys)`, () => {
       const random = new Random(dim + n);
@@ -308,5 +316,35 @@ describe('key index errors', () => {
     expectError(() => pageBounds({ keys, queries: keys.subarray(0, 4), dim: 4, pageSize: 0 }), 'ERR_OPTION', /pageSize/);
     index.dispose();
     expectError(() => index.search(keys.subarray(0, 4), 2), 'ERR_DISPOSED');
+  });
+
+  it('a non-finite value is refused wherever it sits, the last element included; queries hold 1 to 1024 rows', () => {
+    const random = new Random(17);
+    const keys = random.tensor(10 * 4);
+    for (const value of [Number.NaN, Number.POSITIVE_INFINITY]) {
+      const last = keys.slice();
+      last[last.length - 1] = value;
+      for (const kind of ['flat', 'ivf', 'graph'] as const) {
+        expectError(() => createKeyIndex({ kind, dim: 4, keys: last }), 'ERR_VALUE', /\bkeys\b.*index 39/);
+        expectError(() => createKeyIndex({ kind, dim: 4, keys, queries: last.subarray(32) }), 'ERR_VALUE', /\bqueries\b.*index 7/);
+        const index = createKeyIndex({ kind, dim: 4, keys });
+        expectError(() => index.add(last), 'ERR_VALUE', /\bkeys\b.*index 39/);
+        expect(index.size).toBe(10);
+        expectError(() => index.search(last.subarray(32), 2), 'ERR_VALUE', /\bqueries\b.*index 7/);
+        index.dispose();
+      }
+      expectError(() => pageBounds({ keys: last, queries: keys.subarray(0, 4), dim: 4 }), 'ERR_VALUE', /\bkeys\b.*index 39/);
+      expectError(() => pageBounds({ keys, queries: last.subarray(32), dim: 4 }), 'ERR_VALUE', /\bqueries\b.*index 7/);
+    }
+    // 1024 query rows are served; none, or 1025, are refused (search and pageBounds).
+    const many = random.tensor(1025 * 4);
+    const index = createKeyIndex({ kind: 'flat', dim: 4, keys });
+    expect(Array.from(index.search(many.subarray(0, 1024 * 4), 3).ids)).toEqual(exactTop(many.subarray(0, 1024 * 4), 4, keys, 3));
+    expectError(() => index.search(many, 3), 'ERR_SHAPE', /\bqueries\b.*1025/);
+    expectError(() => index.search(new Float32Array(0), 3), 'ERR_SHAPE', /\bqueries\b/);
+    index.dispose();
+    expect(pageBounds({ keys, queries: many.subarray(0, 1024 * 4), dim: 4, pageSize: 4 })).toHaveLength(3);
+    expectError(() => pageBounds({ keys, queries: many, dim: 4 }), 'ERR_SHAPE', /\bqueries\b/);
+    expectError(() => pageBounds({ keys, queries: new Float32Array(0), dim: 4 }), 'ERR_SHAPE', /\bqueries\b/);
   });
 });
