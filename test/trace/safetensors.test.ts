@@ -84,6 +84,8 @@ describe('safetensors writer and reader', () => {
   it('rejects inconsistent tensors when writing', () => {
     expect(() => writeSafetensors({ x: { shape: [3], data: new Float32Array(2) } })).toThrow(failsWith('ERR_SHAPE'));
     expect(() => writeSafetensors({ x: { shape: [-1], data: new Float32Array(0) } })).toThrow(failsWith('ERR_SHAPE'));
+    // Negative dimensions whose product is the element count are refused too.
+    expect(() => writeSafetensors({ x: { shape: [-2, -2], data: new Float32Array(4) } })).toThrow(failsWith('ERR_SHAPE'));
     expect(() => writeSafetensors({ x: { dtype: 'F16', shape: [1], data: new Float32Array(1) } })).toThrow(failsWith('ERR_DTYPE'));
     expect(() => writeSafetensors({ x: { shape: [1], data: new Uint16Array(1) } })).toThrow(failsWith('ERR_DTYPE'));
     expect(() => writeSafetensors({ x: { dtype: 'constructor' as 'F32', shape: [1], data: new Float32Array(1) } })).toThrow(failsWith('ERR_DTYPE'));
@@ -117,7 +119,8 @@ describe('safetensors reader on hostile files', () => {
     ['fewer than 8 bytes', Buffer.alloc(5)],
     ['a header length past the end', craft({}, new Uint8Array(), 1000n)],
     ['a header length of 2^64 - 1', craft({}, new Uint8Array(), 2n ** 64n - 1n)],
-    ['a header length above 100 MB', (() => { const f = Buffer.alloc(100_000_016); f.writeBigUInt64LE(100_000_001n, 0); f[8] = 0x7b; return f; })()],
+    // A valid JSON header ({, spaces, }) of 100 MB + 1 byte and nothing after it: only the limit refuses it.
+    ['a header length above 100 MB', (() => { const f = Buffer.alloc(8 + 100_000_001, 0x20); f.writeBigUInt64LE(100_000_001n, 0); f[8] = 0x7b; f[f.length - 1] = 0x7d; return f; })()],
     ['an empty header', craft('')],
     ['a header not starting with {', craft(' {}')],
     ['a header that is not UTF-8', craft(Uint8Array.of(0x7b, 0x22, 0xff, 0x22, 0x3a, 0x31, 0x7d)) /* {"\xff":1} */],
@@ -127,6 +130,7 @@ describe('safetensors reader on hostile files', () => {
     ['an unknown dtype', craft({ x: tensor({ dtype: 'F8' }) }, four)],
     ['a dtype that is not a string', craft({ x: tensor({ dtype: 4 }) }, four)],
     ['a negative dimension', craft({ x: tensor({ shape: [-4] }) }, four)],
+    ['two negative dimensions whose product is the byte size', craft({ x: tensor({ shape: [-2, -2] }) }, four)],
     ['a fractional dimension', craft({ x: tensor({ shape: [4.5] }) }, four)],
     ['a shape that is not a list', craft({ x: tensor({ shape: '4' }) }, four)],
     ['a shape too large to address', craft({ x: tensor({ shape: [2 ** 30, 2 ** 30, 2 ** 30] }) }, four)],

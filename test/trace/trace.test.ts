@@ -71,7 +71,13 @@ describe('traces', () => {
     expect(() => encodeTrace(layers.slice(1), meta)).toThrow(failsWith('ERR_SHAPE'));
     expect(() => encodeTrace(layers, { ...meta, tokens: [1, 2] })).toThrow(failsWith('ERR_SHAPE'));
     expect(() => encodeTrace([{ ...layers[0], k: new Float32Array(5) }, layers[1]], meta)).toThrow(failsWith('ERR_SHAPE'));
+    // An optional out is checked like q: a Float32Array of n x qHeads x headDim, named in the message.
+    for (const out of [new Float32Array(layers[1].q.length - 1), new Float64Array(layers[1].q.length)]) {
+      expect(() => encodeTrace([layers[0], { ...layers[1], out: out as Float32Array }], meta))
+        .toThrow(expect.objectContaining({ code: 'ERR_SHAPE', message: expect.stringMatching(/layers\.1\.out/) }));
+    }
     expect(() => encodeTrace(layers, { ...meta, config: { ...config, kvHeads: 3 } })).toThrow(failsWith('ERR_OPTION'));
+    expect(() => encodeTrace(layers, { ...meta, config: { ...config, layers: 65537 } })).toThrow(failsWith('ERR_OPTION'));
     expect(() => encodeTrace(layers, { ...meta, format: 'other' })).toThrow(failsWith('ERR_OPTION'));
     expect(() => encodeTrace(layers, { ...meta, extra: () => 1 })).toThrow(failsWith('ERR_OPTION'));
   });
