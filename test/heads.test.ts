@@ -185,12 +185,30 @@ describe('scoreHeads: local vs retrieving heads', () => {
     const decoded = f16.map((l) => ({ q: Float32Array.from(decodeHalf(l.q, 'f16')), k: Float32Array.from(decodeHalf(l.k, 'f16')), v: Float32Array.from(decodeHalf(l.v, 'f16')) }));
     const shape = { qHeads: 4, kvHeads: 4, headDim: 32 };
     expect(scoreHeads(f16, { ...shape, dtype: 'f16', ...options })).toEqual(scoreHeads(decoded, { ...shape, ...options }));
+    // Values below the f16 normal range (subnormals of both signs) too.
+    const tiny = f16.map((l, i) => ({ ...l, v: encodeHalf((mha.layers[i].v as Float32Array).map((x) => x * 1e-6), 'f16') }));
+    expect(tiny[0].v.some((bits) => bits >= 0x8001 && bits < 0x8400)).toBe(true);
+    const tinyDecoded = tiny.map((l, i) => ({ ...decoded[i], v: Float32Array.from(decodeHalf(l.v, 'f16')) }));
+    expect(scoreHeadsDetailed(tiny, { ...shape, dtype: 'f16', ...options })).toEqual(scoreHeadsDetailed(tinyDecoded, { ...shape, ...options }));
     // bf16 bits (truncated f32: the same order of heads, scores within a few percent).
     const bf16 = (x: Float32Array) => new Uint16Array(Uint32Array.from(new Uint32Array(x.buffer, x.byteOffset, x.length), (b) => b >>> 16));
     const half = mha.layers.map((l) => ({ q: bf16(l.q as Float32Array), k: bf16(l.k as Float32Array), v: bf16(l.v as Float32Array) }));
     const fromHalf = scoreHeads(half, { qHeads: 4, kvHeads: 4, headDim: 32, dtype: 'bf16', ...options });
     const { lowestRetrieving, highestLocal } = separation(fromHalf, mha.retrieving);
     expect(lowestRetrieving).toBeGreaterThan(100 * highestLocal);
+  });
+});
+
+describe('scoreHeads: defaults', () => {
+  it('sink 64 and window 256 (Duo\'s deploy setting) when not given', () => {
+    const random = new Random(64);
+    const T = 400, D = 8;
+    const layer = { q: random.tensor(T * 2 * D), k: keyTensor(random, T * 2, D), v: random.tensor(T * 2 * D) };
+    const shape = { qHeads: 2, kvHeads: 2, headDim: D, probes: 8, device: 'cpu' as const };
+    const defaults = scoreHeadsDetailed([layer], shape);
+    expect(defaults).toEqual(scoreHeadsDetailed([layer], { ...shape, sink: 64, window: 256 }));
+    expect(defaults.distantMass).not.toEqual(scoreHeadsDetailed([layer], { ...shape, sink: 4, window: 256 }).distantMass);
+    expect(defaults.distantMass).not.toEqual(scoreHeadsDetailed([layer], { ...shape, sink: 64, window: 128 }).distantMass);
   });
 });
 
@@ -295,6 +313,21 @@ describe('scoreHeads: copy scores', () => {
     expect(Array.from(two.copyHeads)).toEqual([1]);
   });
 
+  it('ties: the argmax is the first of equal scores, so a copy target that a later key repeats still counts', () => {
+    // As above, one copy step (t = 15 points at key 6 = t - L + 1), and key 14 repeats key 6: probe
+    // 15 scores keys 6 and 14 equally, and the first of them is its argmax.
+    const L = 10, T = 2 * L, D = T;
+    const unit = (j: number) => Float32Array.from({ length: D }, (_, i) => (i === j ? 10 : 0));
+    const k = new Float32Array(T * D), q = new Float32Array(T * D), v = new Random(6).tensor(T * D);
+    for (let t = 0; t < T; t++) {
+      k.set(unit(t === 14 ? 6 : t), t * D);
+      q.set(unit(t === 15 ? 6 : t), t * D);
+    }
+    const d = scoreHeadsDetailed([{ q, k, v }], { qHeads: 1, kvHeads: 1, headDim: D, sink: 0, window: 4, probes: L, copySegment: L, device: 'cpu' });
+    expect(d.copySteps).toEqual([L]);
+    expect(d.copy[0]).toBe(Math.fround(0.1));
+  });
+
   it('a copy head is forced above a non-copy head of larger deviation', () => {
     // Head 0 copies sequentially from 1000 tokens back but every value is the same vector, so its
     // deviation is ~0; head 1 retrieves random needles (deviation ≈ 2).
@@ -331,6 +364,10 @@ describe('headProbe', () => {
     expect(new Set(tokens.subarray(0, 100)).size).toBe(100);
     expect(headProbe({ length: 100, vocab: 500, firstId: 3, seed: 7 })).toEqual(tokens);
     expect(headProbe({ length: 100, vocab: 500, firstId: 3, seed: 8 })).not.toEqual(tokens);
+    // A range of exactly 2 x length ids is enough for distinct ids.
+    const tight = headProbe({ length: 16, vocab: 40, firstId: 8, seed: 3 });
+    expect(new Set(tight.subarray(0, 16)).size).toBe(16);
+    expect(Math.min(...tight)).toBeGreaterThanOrEqual(8);
     // The default segment (640) puts the copied token past the default sink + window (64 + 256):
     // a copy a streaming head could also make would not tell retrieval heads apart.
     const withBos = headProbe({ vocab: 50, bos: 1 });
@@ -342,7 +379,7 @@ describe('headProbe', () => {
   it('rejects bad options with ERR_OPTION naming the option', () => {
     const bad: Array<[unknown, RegExp]> = [
       [{}, /vocab/], [{ vocab: 0 }, /vocab/], [{ vocab: 10, firstId: 10 }, /firstId/], [{ vocab: 10, length: 0 }, /length/],
-      [{ vocab: 10, seed: -1 }, /seed/], [{ vocab: 10, bos: 1.5 }, /bos/], [{ vocab: 10, size: 3 }, /size/], [null, /options/],
+      [{ vocab: 10, seed: -1 }, /seed/], [{ vocab: 10, seed: 2 ** 32 }, /seed/], [{ vocab: 10, bos: 1.5 }, /bos/], [{ vocab: 10, size: 3 }, /size/], [null, /options/],
     ];
     for (const [options, message] of bad) {
       expect(() => headProbe(options as never)).toThrow(expect.objectContaining({ code: 'ERR_OPTION', message: expect.stringMatching(message) }));
@@ -376,6 +413,8 @@ describe('scoreHeads: errors', () => {
       [() => scoreHeads([good], { ...shape, onProgress: 3 as never }), 'ERR_OPTION', /function for onProgress/],
       [() => scoreHeads('trace' as never, shape), 'ERR_OPTION', /Trace or an array/],
       [() => scoreHeads({ meta: { config: { layers: 1, ...shape } }, layers: [good] } as never, { headDim: 16 }), 'ERR_OPTION', /headDim/],
+      [() => scoreHeads({ meta: { config: { layers: 1, ...shape } }, layers: [good] } as never, { kvHeads: 1 }), 'ERR_OPTION', /kvHeads/],
+      [() => scoreHeads([good, { ...good, q: new Float32Array(0) }], shape), 'ERR_SHAPE', /layers\[1\]\.q/],
       [() => scoreHeads([{ ...good, v: good.v.map((x, i) => (i === 5 ? Number.NaN : x)) }], shape), 'ERR_VALUE', /finite/],
     ];
     for (const [call, code, message] of cases) {
