@@ -63,7 +63,7 @@ describe('attention(): shapes (ERR_SHAPE)', () => {
 describe('attention(): dtypes (ERR_DTYPE)', () => {
   it('Int8Array, Float64Array or a plain array', () => {
     expectError(() => attention({ ...base, q: new Int8Array(q.length) as never }), 'ERR_DTYPE', /\bq\b.*Int8Array/);
-    expectError(() => attention({ ...base, k: new Float64Array(k.length) as never }), 'ERR_DTYPE', /\bk\b/);
+    expectError(() => attention({ ...base, k: new Float64Array(k.length) as never }), 'ERR_DTYPE', /\bk\b.*Float64Array\(640\)/);
     expectError(() => attention({ ...base, v: Array.from(v) as never }), 'ERR_DTYPE', /\bv\b/);
   });
 
@@ -122,6 +122,21 @@ describe('out arrays', () => {
     const shared = new Float32Array(k.length + q.length);
     shared.set(k);
     expectError(() => attention({ ...base, k: shared.subarray(0, k.length), out: shared.subarray(k.length - 1, k.length - 1 + q.length) }), 'ERR_OPTION', /\bout\b.*\bk\b/);
+    const sharedV = new Float32Array(q.length + v.length);
+    sharedV.set(v, q.length - 1);
+    expectError(() => attention({ ...base, v: sharedV.subarray(q.length - 1, q.length - 1 + v.length), out: sharedV.subarray(0, q.length) }), 'ERR_OPTION', /\bout\b.*\bv\b/);
+  });
+
+  it('attention(): an out that starts right where an input ends (one buffer, no shared element) is accepted', () => {
+    const expected = attention(base);
+    for (const name of ['q', 'k', 'v'] as const) {
+      const input = base[name];
+      const buffer = new Float32Array(input.length + q.length);
+      buffer.set(input);
+      const out = buffer.subarray(input.length);
+      expect(attention({ ...base, [name]: buffer.subarray(0, input.length), out }), name).toBe(out);
+      expect(out).toEqual(expected);
+    }
   });
 
   it('KVCache calls: bad out leaves the cache unchanged', () => {
@@ -322,9 +337,13 @@ describe('KVCache calls: values (ERR_VALUE), and the cache is unchanged', () => 
         const lastK = bad.k.slice(); lastK[lastK.length - 1] = value;   // the last token's last element
         const lastV = bad.v.slice(); lastV[lastV.length - 1] = value;
         const lastQ = bad.q.slice(); lastQ[lastQ.length - 1] = value;
+        // The message names the element (in the caller's array, not in the page it was bound for).
+        const lastElement = new RegExp(`element ${lastK.length - 1} is`);
         attempts.push(
           ['append k', /\bk\b/, () => cache.append(0, lastK, bad.v)],
           ['append v', /\bv\b/, () => cache.append(0, bad.k, lastV)],
+          ['append k element', lastElement, () => cache.append(0, lastK, bad.v)],
+          ['append v element', lastElement, () => cache.append(0, bad.k, lastV)],
           ['step q', /\bq\b/, () => cache.step(0, lastQ, bad.k, bad.v)],
           ['step v', /\bv\b/, () => cache.step(0, bad.q, bad.k, lastV)],
           ['prefill k', /\bk\b/, () => cache.prefill(0, bad.q, lastK, bad.v)],

@@ -83,6 +83,7 @@ describe('attentionScores', () => {
       expect((thrown as KVSlimError).code).toBe(code);
     };
     expectCode(() => attentionScores({ q, k, qHeads: 4, kvHeads: 2, headDim: 8, kvHead: 2 }), 'ERR_SHAPE');
+    expectCode(() => attentionScores({ q, k, qHeads: 4, kvHeads: 2, headDim: 8, kvHead: 0.5 }), 'ERR_SHAPE');
     expectCode(() => attentionScores({ q, k: k.subarray(1), qHeads: 4, kvHeads: 2, headDim: 8 }), 'ERR_SHAPE');
     expectCode(() => attentionScores({ q, k, qHeads: 3, kvHeads: 2, headDim: 8 }), 'ERR_OPTION');
     const bad = Float32Array.from(k);
@@ -95,5 +96,8 @@ describe('attentionScores', () => {
     const shared = new Float32Array(q.length + 24);
     shared.set(q);
     expectCode(() => attentionScores({ q: shared.subarray(0, q.length), k, qHeads: 4, kvHeads: 2, headDim: 8, out: shared.subarray(q.length - 1, q.length + 23) }), 'ERR_OPTION');
+    const sharedK = new Float32Array(24 + k.length);
+    sharedK.set(k, 23);
+    expectCode(() => attentionScores({ q, k: sharedK.subarray(23, 23 + k.length), qHeads: 4, kvHeads: 2, headDim: 8, out: sharedK.subarray(0, 24) }), 'ERR_OPTION');
   });
 });
