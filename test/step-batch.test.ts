@@ -105,6 +105,22 @@ describe('KVCache.stepBatch', () => {
     expect(KVCache.stepBatch(caches, 1, t.q, t.k, t.v)).toHaveLength(3 * qRow);
   });
 
+  it('stepBatchAsync waits for the pending async calls of every cache, not only those of caches[0]', async () => {
+    const random = new Random(22);
+    const caches = [0, 1, 2].map((i) => member(undefined, 12 + i, random));
+    const controls = caches.map((cache) => held(open, cache.fork()));
+    const before = randomTokens(random, SHAPE, 1), t = batchTokens(random, 3);
+    // Steps queued on caches 1 and 2 (none on cache 0) before the batch run first.
+    const pending = [1, 2].map((i) => caches[i].stepAsync(0, before.q, before.k, before.v));
+    const rows = await KVCache.stepBatchAsync(caches, 0, t.q, t.k, t.v);
+    const outs = await Promise.all(pending);
+    [1, 2].forEach((i, j) => expectIdentical(outs[j], controls[i].step(0, before.q, before.k, before.v), `cache ${i}: the step before the batch`));
+    controls.forEach((control, i) => {
+      const expected = control.step(0, t.q.subarray(i * qRow, (i + 1) * qRow), t.k.subarray(i * kvRow, (i + 1) * kvRow), t.v.subarray(i * kvRow, (i + 1) * kvRow));
+      expectIdentical(rows.subarray(i * qRow, (i + 1) * qRow), expected, `batch row ${i}`);
+    });
+  });
+
   it('refuses a bad batch without changing any cache', () => {
     const random = new Random(9);
     const caches = [0, 1, 2].map((i) => member(undefined, 12 + i, random));
