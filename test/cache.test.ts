@@ -77,6 +77,16 @@ describe('KVCache stores: outputs equal the reference over the rounded stored va
     const random = new Random(120);
     const cache = cacheOf();
     expect(cache.policy.store.kind).toBe('f16');
+    // Pages of 64 tokens by default: one token allocates what it does with pageTokens 64, not 32.
+    const pages = (pageTokens?: number) => {
+      const paged = new KVCache({ layers: 1, qHeads: 2, kvHeads: 1, headDim: 8, device: 'cpu', ...(pageTokens === undefined ? {} : { pageTokens }) });
+      paged.append(0, new Float32Array(8).fill(0.5), new Float32Array(8).fill(-0.25));
+      const allocated = paged.stats().bytes.allocated;
+      paged.dispose();
+      return allocated;
+    };
+    expect(pages()).toBe(pages(64));
+    expect(pages(32)).toBeLessThan(pages(64));
     const tokens = randomTokens(random, heads, 50);
     const out = cache.prefill(0, tokens.q, tokens.k, tokens.v);
     const asF16 = new LayerMirror(heads, 'f16');

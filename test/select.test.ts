@@ -323,6 +323,8 @@ describe('h2o: heavy hitters + recent window', () => {
       [['prefill', 150], ...steps(30)]],
     ['MHA, appends first (all scores 0: ties keep the lower position)', MHA, 4, { kind: 'h2o', budget: 10, recent: 4 },
       [['append', 20], ['append', 3], ...steps(15)]],
+    ['MHA d32, an odd budget 21 (default recent 10, the floor of half), pages of 8', MHA, 8, { kind: 'h2o', budget: 21 },
+      [['prefill', 40], ...steps(20)]],
   ];
   for (const [name, shape, pageTokens, select, plan] of cases) {
     it(`${name}: positions and outputs equal the reference after every call`, () => {
