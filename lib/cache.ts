@@ -300,10 +300,10 @@ export class KVCache {
     return new KVCache(this.#options(), native, this.device);
   }
 
-  /** Tokens held by one layer. */
+  /** Tokens held by one layer (ERR_BUSY while an async call, which may append, is pending). */
   tokens(layer: number): number {
     this.#checkLayer(layer);
-    return this.#live('tokens').tokens(layer);
+    return this.#idle('tokens').tokens(layer);
   }
 
   /**

@@ -513,6 +513,8 @@ describe('KVCache async calls', () => {
       // worker has started.
       ['positions', () => cache.positions(0, 0)],
       ['loadedPositions', () => cache.loadedPositions(0, 0)],
+      ['tokens', () => cache.tokens(0)],
+      ['truncate', () => cache.truncate(0, 0)],
     ];
     for (const [name, call] of calls) {
       let thrown: unknown;

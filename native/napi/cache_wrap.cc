@@ -184,6 +184,7 @@ Napi::Value CacheWrap::fork(const Napi::CallbackInfo& info) {
 Napi::Value CacheWrap::tokens(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   KVCache& cache = live(env);
+  BusyGuard guard(env, cache);  // an async call's worker may be appending to the layer
   const int32_t layer = intArg(env, info[0], "layer");
   if (layer < 0 || layer >= cache.config().layers) {
     throwStatus(env, Status(ErrorCode::Shape, "layer must be in [0, " + std::to_string(cache.config().layers - 1) + "]"));
