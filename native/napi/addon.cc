@@ -1,6 +1,9 @@
 // Module entry: the functions lib/native.ts calls. Glue only: arguments in, core calls, values out.
 #include <napi.h>
 
+#include <cmath>
+#include <string>
+
 #include "../core/attention_op.h"
 #include "../core/backend.h"
 #include "../core/cuda_info.h"
@@ -94,6 +97,18 @@ Napi::Value setThreadsFn(const Napi::CallbackInfo& info) {
   return info.Env().Undefined();
 }
 
+// The stateless ops' scale (0: 1 / sqrt(headDim)) and threads (0: the whole pool), as createCache checks them.
+float scaleField(Napi::Env env, const Napi::Object& options) {
+  const double scale = numberField(env, options, "scale");
+  if (scale < 0) throwStatus(env, Status(ErrorCode::Option, "scale must be >= 0 (0: 1 / sqrt(headDim)), but received " + std::to_string(scale)));
+  return float(scale);
+}
+int32_t threadsField(Napi::Env env, const Napi::Object& options) {
+  const int32_t threads = intField(env, options, "threads");
+  if (threads < 0) throwStatus(env, Status(ErrorCode::Option, "threads must be >= 0, but received " + std::to_string(threads)));
+  return threads;
+}
+
 Napi::Value attentionFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   if (!info[0].IsObject()) throwStatus(env, Status(ErrorCode::Option, "attention expects an options object"));
@@ -107,8 +122,8 @@ Napi::Value attentionFn(const Napi::CallbackInfo& info) {
   op.kvHeads = intField(env, options, "kvHeads");
   op.headDim = intField(env, options, "headDim");
   op.causal = boolField(env, options, "causal");
-  op.scale = float(numberField(env, options, "scale"));
-  op.threads = intField(env, options, "threads");
+  op.scale = scaleField(env, options);
+  op.threads = threadsField(env, options);
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
   Napi::Float32Array out = outputArg(env, options.Get("out"), op.q.count);
   throwIfError(env, runAttention(*backend, op, out.Data(), out.ElementLength()));
@@ -177,11 +192,12 @@ Napi::Value attentionScoresFn(const Napi::CallbackInfo& info) {
   op.kvHeads = intField(env, options, "kvHeads");
   op.headDim = intField(env, options, "headDim");
   op.kvHead = intField(env, options, "kvHead");
-  op.scale = float(numberField(env, options, "scale"));
-  op.threads = intField(env, options, "threads");
+  op.scale = scaleField(env, options);
+  op.threads = threadsField(env, options);
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
   const double count = numberField(env, options, "outCount");
-  if (count < 1 || count > 4.0e9) throwStatus(env, Status(ErrorCode::Shape, "the scores would hold more than 4e9 values"));
+  if (count < 1 || count > 4.0e9) throwStatus(env, Status(ErrorCode::Shape, "outCount must be in [1, 4e9], but received " + std::to_string(count)));
+  if (std::floor(count) != count) throwStatus(env, Status(ErrorCode::Shape, "outCount must be an integer, but received " + std::to_string(count)));
   Napi::Float32Array out = outputArg(env, options.Get("out"), size_t(count), "n x heads x T");
   throwIfError(env, runScores(*backend, op, out.Data(), out.ElementLength()));
   return out;
@@ -210,7 +226,11 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   }
   config.select = parseSelect(env, options.Get("select"));
   config.rope.theta = float(numberField(env, options, "ropeTheta"));
-  config.rope.style = stringField(env, options, "ropeStyle") == "half" ? RopeStyle::Half : RopeStyle::Adjacent;
+  const std::string ropeStyle = stringField(env, options, "ropeStyle");
+  if (ropeStyle != "adjacent" && ropeStyle != "half") {
+    throwStatus(env, Status(ErrorCode::Option, "ropeStyle must be 'adjacent' or 'half', but received '" + ropeStyle + "'"));
+  }
+  config.rope.style = ropeStyle == "half" ? RopeStyle::Half : RopeStyle::Adjacent;
   config.pageTokens = intField(env, options, "pageTokens");
   config.scale = float(numberField(env, options, "scale"));
   config.threads = intField(env, options, "threads");
@@ -227,11 +247,22 @@ Napi::Uint8Array loadBytesArg(Napi::Env env, const Napi::Value& value) {
   return value.As<Napi::Uint8Array>();
 }
 
+// Their device (a string) and threads (>= 0; KVCache::load would call a negative one ERR_CORRUPT).
+std::shared_ptr<Backend> loadDeviceArg(Napi::Env env, const Napi::Value& value) {
+  if (!value.IsString()) throwStatus(env, Status(ErrorCode::Option, "device must be 'auto', 'cpu' or 'cuda'"));
+  return backendFor(env, value.As<Napi::String>());
+}
+int32_t loadThreadsArg(Napi::Env env, const Napi::Value& value) {
+  const int32_t threads = intArg(env, value, "threads");
+  if (threads < 0) throwStatus(env, Status(ErrorCode::Option, "threads must be >= 0, but received " + std::to_string(threads)));
+  return threads;
+}
+
 Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
-  std::shared_ptr<Backend> backend = backendFor(env, info[1].As<Napi::String>());
-  const int32_t threads = intArg(env, info[2], "threads");
+  std::shared_ptr<Backend> backend = loadDeviceArg(env, info[1]);
+  const int32_t threads = loadThreadsArg(env, info[2]);
   std::unique_ptr<KVCache> cache;
   throwIfError(env, KVCache::load(bytes.Data(), bytes.ElementLength(), backend, threads, &cache));
   return CacheWrap::wrap(env, std::move(cache));
@@ -240,22 +271,33 @@ Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
 Napi::Value loadCacheAsyncFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
-  std::shared_ptr<Backend> backend = backendFor(env, info[1].As<Napi::String>());
-  return queueLoad(env, bytes, std::move(backend), intArg(env, info[2], "threads"));
+  std::shared_ptr<Backend> backend = loadDeviceArg(env, info[1]);
+  return queueLoad(env, bytes, std::move(backend), loadThreadsArg(env, info[2]));
+}
+
+// The probes' threads (0: the whole pool) and repeats, in lib's probeMachine ranges: a repeats of
+// 2^31 - 1 would hold the JS thread for hours.
+int32_t probeArg(Napi::Env env, const Napi::Value& value, const char* name, int32_t min, int32_t max) {
+  const int32_t number = intArg(env, value, name);
+  if (number < min || number > max) {
+    throwStatus(env, Status(ErrorCode::Option, std::string(name) + " must be in [" + std::to_string(min) + ", " + std::to_string(max) +
+                                                   "], but received " + std::to_string(number)));
+  }
+  return number;
 }
 
 Napi::Value probeBandwidthFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int32_t megabytes = intArg(env, info[0], "megabytes");
   if (megabytes < 1 || megabytes > 65536) throwStatus(env, Status(ErrorCode::Option, "megabytes must be in [1, 65536]"));
-  const double rate = cpu::measureReadBandwidth(size_t(megabytes) << 20, intArg(env, info[1], "threads"),
-                                                intArg(env, info[2], "repeats"));
-  return Napi::Number::New(env, rate);
+  const int32_t threads = probeArg(env, info[1], "threads", 0, 1024), repeats = probeArg(env, info[2], "repeats", 1, 100);
+  return Napi::Number::New(env, cpu::measureReadBandwidth(size_t(megabytes) << 20, threads, repeats));
 }
 
 Napi::Value probeFmaPeakFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  return Napi::Number::New(env, cpu::measureFmaPeak(intArg(env, info[0], "threads"), intArg(env, info[1], "repeats")));
+  const int32_t threads = probeArg(env, info[0], "threads", 0, 1024), repeats = probeArg(env, info[1], "repeats", 1, 100);
+  return Napi::Number::New(env, cpu::measureFmaPeak(threads, repeats));
 }
 
 }  // namespace
