@@ -209,6 +209,8 @@ describe('createCache and loadCache', () => {
       ['ropeStyle', () => addon.createCache({ ...cacheOptions, ropeStyle: 'interleaved' as never }), 'ERR_OPTION', /\bropeStyle\b.*interleaved/],
       ['threads -1', () => addon.createCache({ ...cacheOptions, threads: -1 }), 'ERR_OPTION', /\bthreads\b/],
       ['select kind', () => addon.createCache({ ...cacheOptions, select: { ...full, kind: 'lru' } }), 'ERR_OPTION', /\blru\b/],
+      ['duo heads entry 2', () => addon.createCache({ ...cacheOptions, select: { ...full, kind: 'duo', sink: 2, window: 4, retrieval: Uint8Array.of(1, 0, 0, 2) } }),
+        'ERR_OPTION', /\bheads\b.*entry 3 is 2/],
     ]);
   });
 

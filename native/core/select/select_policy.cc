@@ -62,6 +62,12 @@ Status makeSelectPolicy(const SelectConfig& config, int32_t layers, int32_t kvHe
         return optionError("heads must hold layers x kvHeads = " + std::to_string(size_t(layers) * size_t(kvHeads)) +
                            " entries, but holds " + std::to_string(config.retrieval.size()));
       }
+      for (size_t i = 0; i < config.retrieval.size(); ++i) {
+        if (config.retrieval[i] > 1) {
+          return optionError("heads must hold 0 (streaming) or 1 (retrieval), but entry " + std::to_string(i) + " is " +
+                             std::to_string(config.retrieval[i]));
+        }
+      }
       *out = makeDuoPolicy(config, kvHeads);
       return Status::ok();
     case SelectKind::SnapKV:
