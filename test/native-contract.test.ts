@@ -289,6 +289,7 @@ describe('stateless ops', () => {
       ['probes -1', () => index.search(query, 1, -1, 0), 'ERR_OPTION', /\bprobes\b/],
       ['add a partial row', () => index.add(random.tensor(8 + 3)), 'ERR_SHAPE', /\bkeys\b/],
       ['dim 4097', () => new addon.NativeKeyIndex({ ...options, dim: 4097 }, random.tensor(4097), undefined), 'ERR_OPTION', /\bdim\b/],
+      ['seed -1', () => new addon.NativeKeyIndex({ ...options, kind: 'ivf', lists: 2, probes: 1, seed: -1 }, random.tensor(10 * 8), undefined), 'ERR_OPTION', /\bseed\b.*-1/],
     ]);
     expect(index.size()).toBe(10);
     expect(index.search(query, 3, 0, 0)).toEqual(before);

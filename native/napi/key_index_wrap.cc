@@ -49,7 +49,9 @@ IndexOptions parseIndexOptions(Napi::Env env, const Napi::Object& object, const 
   options.beam = intField(env, object, "beam");
   options.neighbors = intField(env, object, "neighbors");
   options.threads = intField(env, object, "threads");
-  options.seed = uint64_t(intField(env, object, "seed"));
+  const int32_t seed = intField(env, object, "seed");
+  if (seed < 0) throwStatus(env, Status(ErrorCode::Option, prefix + "seed must be >= 0, but received " + std::to_string(seed)));
+  options.seed = uint64_t(seed);
   const Napi::Value halfKeys = object.Get("halfKeys");
   options.halfKeys = halfKeys.IsBoolean() && halfKeys.As<Napi::Boolean>().Value();
   return options;
