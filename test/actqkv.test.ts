@@ -341,6 +341,32 @@ describe('actqkv: loads what the reference chooses', () => {
     for (let s = 0; s < 40; s++) pair.decode(s % 5 === 2 ? 'append+attend' : 'step', `step ${s}`);
   });
 
+  it('blocks that tie on score: the top blocks take the earlier of two equal blocks', () => {
+    // Every pair of blocks (2j, 2j + 1) holds the same keys, so their representatives, norms and
+    // scores are equal: which of a tied pair makes the budget is the tie rule alone (the earlier
+    // block), checked against the reference at every step.
+    const shape = { layers: 2, qHeads: 4, kvHeads: 2, headDim: 6 };
+    const options = { sink: 2, window: 6, blockSize: 3, blocks: 3, reprTopK: 2, queryWindow: 4, questionWeight: 1, temperature: 0.5 };
+    const pair = new Pair(shape, options, 'f32', 23);
+    const row = shape.kvHeads * shape.headDim;
+    // A fixed pseudo-random value in (-1, 1) per (layer, twin block, offset in the block, channel).
+    const noise = (...at: number[]) => {
+      const x = Math.sin(at.reduce((a, v, i) => a + v * [12.9898, 78.233, 37.719, 4.1414][i], 1.7)) * 43758.5453;
+      return 2 * (x - Math.floor(x)) - 1;
+    };
+    pair.keyHook = (layer, k) => {
+      const first = pair.keys[layer].length;  // the call's first position
+      for (let i = 0; i < k.length; i++) {
+        const offset = first + Math.floor(i / row) - options.sink;
+        const block = Math.floor(offset / options.blockSize);
+        const twin = offset < 0 ? offset : Math.floor(block / 2) * options.blockSize + (offset - block * options.blockSize);
+        k[i] = Math.fround(noise(layer, twin + 10, 0, i % row));
+      }
+    };
+    pair.prefill(40);
+    for (let s = 0; s < 60; s++) pair.decode(s % 7 === 3 ? 'append+attend' : 'step', `step ${s}`);
+  });
+
   it('new keys past 4 MiB at one decode call (read head by head, not in one gather), then more steps', () => {
     // 8 kv heads x 128 dims x 4 bytes = 4 KiB of f32 keys per token: 1100 tokens to index are 4.3 MiB.
     const shape = { layers: 1, qHeads: 8, kvHeads: 8, headDim: 128 };

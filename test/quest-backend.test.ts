@@ -181,6 +181,19 @@ describe('quest on the backend: boxes extended call by call', () => {
     }
     run.expectIndexBytes();
   });
+
+  it('a prompt boxed by several tasks at once: every task boxes its last page too', () => {
+    // The CPU backend boxes 4096 tokens of whole Quest pages per task: pages of 256, 16 a task.
+    // 4980 dynamic tokens are 20 pages (the last partial) in two tasks; all but one page loaded,
+    // so a page whose box were missing or stale (the first task's last, page 15) would show.
+    const run = new QuestRun(GQA, { sink: 4, window: 16, pageSize: 256, pages: 19 }, 'f32', new Random(70_200), 64);
+    run.prefill(5000);
+    for (let s = 0; s < 3; s++) {
+      run.step();
+      run.expectLoads(`step ${s}`);
+    }
+    run.expectIndexBytes();
+  });
 });
 
 describe('quest on the backend: fork', () => {

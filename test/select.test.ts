@@ -204,6 +204,10 @@ describe('snapkv: the observation window votes once, at the end of the first pre
     // head-by-head prefill (one softmax), instead of two calls merged by log-sum-exp.
     ['GQA, a second prompt of 80 over the kept tokens', GQA, 4,
       { kind: 'snapkv', budget: 40, window: 8 }, [['prefill', 150], ...steps(2), ['prefill', 80], ...steps(2), ['prefill', 70]]],
+    // Decode over 1060 kept + 201 tail tokens: the CPU splits the keys in two, and the kept/tail
+    // seam falls inside the second split (each side's softmax state merged there first).
+    ['GQA, budget 1060 of a prompt of 1150, 200 appended: a decode split across the kept/tail seam', GQA, 16,
+      { kind: 'snapkv', budget: 1060, window: 8 }, [['prefill', 1150], ['append', 200], ...steps(3)]],
   ];
   for (const [name, shape, pageTokens, select, plan] of cases) {
     it(`${name}: positions per kv head and outputs equal the reference`, () => {
