@@ -250,6 +250,36 @@ describe('snapkv: the observation window votes once, at the end of the first pre
     pair.expectStats();
   });
 
+  // Every window query attends almost only to itself (its own key on a channel of its own, a
+  // score of 18), so each row's votes for the prefix are about e^-18 of its mass, and rows vote
+  // with different random preferences. A vote that missed a row's own (last visible) key would
+  // give that row's mass to the prefix and decide the choice alone. The prompt of 321 tokens puts
+  // the last query's own key first in a new block of 32 keys.
+  it('window queries that attend to themselves: every row\'s softmax includes its own key (prompt 321, window 32)', () => {
+    const shape: SelectShape = { layers: 1, qHeads: 1, kvHeads: 1, headDim: 64 };
+    const select = { kind: 'snapkv', budget: 64 } as const;
+    const random = new Random(321);
+    const L = 321, w = 32, D = 64, prefix = L - w;
+    const q = new Float32Array(L * D), k = new Float32Array(L * D), v = random.tensor(L * D);
+    for (let t = 0; t < L; t++) {
+      // Channels 0-31: random keys and query preferences; channels 32-63: one per window token.
+      q.set(random.tensor(32), t * D);
+      k.set(random.tensor(32, 0.5), t * D);
+      if (t >= prefix) {
+        q[t * D + 32 + (t - prefix)] = 12;
+        k[t * D + 32 + (t - prefix)] = 12;
+      }
+    }
+    const cache = cacheOf(shape, select);
+    const mirror = new SelectMirror(shape, select);
+    cache.prefill(0, q, k, v);
+    mirror.prefill(0, q, k, v);
+    const kept = Array.from(cache.positions(0, 0));
+    expect(kept).toEqual(mirror.positions(0, 0));
+    expect(kept).toHaveLength(64);
+    expect(kept.slice(-w)).toEqual(range(prefix, L));
+  });
+
   it('a prompt that fits (budget - w >= prefix) keeps everything', () => {
     const pair = new Pair(open, MHA, { kind: 'snapkv', budget: 40, window: 8 }, 32);
     pair.runAll([['prefill', 40], ['prefill', 30], ...steps(2)]);
