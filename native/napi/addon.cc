@@ -89,11 +89,7 @@ Napi::Value hostMemoryFn(const Napi::CallbackInfo& info) { return keptMemoryObje
 Napi::Value releaseHostMemoryFn(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(cpuBackend()->releaseKept())); }
 
 Napi::Value setThreadsFn(const Napi::CallbackInfo& info) {
-  const int32_t threads = intArg(info.Env(), info[0], "threads");
-  if (threads < 1 || threads > 1024) {
-    throwStatus(info.Env(), Status(ErrorCode::Option, "threads must be in [1, 1024], but received " + std::to_string(threads)));
-  }
-  cpu::setGlobalPoolSize(threads);
+  cpu::setGlobalPoolSize(intArgIn(info.Env(), info[0], "threads", 1, 1024));
   return info.Env().Undefined();
 }
 
@@ -275,28 +271,18 @@ Napi::Value loadCacheAsyncFn(const Napi::CallbackInfo& info) {
   return queueLoad(env, bytes, std::move(backend), loadThreadsArg(env, info[2]));
 }
 
-// The probes' threads (0: the whole pool) and repeats, in lib's probeMachine ranges: a repeats of
-// 2^31 - 1 would hold the JS thread for hours.
-int32_t probeArg(Napi::Env env, const Napi::Value& value, const char* name, int32_t min, int32_t max) {
-  const int32_t number = intArg(env, value, name);
-  if (number < min || number > max) {
-    throwStatus(env, Status(ErrorCode::Option, std::string(name) + " must be in [" + std::to_string(min) + ", " + std::to_string(max) +
-                                                   "], but received " + std::to_string(number)));
-  }
-  return number;
-}
-
+// The probes' threads (0: the whole pool) and repeats are in lib's probeMachine ranges: a repeats
+// of 2^31 - 1 would hold the JS thread for hours.
 Napi::Value probeBandwidthFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const int32_t megabytes = intArg(env, info[0], "megabytes");
-  if (megabytes < 1 || megabytes > 65536) throwStatus(env, Status(ErrorCode::Option, "megabytes must be in [1, 65536]"));
-  const int32_t threads = probeArg(env, info[1], "threads", 0, 1024), repeats = probeArg(env, info[2], "repeats", 1, 100);
+  const int32_t megabytes = intArgIn(env, info[0], "megabytes", 1, 65536);
+  const int32_t threads = intArgIn(env, info[1], "threads", 0, 1024), repeats = intArgIn(env, info[2], "repeats", 1, 100);
   return Napi::Number::New(env, cpu::measureReadBandwidth(size_t(megabytes) << 20, threads, repeats));
 }
 
 Napi::Value probeFmaPeakFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const int32_t threads = probeArg(env, info[0], "threads", 0, 1024), repeats = probeArg(env, info[1], "repeats", 1, 100);
+  const int32_t threads = intArgIn(env, info[0], "threads", 0, 1024), repeats = intArgIn(env, info[1], "repeats", 1, 100);
   return Napi::Number::New(env, cpu::measureFmaPeak(threads, repeats));
 }
 

@@ -74,6 +74,15 @@ int32_t intArg(Napi::Env env, const Napi::Value& value, const char* argument) {
   return int32_t(number);
 }
 
+int32_t intArgIn(Napi::Env env, const Napi::Value& value, const char* argument, int32_t min, int32_t max) {
+  const int32_t number = intArg(env, value, argument);
+  if (number < min || number > max) {
+    fail(env, ErrorCode::Option, std::string(argument) + " must be in [" + std::to_string(min) + ", " + std::to_string(max) +
+                                     "], but received " + std::to_string(number));
+  }
+  return number;
+}
+
 int32_t intField(Napi::Env env, const Napi::Object& object, const char* name) {
   return intArg(env, field(env, object, name), name);
 }

@@ -27,6 +27,8 @@ double numberField(Napi::Env env, const Napi::Object& object, const char* name);
 bool boolField(Napi::Env env, const Napi::Object& object, const char* name);
 std::string stringField(Napi::Env env, const Napi::Object& object, const char* name);
 int32_t intArg(Napi::Env env, const Napi::Value& value, const char* argument);
+// intArg within [min, max] (ERR_OPTION naming the argument and the range).
+int32_t intArgIn(Napi::Env env, const Napi::Value& value, const char* argument, int32_t min, int32_t max);
 
 // A Buffer over `bytes` without copying them (freed with the Buffer), or a copy where the runtime
 // allows no external buffers.
