@@ -349,18 +349,17 @@ describe('actqkv: loads what the reference chooses', () => {
     const options = { sink: 2, window: 6, blockSize: 3, blocks: 3, reprTopK: 2, queryWindow: 4, questionWeight: 1, temperature: 0.5 };
     const pair = new Pair(shape, options, 'f32', 23);
     const row = shape.kvHeads * shape.headDim;
-    // A fixed pseudo-random value in (-1, 1) per (layer, twin block, offset in the block, channel).
-    const noise = (...at: number[]) => {
-      const x = Math.sin(at.reduce((a, v, i) => a + v * [12.9898, 78.233, 37.719, 4.1414][i], 1.7)) * 43758.5453;
-      return 2 * (x - Math.floor(x)) - 1;
-    };
+    // One random key row per (layer, twin position); sinks (twin -2, -1) have their own. 40 + 60
+    // steps + appends stay below 200 positions.
+    const twinRows = 200;
+    const table = new Random(24).tensor(shape.layers * twinRows * row);
     pair.keyHook = (layer, k) => {
       const first = pair.keys[layer].length;  // the call's first position
       for (let i = 0; i < k.length; i++) {
         const offset = first + Math.floor(i / row) - options.sink;
         const block = Math.floor(offset / options.blockSize);
         const twin = offset < 0 ? offset : Math.floor(block / 2) * options.blockSize + (offset - block * options.blockSize);
-        k[i] = Math.fround(noise(layer, twin + 10, 0, i % row));
+        k[i] = table[(layer * twinRows + twin + 2) * row + (i % row)];
       }
     };
     pair.prefill(40);
