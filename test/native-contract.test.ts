@@ -208,18 +208,20 @@ describe('createCache and loadCache', () => {
       ['kernel 2^40 + 1', () => addon.createCache({ ...cacheOptions, select: { ...snapkv, kernel: 2 ** 40 + 1 } }), 'ERR_OPTION', /\bkernel\b/],
       ['ropeStyle', () => addon.createCache({ ...cacheOptions, ropeStyle: 'interleaved' as never }), 'ERR_OPTION', /\bropeStyle\b.*interleaved/],
       ['threads -1', () => addon.createCache({ ...cacheOptions, threads: -1 }), 'ERR_OPTION', /\bthreads\b/],
+      ['threads 1025', () => addon.createCache({ ...cacheOptions, threads: 1025 }), 'ERR_OPTION', /\bthreads\b.*\[0, 1024\].*1025/],
       ['select kind', () => addon.createCache({ ...cacheOptions, select: { ...full, kind: 'lru' } }), 'ERR_OPTION', /\blru\b/],
       ['duo heads entry 2', () => addon.createCache({ ...cacheOptions, select: { ...full, kind: 'duo', sink: 2, window: 4, retrieval: Uint8Array.of(1, 0, 0, 2) } }),
         'ERR_OPTION', /\bheads\b.*entry 3 is 2/],
     ]);
   });
 
-  it('loadCache(Async): a device that is not a string, or negative threads, is ERR_OPTION', () => {
+  it('loadCache(Async): a device that is not a string, or threads outside [0, 1024], is ERR_OPTION', () => {
     const saved = nativeCache().save();
     for (const load of [addon.loadCache, addon.loadCacheAsync]) {
       expectError(() => load(saved, 5 as never, 0), 'ERR_OPTION', /\bdevice\b/);
       expectError(() => load(saved, 'tpu', 0), 'ERR_OPTION', /\bdevice\b.*tpu/);
       expectError(() => load(saved, 'cpu', -1), 'ERR_OPTION', /\bthreads\b/);
+      expectError(() => load(saved, 'cpu', 1025), 'ERR_OPTION', /\bthreads\b.*1025/);
       expectError(() => load(saved, 'cpu', 0.5), 'ERR_OPTION', /\bthreads\b.*integer/);
     }
     const loaded = addon.loadCache(saved, 'cpu', 0);
@@ -239,6 +241,7 @@ describe('stateless ops', () => {
       ['out longer', () => addon.attention({ ...attentionBase, out: new Float32Array(2 * qRow + 1) }), 'ERR_SHAPE', /\bout\b/],
       ['scale -1', () => addon.attention({ ...attentionBase, scale: -1 }), 'ERR_OPTION', /\bscale\b/],
       ['threads -1', () => addon.attention({ ...attentionBase, threads: -1 }), 'ERR_OPTION', /\bthreads\b/],
+      ['threads 1025', () => addon.attention({ ...attentionBase, threads: 1025 }), 'ERR_OPTION', /\bthreads\b.*1025/],
       ['threads 0.5', () => addon.attention({ ...attentionBase, threads: 0.5 }), 'ERR_OPTION', /\bthreads\b.*integer/],
     ]);
   });

@@ -88,21 +88,19 @@ Napi::Value hostMemoryFn(const Napi::CallbackInfo& info) { return keptMemoryObje
 
 Napi::Value releaseHostMemoryFn(const Napi::CallbackInfo& info) { return Napi::Number::New(info.Env(), double(cpuBackend()->releaseKept())); }
 
+// Threads a call, a cache or the pool may ask for (lib's bound; 0 where allowed: the whole pool).
+constexpr int32_t kMaxThreads = 1024;
+
 Napi::Value setThreadsFn(const Napi::CallbackInfo& info) {
-  cpu::setGlobalPoolSize(intArgIn(info.Env(), info[0], "threads", 1, 1024));
+  cpu::setGlobalPoolSize(intArgIn(info.Env(), info[0], "threads", 1, kMaxThreads));
   return info.Env().Undefined();
 }
 
-// The stateless ops' scale (0: 1 / sqrt(headDim)) and threads (0: the whole pool), as createCache checks them.
+// The stateless ops' scale (0: 1 / sqrt(headDim)), as createCache checks it.
 float scaleField(Napi::Env env, const Napi::Object& options) {
   const double scale = numberField(env, options, "scale");
   if (scale < 0) throwStatus(env, Status(ErrorCode::Option, "scale must be >= 0 (0: 1 / sqrt(headDim)), but received " + std::to_string(scale)));
   return float(scale);
-}
-int32_t threadsField(Napi::Env env, const Napi::Object& options) {
-  const int32_t threads = intField(env, options, "threads");
-  if (threads < 0) throwStatus(env, Status(ErrorCode::Option, "threads must be >= 0, but received " + std::to_string(threads)));
-  return threads;
 }
 
 Napi::Value attentionFn(const Napi::CallbackInfo& info) {
@@ -119,7 +117,7 @@ Napi::Value attentionFn(const Napi::CallbackInfo& info) {
   op.headDim = intField(env, options, "headDim");
   op.causal = boolField(env, options, "causal");
   op.scale = scaleField(env, options);
-  op.threads = threadsField(env, options);
+  op.threads = intFieldIn(env, options, "threads", 0, kMaxThreads);
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
   Napi::Float32Array out = outputArg(env, options.Get("out"), op.q.count);
   throwIfError(env, runAttention(*backend, op, out.Data(), out.ElementLength()));
@@ -189,7 +187,7 @@ Napi::Value attentionScoresFn(const Napi::CallbackInfo& info) {
   op.headDim = intField(env, options, "headDim");
   op.kvHead = intField(env, options, "kvHead");
   op.scale = scaleField(env, options);
-  op.threads = threadsField(env, options);
+  op.threads = intFieldIn(env, options, "threads", 0, kMaxThreads);
   std::shared_ptr<Backend> backend = backendFor(env, stringField(env, options, "device"));
   const double count = numberField(env, options, "outCount");
   if (count < 1 || count > 4.0e9) throwStatus(env, Status(ErrorCode::Shape, "outCount must be in [1, 4e9], but received " + std::to_string(count)));
@@ -229,7 +227,7 @@ Napi::Value createCacheFn(const Napi::CallbackInfo& info) {
   config.rope.style = ropeStyle == "half" ? RopeStyle::Half : RopeStyle::Adjacent;
   config.pageTokens = intField(env, options, "pageTokens");
   config.scale = float(numberField(env, options, "scale"));
-  config.threads = intField(env, options, "threads");
+  config.threads = intFieldIn(env, options, "threads", 0, kMaxThreads);
   std::unique_ptr<KVCache> cache;
   throwIfError(env, KVCache::create(config, backendFor(env, stringField(env, options, "device")), &cache));
   return CacheWrap::wrap(env, std::move(cache));
@@ -243,22 +241,17 @@ Napi::Uint8Array loadBytesArg(Napi::Env env, const Napi::Value& value) {
   return value.As<Napi::Uint8Array>();
 }
 
-// Their device (a string) and threads (>= 0; KVCache::load would call a negative one ERR_CORRUPT).
+// Their device, a string (threads are checked here too: KVCache::load would call a negative one ERR_CORRUPT).
 std::shared_ptr<Backend> loadDeviceArg(Napi::Env env, const Napi::Value& value) {
   if (!value.IsString()) throwStatus(env, Status(ErrorCode::Option, "device must be 'auto', 'cpu' or 'cuda'"));
   return backendFor(env, value.As<Napi::String>());
-}
-int32_t loadThreadsArg(Napi::Env env, const Napi::Value& value) {
-  const int32_t threads = intArg(env, value, "threads");
-  if (threads < 0) throwStatus(env, Status(ErrorCode::Option, "threads must be >= 0, but received " + std::to_string(threads)));
-  return threads;
 }
 
 Napi::Value loadCacheFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
   std::shared_ptr<Backend> backend = loadDeviceArg(env, info[1]);
-  const int32_t threads = loadThreadsArg(env, info[2]);
+  const int32_t threads = intArgIn(env, info[2], "threads", 0, kMaxThreads);
   std::unique_ptr<KVCache> cache;
   throwIfError(env, KVCache::load(bytes.Data(), bytes.ElementLength(), backend, threads, &cache));
   return CacheWrap::wrap(env, std::move(cache));
@@ -268,7 +261,7 @@ Napi::Value loadCacheAsyncFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   Napi::Uint8Array bytes = loadBytesArg(env, info[0]);
   std::shared_ptr<Backend> backend = loadDeviceArg(env, info[1]);
-  return queueLoad(env, bytes, std::move(backend), loadThreadsArg(env, info[2]));
+  return queueLoad(env, bytes, std::move(backend), intArgIn(env, info[2], "threads", 0, kMaxThreads));
 }
 
 // The probes' threads (0: the whole pool) and repeats are in lib's probeMachine ranges: a repeats
@@ -276,13 +269,13 @@ Napi::Value loadCacheAsyncFn(const Napi::CallbackInfo& info) {
 Napi::Value probeBandwidthFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
   const int32_t megabytes = intArgIn(env, info[0], "megabytes", 1, 65536);
-  const int32_t threads = intArgIn(env, info[1], "threads", 0, 1024), repeats = intArgIn(env, info[2], "repeats", 1, 100);
+  const int32_t threads = intArgIn(env, info[1], "threads", 0, kMaxThreads), repeats = intArgIn(env, info[2], "repeats", 1, 100);
   return Napi::Number::New(env, cpu::measureReadBandwidth(size_t(megabytes) << 20, threads, repeats));
 }
 
 Napi::Value probeFmaPeakFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const int32_t threads = intArgIn(env, info[0], "threads", 0, 1024), repeats = intArgIn(env, info[1], "repeats", 1, 100);
+  const int32_t threads = intArgIn(env, info[0], "threads", 0, kMaxThreads), repeats = intArgIn(env, info[1], "repeats", 1, 100);
   return Napi::Number::New(env, cpu::measureFmaPeak(threads, repeats));
 }
 

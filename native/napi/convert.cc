@@ -87,6 +87,10 @@ int32_t intField(Napi::Env env, const Napi::Object& object, const char* name) {
   return intArg(env, field(env, object, name), name);
 }
 
+int32_t intFieldIn(Napi::Env env, const Napi::Object& object, const char* name, int32_t min, int32_t max) {
+  return intArgIn(env, field(env, object, name), name, min, max);
+}
+
 double numberField(Napi::Env env, const Napi::Object& object, const char* name) {
   Napi::Value value = field(env, object, name);
   if (!value.IsNumber()) fail(env, ErrorCode::Option, std::string(name) + " must be a number");

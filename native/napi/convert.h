@@ -23,6 +23,7 @@ Napi::Float32Array outputArg(Napi::Env env, const Napi::Value& value, size_t cou
 
 // Required fields of an options object, with type checks.
 int32_t intField(Napi::Env env, const Napi::Object& object, const char* name);
+int32_t intFieldIn(Napi::Env env, const Napi::Object& object, const char* name, int32_t min, int32_t max);
 double numberField(Napi::Env env, const Napi::Object& object, const char* name);
 bool boolField(Napi::Env env, const Napi::Object& object, const char* name);
 std::string stringField(Napi::Env env, const Napi::Object& object, const char* name);
