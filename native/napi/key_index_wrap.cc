@@ -136,9 +136,8 @@ Napi::Value KeyIndexWrap::dispose(const Napi::CallbackInfo& info) {
 
 Napi::Value pageBoundsFn(const Napi::CallbackInfo& info) {
   Napi::Env env = info.Env();
-  const int32_t dim = intArg(env, info[0], "dim");
+  const int32_t dim = intArgIn(env, info[0], "dim", 1, 4096);
   const int32_t pageSize = intArg(env, info[1], "pageSize");
-  if (dim < 1 || dim > 4096) throwStatus(env, Status(ErrorCode::Option, "dim must be in [1, 4096]"));
   if (pageSize < 1) throwStatus(env, Status(ErrorCode::Option, "pageSize must be a positive integer"));
   int64_t keys = 0, rows = 0;
   const float* keyData = rowsArg(env, info[2], dim, "keys", &keys);
